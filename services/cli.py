@@ -1,0 +1,207 @@
+"""``relaygate``: run the whole gateway locally (``up``) and migrate a database (``migrate``).
+
+``relaygate up`` is the embedded default: a SQLite file database, a local Kafka-protocol broker and
+the four services as separate processes, no Redis. ``--demo`` also starts the project's fake
+OpenAI-compatible upstream, registers it as a channel with a price, and creates a funded demo key,
+so a first call works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from services.auth.keys import generate
+from services.common.config import DatabaseSettings
+from services.migrations import upgrade
+from services.stack import LocalStack, port_open
+
+DEMO_MODEL = "demo-model"
+
+
+def _admin_key(state_dir: Path) -> str:
+    """The bootstrap admin key of this data directory: created once, kept private (mode 0600)."""
+    path = state_dir / "admin-key"
+    if path.exists():
+        return path.read_text().strip()
+    plaintext = generate()[0]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(plaintext + "\n")
+    return plaintext
+
+
+def _start_fake_upstream(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.fake_upstream",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--latency-ms",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(log_dir / "fake_upstream.log").open("ab"),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if "http://" not in line:
+        process.kill()
+        raise RuntimeError(f"fake upstream did not start: {line!r}")
+    url = line[line.index("http://") :].strip()
+    # Keep reading so a full pipe can never block the server.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process, url
+
+
+def _setup_demo(relay_url: str, admin_key: str, upstream_url: str) -> str:
+    """Register the fake upstream, price its model, and create a funded demo key; returns the key."""
+    headers = {"authorization": f"Bearer {admin_key}"}
+    with httpx.Client(base_url=relay_url, headers=headers, timeout=10) as client:
+
+        def ok(response: httpx.Response) -> dict[str, object]:
+            if response.is_error:
+                raise RuntimeError(f"{response.request.method} {response.request.url}: {response.text}")
+            body: dict[str, object] = response.json()
+            return body
+
+        ok(
+            client.post(
+                "/admin/v1/channels",
+                json={
+                    "name": "demo-upstream",
+                    "base_url": f"{upstream_url}/v1",
+                    "models": [DEMO_MODEL, "gpt-4o-mini"],
+                    "priority": 0,
+                    "weight": 1,
+                    "enabled": True,
+                },
+            )
+        )
+        for model in (DEMO_MODEL, "gpt-4o-mini"):
+            ok(
+                client.put(
+                    f"/admin/v1/prices/{model}",
+                    json={
+                        "input_per_mtok": 150_000,
+                        "output_per_mtok": 600_000,
+                        "default_max_output_tokens": 1024,
+                    },
+                )
+            )
+        user = ok(client.post("/admin/v1/users", json={"name": "demo"}))
+        ok(
+            client.post(
+                f"/admin/v1/users/{user['user_id']}/topups",
+                json={
+                    "amount_micros": 10_000_000,
+                    "reason": "demo credit",
+                    "idempotency_key": f"demo-{user['user_id']}",
+                },
+            )
+        )
+        key = ok(client.post("/admin/v1/keys", json={"user_id": user["user_id"], "name": "demo"}))
+        return str(key["api_key"])
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state_dir = Path(args.data_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    env = {
+        "RELAYGATE_DATABASE_URL": os.environ.get(
+            "RELAYGATE_DATABASE_URL", f"sqlite+aiosqlite:///{state_dir / 'relaygate.db'}"
+        ),
+        "RELAYGATE_KAFKA_BOOTSTRAP": os.environ.get("RELAYGATE_KAFKA_BOOTSTRAP", ""),
+        "RELAYGATE_LOG_FORMAT": os.environ.get("RELAYGATE_LOG_FORMAT", "text"),
+    }
+    if port_open(args.port):
+        print(f"port {args.port} is already in use; pick another with --port", file=sys.stderr)
+        return 2
+    asyncio.run(upgrade(env["RELAYGATE_DATABASE_URL"]))
+    admin_key = _admin_key(state_dir)
+    stack = LocalStack(
+        env=env,
+        log_dir=state_dir / "logs",
+        relay_port=args.port,
+        extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}},
+    )
+    upstream: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stack.start()
+        lines = [
+            f"relaygate is up in {time.monotonic() - started:.1f}s",
+            f"  relay:      {stack.relay_url}/v1   (OpenAI-compatible base URL)",
+            f"  admin key:  {admin_key}   (kept in {state_dir / 'admin-key'})",
+            f"  logs:       {stack.log_dir}",
+        ]
+        if args.demo:
+            upstream, upstream_url = _start_fake_upstream(stack.log_dir)
+            demo_key = _setup_demo(stack.relay_url, admin_key, upstream_url)
+            lines += [
+                f"  demo key:   {demo_key}   (10.00 credit, model '{DEMO_MODEL}')",
+                "",
+                "try it:",
+                f"  curl {stack.relay_url}/v1/chat/completions -H 'authorization: Bearer {demo_key}' \\",
+                f'    -H \'content-type: application/json\' -d \'{{"model": "{DEMO_MODEL}", '
+                '"messages": [{"role": "user", "content": "hello"}]}\'',
+            ]
+        print("\n".join(lines), flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            crashed = stack.crashed()
+            if crashed:
+                print(f"stopping: {', '.join(crashed)} exited; see {stack.log_dir}", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        if upstream is not None:
+            upstream.terminate()
+            upstream.wait(10)
+        stack.stop()
+        print("stopped", flush=True)
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    asyncio.run(upgrade(DatabaseSettings().database_url))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="relaygate", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run all four services locally on the embedded default")
+    up.add_argument("--demo", action="store_true", help="also start and register the fake upstream")
+    up.add_argument("--port", type=int, default=8080, help="relay HTTP port (default 8080)")
+    up.add_argument("--data-dir", default=".relaygate", help="SQLite database, admin key and logs")
+    up.set_defaults(func=cmd_up)
+    migrate = commands.add_parser("migrate", help="upgrade RELAYGATE_DATABASE_URL to the newest schema")
+    migrate.set_defaults(func=cmd_migrate)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

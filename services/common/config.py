@@ -1,0 +1,140 @@
+"""Settings shared by every service.
+
+Each service defines one ``Settings`` class deriving from the mixins it needs, builds it from the
+``RELAYGATE_*`` environment in its ``main()`` and passes it down explicitly; nothing reads the
+environment anywhere else. All services share one flat namespace, so one ConfigMap configures a
+deployment: ``RELAYGATE_DATABASE_URL`` means the same thing to auth, quota and logger.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Environment = Literal["dev", "prod"]
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///.relaygate/relaygate.db"
+
+# Values shipped as defaults for local use; refused when environment=prod.
+DEV_SECRET = "relaygate-dev-secret-do-not-use-in-production"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def normalize_database_url(url: str) -> str:
+    """Pin the async driver: ``postgresql://`` becomes asyncpg, ``sqlite://`` becomes aiosqlite."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+        return url
+    raise ValueError(
+        f"unsupported database URL scheme in {url.split('://', 1)[0]!r}: use postgresql or sqlite"
+    )
+
+
+class BaseServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    environment: Environment = "dev"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # host:port for the Prometheus endpoint of gRPC services; empty disables it.
+    metrics_listen: str = ""
+
+
+class DatabaseSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    database_url: str = DEFAULT_SQLITE_URL
+    # Comma-separated read replicas; reads fall back to the primary when none is healthy.
+    database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_max_overflow: int = Field(default=10, ge=0, le=200)
+    # A replica further behind the primary than this is skipped until it catches up.
+    replica_max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+    replica_check_interval_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _split_replicas(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_primary(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("database_replica_urls")
+    @classmethod
+    def _normalize_replicas(cls, value: list[str]) -> list[str]:
+        return [normalize_database_url(v) for v in value]
+
+    @model_validator(mode="after")
+    def _replicas_match_primary(self) -> DatabaseSettings:
+        if self.database_replica_urls and self.database_url.startswith("sqlite"):
+            raise ValueError("read replicas need a PostgreSQL primary; SQLite has no replicas")
+        return self
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_topic_prefix: str = "relaygate."
+    kafka_partitions: int = Field(default=4, ge=1, le=1024)
+
+    @property
+    def usage_topic(self) -> str:
+        return f"{self.kafka_topic_prefix}usage"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.kafka_topic_prefix}usage.dlq"
+
+
+class RedisSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    # Empty: the embedded default, where caches stay in process.
+    redis_url: str = ""
+
+
+class GrpcServerSettings(BaseSettings):
+    """How a gRPC service listens and drains."""
+
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    # Seconds in-flight RPCs get to finish after SIGTERM; keep below the pod's grace period.
+    grpc_drain_seconds: float = Field(default=10.0, ge=0, le=300)
+
+
+class ServiceAddresses(BaseSettings):
+    """Where the gRPC services are, for their clients."""
+
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    auth_addr: str = "127.0.0.1:50051"
+    quota_addr: str = "127.0.0.1:50052"
+    logger_addr: str = "127.0.0.1:50053"
+    # Deadline for calls on the request path; auth and quota must answer well within it.
+    rpc_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+def refuse_dev_secret(environment: Environment, **secrets: str) -> None:
+    """Refuse to run production with a secret left at its shipped development value."""
+    if environment != "prod":
+        return
+    for name, value in secrets.items():
+        if not value or value == DEV_SECRET:
+            raise ValueError(f"RELAYGATE_{name.upper()} must be set to a private value when environment=prod")
+        if len(value) < 32:
+            raise ValueError(f"RELAYGATE_{name.upper()} must be at least 32 characters")

@@ -1,0 +1,162 @@
+"""gRPC plumbing written once: the server loop every service runs, and the client-side call helper.
+
+Servers run on ``grpc.aio`` with the standard health service. On SIGTERM/SIGINT health flips to
+NOT_SERVING first (so load balancers stop routing), then in-flight RPCs get ``grpc_drain_seconds`` to
+finish. :class:`GatewayError` raised by a handler becomes a status plus trailing metadata in
+:class:`ErrorInterceptor`; :func:`call` turns that back into the same exception on the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from services.common.errors import GatewayError, ServiceUnavailable, from_wire, to_wire
+from services.common.telemetry import METRICS
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Keepalive keeps idle channels through NATs and lets both sides notice dead peers.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One servicer and the generated function that adds it to a server."""
+
+    service_name: str
+    servicer: object
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    """Maps :class:`GatewayError` to status + metadata, and records per-method metrics."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            _mapped(method.rsplit("/", 1)[-1], handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    served = {code: METRICS.rpc_served.labels(method=name, code=code) for code in ("ok", "error", "crash")}
+    latency = METRICS.rpc_latency.labels(method=name)
+
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            response = await inner(request, context)
+        except GatewayError as exc:
+            served["error"].inc()
+            await context.abort(exc.grpc_status, exc.message, trailing_metadata=to_wire(exc))
+        except Exception:
+            served["crash"].inc()
+            log.exception("unhandled error in %s", name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error", trailing_metadata=())
+        served["ok"].inc()
+        latency.observe(time.perf_counter() - started)
+        return response
+
+    return behavior
+
+
+async def serve(
+    registrations: Iterable[Registration],
+    *,
+    listen: str,
+    drain_seconds: float,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> None:
+    """Run a gRPC server until SIGTERM/SIGINT (or ``stop``), then drain and return.
+
+    ``on_started`` receives the bound port (useful with ``:0``).
+    """
+    registrations = list(registrations)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for reg in registrations:
+        reg.add_to_server(reg.servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {listen}")
+    await server.start()
+    for name in ["", *(reg.service_name for reg in registrations)]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("grpc listening", extra={"listen": listen, "port": port})
+    if on_started is not None:
+        on_started(port)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("draining", extra={"drain_seconds": drain_seconds})
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(drain_seconds)
+
+
+def channel(addr: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+
+
+async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float) -> Resp:
+    """Invoke a unary RPC with a deadline, raising :class:`GatewayError` for any failure."""
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc) from exc
+
+
+def rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
+    code = exc.code()
+    metadata = {str(k): str(v) for k, v in (exc.trailing_metadata() or ())}  # type: ignore[misc,has-type]
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not metadata:
+        return ServiceUnavailable(f"A gateway component is unavailable ({code.name.lower()}).")
+    return from_wire(code, exc.details() or "", metadata)

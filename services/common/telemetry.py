@@ -1,0 +1,149 @@
+"""Structured logs and the one registry of metric names.
+
+Every metric any service exports is declared here, once, with its kind and meaning, so a typo is a
+type error rather than a silent new series. Labels are bounded: no key ids, user ids or request ids.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Gauge, Histogram
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Prometheus series of all services (each process exports the ones it touches)."""
+
+    def __init__(self) -> None:
+        # Counter: HTTP requests answered by the relay, by route, status and whose fault a failure was.
+        self.http_requests = Counter(
+            "relaygate_http_requests", "Relay HTTP requests", ["route", "status", "error_type"]
+        )
+        # Histogram: seconds from request start to the last byte, by route.
+        self.http_latency = Histogram(
+            "relaygate_http_latency_seconds", "Relay request latency", ["route"], buckets=_LATENCY_BUCKETS
+        )
+        # Histogram: gateway overhead = total time minus time waiting on the upstream.
+        self.gateway_overhead = Histogram(
+            "relaygate_gateway_overhead_seconds",
+            "Time spent in the gateway",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        # Histogram: upstream time to first byte, by channel.
+        self.upstream_ttfb = Histogram(
+            "relaygate_upstream_ttfb_seconds",
+            "Upstream time to first byte",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        # Counter: upstream attempts by channel and outcome (ok, status_5xx, status_429, timeout, ...).
+        self.upstream_attempts = Counter(
+            "relaygate_upstream_attempts", "Upstream attempts", ["channel", "outcome"]
+        )
+        # Counter: gRPC calls served, by service method and status code.
+        self.rpc_served = Counter("relaygate_rpc_served", "gRPC calls served", ["method", "code"])
+        # Histogram: gRPC server handling time.
+        self.rpc_latency = Histogram(
+            "relaygate_rpc_latency_seconds", "gRPC handling time", ["method"], buckets=_LATENCY_BUCKETS
+        )
+        # Counter: reads by routing target (replica or primary).
+        self.db_reads = Counter("relaygate_db_reads", "Database read sessions by target", ["target"])
+        # Gauge: 1 when a replica receives reads.
+        self.db_replica_healthy = Gauge("relaygate_db_replica_healthy", "Replica routable", ["replica"])
+        # Gauge: bytes of WAL a replica has not replayed yet.
+        self.db_replica_lag_bytes = Gauge("relaygate_db_replica_lag_bytes", "Replica lag", ["replica"])
+        # Counter: quota refusals by reason (insufficient_quota, rate_limit_exceeded, ...).
+        self.quota_rejections = Counter("relaygate_quota_rejections", "Reservations refused", ["reason"])
+        # Counter: reservations finished, by final state (settled, released, expired).
+        self.quota_finished = Counter("relaygate_quota_finished", "Reservations finished", ["state"])
+        # Counter: auth verifications by outcome (ok or the deny reason) and cache layer that answered.
+        self.auth_verify = Counter("relaygate_auth_verify", "Key verifications", ["outcome", "source"])
+        # Counter: usage events handed to Kafka, by result (sent, failed).
+        self.events_produced = Counter("relaygate_events_produced", "Usage events produced", ["result"])
+        # Gauge: events waiting in the relay's in-memory queue.
+        self.events_queued = Gauge("relaygate_events_queued", "Usage events waiting to be produced")
+        # Histogram: Kafka produce latency (send until acknowledged).
+        self.events_produce_latency = Histogram(
+            "relaygate_events_produce_seconds", "Kafka produce latency", buckets=_LATENCY_BUCKETS
+        )
+        # Histogram: rows per logger batch.
+        self.logger_batch_rows = Histogram(
+            "relaygate_logger_batch_rows", "Rows per batch", buckets=(1, 10, 100, 500, 1000, 5000, 20000)
+        )
+        # Histogram: seconds to write one logger batch (one transaction).
+        self.logger_batch_write = Histogram(
+            "relaygate_logger_batch_write_seconds", "Batch write time", buckets=_LATENCY_BUCKETS
+        )
+        # Histogram: seconds from the relay's event timestamp to the row being committed.
+        self.logger_end_to_end = Histogram(
+            "relaygate_logger_end_to_end_seconds", "Event to durable row", buckets=_LATENCY_BUCKETS
+        )
+        # Counter: events sent to the dead-letter topic, by reason class.
+        self.logger_dead_letters = Counter(
+            "relaygate_logger_dead_letters", "Dead-lettered events", ["reason"]
+        )
+
+
+METRICS = Metrics()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id and any ``extra`` fields."""
+
+    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            payload["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in self._RESERVED and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(payload, default=str).decode()
+
+
+def setup_logging(service: str, *, level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The Kafka client logs every reconnect attempt as a warning; our own code reports outages once.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
+def start_metrics_server(listen: str) -> None:
+    """Serve ``/metrics`` for a gRPC service on ``host:port`` (a daemon thread); empty = disabled."""
+    if not listen:
+        return
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1")

@@ -1,0 +1,119 @@
+"""Tables owned by quota: the price book, balances, reservations, the ledger and the channel catalog.
+
+The ledger is append-only and is the record of every change to a balance:
+``accounts.balance_micros == sum(ledger_entries.amount_micros)`` for each user at every commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.common.db import Base
+
+
+class Price(Base):
+    """One version of a model's price. A change inserts a new row; charges keep the id they used."""
+
+    __tablename__ = "prices"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    input_per_mtok: Mapped[int] = mapped_column(default=0)
+    output_per_mtok: Mapped[int] = mapped_column(default=0)
+    cached_input_per_mtok: Mapped[int] = mapped_column(default=0)
+    per_request: Mapped[int] = mapped_column(default=0)
+    per_image: Mapped[int] = mapped_column(default=0)
+    default_max_output_tokens: Mapped[int] = mapped_column(default=4096)
+    created_at: Mapped[int]
+
+
+class Account(Base):
+    """A user's prepaid balance and what is currently held against it."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("reserved_micros >= 0", name="reserved_non_negative"),
+        CheckConstraint("balance_micros >= reserved_micros", name="holds_covered"),
+    )
+
+    user_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    balance_micros: Mapped[int] = mapped_column(default=0)
+    reserved_micros: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[int] = mapped_column(default=0)
+
+
+class Reservation(Base):
+    __tablename__ = "reservations"
+    __table_args__ = (Index("ix_reservations_state_expires", "state", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(40), index=True)
+    key_id: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(200))
+    price_id: Mapped[int]
+    reserved_micros: Mapped[int]
+    # held -> settled | released | expired
+    state: Mapped[str] = mapped_column(String(16), default="held")
+    charged_micros: Mapped[int] = mapped_column(default=0)
+    usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[int]
+    expires_at: Mapped[int]
+    finished_at: Mapped[int] = mapped_column(default=0)
+
+
+class LedgerEntry(Base):
+    """Append-only: top-ups and adjustments (signed), and one charge per settled reservation."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("reservation_id", name="uq_ledger_entries_reservation_id"),
+        UniqueConstraint("idempotency_key", name="uq_ledger_entries_idempotency_key"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(40), index=True)
+    # topup | adjustment | charge
+    kind: Mapped[str] = mapped_column(String(16))
+    amount_micros: Mapped[int]
+    reservation_id: Mapped[str | None] = mapped_column(String(64))
+    price_id: Mapped[int | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    # Charges flagged as settled by expiry or from an estimate.
+    flags: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[int]
+
+
+class Channel(Base):
+    """An upstream provider endpoint the relay may send requests to."""
+
+    __tablename__ = "channels"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_url: Mapped[str] = mapped_column(String(500))
+    api_key: Mapped[str] = mapped_column(String(500), default="")
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    model_map: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    priority: Mapped[int] = mapped_column(default=0)
+    weight: Mapped[int] = mapped_column(default=1)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    connect_timeout_ms: Mapped[int] = mapped_column(default=5_000)
+    first_byte_timeout_ms: Mapped[int] = mapped_column(default=60_000)
+    total_timeout_ms: Mapped[int] = mapped_column(default=600_000)
+    max_connections: Mapped[int] = mapped_column(default=200)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[int]
+
+
+class CatalogRevision(Base):
+    """A single row bumped on every channel change, so relays can poll cheaply for changes."""
+
+    __tablename__ = "catalog_revision"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    revision: Mapped[int] = mapped_column(default=0)

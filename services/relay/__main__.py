@@ -1,0 +1,30 @@
+"""``python -m services.relay``: the HTTP front under uvicorn (graceful shutdown on SIGTERM)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.common.telemetry import setup_logging
+from services.relay.app import create_app
+from services.relay.settings import RelaySettings
+
+
+def main() -> None:
+    settings = RelaySettings()
+    setup_logging("relay", level=settings.log_level, fmt=settings.log_format)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.relay_host,
+        port=settings.relay_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The admin API (``/admin/v1/...``): thin HTTP over the auth, quota and logger RPCs.
+
+Callers authenticate with an API key whose user is an admin. Request and response bodies are the
+protobuf messages in their JSON form (field names as in ``protos/``), so the HTTP and gRPC contracts
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from starlette.responses import Response
+
+from services.common.errors import InvalidRequest, PermissionDenied
+from services.common.grpc import call
+from services.common.pb.relaygate.auth.v1 import auth_pb2
+from services.common.pb.relaygate.logger.v1 import logger_pb2
+from services.common.pb.relaygate.quota.v1 import quota_pb2
+from services.relay.deps import Gateway, GatewayDep
+from services.relay.principals import extract_api_key
+from services.relay.requests import read_json
+from services.relay.routes import client_ip
+
+router = APIRouter(prefix="/admin/v1")
+
+M = TypeVar("M", bound=Message)
+
+
+async def require_admin(request: Request, gateway: Gateway) -> str:
+    """The admin's user id; 401 without a valid key, 403 for a key of a non-admin user."""
+    api_key = extract_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    principal = await gateway.authenticator.authenticate(
+        api_key, model="", client_ip=client_ip(request, gateway.settings.trust_forwarded_for)
+    )
+    if not principal.admin:
+        raise PermissionDenied("This API key is not allowed to use the admin API.")
+    return principal.user_id
+
+
+async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
+    body, _ = await read_json(request, gateway.settings.max_body_bytes)
+    body.update(fixed)
+    try:
+        json_format.ParseDict(body, message)
+    except json_format.ParseError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    return message
+
+
+def render(message: Any, status_code: int = 200) -> Response:
+    """``message`` is a protobuf message (typed loosely: the generated stubs' response types are invariant)."""
+    body = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
+def timeout(gateway: Gateway) -> float:
+    return gateway.settings.rpc_timeout_s
+
+
+@router.post("/users")
+async def create_user(request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    message = await parse(request, gateway, auth_pb2.CreateUserRequest())
+    return render(await call(gateway.auth.CreateUser, message, timeout=timeout(gateway)), 201)
+
+
+@router.get("/users")
+async def list_users(request: Request, gateway: GatewayDep, limit: int = 100, after: str = "") -> Response:
+    await require_admin(request, gateway)
+    message = auth_pb2.ListUsersRequest(limit=limit, after_user_id=after)
+    return render(await call(gateway.auth.ListUsers, message, timeout=timeout(gateway)))
+
+
+@router.post("/keys")
+async def create_key(request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    message = await parse(request, gateway, auth_pb2.CreateKeyRequest())
+    return render(await call(gateway.auth.CreateKey, message, timeout=timeout(gateway)), 201)
+
+
+@router.get("/keys")
+async def list_keys(
+    request: Request, gateway: GatewayDep, user_id: str = "", limit: int = 100, after: str = ""
+) -> Response:
+    await require_admin(request, gateway)
+    message = auth_pb2.ListKeysRequest(user_id=user_id, limit=limit, after_key_id=after)
+    return render(await call(gateway.auth.ListKeys, message, timeout=timeout(gateway)))
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    revoked = await call(
+        gateway.auth.RevokeKey, auth_pb2.RevokeKeyRequest(key_id=key_id), timeout=timeout(gateway)
+    )
+    gateway.authenticator.invalidate_key(key_id)
+    return render(revoked)
+
+
+@router.post("/users/{user_id}/topups")
+async def top_up(user_id: str, request: Request, gateway: GatewayDep) -> Response:
+    actor = await require_admin(request, gateway)
+    message = await parse(request, gateway, quota_pb2.TopUpRequest(), user_id=user_id, actor=actor)
+    return render(await call(gateway.quota.TopUp, message, timeout=timeout(gateway)), 201)
+
+
+@router.get("/users/{user_id}/balance")
+async def balance(user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False) -> Response:
+    await require_admin(request, gateway)
+    message = quota_pb2.GetBalanceRequest(user_id=user_id, consistent=consistent)
+    return render(await call(gateway.quota.GetBalance, message, timeout=timeout(gateway)))
+
+
+@router.put("/prices/{model:path}")
+async def set_price(model: str, request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    message = await parse(request, gateway, quota_pb2.Price(), model=model)
+    return render(await call(gateway.quota.SetPrice, message, timeout=timeout(gateway)))
+
+
+@router.get("/prices")
+async def list_prices(request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    return render(
+        await call(gateway.quota.ListPrices, quota_pb2.ListPricesRequest(), timeout=timeout(gateway))
+    )
+
+
+@router.post("/channels")
+async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    message = await parse(request, gateway, quota_pb2.Channel())
+    stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
+    await gateway.channels.refresh()
+    return render(stored, 201)
+
+
+@router.get("/channels")
+async def list_channels(request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    listing = await call(
+        gateway.quota.ListChannels, quota_pb2.ListChannelsRequest(), timeout=timeout(gateway)
+    )
+    for channel in listing.channels:
+        channel.api_key = "***" if channel.api_key else ""
+    return render(listing)
+
+
+@router.delete("/channels/{channel_id}")
+async def delete_channel(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway)
+    message = quota_pb2.DeleteChannelRequest(channel_id=channel_id)
+    deleted = await call(gateway.quota.DeleteChannel, message, timeout=timeout(gateway))
+    await gateway.channels.refresh()
+    return render(deleted)
+
+
+@router.get("/logs")
+async def request_logs(
+    request: Request,
+    gateway: GatewayDep,
+    key_id: str = "",
+    user_id: str = "",
+    model: str = "",
+    status_code: int = 0,
+    since_ms: int = 0,
+    until_ms: int = 0,
+    limit: int = 50,
+    cursor: str = "",
+) -> Response:
+    await require_admin(request, gateway)
+    message = logger_pb2.ListRequestLogsRequest(
+        key_id=key_id,
+        user_id=user_id,
+        model=model,
+        status_code=status_code,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        limit=limit,
+        cursor=cursor,
+    )
+    return render(await call(gateway.logger.ListRequestLogs, message, timeout=timeout(gateway)))

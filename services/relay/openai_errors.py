@@ -1,0 +1,77 @@
+"""The only place that renders errors for HTTP clients, in OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}`` with the status OpenAI would use."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from services.common.errors import GatewayError, InvalidRequest, UpstreamStatus
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: GatewayError, *, request_id: str = "") -> Response:
+    headers = {"x-request-id": request_id} if request_id else {}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, UpstreamStatus) and _is_openai_error(exc.body):
+        # The provider's own error body already speaks OpenAI; pass it through untouched.
+        return Response(exc.body, status_code=exc.status, media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(exc.to_openai()), status_code=exc.status, media_type="application/json", headers=headers
+    )
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+
+
+def sse_error(exc: GatewayError) -> bytes:
+    """An error sent in-band once a stream has started (the HTTP status is already on the wire)."""
+    return b"data: " + orjson.dumps(exc.to_openai()) + b"\n\n"
+
+
+def install(app: FastAPI) -> None:
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc, request_id=getattr(request.state, "request_id", ""))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error = GatewayError(str(exc.detail))
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, error.code),
+            }
+        }
+        return Response(orjson.dumps(body), status_code=exc.status_code, media_type="application/json")
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(
+            InvalidRequest(f"{where}: {first.get('msg', 'invalid value')}", param=where or None)
+        )
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(GatewayError(), request_id=getattr(request.state, "request_id", ""))
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_crash)

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.config import DEV_SECRET, DatabaseSettings, refuse_dev_secret
+
+
+def test_env_builds_database_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYGATE_DATABASE_URL", "postgresql://u@db:5432/rg")
+    monkeypatch.setenv("RELAYGATE_DATABASE_REPLICA_URLS", "postgresql://u@r1/rg, postgresql://u@r2/rg")
+    settings = DatabaseSettings()
+    assert settings.database_url == "postgresql+asyncpg://u@db:5432/rg"
+    assert settings.database_replica_urls == ["postgresql+asyncpg://u@r1/rg", "postgresql+asyncpg://u@r2/rg"]
+
+
+def test_replicas_need_postgres() -> None:
+    with pytest.raises(ValidationError, match="read replicas need a PostgreSQL primary"):
+        DatabaseSettings(database_url="sqlite:///x.db", database_replica_urls=["postgresql://r/rg"])
+
+
+def test_unsupported_scheme_is_refused() -> None:
+    with pytest.raises(ValidationError, match="unsupported database URL scheme"):
+        DatabaseSettings(database_url="mysql://x/y")
+
+
+def test_dev_secret_refused_in_prod() -> None:
+    refuse_dev_secret("dev", key_pepper=DEV_SECRET)
+    with pytest.raises(ValueError, match="RELAYGATE_KEY_PEPPER must be set"):
+        refuse_dev_secret("prod", key_pepper=DEV_SECRET)
+    with pytest.raises(ValueError, match="at least 32"):
+        refuse_dev_secret("prod", key_pepper="short")
+    refuse_dev_secret("prod", key_pepper="x" * 40)

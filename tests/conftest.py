@@ -1,0 +1,46 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.infra.backing import SETUP_HINT, BackingServices, missing_binaries
+
+pytest_plugins = ["tests.db_fixtures"]
+
+# ======================================================================================================
+# Backing services: PostgreSQL primary + streaming replica, Redis, Tansu (Kafka API). See tests/infra.
+#
+# One set per test session; isolate tests with backing.create_database(...), unique Redis key prefixes,
+# and unique Kafka topics and group ids.
+# ======================================================================================================
+
+
+def _infra_required() -> bool:
+    """CI sets RELAYGATE_REQUIRE_INFRA=1: there, a missing server binary is a failure, never a skip."""
+    return os.environ.get("RELAYGATE_REQUIRE_INFRA") == "1"
+
+
+@pytest.fixture(scope="session")
+def backing() -> Iterator[BackingServices]:
+    """Running backing services for the session; stopped, and their temp directory removed, at the end."""
+    missing = missing_binaries()
+    if missing:
+        reason = f"backing services need {', '.join(missing)}, which are missing; {SETUP_HINT}"
+        if _infra_required():
+            pytest.fail(f"{reason} (RELAYGATE_REQUIRE_INFRA=1)", pytrace=False)
+        else:
+            pytest.skip(f"{reason} (skipped because RELAYGATE_REQUIRE_INFRA is not 1)")
+    services = BackingServices().start()
+    try:
+        yield services
+    finally:
+        services.stop()
+
+
+# ======================================================================================================
+# Other fixtures
+# ======================================================================================================
