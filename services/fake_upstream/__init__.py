@@ -1,0 +1,25 @@
+"""A fake OpenAI-compatible upstream ("LLM provider") on loopback, for tests, demos and benchmarks.
+
+* :class:`FakeUpstream` - run it in a background thread of the current process;
+* :class:`FakeUpstreamProcess` - run it as ``python -m services.fake_upstream`` in a child process;
+* :class:`Behaviour` - what it does (latency, chunking, usage reporting, injected failures);
+* :class:`FakeUpstreamApp` - the bare ASGI application.
+
+Token counting rules are documented in :mod:`services.fake_upstream.tokens`.
+"""
+
+from .app import FakeUpstreamApp
+from .behaviour import Behaviour, BehaviourError
+from .process import FakeUpstreamProcess
+from .server import FakeUpstream, serve
+from .stats import StatsSnapshot
+
+__all__ = [
+    "Behaviour",
+    "BehaviourError",
+    "FakeUpstream",
+    "FakeUpstreamApp",
+    "FakeUpstreamProcess",
+    "StatsSnapshot",
+    "serve",
+]

@@ -1,0 +1,211 @@
+"""The OpenAI-compatible inference endpoints: request validation and the reply each one produces.
+
+Handlers are pure functions of (parsed JSON body, behaviour): they never touch the transport, sleep
+or count anything, which keeps them trivially testable and lets :mod:`.app` own timing and failures.
+Token arithmetic follows :mod:`.tokens`; the ``n`` parameter is ignored (always one choice).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import payloads, tokens
+from .behaviour import Behaviour
+
+MAX_EMBEDDING_DIMENSIONS = 8192
+MAX_IMAGES = 10
+
+JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
+
+
+@dataclass(slots=True)
+class JsonReply:
+    """A complete JSON response."""
+
+    body: bytes
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = JSON_HEADERS
+
+
+@dataclass(slots=True)
+class StreamReply:
+    """A server-sent-events response: ``events`` in order, the ``content`` ones paced by
+    ``chunk_interval_ms``."""
+
+    events: list[bytes]
+    content: range = field(default_factory=lambda: range(0))
+
+
+Reply = JsonReply | StreamReply
+Handler = Callable[[Any, Behaviour], Reply]
+
+
+class RequestError(Exception):
+    """A request the fake upstream refuses, answered as an OpenAI error with ``status``."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def reply(self) -> JsonReply:
+        return JsonReply(
+            payloads.error_body(self.message, "invalid_request_error", self.param, self.code), self.status
+        )
+
+
+# A per-process random prefix keeps ids unique across restarts; the counter keeps them cheap.
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}-fake{_ID_PREFIX}{next(_ids):08x}"
+
+
+def _model(body: dict[str, Any], behaviour: Behaviour) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "You must provide a model parameter.", param="model", code="missing_model")
+    if behaviour.strict_models and model not in behaviour.models:
+        raise RequestError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def _optional_int(body: dict[str, Any], name: str, minimum: int, maximum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(400, f"{name} must be an integer >= {minimum}.", param=name, code="invalid_value")
+    if maximum is not None and value > maximum:
+        raise RequestError(400, f"{name} must be <= {maximum}.", param=name, code="invalid_value")
+    return value
+
+
+def _completion_length(body: dict[str, Any], behaviour: Behaviour) -> tuple[int, str]:
+    """Words to generate and the finish reason: ``length`` when a token cap cut the reply short."""
+    words = behaviour.chunks
+    for name in ("max_tokens", "max_completion_tokens"):
+        cap = _optional_int(body, name, 1)
+        if cap is not None and cap < words:
+            words = cap
+    return words, "stop" if words == behaviour.chunks else "length"
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _generate(
+    body: dict[str, Any], behaviour: Behaviour, *, chat: bool, model: str, prompt_tokens: int
+) -> Reply:
+    count, finish_reason = _completion_length(body, behaviour)
+    created = int(time.time())
+    reply_id = _new_id("chatcmpl" if chat else "cmpl")
+    report = not behaviour.omit_usage
+    if body.get("stream") is True:
+        asked = _include_usage(body)
+        events, content = payloads.stream_events(
+            chat=chat,
+            reply_id=reply_id,
+            created=created,
+            model=model,
+            words=tokens.completion_words(count),
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            usage_chunk=report and (asked or behaviour.include_usage_always),
+            usage_null=report and asked,
+            usage_every_chunk=report and behaviour.usage_in_every_chunk,
+        )
+        return StreamReply(events, content)
+    token_usage = payloads.usage(prompt_tokens, count) if report else None
+    build = payloads.chat_completion if chat else payloads.text_completion
+    return JsonReply(
+        build(reply_id, created, model, tokens.completion_text(count), finish_reason, token_usage)
+    )
+
+
+def chat_completions(body: Any, behaviour: Behaviour) -> Reply:
+    """``POST /v1/chat/completions``, streaming or not."""
+    model = _model(body, behaviour)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty array.", param="messages", code="invalid_value")
+    return _generate(
+        body, behaviour, chat=True, model=model, prompt_tokens=tokens.count_chat_prompt(messages)
+    )
+
+
+def completions(body: Any, behaviour: Behaviour) -> Reply:
+    """``POST /v1/completions`` (legacy text completions), streaming or not."""
+    model = _model(body, behaviour)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str | list):
+        raise RequestError(400, "prompt must be a string or an array.", param="prompt", code="invalid_value")
+    return _generate(
+        body, behaviour, chat=False, model=model, prompt_tokens=tokens.count_prompt_input(prompt)
+    )
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return [value]  # a single token-id array
+        if all(isinstance(item, str | list) for item in value):
+            return value
+    raise RequestError(
+        400, "input must be a string or a non-empty array of strings.", param="input", code="invalid_value"
+    )
+
+
+def embeddings(body: Any, behaviour: Behaviour) -> Reply:
+    """``POST /v1/embeddings``: one deterministic vector per input (``float`` or ``base64``)."""
+    model = _model(body, behaviour)
+    inputs = _embedding_inputs(body.get("input"))
+    dimensions = _optional_int(body, "dimensions", 1, MAX_EMBEDDING_DIMENSIONS) or behaviour.embedding_dim
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise RequestError(
+            400, "encoding_format must be 'float' or 'base64'.", param="encoding_format", code="invalid_value"
+        )
+    prompt_tokens = None if behaviour.omit_usage else tokens.count_prompt_input(inputs)
+    return JsonReply(payloads.embeddings(model, inputs, dimensions, encoding, prompt_tokens))
+
+
+def image_generations(body: Any, behaviour: Behaviour) -> Reply:
+    """``POST /v1/images/generations``: ``n`` placeholder images as ``url`` or ``b64_json``; no usage."""
+    if "model" in body:
+        _model(body, behaviour)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "prompt must be a non-empty string.", param="prompt", code="invalid_value")
+    count = _optional_int(body, "n", 1, MAX_IMAGES) or 1
+    response_format = body.get("response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        raise RequestError(
+            400, "response_format must be 'url' or 'b64_json'.", param="response_format", code="invalid_value"
+        )
+    return JsonReply(payloads.images(_new_id("img"), int(time.time()), count, response_format))
+
+
+def list_models(_body: Any, behaviour: Behaviour) -> Reply:
+    """``GET /v1/models``: the configured ``models``."""
+    return JsonReply(payloads.model_list(tuple(behaviour.models)))
