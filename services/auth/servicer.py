@@ -1,0 +1,192 @@
+"""``relaygate.auth.v1.AuthService``: translation between protobuf messages and the auth modules.
+
+Verification reads as: parse the key → ask the cache → on a miss, read the key and check its secret,
+revocation and state → build the principal (and cache it) → check its scopes against this request.
+Refusals are answers (``deny_reason``), not RPC errors; their messages never contain the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from services.auth import keys
+from services.auth.cache import PrincipalCache
+from services.auth.store import AuthStore, Credential, KeyRecord, UserRecord
+from services.common import scopes
+from services.common.clock import Clock
+from services.common.errors import InvalidRequest
+from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
+from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceServicer
+from services.common.pb.relaygate.common.v1.types_pb2 import Limits
+from services.common.telemetry import METRICS
+
+Context = grpc.aio.ServicerContext[Any, Any]
+DenyReason = pb.DenyReason
+
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
+
+_DENIALS: dict[int, str] = {
+    DenyReason.DENY_REASON_MALFORMED: "The API key is malformed: expected rg-<id>-<secret>.",
+    DenyReason.DENY_REASON_UNKNOWN: "Incorrect API key provided.",
+    DenyReason.DENY_REASON_REVOKED: "This API key has been revoked.",
+    DenyReason.DENY_REASON_DISABLED: "This API key is disabled.",
+}
+
+
+def limits_to_dict(limits: Limits) -> dict[str, int]:
+    """The stored form of limits: only the fields that are set (0 means no limit and is left out)."""
+    values = {name: int(getattr(limits, name)) for name in LIMIT_FIELDS}
+    if any(value < 0 for value in values.values()):
+        raise InvalidRequest("Limits must not be negative (0 means no limit).", param="limits")
+    return {name: value for name, value in values.items() if value}
+
+
+def limits_from_dict(values: dict[str, int]) -> Limits:
+    """Stored limits as a message; unknown names are ignored (written by a newer version)."""
+    return Limits(**{name: int(values[name]) for name in LIMIT_FIELDS if name in values})
+
+
+def user_message(user: UserRecord) -> pb.User:
+    return pb.User(
+        user_id=user.id,
+        name=user.name,
+        email=user.email,
+        admin=user.admin,
+        created_at=user.created_at,
+        limits=limits_from_dict(user.limits),
+    )
+
+
+def key_message(key: KeyRecord) -> pb.ApiKey:
+    """A key as listed to administrators: no secret, no hash, only a display prefix."""
+    return pb.ApiKey(
+        key_id=key.id,
+        user_id=key.user_id,
+        name=key.name,
+        allowed_models=key.allowed_models,
+        allowed_cidrs=key.allowed_cidrs,
+        expires_at=key.expires_at,
+        enabled=key.enabled,
+        revoked=key.revoked,
+        limits=limits_from_dict(key.limits),
+        metadata=key.metadata,
+        created_at=key.created_at,
+        last_used_at=key.last_used_at,
+        display_prefix=keys.display_prefix(key.public_id),
+    )
+
+
+def principal_message(credential: Credential) -> pb.Principal:
+    key, user = credential.key, credential.user
+    return pb.Principal(
+        key_id=key.id,
+        user_id=user.id,
+        key_name=key.name,
+        allowed_models=key.allowed_models,
+        allowed_cidrs=key.allowed_cidrs,
+        expires_at=key.expires_at,
+        key_limits=limits_from_dict(key.limits),
+        user_limits=limits_from_dict(user.limits),
+        admin=user.admin,
+        metadata=key.metadata,
+    )
+
+
+class AuthServicer(AuthServiceServicer):
+    def __init__(self, *, store: AuthStore, cache: PrincipalCache, pepper: str, clock: Clock) -> None:
+        self._store = store
+        self._cache = cache
+        self._pepper = pepper
+        self._clock = clock
+
+    def _now(self) -> int:
+        return int(self._clock.time())
+
+    async def VerifyKey(self, request: pb.VerifyKeyRequest, context: Context) -> pb.VerifyKeyResponse:
+        principal, reason, source = await self._resolve(request.api_key)
+        message = _DENIALS.get(reason, "")
+        if principal is not None:
+            reason, message = scopes.check(
+                principal, model=request.model, client_ip=request.client_ip, now=self._clock.time()
+            )
+        outcome = "ok" if reason == DenyReason.DENY_REASON_UNSPECIFIED else _outcome(reason)
+        METRICS.auth_verify.labels(outcome=outcome, source=source).inc()
+        if principal is None or reason != DenyReason.DENY_REASON_UNSPECIFIED:
+            return pb.VerifyKeyResponse(deny_reason=reason, message=message)
+        self._store.touch_last_used(principal.key_id, self._now())
+        return pb.VerifyKeyResponse(principal=principal)
+
+    async def _resolve(self, api_key: str) -> tuple[pb.Principal | None, DenyReason.ValueType, str]:
+        """The principal of a valid key (or the reason there is none), and which layer answered."""
+        parsed = keys.parse(api_key)
+        if parsed is None:
+            return None, DenyReason.DENY_REASON_MALFORMED, "none"
+        public_id, secret = parsed
+        fingerprint = keys.fingerprint(api_key)
+        cached = await self._cache.get(fingerprint)
+        if cached is not None:
+            return cached, DenyReason.DENY_REASON_UNSPECIFIED, self._cache.name
+        credential = await self._store.find_credential(public_id)
+        stored_hash = credential.key.secret_hash if credential is not None else None
+        # Only a holder of the right secret learns anything about the key's state.
+        if credential is None or not keys.verify_secret(self._pepper, secret, stored_hash):
+            return None, DenyReason.DENY_REASON_UNKNOWN, "database"
+        if credential.key.revoked:
+            return None, DenyReason.DENY_REASON_REVOKED, "database"
+        if not credential.key.enabled:
+            return None, DenyReason.DENY_REASON_DISABLED, "database"
+        principal = principal_message(credential)
+        await self._cache.put(fingerprint, principal)
+        return principal, DenyReason.DENY_REASON_UNSPECIFIED, "database"
+
+    async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.User:
+        user = await self._store.create_user(
+            name=request.name,
+            email=request.email,
+            admin=request.admin,
+            limits=limits_to_dict(request.limits),
+            now=self._now(),
+        )
+        return user_message(user)
+
+    async def ListUsers(self, request: pb.ListUsersRequest, context: Context) -> pb.ListUsersResponse:
+        users = await self._store.list_users(limit=request.limit, after_id=request.after_user_id)
+        return pb.ListUsersResponse(users=[user_message(user) for user in users])
+
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
+        if not request.user_id:
+            raise InvalidRequest("user_id is required.", param="user_id")
+        scope = keys.KeyScope(
+            name=request.name,
+            allowed_models=tuple(request.allowed_models),
+            allowed_cidrs=tuple(request.allowed_cidrs),
+            expires_at=request.expires_at,
+            limits=limits_to_dict(request.limits),
+            metadata=dict(request.metadata),
+        )
+        plaintext, public_id, secret = keys.generate()
+        key = await self._store.create_key(
+            user_id=request.user_id,
+            public_id=public_id,
+            secret_hash=keys.hash_secret(self._pepper, secret),
+            scope=scope,
+            now=self._now(),
+        )
+        return pb.CreateKeyResponse(key=key_message(key), api_key=plaintext)
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
+        found = await self._store.list_keys(
+            user_id=request.user_id, limit=request.limit, after_id=request.after_key_id
+        )
+        return pb.ListKeysResponse(keys=[key_message(key) for key in found])
+
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, context: Context) -> pb.ApiKey:
+        key = await self._store.revoke_key(request.key_id, now=self._now())
+        await self._cache.invalidate(key.id)
+        return key_message(key)
+
+
+def _outcome(reason: DenyReason.ValueType) -> str:
+    return DenyReason.Name(reason).removeprefix("DENY_REASON_").lower()

@@ -1,0 +1,45 @@
+"""Auth settings: where it listens, the key pepper, the principal cache and the first admin key."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.auth.keys import parse
+from services.common.config import (
+    DEV_SECRET,
+    BaseServiceSettings,
+    DatabaseSettings,
+    GrpcServerSettings,
+    RedisSettings,
+    refuse_dev_secret,
+)
+
+
+class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings):
+    # Validation errors must never echo the pepper or the bootstrap key back into logs.
+    model_config = SettingsConfigDict(
+        env_prefix="RELAYGATE_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
+
+    auth_listen: str = "127.0.0.1:50051"
+    # HMAC key of the stored key hashes. Changing it invalidates every issued key.
+    key_pepper: str = Field(default=DEV_SECRET, repr=False)
+    # A full "rg-..." key; when set, startup ensures an admin user owns exactly this key.
+    bootstrap_admin_key: str = Field(default="", repr=False)
+    # How long a verified principal is served from the cache (revocations invalidate it at once).
+    cache_ttl_s: float = Field(default=60.0, gt=0, le=86_400)
+    # How often batched last-used times are written.
+    last_used_flush_s: float = Field(default=30.0, gt=0, le=3_600)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> AuthSettings:
+        if not self.key_pepper:
+            raise ValueError("RELAYGATE_KEY_PEPPER must not be empty")
+        refuse_dev_secret(self.environment, key_pepper=self.key_pepper)
+        if self.bootstrap_admin_key and parse(self.bootstrap_admin_key) is None:
+            # The value itself is never part of the message.
+            raise ValueError(
+                "RELAYGATE_BOOTSTRAP_ADMIN_KEY must be a full key: rg-<12 letters/digits>-<32 letters/digits>"
+            )
+        return self

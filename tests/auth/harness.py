@@ -1,0 +1,109 @@
+"""Runs the auth service in-process, the way ``python -m services.auth`` does, plus the auth fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from services.auth.app import redis_client, run
+from services.auth.settings import AuthSettings
+from services.auth.store import AuthStore
+from services.common.db import Database
+from services.common.grpc import call, channel
+from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
+from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
+from tests.db_fixtures import DbUrls
+from tests.infra.backing import BackingServices
+
+if TYPE_CHECKING:
+    from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
+
+PEPPER = "test-pepper-for-auth-tests-0123456789abcdef"
+TIMEOUT = 10.0
+
+
+def auth_settings(urls: DbUrls, **overrides: Any) -> AuthSettings:
+    values: dict[str, Any] = {
+        "database_url": urls.primary,
+        "database_replica_urls": [urls.replica],
+        "replica_check_interval_s": 0.2,
+        "auth_listen": "127.0.0.1:0",
+        "key_pepper": PEPPER,
+        "grpc_drain_seconds": 1.0,
+    }
+    values.update(overrides)
+    return AuthSettings(**values)
+
+
+@dataclass
+class RunningAuth:
+    settings: AuthSettings
+    address: str
+    stub: AuthServiceAsyncStub
+
+    async def create_user(self, name: str = "someone", **fields: Any) -> pb.User:
+        return await call(self.stub.CreateUser, pb.CreateUserRequest(name=name, **fields), timeout=TIMEOUT)
+
+    async def create_key(self, user_id: str, **fields: Any) -> pb.CreateKeyResponse:
+        request = pb.CreateKeyRequest(user_id=user_id, **fields)
+        return await call(self.stub.CreateKey, request, timeout=TIMEOUT)
+
+    async def verify(self, api_key: str, *, model: str = "", client_ip: str = "") -> pb.VerifyKeyResponse:
+        request = pb.VerifyKeyRequest(api_key=api_key, model=model, client_ip=client_ip)
+        return await call(self.stub.VerifyKey, request, timeout=TIMEOUT)
+
+    async def revoke(self, key_id: str) -> pb.ApiKey:
+        return await call(self.stub.RevokeKey, pb.RevokeKeyRequest(key_id=key_id), timeout=TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
+    """Run ``services.auth.app.run`` on a free port until the block exits, then stop it and wait."""
+    stop = asyncio.Event()
+    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, stop=stop, on_started=started.set_result))
+    waiting: list[asyncio.Future[Any]] = [task, started]
+    await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the startup error
+        raise RuntimeError("auth exited during startup")
+    if not started.done():
+        stop.set()
+        task.cancel()
+        raise RuntimeError("auth did not start within 30 s")
+    address = f"127.0.0.1:{started.result()}"
+    client: grpc.aio.Channel = channel(address)
+    try:
+        yield RunningAuth(settings, address, AuthServiceStub(client))
+    finally:
+        await client.close(grace=None)
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture(scope="module")
+async def auth(migrated_db: DbUrls, backing: BackingServices) -> AsyncIterator[RunningAuth]:
+    """An auth server for the module: real PostgreSQL primary + replica and Redis, on a free port."""
+    async with serving(auth_settings(migrated_db, redis_url=backing.redis_url)) as running:
+        yield running
+
+
+@pytest.fixture
+async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
+    client = redis_client(backing.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(database: Database) -> AuthStore:
+    return AuthStore(database)

@@ -1,0 +1,100 @@
+"""The whole gateway as separate processes on the real backing services, for end-to-end tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.auth.keys import generate
+from services.fake_upstream.server import FakeUpstream
+from services.stack import LocalStack
+from tests.db_fixtures import DbUrls
+from tests.infra.backing import BackingServices
+
+MODEL = "gpt-e2e"
+PRICE = {"input_per_mtok": 2_000_000, "output_per_mtok": 8_000_000, "default_max_output_tokens": 512}
+
+
+@dataclass
+class Deployment:
+    stack: LocalStack
+    upstream: FakeUpstream
+    admin_key: str
+    db: DbUrls
+
+    @property
+    def relay_url(self) -> str:
+        return self.stack.relay_url
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.relay_url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=10
+        )
+
+
+def stack_env(backing: BackingServices, db: DbUrls) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "RELAYGATE_DATABASE_URL": db.primary,
+        "RELAYGATE_DATABASE_REPLICA_URLS": db.replica,
+        "RELAYGATE_REDIS_URL": backing.redis_url,
+        "RELAYGATE_KAFKA_BOOTSTRAP": backing.kafka_bootstrap,
+        "RELAYGATE_KAFKA_TOPIC_PREFIX": f"e2e{tag}.",
+        "RELAYGATE_LOGGER_GROUP_ID": f"e2e-logger-{tag}",
+        "RELAYGATE_BATCH_MAX_SECONDS": "0.2",
+        "RELAYGATE_KAFKA_SESSION_TIMEOUT_MS": "1000",
+        "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS": "100",
+        "RELAYGATE_CHANNEL_REFRESH_S": "0.5",
+        "RELAYGATE_LOG_FORMAT": "json",
+    }
+
+
+def deploy(backing: BackingServices, db: DbUrls, log_dir: Path) -> Iterator[Deployment]:
+    admin_key = generate()[0]
+    upstream = FakeUpstream().start()
+    stack = LocalStack(
+        env=stack_env(backing, db),
+        log_dir=log_dir,
+        extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}},
+    )
+    try:
+        stack.start()
+        deployment = Deployment(stack, upstream, admin_key, db)
+        with deployment.admin() as admin:
+            ok(
+                admin.post(
+                    "/admin/v1/channels",
+                    json={"name": "fake", "base_url": upstream.base_url, "models": [MODEL], "weight": 1, "enabled": True},
+                )
+            )
+            ok(admin.put(f"/admin/v1/prices/{MODEL}", json=PRICE))
+        yield deployment
+    finally:
+        stack.stop()
+        upstream.stop()
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.is_success, f"{response.request.method} {response.request.url}: {response.text}"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def fund_user(deployment: Deployment, amount_micros: int, **key_fields: object) -> tuple[str, str]:
+    """A new user with ``amount_micros`` of credit and one key; returns (user_id, plaintext key)."""
+    with deployment.admin() as admin:
+        user_id = str(ok(admin.post("/admin/v1/users", json={"name": f"user-{uuid.uuid4().hex[:6]}"}))["user_id"])
+        ok(admin.post(f"/admin/v1/users/{user_id}/topups", json={"amount_micros": amount_micros, "reason": "test"}))
+        key = ok(admin.post("/admin/v1/keys", json={"user_id": user_id, "name": "e2e", **key_fields}))
+        return user_id, str(key["api_key"])
+
+
+def balance(deployment: Deployment, user_id: str) -> dict[str, int]:
+    with deployment.admin() as admin:
+        body = ok(admin.get(f"/admin/v1/users/{user_id}/balance", params={"consistent": "true"}))
+        return {k: int(v) for k, v in body.items() if k != "user_id"}
