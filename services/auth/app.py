@@ -7,10 +7,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from services.auth.bootstrap import ensure_admin_key
 from services.auth.cache import MemoryPrincipalCache, PrincipalCache, RedisPrincipalCache
 from services.auth.servicer import AuthServicer
@@ -20,6 +16,7 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.common.redis import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +24,6 @@ SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
 # Redis is only a cache here: give up quickly and read the database instead. One immediate retry
 # replaces a pooled connection that died with a Redis restart.
-REDIS_TIMEOUT_S = 0.5
-
-
-def redis_client(url: str) -> Redis:
-    return Redis.from_url(
-        url,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1),
-    )
 
 
 async def run(

@@ -27,13 +27,14 @@ from redis.exceptions import RedisError
 
 from services.common.clock import Clock
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
+from services.common.redis import KEY_INVALIDATION_CHANNEL
 
 log = logging.getLogger(__name__)
 
 PRINCIPAL_KEY = "relaygate:auth:principal:{}"
 KEY_INDEX = "relaygate:auth:key:{}"
 TOMBSTONE_KEY = "relaygate:auth:tombstone:{}"
-INVALIDATE_CHANNEL = "relaygate:auth:invalidate"
+INVALIDATE_CHANNEL = KEY_INVALIDATION_CHANNEL
 
 # Longer than any verification takes from its database read to its cache write (RPC deadlines are ~2 s).
 TOMBSTONE_S = 10.0

@@ -88,6 +88,10 @@ class Metrics:
         self.logger_end_to_end = Histogram(
             "relaygate_logger_end_to_end_seconds", "Event to durable row", buckets=_LATENCY_BUCKETS
         )
+        # Counter: failed attempts at writing + committing a logger batch (the batch is kept and retried).
+        self.logger_write_failures = Counter("relaygate_logger_write_failures", "Failed batch write attempts")
+        # Gauge: 1 while the logger has paused fetching because batch writes fail.
+        self.logger_paused = Gauge("relaygate_logger_paused", "Logger fetching paused by failing writes")
         # Counter: events sent to the dead-letter topic, by reason class.
         self.logger_dead_letters = Counter(
             "relaygate_logger_dead_letters", "Dead-lettered events", ["reason"]

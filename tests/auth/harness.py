@@ -12,13 +12,14 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from services.auth.app import redis_client, run
+from services.auth.app import run
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
 from services.common.db import Database
 from services.common.grpc import call, channel
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
+from services.common.redis import redis_client
 from tests.db_fixtures import DbUrls
 from tests.infra.backing import BackingServices
 

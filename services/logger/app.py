@@ -1,0 +1,84 @@
+"""The logger's composition root: owns every resource, runs the gRPC server and the consumer side by side.
+
+Stopping (SIGTERM/SIGINT, or ``stop`` in tests) drains the gRPC server and lets the consumer write and
+commit its last batch. If the consumer fails, the server is stopped too and :func:`run` re-raises, so
+the process exits non-zero and gets restarted instead of serving reads while nothing is ingested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from services.common.db import Database
+from services.common.events import ensure_topics
+from services.common.grpc import Registration, serve
+from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
+from services.logger.consumer import LogConsumer, kafka_consumer
+from services.logger.dlq import DeadLetters, dead_letter_producer
+from services.logger.servicer import SERVICE_NAME, LoggerServicer
+from services.logger.settings import LoggerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def run(
+    settings: LoggerSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> None:
+    """Serve ``ListRequestLogs`` and ingest usage events until stopped; see the module docstring."""
+    stop = stop or asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        db = Database(settings)
+        await db.start()
+        stack.push_async_callback(db.close)
+
+        await ensure_topics(settings)
+        producer = dead_letter_producer(settings)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        kafka = kafka_consumer(settings)
+        await kafka.start()
+        # Stopping leaves the group at once, so the partitions move without waiting for a session timeout.
+        stack.push_async_callback(kafka.stop)
+
+        consumer = LogConsumer(
+            kafka,
+            db=db,
+            dead_letters=DeadLetters(
+                producer, topic=settings.dead_letter_topic, group_id=settings.logger_group_id
+            ),
+            topic=settings.usage_topic,
+            policy=settings.batch_policy,
+            write_timeout_s=settings.logger_write_timeout_s,
+            shutdown_timeout_s=settings.logger_shutdown_timeout_s,
+        )
+        consuming = asyncio.create_task(consumer.run(stop), name="logger-consumer")
+        consuming.add_done_callback(lambda task: _consumer_done(task, stop))
+        try:
+            await serve(
+                [
+                    Registration(
+                        SERVICE_NAME, LoggerServicer(db), logger_pb2_grpc.add_LoggerServiceServicer_to_server
+                    )
+                ],
+                listen=settings.logger_listen,
+                drain_seconds=settings.grpc_drain_seconds,
+                stop=stop,
+                on_started=on_started,
+            )
+        finally:
+            stop.set()
+            # Re-raises a consumer failure; after a clean stop it is the last batch being committed.
+            await consuming
+
+
+def _consumer_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # The traceback is reported once, by whoever awaits the task.
+        log.error("consumer failed; stopping the service", extra={"error": repr(task.exception())})
+    stop.set()

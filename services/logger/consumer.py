@@ -1,0 +1,302 @@
+"""The logger's Kafka consumer: fetch, batch, write, and only then commit.
+
+One loop owns one :class:`~services.logger.batch.Batch`::
+
+    getmany() ──▶ decode + check ──▶ Batch ──(closed by size or age)──▶ write() ──▶ commit(offsets)
+                      │ unusable
+                      └──▶ dead-letter topic (acknowledged before the offset can be committed)
+
+Delivery is at least once and storage is idempotent (see :mod:`services.logger.writer`), so every event
+ends up exactly once in ``request_logs``. Offsets are committed only after the batch's transaction has
+committed, and only up to what the batch holds.
+
+- **Database down**: the batch is kept, every assigned partition is paused (the fetcher stops reading,
+  memory stays bounded) and the write is retried with exponential backoff; polling goes on meanwhile so
+  the group does not evict the consumer. A success resumes the partitions.
+- **Rebalance**: before partitions are given up, the batch is written and committed. If that fails the
+  batch is dropped uncommitted, and the partitions' next owner re-reads it.
+- **Stop**: the batch is written and committed (retried for ``shutdown_timeout_s``); what still fails
+  stays uncommitted and is redelivered later. Nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import TopicPartition
+
+from services.common.clock import Clock, SystemClock
+from services.common.db import Database
+from services.common.events import decode
+from services.common.telemetry import METRICS
+from services.logger.batch import Batch, BatchPolicy
+from services.logger.dlq import DeadLetters
+from services.logger.settings import LoggerSettings
+from services.logger.writer import check_storable, write
+
+log = logging.getLogger(__name__)
+
+# Longest single wait for records: bounds how long a stop request or a closing batch goes unnoticed.
+_MAX_POLL_WAIT_S = 0.25
+# Backoff between attempts at something that failed (a batch write, a dead-letter publish).
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 5.0
+
+_SYSTEM_CLOCK = SystemClock()
+
+
+def kafka_consumer(settings: LoggerSettings) -> AIOKafkaConsumer:
+    """The group consumer for the usage topic (not started, not subscribed)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.logger_group_id,
+        client_id="relaygate-logger",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        # The group waits this long for us to rejoin, which covers writing the batch on revocation.
+        rebalance_timeout_ms=settings.kafka_session_timeout_ms + int(settings.logger_write_timeout_s * 1000),
+    )
+
+
+class _Stopped(Exception):
+    """Stop was requested while a step could not complete; the loop goes straight to draining."""
+
+
+class LogConsumer:
+    """Moves usage events from Kafka into ``request_logs``; see the module docstring for the contract.
+
+    ``consumer`` is a started :func:`kafka_consumer`; the caller closes it after :meth:`run` returns.
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        db: Database,
+        dead_letters: DeadLetters,
+        topic: str,
+        policy: BatchPolicy,
+        clock: Clock = _SYSTEM_CLOCK,
+        write_timeout_s: float = 10.0,
+        shutdown_timeout_s: float = 10.0,
+    ) -> None:
+        self._consumer = consumer
+        self._db = db
+        self._dead_letters = dead_letters
+        self._topic = topic
+        self._policy = policy
+        self._clock = clock
+        self._write_timeout_s = write_timeout_s
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._batch = Batch(policy, clock)
+        # Held while the batch changes (ingesting, writing); the revocation callback runs in the
+        # client's coordination task and must not interleave with either.
+        self._lock = asyncio.Lock()
+        # Set (event-loop time) while partitions are paused after a failed write.
+        self._retry_at: float | None = None
+        self._backoff = _RETRY_FIRST_S
+
+    @property
+    def pending(self) -> int:
+        """Events read but not written yet."""
+        return len(self._batch)
+
+    @property
+    def paused(self) -> bool:
+        """True while writes fail and fetching is suspended."""
+        return self._retry_at is not None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, then write and commit the last batch.
+
+        Returns normally after a stop. Any other exception (a bug, a non-retriable broker error) escapes
+        with the current batch uncommitted, so its events are redelivered.
+        """
+        self._consumer.subscribe([self._topic], listener=_FlushOnRevoke(self))
+        log.info("consuming", extra={"topic": self._topic, "policy": self._policy})
+        try:
+            while not stop.is_set():
+                await self._poll(stop)
+        except _Stopped:
+            pass
+        await self._drain()
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    async def _poll(self, stop: asyncio.Event) -> None:
+        if self._batch.closed() and self._retry_due():
+            async with self._lock:
+                await self._try_flush()
+        fetched: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
+            timeout_ms=self._wait_ms(), max_records=max(1, self._batch.room)
+        )
+        if not fetched:
+            return
+        async with self._lock:
+            assigned = self._consumer.assignment()
+            for tp, records in fetched.items():
+                if tp not in assigned:
+                    # Revoked while these were in flight: the new owner reads them from the committed offset.
+                    continue
+                for record in records:
+                    await self._take(tp, record, stop)
+
+    async def _take(self, tp: TopicPartition, record: Any, stop: asyncio.Event) -> None:
+        try:
+            event = decode(record.value)
+            check_storable(event)
+        except ValueError as exc:
+            await self._dead_letter(record, exc, stop)
+            self._batch.skip(tp, record.offset)
+        else:
+            self._batch.add(tp, record.offset, event)
+
+    def _wait_ms(self) -> int:
+        if self._retry_at is not None:
+            wait = self._retry_at - asyncio.get_running_loop().time()
+        else:
+            left = self._batch.seconds_left()
+            wait = _MAX_POLL_WAIT_S if left is None else left
+        return int(1000 * min(max(wait, 0.0), _MAX_POLL_WAIT_S))
+
+    async def _dead_letter(self, record: Any, reason: Exception, stop: asyncio.Event) -> None:
+        """Publish to the dead-letter topic, retrying until it is acknowledged (or stop is requested)."""
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                await self._dead_letters.send(record, reason)
+                return
+            except Exception:
+                if stop.is_set():
+                    raise _Stopped from None
+                log.warning("publishing a dead letter failed; retrying", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    # --- writing and committing -----------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        """Write the batch, then commit its offsets, then start a new batch. Caller holds the lock."""
+        batch = self._batch
+        if batch.events:
+            started = time.perf_counter()
+            await write(self._db, batch.events, clock=self._clock)
+            METRICS.logger_batch_write.observe(time.perf_counter() - started)
+            METRICS.logger_batch_rows.observe(len(batch))
+        try:
+            await self._consumer.commit(batch.offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The rows are stored; the partitions' new owner re-reads them, and storing them again is a no-op.
+            log.warning(
+                "batch stored but offsets not committed: the group rebalanced",
+                extra={"rows": len(batch), "error": repr(exc)},
+            )
+        now_ms = self._clock.time() * 1000
+        for event in batch.events:
+            METRICS.logger_end_to_end.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
+        self._batch = Batch(self._policy, self._clock)
+
+    async def _try_flush(self) -> None:
+        """One attempt at :meth:`_flush`; a failure pauses every partition until the retry is due."""
+        if self._batch.empty:
+            return
+        try:
+            await asyncio.wait_for(self._flush(), self._write_timeout_s)
+        except Exception:
+            METRICS.logger_write_failures.inc()
+            retry_in = self._pause()
+            log.warning(
+                "writing a batch failed; partitions paused",
+                exc_info=True,
+                extra={"rows": len(self._batch), "retry_in_s": retry_in},
+            )
+        else:
+            self._resume()
+
+    def _pause(self) -> float:
+        """Stop fetching and schedule the next attempt; returns the seconds until it."""
+        self._consumer.pause(*self._consumer.assignment())
+        METRICS.logger_paused.set(1)
+        delay = self._backoff
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        self._backoff = min(delay * 2, _RETRY_MAX_S)
+        return delay
+
+    def _resume(self) -> None:
+        if self._retry_at is None:
+            return
+        self._consumer.resume(*self._consumer.paused())
+        log.info("batch written; partitions resumed")
+        self._reset_retry()
+
+    def _reset_retry(self) -> None:
+        METRICS.logger_paused.set(0)
+        self._retry_at = None
+        self._backoff = _RETRY_FIRST_S
+
+    def _retry_due(self) -> bool:
+        return self._retry_at is None or asyncio.get_running_loop().time() >= self._retry_at
+
+    async def _drain(self) -> None:
+        """On stop: write and commit the batch, retrying for ``shutdown_timeout_s`` before giving up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._shutdown_timeout_s
+        delay = _RETRY_FIRST_S
+        async with self._lock:
+            while not self._batch.empty:
+                try:
+                    await asyncio.wait_for(self._flush(), self._write_timeout_s)
+                except Exception:
+                    if loop.time() >= deadline:
+                        log.error(
+                            "last batch not written; its events stay uncommitted and will be redelivered",
+                            exc_info=True,
+                            extra={"rows": len(self._batch)},
+                        )
+                        return
+                    log.warning("writing the last batch failed; retrying", exc_info=True)
+                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                    delay = min(delay * 2, _RETRY_MAX_S)
+        log.info("consumer drained")
+
+    # --- rebalancing ----------------------------------------------------------------------------------
+
+    async def _partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            if not self._batch.empty:
+                try:
+                    await asyncio.wait_for(self._flush(), self._write_timeout_s)
+                except Exception:
+                    log.warning(
+                        "batch not written before its partitions were revoked; their next owner re-reads it",
+                        exc_info=True,
+                        extra={"rows": len(self._batch)},
+                    )
+                    self._batch = Batch(self._policy, self._clock)
+            # Pausing is per assignment; the next one starts unpaused.
+            self._reset_retry()
+        if revoked:
+            log.info("partitions revoked", extra={"partitions": sorted(str(tp) for tp in revoked)})
+
+    def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka's rebalance hook: awaited before partitions go (and after new ones arrive)."""
+
+    def __init__(self, owner: LogConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner._partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner._partitions_assigned(assigned)

@@ -1,0 +1,51 @@
+"""Configuration of the logger service (``RELAYGATE_*`` environment, one flat namespace)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, KafkaSettings
+from services.logger.batch import BatchPolicy
+
+
+class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcServerSettings):
+    """Everything the logger process needs; built once in ``main()`` and passed down.
+
+    On shutdown the gRPC server drains for ``grpc_drain_seconds`` while the consumer writes its last
+    batch, retrying for ``logger_shutdown_timeout_s`` (each attempt bounded by ``logger_write_timeout_s``).
+    The pod's termination grace period must be longer than either.
+    """
+
+    logger_listen: str = "127.0.0.1:50053"
+    logger_group_id: str = "relaygate-logger"
+    # A batch is written when it holds this many rows, or this long after its first message.
+    batch_max_rows: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_seconds: float = Field(default=1.0, gt=0, le=300)
+    # Group membership: a consumer silent for the session timeout loses its partitions. Shorter means
+    # faster failover but more spurious rebalances on a loaded machine.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=100, le=300_000)
+    kafka_heartbeat_interval_ms: int = Field(default=1000, ge=10, le=100_000)
+    # One attempt at writing and committing a batch; a slower attempt counts as failed and is retried.
+    # A 5,000-row batch takes ~0.15 s on PostgreSQL.
+    logger_write_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # On shutdown, how long the last batch may keep retrying before it is left uncommitted (its events
+    # are then redelivered to the next consumer, never lost).
+    logger_shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _check_kafka_timing(self) -> LoggerSettings:
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ValueError(
+                "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS must be below RELAYGATE_KAFKA_SESSION_TIMEOUT_MS "
+                f"(got {self.kafka_heartbeat_interval_ms} >= {self.kafka_session_timeout_ms}); "
+                "a third of it is usual"
+            )
+        if not self.logger_listen.strip():
+            raise ValueError("RELAYGATE_LOGGER_LISTEN must be host:port")
+        if not self.logger_group_id.strip():
+            raise ValueError("RELAYGATE_LOGGER_GROUP_ID must not be empty: offsets are stored per group")
+        return self
+
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(max_rows=self.batch_max_rows, max_seconds=self.batch_max_seconds)

@@ -1,0 +1,44 @@
+"""Fixtures of the logger tests: a migrated PostgreSQL database (primary + replica) per module, and
+settings that point the logger at it and at unique Kafka topics and a unique consumer group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.logger.settings import LoggerSettings
+from tests.db_fixtures import DbUrls, database, migrated_db  # noqa: F401
+from tests.infra.backing import BackingServices
+from tests.logger.factories import unique
+
+
+@pytest.fixture
+def logger_settings(
+    backing: BackingServices,
+    migrated_db: DbUrls,  # noqa: F811 (the fixture imported above)
+) -> Callable[..., LoggerSettings]:
+    """Build settings for one test: same topics and group on every call, so a second call restarts."""
+    prefix = f"{unique('t')}."
+    group = unique("g")
+
+    def make(**overrides: Any) -> LoggerSettings:
+        values: dict[str, Any] = {
+            "database_url": migrated_db.primary,
+            "database_replica_urls": [migrated_db.replica],
+            "kafka_bootstrap": backing.kafka_bootstrap,
+            "kafka_topic_prefix": prefix,
+            "logger_group_id": group,
+            "logger_listen": "127.0.0.1:0",
+            "kafka_session_timeout_ms": 1000,
+            "kafka_heartbeat_interval_ms": 100,
+            "batch_max_seconds": 0.2,
+            "grpc_drain_seconds": 0.5,
+            "logger_write_timeout_s": 5.0,
+            "logger_shutdown_timeout_s": 5.0,
+        }
+        values.update(overrides)
+        return LoggerSettings.model_validate(values)
+
+    return make
