@@ -116,6 +116,14 @@ class LocalStack:
             raise
         return self
 
+    def add_relay(self, *, timeout: float = 60.0) -> str:
+        """Start one more relay process on the same services (relays are stateless); returns its URL."""
+        port = free_port()
+        name = f"relay-{len(self.processes)}"
+        self._spawn(name, [sys.executable, "-m", "services.relay"], port, {"RELAYGATE_RELAY_PORT": str(port)})
+        self._wait_port(name, timeout)
+        return f"http://127.0.0.1:{port}"
+
     def _spawn(self, name: str, argv: list[str], port: int, extra: dict[str, str]) -> None:
         log_path = self.log_dir / f"{name}.log"
         env = {**os.environ, **self.env, **extra}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 # Short timeouts: Redis is an accelerator on the request path; when it stalls, callers fall back.
 REDIS_TIMEOUT_S = 0.5

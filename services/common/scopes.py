@@ -32,7 +32,9 @@ def ip_allowed(cidrs: list[str], client_ip: str) -> bool:
     return any(address in _network(c) for c in cidrs)
 
 
-def check(principal: Principal, *, model: str, client_ip: str, now: float) -> tuple[DenyReason.ValueType, str]:
+def check(
+    principal: Principal, *, model: str, client_ip: str, now: float
+) -> tuple[DenyReason.ValueType, str]:
     """``(DENY_REASON_UNSPECIFIED, "")`` when the principal may make this request, else the reason."""
     if principal.expires_at and now >= principal.expires_at:
         return DenyReason.DENY_REASON_EXPIRED, "This API key has expired."

@@ -52,7 +52,7 @@ async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) ->
 
 
 def render(message: Any, status_code: int = 200) -> Response:
-    """``message`` is a protobuf message (typed loosely: the generated stubs' response types are invariant)."""
+    """Render a protobuf message (typed loosely: the stubs' response types are invariant)."""
     body = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )

@@ -15,11 +15,12 @@ from services.common.grpc import channel
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
+from services.common.redis import redis_client
 from services.relay import admin, openai_errors, routes
 from services.relay.accounting import Meter
 from services.relay.channels import ChannelDirectory
 from services.relay.deps import Gateway
-from services.relay.principals import Authenticator
+from services.relay.principals import Authenticator, InvalidationListener
 from services.relay.proxy import Upstreams
 from services.relay.settings import RelaySettings
 
@@ -54,6 +55,18 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             await publisher.start()
             stack.push_async_callback(publisher.close)
 
+        authenticator = Authenticator(
+            AuthServiceStub(auth_channel),
+            ttl_s=settings.auth_cache_ttl_s,
+            rpc_timeout_s=settings.rpc_timeout_s,
+        )
+        if settings.redis_url:
+            redis = redis_client(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+            listener = InvalidationListener(redis, authenticator)
+            await listener.start()
+            stack.push_async_callback(listener.close)
+
         quota = QuotaServiceStub(quota_channel)
         directory = ChannelDirectory(
             quota, refresh_s=settings.channel_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
@@ -63,11 +76,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
 
         yield Gateway(
             settings=settings,
-            authenticator=Authenticator(
-                AuthServiceStub(auth_channel),
-                ttl_s=settings.auth_cache_ttl_s,
-                rpc_timeout_s=settings.rpc_timeout_s,
-            ),
+            authenticator=authenticator,
             channels=directory,
             upstreams=Upstreams(client, max_attempts=settings.max_attempts),
             meter=Meter(quota, publisher, rpc_timeout_s=settings.rpc_timeout_s),

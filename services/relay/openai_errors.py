@@ -46,20 +46,25 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, GatewayError)
         return error_response(exc, request_id=getattr(request.state, "request_id", ""))
 
-    async def on_http_error(request: Request, exc: Exception) -> Response:
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        error = GatewayError(str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         body = {
             "error": {
                 "message": str(exc.detail),
                 "type": "invalid_request_error",
                 "param": None,
-                "code": {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, error.code),
+                "code": code,
             }
         }
-        return Response(orjson.dumps(body), status_code=exc.status_code, media_type="application/json")
+        return Response(
+            orjson.dumps(body),
+            status_code=exc.status_code,
+            media_type="application/json",
+            headers=exc.headers,
+        )
 
-    async def on_validation_error(request: Request, exc: Exception) -> Response:
+    async def on_validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
@@ -68,7 +73,7 @@ def install(app: FastAPI) -> None:
         )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
+        log.error("unhandled error", exc_info=exc)
         return error_response(GatewayError(), request_id=getattr(request.state, "request_id", ""))
 
     app.add_exception_handler(GatewayError, on_gateway_error)

@@ -63,7 +63,8 @@ async def test_sqlite_migrates_and_routes_to_one_file(tmp_path: Path) -> None:
         async with db.transaction() as session:
             await session.execute(
                 text(
-                    "INSERT INTO accounts (user_id, balance_micros, reserved_micros, updated_at) VALUES ('u', 5, 0, 0)"
+                    "INSERT INTO accounts (user_id, balance_micros, reserved_micros, updated_at)"
+                    " VALUES ('u', 5, 0, 0)"
                 )
             )
         async with db.reader() as session:

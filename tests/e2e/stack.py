@@ -69,7 +69,13 @@ def deploy(backing: BackingServices, db: DbUrls, log_dir: Path) -> Iterator[Depl
             ok(
                 admin.post(
                     "/admin/v1/channels",
-                    json={"name": "fake", "base_url": upstream.base_url, "models": [MODEL], "weight": 1, "enabled": True},
+                    json={
+                        "name": "fake",
+                        "base_url": upstream.base_url,
+                        "models": [MODEL],
+                        "weight": 1,
+                        "enabled": True,
+                    },
                 )
             )
             ok(admin.put(f"/admin/v1/prices/{MODEL}", json=PRICE))
@@ -88,8 +94,14 @@ def ok(response: httpx.Response) -> dict[str, Any]:
 def fund_user(deployment: Deployment, amount_micros: int, **key_fields: object) -> tuple[str, str]:
     """A new user with ``amount_micros`` of credit and one key; returns (user_id, plaintext key)."""
     with deployment.admin() as admin:
-        user_id = str(ok(admin.post("/admin/v1/users", json={"name": f"user-{uuid.uuid4().hex[:6]}"}))["user_id"])
-        ok(admin.post(f"/admin/v1/users/{user_id}/topups", json={"amount_micros": amount_micros, "reason": "test"}))
+        user_id = str(
+            ok(admin.post("/admin/v1/users", json={"name": f"user-{uuid.uuid4().hex[:6]}"}))["user_id"]
+        )
+        ok(
+            admin.post(
+                f"/admin/v1/users/{user_id}/topups", json={"amount_micros": amount_micros, "reason": "test"}
+            )
+        )
         key = ok(admin.post("/admin/v1/keys", json={"user_id": user_id, "name": "e2e", **key_fields}))
         return user_id, str(key["api_key"])
 

@@ -1,0 +1,274 @@
+"""The price book and the cost arithmetic, in integer micro-units.
+
+Prices are per million tokens (input, cached input, output) plus flat per-request and per-image
+amounts. A cost is computed exactly once, with integer arithmetic, and rounded *up* to the next
+micro-unit: a fraction of a micro-unit is never given away, and no float ever touches money::
+
+    cost = ceil(((prompt - cached) * input + cached * cached_input + completion * output) / 1_000_000)
+           + per_request + images * per_image
+
+A price change inserts a new row and never rewrites an old one. The *current* price of a model is its
+newest row; every hold and every charge records the id of the row it used, so a settle charges at the
+price the request was reserved at, even when the price changed in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+
+from services.common.clock import Clock
+from services.common.db import Database
+from services.common.errors import InvalidRequest, ModelNotFound
+from services.quota import models
+
+__all__ = [
+    "DEFAULT_MAX_OUTPUT_TOKENS",
+    "MAX_IMAGES",
+    "MAX_PRICE_MICROS",
+    "MAX_TOKENS",
+    "Price",
+    "PriceBook",
+    "Usage",
+    "cost",
+    "validate_price",
+    "worst_case",
+]
+
+MICROS_PER_MTOK = 1_000_000
+# Output tokens reserved when a price row gives no cap of its own.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+# Bounds that keep every cost far below 2**63 micro-units (the column type), so no input can overflow.
+MAX_TOKENS = 10_000_000_000
+MAX_IMAGES = 1_000_000
+MAX_PRICE_MICROS = 1_000_000_000_000
+_MODEL_NAME_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One immutable version of a model's price; ``price_id`` is 0 until stored."""
+
+    model: str
+    input_per_mtok: int = 0
+    output_per_mtok: int = 0
+    # 0 means "no separate cached price": cached prompt tokens are billed at the input price.
+    cached_input_per_mtok: int = 0
+    per_request: int = 0
+    per_image: int = 0
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    price_id: int = 0
+    created_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request. All zero is a valid usage (the request is billed ``per_request``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # The part of ``prompt_tokens`` served from the provider's prompt cache.
+    cached_prompt_tokens: int = 0
+    images: int = 0
+    # The provider reported nothing; the gateway billed its own estimate (never above the hold).
+    estimated: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidRequest` for counts no provider can report."""
+        _check_count("prompt_tokens", self.prompt_tokens, MAX_TOKENS)
+        _check_count("completion_tokens", self.completion_tokens, MAX_TOKENS)
+        _check_count("cached_prompt_tokens", self.cached_prompt_tokens, MAX_TOKENS)
+        _check_count("images", self.images, MAX_IMAGES)
+        if self.cached_prompt_tokens > self.prompt_tokens:
+            raise InvalidRequest(
+                f"cached_prompt_tokens ({self.cached_prompt_tokens}) cannot exceed "
+                f"prompt_tokens ({self.prompt_tokens})",
+                param="usage.cached_prompt_tokens",
+            )
+
+    def as_json(self) -> dict[str, int | bool]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "images": self.images,
+            "estimated": self.estimated,
+        }
+
+
+def _check_count(name: str, value: int, limit: int) -> None:
+    if value < 0:
+        raise InvalidRequest(f"{name} must not be negative (got {value})", param=name)
+    if value > limit:
+        raise InvalidRequest(f"{name} must be at most {limit} (got {value})", param=name)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def cost(price: Price, usage: Usage) -> int:
+    """What ``usage`` costs at ``price``, in micro-units, rounded up. Call ``usage.validate()`` first."""
+    cached = usage.cached_prompt_tokens
+    cached_rate = price.cached_input_per_mtok or price.input_per_mtok
+    tokens = (
+        (usage.prompt_tokens - cached) * price.input_per_mtok
+        + cached * cached_rate
+        + usage.completion_tokens * price.output_per_mtok
+    )
+    return _ceil_div(tokens, MICROS_PER_MTOK) + price.per_request + usage.images * price.per_image
+
+
+def worst_case(price: Price, *, prompt_tokens: int, max_output_tokens: int, images: int) -> int:
+    """The hold for a request: its prompt estimate plus its output cap (the model's default cap when 0).
+
+    The prompt is priced entirely at the input rate, since the cached share is unknown before the call.
+    """
+    output = max_output_tokens or price.default_max_output_tokens
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=output, images=images)
+    usage.validate()
+    return cost(price, usage)
+
+
+def validate_price(price: Price) -> Price:
+    """Check a price before it is stored; returns it with the default output cap filled in."""
+    model = price.model.strip()
+    if not model:
+        raise InvalidRequest("a price needs a model name", param="model")
+    if len(model) > _MODEL_NAME_MAX:
+        raise InvalidRequest(f"model name longer than {_MODEL_NAME_MAX} characters", param="model")
+    for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "per_request", "per_image"):
+        value: int = getattr(price, name)
+        if not 0 <= value <= MAX_PRICE_MICROS:
+            raise InvalidRequest(f"{name} must be between 0 and {MAX_PRICE_MICROS} (got {value})", param=name)
+    cap = price.default_max_output_tokens
+    if not 0 <= cap <= MAX_TOKENS:
+        raise InvalidRequest(
+            f"default_max_output_tokens must be between 0 and {MAX_TOKENS} (got {cap})",
+            param="default_max_output_tokens",
+        )
+    return Price(
+        model=model,
+        input_per_mtok=price.input_per_mtok,
+        output_per_mtok=price.output_per_mtok,
+        cached_input_per_mtok=price.cached_input_per_mtok,
+        per_request=price.per_request,
+        per_image=price.per_image,
+        # 0 is what an omitted protobuf field reads as; a zero cap would reserve nothing for the output.
+        default_max_output_tokens=cap or DEFAULT_MAX_OUTPUT_TOKENS,
+    )
+
+
+def _from_row(row: models.Price) -> Price:
+    return Price(
+        model=row.model,
+        input_per_mtok=row.input_per_mtok,
+        output_per_mtok=row.output_per_mtok,
+        cached_input_per_mtok=row.cached_input_per_mtok,
+        per_request=row.per_request,
+        per_image=row.per_image,
+        default_max_output_tokens=row.default_max_output_tokens,
+        price_id=row.id,
+        created_at=row.created_at,
+    )
+
+
+class PriceBook:
+    """Current prices per model, cached in process for ``cache_ttl_s``; any version by id, cached forever.
+
+    A price set through this book is visible to it at once; prices set by another quota process take
+    effect here within ``cache_ttl_s``. Loads read the primary: they are one small query per TTL, and
+    a lagging replica must neither hide a new model nor miss a price id that a hold already refers to.
+    """
+
+    def __init__(self, db: Database, *, clock: Clock, cache_ttl_s: float) -> None:
+        self._db = db
+        self._clock = clock
+        self._ttl = cache_ttl_s
+        self._current: dict[str, Price] = {}
+        self._loaded_at: float | None = None
+        # Bumped by every local price change, so a reload that started before it cannot mark the
+        # older snapshot fresh.
+        self._generation = 0
+        self._by_id: dict[int, Price] = {}
+        self._lock = asyncio.Lock()
+
+    async def current(self, model: str) -> Price:
+        """The newest price of ``model``; :class:`ModelNotFound` when it has none."""
+        book = await self._book()
+        price = book.get(model)
+        if price is None:
+            raise ModelNotFound(f"no price is configured for model {model!r}", param="model")
+        return price
+
+    async def list_current(self) -> list[Price]:
+        """The current price of every priced model, sorted by model name."""
+        book = await self._book()
+        return [book[name] for name in sorted(book)]
+
+    async def by_id(self, price_id: int) -> Price:
+        """A price version by id (rows are immutable, so a hit is never stale)."""
+        price = self._by_id.get(price_id)
+        if price is not None:
+            return price
+        async with self._db.reader(consistent=True) as session:
+            row = await session.get(models.Price, price_id)
+        if row is None:
+            raise ModelNotFound(f"price version {price_id} does not exist")
+        price = _from_row(row)
+        self._by_id[price_id] = price
+        return price
+
+    async def set_price(self, price: Price) -> Price:
+        """Store a new version of a model's price and return it with its ``price_id``."""
+        price = validate_price(price)
+        now = int(self._clock.time())
+        async with self._db.transaction() as session:
+            result = await session.execute(
+                insert(models.Price)
+                .values(
+                    model=price.model,
+                    input_per_mtok=price.input_per_mtok,
+                    output_per_mtok=price.output_per_mtok,
+                    cached_input_per_mtok=price.cached_input_per_mtok,
+                    per_request=price.per_request,
+                    per_image=price.per_image,
+                    default_max_output_tokens=price.default_max_output_tokens,
+                    created_at=now,
+                )
+                .returning(models.Price.id)
+            )
+            new_id = int(result.scalar_one())
+        stored = dataclasses.replace(price, price_id=new_id, created_at=now)
+        self._by_id[new_id] = stored
+        # Reload on next use rather than patching the map: another process may have set a newer row.
+        self._generation += 1
+        self._loaded_at = None
+        return stored
+
+    async def _book(self) -> dict[str, Price]:
+        if self._fresh():
+            return self._current
+        async with self._lock:
+            # Another task may have reloaded while this one waited for the lock.
+            if not self._fresh():
+                await self._reload()
+        return self._current
+
+    def _fresh(self) -> bool:
+        return self._loaded_at is not None and self._clock.monotonic() - self._loaded_at < self._ttl
+
+    async def _reload(self) -> None:
+        generation = self._generation
+        started = self._clock.monotonic()
+        newest = select(func.max(models.Price.id)).group_by(models.Price.model)
+        async with self._db.reader(consistent=True) as session:
+            rows = (await session.scalars(select(models.Price).where(models.Price.id.in_(newest)))).all()
+        current = {row.model: _from_row(row) for row in rows}
+        for price in current.values():
+            self._by_id.setdefault(price.price_id, price)
+        self._current = current
+        self._loaded_at = started if generation == self._generation else None

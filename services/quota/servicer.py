@@ -1,0 +1,191 @@
+"""QuotaService over gRPC: translation between protobuf messages and the domain modules, nothing more.
+
+Errors are :class:`~services.common.errors.GatewayError` subclasses raised by the domain; the server
+interceptor in ``services.common.grpc`` turns them into status codes and trailing metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.quota.catalog import Catalog, Channel
+from services.quota.ledger import BalanceView, Hold, Ledger, Outcome
+from services.quota.pricing import Price, PriceBook, Usage
+
+__all__ = ["SERVICE_NAME", "QuotaServicer"]
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def price_to_pb(price: Price) -> pb.Price:
+    return pb.Price(
+        model=price.model,
+        input_per_mtok=price.input_per_mtok,
+        output_per_mtok=price.output_per_mtok,
+        cached_input_per_mtok=price.cached_input_per_mtok,
+        per_request=price.per_request,
+        per_image=price.per_image,
+        default_max_output_tokens=price.default_max_output_tokens,
+        price_id=price.price_id,
+    )
+
+
+def price_from_pb(message: pb.Price) -> Price:
+    return Price(
+        model=message.model,
+        input_per_mtok=message.input_per_mtok,
+        output_per_mtok=message.output_per_mtok,
+        cached_input_per_mtok=message.cached_input_per_mtok,
+        per_request=message.per_request,
+        per_image=message.per_image,
+        default_max_output_tokens=message.default_max_output_tokens,
+    )
+
+
+def channel_to_pb(channel: Channel) -> pb.Channel:
+    return pb.Channel(
+        channel_id=channel.channel_id,
+        name=channel.name,
+        base_url=channel.base_url,
+        api_key=channel.api_key,
+        models=list(channel.models),
+        model_map=dict(channel.model_map),
+        priority=channel.priority,
+        weight=channel.weight,
+        headers=dict(channel.headers),
+        connect_timeout_ms=channel.connect_timeout_ms,
+        first_byte_timeout_ms=channel.first_byte_timeout_ms,
+        total_timeout_ms=channel.total_timeout_ms,
+        max_connections=channel.max_connections,
+        enabled=channel.enabled,
+    )
+
+
+def channel_from_pb(message: pb.Channel) -> Channel:
+    return Channel(
+        channel_id=message.channel_id,
+        name=message.name,
+        base_url=message.base_url,
+        api_key=message.api_key,
+        models=tuple(message.models),
+        model_map=dict(message.model_map),
+        priority=message.priority,
+        weight=message.weight,
+        headers=dict(message.headers),
+        connect_timeout_ms=message.connect_timeout_ms,
+        first_byte_timeout_ms=message.first_byte_timeout_ms,
+        total_timeout_ms=message.total_timeout_ms,
+        max_connections=message.max_connections,
+        enabled=message.enabled,
+    )
+
+
+def _hold_to_pb(hold: Hold) -> pb.ReserveResponse:
+    return pb.ReserveResponse(
+        reservation_id=hold.reservation_id,
+        reserved_micros=hold.reserved_micros,
+        price=price_to_pb(hold.price),
+        available_micros=hold.available_micros,
+        expires_at=hold.expires_at,
+    )
+
+
+def _outcome_to_pb(outcome: Outcome) -> pb.SettleResponse:
+    return pb.SettleResponse(
+        reservation_id=outcome.reservation_id,
+        state=outcome.state,
+        charged_micros=outcome.charged_micros,
+        reserved_micros=outcome.reserved_micros,
+        repeated=outcome.repeated,
+        price_id=outcome.price_id,
+    )
+
+
+def _balance_to_pb(view: BalanceView) -> pb.Balance:
+    return pb.Balance(
+        user_id=view.user_id,
+        balance_micros=view.balance_micros,
+        reserved_micros=view.reserved_micros,
+        available_micros=view.available_micros,
+    )
+
+
+class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
+    """``relaygate.quota.v1.QuotaService``.
+
+    Reserve does not yet read ``key_limits``/``user_limits`` (RPM, TPM, concurrency and windowed
+    budgets); those are enforced by a limits module still to come, in the same Reserve call.
+    """
+
+    def __init__(self, *, ledger: Ledger, prices: PriceBook, catalog: Catalog) -> None:
+        self._ledger = ledger
+        self._prices = prices
+        self._catalog = catalog
+
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        hold = await self._ledger.reserve(
+            reservation_id=request.reservation_id,
+            user_id=request.user_id,
+            key_id=request.key_id,
+            model=request.model,
+            prompt_tokens=request.prompt_tokens,
+            max_output_tokens=request.max_output_tokens,
+            images=request.images,
+        )
+        return _hold_to_pb(hold)
+
+    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
+        # An unset usage reads as all zeros, which is a valid usage (the per-request price only).
+        usage = Usage(
+            prompt_tokens=request.usage.prompt_tokens,
+            completion_tokens=request.usage.completion_tokens,
+            cached_prompt_tokens=request.usage.cached_prompt_tokens,
+            images=request.usage.images,
+            estimated=request.usage.estimated,
+        )
+        return _outcome_to_pb(await self._ledger.settle(request.reservation_id, usage))
+
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.SettleResponse:
+        return _outcome_to_pb(await self._ledger.release(request.reservation_id, request.reason))
+
+    async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.Balance:
+        view = await self._ledger.balance(request.user_id, consistent=request.consistent)
+        return _balance_to_pb(view)
+
+    async def TopUp(self, request: pb.TopUpRequest, context: Context) -> pb.Balance:
+        view = await self._ledger.top_up(
+            user_id=request.user_id,
+            amount_micros=request.amount_micros,
+            reason=request.reason,
+            actor=request.actor,
+            idempotency_key=request.idempotency_key,
+        )
+        return _balance_to_pb(view)
+
+    async def SetPrice(self, request: pb.Price, context: Context) -> pb.Price:
+        return price_to_pb(await self._prices.set_price(price_from_pb(request)))
+
+    async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
+        return pb.ListPricesResponse(prices=[price_to_pb(p) for p in await self._prices.list_current()])
+
+    async def UpsertChannel(self, request: pb.Channel, context: Context) -> pb.Channel:
+        return channel_to_pb(await self._catalog.upsert_channel(channel_from_pb(request)))
+
+    async def DeleteChannel(
+        self, request: pb.DeleteChannelRequest, context: Context
+    ) -> pb.DeleteChannelResponse:
+        return pb.DeleteChannelResponse(deleted=await self._catalog.delete_channel(request.channel_id))
+
+    async def ListChannels(self, request: pb.ListChannelsRequest, context: Context) -> pb.ChannelList:
+        listing = await self._catalog.list_channels(request.known_revision)
+        return pb.ChannelList(
+            revision=listing.revision,
+            unchanged=listing.unchanged,
+            channels=[channel_to_pb(c) for c in listing.channels],
+        )

@@ -1,0 +1,38 @@
+"""Quota settings: where it listens, how long holds live, and how money edge cases are decided."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
+
+
+class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings):
+    quota_listen: str = "127.0.0.1:50052"
+    # A hold nobody settles (the relay died mid-request) is charged at its reserved amount after this
+    # long. Keep it above the longest request a relay allows (its total upstream timeout), or long
+    # streams get charged their worst case before they finish.
+    reservation_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    expiry_sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    # Reservations expired per batch by the sweeper (one transaction each).
+    expiry_batch_size: int = Field(default=100, ge=1, le=10_000)
+    # When a request costs more than its hold: charge the excess (bounded by the balance) instead of
+    # capping the charge at the hold.
+    allow_overage: bool = False
+    # Prices set through another quota process take effect here within this many seconds.
+    price_cache_ttl_s: float = Field(default=2.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _sweep_within_ttl(self) -> QuotaSettings:
+        if self.expiry_sweep_interval_s > self.reservation_ttl_s:
+            raise ValueError(
+                f"RELAYGATE_EXPIRY_SWEEP_INTERVAL_S ({self.expiry_sweep_interval_s}) must not exceed "
+                f"RELAYGATE_RESERVATION_TTL_S ({self.reservation_ttl_s}): abandoned holds would outlive "
+                "their TTL"
+            )
+        if self.environment == "prod" and self.reservation_ttl_s < 60:
+            raise ValueError(
+                "RELAYGATE_RESERVATION_TTL_S below 60 s would expire holds of requests still streaming; "
+                "refused when environment=prod"
+            )
+        return self

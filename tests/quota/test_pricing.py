@@ -1,0 +1,140 @@
+"""Cost arithmetic (integer micro-units, one ceiling) and the versioned price book."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.clock import ManualClock
+from services.common.db import Database
+from services.common.errors import InvalidRequest, ModelNotFound
+from services.quota.pricing import DEFAULT_MAX_OUTPUT_TOKENS, Price, PriceBook, Usage, cost, worst_case
+from tests.quota.factories import priced_model
+
+GPT = Price(model="m", input_per_mtok=2_500_000, output_per_mtok=10_000_000)
+
+
+@pytest.mark.parametrize(
+    ("price", "usage", "expected"),
+    [
+        pytest.param(GPT, Usage(), 0, id="zero usage, no per-request price: free"),
+        pytest.param(Price("m", per_request=50), Usage(), 50, id="zero usage still pays per_request"),
+        pytest.param(
+            GPT, Usage(prompt_tokens=1000, completion_tokens=500), 7_500, id="exact: 2.5/Mtok in, 10/Mtok out"
+        ),
+        pytest.param(Price("m", input_per_mtok=1), Usage(prompt_tokens=1), 1, id="a fraction rounds up to 1"),
+        pytest.param(
+            Price("m", input_per_mtok=333_333), Usage(prompt_tokens=3), 1, id="999,999 / 1M rounds up to 1"
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=333_334), Usage(prompt_tokens=3), 2, id="1,000,002 / 1M rounds up to 2"
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=1, output_per_mtok=1),
+            Usage(prompt_tokens=1, completion_tokens=1),
+            1,
+            id="one ceiling over the sum, not one per component",
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=2_000_000, cached_input_per_mtok=500_000),
+            Usage(prompt_tokens=1000, cached_prompt_tokens=400),
+            1_400,
+            id="cached tokens at the cached price",
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=2_000_000),
+            Usage(prompt_tokens=1000, cached_prompt_tokens=400),
+            2_000,
+            id="no cached price: cached tokens at the input price",
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=3, cached_input_per_mtok=1),
+            Usage(prompt_tokens=1_000_001, cached_prompt_tokens=1),
+            4,
+            id="cached tokens share the one ceiling: 3,000,001 / 1M -> 4",
+        ),
+        pytest.param(
+            Price("m", per_request=10, per_image=40_000),
+            Usage(images=3),
+            120_010,
+            id="per image + per request",
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=10**12, output_per_mtok=10**12),
+            Usage(prompt_tokens=10**10, completion_tokens=10**10),
+            2 * 10**16,
+            id="largest accepted inputs stay exact",
+        ),
+    ],
+)
+def test_cost(price: Price, usage: Usage, expected: int) -> None:
+    usage.validate()
+    assert cost(price, usage) == expected
+    assert isinstance(cost(price, usage), int)
+
+
+def test_worst_case_uses_default_output_cap_when_max_output_is_zero() -> None:
+    price = Price("m", input_per_mtok=1_000_000, output_per_mtok=2_000_000, default_max_output_tokens=100)
+    assert worst_case(price, prompt_tokens=10, max_output_tokens=0, images=0) == 10 + 200
+    assert worst_case(price, prompt_tokens=10, max_output_tokens=7, images=0) == 10 + 14
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param(Usage(prompt_tokens=-1), id="negative prompt"),
+        pytest.param(Usage(completion_tokens=-5), id="negative completion"),
+        pytest.param(Usage(prompt_tokens=5, cached_prompt_tokens=6), id="more cached than prompt"),
+        pytest.param(Usage(images=10**7), id="absurd image count"),
+    ],
+)
+def test_impossible_usage_is_refused(usage: Usage) -> None:
+    with pytest.raises(InvalidRequest):
+        usage.validate()
+
+
+async def test_set_price_versions_rows_and_keeps_old_ones(prices: PriceBook) -> None:
+    first = await priced_model(prices, per_request=7, default_max_output_tokens=0)
+    assert first.price_id > 0
+    assert first.default_max_output_tokens == DEFAULT_MAX_OUTPUT_TOKENS
+
+    second = await prices.set_price(Price(first.model, input_per_mtok=5, output_per_mtok=6))
+
+    assert second.price_id > first.price_id
+    assert await prices.current(first.model) == second
+    # The old version is still there for charges that reserved at it.
+    assert await prices.by_id(first.price_id) == first
+    listed = {p.model: p for p in await prices.list_current()}
+    assert listed[first.model] == second
+
+
+async def test_unpriced_model_is_model_not_found(prices: PriceBook) -> None:
+    with pytest.raises(ModelNotFound, match="no price is configured for model 'nope-model'"):
+        await prices.current("nope-model")
+
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        pytest.param(Price(""), id="no model"),
+        pytest.param(Price("m", input_per_mtok=-1), id="negative price"),
+        pytest.param(Price("m", default_max_output_tokens=-1), id="negative output cap"),
+    ],
+)
+async def test_invalid_price_is_refused(prices: PriceBook, price: Price) -> None:
+    with pytest.raises(InvalidRequest):
+        await prices.set_price(price)
+
+
+async def test_other_processes_see_a_new_price_after_the_cache_ttl(database: Database) -> None:
+    clock = ManualClock()
+    writer = PriceBook(database, clock=clock, cache_ttl_s=2.0)
+    other = PriceBook(database, clock=clock, cache_ttl_s=2.0)
+    old = await priced_model(writer)
+    assert await other.current(old.model) == old
+
+    new = await writer.set_price(Price(old.model, input_per_mtok=9))
+
+    assert await writer.current(old.model) == new
+    assert await other.current(old.model) == old, "inside the TTL the other book answers from its cache"
+    clock.advance(2.01)
+    assert await other.current(old.model) == new
