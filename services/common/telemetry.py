@@ -141,6 +141,8 @@ def setup_logging(service: str, *, level: str = "INFO", fmt: str = "json") -> No
     root.setLevel(level)
     # The Kafka client logs every reconnect attempt as a warning; our own code reports outages once.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # httpx logs every request at INFO: one line per upstream call is the access log's job, not ours.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def start_metrics_server(listen: str) -> None:
