@@ -183,7 +183,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         return pb.DeleteChannelResponse(deleted=await self._catalog.delete_channel(request.channel_id))
 
     async def ListChannels(self, request: pb.ListChannelsRequest, context: Context) -> pb.ChannelList:
-        listing = await self._catalog.list_channels(request.known_revision)
+        listing = await self._catalog.list_channels(request.known_revision, consistent=request.consistent)
         return pb.ChannelList(
             revision=listing.revision,
             unchanged=listing.unchanged,

@@ -137,7 +137,7 @@ async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
     await require_admin(request, gateway)
     message = await parse(request, gateway, quota_pb2.Channel())
     stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
-    await gateway.channels.refresh()
+    await gateway.channels.refresh(consistent=True)
     return render(stored, 201)
 
 
@@ -157,7 +157,7 @@ async def delete_channel(channel_id: str, request: Request, gateway: GatewayDep)
     await require_admin(request, gateway)
     message = quota_pb2.DeleteChannelRequest(channel_id=channel_id)
     deleted = await call(gateway.quota.DeleteChannel, message, timeout=timeout(gateway))
-    await gateway.channels.refresh()
+    await gateway.channels.refresh(consistent=True)
     return render(deleted)
 
 

@@ -117,10 +117,11 @@ class ChannelDirectory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, consistent: bool = False) -> None:
+        """Load the catalog if it changed; ``consistent`` reads it from the primary (after an edit)."""
         listing = await call(
             self._stub.ListChannels,
-            ListChannelsRequest(known_revision=self.table.revision),
+            ListChannelsRequest(known_revision=self.table.revision, consistent=consistent),
             timeout=self._timeout,
         )
         if listing.unchanged:

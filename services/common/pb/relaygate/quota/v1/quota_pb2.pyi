@@ -495,15 +495,19 @@ class ListChannelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KNOWN_REVISION_FIELD_NUMBER: _builtins.int
+    CONSISTENT_FIELD_NUMBER: _builtins.int
     known_revision: _builtins.int
+    consistent: _builtins.bool
+    """Read from the primary: the caller just changed the catalog and must see its change."""
     def __init__(
         self,
         *,
         known_revision: _builtins.int = ...,
+        consistent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["known_revision", b"known_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistent", b"consistent", "known_revision", b"known_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
