@@ -1,6 +1,8 @@
 """The one schema history of relaygate (Alembic), covering every service's tables.
 
-``python -m services.migrations`` (or ``relaygate migrate``) upgrades the database named by
+Each service owns a branch of the history (``branch_labels``: auth, quota, logger) rooted at the
+shared initial revision, so services evolve their tables independently; upgrading goes to every
+head. ``python -m services.migrations`` (or ``relaygate migrate``) upgrades the database named by
 ``RELAYGATE_DATABASE_URL`` to the newest revision. Deployments run it once per release (a Kubernetes
 Job) before the services roll out; services never migrate on start.
 """
@@ -26,7 +28,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-async def upgrade(database_url: str, revision: str = "head") -> None:
+async def upgrade(database_url: str, revision: str = "heads") -> None:
     engine = create_async_engine(normalize_database_url(database_url))
     try:
         async with engine.begin() as conn:

@@ -775,6 +775,8 @@ class Endpoint:
     labels: tuple[tuple[str, str], ...] = ()
     containers: tuple[Doc, ...] = ()
     ip: str = ""  # set for addresses outside the cluster
+    # False for a pod whose own egress is left out, so that ingress policies are checked on their own.
+    egress_checked: bool = True
 
     @property
     def in_cluster(self) -> bool:
@@ -799,6 +801,9 @@ def endpoints(rendered: Rendered) -> dict[str, Endpoint]:
             ({"name": "dns", "ports": [{"containerPort": 53, "protocol": p} for p in ("UDP", "TCP")]},),
         ),
         "prometheus": Endpoint("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),)),
+        "intruder": Endpoint(
+            "intruder", rendered.namespace, (("app.kubernetes.io/name", "intruder"),), egress_checked=False
+        ),
     }
     for pod in pods(rendered):
         labels = tuple(sorted(pod.labels.items()))
@@ -858,8 +863,10 @@ def allowed(rendered: Rendered, src: Endpoint, dst: Endpoint, port: int, protoco
 
     namespace = rendered.namespace
     egress = [rule for p in selecting(src, "Egress") for rule in p["spec"].get("egress", [])]
-    if selecting(src, "Egress") and not any(
-        rule_allows(r, dst, dst, port, protocol, namespace) for r in egress
+    if (
+        src.egress_checked
+        and selecting(src, "Egress")
+        and not any(rule_allows(r, dst, dst, port, protocol, namespace) for r in egress)
     ):
         return False
     ingress = [rule for p in selecting(dst, "Ingress") for rule in p["spec"].get("ingress", [])]
@@ -876,15 +883,17 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
     servers = (auth, quota, logger)
     expected: dict[tuple[str, str, int | str], bool] = {
         ("internet", relay, "http"): True,
+        ("intruder", relay, "http"): True,
         ("prometheus", relay, "http"): True,
         (relay, "internet", 443): True,
     }
     for server in servers:
         expected |= {(relay, server, "grpc"): True, ("prometheus", server, "metrics"): True}
         expected |= {
-            (other, server, "grpc"): False for other in (*servers, migrate, "internet", "prometheus")
+            (other, server, "grpc"): False
+            for other in (*servers, migrate, "internet", "intruder", "prometheus")
         }
-        expected |= {("internet", server, "metrics"): False}
+        expected |= {("internet", server, "metrics"): False, ("intruder", server, "metrics"): False}
     expected |= {(s, "internet", 443): False for s in (*servers, migrate)}
     if target == "dev":
         primary, replica = "postgres-primary", "postgres-replica"
@@ -893,13 +902,17 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
             replica: (auth, quota, logger),
         }.items():
             expected |= {(c, database, "postgres"): True for c in clients}
-            expected |= {(c, database, "postgres"): False for c in (relay, "redis", "kafka", "internet")}
+            expected |= {
+                (c, database, "postgres"): False for c in (relay, "redis", "kafka", "internet", "intruder")
+            }
         expected |= {(replica, primary, "postgres"): True, (primary, replica, "postgres"): False}
         expected |= {
-            (c, "redis", "redis"): c in (relay, auth, quota) for c in (*servers, relay, migrate, "internet")
+            (c, "redis", "redis"): c in (relay, auth, quota)
+            for c in (*servers, relay, migrate, "internet", "intruder")
         }
         expected |= {
-            (c, "kafka", "kafka"): c in (relay, logger) for c in (*servers, relay, migrate, "internet")
+            (c, "kafka", "kafka"): c in (relay, logger)
+            for c in (*servers, relay, migrate, "internet", "intruder")
         }
         expected |= {(p, "kube-dns", 53): True for p in (relay, auth, primary, replica, "redis", "kafka")}
     else:
