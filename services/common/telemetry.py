@@ -96,6 +96,10 @@ class Metrics:
         self.logger_dead_letters = Counter(
             "relaygate_logger_dead_letters", "Dead-lettered events", ["reason"]
         )
+        # -- relay: further series go below this line --
+        # -- quota: further series go below this line --
+        # -- logger: further series go below this line --
+        # -- auth: further series go below this line --
 
 
 METRICS = Metrics()
