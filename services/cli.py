@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from services import admin_client
 from services.auth.keys import generate
 from services.common.config import DatabaseSettings
 from services.migrations import upgrade
@@ -69,10 +70,20 @@ def _start_fake_upstream(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
+def admin_token(relay_url: str, admin_key: str) -> str:
+    """Exchange an admin key for a short-lived admin token."""
+    response = httpx.post(
+        f"{relay_url}/admin/v1/tokens", headers={"authorization": f"Bearer {admin_key}"}, timeout=10
+    )
+    if response.status_code != 201:
+        raise RuntimeError(f"could not obtain an admin token: {response.text}")
+    return str(response.json()["token"])
+
+
 def _setup_demo(relay_url: str, admin_key: str, upstream_url: str) -> str:
     """Register the fake upstream, price its model, and create a funded demo key; returns the key."""
-    headers = {"authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=relay_url, headers=headers, timeout=10) as client:
+    token = admin_token(relay_url, admin_key)
+    with httpx.Client(base_url=relay_url, headers={"authorization": f"Bearer {token}"}, timeout=10) as client:
 
         def ok(response: httpx.Response) -> dict[str, object]:
             if response.is_error:
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(func=cmd_up)
     migrate = commands.add_parser("migrate", help="upgrade RELAYGATE_DATABASE_URL to the newest schema")
     migrate.set_defaults(func=cmd_migrate)
+    admin_client.add_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

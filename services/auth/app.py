@@ -12,6 +12,7 @@ from services.auth.cache import MemoryPrincipalCache, PrincipalCache, RedisPrinc
 from services.auth.servicer import AuthServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
+from services.auth.tokens import TokenAuthority
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
@@ -55,7 +56,14 @@ async def run(
         flusher = asyncio.create_task(store.flush_periodically(settings.last_used_flush_s), name="last-used")
         stack.push_async_callback(_stop_flusher, flusher, store)
 
-        servicer = AuthServicer(store=store, cache=cache, pepper=settings.key_pepper, clock=clock)
+        tokens = TokenAuthority(
+            settings.admin_token_secret,
+            default_ttl_s=settings.admin_token_ttl_s,
+            max_ttl_s=settings.admin_token_max_ttl_s,
+        )
+        servicer = AuthServicer(
+            store=store, cache=cache, pepper=settings.key_pepper, tokens=tokens, clock=clock
+        )
         log.info("auth starting", extra={"listen": settings.auth_listen, "cache": cache.name})
         await serve(
             [Registration(SERVICE_NAME, servicer, auth_pb2_grpc.add_AuthServiceServicer_to_server)],

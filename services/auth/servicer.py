@@ -14,9 +14,10 @@ import grpc
 from services.auth import keys
 from services.auth.cache import PrincipalCache
 from services.auth.store import AuthStore, Credential, KeyRecord, UserRecord
+from services.auth.tokens import TokenAuthority
 from services.common import scopes
 from services.common.clock import Clock
-from services.common.errors import InvalidRequest
+from services.common.errors import AuthenticationError, InvalidRequest, PermissionDenied
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceServicer
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits
@@ -26,6 +27,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 DenyReason = pb.DenyReason
 
 LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
+UPDATABLE_KEY_FIELDS = frozenset(
+    {"name", "allowed_models", "allowed_cidrs", "expires_at", "enabled", "limits", "metadata"}
+)
 
 _DENIALS: dict[int, str] = {
     DenyReason.DENY_REASON_MALFORMED: "The API key is malformed: expected rg-<id>-<secret>.",
@@ -95,10 +99,13 @@ def principal_message(credential: Credential) -> pb.Principal:
 
 
 class AuthServicer(AuthServiceServicer):
-    def __init__(self, *, store: AuthStore, cache: PrincipalCache, pepper: str, clock: Clock) -> None:
+    def __init__(
+        self, *, store: AuthStore, cache: PrincipalCache, pepper: str, tokens: TokenAuthority, clock: Clock
+    ) -> None:
         self._store = store
         self._cache = cache
         self._pepper = pepper
+        self._tokens = tokens
         self._clock = clock
 
     def _now(self) -> int:
@@ -186,6 +193,62 @@ class AuthServicer(AuthServiceServicer):
         key = await self._store.revoke_key(request.key_id, now=self._now())
         await self._cache.invalidate(key.id)
         return key_message(key)
+
+    async def UpdateKey(self, request: pb.UpdateKeyRequest, context: Context) -> pb.ApiKey:
+        fields = frozenset(request.update_mask.paths)
+        unknown = sorted(fields - UPDATABLE_KEY_FIELDS)
+        if not fields or unknown:
+            raise InvalidRequest(
+                f"update_mask must name some of {sorted(UPDATABLE_KEY_FIELDS)} (got {unknown or 'nothing'}).",
+                param="update_mask",
+            )
+        new = request.key
+        scope = keys.KeyScope(
+            name=new.name,
+            allowed_models=tuple(new.allowed_models),
+            allowed_cidrs=tuple(new.allowed_cidrs),
+            expires_at=new.expires_at,
+            limits=limits_to_dict(new.limits),
+            metadata=dict(new.metadata),
+        )
+        key = await self._store.update_key(
+            request.key_id, scope=scope, fields=fields, enabled=new.enabled, now=self._now()
+        )
+        await self._cache.invalidate(key.id)
+        return key_message(key)
+
+    async def RotateKey(self, request: pb.RotateKeyRequest, context: Context) -> pb.CreateKeyResponse:
+        plaintext, public_id, secret = keys.generate()
+        key = await self._store.rotate_key(
+            request.key_id, public_id=public_id, secret_hash=keys.hash_secret(self._pepper, secret)
+        )
+        await self._cache.invalidate(key.id)
+        return pb.CreateKeyResponse(key=key_message(key), api_key=plaintext)
+
+    async def IssueAdminToken(self, request: pb.IssueAdminTokenRequest, context: Context) -> pb.AdminToken:
+        principal, reason, _ = await self._resolve(request.api_key)
+        if principal is None:
+            raise AuthenticationError(_DENIALS.get(reason, "Incorrect API key provided."))
+        reason, message = scopes.check(principal, model="", client_ip="", now=self._clock.time())
+        if reason:
+            raise AuthenticationError(message)
+        if not principal.admin:
+            raise PermissionDenied("Only keys of admin users can obtain admin tokens.")
+        token, claims = self._tokens.issue(
+            principal.user_id, scopes=list(request.scopes), ttl_s=request.ttl_seconds, now=self._now()
+        )
+        return pb.AdminToken(
+            token=token, expires_at=claims.expires_at, scopes=claims.scopes, user_id=claims.user_id
+        )
+
+    async def VerifyAdminToken(
+        self, request: pb.VerifyAdminTokenRequest, context: Context
+    ) -> pb.AdminTokenClaims:
+        claims = self._tokens.verify(request.token, required_scope=request.required_scope, now=self._now())
+        user = await self._store.get_user(claims.user_id)
+        if user is None or not user.admin:
+            raise PermissionDenied("The admin token's user is no longer an administrator.")
+        return pb.AdminTokenClaims(user_id=claims.user_id, scopes=claims.scopes, expires_at=claims.expires_at)
 
 
 def _outcome(reason: DenyReason.ValueType) -> str:

@@ -29,6 +29,10 @@ class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcSer
     bootstrap_admin_key: str = Field(default="", repr=False)
     # How long a verified principal is served from the cache (revocations invalidate it at once).
     cache_ttl_s: float = Field(default=60.0, gt=0, le=86_400)
+    # HMAC key signing admin tokens (JWT, HS256).
+    admin_token_secret: str = Field(default=DEV_SECRET, repr=False)
+    admin_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
+    admin_token_max_ttl_s: int = Field(default=3_600, ge=30, le=7 * 86_400)
     # How often batched last-used times are written.
     last_used_flush_s: float = Field(default=30.0, gt=0, le=3_600)
 
@@ -36,7 +40,11 @@ class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcSer
     def _refuse_unsafe(self) -> AuthSettings:
         if not self.key_pepper:
             raise ValueError("RELAYGATE_KEY_PEPPER must not be empty")
-        refuse_dev_secret(self.environment, key_pepper=self.key_pepper)
+        refuse_dev_secret(
+            self.environment, key_pepper=self.key_pepper, admin_token_secret=self.admin_token_secret
+        )
+        if self.admin_token_ttl_s > self.admin_token_max_ttl_s:
+            raise ValueError("RELAYGATE_ADMIN_TOKEN_TTL_S must not exceed RELAYGATE_ADMIN_TOKEN_MAX_TTL_S")
         if self.bootstrap_admin_key and parse(self.bootstrap_admin_key) is None:
             # The value itself is never part of the message.
             raise ValueError(

@@ -252,6 +252,65 @@ class AuthStore:
         await self._wait_for_replicas()
         return record
 
+    async def update_key(
+        self, key_id: str, *, scope: KeyScope, fields: frozenset[str], enabled: bool, now: int
+    ) -> KeyRecord:
+        """Replace the named ``fields`` of a key (from ``scope`` / ``enabled``); NotFound if unknown.
+
+        The merged scope is validated as a whole; like a revocation, returns once replicas replayed it.
+        """
+        with _unavailable_on_connection_errors():
+            async with self._db.transaction() as session:
+                row = await session.get(ApiKey, key_id, with_for_update=True)
+                if row is None:
+                    raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+                merged = KeyScope(
+                    name=scope.name if "name" in fields else row.name,
+                    allowed_models=scope.allowed_models
+                    if "allowed_models" in fields
+                    else tuple(row.allowed_models),
+                    allowed_cidrs=scope.allowed_cidrs
+                    if "allowed_cidrs" in fields
+                    else tuple(row.allowed_cidrs),
+                    expires_at=scope.expires_at if "expires_at" in fields else row.expires_at,
+                    limits=dict(scope.limits) if "limits" in fields else _int_map(row.limits),
+                    metadata=dict(scope.metadata) if "metadata" in fields else dict(row.key_metadata or {}),
+                )
+                # An unchanged expiry is not checked against the clock: renaming an expired key is fine.
+                merged.validate(now=now if "expires_at" in fields else 0)
+                row.name = merged.name
+                row.allowed_models = list(merged.allowed_models)
+                row.allowed_cidrs = list(merged.allowed_cidrs)
+                row.expires_at = merged.expires_at
+                row.limits = dict(merged.limits)
+                row.key_metadata = dict(merged.metadata)
+                if "enabled" in fields:
+                    row.enabled = enabled
+                record = _key_record(row)
+        await self._wait_for_replicas()
+        return record
+
+    async def rotate_key(self, key_id: str, *, public_id: str, secret_hash: bytes) -> KeyRecord:
+        """Give a key a new public id and secret (the old plaintext stops matching); NotFound if unknown."""
+        with _unavailable_on_connection_errors():
+            async with self._db.transaction() as session:
+                row = await session.get(ApiKey, key_id, with_for_update=True)
+                if row is None:
+                    raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+                if row.revoked_at:
+                    raise InvalidRequest("A revoked key cannot be rotated.", param="key_id")
+                row.public_id = public_id
+                row.secret_hash = secret_hash
+                record = _key_record(row)
+        await self._wait_for_replicas()
+        return record
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        with _unavailable_on_connection_errors():
+            async with self._db.reader(consistent=True) as session:
+                row = await session.get(User, user_id)
+        return _user_record(row) if row is not None else None
+
     async def _wait_for_replicas(self) -> None:
         if not self._db.replicas:
             return

@@ -1,8 +1,9 @@
 """The admin API (``/admin/v1/...``): thin HTTP over the auth, quota and logger RPCs.
 
-Callers authenticate with an API key whose user is an admin. Request and response bodies are the
-protobuf messages in their JSON form (field names as in ``protos/``), so the HTTP and gRPC contracts
-cannot drift apart.
+Callers authenticate with an admin token: a short-lived JWT from ``POST /admin/v1/tokens``, which takes
+an admin user's API key. Read routes need the ``admin:read`` scope, the others ``admin:write``. Request
+and response bodies are the protobuf messages in their JSON form (field names as in ``protos/``), so the
+HTTP and gRPC contracts cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,30 +16,44 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
 
-from services.common.errors import InvalidRequest, PermissionDenied
+from services.common.errors import AuthenticationError, InvalidRequest
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
 from services.relay.deps import Gateway, GatewayDep
-from services.relay.principals import extract_api_key
 from services.relay.requests import read_json
-from services.relay.routes import client_ip
 
 router = APIRouter(prefix="/admin/v1")
 
 M = TypeVar("M", bound=Message)
 
 
-async def require_admin(request: Request, gateway: Gateway) -> str:
-    """The admin's user id; 401 without a valid key, 403 for a key of a non-admin user."""
-    api_key = extract_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    principal = await gateway.authenticator.authenticate(
-        api_key, model="", client_ip=client_ip(request, gateway.settings.trust_forwarded_for)
+READ = "admin:read"
+WRITE = "admin:write"
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("The admin API needs 'Authorization: Bearer <admin token>'.")
+    return token.strip()
+
+
+async def require_admin(request: Request, gateway: Gateway, scope: str) -> str:
+    """The admin's user id; 401 without a valid admin token, 403 when it lacks ``scope``."""
+    token = _bearer(request)
+    if token.startswith("rg-"):
+        raise AuthenticationError(
+            "The admin API takes an admin token, not an API key: "
+            "exchange an admin key for one at POST /admin/v1/tokens."
+        )
+    claims = await call(
+        gateway.auth.VerifyAdminToken,
+        auth_pb2.VerifyAdminTokenRequest(token=token, required_scope=scope),
+        timeout=timeout(gateway),
     )
-    if not principal.admin:
-        raise PermissionDenied("This API key is not allowed to use the admin API.")
-    return principal.user_id
+    return str(claims.user_id)
 
 
 async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
@@ -63,23 +78,33 @@ def timeout(gateway: Gateway) -> float:
     return gateway.settings.rpc_timeout_s
 
 
+@router.post("/tokens")
+async def issue_token(request: Request, gateway: GatewayDep) -> Response:
+    """Exchange an admin user's API key (the bearer credential here) for an admin token."""
+    api_key = _bearer(request)
+    message = auth_pb2.IssueAdminTokenRequest(api_key=api_key)
+    if request.headers.get("content-length", "0") != "0":
+        message = await parse(request, gateway, message, api_key=api_key)
+    return render(await call(gateway.auth.IssueAdminToken, message, timeout=timeout(gateway)), 201)
+
+
 @router.post("/users")
 async def create_user(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     message = await parse(request, gateway, auth_pb2.CreateUserRequest())
     return render(await call(gateway.auth.CreateUser, message, timeout=timeout(gateway)), 201)
 
 
 @router.get("/users")
 async def list_users(request: Request, gateway: GatewayDep, limit: int = 100, after: str = "") -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     message = auth_pb2.ListUsersRequest(limit=limit, after_user_id=after)
     return render(await call(gateway.auth.ListUsers, message, timeout=timeout(gateway)))
 
 
 @router.post("/keys")
 async def create_key(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     message = await parse(request, gateway, auth_pb2.CreateKeyRequest())
     return render(await call(gateway.auth.CreateKey, message, timeout=timeout(gateway)), 201)
 
@@ -88,14 +113,14 @@ async def create_key(request: Request, gateway: GatewayDep) -> Response:
 async def list_keys(
     request: Request, gateway: GatewayDep, user_id: str = "", limit: int = 100, after: str = ""
 ) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     message = auth_pb2.ListKeysRequest(user_id=user_id, limit=limit, after_key_id=after)
     return render(await call(gateway.auth.ListKeys, message, timeout=timeout(gateway)))
 
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(key_id: str, request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     revoked = await call(
         gateway.auth.RevokeKey, auth_pb2.RevokeKeyRequest(key_id=key_id), timeout=timeout(gateway)
     )
@@ -103,30 +128,57 @@ async def revoke_key(key_id: str, request: Request, gateway: GatewayDep) -> Resp
     return render(revoked)
 
 
+@router.patch("/keys/{key_id}")
+async def update_key(key_id: str, request: Request, gateway: GatewayDep) -> Response:
+    """Change the fields present in the body (name, allowed_models, allowed_cidrs, expires_at, enabled,
+    limits, metadata); absent fields stay as they are."""
+    await require_admin(request, gateway, WRITE)
+    body, _ = await read_json(request, gateway.settings.max_body_bytes)
+    key = auth_pb2.ApiKey()
+    try:
+        json_format.ParseDict(body, key)
+    except json_format.ParseError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    message = auth_pb2.UpdateKeyRequest(key_id=key_id, key=key)
+    message.update_mask.paths.extend(sorted(body))
+    updated = await call(gateway.auth.UpdateKey, message, timeout=timeout(gateway))
+    gateway.authenticator.invalidate_key(key_id)
+    return render(updated)
+
+
+@router.post("/keys/{key_id}/rotate")
+async def rotate_key(key_id: str, request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway, WRITE)
+    message = auth_pb2.RotateKeyRequest(key_id=key_id)
+    rotated = await call(gateway.auth.RotateKey, message, timeout=timeout(gateway))
+    gateway.authenticator.invalidate_key(key_id)
+    return render(rotated)
+
+
 @router.post("/users/{user_id}/topups")
 async def top_up(user_id: str, request: Request, gateway: GatewayDep) -> Response:
-    actor = await require_admin(request, gateway)
+    actor = await require_admin(request, gateway, WRITE)
     message = await parse(request, gateway, quota_pb2.TopUpRequest(), user_id=user_id, actor=actor)
     return render(await call(gateway.quota.TopUp, message, timeout=timeout(gateway)), 201)
 
 
 @router.get("/users/{user_id}/balance")
 async def balance(user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     message = quota_pb2.GetBalanceRequest(user_id=user_id, consistent=consistent)
     return render(await call(gateway.quota.GetBalance, message, timeout=timeout(gateway)))
 
 
 @router.put("/prices/{model:path}")
 async def set_price(model: str, request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     message = await parse(request, gateway, quota_pb2.Price(), model=model)
     return render(await call(gateway.quota.SetPrice, message, timeout=timeout(gateway)))
 
 
 @router.get("/prices")
 async def list_prices(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     return render(
         await call(gateway.quota.ListPrices, quota_pb2.ListPricesRequest(), timeout=timeout(gateway))
     )
@@ -134,7 +186,7 @@ async def list_prices(request: Request, gateway: GatewayDep) -> Response:
 
 @router.post("/channels")
 async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     message = await parse(request, gateway, quota_pb2.Channel())
     stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
@@ -143,7 +195,7 @@ async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
 
 @router.get("/channels")
 async def list_channels(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     listing = await call(
         gateway.quota.ListChannels, quota_pb2.ListChannelsRequest(), timeout=timeout(gateway)
     )
@@ -154,7 +206,7 @@ async def list_channels(request: Request, gateway: GatewayDep) -> Response:
 
 @router.delete("/channels/{channel_id}")
 async def delete_channel(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, WRITE)
     message = quota_pb2.DeleteChannelRequest(channel_id=channel_id)
     deleted = await call(gateway.quota.DeleteChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
@@ -174,7 +226,7 @@ async def request_logs(
     limit: int = 50,
     cursor: str = "",
 ) -> Response:
-    await require_admin(request, gateway)
+    await require_admin(request, gateway, READ)
     message = logger_pb2.ListRequestLogsRequest(
         key_id=key_id,
         user_id=user_id,

@@ -118,7 +118,10 @@ def test_settings_refuse_the_dev_pepper_in_prod() -> None:
         AuthSettings(environment="prod", key_pepper=DEV_SECRET)
     with pytest.raises(ValidationError, match="RELAYGATE_KEY_PEPPER"):
         AuthSettings(key_pepper="")
-    assert AuthSettings(environment="prod", key_pepper="p" * 40).key_pepper == "p" * 40
+    with pytest.raises(ValidationError, match="RELAYGATE_ADMIN_TOKEN_SECRET"):
+        AuthSettings(environment="prod", key_pepper="p" * 40)
+    prod = AuthSettings(environment="prod", key_pepper="p" * 40, admin_token_secret="s" * 40)
+    assert prod.key_pepper == "p" * 40
 
 
 def test_settings_refuse_a_malformed_bootstrap_key_without_echoing_it() -> None:

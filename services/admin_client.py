@@ -1,0 +1,238 @@
+"""``relaygate admin ...``: the command line over the relay's admin HTTP API.
+
+Credentials: ``--url`` (or ``RELAYGATE_ADMIN_URL``, default ``http://127.0.0.1:8080``) and an admin key
+(``--key``, ``RELAYGATE_ADMIN_KEY``, or the ``admin-key`` file that ``relaygate up`` keeps in its data
+directory). The key is exchanged for a short-lived admin token before each command. Output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class AdminError(Exception):
+    pass
+
+
+class AdminClient:
+    def __init__(self, url: str, admin_key: str) -> None:
+        self._url = url.rstrip("/")
+        self._key = admin_key
+        self._client = httpx.Client(base_url=self._url, timeout=30)
+
+    def __enter__(self) -> AdminClient:
+        token = self._request("POST", "/admin/v1/tokens", auth=self._key)["token"]
+        self._client.headers["authorization"] = f"Bearer {token}"
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, *, auth: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        headers = {"authorization": f"Bearer {auth}"} if auth else None
+        response = self._client.request(method, path, headers=headers, **kwargs)
+        try:
+            body: dict[str, Any] = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text}}
+        if response.is_error:
+            message = body.get("error", {}).get("message", response.text)
+            raise AdminError(f"{method} {path} failed with {response.status_code}: {message}")
+        return body
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self._request("GET", path, params={k: v for k, v in params.items() if v not in (None, "")})
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._request("POST", path, json=body or {})
+
+    def put(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("PUT", path, json=body)
+
+    def delete(self, path: str) -> dict[str, Any]:
+        return self._request("DELETE", path)
+
+
+def _csv(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    names = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None)}
+
+
+def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Perform one admin command; returns the API's JSON answer."""
+    match (args.resource, args.action):
+        case ("users", "create"):
+            return client.post(
+                "/admin/v1/users",
+                {"name": args.name, "email": args.email or "", "admin": args.admin, "limits": _limits(args)},
+            )
+        case ("users", "list"):
+            return client.get("/admin/v1/users", limit=args.limit)
+        case ("keys", "create"):
+            body: dict[str, Any] = {
+                "user_id": args.user,
+                "name": args.name or "",
+                "allowed_models": _csv(args.models),
+                "allowed_cidrs": _csv(args.cidrs),
+                "expires_at": args.expires_at,
+                "limits": _limits(args),
+            }
+            return client.post("/admin/v1/keys", body)
+        case ("keys", "list"):
+            return client.get("/admin/v1/keys", user_id=args.user, limit=args.limit)
+        case ("keys", "revoke"):
+            return client.post(f"/admin/v1/keys/{args.key_id}/revoke")
+        case ("keys", "rotate"):
+            return client.post(f"/admin/v1/keys/{args.key_id}/rotate")
+        case ("balance", _):
+            return client.get(f"/admin/v1/users/{args.user}/balance", consistent="true")
+        case ("topup", _):
+            return client.post(
+                f"/admin/v1/users/{args.user}/topups",
+                {
+                    "amount_micros": args.amount_micros,
+                    "reason": args.reason,
+                    "idempotency_key": args.idempotency_key,
+                },
+            )
+        case ("prices", "set"):
+            return client.put(
+                f"/admin/v1/prices/{args.model}",
+                {
+                    "input_per_mtok": args.input,
+                    "output_per_mtok": args.output,
+                    "cached_input_per_mtok": args.cached_input,
+                    "per_request": args.per_request,
+                    "per_image": args.per_image,
+                    "default_max_output_tokens": args.default_max_output,
+                },
+            )
+        case ("prices", "list"):
+            return client.get("/admin/v1/prices")
+        case ("channels", "add"):
+            return client.post(
+                "/admin/v1/channels",
+                {
+                    "name": args.name,
+                    "base_url": args.base_url,
+                    "api_key": args.api_key or "",
+                    "models": _csv(args.models),
+                    "priority": args.priority,
+                    "weight": args.weight,
+                    "enabled": True,
+                },
+            )
+        case ("channels", "list"):
+            return client.get("/admin/v1/channels")
+        case ("channels", "delete"):
+            return client.delete(f"/admin/v1/channels/{args.channel_id}")
+        case ("logs", _):
+            return client.get(
+                "/admin/v1/logs", user_id=args.user, key_id=args.key_id, model=args.model, limit=args.limit
+            )
+    raise AdminError(f"unknown command {args.resource} {args.action}")
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    for flag in ("rpm", "tpm", "max-concurrency", "daily-budget-micros", "monthly-budget-micros"):
+        parser.add_argument(f"--{flag}", type=int, default=0)
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``admin`` and its sub-commands on the top-level ``relaygate`` parser."""
+    admin = commands.add_parser("admin", help="manage users, keys, credit, prices and channels")
+    admin.add_argument("--url", default=os.environ.get("RELAYGATE_ADMIN_URL", "http://127.0.0.1:8080"))
+    admin.add_argument("--key", default=os.environ.get("RELAYGATE_ADMIN_KEY", ""), help="an admin API key")
+    admin.add_argument("--data-dir", default=".relaygate", help="where `relaygate up` keeps the admin key")
+    resources = admin.add_subparsers(dest="resource", required=True)
+
+    users = resources.add_parser("users").add_subparsers(dest="action", required=True)
+    create = users.add_parser("create")
+    create.add_argument("--name", required=True)
+    create.add_argument("--email")
+    create.add_argument("--admin", action="store_true")
+    _add_limit_flags(create)
+    users.add_parser("list").add_argument("--limit", type=int, default=100)
+
+    keys = resources.add_parser("keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="prints the new key once")
+    create.add_argument("--user", required=True)
+    create.add_argument("--name")
+    create.add_argument("--models", help="comma-separated names or patterns")
+    create.add_argument("--cidrs", help="comma-separated addresses or CIDR blocks")
+    create.add_argument("--expires-at", type=int, default=0, help="unix seconds")
+    _add_limit_flags(create)
+    listing = keys.add_parser("list")
+    listing.add_argument("--user")
+    listing.add_argument("--limit", type=int, default=100)
+    keys.add_parser("revoke").add_argument("key_id")
+    keys.add_parser("rotate", help="prints the replacement key once").add_argument("key_id")
+
+    resources.add_parser("balance").add_argument("user")
+    topup = resources.add_parser("topup", help="add credit (negative to remove)")
+    topup.add_argument("user")
+    topup.add_argument("amount_micros", type=int)
+    topup.add_argument("--reason", default="")
+    topup.add_argument("--idempotency-key", default="")
+
+    prices = resources.add_parser("prices").add_subparsers(dest="action", required=True)
+    setting = prices.add_parser("set", help="micro-units per million tokens")
+    setting.add_argument("model")
+    setting.add_argument("--input", type=int, required=True)
+    setting.add_argument("--output", type=int, required=True)
+    setting.add_argument("--cached-input", type=int, default=0)
+    setting.add_argument("--per-request", type=int, default=0)
+    setting.add_argument("--per-image", type=int, default=0)
+    setting.add_argument("--default-max-output", type=int, default=0)
+    prices.add_parser("list")
+
+    channels = resources.add_parser("channels").add_subparsers(dest="action", required=True)
+    add = channels.add_parser("add")
+    add.add_argument("--name", required=True)
+    add.add_argument("--base-url", required=True, help="OpenAI-compatible base URL, including /v1")
+    add.add_argument("--models", required=True)
+    add.add_argument("--api-key")
+    add.add_argument("--priority", type=int, default=0)
+    add.add_argument("--weight", type=int, default=1)
+    channels.add_parser("list")
+    channels.add_parser("delete").add_argument("channel_id")
+
+    logs = resources.add_parser("logs")
+    logs.add_argument("--user")
+    logs.add_argument("--key-id")
+    logs.add_argument("--model")
+    logs.add_argument("--limit", type=int, default=20)
+    for parser in (resources.choices["balance"], topup, logs):
+        parser.set_defaults(action="")
+    admin.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    admin_key = args.key
+    if not admin_key:
+        path = Path(args.data_dir) / "admin-key"
+        if not path.exists():
+            print(
+                "no admin key: pass --key, set RELAYGATE_ADMIN_KEY, or run from `relaygate up`'s directory",
+                file=sys.stderr,
+            )
+            return 2
+        admin_key = path.read_text().strip()
+    try:
+        with AdminClient(args.url, admin_key) as client:
+            print(json.dumps(run_command(client, args), indent=2))
+    except (AdminError, httpx.HTTPError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,76 @@
+"""Admin tokens: short-lived HS256 JWTs that authorize calls to the admin API.
+
+An admin exchanges an API key of an admin user for a token carrying scopes (``admin:read``,
+``admin:write``). Tokens are not stored; they stop working when they expire, so their lifetime is
+kept short (``admin_token_ttl_s``). Verification checks the signature, expiry, issuer and scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jwt
+
+from services.common.errors import AuthenticationError, InvalidRequest, PermissionDenied
+from services.common.ids import new_id
+
+READ = "admin:read"
+WRITE = "admin:write"
+SCOPES = (READ, WRITE)
+ISSUER = "relaygate-auth"
+_ALGORITHM = "HS256"
+
+
+@dataclass(frozen=True)
+class Claims:
+    user_id: str
+    scopes: tuple[str, ...]
+    expires_at: int
+
+
+class TokenAuthority:
+    def __init__(self, secret: str, *, default_ttl_s: int, max_ttl_s: int) -> None:
+        self._secret = secret
+        self._default_ttl_s = default_ttl_s
+        self._max_ttl_s = max_ttl_s
+
+    def issue(self, user_id: str, *, scopes: list[str], ttl_s: int, now: int) -> tuple[str, Claims]:
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown:
+            raise InvalidRequest(f"Unknown scopes {unknown}; allowed: {list(SCOPES)}.", param="scopes")
+        if ttl_s < 0:
+            raise InvalidRequest("ttl_seconds must not be negative.", param="ttl_seconds")
+        granted = tuple(sorted(set(scopes))) if scopes else SCOPES
+        expires_at = now + min(ttl_s or self._default_ttl_s, self._max_ttl_s)
+        payload = {
+            "iss": ISSUER,
+            "sub": user_id,
+            "scope": " ".join(granted),
+            "iat": now,
+            "exp": expires_at,
+            "jti": new_id("tok"),
+        }
+        token = jwt.encode(payload, self._secret, algorithm=_ALGORITHM)
+        return token, Claims(user_id, granted, expires_at)
+
+    def verify(self, token: str, *, required_scope: str, now: int) -> Claims:
+        """The claims; AuthenticationError if invalid or expired, PermissionDenied if the scope is missing."""
+        try:
+            payload = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "iss"], "verify_iat": False},
+                leeway=0,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("The admin token has expired; request a new one.") from None
+        except jwt.PyJWTError:
+            raise AuthenticationError("The admin token is not valid.") from None
+        if int(payload["exp"]) <= now:
+            raise AuthenticationError("The admin token has expired; request a new one.")
+        scopes = tuple(str(payload.get("scope", "")).split())
+        if required_scope and required_scope not in scopes:
+            raise PermissionDenied(f"The admin token lacks the {required_scope!r} scope.")
+        return Claims(str(payload["sub"]), scopes, int(payload["exp"]))

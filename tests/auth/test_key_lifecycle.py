@@ -1,0 +1,138 @@
+"""Updating and rotating keys, and admin tokens, through a real auth server."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from services.auth.tokens import ISSUER
+from services.common.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
+from services.common.grpc import call
+from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
+from services.common.pb.relaygate.auth.v1.auth_pb2 import DenyReason
+from services.common.pb.relaygate.common.v1.types_pb2 import Limits
+from tests.auth.harness import TIMEOUT, RunningAuth
+
+SECRET_IN_TESTS = "relaygate-dev-secret-do-not-use-in-production"
+
+
+async def update(auth: RunningAuth, key_id: str, paths: list[str], **fields: object) -> pb.ApiKey:
+    request = pb.UpdateKeyRequest(key_id=key_id, key=pb.ApiKey(**fields))  # type: ignore[arg-type]
+    request.update_mask.paths.extend(paths)
+    return await call(auth.stub.UpdateKey, request, timeout=TIMEOUT)
+
+
+async def test_rotation_refuses_the_old_key_and_accepts_the_new(auth: RunningAuth) -> None:
+    user = await auth.create_user("rotating")
+    created = await auth.create_key(user.user_id, name="ci", limits=Limits(rpm=7))
+    assert (await auth.verify(created.api_key)).principal.key_id == created.key.key_id
+
+    rotated = await call(auth.stub.RotateKey, pb.RotateKeyRequest(key_id=created.key.key_id), timeout=TIMEOUT)
+
+    assert rotated.api_key != created.api_key
+    assert rotated.key.key_id == created.key.key_id
+    old = await auth.verify(created.api_key)
+    assert old.deny_reason == DenyReason.DENY_REASON_UNKNOWN
+    new = await auth.verify(rotated.api_key)
+    assert new.principal.key_id == created.key.key_id
+    assert new.principal.key_limits.rpm == 7
+
+
+async def test_update_changes_only_the_named_fields_and_drops_cached_principals(auth: RunningAuth) -> None:
+    user = await auth.create_user("updating")
+    created = await auth.create_key(user.user_id, name="before", allowed_models=["gpt-4o*"])
+    assert (await auth.verify(created.api_key, model="gpt-4o-mini")).principal.key_id  # now cached
+
+    updated = await update(
+        auth,
+        created.key.key_id,
+        ["allowed_models", "limits"],
+        allowed_models=["claude-*"],
+        limits=Limits(tpm=1000),
+    )
+
+    assert updated.name == "before"
+    assert list(updated.allowed_models) == ["claude-*"]
+    denied = await auth.verify(created.api_key, model="gpt-4o-mini")
+    assert denied.deny_reason == DenyReason.DENY_REASON_MODEL_NOT_ALLOWED
+    allowed = await auth.verify(created.api_key, model="claude-3")
+    assert allowed.principal.key_limits.tpm == 1000
+
+    await update(auth, created.key.key_id, ["enabled"], enabled=False)
+    assert (
+        await auth.verify(created.api_key, model="claude-3")
+    ).deny_reason == DenyReason.DENY_REASON_DISABLED
+    await update(auth, created.key.key_id, ["enabled"], enabled=True)
+    assert (await auth.verify(created.api_key, model="claude-3")).principal.key_id
+
+
+async def test_update_refuses_unknown_fields_and_keys(auth: RunningAuth) -> None:
+    user = await auth.create_user("strict")
+    created = await auth.create_key(user.user_id)
+    with pytest.raises(InvalidRequest) as caught:
+        await update(auth, created.key.key_id, ["user_id"], user_id="usr_other")
+    assert caught.value.param == "update_mask"
+    with pytest.raises(InvalidRequest):
+        await update(auth, created.key.key_id, [])
+    with pytest.raises(NotFound):
+        await update(auth, "key_missing", ["name"], name="x")
+    with pytest.raises(InvalidRequest):
+        await update(auth, created.key.key_id, ["allowed_cidrs"], allowed_cidrs=["nope"])
+
+
+async def issue(auth: RunningAuth, api_key: str, **fields: object) -> pb.AdminToken:
+    request = pb.IssueAdminTokenRequest(api_key=api_key, **fields)  # type: ignore[arg-type]
+    return await call(auth.stub.IssueAdminToken, request, timeout=TIMEOUT)
+
+
+async def verify_token(auth: RunningAuth, token: str, scope: str) -> pb.AdminTokenClaims:
+    request = pb.VerifyAdminTokenRequest(token=token, required_scope=scope)
+    return await call(auth.stub.VerifyAdminToken, request, timeout=TIMEOUT)
+
+
+async def test_admin_tokens_carry_scopes_and_expire(auth: RunningAuth) -> None:
+    admin = await auth.create_user("root", admin=True)
+    admin_key = (await auth.create_key(admin.user_id)).api_key
+
+    full = await issue(auth, admin_key)
+    assert sorted(full.scopes) == ["admin:read", "admin:write"]
+    assert full.expires_at > time.time()
+    assert (await verify_token(auth, full.token, "admin:write")).user_id == admin.user_id
+
+    read_only = await issue(auth, admin_key, scopes=["admin:read"], ttl_seconds=60)
+    assert (await verify_token(auth, read_only.token, "admin:read")).scopes == ["admin:read"]
+    with pytest.raises(PermissionDenied):
+        await verify_token(auth, read_only.token, "admin:write")
+
+    expired = jwt.encode(
+        {"iss": ISSUER, "sub": admin.user_id, "scope": "admin:read", "iat": 1, "exp": int(time.time()) - 1},
+        SECRET_IN_TESTS,
+        algorithm="HS256",
+    )
+    with pytest.raises(AuthenticationError, match="expired"):
+        await verify_token(auth, expired, "admin:read")
+    forged = jwt.encode(
+        {"iss": ISSUER, "sub": admin.user_id, "scope": "admin:write", "iat": 1, "exp": int(time.time()) + 60},
+        "another-secret-of-the-same-length-0123456789",
+        algorithm="HS256",
+    )
+    with pytest.raises(AuthenticationError, match="not valid"):
+        await verify_token(auth, forged, "admin:write")
+    with pytest.raises(InvalidRequest):
+        await issue(auth, admin_key, scopes=["root"])
+
+
+async def test_only_admin_keys_obtain_tokens(auth: RunningAuth) -> None:
+    user = await auth.create_user("plain")
+    plain_key = (await auth.create_key(user.user_id)).api_key
+    with pytest.raises(PermissionDenied):
+        await issue(auth, plain_key)
+    with pytest.raises(AuthenticationError):
+        await issue(auth, "rg-AAAAAAAAAAAA-" + "B" * 32)
+    admin = await auth.create_user("revoked-admin", admin=True)
+    created = await auth.create_key(admin.user_id)
+    await auth.revoke(created.key.key_id)
+    with pytest.raises(AuthenticationError):
+        await issue(auth, created.api_key)
