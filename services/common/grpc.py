@@ -39,6 +39,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # Spread calls over every address the name resolves to (a headless Service lists each pod).
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -154,7 +156,9 @@ async def serve(
 
 
 def channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    """A client channel to ``host:port``, re-resolved by DNS so new replicas join the rotation."""
+    target = addr if "://" in addr or addr.startswith("dns:") else f"dns:///{addr}"
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float) -> Resp:
