@@ -1,4 +1,10 @@
-"""Tables owned by the logger: one row per finished request, written in batches from Kafka."""
+"""Tables owned by the logger: one row per finished request, and hourly usage rollups of those rows.
+
+On PostgreSQL ``request_logs`` is partitioned by range of ``occurred_at_ms``, one partition per UTC day
+plus a default partition, so retention drops whole days (see :mod:`services.logger.partitions`). The
+partitioning lives in the migration (``logger_0001``), not here: the ORM reads and writes the parent
+table and never needs to know. On SQLite (the embedded default) it is a plain table.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ from sqlalchemy import Boolean, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.db import Base
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
 
 
 class RequestLog(Base):
@@ -46,3 +55,48 @@ class RequestLog(Base):
     client_ip: Mapped[str] = mapped_column(String(64), default="")
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
     logged_at_ms: Mapped[int] = mapped_column(default=0)
+
+
+class UsageHourly(Base):
+    """Totals of the request logs per UTC hour, key, user and model; dashboards read these, never the logs.
+
+    Maintained by the logger in the transaction that inserts the rows, from the rows that insert actually
+    stored, so a redelivered event is never counted twice. A key belongs to one user, so ``user_id``
+    adds no rows; it is part of the key so that per-user summaries need no join. Rollups are not subject
+    to log retention: they keep counting after the raw rows of a day are dropped.
+    """
+
+    __tablename__ = "usage_hourly"
+    __table_args__ = (
+        Index("ix_usage_hourly_key_hour", "key_id", "hour_ms"),
+        Index("ix_usage_hourly_user_hour", "user_id", "hour_ms"),
+    )
+
+    # Start of the UTC hour, unix milliseconds (a multiple of HOUR_MS).
+    hour_ms: Mapped[int] = mapped_column(primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    requests: Mapped[int] = mapped_column(default=0)
+    # Requests answered with an HTTP status of 400 or more.
+    failed_requests: Mapped[int] = mapped_column(default=0)
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    completion_tokens: Mapped[int] = mapped_column(default=0)
+    cached_prompt_tokens: Mapped[int] = mapped_column(default=0)
+    images: Mapped[int] = mapped_column(default=0)
+    cost_micros: Mapped[int] = mapped_column(default=0)
+    # Sum of the requests' latencies: divided by ``requests`` it is the mean.
+    latency_ms: Mapped[int] = mapped_column(default=0)
+
+
+# The counters of a rollup row, in the order the writer fills them.
+ROLLUP_COUNTERS: tuple[str, ...] = (
+    "requests",
+    "failed_requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_prompt_tokens",
+    "images",
+    "cost_micros",
+    "latency_ms",
+)
