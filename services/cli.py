@@ -29,16 +29,19 @@ from services.stack import LocalStack, port_open
 DEMO_MODEL = "demo-model"
 
 
-def _admin_key(state_dir: Path) -> str:
-    """The bootstrap admin key of this data directory: created once, kept private (mode 0600)."""
+def _admin_key(state_dir: Path) -> tuple[str, bool]:
+    """The bootstrap admin key of this data directory, and whether it was just created.
+
+    Created once and kept private (mode 0600); it is printed only on the start that creates it.
+    """
     path = state_dir / "admin-key"
     if path.exists():
-        return path.read_text().strip()
+        return path.read_text().strip(), False
     plaintext = generate()[0]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(plaintext + "\n")
-    return plaintext
+    return plaintext, True
 
 
 def _start_fake_upstream(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -145,7 +148,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"port {args.port} is already in use; pick another with --port", file=sys.stderr)
         return 2
     asyncio.run(upgrade(env["RELAYGATE_DATABASE_URL"]))
-    admin_key = _admin_key(state_dir)
+    admin_key, new_admin_key = _admin_key(state_dir)
     stack = LocalStack(
         env=env,
         log_dir=state_dir / "logs",
@@ -161,7 +164,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         lines = [
             f"relaygate is up in {time.monotonic() - started:.1f}s",
             f"  relay:      {stack.relay_url}/v1   (OpenAI-compatible base URL)",
-            f"  admin key:  {admin_key}   (kept in {state_dir / 'admin-key'})",
+            f"  admin key:  {admin_key}   (shown once; kept in {state_dir / 'admin-key'})"
+            if new_admin_key
+            else f"  admin key:  in {state_dir / 'admin-key'}",
             f"  logs:       {stack.log_dir}",
         ]
         if args.demo:
