@@ -99,6 +99,20 @@ class Metrics:
         # -- relay: further series go below this line --
         # -- quota: further series go below this line --
         # -- logger: further series go below this line --
+        # Gauge: messages in a partition not yet committed by the logger (highwater minus committed offset).
+        self.logger_consumer_lag = Gauge(
+            "relaygate_logger_consumer_lag", "Logger lag in messages", ["partition"]
+        )
+        # Counter: rows offered to request_logs, by result (inserted, or duplicate of a stored event).
+        self.logger_rows = Counter("relaygate_logger_rows", "Rows written by the logger", ["result"])
+        # Counter: request_logs partitions changed by maintenance, by action (created, dropped).
+        self.logger_partitions = Counter(
+            "relaygate_logger_partitions", "Log partitions created or dropped", ["action"]
+        )
+        # Counter: failed partition maintenance passes (retried; partitions exist days ahead).
+        self.logger_maintenance_failures = Counter(
+            "relaygate_logger_maintenance_failures", "Failed partition maintenance passes"
+        )
         # -- auth: further series go below this line --
 
 

@@ -1,16 +1,20 @@
-"""Writing usage events into ``request_logs``: one transaction per batch, idempotent on the primary key.
+"""Writing usage events: one transaction per batch, idempotent on the primary key, rollups included.
 
 This module owns the mapping between events and rows, both ways. Every ``UsageEvent`` field is a
 column of the same name, except ``usage``, whose parts become ``prompt_tokens``,
 ``completion_tokens``, ``cached_prompt_tokens``, ``images`` and ``usage_estimated``. Redelivered
 events carry the same ``(occurred_at_ms, event_id)``, and ``ON CONFLICT DO NOTHING`` on that key makes
 a second write of the same event a no-op: the first stored version wins.
+
+The same transaction adds the batch to the hourly rollups (``usage_hourly``), counting only the rows
+the insert reports as stored (``RETURNING``), so a redelivered event is never counted twice, and
+upserting rollup rows in key order, so two loggers writing at once cannot deadlock on them.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import String, Table
@@ -21,9 +25,12 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
-from services.logger.models import RequestLog
+from services.common.telemetry import METRICS
+from services.logger.models import HOUR_MS, ROLLUP_COUNTERS, RequestLog, UsageHourly
 
 _TABLE = cast(Table, RequestLog.__table__)
+_ROLLUPS = cast(Table, UsageHourly.__table__)
+ROLLUP_KEY: tuple[str, ...] = ("hour_ms", "key_id", "user_id", "model")
 _SYSTEM_CLOCK = SystemClock()
 
 # Event fields stored under their own name: all of them but the nested usage message.
@@ -82,11 +89,29 @@ def to_event(row: RequestLog) -> UsageEvent:
 def _insert_statement(dialect: str) -> Insert:
     if dialect == "postgresql":
         pg = postgresql.insert(_TABLE).on_conflict_do_nothing(index_elements=["occurred_at_ms", "event_id"])
-        return pg.returning(_TABLE.c.event_id)
+        return pg.returning(_TABLE.c.occurred_at_ms, _TABLE.c.event_id)
     if dialect == "sqlite":
         lite = sqlite.insert(_TABLE).on_conflict_do_nothing(index_elements=["occurred_at_ms", "event_id"])
-        return lite.returning(_TABLE.c.event_id)
+        return lite.returning(_TABLE.c.occurred_at_ms, _TABLE.c.event_id)
     raise ValueError(f"no idempotent insert for the {dialect!r} dialect")
+
+
+@functools.cache
+def _rollup_statement(dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET counter = counter + excluded.counter``."""
+    if dialect == "postgresql":
+        pg = postgresql.insert(_ROLLUPS)
+        return pg.on_conflict_do_update(
+            index_elements=list(ROLLUP_KEY),
+            set_={name: _ROLLUPS.c[name] + pg.excluded[name] for name in ROLLUP_COUNTERS},
+        )
+    if dialect == "sqlite":
+        lite = sqlite.insert(_ROLLUPS)
+        return lite.on_conflict_do_update(
+            index_elements=list(ROLLUP_KEY),
+            set_={name: _ROLLUPS.c[name] + lite.excluded[name] for name in ROLLUP_COUNTERS},
+        )
+    raise ValueError(f"no rollup upsert for the {dialect!r} dialect")
 
 
 def _rows(events: Sequence[UsageEvent], logged_at_ms: int) -> list[dict[str, Any]]:
@@ -105,16 +130,52 @@ def _rows(events: Sequence[UsageEvent], logged_at_ms: int) -> list[dict[str, Any
     return rows
 
 
-async def write(db: Database, events: Sequence[UsageEvent], *, clock: Clock = _SYSTEM_CLOCK) -> int:
-    """Store ``events`` in one transaction on the primary; return how many rows were new.
+def rollups(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``usage_hourly`` deltas of ``rows``: one per (hour, key, user, model), sorted by that key.
 
-    Events already stored are skipped, so writing the same batch twice is safe. Either every row is
-    committed or none is (the exception propagates and nothing is stored).
+    The order is the lock order: every writer upserts rollup rows in it, so two transactions never wait
+    for each other in a cycle.
+    """
+    totals: dict[tuple[int, str, str, str], list[int]] = {}
+    for row in rows:
+        occurred = row["occurred_at_ms"]
+        key = (occurred - occurred % HOUR_MS, row["key_id"], row["user_id"], row["model"])
+        counters = totals.get(key)
+        if counters is None:
+            counters = totals[key] = [0] * len(ROLLUP_COUNTERS)
+        # Same order as ROLLUP_COUNTERS.
+        counters[0] += 1
+        counters[1] += row["status_code"] >= 400
+        counters[2] += row["prompt_tokens"]
+        counters[3] += row["completion_tokens"]
+        counters[4] += row["cached_prompt_tokens"]
+        counters[5] += row["images"]
+        counters[6] += row["cost_micros"]
+        counters[7] += row["latency_ms"]
+    return [
+        {**dict(zip(ROLLUP_KEY, key, strict=True)), **dict(zip(ROLLUP_COUNTERS, counters, strict=True))}
+        for key, counters in sorted(totals.items())
+    ]
+
+
+async def write(db: Database, events: Sequence[UsageEvent], *, clock: Clock = _SYSTEM_CLOCK) -> int:
+    """Store ``events`` and their rollups in one transaction on the primary; return how many rows were new.
+
+    Events already stored are skipped, and add nothing to the rollups, so writing the same batch twice
+    is safe. Either everything is committed or nothing is (the exception propagates).
     """
     if not events:
         return 0
     rows = _rows(events, int(clock.time() * 1000))
-    statement = _insert_statement(db.dialect)
     async with db.transaction() as session:
-        result = await session.execute(statement, rows)
-        return len(result.all())
+        stored = (await session.execute(_insert_statement(db.dialect), rows)).all()
+        if len(stored) == len(rows):
+            new_rows = rows
+        else:
+            keys = {(occurred_at_ms, event_id) for occurred_at_ms, event_id in stored}
+            new_rows = [row for row in rows if (row["occurred_at_ms"], row["event_id"]) in keys]
+        if new_rows:
+            await session.execute(_rollup_statement(db.dialect), rollups(new_rows))
+    METRICS.logger_rows.labels(result="inserted").inc(len(new_rows))
+    METRICS.logger_rows.labels(result="duplicate").inc(len(events) - len(new_rows))
+    return len(new_rows)
