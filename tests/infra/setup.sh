@@ -19,7 +19,10 @@ log() { printf '[setup %3ds] %s\n' "$((SECONDS - START))" "$*"; }
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 # Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<major>/bin.
-compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql-15)
+# The distribution's default major version (15 on Debian 12); the harness finds whichever is installed.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
+# The benchmark harness (and its smoke test) drives load with wrk.
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 
 if ((${#packages[@]})); then
   if [ "$(id -u)" != 0 ]; then
@@ -33,7 +36,7 @@ if ((${#packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   log "installed ${packages[*]}"
 else
-  log "redis-server and postgresql already installed"
+  log "redis-server, postgresql and wrk already installed"
 fi
 
 # --- virtualenv -------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""relaygate's benchmark harness: ``python -m bench`` (see ``bench/README.md``)."""

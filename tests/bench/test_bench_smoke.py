@@ -1,0 +1,74 @@
+"""The benchmark harness still works: every scenario runs for about a second against a real stack.
+
+This checks that ``python -m bench`` produces numbers, not what the numbers are (CI machines are too
+noisy for that); the benchmark itself is run by hand (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.__main__ import main
+from tests.infra.backing import BackingServices
+
+
+def rows(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["target"]: row for row in scenario["median"]}
+
+
+def few_errors(row: dict[str, Any]) -> bool:
+    return row["figures"]["errors"] <= max(1, row["units"] // 100)
+
+
+def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail(
+            "wrk is not installed, and the benchmark needs it: apt-get install -y wrk "
+            "(bash tests/infra/setup.sh installs it)",
+            pytrace=False,
+        )
+
+    assert main(["--quick", "--no-install", "--out", str(tmp_path)], backing=backing) == 0
+
+    [json_path] = tmp_path.glob("*.json")
+    [md_path] = tmp_path.glob("*.md")
+    scenarios = {s["number"]: s for s in json.loads(json_path.read_text())["scenarios"]}
+    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7]
+    markdown = md_path.read_text()
+    for scenario in scenarios.values():
+        assert f"### {scenario['number']}. {scenario['title']}" in markdown
+
+    for number in (1, 2):
+        for target, row in rows(scenarios[number]).items():
+            assert row["figures"]["rps"] > 0, (number, target)
+            assert few_errors(row), (number, target, row["figures"])
+    # CPU per request is accounted to the relaygate processes from /proc.
+    relayed = rows(scenarios[1])["relaygate"]
+    assert relayed["cpu_ms_per_unit"]["relay"] > 0
+    assert relayed["memory_mb"]["relay"] > 0
+
+    fixed = rows(scenarios[3])
+    assert {"direct @ 50/s", "relaygate @ 50/s"} <= fixed.keys()
+    assert all(row["units"] > 0 and few_errors(row) for row in fixed.values())
+
+    for target, row in rows(scenarios[4]).items():
+        assert row["figures"]["completed"] == 200, (target, row["figures"])
+        assert row["figures"]["server_peak_mb"] > 0
+
+    ingest = rows(scenarios[5])
+    assert ingest["relaygate logger"]["figures"]["landed"] == 2000
+    assert ingest["relaygate logger"]["figures"]["events_per_s"] > 0
+    assert ingest["kafka consume only"]["figures"]["events_per_s"] > 0
+
+    quota = rows(scenarios[6])
+    assert quota["reserve + settle"]["figures"]["ops_per_s"] > 0
+    assert few_errors(quota["reserve + settle"])
+
+    growth = rows(scenarios[7])
+    assert {"direct", "10 keys, 1 channel", "200 keys, 1 channel", "10 keys, 5 channels"} <= growth.keys()
+    assert all(row["figures"]["requests"] > 0 for row in growth.values())
