@@ -52,6 +52,18 @@ def limits_from_dict(values: dict[str, int]) -> Limits:
     return Limits(**{name: int(values[name]) for name in LIMIT_FIELDS if name in values})
 
 
+def scope_of(message: pb.CreateKeyRequest | pb.ApiKey) -> keys.KeyScope:
+    """The scope fields shared by a new key's request and a stored key's message."""
+    return keys.KeyScope(
+        name=message.name,
+        allowed_models=tuple(message.allowed_models),
+        allowed_cidrs=tuple(message.allowed_cidrs),
+        expires_at=message.expires_at,
+        limits=limits_to_dict(message.limits),
+        metadata=dict(message.metadata),
+    )
+
+
 def user_message(user: UserRecord) -> pb.User:
     return pb.User(
         user_id=user.id,
@@ -165,14 +177,7 @@ class AuthServicer(AuthServiceServicer):
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
         if not request.user_id:
             raise InvalidRequest("user_id is required.", param="user_id")
-        scope = keys.KeyScope(
-            name=request.name,
-            allowed_models=tuple(request.allowed_models),
-            allowed_cidrs=tuple(request.allowed_cidrs),
-            expires_at=request.expires_at,
-            limits=limits_to_dict(request.limits),
-            metadata=dict(request.metadata),
-        )
+        scope = scope_of(request)
         plaintext, public_id, secret = keys.generate()
         key = await self._store.create_key(
             user_id=request.user_id,
@@ -202,17 +207,12 @@ class AuthServicer(AuthServiceServicer):
                 f"update_mask must name some of {sorted(UPDATABLE_KEY_FIELDS)} (got {unknown or 'nothing'}).",
                 param="update_mask",
             )
-        new = request.key
-        scope = keys.KeyScope(
-            name=new.name,
-            allowed_models=tuple(new.allowed_models),
-            allowed_cidrs=tuple(new.allowed_cidrs),
-            expires_at=new.expires_at,
-            limits=limits_to_dict(new.limits),
-            metadata=dict(new.metadata),
-        )
         key = await self._store.update_key(
-            request.key_id, scope=scope, fields=fields, enabled=new.enabled, now=self._now()
+            request.key_id,
+            scope=scope_of(request.key),
+            fields=fields,
+            enabled=request.key.enabled,
+            now=self._now(),
         )
         await self._cache.invalidate(key.id)
         return key_message(key)

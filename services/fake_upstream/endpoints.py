@@ -7,12 +7,15 @@ Token arithmetic follows :mod:`.tokens`; the ``n`` parameter is ignored (always 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from . import payloads, tokens
 from .behaviour import Behaviour
@@ -72,6 +75,19 @@ def _new_id(kind: str) -> str:
     return f"{kind}-fake{_ID_PREFIX}{next(_ids):08x}"
 
 
+# The fixed ``created`` of deterministic replies (2023-11-14T22:13:20Z).
+FIXED_CREATED = 1_700_000_000
+
+
+def _identity(kind: str, body: dict[str, Any], behaviour: Behaviour) -> tuple[str, int]:
+    """A reply's id and ``created``: fresh ones, or derived from model and prompt when deterministic."""
+    if not behaviour.deterministic:
+        return _new_id(kind), int(time.time())
+    prompt = [body.get("model"), body.get("messages"), body.get("prompt"), body.get("n")]
+    seed = orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS)
+    return f"{kind}-{hashlib.sha256(seed).hexdigest()[:24]}", FIXED_CREATED
+
+
 def _model(body: dict[str, Any], behaviour: Behaviour) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -116,8 +132,7 @@ def _generate(
     body: dict[str, Any], behaviour: Behaviour, *, chat: bool, model: str, prompt_tokens: int
 ) -> Reply:
     count, finish_reason = _completion_length(body, behaviour)
-    created = int(time.time())
-    reply_id = _new_id("chatcmpl" if chat else "cmpl")
+    reply_id, created = _identity("chatcmpl" if chat else "cmpl", body, behaviour)
     report = not behaviour.omit_usage
     if body.get("stream") is True:
         asked = _include_usage(body)
@@ -191,7 +206,7 @@ def embeddings(body: Any, behaviour: Behaviour) -> Reply:
 
 
 def image_generations(body: Any, behaviour: Behaviour) -> Reply:
-    """``POST /v1/images/generations``: ``n`` placeholder images as ``url`` or ``b64_json``; no usage."""
+    """``POST /v1/images/generations``: ``n`` stand-in images as ``url`` or ``b64_json``; no usage."""
     if "model" in body:
         _model(body, behaviour)
     prompt = body.get("prompt")
@@ -203,7 +218,8 @@ def image_generations(body: Any, behaviour: Behaviour) -> Reply:
         raise RequestError(
             400, "response_format must be 'url' or 'b64_json'.", param="response_format", code="invalid_value"
         )
-    return JsonReply(payloads.images(_new_id("img"), int(time.time()), count, response_format))
+    image_id, created = _identity("img", body, behaviour)
+    return JsonReply(payloads.images(image_id, created, count, response_format))
 
 
 def list_models(_body: Any, behaviour: Behaviour) -> Reply:
