@@ -97,7 +97,68 @@ class Metrics:
             "relaygate_logger_dead_letters", "Dead-lettered events", ["reason"]
         )
         # -- relay: further series go below this line --
+        # Gauge: upstream connections per channel pool, by state (idle, busy); plus requests waiting for one.
+        self.upstream_pool_connections = Gauge(
+            "relaygate_upstream_pool_connections", "Upstream pool connections", ["channel", "state"]
+        )
+        self.upstream_pool_waiting = Gauge(
+            "relaygate_upstream_pool_waiting", "Requests waiting for an upstream connection", ["channel"]
+        )
+        # Histogram: seconds to open a new upstream connection (TCP, and TLS when https), by channel.
+        self.upstream_connect = Histogram(
+            "relaygate_upstream_connect_seconds",
+            "Upstream connect time",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        # Gauge: circuit breaker state per channel (0 closed, 1 half-open, 2 open).
+        self.breaker_state = Gauge("relaygate_breaker_state", "Channel circuit breaker state", ["channel"])
+        # Counter: breaker transitions, by channel and new state.
+        self.breaker_transitions = Counter(
+            "relaygate_breaker_transitions", "Channel circuit breaker transitions", ["channel", "to"]
+        )
+        # Histogram: seconds from a stream request's arrival to its first byte to the client, by route.
+        self.stream_ttfb = Histogram(
+            "relaygate_stream_ttfb_seconds", "Stream time to first byte", ["route"], buckets=_LATENCY_BUCKETS
+        )
+        # Histogram: stream duration, from arrival to the end of the upstream stream, by route.
+        self.stream_duration = Histogram(
+            "relaygate_stream_duration_seconds", "Stream duration", ["route"], buckets=_LATENCY_BUCKETS
+        )
+        # Counter: streams ended, by reason (done, upstream_eof, upstream_error, timeout, client_gone).
+        self.stream_end = Counter("relaygate_stream_end", "Streams ended", ["reason"])
+        # Gauge: abandoned streams being read to their end for the usage.
+        self.stream_drains = Gauge("relaygate_stream_drains", "Abandoned streams being drained")
+        # Counter: response cache lookups by result (hit, miss, error) and entries stored (store).
+        self.response_cache = Counter("relaygate_response_cache", "Response cache operations", ["result"])
+        # Counter: requests that failed, by whose fault (caller, policy, provider, gateway) and error code.
+        self.relay_failures = Counter("relaygate_relay_failures", "Failed requests", ["fault", "code"])
+        # Gauge: usage events waiting in the on-disk spool, and its size in bytes.
+        self.events_spooled = Gauge("relaygate_events_spooled", "Usage events in the spool")
+        self.events_spool_bytes = Gauge("relaygate_events_spool_bytes", "Spool size in bytes")
+        # Counter: usage events dropped because the spool was full.
+        self.events_dropped = Counter("relaygate_events_dropped", "Usage events dropped (spool full)")
+        # Counter: acknowledged events sent again after the broker was found to have lost them.
+        self.events_resent = Counter("relaygate_events_resent", "Usage events re-sent after broker data loss")
         # -- quota: further series go below this line --
+        # Counter: reserves whose rate/concurrency limits could not be checked (limit state unreachable),
+        # by what happened to them (admitted: fail-open, refused: fail-closed).
+        self.quota_limits_unchecked = Counter(
+            "relaygate_quota_limits_unchecked", "Reserves with unchecked limits", ["result"]
+        )
+        # Gauge: 1 while the shared rate/concurrency limit state (Redis) is unreachable.
+        self.quota_limits_degraded = Gauge("relaygate_quota_limits_degraded", "Limit state unreachable")
+        # Histogram: operations per quota ledger transaction (group commit), by kind (ledger).
+        self.quota_batch_size = Histogram(
+            "relaygate_quota_batch_size",
+            "Operations per transaction",
+            ["kind"],
+            buckets=(1, 2, 5, 10, 25, 50, 100),
+        )
+        # Counter: balance reads that had to see an earlier write, by where they went (replica, primary).
+        self.quota_read_your_writes = Counter(
+            "relaygate_quota_read_your_writes", "Read-your-write balance reads", ["target"]
+        )
         # -- logger: further series go below this line --
         # Gauge: messages in a partition not yet committed by the logger (highwater minus committed offset).
         self.logger_consumer_lag = Gauge(

@@ -1,8 +1,10 @@
-"""The logger's composition root: owns every resource, runs the gRPC server and the consumer side by side.
+"""The logger's composition root: owns every resource, runs the gRPC server, the consumer and partition
+maintenance side by side.
 
 Stopping (SIGTERM/SIGINT, or ``stop`` in tests) drains the gRPC server and lets the consumer write and
 commit its last batch. If the consumer fails, the server is stopped too and :func:`run` re-raises, so
 the process exits non-zero and gets restarted instead of serving reads while nothing is ingested.
+Maintenance failures never stop the service (see :mod:`services.logger.partitions`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
 from services.logger.consumer import LogConsumer, kafka_consumer
 from services.logger.dlq import DeadLetters, dead_letter_producer
+from services.logger.partitions import PartitionMaintenance
 from services.logger.servicer import SERVICE_NAME, LoggerServicer
 from services.logger.settings import LoggerSettings
 
@@ -30,7 +33,7 @@ async def run(
     stop: asyncio.Event | None = None,
     on_started: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve ``ListRequestLogs`` and ingest usage events until stopped; see the module docstring."""
+    """Serve the log and usage queries and ingest usage events until stopped; see the module docstring."""
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         db = Database(settings)
@@ -57,6 +60,10 @@ async def run(
             write_timeout_s=settings.logger_write_timeout_s,
             shutdown_timeout_s=settings.logger_shutdown_timeout_s,
         )
+        maintenance = PartitionMaintenance(
+            db, settings.partition_policy, interval_s=settings.log_maintenance_interval_s
+        )
+        maintaining = asyncio.create_task(maintenance.run(stop), name="logger-partitions")
         consuming = asyncio.create_task(consumer.run(stop), name="logger-consumer")
         consuming.add_done_callback(lambda task: _consumer_done(task, stop))
         try:
@@ -73,8 +80,11 @@ async def run(
             )
         finally:
             stop.set()
-            # Re-raises a consumer failure; after a clean stop it is the last batch being committed.
-            await consuming
+            try:
+                # Re-raises a consumer failure; after a clean stop it is the last batch being committed.
+                await consuming
+            finally:
+                await maintaining
 
 
 def _consumer_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:

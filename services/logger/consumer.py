@@ -17,11 +17,17 @@ committed, and only up to what the batch holds.
   batch is dropped uncommitted, and the partitions' next owner re-reads it.
 - **Stop**: the batch is written and committed (retried for ``shutdown_timeout_s``); what still fails
   stays uncommitted and is redelivered later. Nothing is ever skipped.
+
+Lag (``relaygate_logger_consumer_lag``, per partition) is the partition's highwater minus the offset this
+consumer last committed. The highwater comes from fetch responses (``consumer.highwater``), not from
+``ListOffsets``, which some brokers (Tansu) answer wrongly; so while partitions are paused the figure is
+the one from the last fetch, and ``relaygate_logger_paused`` says why it stopped moving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -46,6 +52,12 @@ _MAX_POLL_WAIT_S = 0.25
 # Backoff between attempts at something that failed (a batch write, a dead-letter publish).
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
+# How long the broker may hold a fetch that has no data yet. Some brokers (Tansu) hold it for all of
+# that time even when records arrive meanwhile, so it adds straight to the end-to-end latency; 100 ms
+# instead of the client's 500 costs a few idle fetches a second.
+_FETCH_MAX_WAIT_MS = 100
+# The lag gauge is refreshed at most this often.
+_LAG_INTERVAL_S = 1.0
 
 _SYSTEM_CLOCK = SystemClock()
 
@@ -58,6 +70,7 @@ def kafka_consumer(settings: LoggerSettings) -> AIOKafkaConsumer:
         client_id="relaygate-logger",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         # The group waits this long for us to rejoin, which covers writing the batch on revocation.
@@ -102,6 +115,9 @@ class LogConsumer:
         # Set (event-loop time) while partitions are paused after a failed write.
         self._retry_at: float | None = None
         self._backoff = _RETRY_FIRST_S
+        # Per assigned partition, the offset committed last (for the lag gauge).
+        self._committed: dict[TopicPartition, int] = {}
+        self._lag_reported_at = 0.0
 
     @property
     def pending(self) -> int:
@@ -127,10 +143,13 @@ class LogConsumer:
         except _Stopped:
             pass
         await self._drain()
+        for tp in self._consumer.assignment():
+            self._forget_lag(tp)
 
     # --- the loop -------------------------------------------------------------------------------------
 
     async def _poll(self, stop: asyncio.Event) -> None:
+        await self._report_lag()
         if self._batch.closed() and self._retry_due():
             async with self._lock:
                 await self._try_flush()
@@ -166,6 +185,38 @@ class LogConsumer:
             wait = _MAX_POLL_WAIT_S if left is None else left
         return int(1000 * min(max(wait, 0.0), _MAX_POLL_WAIT_S))
 
+    async def _report_lag(self) -> None:
+        """Refresh the lag gauge, at most every ``_LAG_INTERVAL_S``."""
+        now = self._clock.monotonic()
+        if now - self._lag_reported_at < _LAG_INTERVAL_S:
+            return
+        self._lag_reported_at = now
+        for tp in self._consumer.assignment():
+            # Asked again each time: a rebalance can revoke partitions while this loop awaits.
+            if tp not in self._consumer.assignment():
+                continue
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            committed = self._committed.get(tp)
+            if committed is None:
+                try:
+                    # Once per partition and assignment; later commits keep it current.
+                    committed = await asyncio.wait_for(self._consumer.committed(tp), _LAG_INTERVAL_S) or 0
+                except Exception:
+                    log.debug("committed offset unavailable for the lag gauge", exc_info=True)
+                    continue
+                if tp not in self._consumer.assignment():
+                    continue  # revoked while we asked; its new owner reports it
+                committed = self._committed.setdefault(tp, committed)
+            METRICS.logger_consumer_lag.labels(partition=str(tp.partition)).set(max(0, highwater - committed))
+
+    def _forget_lag(self, tp: TopicPartition) -> None:
+        """Stop reporting a partition this consumer no longer owns; its next owner reports it."""
+        self._committed.pop(tp, None)
+        with contextlib.suppress(KeyError):
+            METRICS.logger_consumer_lag.remove(str(tp.partition))
+
     async def _dead_letter(self, record: Any, reason: Exception, stop: asyncio.Event) -> None:
         """Publish to the dead-letter topic, retrying until it is acknowledged (or stop is requested)."""
         delay = _RETRY_FIRST_S
@@ -192,6 +243,7 @@ class LogConsumer:
             METRICS.logger_batch_rows.observe(len(batch))
         try:
             await self._consumer.commit(batch.offsets)
+            self._committed.update(batch.offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The rows are stored; the partitions' new owner re-reads them, and storing them again is a no-op.
             log.warning(
@@ -282,6 +334,8 @@ class LogConsumer:
                     self._batch = Batch(self._policy, self._clock)
             # Pausing is per assignment; the next one starts unpaused.
             self._reset_retry()
+            for tp in revoked:
+                self._forget_lag(tp)
         if revoked:
             log.info("partitions revoked", extra={"partitions": sorted(str(tp) for tp in revoked)})
 

@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, KafkaSettings
 from services.logger.batch import BatchPolicy
+from services.logger.partitions import PartitionPolicy
 
 
 class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcServerSettings):
@@ -31,6 +32,14 @@ class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcS
     # On shutdown, how long the last batch may keep retrying before it is left uncommitted (its events
     # are then redelivered to the next consumer, never lost).
     logger_shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
+    # Request logs are kept this many whole UTC days (on PostgreSQL by dropping day partitions); 0 keeps
+    # them forever. Usage rollups are never dropped.
+    log_retention_days: int = Field(default=0, ge=0, le=36_500)
+    # Day partitions are created this many days ahead, so that a maintenance pass may fail for that long
+    # before rows start landing in the default partition.
+    log_partitions_ahead_days: int = Field(default=7, ge=1, le=365)
+    # How often partition maintenance (creating ahead, dropping past retention) runs.
+    log_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _check_kafka_timing(self) -> LoggerSettings:
@@ -49,3 +58,9 @@ class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcS
     @property
     def batch_policy(self) -> BatchPolicy:
         return BatchPolicy(max_rows=self.batch_max_rows, max_seconds=self.batch_max_seconds)
+
+    @property
+    def partition_policy(self) -> PartitionPolicy:
+        return PartitionPolicy(
+            days_ahead=self.log_partitions_ahead_days, retention_days=self.log_retention_days
+        )

@@ -9,16 +9,24 @@ a second write of the same event a no-op: the first stored version wins.
 The same transaction adds the batch to the hourly rollups (``usage_hourly``), counting only the rows
 the insert reports as stored (``RETURNING``), so a redelivered event is never counted twice, and
 upserting rollup rows in key order, so two loggers writing at once cannot deadlock on them.
+
+On PostgreSQL the rows travel by ``COPY`` (binary) into a session-local staging table and move from
+there with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``: about three times faster
+than a multi-row ``INSERT`` with bound parameters, on the client and on the server. The staging table
+is created (if missing) inside each batch's transaction and emptied at every commit, so it works the
+same behind a transaction-pooling proxy. SQLite takes the plain ``INSERT``.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import String, Table
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 from services.common.clock import Clock, SystemClock
@@ -30,11 +38,21 @@ from services.logger.models import HOUR_MS, ROLLUP_COUNTERS, RequestLog, UsageHo
 
 _TABLE = cast(Table, RequestLog.__table__)
 _ROLLUPS = cast(Table, UsageHourly.__table__)
-ROLLUP_KEY: tuple[str, ...] = ("hour_ms", "key_id", "user_id", "model")
 _SYSTEM_CLOCK = SystemClock()
 
 # Event fields stored under their own name: all of them but the nested usage message.
 SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields if f.name != "usage")
+_USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "images", "usage_estimated")
+# A row is a tuple in this column order.
+COLUMNS: tuple[str, ...] = (*SCALAR_FIELDS, *_USAGE_COLUMNS, "logged_at_ms")
+_SCALARS = operator.attrgetter(*SCALAR_FIELDS)
+_USAGE = operator.attrgetter(
+    "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "images", "estimated"
+)
+_AT = {name: index for index, name in enumerate(COLUMNS)}
+_PRIMARY_KEY = operator.itemgetter(_AT["occurred_at_ms"], _AT["event_id"])
+
+ROLLUP_KEY: tuple[str, ...] = ("hour_ms", "key_id", "user_id", "model")
 
 # Declared lengths of the string columns (every one of them is an event field of the same name).
 _STRING_LIMITS: dict[str, int] = {
@@ -42,6 +60,18 @@ _STRING_LIMITS: dict[str, int] = {
     for column in _TABLE.columns
     if isinstance(column.type, String) and column.type.length is not None
 }
+_STRINGS = operator.attrgetter(*_STRING_LIMITS)
+_LIMITS = tuple(_STRING_LIMITS.values())
+
+_STAGE = "request_logs_stage"
+_COLUMN_LIST = ", ".join(COLUMNS)
+_CREATE_STAGE = f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} (LIKE request_logs) ON COMMIT DELETE ROWS"
+# ORDER BY: rows are inserted, and their keys locked, in primary-key order (see _rows).
+_MOVE_STAGED = (
+    f"INSERT INTO request_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} "
+    "ORDER BY occurred_at_ms, event_id "
+    "ON CONFLICT (occurred_at_ms, event_id) DO NOTHING RETURNING occurred_at_ms, event_id"
+)
 
 
 def check_storable(event: UsageEvent) -> None:
@@ -51,26 +81,26 @@ def check_storable(event: UsageEvent) -> None:
     """
     if event.occurred_at_ms <= 0:
         raise ValueError(f"UsageEvent without occurred_at_ms (got {event.occurred_at_ms})")
+    values = _STRINGS(event)
+    # One pass in C over all strings (this runs for every event); the slow path says which one failed.
+    # PostgreSQL text cannot contain NUL at all.
+    if "\x00" in "".join(values) or any(map(operator.gt, map(len, values), _LIMITS)):
+        _refuse_string(event)
+
+
+def _refuse_string(event: UsageEvent) -> None:
     for name, limit in _STRING_LIMITS.items():
         value: str = getattr(event, name)
         if len(value) > limit:
             raise ValueError(f"UsageEvent.{name} has {len(value)} characters; the column holds {limit}")
         if "\x00" in value:
-            # PostgreSQL text cannot contain NUL at all.
             raise ValueError(f"UsageEvent.{name} contains a NUL character")
+    raise ValueError("UsageEvent has a string the table cannot hold")
 
 
-def to_row(event: UsageEvent, *, logged_at_ms: int) -> dict[str, Any]:
-    """The ``request_logs`` row of one event."""
-    row = {name: getattr(event, name) for name in SCALAR_FIELDS}
-    usage = event.usage
-    row["prompt_tokens"] = usage.prompt_tokens
-    row["completion_tokens"] = usage.completion_tokens
-    row["cached_prompt_tokens"] = usage.cached_prompt_tokens
-    row["images"] = usage.images
-    row["usage_estimated"] = usage.estimated
-    row["logged_at_ms"] = logged_at_ms
-    return row
+def to_row(event: UsageEvent, *, logged_at_ms: int) -> tuple[Any, ...]:
+    """The ``request_logs`` row of one event, in :data:`COLUMNS` order."""
+    return (*_SCALARS(event), *_USAGE(event.usage), logged_at_ms)
 
 
 def to_event(row: RequestLog) -> UsageEvent:
@@ -85,15 +115,57 @@ def to_event(row: RequestLog) -> UsageEvent:
     return UsageEvent(usage=usage, **{name: getattr(row, name) for name in SCALAR_FIELDS})
 
 
-@functools.cache
-def _insert_statement(dialect: str) -> Insert:
-    if dialect == "postgresql":
-        pg = postgresql.insert(_TABLE).on_conflict_do_nothing(index_elements=["occurred_at_ms", "event_id"])
-        return pg.returning(_TABLE.c.occurred_at_ms, _TABLE.c.event_id)
-    if dialect == "sqlite":
-        lite = sqlite.insert(_TABLE).on_conflict_do_nothing(index_elements=["occurred_at_ms", "event_id"])
-        return lite.returning(_TABLE.c.occurred_at_ms, _TABLE.c.event_id)
-    raise ValueError(f"no idempotent insert for the {dialect!r} dialect")
+def _rows(events: Sequence[UsageEvent], logged_at_ms: int) -> list[tuple[Any, ...]]:
+    """Rows in primary-key order, each key once.
+
+    Every writer locks keys in the same order, so concurrent batches (two consumers during a
+    rebalance) cannot deadlock on each other.
+    """
+    # Sorting the row tuples is several times cheaper than sorting by protobuf attributes.
+    rows = sorted((to_row(event, logged_at_ms=logged_at_ms) for event in events), key=_PRIMARY_KEY)
+    unique: list[tuple[Any, ...]] = []
+    last_key: tuple[int, str] | None = None
+    for row in rows:
+        key = _PRIMARY_KEY(row)
+        if key != last_key:
+            unique.append(row)
+            last_key = key
+    return unique
+
+
+def rollups(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The ``usage_hourly`` deltas of ``rows``: one per (hour, key, user, model), sorted by that key.
+
+    The order is the lock order: every writer upserts rollup rows in it, so two transactions never wait
+    for each other in a cycle.
+    """
+    at = _AT
+    occurred_i, key_i, user_i, model_i = (at[n] for n in ("occurred_at_ms", "key_id", "user_id", "model"))
+    status_i = at["status_code"]
+    summed = tuple(at[n] for n in ROLLUP_COUNTERS[2:])
+    totals: dict[tuple[int, str, str, str], list[int]] = {}
+    for row in rows:
+        occurred = row[occurred_i]
+        key = (occurred - occurred % HOUR_MS, row[key_i], row[user_i], row[model_i])
+        counters = totals.get(key)
+        if counters is None:
+            counters = totals[key] = [0] * len(ROLLUP_COUNTERS)
+        # requests, failed_requests, then the summed columns, as in ROLLUP_COUNTERS.
+        counters[0] += 1
+        counters[1] += row[status_i] >= 400
+        for slot, index in enumerate(summed, start=2):
+            counters[slot] += row[index]
+    return [
+        {**dict(zip(ROLLUP_KEY, key, strict=True)), **dict(zip(ROLLUP_COUNTERS, counters, strict=True))}
+        for key, counters in sorted(totals.items())
+    ]
+
+
+_SQLITE_INSERT = (
+    sqlite.insert(_TABLE)
+    .on_conflict_do_nothing(index_elements=["occurred_at_ms", "event_id"])
+    .returning(_TABLE.c.occurred_at_ms, _TABLE.c.event_id)
+)
 
 
 @functools.cache
@@ -114,48 +186,23 @@ def _rollup_statement(dialect: str) -> Insert:
     raise ValueError(f"no rollup upsert for the {dialect!r} dialect")
 
 
-def _rows(events: Sequence[UsageEvent], logged_at_ms: int) -> list[dict[str, Any]]:
-    """Rows in primary-key order, each key once.
-
-    Every writer locks keys in the same order, so concurrent batches (two consumers during a
-    rebalance) cannot deadlock on each other.
-    """
-    rows: list[dict[str, Any]] = []
-    last_key: tuple[int, str] | None = None
-    for event in sorted(events, key=lambda e: (e.occurred_at_ms, e.event_id)):
-        key = (event.occurred_at_ms, event.event_id)
-        if key != last_key:
-            rows.append(to_row(event, logged_at_ms=logged_at_ms))
-            last_key = key
-    return rows
+async def _insert_postgresql(session: AsyncSession, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+    connection = await session.connection()
+    # Through SQLAlchemy first, so that its transaction has begun before the driver is used directly.
+    await connection.exec_driver_sql(_CREATE_STAGE)
+    driver: Any = (await connection.get_raw_connection()).driver_connection
+    await driver.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
+    stored: list[Any] = list(await connection.exec_driver_sql(_MOVE_STAGED))
+    return [(int(row[0]), str(row[1])) for row in stored]
 
 
-def rollups(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``usage_hourly`` deltas of ``rows``: one per (hour, key, user, model), sorted by that key.
+async def _insert_sqlite(session: AsyncSession, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+    params = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+    stored: list[Any] = list(await session.execute(_SQLITE_INSERT, params))
+    return [(int(row[0]), str(row[1])) for row in stored]
 
-    The order is the lock order: every writer upserts rollup rows in it, so two transactions never wait
-    for each other in a cycle.
-    """
-    totals: dict[tuple[int, str, str, str], list[int]] = {}
-    for row in rows:
-        occurred = row["occurred_at_ms"]
-        key = (occurred - occurred % HOUR_MS, row["key_id"], row["user_id"], row["model"])
-        counters = totals.get(key)
-        if counters is None:
-            counters = totals[key] = [0] * len(ROLLUP_COUNTERS)
-        # Same order as ROLLUP_COUNTERS.
-        counters[0] += 1
-        counters[1] += row["status_code"] >= 400
-        counters[2] += row["prompt_tokens"]
-        counters[3] += row["completion_tokens"]
-        counters[4] += row["cached_prompt_tokens"]
-        counters[5] += row["images"]
-        counters[6] += row["cost_micros"]
-        counters[7] += row["latency_ms"]
-    return [
-        {**dict(zip(ROLLUP_KEY, key, strict=True)), **dict(zip(ROLLUP_COUNTERS, counters, strict=True))}
-        for key, counters in sorted(totals.items())
-    ]
+
+_INSERTS = {"postgresql": _insert_postgresql, "sqlite": _insert_sqlite}
 
 
 async def write(db: Database, events: Sequence[UsageEvent], *, clock: Clock = _SYSTEM_CLOCK) -> int:
@@ -167,13 +214,17 @@ async def write(db: Database, events: Sequence[UsageEvent], *, clock: Clock = _S
     if not events:
         return 0
     rows = _rows(events, int(clock.time() * 1000))
+    insert = _INSERTS.get(db.dialect)
+    if insert is None:
+        raise ValueError(f"no idempotent insert for the {db.dialect!r} dialect")
     async with db.transaction() as session:
-        stored = (await session.execute(_insert_statement(db.dialect), rows)).all()
+        stored = await insert(session, rows)
         if len(stored) == len(rows):
             new_rows = rows
         else:
-            keys = {(occurred_at_ms, event_id) for occurred_at_ms, event_id in stored}
-            new_rows = [row for row in rows if (row["occurred_at_ms"], row["event_id"]) in keys]
+            keys = set(stored)
+            occurred_i, event_i = _AT["occurred_at_ms"], _AT["event_id"]
+            new_rows = [row for row in rows if (row[occurred_i], row[event_i]) in keys]
         if new_rows:
             await session.execute(_rollup_statement(db.dialect), rollups(new_rows))
     METRICS.logger_rows.labels(result="inserted").inc(len(new_rows))

@@ -11,7 +11,7 @@ from uuid import uuid4
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.common.db import Database
 from services.common.events import encode
@@ -133,3 +133,113 @@ class UsageTopic:
             return lag
         finally:
             await consumer.stop()
+
+
+# --- bursts: events of one run, with their own keys, and the checks that they landed exactly once ------
+
+HOUR_MS = 3_600_000
+_COUNTERS = ("requests", "failed", "prompt", "completion", "cached", "images", "cost", "latency")
+
+
+def burst_event(run_id: str, i: int, *, now_ms: int) -> UsageEvent:
+    """Event ``i`` of a burst: keys, users and models of this run only, spread over the last three hours
+    (so over several rollup hours, and over day partitions the logger has created)."""
+    return UsageEvent(
+        event_id=f"{run_id}_{i:06d}",
+        occurred_at_ms=now_ms - (i * 7919) % (3 * HOUR_MS),
+        key_id=f"{run_id}_k{i % 40:02d}",
+        # A key belongs to one user, as in the gateway.
+        user_id=f"{run_id}_u{i % 40 % 8}",
+        model=("gpt-4o", "gpt-4o-mini", "o3")[i % 3],
+        endpoint="/v1/chat/completions",
+        status_code=200 if i % 11 else 502,
+        usage=Usage(
+            prompt_tokens=i % 997, completion_tokens=i % 389, cached_prompt_tokens=i % 5, images=i % 2
+        ),
+        cost_micros=1 + i % 10_007,
+        latency_ms=i % 1500,
+    )
+
+
+def expected_rollups(events: Iterable[UsageEvent]) -> dict[tuple[int, str, str, str], tuple[int, ...]]:
+    """What ``usage_hourly`` must hold for these events, each counted once."""
+    totals: dict[tuple[int, str, str, str], list[int]] = {}
+    for e in {e.event_id: e for e in events}.values():
+        key = (e.occurred_at_ms - e.occurred_at_ms % HOUR_MS, e.key_id, e.user_id, e.model)
+        row = totals.setdefault(key, [0] * len(_COUNTERS))
+        values = (
+            1,
+            int(e.status_code >= 400),
+            e.usage.prompt_tokens,
+            e.usage.completion_tokens,
+            e.usage.cached_prompt_tokens,
+            e.usage.images,
+            e.cost_micros,
+            e.latency_ms,
+        )
+        for slot, value in enumerate(values):
+            row[slot] += value
+    return {key: tuple(row) for key, row in totals.items()}
+
+
+_RAW_AGGREGATE = text(
+    "SELECT occurred_at_ms - occurred_at_ms % 3600000, key_id, user_id, model, count(*), "
+    "sum(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), sum(prompt_tokens), sum(completion_tokens), "
+    "sum(cached_prompt_tokens), sum(images), sum(cost_micros), sum(latency_ms) FROM request_logs "
+    "WHERE key_id LIKE :pattern ESCAPE '\\' GROUP BY 1, 2, 3, 4"
+)
+_ROLLUPS = text(
+    "SELECT hour_ms, key_id, user_id, model, requests, failed_requests, prompt_tokens, completion_tokens, "
+    "cached_prompt_tokens, images, cost_micros, latency_ms FROM usage_hourly "
+    "WHERE key_id LIKE :pattern ESCAPE '\\'"
+)
+
+
+def _keyed(rows: Iterable[Any]) -> dict[tuple[int, str, str, str], tuple[int, ...]]:
+    return {(int(r[0]), r[1], r[2], r[3]): tuple(int(v) for v in r[4:]) for r in rows}
+
+
+async def raw_aggregate(db: Database, run_id: str) -> dict[tuple[int, str, str, str], tuple[int, ...]]:
+    """An aggregate over the raw rows of one run's keys, shaped like ``usage_hourly`` (from the primary)."""
+    async with db.reader(consistent=True) as session:
+        return _keyed(await session.execute(_RAW_AGGREGATE, {"pattern": f"{run_id}\\_%"}))
+
+
+async def stored_rollups(db: Database, run_id: str) -> dict[tuple[int, str, str, str], tuple[int, ...]]:
+    """``usage_hourly`` rows of one run's keys (from the primary)."""
+    async with db.reader(consistent=True) as session:
+        return _keyed(await session.execute(_ROLLUPS, {"pattern": f"{run_id}\\_%"}))
+
+
+async def burst_totals(db: Database, run_id: str) -> tuple[int, int, int, int]:
+    """Rows, distinct event ids, sum of costs and sum of prompt tokens of one run's keys."""
+    async with db.reader(consistent=True) as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT count(*), count(DISTINCT event_id), coalesce(sum(cost_micros), 0), "
+                    "coalesce(sum(prompt_tokens), 0) FROM request_logs WHERE key_id LIKE :pattern ESCAPE '\\'"
+                ),
+                {"pattern": f"{run_id}\\_%"},
+            )
+        ).one()
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
+def expected_totals(events: Iterable[UsageEvent]) -> tuple[int, int, int, int]:
+    unique_events = list({e.event_id: e for e in events}.values())
+    return (
+        len(unique_events),
+        len(unique_events),
+        sum(e.cost_micros for e in unique_events),
+        sum(e.usage.prompt_tokens for e in unique_events),
+    )
+
+
+async def assert_landed_exactly_once(db: Database, run_id: str, events: list[UsageEvent]) -> None:
+    """Count and sum checks on the raw rows, and rollups equal both to an aggregate over the raw rows
+    and to what the events add up to."""
+    assert await burst_totals(db, run_id) == expected_totals(events)
+    rollups = await stored_rollups(db, run_id)
+    assert rollups == await raw_aggregate(db, run_id)
+    assert rollups == expected_rollups(events)

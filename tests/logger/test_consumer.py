@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.common.db import Database
@@ -58,6 +59,13 @@ async def test_rebalance_writes_the_batch_before_giving_up_partitions(
     assert await topic.uncommitted() == 0
 
 
+def _lag() -> float:
+    return sum(
+        REGISTRY.get_sample_value("relaygate_logger_consumer_lag", {"partition": str(p)}) or 0.0
+        for p in range(4)
+    )
+
+
 @pytest.fixture
 async def refusing_inserts(database: Database) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """Make every insert into request_logs fail (a raising trigger) until the yielded callable is awaited."""
@@ -101,6 +109,12 @@ async def test_failing_writes_pause_fetching_and_commit_nothing(
         await eventually(paused, timeout=10, what="the consumer to pause after a failed write")
         held = consumer.pending
         assert 0 < held <= 300
+
+        async def lagging() -> bool:
+            return _lag() == 300
+
+        # Nothing is committed: the lag is every message the fetches have seen.
+        await eventually(lagging, timeout=5, what="the lag gauge to count the uncommitted messages")
         # Paused partitions are not fetched from: more traffic does not pile up in memory.
         more = [make_event(run_id, i) for i in range(300, 2300)]
         await topic.produce(more)
@@ -121,3 +135,8 @@ async def test_failing_writes_pause_fetching_and_commit_nothing(
             return await topic.uncommitted() == 0
 
         await eventually(all_committed, timeout=5, what="every offset committed")
+
+        async def caught_up() -> bool:
+            return _lag() == 0
+
+        await eventually(caught_up, timeout=5, what="the lag gauge to read zero")

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.logger.batch import BatchPolicy
+from services.logger.partitions import PartitionPolicy
 from services.logger.settings import LoggerSettings
 
 
@@ -17,6 +18,9 @@ def test_defaults() -> None:
     assert settings.logger_group_id == "relaygate-logger"
     assert settings.batch_policy == BatchPolicy(max_rows=5000, max_seconds=1.0)
     assert (settings.kafka_session_timeout_ms, settings.kafka_heartbeat_interval_ms) == (6000, 1000)
+    # Logs are never dropped unless retention is configured; partitions exist a week ahead.
+    assert settings.partition_policy == PartitionPolicy(days_ahead=7, retention_days=0)
+    assert settings.log_maintenance_interval_s == 3600
 
 
 @pytest.mark.parametrize(
@@ -31,6 +35,9 @@ def test_defaults() -> None:
         ),
         pytest.param({"logger_group_id": " "}, "GROUP_ID", id="blank group"),
         pytest.param({"logger_listen": ""}, "LOGGER_LISTEN", id="blank listen"),
+        pytest.param({"log_retention_days": -1}, "log_retention_days", id="negative retention"),
+        pytest.param({"log_partitions_ahead_days": 0}, "log_partitions_ahead_days", id="no partition ahead"),
+        pytest.param({"log_maintenance_interval_s": 0}, "log_maintenance_interval_s", id="no interval"),
     ],
 )
 def test_refuses_unsafe_values(values: dict[str, Any], message: str) -> None:
@@ -41,6 +48,9 @@ def test_refuses_unsafe_values(values: dict[str, Any], message: str) -> None:
 def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAYGATE_BATCH_MAX_ROWS", "250")
     monkeypatch.setenv("RELAYGATE_LOGGER_GROUP_ID", "logger-b")
+    monkeypatch.setenv("RELAYGATE_LOG_RETENTION_DAYS", "90")
+    monkeypatch.setenv("RELAYGATE_LOG_PARTITIONS_AHEAD_DAYS", "3")
     settings = LoggerSettings()
     assert settings.batch_max_rows == 250
     assert settings.logger_group_id == "logger-b"
+    assert settings.partition_policy == PartitionPolicy(days_ahead=3, retention_days=90)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from services.common.pb.relaygate.events.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _UsageGroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageGroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_GROUP_BY_UNSPECIFIED: _UsageGroupBy.ValueType  # 0
+    USAGE_GROUP_BY_KEY: _UsageGroupBy.ValueType  # 1
+    USAGE_GROUP_BY_USER: _UsageGroupBy.ValueType  # 2
+    USAGE_GROUP_BY_MODEL: _UsageGroupBy.ValueType  # 3
+
+class UsageGroupBy(_UsageGroupBy, metaclass=_UsageGroupByEnumTypeWrapper):
+    """What a usage summary is broken down by, besides time."""
+
+USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy.ValueType  # 0
+USAGE_GROUP_BY_KEY: UsageGroupBy.ValueType  # 1
+USAGE_GROUP_BY_USER: UsageGroupBy.ValueType  # 2
+USAGE_GROUP_BY_MODEL: UsageGroupBy.ValueType  # 3
+Global___UsageGroupBy: _TypeAlias = UsageGroupBy  # noqa: Y015
+
+class _UsageGranularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageGranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGranularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_GRANULARITY_UNSPECIFIED: _UsageGranularity.ValueType  # 0
+    """Same as HOUR."""
+    USAGE_GRANULARITY_HOUR: _UsageGranularity.ValueType  # 1
+    USAGE_GRANULARITY_DAY: _UsageGranularity.ValueType  # 2
+
+class UsageGranularity(_UsageGranularity, metaclass=_UsageGranularityEnumTypeWrapper):
+    """Width of the time buckets, aligned on UTC."""
+
+USAGE_GRANULARITY_UNSPECIFIED: UsageGranularity.ValueType  # 0
+"""Same as HOUR."""
+USAGE_GRANULARITY_HOUR: UsageGranularity.ValueType  # 1
+USAGE_GRANULARITY_DAY: UsageGranularity.ValueType  # 2
+Global___UsageGranularity: _TypeAlias = UsageGranularity  # noqa: Y015
 
 @_typing.final
 class ListRequestLogsRequest(_message.Message):
@@ -83,3 +124,144 @@ class ListRequestLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRequestLogsResponse: _TypeAlias = ListRequestLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageSummaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    granularity: Global___UsageGranularity.ValueType
+    key_id: _builtins.str
+    """Filters; empty = any."""
+    user_id: _builtins.str
+    model: _builtins.str
+    since_ms: _builtins.int
+    """Unix milliseconds, inclusive start and exclusive end; 0 = open. Widened to whole hours (the
+    rollups' resolution); the response says which range was summarized.
+    """
+    until_ms: _builtins.int
+    limit: _builtins.int
+    """Buckets per page: 0 = 1000, at most 10000."""
+    cursor: _builtins.str
+    """Opaque; from the previous page, with the same request otherwise."""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___UsageGroupBy.ValueType]:
+        """Empty: one total per time bucket. Repeating a dimension changes nothing."""
+
+    def __init__(
+        self,
+        *,
+        group_by: _abc.Iterable[Global___UsageGroupBy.ValueType] | None = ...,
+        granularity: Global___UsageGranularity.ValueType = ...,
+        key_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "granularity", b"granularity", "group_by", b"group_by", "key_id", b"key_id", "limit", b"limit", "model", b"model", "since_ms", b"since_ms", "until_ms", b"until_ms", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageSummaryRequest: _TypeAlias = GetUsageSummaryRequest  # noqa: Y015
+
+@_typing.final
+class UsageBucket(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_START_MS_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    FAILED_REQUESTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    bucket_start_ms: _builtins.int
+    """Start of the hour or UTC day, unix milliseconds."""
+    key_id: _builtins.str
+    """Set only for the dimensions grouped by."""
+    user_id: _builtins.str
+    model: _builtins.str
+    requests: _builtins.int
+    failed_requests: _builtins.int
+    """Requests answered with an HTTP status of 400 or more."""
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    cached_prompt_tokens: _builtins.int
+    images: _builtins.int
+    cost_micros: _builtins.int
+    """Micro-units of the account currency."""
+    latency_ms: _builtins.int
+    """Sum of the requests' latencies; divided by requests it is the mean."""
+    def __init__(
+        self,
+        *,
+        bucket_start_ms: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        failed_requests: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        images: _builtins.int = ...,
+        cost_micros: _builtins.int = ...,
+        latency_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_ms", b"bucket_start_ms", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_micros", b"cost_micros", "failed_requests", b"failed_requests", "images", b"images", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageBucket: _TypeAlias = UsageBucket  # noqa: Y015
+
+@_typing.final
+class GetUsageSummaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    since_ms: _builtins.int
+    """The range summarized after widening to whole hours (0 = open)."""
+    until_ms: _builtins.int
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageBucket]:
+        """Ordered by bucket_start_ms, then key_id, user_id, model."""
+
+    def __init__(
+        self,
+        *,
+        buckets: _abc.Iterable[Global___UsageBucket] | None = ...,
+        next_cursor: _builtins.str = ...,
+        since_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "next_cursor", b"next_cursor", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageSummaryResponse: _TypeAlias = GetUsageSummaryResponse  # noqa: Y015

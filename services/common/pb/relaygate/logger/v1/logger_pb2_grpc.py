@@ -39,6 +39,11 @@ class LoggerServiceStub:
                 request_serializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsRequest.SerializeToString,
                 response_deserializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsResponse.FromString,
                 _registered_method=True)
+        self.GetUsageSummary = channel.unary_unary(
+                '/relaygate.logger.v1.LoggerService/GetUsageSummary',
+                request_serializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryRequest.SerializeToString,
+                response_deserializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryResponse.FromString,
+                _registered_method=True)
 
 
 class LoggerServiceServicer:
@@ -50,6 +55,14 @@ class LoggerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsageSummary(self, request, context):
+        """Usage totals per hour or day, optionally per key, user and model. Answered from the hourly
+        rollups (never by scanning the logs), on a read replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoggerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_LoggerServiceServicer_to_server(servicer, server):
                     servicer.ListRequestLogs,
                     request_deserializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsRequest.FromString,
                     response_serializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsResponse.SerializeToString,
+            ),
+            'GetUsageSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsageSummary,
+                    request_deserializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryRequest.FromString,
+                    response_serializer=relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class LoggerService:
             '/relaygate.logger.v1.LoggerService/ListRequestLogs',
             relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsRequest.SerializeToString,
             relaygate_dot_logger_dot_v1_dot_logger__pb2.ListRequestLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsageSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.logger.v1.LoggerService/GetUsageSummary',
+            relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryRequest.SerializeToString,
+            relaygate_dot_logger_dot_v1_dot_logger__pb2.GetUsageSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,11 +32,19 @@ class LoggerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LoggerServiceAsyncStub: ...
     ListRequestLogs: _grpc.UnaryUnaryMultiCallable[_logger_pb2.ListRequestLogsRequest, _logger_pb2.ListRequestLogsResponse]
+    GetUsageSummary: _grpc.UnaryUnaryMultiCallable[_logger_pb2.GetUsageSummaryRequest, _logger_pb2.GetUsageSummaryResponse]
+    """Usage totals per hour or day, optionally per key, user and model. Answered from the hourly
+    rollups (never by scanning the logs), on a read replica.
+    """
 
 @_typing.type_check_only
 class LoggerServiceAsyncStub(LoggerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListRequestLogs: _aio.UnaryUnaryMultiCallable[_logger_pb2.ListRequestLogsRequest, _logger_pb2.ListRequestLogsResponse]  # type: ignore[assignment]
+    GetUsageSummary: _aio.UnaryUnaryMultiCallable[_logger_pb2.GetUsageSummaryRequest, _logger_pb2.GetUsageSummaryResponse]  # type: ignore[assignment]
+    """Usage totals per hour or day, optionally per key, user and model. Answered from the hourly
+    rollups (never by scanning the logs), on a read replica.
+    """
 
 class LoggerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -45,5 +53,15 @@ class LoggerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _logger_pb2.ListRequestLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_logger_pb2.ListRequestLogsResponse, _abc.Awaitable[_logger_pb2.ListRequestLogsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUsageSummary(
+        self,
+        request: _logger_pb2.GetUsageSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_logger_pb2.GetUsageSummaryResponse, _abc.Awaitable[_logger_pb2.GetUsageSummaryResponse]]:
+        """Usage totals per hour or day, optionally per key, user and model. Answered from the hourly
+        rollups (never by scanning the logs), on a read replica.
+        """
 
 def add_LoggerServiceServicer_to_server(servicer: LoggerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
