@@ -238,3 +238,47 @@ async def request_logs(
         cursor=cursor,
     )
     return render(await call(gateway.logger.ListRequestLogs, message, timeout=timeout(gateway)))
+
+
+_GROUP_BY = {
+    "key": logger_pb2.USAGE_GROUP_BY_KEY,
+    "user": logger_pb2.USAGE_GROUP_BY_USER,
+    "model": logger_pb2.USAGE_GROUP_BY_MODEL,
+}
+_GRANULARITY = {"hour": logger_pb2.USAGE_GRANULARITY_HOUR, "day": logger_pb2.USAGE_GRANULARITY_DAY}
+
+
+@router.get("/usage")
+async def usage_summary(
+    request: Request,
+    gateway: GatewayDep,
+    group_by: str = "",
+    granularity: str = "hour",
+    key_id: str = "",
+    user_id: str = "",
+    model: str = "",
+    since_ms: int = 0,
+    until_ms: int = 0,
+    limit: int = 0,
+    cursor: str = "",
+) -> Response:
+    """Usage per hour or day from the rollups, grouped by any of key, user, model (comma-separated)."""
+    await require_admin(request, gateway, READ)
+    dimensions = [part.strip() for part in group_by.split(",") if part.strip()]
+    unknown = [d for d in dimensions if d not in _GROUP_BY]
+    if unknown:
+        raise InvalidRequest(f"group_by takes key, user, model (got {unknown}).", param="group_by")
+    if granularity not in _GRANULARITY:
+        raise InvalidRequest("granularity is 'hour' or 'day'.", param="granularity")
+    message = logger_pb2.GetUsageSummaryRequest(
+        group_by=[_GROUP_BY[d] for d in dimensions],
+        granularity=_GRANULARITY[granularity],
+        key_id=key_id,
+        user_id=user_id,
+        model=model,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        limit=limit,
+        cursor=cursor,
+    )
+    return render(await call(gateway.logger.GetUsageSummary, message, timeout=timeout(gateway)))

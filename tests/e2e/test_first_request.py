@@ -108,6 +108,13 @@ async def test_chat_completion_travels_the_whole_path(deployment: Deployment) ->
         await engine.dispose()
     assert count == 1
 
+    # The hourly rollup the logger kept in the same transaction answers the usage summary.
+    with deployment.admin() as admin:
+        summary = admin.get("/admin/v1/usage", params={"group_by": "user,model", "user_id": user_id}).json()
+    assert [
+        (b["user_id"], b["model"], int(b["requests"]), int(b["cost_micros"])) for b in summary["buckets"]
+    ] == [(user_id, MODEL, 1, expected_cost(usage))]
+
 
 @pytest.mark.parametrize(
     ("key_kind", "body", "status", "code"),
