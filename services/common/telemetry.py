@@ -148,7 +148,8 @@ class Metrics:
         )
         # Gauge: 1 while the shared rate/concurrency limit state (Redis) is unreachable.
         self.quota_limits_degraded = Gauge("relaygate_quota_limits_degraded", "Limit state unreachable")
-        # Histogram: operations per quota ledger transaction (group commit), by kind (ledger).
+        # Histogram: operations per quota group commit (one transaction or Redis pipeline), by kind
+        # (ledger, limits).
         self.quota_batch_size = Histogram(
             "relaygate_quota_batch_size",
             "Operations per transaction",

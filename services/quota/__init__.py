@@ -1,4 +1,5 @@
-"""The quota service: the price book, balances, reserve -> settle/release accounting and the channel catalog.
+"""The quota service: the price book, balances, budgets, rate and concurrency limits, reserve ->
+settle/release accounting, reconciliation and the channel catalog.
 
 Start it with ``python -m services.quota``; ``app.run`` is the composition root.
 """

@@ -11,9 +11,13 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.redis import redis_client
+from services.quota.budgets import Budgets, Calendar
 from services.quota.catalog import Catalog
-from services.quota.ledger import Ledger
+from services.quota.ledger import BatchPolicy, Ledger
+from services.quota.limits import GuardedLimiter, Limiter, LocalLimiter
 from services.quota.pricing import PriceBook
+from services.quota.redis_limits import RedisLimiter
 from services.quota.servicer import SERVICE_NAME, QuotaServicer
 from services.quota.settings import QuotaSettings
 
@@ -39,7 +43,31 @@ async def run(
         stack.push_async_callback(db.close)
         await db.start()
 
+        limiter: Limiter
+        if settings.redis_url:
+            redis = redis_client(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+            shared = RedisLimiter(redis, clock=clock)
+            stack.push_async_callback(shared.close)
+            limiter = GuardedLimiter(
+                shared,
+                clock=clock,
+                fail_open=settings.limits_fail_open,
+                retry_interval_s=settings.limits_retry_interval_s,
+            )
+        else:
+            # Embedded default: one quota process, so in-process limits are exact.
+            limiter = LocalLimiter(clock)
+        log.info(
+            "limits",
+            extra={
+                "state": "redis" if settings.redis_url else "in-process",
+                "fail_open": settings.limits_fail_open,
+            },
+        )
+
         prices = PriceBook(db, clock=clock, cache_ttl_s=settings.price_cache_ttl_s)
+        calendar = Calendar(settings.budget_timezone)
         ledger = Ledger(
             db,
             prices,
@@ -47,7 +75,14 @@ async def run(
             reservation_ttl_s=settings.reservation_ttl_s,
             allow_overage=settings.allow_overage,
             expiry_batch_size=settings.expiry_batch_size,
+            limiter=limiter,
+            calendar=calendar,
+            batching=BatchPolicy(settings.ledger_batch_max, settings.ledger_batch_concurrency),
+            replica_wait_s=settings.replica_wait_s,
         )
+        # Runs after the server has drained: the last batches commit before the pools close.
+        stack.push_async_callback(ledger.close)
+        budgets = Budgets(db, clock=clock, calendar=calendar)
         catalog = Catalog(db, clock=clock)
 
         sweeper = asyncio.create_task(
@@ -55,7 +90,7 @@ async def run(
         )
         stack.push_async_callback(_cancel, sweeper)
 
-        servicer = QuotaServicer(ledger=ledger, prices=prices, catalog=catalog)
+        servicer = QuotaServicer(ledger=ledger, prices=prices, catalog=catalog, budgets=budgets)
         await serve(
             [Registration(SERVICE_NAME, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server)],
             listen=settings.quota_listen,
@@ -71,6 +106,7 @@ async def sweep_expired(ledger: Ledger, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await ledger.expire_due()
+            await ledger.maintain()
         except Exception:
             # Typically the primary is unreachable; holds stay held (never lost) until a sweep succeeds.
             log.warning("expiry sweep failed", exc_info=True)

@@ -1,47 +1,55 @@
-"""Balances, holds and the append-only ledger: reserve, settle, release, expire, top up, reconcile.
+"""Balances, holds and the append-only ledger: reserve, settle, release, expire, top up, read.
 
-Invariants, at every commit, whatever the concurrency:
+Invariants, at every commit, whatever the concurrency and however many quota processes run:
 
 * ``accounts.balance_micros >= accounts.reserved_micros >= 0`` (also a CHECK in the schema): a balance
   never goes below zero and never below what is held;
 * ``accounts.balance_micros == sum(ledger_entries.amount_micros)`` per user: top-ups are positive,
   adjustments signed, and each settled or expired reservation has exactly one ``charge`` entry
   (its negated charge, possibly 0); a released one has none;
-* ``accounts.reserved_micros == sum(reservations.reserved_micros where state = 'held')`` per user.
+* ``accounts.reserved_micros == sum(reservations.reserved_micros where state = 'held')`` per user;
+* every budget window: ``spent + held <= cap`` at each hold, and its ``spent`` and ``reserved`` equal
+  the charges and holds of the reservations counted in it.
 
-How each operation keeps them:
-
-* **reserve** holds the worst case with one conditional ``UPDATE ... WHERE balance - reserved >= :r``
-  on the primary, in the same transaction as the reservation insert. The row lock serializes
-  concurrent holds on one account and the condition is re-checked on the locked row, so N parallel
-  requests against a balance worth N-1 holds get exactly N-1 holds. There is no "rich user" shortcut.
-* **settle / release / expire** start with the state transition ``UPDATE reservations ... WHERE
-  state = 'held'``. Exactly one caller wins it; every other call (a retry, a racing release, another
-  quota replica's sweeper) finds the reservation finished and gets the stored outcome with
-  ``repeated=True``. The winner then moves money in the same transaction.
-* Locks are always taken reservation first, account second (reserve only inserts a new reservation),
-  so the operations cannot deadlock each other.
+How: :meth:`Ledger.reserve` checks the rate and concurrency limits first (one atomic call to the
+limiter, :mod:`services.quota.limits`), then holds the worst-case cost against the balance and every
+budget window (:mod:`services.quota.holding`); a refusal there gives the limiter's share back. Settle,
+release and expiry finish a reservation after locking it, so exactly one caller finishes it and every
+other gets the stored outcome (:mod:`services.quota.settlement`); its concurrency slot is freed after
+the commit. Concurrent reserves and finishes share one transaction on the primary
+(:mod:`services.quota.posting`, batched by :mod:`services.quota.group_commit`).
+:mod:`services.quota.reconcile` checks the invariants after the fact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import JSON, Row, Table, bindparam, func, insert, literal, select, update
+from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.clock import Clock
 from services.common.db import Database
-from services.common.errors import Conflict, GatewayError, InsufficientQuota, InvalidRequest, NotFound
+from services.common.errors import Conflict, InvalidRequest, QuotaError, ServiceUnavailable
 from services.common.telemetry import METRICS
 from services.quota import models
-from services.quota.pricing import MAX_IMAGES, MAX_TOKENS, Price, PriceBook, Usage, cost, worst_case
+from services.quota.budgets import Calendar
+from services.quota.group_commit import GroupCommit
+from services.quota.holding import Hold, HoldRequest
+from services.quota.limits import NO_LIMITS, Limiter, LimitRequest, Limits, LocalLimiter, Ticket, lease_names
+from services.quota.models import EXPIRED, HELD, RELEASED, SETTLED, STATES
+from services.quota.posting import Operation, Posting, Result
+from services.quota.pricing import MAX_IMAGES, MAX_TOKENS, PriceBook, Usage, worst_case
+from services.quota.reconcile import Discrepancy, reconcile
+from services.quota.settlement import FinishRequest, Outcome
 
 __all__ = [
     "EXPIRED",
@@ -49,54 +57,29 @@ __all__ = [
     "RELEASED",
     "SETTLED",
     "BalanceView",
+    "BatchPolicy",
     "Discrepancy",
     "Hold",
     "Ledger",
     "Outcome",
+    "ReservationPage",
+    "ReservationView",
 ]
 
 log = logging.getLogger(__name__)
 
-HELD = "held"
-SETTLED = "settled"
-RELEASED = "released"
-EXPIRED = "expired"
-
-# Ledger entry flags.
-FLAG_CAPPED = "capped"
-FLAG_OVERAGE = "overage"
-FLAG_ESTIMATED = "estimated"
-FLAG_EXPIRED = "expired"
-
 # Keeps a balance far below 2**63 micro-units whatever is added.
 MAX_TOP_UP_MICROS = 10**15
+MAX_PAGE = 500
 
-# --- SQL, built once: the request path only binds parameters (building statements costs more than
-# running them). Bind names differ from column names, which Core reserves for SET/VALUES.
 _A = cast(Table, models.Account.__table__).c
 _R = cast(Table, models.Reservation.__table__).c
 _L = cast(Table, models.LedgerEntry.__table__).c
 _ACCOUNTS = cast(Table, models.Account.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
 _ENTRIES = cast(Table, models.LedgerEntry.__table__)
+_RESERVATIONS = cast(Table, models.Reservation.__table__)
 
 _BALANCE = select(_A.balance_micros, _A.reserved_micros).where(_A.user_id == bindparam("uid"))
-_BALANCE_FOR_UPDATE = _BALANCE.with_for_update()
-_HOLD = (
-    update(_ACCOUNTS)
-    .where(_A.user_id == bindparam("uid"), _A.balance_micros - _A.reserved_micros >= bindparam("amount"))
-    .values(reserved_micros=_A.reserved_micros + bindparam("amount"), updated_at=bindparam("now"))
-    .returning(_A.balance_micros, _A.reserved_micros)
-)
-_MOVE_MONEY = (
-    update(_ACCOUNTS)
-    .where(_A.user_id == bindparam("uid"))
-    .values(
-        balance_micros=_A.balance_micros - bindparam("charged"),
-        reserved_micros=_A.reserved_micros - bindparam("released"),
-        updated_at=bindparam("now"),
-    )
-)
 _CREDIT = (
     update(_ACCOUNTS)
     .where(_A.user_id == bindparam("uid"))
@@ -105,70 +88,45 @@ _CREDIT = (
 )
 # An adjustment down may not uncover what open reservations hold.
 _DEBIT = _CREDIT.where(_A.balance_micros + bindparam("amount") >= _A.reserved_micros)
-
-_RESERVATION = select(
-    _R.id, _R.user_id, _R.model, _R.state, _R.price_id, _R.reserved_micros, _R.expires_at
-).where(_R.id == bindparam("rid"))
-_INSERT_RESERVATION = insert(_RESERVATIONS)
-# The one statement that decides who finishes a reservation: only a caller that sees it held wins.
-_FINISH = (
-    update(_RESERVATIONS)
-    .where(_R.id == bindparam("rid"), _R.state == HELD)
-    .values(state=bindparam("new_state"), finished_at=bindparam("now"))
-    .returning(_R.user_id, _R.price_id, _R.reserved_micros)
-)
-_EXPIRE = (
-    update(_RESERVATIONS)
-    .where(_R.id == bindparam("rid"), _R.state == HELD, _R.expires_at <= bindparam("cutoff"))
-    .values(state=EXPIRED, finished_at=bindparam("cutoff"), charged_micros=_R.reserved_micros)
-    .returning(_R.user_id, _R.price_id, _R.reserved_micros)
-)
-_RECORD_CHARGE = (
-    update(_RESERVATIONS)
-    .where(_R.id == bindparam("rid"))
-    .values(charged_micros=bindparam("charged"), usage=bindparam("usage_json", type_=JSON()))
-)
 _DUE = (
     select(_R.id)
     .where(_R.state == HELD, _R.expires_at <= bindparam("cutoff"))
     .order_by(_R.expires_at)
     .limit(bindparam("batch"))
 )
-_STORED_OUTCOME = (
-    select(_R.state, _R.charged_micros, _R.reserved_micros, _R.price_id, _L.flags)
-    .select_from(_RESERVATIONS.outerjoin(_ENTRIES, _L.reservation_id == _R.id))
-    .where(_R.id == bindparam("rid"))
-)
 _INSERT_ENTRY = insert(_ENTRIES)
 _ENTRY_OWNER = select(_L.user_id).where(_L.idempotency_key == bindparam("key"))
+_PAGE = (
+    select(
+        _R.id,
+        _R.user_id,
+        _R.key_id,
+        _R.model,
+        _R.price_id,
+        _R.reserved_micros,
+        _R.state,
+        _R.charged_micros,
+        _R.usage,
+        _R.created_at,
+        _R.expires_at,
+        _R.finished_at,
+    )
+    .where(_R.user_id == bindparam("uid"))
+    .order_by(_R.created_at.desc(), _R.id.desc())
+    .limit(bindparam("rows"))
+)
 
 
 @dataclass(frozen=True, slots=True)
-class Hold:
-    """A reservation in state ``held``; ``repeated`` when this call found it already in place."""
+class BatchPolicy:
+    """How many operations share a transaction, and how many such transactions run at once."""
 
-    reservation_id: str
-    user_id: str
-    reserved_micros: int
-    price: Price
-    # Balance minus every hold of the user, just after this one.
-    available_micros: int
-    expires_at: int
-    repeated: bool = False
+    max_batch: int = 64
+    concurrency: int = 1
 
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a reservation finished: ``settled``, ``released`` or ``expired``."""
-
-    reservation_id: str
-    state: str
-    charged_micros: int
-    reserved_micros: int
-    price_id: int
-    # True when this call found the reservation already finished (a repeat or a lost race).
-    repeated: bool
-    flags: tuple[str, ...] = ()
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 1000 or not 1 <= self.concurrency <= 64:
+            raise ValueError("max_batch must be 1..1000 and concurrency 1..64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +134,8 @@ class BalanceView:
     user_id: str
     balance_micros: int
     reserved_micros: int
+    # After a write: the primary's WAL position including it (0 on SQLite and for plain reads).
+    written_lsn: int = 0
 
     @property
     def available_micros(self) -> int:
@@ -183,14 +143,26 @@ class BalanceView:
 
 
 @dataclass(frozen=True, slots=True)
-class Discrepancy:
-    """A user whose balance disagrees with the ledger, or whose held total disagrees with the holds."""
-
+class ReservationView:
+    reservation_id: str
     user_id: str
-    balance_micros: int
-    ledger_sum_micros: int
+    key_id: str
+    model: str
+    price_id: int
     reserved_micros: int
-    held_sum_micros: int
+    state: str
+    charged_micros: int
+    usage: Usage
+    created_at: int
+    expires_at: int
+    finished_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationPage:
+    reservations: tuple[ReservationView, ...]
+    # Pass back to get the next page; empty on the last one.
+    next_cursor: str
 
 
 def _require(name: str, value: str, max_len: int) -> None:
@@ -209,11 +181,20 @@ def _check_count(name: str, value: int, limit: int) -> None:
         raise InvalidRequest(f"{name} must be between 0 and {limit} (got {value})", param=name)
 
 
-class Ledger:
-    """The accounting operations, each one transaction on the primary (balance reads excepted).
+@contextlib.contextmanager
+def _primary_required() -> Iterator[None]:
+    """Database failures other than a broken constraint mean the primary cannot be used: 503."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        raise ServiceUnavailable(f"the ledger database is unavailable: {type(exc).__name__}") from exc
 
-    ``clock`` supplies every timestamp, so expiry is testable without sleeping.
-    """
+
+class Ledger:
+    """The accounting operations. ``clock`` supplies every timestamp, so expiry and budget windows
+    are testable without sleeping; ``limiter`` defaults to in-process limits (one quota process)."""
 
     def __init__(
         self,
@@ -224,20 +205,29 @@ class Ledger:
         reservation_ttl_s: int,
         allow_overage: bool = False,
         expiry_batch_size: int = 100,
+        limiter: Limiter | None = None,
+        calendar: Calendar | None = None,
+        batching: BatchPolicy | None = None,
+        replica_wait_s: float = 0.05,
     ) -> None:
         self._db = db
         self._prices = prices
         self._clock = clock
         self._ttl = reservation_ttl_s
-        self._allow_overage = allow_overage
         self._batch = expiry_batch_size
+        self._limiter: Limiter = limiter or LocalLimiter(clock)
+        self._calendar = calendar or Calendar()
+        self._replica_wait_s = replica_wait_s
+        batching = batching or BatchPolicy()
+        posting = Posting(db, prices, self._calendar, allow_overage=allow_overage)
+        # Reserves and finishes share transactions: one commit for both, one update per account.
+        self._posting = GroupCommit[Operation, Result](
+            "ledger", posting.execute, max_batch=batching.max_batch, concurrency=batching.concurrency
+        )
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One committed transaction on the primary, as its Core connection (every statement here is
-        Core; the ORM session's per-statement bookkeeping would only cost time)."""
-        async with self._db.transaction() as session:
-            yield await session.connection()
+    async def close(self) -> None:
+        """Wait for the batches in flight; call after the server stopped taking requests."""
+        await self._posting.close()
 
     @contextlib.asynccontextmanager
     async def _reading(self, *, consistent: bool) -> AsyncIterator[AsyncConnection]:
@@ -256,13 +246,17 @@ class Ledger:
         max_output_tokens: int = 0,
         images: int = 0,
         key_id: str = "",
+        key_limits: Limits = NO_LIMITS,
+        user_limits: Limits = NO_LIMITS,
     ) -> Hold:
-        """Hold the worst-case cost of a request against the user's balance.
+        """Check the key's and user's limits and hold the worst-case cost of a request.
 
-        Raises :class:`InsufficientQuota` when ``balance - held`` cannot cover it (a user without an
-        account has 0 available), :class:`ModelNotFound` for an unpriced model. Idempotent by
-        ``reservation_id``: a repeat returns the existing hold without holding twice, and
-        :class:`Conflict` when that id belongs to another request or has already finished.
+        Raises :class:`RateLimited` / :class:`ConcurrencyLimited` (with ``retry_after``) for the
+        limits, :class:`InsufficientQuota` when ``balance - held`` cannot cover the hold (a user
+        without an account has 0), :class:`BudgetExceeded` naming the budget that cannot, and
+        :class:`ModelNotFound` for an unpriced model. Idempotent by ``reservation_id``: a repeat
+        returns the existing hold without holding twice, and :class:`Conflict` when that id belongs
+        to another request or has already finished.
         """
         _require("reservation_id", reservation_id, 64)
         _require("user_id", user_id, 40)
@@ -270,91 +264,66 @@ class Ledger:
         _check_count("prompt_tokens", prompt_tokens, MAX_TOKENS)
         _check_count("max_output_tokens", max_output_tokens, MAX_TOKENS)
         _check_count("images", images, MAX_IMAGES)
+        key_limits.validate("key_limits")
+        user_limits.validate("user_limits")
         price = await self._prices.current(model)
         amount = worst_case(
             price, prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens, images=images
         )
-        now = int(self._clock.time())
-        expires_at = now + self._ttl
+        now = self._clock.time()
+        created_at = int(now)
+        expires_at = created_at + self._ttl
+        limits = LimitRequest.build(
+            reservation_id=reservation_id,
+            key_id=key_id,
+            user_id=user_id,
+            key_limits=key_limits,
+            user_limits=user_limits,
+            tokens=prompt_tokens + (max_output_tokens or price.default_max_output_tokens),
+            lease_until=expires_at,
+        )
         try:
-            async with self._transaction() as conn:
-                existing = (await conn.execute(_RESERVATION, {"rid": reservation_id})).one_or_none()
-                if existing is not None:
-                    return await self._repeat_hold(conn, existing, user_id=user_id, model=model)
-                balance, reserved = await self._hold(conn, user_id, amount, now)
-                await conn.execute(
-                    _INSERT_RESERVATION,
-                    {
-                        "id": reservation_id,
-                        "user_id": user_id,
-                        "key_id": key_id,
-                        "model": model,
-                        "price_id": price.price_id,
-                        "reserved_micros": amount,
-                        "state": HELD,
-                        "charged_micros": 0,
-                        "usage": {},
-                        "created_at": now,
-                        "expires_at": expires_at,
-                        "finished_at": 0,
-                    },
-                )
-        except IntegrityError:
-            # A concurrent reserve with the same id committed first; our hold rolled back with this
-            # transaction, so answering with theirs holds exactly once.
-            async with self._reading(consistent=True) as conn:
-                existing = (await conn.execute(_RESERVATION, {"rid": reservation_id})).one_or_none()
-                if existing is None:
-                    raise
-                return await self._repeat_hold(conn, existing, user_id=user_id, model=model)
-        return Hold(
+            ticket = await self._limiter.acquire(limits)
+        except QuotaError as exc:
+            METRICS.quota_rejections.labels(reason=exc.code).inc()
+            raise
+        day_start, month_start = self._calendar.windows(now)
+        request = HoldRequest(
             reservation_id=reservation_id,
             user_id=user_id,
-            reserved_micros=amount,
+            key_id=key_id,
+            model=model,
             price=price,
-            available_micros=balance - reserved,
+            amount=amount,
+            key_budgets=(key_limits.daily_budget_micros, key_limits.monthly_budget_micros),
+            user_budgets=(user_limits.daily_budget_micros, user_limits.monthly_budget_micros),
+            created_at=created_at,
             expires_at=expires_at,
+            day_start=day_start,
+            month_start=month_start,
+            leases=ticket.lease_bits,
         )
+        try:
+            with _primary_required():
+                hold = await self._posting.submit(request)
+            if not isinstance(hold, Hold):
+                raise TypeError(f"a reserve was answered with {hold!r}")
+        except Exception as exc:
+            # Definitely not held (a cancelled caller is not: its batch may still commit).
+            await self._give_back(ticket)
+            if isinstance(exc, QuotaError):
+                METRICS.quota_rejections.labels(reason=exc.code).inc()
+            raise
+        if hold.repeated:
+            await self._give_back(ticket)
+        return dataclasses.replace(hold, requests=ticket.requests, tokens=ticket.tokens)
 
-    async def _hold(self, conn: AsyncConnection, user_id: str, amount: int, now: int) -> tuple[int, int]:
-        """Add ``amount`` to the user's holds if the balance covers it; return (balance, reserved)."""
-        if amount == 0:
-            # A free request fits in any balance, including a missing account's zero.
-            current = await self._read_balance(conn, user_id)
-            return current.balance_micros, current.reserved_micros
-        row = (await conn.execute(_HOLD, {"uid": user_id, "amount": amount, "now": now})).one_or_none()
-        if row is None:
-            current = await self._read_balance(conn, user_id)
-            METRICS.quota_rejections.labels(reason=InsufficientQuota.code).inc()
-            raise InsufficientQuota(
-                f"insufficient quota: this request needs {amount} micro-units but only "
-                f"{current.available_micros} are available"
-            )
-        return int(row[0]), int(row[1])
-
-    async def _repeat_hold(
-        self, conn: AsyncConnection, existing: Row[*tuple[Any, ...]], *, user_id: str, model: str
-    ) -> Hold:
-        if existing.user_id != user_id or existing.model != model:
-            raise Conflict(
-                f"reservation id {existing.id!r} is already used by another request", param="reservation_id"
-            )
-        if existing.state != HELD:
-            # Answering "held" here would let the caller spend upstream money against no hold at all.
-            raise Conflict(
-                f"reservation {existing.id!r} is already {existing.state}; reserve with a new id",
-                param="reservation_id",
-            )
-        current = await self._read_balance(conn, user_id)
-        return Hold(
-            reservation_id=existing.id,
-            user_id=existing.user_id,
-            reserved_micros=existing.reserved_micros,
-            price=await self._prices.by_id(existing.price_id),
-            available_micros=current.available_micros,
-            expires_at=existing.expires_at,
-            repeated=True,
-        )
+    async def _give_back(self, ticket: Ticket) -> None:
+        try:
+            await self._limiter.rollback(ticket)
+        except Exception:
+            # Counters lapse within a minute and slots with the TTL: never worth failing the request.
+            log.warning("could not give back rate/concurrency counts", exc_info=True)
 
     # -- settle, release, expire ----------------------------------------------------------------------
 
@@ -362,49 +331,14 @@ class Ledger:
         """Charge ``usage`` at the reservation's price and return the rest of the hold.
 
         The charge never exceeds the hold (flag ``capped``) unless overage is allowed, in which case
-        it is bounded by what the balance covers beyond the user's other holds (flag ``overage``). An
-        estimated usage (flag ``estimated``) is always capped at the hold. A repeat, or a settle that
-        lost a race with release or expiry, returns the stored outcome with ``repeated=True``;
-        :class:`NotFound` for an unknown id.
+        it is bounded by what the balance and the hold's budget windows cover beyond other holds
+        (flag ``overage``). An estimated usage (flag ``estimated``) is always capped at the hold. A
+        repeat, or a settle that lost a race with release or expiry, returns the stored outcome with
+        ``repeated=True``; :class:`NotFound` for an unknown id.
         """
         _require("reservation_id", reservation_id, 64)
         usage.validate()
-        now = int(self._clock.time())
-        async with self._transaction() as conn:
-            finish = {"rid": reservation_id, "new_state": SETTLED, "now": now}
-            won = (await conn.execute(_FINISH, finish)).one_or_none()
-            if won is None:
-                return await self._stored_outcome(conn, reservation_id)
-            user_id, price_id, reserved = str(won[0]), int(won[1]), int(won[2])
-            price = await self._prices.by_id(price_id)
-            charged, flags = await self._charge_for(
-                conn, user_id, reserved=reserved, full=cost(price, usage), estimated=usage.estimated
-            )
-            await conn.execute(
-                _RECORD_CHARGE, {"rid": reservation_id, "charged": charged, "usage_json": usage.as_json()}
-            )
-            await self._finish(
-                conn, user_id, reservation_id, price_id, charged=charged, reserved=reserved, flags=flags
-            )
-        METRICS.quota_finished.labels(state=SETTLED).inc()
-        return Outcome(reservation_id, SETTLED, charged, reserved, price_id, repeated=False, flags=flags)
-
-    async def _charge_for(
-        self, conn: AsyncConnection, user_id: str, *, reserved: int, full: int, estimated: bool
-    ) -> tuple[int, tuple[str, ...]]:
-        """The amount to charge for a cost of ``full`` against a hold of ``reserved``, and its flags."""
-        marks = (FLAG_ESTIMATED,) if estimated else ()
-        if full <= reserved:
-            return full, marks
-        if estimated or not self._allow_overage:
-            return reserved, (FLAG_CAPPED, *marks)
-        # The account row is locked until commit, so the room computed here is still there at the update.
-        row = (await conn.execute(_BALANCE_FOR_UPDATE, {"uid": user_id})).one_or_none()
-        # No account: only a free hold (0 reserved) gets here, and nothing can be charged.
-        room = 0 if row is None else int(row[0]) - (int(row[1]) - reserved)
-        charged = max(reserved, min(full, room))
-        flags = ((FLAG_OVERAGE,) if charged > reserved else ()) + ((FLAG_CAPPED,) if charged < full else ())
-        return charged, flags
+        return await self._finish(FinishRequest(reservation_id, SETTLED, int(self._clock.time()), usage))
 
     async def release(self, reservation_id: str, reason: str = "") -> Outcome:
         """Return the whole hold; nothing is charged and no ledger entry is written.
@@ -413,115 +347,59 @@ class Ledger:
         with ``repeated=True``; :class:`NotFound` for an unknown id.
         """
         _require("reservation_id", reservation_id, 64)
-        now = int(self._clock.time())
-        async with self._transaction() as conn:
-            finish = {"rid": reservation_id, "new_state": RELEASED, "now": now}
-            won = (await conn.execute(_FINISH, finish)).one_or_none()
-            if won is None:
-                return await self._stored_outcome(conn, reservation_id)
-            user_id, price_id, reserved = str(won[0]), int(won[1]), int(won[2])
-            await self._move_money(conn, user_id, charged=0, reserved=reserved, now=now)
-        log.debug("reservation released", extra={"reservation_id": reservation_id, "reason": reason[:200]})
-        METRICS.quota_finished.labels(state=RELEASED).inc()
-        return Outcome(reservation_id, RELEASED, 0, reserved, price_id, repeated=False)
+        outcome = await self._finish(FinishRequest(reservation_id, RELEASED, int(self._clock.time())))
+        if not outcome.repeated:
+            log.debug(
+                "reservation released", extra={"reservation_id": reservation_id, "reason": reason[:200]}
+            )
+        return outcome
+
+    async def _finish(self, request: FinishRequest) -> Outcome:
+        with _primary_required():
+            outcome = await self._posting.submit(request)
+        if not isinstance(outcome, Outcome):
+            raise TypeError(f"a {request.target} was answered with {outcome!r}")
+        await self._free_slots(outcome)
+        return outcome
+
+    async def _free_slots(self, outcome: Outcome) -> None:
+        if not outcome.repeated:
+            METRICS.quota_finished.labels(state=outcome.state).inc()
+        names = lease_names(outcome.key_id, outcome.user_id, outcome.leases)
+        if names:
+            # Also on a repeat: freeing is idempotent, and the first attempt may have failed.
+            await self._limiter.release(outcome.reservation_id, names)
 
     async def expire_due(self, now: float | None = None) -> int:
-        """Settle every hold whose TTL has passed at its reserved amount (state and flag ``expired``).
+        """Settle every hold whose TTL has passed at its reserved amount (state and flag ``expired``)
+        and free its concurrency slot.
 
-        Works in batches of ``expiry_batch_size``, one transaction per reservation, so a long backlog
-        never holds locks for long. Safe to run in several quota processes at once: the conditional
-        transition decides which one charges. Returns how many this call expired.
+        Works through the backlog ``expiry_batch_size`` reservations at a time. Safe to run in
+        several quota processes at once: the reservation lock decides which one charges. Returns
+        how many this call expired.
         """
         cutoff = int(self._clock.time() if now is None else now)
         expired = 0
         while True:
             async with self._reading(consistent=True) as conn:
                 due = (await conn.scalars(_DUE, {"cutoff": cutoff, "batch": self._batch})).all()
-            for reservation_id in due:
-                expired += await self._expire_one(reservation_id, cutoff)
+            with _primary_required():
+                outcomes = await asyncio.gather(
+                    *(self._posting.submit(FinishRequest(rid, EXPIRED, cutoff)) for rid in due)
+                )
+            for outcome in outcomes:
+                if isinstance(outcome, Outcome):
+                    expired += 1
+                    await self._free_slots(outcome)
             if len(due) < self._batch:
                 break
         if expired:
             log.info("expired reservations settled at their reserved amount", extra={"count": expired})
         return expired
 
-    async def _expire_one(self, reservation_id: str, cutoff: int) -> int:
-        async with self._transaction() as conn:
-            won = (await conn.execute(_EXPIRE, {"rid": reservation_id, "cutoff": cutoff})).one_or_none()
-            if won is None:
-                return 0
-            user_id, price_id, reserved = str(won[0]), int(won[1]), int(won[2])
-            await self._finish(
-                conn,
-                user_id,
-                reservation_id,
-                price_id,
-                charged=reserved,
-                reserved=reserved,
-                flags=(FLAG_EXPIRED,),
-            )
-        METRICS.quota_finished.labels(state=EXPIRED).inc()
-        return 1
-
-    async def _finish(
-        self,
-        conn: AsyncConnection,
-        user_id: str,
-        reservation_id: str,
-        price_id: int,
-        *,
-        charged: int,
-        reserved: int,
-        flags: tuple[str, ...],
-    ) -> None:
-        """Charge ``charged``, drop the hold of ``reserved``, and write the one charge entry."""
-        now = int(self._clock.time())
-        await self._move_money(conn, user_id, charged=charged, reserved=reserved, now=now)
-        await conn.execute(
-            _INSERT_ENTRY,
-            {
-                "user_id": user_id,
-                "kind": "charge",
-                "amount_micros": -charged,
-                "reservation_id": reservation_id,
-                "price_id": price_id,
-                "idempotency_key": None,
-                "actor": "",
-                "reason": "",
-                "flags": ",".join(flags),
-                "created_at": now,
-            },
-        )
-
-    async def _move_money(
-        self, conn: AsyncConnection, user_id: str, *, charged: int, reserved: int, now: int
-    ) -> None:
-        if charged == 0 and reserved == 0:
-            # Free requests hold nothing, and their user may have no account at all.
-            return
-        result = await conn.execute(
-            _MOVE_MONEY, {"uid": user_id, "charged": charged, "released": reserved, "now": now}
-        )
-        if getattr(result, "rowcount", 0) != 1:
-            raise GatewayError(f"account {user_id!r} of a held reservation is missing")
-
-    async def _stored_outcome(self, conn: AsyncConnection, reservation_id: str) -> Outcome:
-        row = (await conn.execute(_STORED_OUTCOME, {"rid": reservation_id})).one_or_none()
-        if row is None:
-            raise NotFound(f"reservation {reservation_id!r} does not exist", param="reservation_id")
-        state, charged, reserved, price_id, flags = row
-        if state == HELD:
-            # Only reachable when the reserve that created it has not committed yet.
-            raise Conflict(f"reservation {reservation_id!r} is still being reserved; retry")
-        return Outcome(
-            reservation_id,
-            str(state),
-            int(charged),
-            int(reserved),
-            int(price_id),
-            repeated=True,
-            flags=tuple(flag for flag in (flags or "").split(",") if flag),
-        )
+    async def maintain(self) -> None:
+        """Periodic upkeep of the limiter (frees slots whose release failed during an outage)."""
+        await self._limiter.maintain()
 
     # -- balances ------------------------------------------------------------------------------------
 
@@ -539,7 +417,7 @@ class Ledger:
         Creates the account when missing. An adjustment that would leave the balance below what open
         reservations hold is refused with :class:`InvalidRequest`. With an ``idempotency_key``, a
         repeat writes nothing and returns the current balance (:class:`Conflict` if that key was used
-        for another user).
+        for another user). The answer carries ``written_lsn`` for a later read-your-write.
         """
         _require("user_id", user_id, 40)
         _limit_length("reason", reason, 500)
@@ -552,39 +430,9 @@ class Ledger:
                 param="amount_micros",
             )
         key = idempotency_key or None
-        now = int(self._clock.time())
         try:
-            async with self._transaction() as conn:
-                if key is not None and (repeat := await self._topup_repeat(conn, key, user_id)):
-                    return repeat
-                await conn.execute(self._insert_account_if_missing(user_id, now))
-                change = _CREDIT if amount_micros > 0 else _DEBIT
-                params = {"uid": user_id, "amount": amount_micros, "now": now}
-                row = (await conn.execute(change, params)).one_or_none()
-                if row is None:
-                    current = await self._read_balance(conn, user_id)
-                    raise InvalidRequest(
-                        f"an adjustment of {amount_micros} would leave a balance of "
-                        f"{current.balance_micros + amount_micros}, below the {current.reserved_micros} "
-                        "held by open reservations",
-                        param="amount_micros",
-                    )
-                await conn.execute(
-                    _INSERT_ENTRY,
-                    {
-                        "user_id": user_id,
-                        "kind": "topup" if amount_micros > 0 else "adjustment",
-                        "amount_micros": amount_micros,
-                        "reservation_id": None,
-                        "price_id": None,
-                        "idempotency_key": key,
-                        "actor": actor,
-                        "reason": reason,
-                        "flags": "",
-                        "created_at": now,
-                    },
-                )
-                return BalanceView(user_id, int(row[0]), int(row[1]))
+            with _primary_required():
+                view = await self._top_up(user_id, amount_micros, reason, actor, key)
         except IntegrityError:
             # The same key committed concurrently; this attempt rolled back entirely.
             if key is None:
@@ -593,7 +441,46 @@ class Ledger:
                 repeat = await self._topup_repeat(conn, key, user_id)
             if repeat is None:
                 raise
-            return repeat
+            view = repeat
+        return dataclasses.replace(view, written_lsn=await self._db.primary_lsn() or 0)
+
+    async def _top_up(
+        self, user_id: str, amount_micros: int, reason: str, actor: str, key: str | None
+    ) -> BalanceView:
+        now = int(self._clock.time())
+        async with self._db.transaction() as session:
+            conn = await session.connection()
+            if key is not None and (repeat := await self._topup_repeat(conn, key, user_id)):
+                return repeat
+            await conn.execute(self._insert_account_if_missing(user_id, now))
+            change = _CREDIT if amount_micros > 0 else _DEBIT
+            row = (
+                await conn.execute(change, {"uid": user_id, "amount": amount_micros, "now": now})
+            ).one_or_none()
+            if row is None:
+                current = await self._read_balance(conn, user_id)
+                raise InvalidRequest(
+                    f"an adjustment of {amount_micros} would leave a balance of "
+                    f"{current.balance_micros + amount_micros}, below the {current.reserved_micros} "
+                    "held by open reservations",
+                    param="amount_micros",
+                )
+            await conn.execute(
+                _INSERT_ENTRY,
+                {
+                    "user_id": user_id,
+                    "kind": "topup" if amount_micros > 0 else "adjustment",
+                    "amount_micros": amount_micros,
+                    "reservation_id": None,
+                    "price_id": None,
+                    "idempotency_key": key,
+                    "actor": actor,
+                    "reason": reason,
+                    "flags": "",
+                    "created_at": now,
+                },
+            )
+            return BalanceView(user_id, int(row[0]), int(row[1]))
 
     async def _topup_repeat(self, conn: AsyncConnection, key: str, user_id: str) -> BalanceView | None:
         owner = await conn.scalar(_ENTRY_OWNER, {"key": key})
@@ -613,12 +500,18 @@ class Ledger:
         dialect = postgresql if self._db.dialect == "postgresql" else sqlite
         return dialect.insert(_ACCOUNTS).values(values).on_conflict_do_nothing(index_elements=["user_id"])
 
-    async def balance(self, user_id: str, *, consistent: bool = False) -> BalanceView:
-        """A user's balance (zeros without an account), from a replica unless ``consistent``.
+    async def balance(self, user_id: str, *, consistent: bool = False, min_lsn: int = 0) -> BalanceView:
+        """A user's balance (zeros without an account).
 
-        Use ``consistent=True`` to see your own recent write: a replica may still be replaying it.
+        By default from a replica. ``consistent=True`` reads the primary; ``min_lsn`` (the
+        ``written_lsn`` of an earlier write) reads a replica that has replayed that write, or the
+        primary when none has within a few milliseconds, so a caller always sees its own write.
         """
         _require("user_id", user_id, 40)
+        if min_lsn > 0 and not consistent:
+            caught_up = await self._db.wait_replica_caught_up(min_lsn, timeout=self._replica_wait_s)
+            consistent = not caught_up
+            METRICS.quota_read_your_writes.labels(target="primary" if consistent else "replica").inc()
         async with self._reading(consistent=consistent) as conn:
             return await self._read_balance(conn, user_id)
 
@@ -629,47 +522,63 @@ class Ledger:
             return BalanceView(user_id, 0, 0)
         return BalanceView(user_id, int(row[0]), int(row[1]))
 
-    async def reconcile(self, *, consistent: bool = False) -> list[Discrepancy]:
-        """Every user whose balance differs from the sum of their ledger entries, or whose held total
-        differs from the sum of their held reservations. Empty when the books are right.
+    # -- reports -------------------------------------------------------------------------------------
 
-        Reading a replica is fine: its snapshot is an older commit, and the invariants hold at every
-        commit. ``consistent=True`` checks the newest state on the primary.
-        """
-        sums = (
-            select(_L.user_id.label("user_id"), func.sum(_L.amount_micros).label("total"))
-            .group_by(_L.user_id)
-            .subquery()
-        )
-        held = (
-            select(_R.user_id.label("user_id"), func.sum(_R.reserved_micros).label("total"))
-            .where(_R.state == HELD)
-            .group_by(_R.user_id)
-            .subquery()
-        )
-        ledger_total = func.coalesce(sums.c.total, 0)
-        held_total = func.coalesce(held.c.total, 0)
-        accounts = (
-            select(
-                _A.user_id,
-                _A.balance_micros,
-                ledger_total,
-                _A.reserved_micros,
-                held_total,
+    async def list_reservations(
+        self, user_id: str, *, state: str = "", limit: int = 50, cursor: str = "", consistent: bool = False
+    ) -> ReservationPage:
+        """A user's reservations, newest first, ``limit`` per page (at most 500)."""
+        _require("user_id", user_id, 40)
+        if state and state not in STATES:
+            raise InvalidRequest(f"state must be one of {', '.join(STATES)} (got {state!r})", param="state")
+        rows_wanted = min(max(limit or 50, 1), MAX_PAGE)
+        query = _PAGE
+        params: dict[str, object] = {"uid": user_id, "rows": rows_wanted + 1}
+        if state:
+            query = query.where(_R.state == bindparam("state"))
+            params["state"] = state
+        if cursor:
+            created, _, after = cursor.partition(":")
+            if not created.isdigit() or not after:
+                raise InvalidRequest("cursor is not one this service returned", param="cursor")
+            query = query.where(
+                or_(
+                    _R.created_at < bindparam("c_at"),
+                    and_(_R.created_at == bindparam("c_at"), _R.id < bindparam("c_id")),
+                )
             )
-            .outerjoin(sums, sums.c.user_id == _A.user_id)
-            .outerjoin(held, held.c.user_id == _A.user_id)
-            .where((_A.balance_micros != ledger_total) | (_A.reserved_micros != held_total))
-        )
-        # Ledger entries of a user without an account must sum to zero (only free requests do that).
-        orphans = (
-            select(sums.c.user_id, literal(0), sums.c.total, literal(0), literal(0))
-            .outerjoin(_ACCOUNTS, _A.user_id == sums.c.user_id)
-            .where(_A.user_id.is_(None), sums.c.total != 0)
-        )
+            params.update(c_at=int(created), c_id=after)
         async with self._reading(consistent=consistent) as conn:
-            rows = (await conn.execute(accounts.union_all(orphans))).all()
-        return sorted(
-            (Discrepancy(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows),
-            key=lambda d: d.user_id,
-        )
+            rows = (await conn.execute(query, params)).all()
+        views = tuple(_reservation_view(row) for row in rows[:rows_wanted])
+        more = len(rows) > rows_wanted
+        next_cursor = f"{views[-1].created_at}:{views[-1].reservation_id}" if more else ""
+        return ReservationPage(views, next_cursor)
+
+    async def reconcile(self, *, consistent: bool = False) -> list[Discrepancy]:
+        """Everything the books disagree on (see :mod:`services.quota.reconcile`); empty when right."""
+        return await reconcile(self._db, consistent=consistent)
+
+
+def _reservation_view(row: Any) -> ReservationView:
+    usage = row[8] or {}
+    return ReservationView(
+        reservation_id=str(row[0]),
+        user_id=str(row[1]),
+        key_id=str(row[2]),
+        model=str(row[3]),
+        price_id=int(row[4]),
+        reserved_micros=int(row[5]),
+        state=str(row[6]),
+        charged_micros=int(row[7]),
+        usage=Usage(
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            cached_prompt_tokens=int(usage.get("cached_prompt_tokens", 0)),
+            images=int(usage.get("images", 0)),
+            estimated=bool(usage.get("estimated", False)),
+        ),
+        created_at=int(row[9]),
+        expires_at=int(row[10]),
+        finished_at=int(row[11]),
+    )

@@ -1,7 +1,9 @@
-"""Tables owned by quota: the price book, balances, reservations, the ledger and the channel catalog.
+"""Tables owned by quota: the price book, balances, budgets, reservations, the ledger and the channel catalog.
 
 The ledger is append-only and is the record of every change to a balance:
-``accounts.balance_micros == sum(ledger_entries.amount_micros)`` for each user at every commit.
+``accounts.balance_micros == sum(ledger_entries.amount_micros)`` for each user at every commit. Budget
+usage is derived the same way: each ``budget_usage`` row equals the sum of the holds and charges of the
+reservations that name its window (``services.quota.reconcile`` checks all of it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, UniqueCons
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.db import Base
+
+# Reservation states: held -> settled | released | expired.
+HELD = "held"
+SETTLED = "settled"
+RELEASED = "released"
+EXPIRED = "expired"
+STATES = (HELD, SETTLED, RELEASED, EXPIRED)
 
 
 class Price(Base):
@@ -45,6 +54,47 @@ class Account(Base):
     updated_at: Mapped[int] = mapped_column(default=0)
 
 
+class Budget(Base):
+    """An operator-set spending cap for one key or user over a calendar window (day or month).
+
+    The cap in force for a request is the smaller of this and the budget carried by the key's or
+    user's ``Limits`` (set in auth); either alone applies when the other is absent.
+    """
+
+    __tablename__ = "budgets"
+    __table_args__ = (CheckConstraint("limit_micros > 0", name="limit_positive"),)
+
+    # key | user
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # day | month
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    limit_micros: Mapped[int]
+    actor: Mapped[str] = mapped_column(String(200), default="")
+    updated_at: Mapped[int]
+
+
+class BudgetUsage(Base):
+    """What one budget window has spent and holds. A new window is a new row, so budgets reset alone."""
+
+    __tablename__ = "budget_usage"
+    __table_args__ = (
+        CheckConstraint("spent_micros >= 0", name="spent_non_negative"),
+        CheckConstraint("reserved_micros >= 0", name="reserved_non_negative"),
+    )
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    # Unix seconds of the window's first instant (midnight / the 1st, in the budget time zone).
+    window_start: Mapped[int] = mapped_column(primary_key=True)
+    spent_micros: Mapped[int] = mapped_column(default=0)
+    reserved_micros: Mapped[int] = mapped_column(default=0)
+    # The cap in force at the latest hold; bounds overage charges against this window.
+    limit_micros: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[int] = mapped_column(default=0)
+
+
 class Reservation(Base):
     __tablename__ = "reservations"
     __table_args__ = (Index("ix_reservations_state_expires", "state", "expires_at"),)
@@ -62,6 +112,13 @@ class Reservation(Base):
     created_at: Mapped[int]
     expires_at: Mapped[int]
     finished_at: Mapped[int] = mapped_column(default=0)
+    # The budget windows this hold counts against (``budgets.KEY_DAY | KEY_MONTH | USER_DAY |
+    # USER_MONTH`` bits) and their starts; settle moves the money in exactly those windows.
+    budget_windows: Mapped[int] = mapped_column(default=0, server_default="0")
+    day_start: Mapped[int] = mapped_column(default=0, server_default="0")
+    month_start: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Concurrency slots taken (``limits.LEASE_KEY | LEASE_USER``), given back when it finishes.
+    leases: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class LedgerEntry(Base):

@@ -195,11 +195,25 @@ class PriceBook:
         self._generation = 0
         self._by_id: dict[int, Price] = {}
         self._lock = asyncio.Lock()
+        # Reloads started so far.
+        self._reloads = 0
 
     async def current(self, model: str) -> Price:
-        """The newest price of ``model``; :class:`ModelNotFound` when it has none."""
+        """The newest price of ``model``; :class:`ModelNotFound` when it has none.
+
+        A model missing from the cached book reloads it first, so a model just priced through
+        another quota process is served at once rather than after the TTL. Concurrent misses share
+        one reload.
+        """
         book = await self._book()
         price = book.get(model)
+        if price is None:
+            # Any reload that starts after this point will do, ours or a concurrent one.
+            wanted = self._reloads + 1
+            async with self._lock:
+                if self._reloads < wanted:
+                    await self._reload()
+            price = self._current.get(model)
         if price is None:
             raise ModelNotFound(f"no price is configured for model {model!r}", param="model")
         return price
@@ -262,6 +276,7 @@ class PriceBook:
         return self._loaded_at is not None and self._clock.monotonic() - self._loaded_at < self._ttl
 
     async def _reload(self) -> None:
+        self._reloads += 1
         generation = self._generation
         started = self._clock.monotonic()
         newest = select(func.max(models.Price.id)).group_by(models.Price.model)

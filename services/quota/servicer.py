@@ -10,10 +10,13 @@ from typing import Any
 
 import grpc
 
+from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.quota.budgets import Budgets, BudgetStatus
 from services.quota.catalog import Catalog, Channel
-from services.quota.ledger import BalanceView, Hold, Ledger, Outcome
+from services.quota.ledger import BalanceView, Hold, Ledger, Outcome, ReservationView
+from services.quota.limits import Limits, Window
 from services.quota.pricing import Price, PriceBook, Usage
 
 __all__ = ["SERVICE_NAME", "QuotaServicer"]
@@ -86,6 +89,14 @@ def channel_from_pb(message: pb.Channel) -> Channel:
     )
 
 
+def _window_to_pb(window: Window | None) -> pb.RateLimitWindow | None:
+    if window is None:
+        return None
+    return pb.RateLimitWindow(
+        limit=window.limit, remaining=window.remaining, reset_ms=max(0, round(window.reset_s * 1000))
+    )
+
+
 def _hold_to_pb(hold: Hold) -> pb.ReserveResponse:
     return pb.ReserveResponse(
         reservation_id=hold.reservation_id,
@@ -93,6 +104,59 @@ def _hold_to_pb(hold: Hold) -> pb.ReserveResponse:
         price=price_to_pb(hold.price),
         available_micros=hold.available_micros,
         expires_at=hold.expires_at,
+        requests=_window_to_pb(hold.requests),
+        tokens=_window_to_pb(hold.tokens),
+    )
+
+
+def _limits_from_pb(message: types_pb2.Limits) -> Limits:
+    return Limits(
+        rpm=message.rpm,
+        tpm=message.tpm,
+        max_concurrency=message.max_concurrency,
+        daily_budget_micros=message.daily_budget_micros,
+        monthly_budget_micros=message.monthly_budget_micros,
+    )
+
+
+def _usage_to_pb(usage: Usage) -> types_pb2.Usage:
+    return types_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+        images=usage.images,
+        estimated=usage.estimated,
+    )
+
+
+def _reservation_to_pb(view: ReservationView) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=view.reservation_id,
+        user_id=view.user_id,
+        key_id=view.key_id,
+        model=view.model,
+        price_id=view.price_id,
+        reserved_micros=view.reserved_micros,
+        state=view.state,
+        charged_micros=view.charged_micros,
+        usage=_usage_to_pb(view.usage),
+        created_at=view.created_at,
+        expires_at=view.expires_at,
+        finished_at=view.finished_at,
+    )
+
+
+def _budget_to_pb(status: BudgetStatus) -> pb.BudgetStatus:
+    return pb.BudgetStatus(
+        scope=status.scope,
+        scope_id=status.scope_id,
+        period=status.period,
+        limit_micros=status.limit_micros,
+        window_start=status.window_start,
+        resets_at=status.resets_at,
+        spent_micros=status.spent_micros,
+        reserved_micros=status.reserved_micros,
+        effective_limit_micros=status.effective_limit_micros,
     )
 
 
@@ -113,20 +177,18 @@ def _balance_to_pb(view: BalanceView) -> pb.Balance:
         balance_micros=view.balance_micros,
         reserved_micros=view.reserved_micros,
         available_micros=view.available_micros,
+        written_lsn=view.written_lsn,
     )
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
-    """``relaygate.quota.v1.QuotaService``.
+    """``relaygate.quota.v1.QuotaService``."""
 
-    Reserve does not yet read ``key_limits``/``user_limits`` (RPM, TPM, concurrency and windowed
-    budgets); those are enforced by a limits module still to come, in the same Reserve call.
-    """
-
-    def __init__(self, *, ledger: Ledger, prices: PriceBook, catalog: Catalog) -> None:
+    def __init__(self, *, ledger: Ledger, prices: PriceBook, catalog: Catalog, budgets: Budgets) -> None:
         self._ledger = ledger
         self._prices = prices
         self._catalog = catalog
+        self._budgets = budgets
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         hold = await self._ledger.reserve(
@@ -137,6 +199,8 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             prompt_tokens=request.prompt_tokens,
             max_output_tokens=request.max_output_tokens,
             images=request.images,
+            key_limits=_limits_from_pb(request.key_limits),
+            user_limits=_limits_from_pb(request.user_limits),
         )
         return _hold_to_pb(hold)
 
@@ -155,7 +219,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         return _outcome_to_pb(await self._ledger.release(request.reservation_id, request.reason))
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.Balance:
-        view = await self._ledger.balance(request.user_id, consistent=request.consistent)
+        view = await self._ledger.balance(
+            request.user_id, consistent=request.consistent, min_lsn=request.min_lsn
+        )
         return _balance_to_pb(view)
 
     async def TopUp(self, request: pb.TopUpRequest, context: Context) -> pb.Balance:
@@ -167,6 +233,52 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             idempotency_key=request.idempotency_key,
         )
         return _balance_to_pb(view)
+
+    async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.BudgetStatus:
+        status = await self._budgets.set_budget(
+            scope=request.scope,
+            scope_id=request.scope_id,
+            period=request.period,
+            limit_micros=request.limit_micros,
+            actor=request.actor,
+        )
+        return _budget_to_pb(status)
+
+    async def GetBudgets(self, request: pb.GetBudgetsRequest, context: Context) -> pb.BudgetList:
+        statuses = await self._budgets.statuses(
+            scope=request.scope, scope_id=request.scope_id, consistent=request.consistent
+        )
+        return pb.BudgetList(budgets=[_budget_to_pb(s) for s in statuses])
+
+    async def ListReservations(
+        self, request: pb.ListReservationsRequest, context: Context
+    ) -> pb.ReservationList:
+        page = await self._ledger.list_reservations(
+            request.user_id,
+            state=request.state,
+            limit=request.limit,
+            cursor=request.cursor,
+            consistent=request.consistent,
+        )
+        return pb.ReservationList(
+            reservations=[_reservation_to_pb(v) for v in page.reservations], next_cursor=page.next_cursor
+        )
+
+    async def Reconcile(self, request: pb.ReconcileRequest, context: Context) -> pb.ReconcileResponse:
+        found = await self._ledger.reconcile(consistent=request.consistent)
+        return pb.ReconcileResponse(
+            discrepancies=[
+                pb.Discrepancy(
+                    kind=d.kind,
+                    subject=d.subject,
+                    stored_micros=d.stored_micros,
+                    expected_micros=d.expected_micros,
+                    stored_reserved_micros=d.stored_reserved_micros,
+                    expected_reserved_micros=d.expected_reserved_micros,
+                )
+                for d in found
+            ]
+        )
 
     async def SetPrice(self, request: pb.Price, context: Context) -> pb.Price:
         return price_to_pb(await self._prices.set_price(price_from_pb(request)))

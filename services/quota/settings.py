@@ -1,8 +1,11 @@
-"""Quota settings: where it listens, how long holds live, and how money edge cases are decided."""
+"""Quota settings: where it listens, how long holds live, how limits behave without Redis, and how
+money edge cases are decided."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator, model_validator
 
 from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
 
@@ -21,6 +24,31 @@ class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcSe
     allow_overage: bool = False
     # Prices set through another quota process take effect here within this many seconds.
     price_cache_ttl_s: float = Field(default=2.0, ge=0, le=3600)
+    # When Redis (the RPM/TPM/concurrency state shared by all quota processes) is unreachable: true
+    # admits requests without those checks (logged once per outage, counted), false refuses them
+    # with 503. Balances and budgets live in the database and are enforced either way.
+    limits_fail_open: bool = True
+    # After a Redis failure, requests skip it for this long before it is tried again.
+    limits_retry_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # Day and month budget windows start at midnight / on the 1st in this IANA time zone.
+    budget_timezone: str = "UTC"
+    # Group commit: concurrent reserves (and settles) share a transaction of at most this many,
+    # with at most ledger_batch_concurrency such transactions in flight per process. More than one
+    # in flight mostly makes batches wait on each other's row locks (measured: 1 is fastest).
+    ledger_batch_max: int = Field(default=64, ge=1, le=1000)
+    ledger_batch_concurrency: int = Field(default=1, ge=1, le=64)
+    # A balance read that must see an earlier write waits this long for a replica to replay it,
+    # then reads the primary.
+    replica_wait_s: float = Field(default=0.05, ge=0, le=5)
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"RELAYGATE_BUDGET_TIMEZONE {value!r} is not an IANA time zone") from exc
+        return value
 
     @model_validator(mode="after")
     def _sweep_within_ttl(self) -> QuotaSettings:

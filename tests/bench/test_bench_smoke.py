@@ -38,7 +38,7 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     [json_path] = tmp_path.glob("*.json")
     [md_path] = tmp_path.glob("*.md")
     scenarios = {s["number"]: s for s in json.loads(json_path.read_text())["scenarios"]}
-    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7, 8]
     markdown = md_path.read_text()
     for scenario in scenarios.values():
         assert f"### {scenario['number']}. {scenario['title']}" in markdown
@@ -72,3 +72,8 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     growth = rows(scenarios[7])
     assert {"direct", "10 keys, 1 channel", "200 keys, 1 channel", "10 keys, 5 channels"} <= growth.keys()
     assert all(row["figures"]["requests"] > 0 for row in growth.values())
+
+    verification = rows(scenarios[8])
+    for name in ("VerifyKey over gRPC", "relay cache hit"):
+        assert verification[name]["figures"]["ops_per_s"] > 0, name
+        assert verification[name]["figures"]["errors"] == 0, name

@@ -138,3 +138,17 @@ async def test_other_processes_see_a_new_price_after_the_cache_ttl(database: Dat
     assert await other.current(old.model) == old, "inside the TTL the other book answers from its cache"
     clock.advance(2.01)
     assert await other.current(old.model) == new
+
+
+async def test_a_model_priced_by_another_process_is_served_at_once(database: Database) -> None:
+    clock = ManualClock()
+    writer = PriceBook(database, clock=clock, cache_ttl_s=60.0)
+    other = PriceBook(database, clock=clock, cache_ttl_s=60.0)
+    await other.list_current()  # the other book is loaded and fresh for a minute
+
+    new = await priced_model(writer)
+    assert await other.current(new.model) == new, "a miss reloads the book instead of refusing the model"
+    newer = await priced_model(writer)
+    assert await other.current(newer.model) == newer
+    with pytest.raises(ModelNotFound):
+        await other.current("never-priced")

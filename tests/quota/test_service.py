@@ -12,7 +12,7 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from services.common.errors import InsufficientQuota, InvalidRequest, ModelNotFound, NotFound
+from services.common.errors import BudgetExceeded, InsufficientQuota, InvalidRequest, ModelNotFound, NotFound
 from services.common.grpc import call, channel
 from services.common.ids import new_id
 from services.common.pb.relaygate.common.v1 import types_pb2
@@ -140,6 +140,97 @@ async def test_reserve_settle_and_refusals_over_grpc(migrated_db: DbUrls) -> Non
         assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def test_limits_budgets_and_reports_over_grpc(migrated_db: DbUrls) -> None:
+    user, key = new_id("u"), new_id("k")
+    async with serving(_settings(migrated_db)) as stub:
+        await call(stub.SetPrice, pb.Price(model="report-model", per_request=1_000), timeout=TIMEOUT)
+        await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=100_000), timeout=TIMEOUT)
+        budget = await call(
+            stub.SetBudget,
+            pb.SetBudgetRequest(scope="key", scope_id=key, period="month", limit_micros=4_000, actor="ops"),
+            timeout=TIMEOUT,
+        )
+        assert (budget.limit_micros, budget.spent_micros, budget.resets_at > budget.window_start) == (
+            4_000,
+            0,
+            True,
+        )
+        limits = types_pb2.Limits(rpm=10, tpm=50_000, max_concurrency=8)
+        ids = [new_id("rsv") for _ in range(5)]
+        answers = []
+        for rid in ids:
+            request = pb.ReserveRequest(
+                reservation_id=rid,
+                user_id=user,
+                key_id=key,
+                model="report-model",
+                prompt_tokens=40,
+                key_limits=limits,
+            )
+            try:
+                answers.append(await call(stub.Reserve, request, timeout=TIMEOUT))
+            except BudgetExceeded as exc:
+                assert exc.param == "key_limits.monthly_budget_micros"
+        assert len(answers) == 4, "the fifth request does not fit the monthly budget of 4 requests"
+        assert [a.requests.remaining for a in answers] == [9, 8, 7, 6]
+        last = answers[-1]
+        assert (last.tokens.limit, last.tokens.remaining) == (50_000, 50_000 - 4 * (40 + 4096))
+        # The refused request gave its count back: with room in the budget again, the next one is 5th.
+        await call(
+            stub.SetBudget,
+            pb.SetBudgetRequest(scope="key", scope_id=key, period="month", limit_micros=9_000),
+            timeout=TIMEOUT,
+        )
+        extra = pb.ReserveRequest(
+            reservation_id=ids[4],
+            user_id=user,
+            key_id=key,
+            model="report-model",
+            prompt_tokens=40,
+            key_limits=limits,
+        )
+        assert (await call(stub.Reserve, extra, timeout=TIMEOUT)).requests.remaining == 5
+        assert 60_000 <= last.requests.reset_ms <= 61_000
+        await call(stub.Settle, pb.SettleRequest(reservation_id=ids[0]), timeout=TIMEOUT)
+        await call(stub.Release, pb.ReleaseRequest(reservation_id=ids[1]), timeout=TIMEOUT)
+
+        seen: list[pb.Reservation] = []
+        cursor = ""
+        while True:
+            page = await call(
+                stub.ListReservations,
+                pb.ListReservationsRequest(user_id=user, limit=3, cursor=cursor, consistent=True),
+                timeout=TIMEOUT,
+            )
+            seen += page.reservations
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+        assert sorted(r.reservation_id for r in seen) == sorted(ids)
+        states = {r.reservation_id: (r.state, r.charged_micros) for r in seen}
+        assert states[ids[0]] == ("settled", 1_000) and states[ids[1]] == ("released", 0)
+        held = await call(
+            stub.ListReservations,
+            pb.ListReservationsRequest(user_id=user, state="held", consistent=True),
+            timeout=TIMEOUT,
+        )
+        assert {r.reservation_id for r in held.reservations} == set(ids[2:])
+        with pytest.raises(InvalidRequest):
+            await call(
+                stub.ListReservations,
+                pb.ListReservationsRequest(user_id=user, cursor="junk"),
+                timeout=TIMEOUT,
+            )
+
+        budgets = await call(
+            stub.GetBudgets, pb.GetBudgetsRequest(scope="key", scope_id=key, consistent=True), timeout=TIMEOUT
+        )
+        month = next(b for b in budgets.budgets if b.period == "month")
+        assert (month.limit_micros, month.spent_micros, month.reserved_micros) == (9_000, 1_000, 3_000)
+        report = await call(stub.Reconcile, pb.ReconcileRequest(consistent=True), timeout=TIMEOUT)
+        assert list(report.discrepancies) == []
+
+
 def _copy(request: pb.ReserveRequest, *, reservation_id: str, prompt_tokens: int = 0) -> pb.ReserveRequest:
     copy = pb.ReserveRequest()
     copy.CopyFrom(request)
@@ -212,6 +303,8 @@ async def test_sweeper_in_run_expires_an_abandoned_hold(migrated_db: DbUrls) -> 
         pytest.param({"reservation_ttl_s": 10, "expiry_sweep_interval_s": 20}, id="sweep slower than TTL"),
         pytest.param({"environment": "prod", "reservation_ttl_s": 30}, id="prod with a TTL under a minute"),
         pytest.param({"reservation_ttl_s": 0}, id="zero TTL"),
+        pytest.param({"budget_timezone": "Nowhere/Atlantis"}, id="unknown budget time zone"),
+        pytest.param({"ledger_batch_max": 0}, id="empty batches"),
     ],
 )
 def test_unsafe_settings_are_refused(overrides: dict[str, object]) -> None:

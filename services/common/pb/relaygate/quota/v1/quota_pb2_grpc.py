@@ -59,6 +59,26 @@ class QuotaServiceStub:
                 request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.TopUpRequest.SerializeToString,
                 response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Balance.FromString,
                 _registered_method=True)
+        self.SetBudget = channel.unary_unary(
+                '/relaygate.quota.v1.QuotaService/SetBudget',
+                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SetBudgetRequest.SerializeToString,
+                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetStatus.FromString,
+                _registered_method=True)
+        self.GetBudgets = channel.unary_unary(
+                '/relaygate.quota.v1.QuotaService/GetBudgets',
+                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.GetBudgetsRequest.SerializeToString,
+                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetList.FromString,
+                _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/relaygate.quota.v1.QuotaService/ListReservations',
+                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReservationList.FromString,
+                _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/relaygate.quota.v1.QuotaService/Reconcile',
+                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
         self.SetPrice = channel.unary_unary(
                 '/relaygate.quota.v1.QuotaService/SetPrice',
                 request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Price.SerializeToString,
@@ -122,6 +142,35 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBudget(self, request, context):
+        """Sets (limit_micros > 0) or removes (0) an operator budget for a key or a user over a period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudgets(self, request, context):
+        """The budgets of one key or user: caps and the current window's spent and held amounts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservations(self, request, context):
+        """A user's reservations, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reconcile(self, request, context):
+        """Checks the books: balances against the ledger, holds against open reservations, budget
+        windows against their reservations. An empty answer means everything agrees.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPrice(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -180,6 +229,26 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.TopUp,
                     request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.TopUpRequest.FromString,
                     response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Balance.SerializeToString,
+            ),
+            'SetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudget,
+                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SetBudgetRequest.FromString,
+                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetStatus.SerializeToString,
+            ),
+            'GetBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudgets,
+                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.GetBudgetsRequest.FromString,
+                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetList.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListReservationsRequest.FromString,
+                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReservationList.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.FromString,
+                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.SerializeToString,
             ),
             'SetPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPrice,
@@ -342,6 +411,114 @@ class QuotaService:
             '/relaygate.quota.v1.QuotaService/TopUp',
             relaygate_dot_quota_dot_v1_dot_quota__pb2.TopUpRequest.SerializeToString,
             relaygate_dot_quota_dot_v1_dot_quota__pb2.Balance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.quota.v1.QuotaService/SetBudget',
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.SetBudgetRequest.SerializeToString,
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.quota.v1.QuotaService/GetBudgets',
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.GetBudgetsRequest.SerializeToString,
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.BudgetList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.quota.v1.QuotaService/ListReservations',
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.ListReservationsRequest.SerializeToString,
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.ReservationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.quota.v1.QuotaService/Reconcile',
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.SerializeToString,
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,
