@@ -163,10 +163,66 @@ async def top_up(user_id: str, request: Request, gateway: GatewayDep) -> Respons
 
 
 @router.get("/users/{user_id}/balance")
-async def balance(user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False) -> Response:
+async def balance(
+    user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False, min_lsn: int = 0
+) -> Response:
+    """``min_lsn``: the ``written_lsn`` of a top-up this caller made, to read it back from a replica."""
     await require_admin(request, gateway, READ)
-    message = quota_pb2.GetBalanceRequest(user_id=user_id, consistent=consistent)
+    message = quota_pb2.GetBalanceRequest(user_id=user_id, consistent=consistent, min_lsn=min_lsn)
     return render(await call(gateway.quota.GetBalance, message, timeout=timeout(gateway)))
+
+
+@router.get("/users/{user_id}/reservations")
+async def reservations(
+    user_id: str,
+    request: Request,
+    gateway: GatewayDep,
+    state: str = "",
+    limit: int = 50,
+    cursor: str = "",
+    consistent: bool = False,
+) -> Response:
+    await require_admin(request, gateway, READ)
+    message = quota_pb2.ListReservationsRequest(
+        user_id=user_id, state=state, limit=limit, cursor=cursor, consistent=consistent
+    )
+    return render(await call(gateway.quota.ListReservations, message, timeout=timeout(gateway)))
+
+
+@router.put("/budgets/{scope}/{scope_id}/{period}")
+async def set_budget(
+    scope: str, scope_id: str, period: str, request: Request, gateway: GatewayDep
+) -> Response:
+    """Body ``{"limit_micros": N}`` (0 removes it); ``scope``: key or user, ``period``: day or month."""
+    actor = await require_admin(request, gateway, WRITE)
+    message = await parse(
+        request,
+        gateway,
+        quota_pb2.SetBudgetRequest(),
+        scope=scope,
+        scope_id=scope_id,
+        period=period,
+        actor=actor,
+    )
+    return render(await call(gateway.quota.SetBudget, message, timeout=timeout(gateway)))
+
+
+@router.get("/budgets/{scope}/{scope_id}")
+async def budgets(
+    scope: str, scope_id: str, request: Request, gateway: GatewayDep, consistent: bool = False
+) -> Response:
+    await require_admin(request, gateway, READ)
+    message = quota_pb2.GetBudgetsRequest(scope=scope, scope_id=scope_id, consistent=consistent)
+    return render(await call(gateway.quota.GetBudgets, message, timeout=timeout(gateway)))
+
+
+@router.get("/reconcile")
+async def reconcile(request: Request, gateway: GatewayDep, consistent: bool = False) -> Response:
+    """Every discrepancy between stored totals and the ledger; an empty list when the books agree."""
+    await require_admin(request, gateway, READ)
+    message = quota_pb2.ReconcileRequest(consistent=consistent)
+    # Reconciliation scans the ledger: give it more than a request-path deadline.
+    return render(await call(gateway.quota.Reconcile, message, timeout=max(30.0, timeout(gateway))))
 
 
 @router.put("/prices/{model:path}")

@@ -115,3 +115,40 @@ def test_cli_manages_keys_and_rotation_takes_effect(deployment: Deployment) -> N
         for fragment in (secret, secret.rsplit("-", 1)[-1]):
             for process in deployment.stack.processes:
                 assert fragment not in process.log_path.read_text(errors="replace"), process.name
+
+
+def test_budget_set_through_the_admin_api_refuses_and_the_books_reconcile(deployment: Deployment) -> None:
+    from tests.e2e.stack import fund_user
+
+    user_id, key = fund_user(deployment, 10_000_000)
+    headers = {"authorization": f"Bearer {deployment.admin_token()}"}
+    budget_url = f"{deployment.relay_url}/admin/v1/budgets/user/{user_id}"
+    # A request holds ~34 micro-units (its prompt bound and 2 output tokens) and is charged ~20.
+    response = httpx.put(f"{budget_url}/day", json={"limit_micros": 100}, headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+
+    statuses = [chat_status(deployment, key) for _ in range(12)]
+    assert statuses[0] == 200
+    assert 429 in statuses
+    refused = httpx.post(
+        f"{deployment.relay_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+
+    status = httpx.get(budget_url, params={"consistent": "true"}, headers=headers, timeout=10).json()
+    day = next(b for b in status["budgets"] if b["period"] == "day")
+    assert 0 < int(day["spent_micros"]) <= 100
+    assert int(day["reserved_micros"]) == 0
+
+    books = httpx.get(
+        f"{deployment.relay_url}/admin/v1/reconcile",
+        params={"consistent": "true"},
+        headers=headers,
+        timeout=60,
+    )
+    assert books.status_code == 200, books.text
+    assert books.json().get("discrepancies", []) == []
