@@ -67,6 +67,11 @@ class Behaviour:
             model name is served.
         api_key: when set, inference paths require ``Authorization: Bearer <api_key>`` and answer
             401 ``invalid_api_key`` otherwise. Control paths never require it.
+
+    Reproducibility:
+        deterministic: reply ids and ``created`` timestamps are derived from the model and the
+            prompt instead of a counter and the clock, so two equal requests get byte-identical
+            replies (for comparing a relayed stream with a direct one, or a cached answer).
     """
 
     latency_ms: float = 0.0
@@ -85,6 +90,7 @@ class Behaviour:
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     strict_models: bool = False
     api_key: str | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         # Constructor arguments get the same validation as runtime updates.
@@ -299,5 +305,6 @@ FIELDS: dict[str, _FieldSpec] = {
     "models": _FieldSpec(_models, _list_text),
     "strict_models": _FLAG,
     "api_key": _FieldSpec(_optional_str, _optional_str_text),
+    "deterministic": _FLAG,
 }
 """Validation for every :class:`Behaviour` field, keyed by field name."""

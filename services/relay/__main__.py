@@ -21,6 +21,9 @@ def main() -> None:
         lifespan="on",
         access_log=False,
         log_config=None,
+        # The relay reads X-Forwarded-For itself, only when told to (trust_forwarded_for); uvicorn's
+        # default would rewrite the client address of any loopback peer, key IP scopes included.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
     uvicorn.Server(config).run()

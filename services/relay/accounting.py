@@ -2,18 +2,22 @@
 usage event that records the request.
 
 Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to
-retry. If the relay dies between reserve and settle, quota expires the hold itself.
+retry. If the relay dies between reserve and settle, quota expires the hold itself. However many
+channels a request tried, it holds one reservation and is settled once.
+
+Every failure is tagged with whose fault it was (``caller``, ``policy``, ``provider``, ``gateway``):
+in the usage event, in the ``relaygate_relay_failures`` metric and in the log line written for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.common.errors import GatewayError
-from services.common.events import EventPublisher
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
@@ -26,11 +30,18 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
     SettleResponse,
 )
 from services.common.telemetry import METRICS
+from services.relay.publisher import EventPublisher
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def metric(series: Any, *labels: str) -> Any:
+    """The child of a labelled series, looked up once per label combination (labels are bounded)."""
+    return series.labels(*labels)
 
 
 @dataclass(slots=True)
@@ -56,9 +67,19 @@ class Exchange:
     attempts: int = 0
     end_reason: str = ""
     error: GatewayError | None = None
+    cached: bool = False
+    # The caller's own x-request-id, kept for correlation only (ours is the idempotency key).
+    client_request_id: str = ""
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started
+
+    def fail(self, error: GatewayError, *, status: int | None = None) -> None:
+        """Record the failure that ends this request (the last one wins)."""
+        self.error = error
+        self.status_code = status if status is not None else error.status
+        if not self.end_reason:
+            self.end_reason = "refused" if self.reservation is None else "upstream_error"
 
     def to_event(self) -> UsageEvent:
         principal = self.principal or Principal()
@@ -87,6 +108,7 @@ class Exchange:
             error_code=error.code if error else "",
             attempts=self.attempts,
             client_ip=self.client_ip,
+            cached=self.cached,
         )
 
 
@@ -148,11 +170,33 @@ class Meter:
                     extra={"reservation_id": reservation.reservation_id, "error": exc.message},
                 )
         if self._publisher is not None and exchange.principal is not None:
-            await self._publisher.publish(exchange.to_event())
+            self._publisher.publish(exchange.to_event())
+        self.observe(exchange)
+
+    @staticmethod
+    def observe(exchange: Exchange) -> None:
+        """Metrics, and the log line of a failure, for one finished request."""
         error = exchange.error
-        METRICS.http_requests.labels(
-            route=exchange.endpoint, status=str(exchange.status_code), error_type=error.fault if error else ""
-        ).inc()
+        fault = error.fault if error is not None else ""
+        metric(METRICS.http_requests, exchange.endpoint, str(exchange.status_code), fault).inc()
         elapsed = exchange.elapsed_s()
-        METRICS.http_latency.labels(route=exchange.endpoint).observe(elapsed)
-        METRICS.gateway_overhead.labels(route=exchange.endpoint).observe(elapsed - exchange.upstream_s)
+        metric(METRICS.http_latency, exchange.endpoint).observe(elapsed)
+        metric(METRICS.gateway_overhead, exchange.endpoint).observe(max(0.0, elapsed - exchange.upstream_s))
+        if error is not None:
+            metric(METRICS.relay_failures, error.fault, error.code).inc()
+            log.log(
+                logging.ERROR if error.fault == "gateway" else logging.WARNING,
+                "request failed: %s",
+                error.message,
+                extra={
+                    "fault": error.fault,
+                    "code": error.code,
+                    "status": exchange.status_code,
+                    "endpoint": exchange.endpoint,
+                    "model": exchange.model,
+                    "channel_id": exchange.channel_id,
+                    "attempts": exchange.attempts,
+                    "end_reason": exchange.end_reason,
+                    "client_request_id": exchange.client_request_id,
+                },
+            )

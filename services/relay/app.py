@@ -1,28 +1,48 @@
-"""The relay's composition root: ``create_app(settings)`` builds the FastAPI app whose lifespan owns
-every async resource of the process (gRPC channels, the upstream pool, the Kafka publisher, the
-channel directory) and closes them in reverse order on shutdown."""
+"""The relay's composition root: ``create_app(settings)`` builds the ASGI app whose lifespan owns every
+async resource of the process (gRPC channels, the channel pools, the Kafka publisher and its spool,
+Redis, the channel directory, running streams) and closes them in reverse order on shutdown.
+
+On SIGTERM uvicorn stops accepting connections and waits for in-flight requests; then the lifespan
+lets detached stream drains settle, hands queued usage events to Kafka (or the spool), and closes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-import httpx
 from fastapi import FastAPI
 
-from services.common.events import EventPublisher, ensure_topics
 from services.common.grpc import channel
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
-from services.relay import admin, openai_errors, routes
+from services.relay import admin, openai_errors
 from services.relay.accounting import Meter
-from services.relay.channels import ChannelDirectory
+from services.relay.breaker import BreakerPolicy, Breakers
+from services.relay.cache import ResponseCache
+from services.relay.channels import ChannelDirectory, ChannelTable
 from services.relay.deps import Gateway
+from services.relay.front import Front
+from services.relay.pools import ChannelPools, PoolLimits
 from services.relay.principals import Authenticator, InvalidationListener
 from services.relay.proxy import Upstreams
+from services.relay.publisher import EventPublisher
 from services.relay.settings import RelaySettings
+from services.relay.streaming import StreamPolicy, Streams
+
+
+def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
+    return BreakerPolicy(
+        window_s=settings.breaker_window_s,
+        min_requests=settings.breaker_min_requests,
+        failure_ratio=settings.breaker_failure_ratio,
+        open_s=settings.breaker_open_s,
+        max_open_s=settings.breaker_max_open_s,
+        throttle_s=settings.breaker_throttle_s,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -35,23 +55,16 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         logger_channel = channel(settings.logger_addr)
         stack.push_async_callback(logger_channel.close, None)
 
-        client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=settings.upstream_max_connections,
-                max_keepalive_connections=settings.upstream_max_keepalive,
-                keepalive_expiry=settings.upstream_keepalive_expiry_s,
-            ),
-            http1=True,
-            http2=settings.upstream_http2,
-            follow_redirects=False,
-            trust_env=False,
-        )
-        stack.push_async_callback(client.aclose)
-
         publisher: EventPublisher | None = None
         if settings.events_enabled:
-            await ensure_topics(settings)
-            publisher = EventPublisher(settings)
+            publisher = EventPublisher(
+                settings,
+                spool_dir=Path(settings.event_spool_dir),
+                spool_max_bytes=settings.event_spool_max_bytes,
+                max_queue=settings.event_queue_max,
+                retain_s=settings.event_retain_s,
+                shutdown_timeout_s=settings.event_shutdown_timeout_s,
+            )
             await publisher.start()
             stack.push_async_callback(publisher.close)
 
@@ -60,33 +73,72 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             ttl_s=settings.auth_cache_ttl_s,
             rpc_timeout_s=settings.rpc_timeout_s,
         )
+        cache: ResponseCache | None = None
         if settings.redis_url:
             redis = redis_client(settings.redis_url)
             stack.push_async_callback(redis.aclose)
             listener = InvalidationListener(redis, authenticator)
             await listener.start()
             stack.push_async_callback(listener.close)
+            cache = ResponseCache(
+                redis,
+                ttl_s=settings.response_cache_ttl_s,
+                max_bytes=settings.response_cache_max_bytes,
+                scope=settings.response_cache_scope,
+                billing=settings.response_cache_billing,
+            )
+
+        pools = ChannelPools(
+            PoolLimits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive=settings.upstream_max_keepalive,
+                keepalive_expiry_s=settings.upstream_keepalive_expiry_s,
+                http2=settings.upstream_http2,
+            )
+        )
+        stack.push_async_callback(pools.aclose)
+        breakers = Breakers(breaker_policy(settings))
 
         quota = QuotaServiceStub(quota_channel)
         directory = ChannelDirectory(
             quota, refresh_s=settings.channel_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
         )
+
+        def follow(table: ChannelTable) -> None:
+            pools.sync(table)
+            breakers.retain({c.id for c in table.channels})
+
+        directory.on_change(follow)
         await directory.start()
         stack.push_async_callback(directory.close)
+
+        meter = Meter(quota, publisher, rpc_timeout_s=settings.rpc_timeout_s)
+        streams = Streams(
+            StreamPolicy(
+                idle_timeout_s=settings.stream_idle_timeout_s,
+                keepalive_s=settings.stream_keepalive_s,
+                drain_s=settings.stream_drain_s,
+                max_drains=settings.stream_max_drains,
+            )
+        )
+        # Runs first on the way out: streams still draining settle while quota and Kafka are there.
+        stack.push_async_callback(streams.close, timeout=settings.stream_drain_s + 5.0)
 
         yield Gateway(
             settings=settings,
             authenticator=authenticator,
             channels=directory,
-            upstreams=Upstreams(client, max_attempts=settings.max_attempts),
-            meter=Meter(quota, publisher, rpc_timeout_s=settings.rpc_timeout_s),
+            upstreams=Upstreams(pools, breakers, max_attempts=settings.max_attempts),
+            streams=streams,
+            meter=meter,
+            cache=cache,
             auth=AuthServiceStub(auth_channel),
             quota=quota,
             logger=LoggerServiceStub(logger_channel),
         )
 
 
-def create_app(settings: RelaySettings) -> FastAPI:
+def create_app(settings: RelaySettings) -> Front:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
         async with open_gateway(settings) as gateway:
@@ -94,6 +146,5 @@ def create_app(settings: RelaySettings) -> FastAPI:
 
     app = FastAPI(title="relaygate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     openai_errors.install(app)
-    app.include_router(routes.router)
     app.include_router(admin.router)
-    return app
+    return Front(app)

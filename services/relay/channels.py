@@ -1,8 +1,11 @@
 """The channel table: which upstreams serve which model, refreshed from quota's catalog.
 
 Selection is by priority (highest first), then weighted-random order within a priority, so load
-spreads by weight and failover walks down to lower priorities. The table is replaced as a whole on
-each change, so a request always sees one consistent version.
+spreads by weight and failover walks down to lower priorities. Each channel appears at most once in a
+request's candidate list, and disabled channels are not in the table at all (an operator's "disabled"
+is never overridden by the relay). The table is replaced as a whole on each change, so a request always
+sees one consistent version; whoever needs to follow changes (the pools, the breakers) subscribes with
+``on_change``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import httpx
 
 from services.common.errors import GatewayError
 from services.common.grpc import call
@@ -25,9 +30,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Timeouts = dict[str, float | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Channel:
+    """One upstream as the relay uses it; the per-request pieces (target, headers, timeouts) are
+    computed once here rather than on every request."""
+
     id: str
     name: str
     base_url: str
@@ -41,15 +51,27 @@ class Channel:
     first_byte_timeout_s: float
     total_timeout_s: float
     max_connections: int
+    # The base URL's path (b"/v1"), to which the endpoint's own path is appended.
+    path_prefix: bytes
+    # Headers of every request to this channel, Host included (the caller's are never forwarded).
+    raw_headers: tuple[tuple[bytes, bytes], ...]
 
     @classmethod
     def from_message(cls, m: ChannelMessage) -> Channel:
+        base_url = m.base_url.rstrip("/")
+        url = httpx.URL(base_url)
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if m.api_key:
+            headers["authorization"] = f"Bearer {m.api_key}"
+        headers.update({name.lower(): value for name, value in m.headers.items()})
+        headers.pop("host", None)
+        host = url.raw_host + (b":%d" % url.port if url.port else b"")
         return cls(
             id=m.channel_id,
             name=m.name,
-            base_url=m.base_url.rstrip("/"),
+            base_url=base_url,
             api_key=m.api_key,
-            models=tuple(m.models),
+            models=tuple(dict.fromkeys(m.models)),
             model_map=dict(m.model_map),
             priority=m.priority,
             weight=max(1, m.weight),
@@ -58,21 +80,32 @@ class Channel:
             first_byte_timeout_s=(m.first_byte_timeout_ms or 60_000) / 1000,
             total_timeout_s=(m.total_timeout_ms or 600_000) / 1000,
             max_connections=m.max_connections or 200,
+            path_prefix=url.raw_path.rstrip(b"/"),
+            raw_headers=((b"host", host), *((k.encode(), v.encode()) for k, v in headers.items())),
         )
 
     def upstream_model(self, model: str) -> str:
         return self.model_map.get(model, model)
+
+    def timeouts(self) -> Timeouts:
+        """httpcore's timeout extension for one attempt: ``read`` is the first-byte timeout (a stream
+        lowers it to its idle timeout once the headers are in); waiting for a pooled connection is
+        bounded like connecting."""
+        connect = self.connect_timeout_s
+        return {"connect": connect, "read": self.first_byte_timeout_s, "write": connect, "pool": connect}
 
 
 class ChannelTable:
     def __init__(self, channels: list[Channel] | None = None, revision: int = 0) -> None:
         self.revision = revision
         self.channels = channels or []
-        by_model: dict[str, list[Channel]] = defaultdict(list)
+        by_model: dict[str, dict[str, Channel]] = {}
         for channel in self.channels:
             for model in channel.models:
-                by_model[model].append(channel)
-        self._by_model = dict(by_model)
+                # Keyed by id: a channel listed twice (or a model listed twice) is still one candidate.
+                by_model.setdefault(model, {})[channel.id] = channel
+        self._by_model = {model: list(found.values()) for model, found in by_model.items()}
+        self._single = {model: found for model, found in self._by_model.items() if len(found) == 1}
 
     @property
     def models(self) -> list[str]:
@@ -80,11 +113,12 @@ class ChannelTable:
 
     def candidates(self, model: str) -> list[Channel]:
         """Channels for ``model`` in the order to try them (empty when nobody serves it)."""
+        single = self._single.get(model)
+        if single is not None:
+            return single
         channels = self._by_model.get(model)
         if not channels:
             return []
-        if len(channels) == 1:
-            return list(channels)
         ordered: list[Channel] = []
         for priority in sorted({c.priority for c in channels}, reverse=True):
             group = [c for c in channels if c.priority == priority]
@@ -102,13 +136,27 @@ class ChannelDirectory:
         self._refresh_s = refresh_s
         self._timeout = rpc_timeout_s
         self.table = ChannelTable()
+        self._listeners: list[Callable[[ChannelTable], None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        try:
-            await self.refresh()
-        except GatewayError:
-            log.warning("channel catalog unavailable at startup; retrying in the background")
+    def on_change(self, listener: Callable[[ChannelTable], None]) -> None:
+        """Call ``listener`` with every new table (right after it replaced the old one)."""
+        self._listeners.append(listener)
+
+    async def start(self, *, wait_s: float = 5.0) -> None:
+        """Load the table, waiting up to ``wait_s`` for quota (services may start in any order);
+        after that the relay starts anyway and keeps trying in the background."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await self.refresh()
+                break
+            except GatewayError:
+                if loop.time() >= deadline:
+                    log.warning("channel catalog unavailable at startup; retrying in the background")
+                    break
+                await asyncio.sleep(0.1)
         self._task = asyncio.create_task(self._poll(), name="channel-refresh")
 
     async def close(self) -> None:
@@ -128,6 +176,8 @@ class ChannelDirectory:
             return
         channels = [Channel.from_message(m) for m in listing.channels if m.enabled]
         self.table = ChannelTable(channels, listing.revision)
+        for listener in self._listeners:
+            listener(self.table)
         log.info("channel table updated", extra={"revision": listing.revision, "channels": len(channels)})
 
     async def _poll(self) -> None:

@@ -11,20 +11,34 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from services.common.errors import GatewayError, InvalidRequest, UpstreamStatus
+from services.common.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
 
-def error_response(exc: GatewayError, *, request_id: str = "") -> Response:
-    headers = {"x-request-id": request_id} if request_id else {}
+def error_body(exc: GatewayError, *, request_id: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """Status, body and headers of the answer for ``exc``.
+
+    An upstream's own error body is passed through untouched when it already speaks OpenAI."""
+    headers = [(b"content-type", b"application/json")]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
     if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, UpstreamStatus) and _is_openai_error(exc.body):
-        # The provider's own error body already speaks OpenAI; pass it through untouched.
-        return Response(exc.body, status_code=exc.status, media_type="application/json", headers=headers)
+        headers.append((b"retry-after", b"%d" % max(1, round(exc.retry_after))))
+    # UpstreamStatus, and the proxy's UpstreamRejected, carry the upstream's own body.
+    passthrough = getattr(exc, "body", None)
+    if isinstance(passthrough, bytes) and _is_openai_error(passthrough):
+        return exc.status, passthrough, headers
+    return exc.status, orjson.dumps(exc.to_openai()), headers
+
+
+def error_response(exc: GatewayError, *, request_id: str = "") -> Response:
+    status, body, headers = error_body(exc, request_id=request_id)
     return Response(
-        orjson.dumps(exc.to_openai()), status_code=exc.status, media_type="application/json", headers=headers
+        body,
+        status_code=status,
+        headers={k.decode(): v.decode() for k, v in headers if k != b"content-type"},
+        media_type="application/json",
     )
 
 
@@ -42,6 +56,8 @@ def sse_error(exc: GatewayError) -> bytes:
 
 
 def install(app: FastAPI) -> None:
+    """Error handlers of the FastAPI part of the relay (the admin API, unknown paths)."""
+
     async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         return error_response(exc, request_id=getattr(request.state, "request_id", ""))

@@ -1,11 +1,15 @@
-"""Reading and checking request bodies at the edge: size, JSON, UTF-8 and the fields we rely on.
+"""Reading and checking requests at the edge: headers, size, JSON, UTF-8 and the fields we rely on.
 
 Validation is by hand rather than through a pydantic model: the relay forwards the caller's bytes
-unchanged, so it only needs to check the handful of fields it reads, and it does so on every request.
+unchanged, so it only checks the handful of fields it reads or that would make the upstream fail in a
+way the caller cannot understand; every failure is a 4xx naming the field, before any upstream call
+or balance change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -13,20 +17,97 @@ from fastapi import Request
 
 from services.common.errors import InvalidRequest, PayloadTooLarge
 
+__all__ = [
+    "ClientGone",
+    "Incoming",
+    "optional_bool",
+    "optional_number",
+    "optional_positive_int",
+    "parse_json",
+    "read_body",
+    "read_json",
+    "require_messages",
+    "require_model",
+    "require_text_or_array",
+]
 
-async def read_json(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
-    """The parsed body and its raw bytes; 413 past ``max_bytes``, 400 for anything but a JSON object."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete; nothing can be answered."""
+
+
+_WANTED = {
+    b"authorization": "authorization",
+    b"x-api-key": "x_api_key",
+    b"content-length": "content_length",
+    b"x-relaygate-cache": "cache",
+    b"x-request-id": "client_request_id",
+    b"x-forwarded-for": "forwarded_for",
+}
+
+
+@dataclass(slots=True)
+class Incoming:
+    """The request headers the relay reads, picked from the ASGI scope in one pass."""
+
+    authorization: str | None = None
+    x_api_key: str | None = None
+    content_length: str | None = None
+    cache: str | None = None
+    client_request_id: str | None = None
+    forwarded_for: str | None = None
+
+    @classmethod
+    def from_scope(cls, scope: MutableMapping[str, Any]) -> Incoming:
+        incoming = cls()
+        for name, value in scope["headers"]:
+            field = _WANTED.get(name)
+            if field is not None and getattr(incoming, field) is None:
+                setattr(incoming, field, value.decode("latin-1"))
+        return incoming
+
+    def client_ip(self, scope: MutableMapping[str, Any], *, trust_forwarded_for: bool) -> str:
+        if trust_forwarded_for and self.forwarded_for:
+            return self.forwarded_for.split(",", 1)[0].strip()
+        client = scope.get("client")
+        return str(client[0]) if client else ""
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
+
+
+async def read_body(receive: Receive, declared_length: str | None, max_bytes: int) -> bytes:
+    """The whole body from ASGI ``receive``; 413 past ``max_bytes`` (declared or counted)."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > max_bytes:
+        raise _too_large(max_bytes)
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.")
+            raise _too_large(max_bytes)
         chunks.append(chunk)
-    raw = b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 for anything else (invalid UTF-8 included)."""
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -36,7 +117,13 @@ async def read_json(request: Request, max_bytes: int) -> tuple[dict[str, Any], b
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return body, raw
+    return body
+
+
+async def read_json(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+    """The parsed body and its raw bytes of a Starlette request (the admin API's)."""
+    raw = await read_body(request.receive, request.headers.get("content-length"), max_bytes)
+    return parse_json(raw), raw
 
 
 def require_model(body: dict[str, Any]) -> str:
@@ -63,6 +150,13 @@ def require_messages(body: dict[str, Any]) -> list[Any]:
     return messages
 
 
+def require_text_or_array(body: dict[str, Any], field: str) -> Any:
+    value = body.get(field)
+    if isinstance(value, str) or (isinstance(value, list) and value):
+        return value
+    raise InvalidRequest(f"'{field}' must be a string or a non-empty array.", param=field)
+
+
 def optional_bool(body: dict[str, Any], field: str) -> bool:
     value = body.get(field)
     if value is None:
@@ -72,7 +166,20 @@ def optional_bool(body: dict[str, Any], field: str) -> bool:
     return value
 
 
-def optional_positive_int(body: dict[str, Any], field: str) -> None:
+def optional_positive_int(body: dict[str, Any], field: str) -> int | None:
     value = body.get(field)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+    return value
+
+
+def optional_number(body: dict[str, Any], field: str) -> None:
+    value = body.get(field)
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+        raise InvalidRequest(f"'{field}' must be a number.", param=field)
+
+
+def optional_object(body: dict[str, Any], field: str) -> None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, dict):
+        raise InvalidRequest(f"'{field}' must be an object.", param=field)

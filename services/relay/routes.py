@@ -1,16 +1,21 @@
-"""The OpenAI-compatible surface. Each handler reads as the request's path through the gateway:
-check the input → authenticate → pick channels → reserve → call upstream → settle → publish."""
+"""The OpenAI-compatible endpoints. :func:`relay` reads as the request's path through the gateway:
+check the input → authenticate → pick channels → (cache) → reserve → call upstream → settle → publish.
+
+Handlers are plain ASGI functions dispatched by :mod:`services.relay.front`; they answer every failure
+themselves, in OpenAI's error shape, and only reach an upstream or a balance once the request passed
+every check.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
 
 from services.common.errors import GatewayError, InvalidRequest, ModelNotFound
 from services.common.ids import new_id
@@ -18,38 +23,154 @@ from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.scopes import model_allowed
 from services.common.telemetry import request_id_var
 from services.relay.accounting import Exchange
+from services.relay.cache import cache_requested
 from services.relay.channels import Channel
-from services.relay.deps import Gateway, GatewayDep
+from services.relay.deps import Gateway
+from services.relay.headers import JSON, STREAM_HEADERS, gateway_headers
+from services.relay.openai_errors import error_body
 from services.relay.principals import extract_api_key
 from services.relay.requests import (
+    ClientGone,
+    Incoming,
     optional_bool,
+    optional_number,
+    optional_object,
     optional_positive_int,
-    read_json,
+    parse_json,
+    read_body,
     require_messages,
     require_model,
+    require_text_or_array,
 )
-from services.relay.streaming import relay_stream
-from services.relay.usage import estimate_chat_prompt, estimate_text_prompt, from_openai, requested_max_output
+from services.relay.sse import StreamScanner
+from services.relay.streaming import StreamRelay, stream_payload
+from services.relay.usage import (
+    count_images,
+    estimate_answer,
+    estimate_chat_prompt,
+    estimate_text_prompt,
+    from_body,
+    requested_max_output,
+)
 
-router = APIRouter()
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def client_ip(request: Request, trust_forwarded_for: bool) -> str:
-    if trust_forwarded_for:
-        forwarded = request.headers.get("x-forwarded-for")
-        if forwarded:
-            return forwarded.split(",", 1)[0].strip()
-    return request.client.host if request.client else ""
+class Call:
+    """One HTTP request as the handlers see it; ``started`` tells whether the response has begun."""
+
+    __slots__ = ("_send", "gateway", "incoming", "receive", "scope", "started")
+
+    def __init__(self, gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gateway = gateway
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.incoming = Incoming.from_scope(scope)
+        self.started = False
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.started = True
+        await self._send(message)
 
 
-def begin(request: Request, gateway: Gateway, endpoint: str) -> Exchange:
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", b"%d" % len(body)))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_error(send: Send, exc: GatewayError, request_id: str = "", allow: str = "") -> None:
+    status, body, headers = error_body(exc, request_id=request_id)
+    if allow:
+        headers.append((b"allow", allow.encode()))
+    await respond(send, status, body, headers)
+
+
+# --- the request plans of the POST endpoints ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What an endpoint's request asks for: the reservation's estimate and whether it streams."""
+
+    prompt_tokens: int
+    max_output_tokens: int
+    images: int = 0
+    stream: bool = False
+
+
+def _common(body: dict[str, Any], *, streams: bool) -> bool:
+    optional_positive_int(body, "max_tokens")
+    optional_positive_int(body, "max_completion_tokens")
+    optional_positive_int(body, "n")
+    optional_number(body, "temperature")
+    optional_number(body, "top_p")
+    optional_object(body, "stream_options")
+    stream = optional_bool(body, "stream")
+    if stream and not streams:
+        raise InvalidRequest("This endpoint does not stream.", param="stream")
+    return stream
+
+
+def plan_chat(body: dict[str, Any]) -> Plan:
+    stream = _common(body, streams=True)
+    messages = require_messages(body)
+    return Plan(estimate_chat_prompt(messages, body), requested_max_output(body), stream=stream)
+
+
+def plan_completion(body: dict[str, Any]) -> Plan:
+    stream = _common(body, streams=True)
+    prompt = require_text_or_array(body, "prompt")
+    # The legacy endpoint's own default is 16 tokens.
+    return Plan(estimate_text_prompt(prompt), requested_max_output(body) or 16, stream=stream)
+
+
+def plan_embedding(body: dict[str, Any]) -> Plan:
+    _common(body, streams=False)
+    return Plan(estimate_text_prompt(require_text_or_array(body, "input")), 0)
+
+
+def plan_image(body: dict[str, Any]) -> Plan:
+    _common(body, streams=False)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequest("'prompt' must be a non-empty string.", param="prompt")
+    return Plan(estimate_text_prompt(prompt), 0, images=body.get("n") or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    # The path under the channel's base URL.
+    upstream_path: bytes
+    plan: Callable[[dict[str, Any]], Plan]
+
+
+CHAT = Endpoint("chat.completions", b"/chat/completions", plan_chat)
+COMPLETIONS = Endpoint("completions", b"/completions", plan_completion)
+EMBEDDINGS = Endpoint("embeddings", b"/embeddings", plan_embedding)
+IMAGES = Endpoint("images.generations", b"/images/generations", plan_image)
+
+
+# --- the relay path -------------------------------------------------------------------------------
+
+
+def begin(call: Call, endpoint: str) -> Exchange:
     request_id = new_id("req")
-    request.state.request_id = request_id
     request_id_var.set(request_id)
+    incoming = call.incoming
     return Exchange(
         request_id=request_id,
         endpoint=endpoint,
-        client_ip=client_ip(request, gateway.settings.trust_forwarded_for),
+        client_ip=incoming.client_ip(
+            call.scope, trust_forwarded_for=call.gateway.settings.trust_forwarded_for
+        ),
+        client_request_id=(incoming.client_request_id or "")[:200],
     )
 
 
@@ -65,210 +186,222 @@ def payload_for(body: dict[str, Any], raw: bytes, model: str) -> Callable[[Chann
     return build
 
 
-async def relay_json(
-    request: Request,
-    gateway: Gateway,
+async def relay(call: Call, endpoint: Endpoint) -> None:
+    """Serve one POST to an OpenAI endpoint (see the module docstring)."""
+    gateway = call.gateway
+    exchange = begin(call, endpoint.name)
+    try:
+        # A missing key is refused before the body is even read.
+        api_key = extract_api_key(call.incoming.authorization, call.incoming.x_api_key)
+        raw = await read_body(call.receive, call.incoming.content_length, gateway.settings.max_body_bytes)
+        body = parse_json(raw)
+        exchange.model = require_model(body)
+        plan = endpoint.plan(body)
+        exchange.stream = plan.stream
+        exchange.principal = await gateway.authenticator.authenticate(
+            api_key, model=exchange.model, client_ip=exchange.client_ip
+        )
+        candidates = gateway.channels.table.candidates(exchange.model)
+        if not candidates:
+            raise ModelNotFound(
+                f"The model '{exchange.model}' does not exist or you do not have access to it.", param="model"
+            )
+        if plan.stream:
+            await _relay_stream(call, exchange, endpoint, body, raw, plan, candidates)
+        else:
+            await _relay_json(call, exchange, endpoint, body, raw, plan, candidates)
+    except ClientGone:
+        return
+    except GatewayError as exc:
+        await _refuse(call, exchange, exc)
+    except Exception:
+        log.exception("unhandled error in %s", endpoint.name)
+        if not call.started:
+            # Released and answered, rather than left to expire (quota bills an expired hold).
+            await _refuse(call, exchange, GatewayError())
+
+
+async def _refuse(call: Call, exchange: Exchange, exc: GatewayError) -> None:
+    """Answer a failure that happened before any response byte: release, then the error."""
+    exchange.fail(exc)
+    await call.gateway.meter.finish(exchange)
+    status, body, headers = error_body(exc, request_id=exchange.request_id)
+    if exchange.reservation is not None:
+        headers.extend(gateway_headers(exchange)[1:])
+    await respond(call.send, status, body, headers)
+
+
+async def _relay_json(
+    call: Call,
     exchange: Exchange,
+    endpoint: Endpoint,
     body: dict[str, Any],
     raw: bytes,
-    *,
-    path: str,
-    prompt_tokens: int,
-    max_output_tokens: int,
-    images: int = 0,
-) -> Response:
-    """The non-streaming path: one upstream answer, billed on its reported usage."""
-    try:
-        candidates = await authorize(request, gateway, exchange)
-        reservation = await gateway.meter.reserve(
-            exchange, prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens, images=images
-        )
-        reply = await gateway.upstreams.post_json(
-            candidates, path, payload_for(body, raw, exchange.model), request_id=exchange.request_id
-        )
-    except GatewayError as exc:
-        exchange.error = exc
-        exchange.status_code = exc.status
-        exchange.end_reason = "refused" if exchange.reservation is None else "upstream_error"
-        await gateway.meter.finish(exchange)
-        raise
+    plan: Plan,
+    candidates: list[Channel],
+) -> None:
+    gateway = call.gateway
+    principal = exchange.principal
+    assert principal is not None
+    cache = gateway.cache
+    cache_key = None
+    if cache is not None and cache_requested(principal, call.incoming.cache):
+        cache_key = cache.key_for(endpoint.name, body, principal)
+    if cache is not None and cache_key is not None:
+        hit = await cache.get(cache_key)
+        if hit is not None:
+            exchange.cached = True
+            if not cache.free_hits:
+                await gateway.meter.reserve(
+                    exchange, prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_output_tokens
+                )
+            exchange.usage = hit.usage
+            exchange.status_code = 200
+            exchange.end_reason = "done"
+            await gateway.meter.finish(exchange)
+            headers = [(b"content-type", hit.content_type), *gateway_headers(exchange, cache=b"hit")]
+            await respond(call.send, 200, hit.body, headers)
+            return
+
+    await gateway.meter.reserve(
+        exchange,
+        prompt_tokens=plan.prompt_tokens,
+        max_output_tokens=plan.max_output_tokens,
+        images=plan.images,
+    )
+    reply = await gateway.upstreams.post_json(
+        exchange, candidates, endpoint.upstream_path, payload_for(body, raw, exchange.model)
+    )
     exchange.channel_id = reply.channel.id
     exchange.upstream_model = reply.channel.upstream_model(exchange.model)
     exchange.status_code = reply.status
-    exchange.upstream_s = reply.elapsed_s
-    exchange.ttfb_s = reply.ttfb_s
-    exchange.attempts = reply.attempts
     exchange.end_reason = "done"
-    if 200 <= reply.status < 300:
-        exchange.usage = usage_of(reply.body, images=images)
+    exchange.usage = from_body(reply.body)
+    if plan.images:
+        images = count_images(reply.body)
+        exchange.usage = exchange.usage or Usage()
+        exchange.usage.images = plan.images if images is None else images
+    elif exchange.usage is None:
+        # Delivered but unreported: billed as a marked estimate, never for free.
+        exchange.usage = estimate_answer(reply.body, plan.prompt_tokens)
     await gateway.meter.finish(exchange)
-    headers = {
-        "x-request-id": exchange.request_id,
-        "x-relaygate-overhead-ms": f"{(exchange.elapsed_s() - exchange.upstream_s) * 1000:.2f}",
-        "x-relaygate-available-micros": str(reservation.available_micros),
-    }
-    return Response(reply.body, status_code=reply.status, media_type=reply.content_type, headers=headers)
+    headers = [
+        (b"content-type", reply.content_type or JSON[1]),
+        *gateway_headers(exchange, cache=b"miss" if cache_key is not None else None),
+    ]
+    await respond(call.send, reply.status, reply.body, headers)
+    if cache is not None and cache_key is not None and exchange.usage is not None:
+        await cache.put(cache_key, reply.content_type or JSON[1], reply.body, exchange.usage)
 
 
-def usage_of(body: bytes, *, images: int) -> Usage | None:
+async def _relay_stream(
+    call: Call,
+    exchange: Exchange,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    raw: bytes,
+    plan: Plan,
+    candidates: list[Channel],
+) -> None:
+    gateway = call.gateway
+    await gateway.meter.reserve(
+        exchange, prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_output_tokens
+    )
+    build, wants_usage = stream_payload(body, raw)
+    opened = await gateway.upstreams.open_stream(
+        exchange,
+        candidates,
+        endpoint.upstream_path,
+        build,
+        idle_timeout_s=gateway.settings.stream_idle_timeout_s,
+    )
+    exchange.channel_id = opened.channel.id
+    exchange.upstream_model = opened.channel.upstream_model(exchange.model)
+    exchange.status_code = opened.response.status
+    relay = StreamRelay(
+        streams=gateway.streams,
+        meter=gateway.meter,
+        exchange=exchange,
+        opened=opened,
+        scanner=StreamScanner(strip_usage_chunk=not wants_usage),
+        prompt_tokens=plan.prompt_tokens,
+    )
+    await relay.run(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)])
+
+
+# --- the other endpoints --------------------------------------------------------------------------
+
+
+async def chat_completions(call: Call) -> None:
+    await relay(call, CHAT)
+
+
+async def completions(call: Call) -> None:
+    await relay(call, COMPLETIONS)
+
+
+async def embeddings(call: Call) -> None:
+    await relay(call, EMBEDDINGS)
+
+
+async def image_generations(call: Call) -> None:
+    await relay(call, IMAGES)
+
+
+def _model_object(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "relaygate"}
+
+
+async def _allowed_models(call: Call) -> tuple[list[str], str]:
+    gateway = call.gateway
+    incoming = call.incoming
+    api_key = extract_api_key(incoming.authorization, incoming.x_api_key)
+    client_ip = incoming.client_ip(call.scope, trust_forwarded_for=gateway.settings.trust_forwarded_for)
+    principal = await gateway.authenticator.authenticate(api_key, model="", client_ip=client_ip)
+    patterns = list(principal.allowed_models)
+    return [m for m in gateway.channels.table.models if model_allowed(patterns, m)], principal.key_id
+
+
+async def models(call: Call) -> None:
+    """``GET /v1/models``: the models this key may use."""
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    usage = from_openai(parsed.get("usage")) if isinstance(parsed, dict) else None
-    if images and usage is not None:
-        data = parsed.get("data") if isinstance(parsed, dict) else None
-        usage.images = len(data) if isinstance(data, list) else images
-    elif images:
-        data = parsed.get("data") if isinstance(parsed, dict) else None
-        usage = Usage(images=len(data) if isinstance(data, list) else images)
-    return usage
-
-
-async def authorize(request: Request, gateway: Gateway, exchange: Exchange) -> list[Channel]:
-    api_key = extract_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    exchange.principal = await gateway.authenticator.authenticate(
-        api_key, model=exchange.model, client_ip=exchange.client_ip
-    )
-    candidates = gateway.channels.table.candidates(exchange.model)
-    if not candidates:
-        raise ModelNotFound(
-            f"The model '{exchange.model}' does not exist or you do not have access to it.", param="model"
-        )
-    return candidates
-
-
-async def _parse(request: Request, gateway: Gateway, exchange: Exchange) -> tuple[dict[str, Any], bytes]:
-    # A missing key is refused before the body is even read.
-    extract_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    body, raw = await read_json(request, gateway.settings.max_body_bytes)
-    exchange.model = require_model(body)
-    exchange.stream = optional_bool(body, "stream")
-    optional_positive_int(body, "max_tokens")
-    optional_positive_int(body, "max_completion_tokens")
-    return body, raw
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
-    exchange = begin(request, gateway, "chat.completions")
-    body, raw = await _parse(request, gateway, exchange)
-    prompt = estimate_chat_prompt(require_messages(body))
-    max_output = requested_max_output(body)
-    if exchange.stream:
-        candidates = await authorize(request, gateway, exchange)
-        return await relay_stream(
-            gateway,
-            exchange,
-            body,
-            "/chat/completions",
-            candidates,
-            prompt_tokens=prompt,
-            max_output_tokens=max_output,
-        )
-    return await relay_json(
-        request,
-        gateway,
-        exchange,
-        body,
-        raw,
-        path="/chat/completions",
-        prompt_tokens=prompt,
-        max_output_tokens=max_output,
-    )
-
-
-@router.post("/v1/completions")
-async def completions(request: Request, gateway: GatewayDep) -> Response:
-    exchange = begin(request, gateway, "completions")
-    body, raw = await _parse(request, gateway, exchange)
-    if "prompt" not in body:
-        raise InvalidRequest("You must provide a 'prompt'.", param="prompt")
-    prompt = estimate_text_prompt(body.get("prompt"))
-    max_output = requested_max_output(body) or 16
-    if exchange.stream:
-        candidates = await authorize(request, gateway, exchange)
-        return await relay_stream(
-            gateway,
-            exchange,
-            body,
-            "/completions",
-            candidates,
-            prompt_tokens=prompt,
-            max_output_tokens=max_output,
-        )
-    return await relay_json(
-        request,
-        gateway,
-        exchange,
-        body,
-        raw,
-        path="/completions",
-        prompt_tokens=prompt,
-        max_output_tokens=max_output,
-    )
-
-
-@router.post("/v1/embeddings")
-async def embeddings(request: Request, gateway: GatewayDep) -> Response:
-    exchange = begin(request, gateway, "embeddings")
-    body, raw = await _parse(request, gateway, exchange)
-    if "input" not in body:
-        raise InvalidRequest("You must provide an 'input'.", param="input")
-    prompt = estimate_text_prompt(body.get("input"))
-    return await relay_json(
-        request, gateway, exchange, body, raw, path="/embeddings", prompt_tokens=prompt, max_output_tokens=0
-    )
-
-
-@router.post("/v1/images/generations")
-async def image_generations(request: Request, gateway: GatewayDep) -> Response:
-    exchange = begin(request, gateway, "images.generations")
-    body, raw = await _parse(request, gateway, exchange)
-    optional_positive_int(body, "n")
-    n = body.get("n") or 1
-    prompt = estimate_text_prompt(body.get("prompt"))
-    return await relay_json(
-        request,
-        gateway,
-        exchange,
-        body,
-        raw,
-        path="/images/generations",
-        prompt_tokens=prompt,
-        max_output_tokens=0,
-        images=int(n),
-    )
-
-
-@router.get("/v1/models")
-async def models(request: Request, gateway: GatewayDep) -> Response:
-    exchange = begin(request, gateway, "models")
-    api_key = extract_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    principal = await gateway.authenticator.authenticate(api_key, model="", client_ip=exchange.client_ip)
-    allowed = [m for m in gateway.channels.table.models if model_allowed(list(principal.allowed_models), m)]
+        allowed, _ = await _allowed_models(call)
+    except GatewayError as exc:
+        await respond_error(call.send, exc)
+        return
     created = int(time.time())
-    data = [{"id": m, "object": "model", "created": created, "owned_by": "relaygate"} for m in allowed]
-    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+    data = [_model_object(m, created) for m in allowed]
+    await respond(call.send, 200, orjson.dumps({"object": "list", "data": data}), [JSON])
 
 
-@router.get("/healthz")
-async def healthz() -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")
+async def model(call: Call) -> None:
+    """``GET /v1/models/{model}``: one model, 404 unless this key may use it."""
+    name = call.scope["path"][len("/v1/models/") :]
+    try:
+        allowed, _ = await _allowed_models(call)
+        if name not in allowed:
+            raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.")
+    except GatewayError as exc:
+        await respond_error(call.send, exc)
+        return
+    await respond(call.send, 200, orjson.dumps(_model_object(name, int(time.time()))), [JSON])
 
 
-@router.get("/readyz")
-async def readyz(gateway: GatewayDep) -> Response:
-    table = gateway.channels.table
+async def healthz(call: Call) -> None:
+    await respond(call.send, 200, b'{"status":"ok"}', [JSON])
+
+
+async def readyz(call: Call) -> None:
+    table = call.gateway.channels.table
     ready = table.revision > 0
     body = {
         "status": "ready" if ready else "starting",
         "channels": len(table.channels),
         "revision": table.revision,
     }
-    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+    await respond(call.send, 200 if ready else 503, orjson.dumps(body), [JSON])
 
 
-@router.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(call: Call) -> None:
+    call.gateway.upstreams.pools.export_metrics()
+    await respond(call.send, 200, generate_latest(), [(b"content-type", CONTENT_TYPE_LATEST.encode())])

@@ -1,8 +1,11 @@
-"""Relay settings: the HTTP front, its upstream pool, and where auth, quota and Kafka are."""
+"""Relay settings: the HTTP front, the upstream pools, streams, breakers, the response cache and where
+auth, quota and Kafka are. Built once in ``main()`` from ``RELAYGATE_*`` and passed down."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from services.common.config import BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses
 
@@ -16,14 +19,61 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
     auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     # How often the channel table is checked for changes (a cheap revision compare).
     channel_refresh_s: float = Field(default=1.0, gt=0, le=300)
-    # Upstream pool: per-process limits shared by every channel.
+
+    # Upstream pools, one per channel. A channel's own max_connections (catalog) applies, capped here.
     upstream_max_connections: int = Field(default=1000, ge=1)
+    # Idle keep-alive connections kept per channel; the rest are closed when their request ends.
     upstream_max_keepalive: int = Field(default=200, ge=0)
     upstream_keepalive_expiry_s: float = Field(default=30.0, ge=0)
+    # HTTP/2 to every channel (ALPN on https, prior knowledge on http); HTTP/1.1 otherwise.
     upstream_http2: bool = False
     # Attempts across channels for one request (the first try included).
     max_attempts: int = Field(default=3, ge=1, le=10)
+
+    # Streams: the longest silence between two upstream chunks, the interval of keep-alive comments
+    # sent to the client while the upstream is silent, and how long an abandoned stream is still read
+    # for its usage (at most stream_max_drains at once; beyond that the usage is estimated).
+    stream_idle_timeout_s: float = Field(default=120.0, gt=0)
+    stream_keepalive_s: float = Field(default=15.0, gt=0)
+    stream_drain_s: float = Field(default=10.0, ge=0)
+    stream_max_drains: int = Field(default=1000, ge=0)
+
+    # Circuit breaker per channel: opens when, over the last breaker_window_s, at least
+    # breaker_min_requests attempts were made and breaker_failure_ratio of them failed; after
+    # breaker_open_s (doubling after each failed probe, up to breaker_max_open_s) one probe request
+    # is let through. Overload answers (429, 529) only pause the channel for their Retry-After
+    # (breaker_throttle_s when absent).
+    breaker_window_s: float = Field(default=30.0, gt=0)
+    breaker_min_requests: int = Field(default=5, ge=1)
+    breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    breaker_open_s: float = Field(default=5.0, gt=0)
+    breaker_max_open_s: float = Field(default=60.0, gt=0)
+    breaker_throttle_s: float = Field(default=1.0, ge=0)
+
+    # Response cache (Redis; off without RELAYGATE_REDIS_URL). Hits are free or billed in full.
+    response_cache_ttl_s: int = Field(default=3600, ge=1)
+    response_cache_max_bytes: int = Field(default=1024 * 1024, ge=1)
+    response_cache_billing: Literal["free", "full"] = "free"
+    # Whose requests share entries: each key its own, or all keys of one user.
+    response_cache_scope: Literal["key", "user"] = "key"
+
+    # Usage events: the in-memory queue in front of the producer, and the on-disk spool that takes
+    # over while Kafka is unreachable (replayed in order later). A full spool drops new events
+    # (counted); the ledger, not the log, is the record of money.
+    events_enabled: bool = True
+    event_queue_max: int = Field(default=10_000, ge=1)
+    event_spool_dir: str = ".relaygate/spool"
+    event_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # Acknowledged events kept this long and replayed if the broker turns out to have lost them.
+    event_retain_s: float = Field(default=30.0, ge=0)
+    # On SIGTERM: how long queued events may take to reach Kafka before the rest goes to the spool.
+    event_shutdown_timeout_s: float = Field(default=5.0, ge=0)
+
     # Prefer X-Forwarded-For's first address as the client IP (only behind a trusted proxy).
     trust_forwarded_for: bool = False
-    # Disable to run without Kafka (events are then only logged); the full path keeps it on.
-    events_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RelaySettings:
+        if self.breaker_max_open_s < self.breaker_open_s:
+            raise ValueError("RELAYGATE_BREAKER_MAX_OPEN_S must not be below RELAYGATE_BREAKER_OPEN_S")
+        return self

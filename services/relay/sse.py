@@ -1,64 +1,82 @@
-"""Server-sent events as they pass through: split on event boundaries, forward the bytes unchanged,
-and read usage on the way.
+"""Server-sent events as they pass through: forward the bytes unchanged and read usage on the way.
 
-Only events whose bytes mention ``"usage"`` are parsed at all, so ordinary content chunks cost one
-substring search. Providers that repeat cumulative usage in every chunk are handled by keeping the
-last value (never a sum).
+:meth:`StreamScanner.feed` returns what may go to the client now: every complete event received so
+far, as one slice of the upstream's own bytes (an event split across reads waits for its end). Only
+when that slice mentions ``"usage"`` or ``[DONE]`` is it split into events and the matching ones
+looked at, so an ordinary content chunk costs a few substring searches. Providers that repeat
+cumulative usage in every chunk are handled by keeping the last value (never a sum).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import orjson
 
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.relay.usage import from_openai
 
+__all__ = ["StreamScanner"]
+
 _DONE = b"data: [DONE]"
+_USAGE = b'"usage"'
+
+
+def _last_boundary(data: bytes) -> int:
+    """The end of the last complete event in ``data`` (after its blank line), or 0."""
+    end = data.rfind(b"\n\n")
+    end = end + 2 if end >= 0 else 0
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(end, crlf + 4) if crlf >= 0 else end
 
 
 class StreamScanner:
-    def __init__(self, *, strip_usage_chunk: bool) -> None:
-        self._strip = strip_usage_chunk
-        self._buffer = b""
-        self.usage: Usage | None = None
-        self.events = 0
-        self.done = False
+    """Splits one SSE stream; ``usage`` is the provider's last report, ``done`` whether ``[DONE]`` came."""
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Complete events from ``data`` (plus what was buffered), each exactly as received."""
-        self._buffer += data
-        while True:
-            end = self._boundary()
-            if end < 0:
-                return
-            event, self._buffer = self._buffer[:end], self._buffer[end:]
-            if self._inspect(event):
-                yield event
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        # The usage-only chunk was asked for on the caller's behalf: it is not theirs to see.
+        self._strip = strip_usage_chunk
+        self._tail = b""
+        self.usage: Usage | None = None
+        self.done = False
+        # Content-bearing events seen, for an estimate when the provider never reports usage.
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to forward now (possibly empty); an incomplete last event is kept for later."""
+        if self._tail:
+            data = self._tail + data
+        end = _last_boundary(data)
+        if end < len(data):
+            self._tail = data[end:]
+            data = data[:end]
+        else:
+            self._tail = b""
+        if not data:
+            return b""
+        self.events += data.count(b"\ndata:") + data.startswith(b"data:")
+        if _USAGE not in data and _DONE not in data:
+            return data
+        return self._inspect(data)
 
     def flush(self) -> bytes:
-        """Whatever incomplete event is left when the upstream ends."""
-        rest, self._buffer = self._buffer, b""
+        """Whatever incomplete event is left when the upstream ends (forwarded as is)."""
+        rest, self._tail = self._tail, b""
         return rest
 
-    def _boundary(self) -> int:
-        for separator in (b"\n\n", b"\r\n\r\n"):
-            index = self._buffer.find(separator)
-            if index >= 0:
-                return index + len(separator)
-        return -1
+    def _inspect(self, data: bytes) -> bytes:
+        kept: list[bytes] = []
+        dropped = False
+        for event in _split(data):
+            if _DONE in event and event.strip() == _DONE:
+                self.done = True
+            elif _USAGE in event and not self._read_usage(event):
+                dropped = True
+                continue
+            kept.append(event)
+        return b"".join(kept) if dropped else data
 
-    def _inspect(self, event: bytes) -> bool:
-        """Record what matters in ``event``; False when it must not reach the client."""
-        self.events += 1
-        stripped = event.strip()
-        if stripped == _DONE:
-            self.done = True
-            return True
-        if b'"usage"' not in event:
-            return True
-        for line in stripped.splitlines():
+    def _read_usage(self, event: bytes) -> bool:
+        """Record the usage ``event`` carries; False when the event must not reach the client."""
+        for line in event.splitlines():
             if not line.startswith(b"data:"):
                 continue
             try:
@@ -70,7 +88,23 @@ class StreamScanner:
             usage = from_openai(chunk.get("usage"))
             if usage is not None:
                 self.usage = usage
-                # The usage-only chunk we asked for on the caller's behalf is not theirs to see.
                 if self._strip and chunk.get("choices") == []:
                     return False
         return True
+
+
+def _split(data: bytes) -> list[bytes]:
+    """Complete events of ``data`` (which ends on an event boundary), each with its separator."""
+    events: list[bytes] = []
+    start = 0
+    size = len(data)
+    while start < size:
+        lf = data.find(b"\n\n", start)
+        crlf = data.find(b"\r\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            events.append(data[start:])
+            break
+        end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+        events.append(data[start:end])
+        start = end
+    return events

@@ -1,158 +1,320 @@
 """The streaming path: bytes from the upstream go to the client as they arrive, and the request is
-settled in the stream's ``finally`` whatever ended it.
+settled when the upstream stream is over, whatever ended it.
 
-The upstream is always asked for ``stream_options.include_usage`` so the bill uses the provider's
-own count; the extra usage chunk is removed again when the caller did not ask for it. When the client
-goes away the upstream is drained (bounded by ``_DRAIN_S``) under a shielded scope, so the usage that
-arrives after the disconnect is still captured and settled.
+Two tasks per stream, the detached-drain design: a *pump* reads the upstream into a bounded buffer
+and owns the settlement; the request's own task *writes* that buffer to the client. So:
+
+* **usage** is read from the stream as it passes (:class:`~services.relay.sse.StreamScanner`); the
+  upstream is always asked for ``stream_options.include_usage``, and the extra usage-only chunk is
+  removed again when the caller did not ask for it. Nothing else is parsed or rewritten;
+* **keep-alive**: while the upstream is silent the writer sends an SSE comment every
+  ``stream_keepalive_s``, so idle proxies and load balancers keep the connection;
+* **idle timeout**: the gap allowed between two upstream chunks (``stream_idle_timeout_s``), and the
+  channel's total timeout for the whole stream; either ends it with an in-band error event;
+* **client gone**: the pump keeps reading for at most ``stream_drain_s`` (no more than
+  ``stream_max_drains`` streams at once) so the provider's usage report is still captured; if it
+  never comes, a marked estimate is billed (quota caps it at the reservation);
+* **end reason**, recorded in the usage event and ``relaygate_stream_end``: ``done`` (``[DONE]``
+  seen), ``upstream_eof`` (ended without it), ``upstream_error``, ``timeout``, ``client_gone``.
+
+Once the first byte is out the HTTP status is committed, so failures after it are sent in-band as an
+OpenAI error event; failover to another channel happens only before (see :mod:`.proxy`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+import asyncio
+import collections
+import contextlib
+import logging
 from typing import Any
 
-import anyio
 import httpx
 import orjson
-from starlette.responses import Response, StreamingResponse
 
-from services.common.errors import GatewayError, UpstreamError, UpstreamStatus, UpstreamTimeout
+from services.common.errors import GatewayError, UpstreamError, UpstreamTimeout
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
-from services.relay.accounting import Exchange
+from services.relay.accounting import Exchange, Meter, metric
+from services.relay.breaker import Outcome
 from services.relay.channels import Channel
-from services.relay.deps import Gateway
-from services.relay.openai_errors import error_response, sse_error
-from services.relay.proxy import _RETRYABLE_STATUS, build_headers, map_upstream_errors
+from services.relay.connections import wait
+from services.relay.openai_errors import sse_error
+from services.relay.proxy import OpenStream, PayloadFor
 from services.relay.sse import StreamScanner
 
-_DRAIN_S = 10.0
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamPolicy", "StreamRelay", "Streams", "stream_payload"]
+
+KEEPALIVE = b": keep-alive\n\n"
+# The pump stops reading while this much is waiting for a slow client.
+_BUFFER_LIMIT = 1024 * 1024
+
+Send = Any
+Receive = Any
 
 
-def _stream_payload(body: dict[str, Any], model: str) -> tuple[bytes, bool]:
+def stream_payload(body: dict[str, Any], raw: bytes) -> tuple[PayloadFor, bool]:
+    """What to send each channel, and whether the caller asked for the usage chunk itself.
+
+    The caller's bytes go out unchanged when they already ask for usage and the channel keeps the
+    model name; otherwise the body is re-serialized once per distinct upstream model.
+    """
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    model = body.get("model")
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return orjson.dumps({**body, "model": model, "stream_options": merged}), wants_usage
+    built: dict[str, bytes] = {}
+
+    def payload_for(channel: Channel) -> bytes:
+        upstream_model = channel.upstream_model(str(model))
+        if wants_usage and upstream_model == model:
+            return raw
+        payload = built.get(upstream_model)
+        if payload is None:
+            payload = built[upstream_model] = orjson.dumps(
+                {**body, "model": upstream_model, "stream_options": merged}
+            )
+        return payload
+
+    return payload_for, wants_usage
 
 
-async def _open(
-    gateway: Gateway, exchange: Exchange, body: dict[str, Any], path: str, candidates: list[Channel]
-) -> tuple[httpx.Response, Channel, bool]:
-    """Send to channels in order until one starts a 2xx stream; non-retryable answers raise."""
-    client = gateway.upstreams.client
-    last_error: GatewayError = UpstreamError("No channel could be tried.")
-    for channel in candidates[: gateway.upstreams.max_attempts]:
-        exchange.attempts += 1
-        payload, wants_usage = _stream_payload(body, channel.upstream_model(exchange.model))
-        request = client.build_request(
-            "POST",
-            f"{channel.base_url}{path}",
-            content=payload,
-            headers=build_headers(channel, exchange.request_id),
-            timeout=httpx.Timeout(
-                connect=channel.connect_timeout_s,
-                read=channel.first_byte_timeout_s,
-                write=channel.connect_timeout_s,
-                pool=channel.connect_timeout_s,
-            ),
-        )
-        started = time.perf_counter()
+class StreamPolicy:
+    """The stream settings, from :class:`~services.relay.settings.RelaySettings`."""
+
+    def __init__(self, *, idle_timeout_s: float, keepalive_s: float, drain_s: float, max_drains: int) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self.keepalive_s = keepalive_s
+        self.drain_s = drain_s
+        self.max_drains = max_drains
+
+
+class Streams:
+    """Every stream's pump, so shutdown can wait for their settlements; owned by the lifespan."""
+
+    def __init__(self, policy: StreamPolicy) -> None:
+        self.policy = policy
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.draining = 0
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+
+    @property
+    def active(self) -> int:
+        return len(self._pumps)
+
+    async def close(self, *, timeout: float) -> None:
+        """Let running streams finish and settle (bounded by ``timeout``), then cut the rest."""
+        if not self._pumps:
+            return
+        _, pending = await asyncio.wait(set(self._pumps), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("streams cut at shutdown", extra={"streams": len(pending)})
+            await asyncio.wait(pending, timeout=5.0)
+
+
+class StreamRelay:
+    """Relays one opened upstream stream to the client; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        streams: Streams,
+        meter: Meter,
+        exchange: Exchange,
+        opened: OpenStream,
+        scanner: StreamScanner,
+        prompt_tokens: int,
+    ) -> None:
+        self._streams = streams
+        self._meter = meter
+        self._exchange = exchange
+        self._opened = opened
+        self._scanner = scanner
+        self._prompt_tokens = prompt_tokens
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._finished = False
+        self._client_gone = False
+        self._writer_waiter: asyncio.Future[None] | None = None
+        self._pump_waiter: asyncio.Future[None] | None = None
+        self._deadline: asyncio.Timeout | None = None
+        # Loop time by which a stream whose client left must be done draining.
+        self._drain_until: float | None = None
+        self._draining = False
+
+    async def run(self, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the response (status 200, ``headers``) and relay the stream until it ends or the
+        client leaves; the pump may go on draining after this returns."""
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(self._pump(), name=f"stream-{self._exchange.request_id}")
+        self._streams.track(pump)
+        watcher = loop.create_task(self._watch(receive))
         try:
-            with map_upstream_errors(channel):
-                response = await client.send(request, stream=True)
-        except UpstreamError as exc:
-            METRICS.upstream_attempts.labels(
-                channel=channel.name, outcome="timeout" if isinstance(exc, UpstreamTimeout) else "transport"
-            ).inc()
-            last_error = exc
-            continue
-        exchange.ttfb_s = time.perf_counter() - started
-        METRICS.upstream_ttfb.labels(channel=channel.name).observe(exchange.ttfb_s)
-        if 200 <= response.status_code < 300:
-            METRICS.upstream_attempts.labels(channel=channel.name, outcome="ok").inc()
-            return response, channel, wants_usage
-        content = await response.aread()
-        await response.aclose()
-        METRICS.upstream_attempts.labels(channel=channel.name, outcome=f"status_{response.status_code}").inc()
-        error = UpstreamStatus(status=response.status_code, body=content)
-        if response.status_code not in _RETRYABLE_STATUS:
-            raise error
-        last_error = error
-    raise last_error
-
-
-async def relay_stream(
-    gateway: Gateway,
-    exchange: Exchange,
-    body: dict[str, Any],
-    path: str,
-    candidates: list[Channel],
-    *,
-    prompt_tokens: int,
-    max_output_tokens: int,
-) -> Response:
-    try:
-        await gateway.meter.reserve(
-            exchange, prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens
-        )
-        upstream, channel, wants_usage = await _open(gateway, exchange, body, path, candidates)
-    except GatewayError as exc:
-        exchange.error = exc
-        exchange.status_code = exc.status
-        exchange.end_reason = "refused" if exchange.reservation is None else "upstream_error"
-        await gateway.meter.finish(exchange)
-        if isinstance(exc, UpstreamStatus) and exc.status < 500 and exc.status != 429:
-            return error_response(exc, request_id=exchange.request_id)
-        raise
-    exchange.channel_id = channel.id
-    exchange.upstream_model = channel.upstream_model(exchange.model)
-    exchange.status_code = upstream.status_code
-    scanner = StreamScanner(strip_usage_chunk=not wants_usage)
-
-    async def events() -> AsyncIterator[bytes]:
-        exchange.end_reason = "client_gone"
-        try:
-            async for data in upstream.aiter_raw():
-                for event in scanner.feed(data):
-                    yield event
-            tail = scanner.flush()
-            if tail:
-                yield tail
-            exchange.end_reason = "done" if scanner.done else "upstream_eof"
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            exchange.end_reason = "timeout" if isinstance(exc, httpx.TimeoutException) else "upstream_error"
-            exchange.error = UpstreamTimeout() if exchange.end_reason == "timeout" else UpstreamError()
-            yield sse_error(exchange.error)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._write(send)
         finally:
-            with anyio.CancelScope(shield=True):
-                if exchange.end_reason == "client_gone":
-                    await _drain(upstream, scanner)
-                await upstream.aclose()
-                exchange.upstream_s = exchange.elapsed_s()
-                exchange.usage = scanner.usage or _estimate(prompt_tokens, scanner)
-                await gateway.meter.finish(exchange)
+            watcher.cancel()
+            if not self._finished:
+                # The writer stopped early (client gone, or this task was cancelled): drain instead.
+                self._leave()
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"x-request-id": exchange.request_id, "cache-control": "no-cache"},
-    )
+    async def _write(self, send: Send) -> None:
+        queue = self._queue
+        first = True
+        keepalive = self._streams.policy.keepalive_s
+        while True:
+            if queue:
+                data = queue[0] if len(queue) == 1 else b"".join(queue)
+                queue.clear()
+                self._queued = 0
+                self._wake_pump()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if first:
+                    first = False
+                    exchange = self._exchange
+                    metric(METRICS.stream_ttfb, exchange.endpoint).observe(exchange.elapsed_s())
+                continue
+            if self._finished or self._client_gone:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._writer_waiter = waiter
+            try:
+                await wait(waiter, keepalive)
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+            finally:
+                self._writer_waiter = None
+        if not self._client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _watch(self, receive: Receive) -> None:
+        """Notice the client going away (the only other message on a request whose body was read)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._leave()
+                return
 
-async def _drain(upstream: httpx.Response, scanner: StreamScanner) -> None:
-    """Read the rest of an abandoned stream (bounded) so provider-reported usage is not lost."""
-    with anyio.move_on_after(_DRAIN_S):
+    def _leave(self) -> None:
+        """The client is gone: bound the rest of the pump's work to the drain window."""
+        if self._client_gone:
+            return
+        self._client_gone = True
+        self._queue.clear()
+        self._wake_writer()
+        self._wake_pump()
+        if self._finished:
+            return
+        streams = self._streams
+        drain_s = streams.policy.drain_s if streams.draining < streams.policy.max_drains else 0.0
+        if drain_s > 0:
+            self._draining = True
+            streams.draining += 1
+            METRICS.stream_drains.set(streams.draining)
+        self._drain_until = asyncio.get_running_loop().time() + drain_s
+        self._shorten_deadline()
+
+    def _shorten_deadline(self) -> None:
+        deadline, until = self._deadline, self._drain_until
+        if deadline is not None and until is not None:
+            current = deadline.when()
+            deadline.reschedule(until if current is None else min(current, until))
+
+    async def _pump(self) -> None:
+        exchange = self._exchange
+        opened = self._opened
+        scanner = self._scanner
+        reason = ""
+        error: GatewayError | None = None
         try:
-            async for data in upstream.aiter_raw():
-                for _ in scanner.feed(data):
-                    pass
-        except (httpx.TimeoutException, httpx.TransportError):
-            pass
+            async with asyncio.timeout(
+                max(0.0, opened.channel.total_timeout_s - exchange.ttfb_s)
+            ) as deadline:
+                self._deadline = deadline
+                self._shorten_deadline()
+                async for data in opened.body:
+                    out = scanner.feed(data)
+                    if out and not self._client_gone:
+                        self._push(out)
+                        if self._queued > _BUFFER_LIMIT:
+                            await self._wait_for_room()
+                tail = scanner.flush()
+                if tail and not self._client_gone:
+                    self._push(tail)
+            reason = "done" if scanner.done else "upstream_eof"
+        except TimeoutError:
+            if self._client_gone:
+                reason = "client_gone"
+            else:
+                reason = "timeout"
+                error = UpstreamTimeout(f"Channel {opened.channel.name!r} exceeded its total timeout.")
+        except httpx.TimeoutException:
+            reason = "timeout"
+            error = UpstreamTimeout(f"Channel {opened.channel.name!r} went silent mid-stream.")
+        except httpx.HTTPError as exc:
+            reason = "upstream_error"
+            error = UpstreamError(f"Channel {opened.channel.name!r} broke the stream: {type(exc).__name__}.")
+        except asyncio.CancelledError:
+            reason = "client_gone" if self._client_gone else "upstream_error"
+            error = None if self._client_gone else UpstreamError("The stream was cut at shutdown.")
+            raise
+        finally:
+            await self._finish(reason, error)
 
+    async def _finish(self, reason: str, error: GatewayError | None) -> None:
+        exchange = self._exchange
+        opened = self._opened
+        if self._client_gone and reason in ("done", "upstream_eof"):
+            reason = "client_gone"
+        with contextlib.suppress(httpx.HTTPError):
+            await opened.body.aclose()
+        if error is not None:
+            exchange.fail(error, status=exchange.status_code)
+            if not self._client_gone:
+                opened.breaker.record(Outcome.FAILURE)
+                self._push(sse_error(error))
+        exchange.end_reason = reason
+        exchange.upstream_s = exchange.elapsed_s()
+        scanner = self._scanner
+        exchange.usage = scanner.usage or Usage(
+            prompt_tokens=self._prompt_tokens, completion_tokens=scanner.events, estimated=True
+        )
+        self._finished = True
+        self._wake_writer()
+        if self._draining:
+            self._streams.draining -= 1
+            METRICS.stream_drains.set(self._streams.draining)
+        metric(METRICS.stream_end, reason).inc()
+        metric(METRICS.stream_duration, exchange.endpoint).observe(exchange.elapsed_s())
+        await self._meter.finish(exchange)
 
-def _estimate(prompt_tokens: int, scanner: StreamScanner) -> Usage:
-    """A marked estimate when the provider reported nothing: quota caps it at the reservation."""
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=scanner.events, estimated=True)
+    def _push(self, data: bytes) -> None:
+        self._queue.append(data)
+        self._queued += len(data)
+        self._wake_writer()
+
+    async def _wait_for_room(self) -> None:
+        while self._queued > _BUFFER_LIMIT and not self._client_gone:
+            waiter = asyncio.get_running_loop().create_future()
+            self._pump_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._pump_waiter = None
+
+    def _wake_writer(self) -> None:
+        waiter = self._writer_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_pump(self) -> None:
+        waiter = self._pump_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

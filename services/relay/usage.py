@@ -8,7 +8,10 @@ reports, and the difference goes back to the balance.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import orjson
 
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 
@@ -20,6 +23,8 @@ _PER_IMAGE_PART_TOKENS = 1_000
 def _text_bytes(value: Any) -> int:
     if isinstance(value, str):
         return len(value.encode())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1  # a token id (completions and embeddings accept arrays of them)
     if isinstance(value, list):
         total = 0
         for part in value:
@@ -34,13 +39,23 @@ def _text_bytes(value: Any) -> int:
     return 0
 
 
-def estimate_chat_prompt(messages: list[Any]) -> int:
+def _json_bytes(value: Any) -> int:
+    return len(orjson.dumps(value)) if value else 0
+
+
+def estimate_chat_prompt(messages: list[Any], body: dict[str, Any] | None = None) -> int:
+    """Upper bound of a chat prompt: message texts, names and tool calls, plus tool definitions."""
     total = 3
     for message in messages:
         if isinstance(message, dict):
             total += (
-                _PER_MESSAGE_OVERHEAD + _text_bytes(message.get("content")) + _text_bytes(message.get("name"))
+                _PER_MESSAGE_OVERHEAD
+                + _text_bytes(message.get("content"))
+                + _text_bytes(message.get("name"))
+                + _json_bytes(message.get("tool_calls"))
             )
+    if body is not None:
+        total += _json_bytes(body.get("tools")) + _json_bytes(body.get("functions"))
     return total
 
 
@@ -72,3 +87,54 @@ def from_openai(usage: Any) -> Usage | None:
     if "completion_tokens" not in usage and "total_tokens" in usage:
         completion = max(0, _int(usage.get("total_tokens")) - prompt)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=min(cached, prompt))
+
+
+# The top-level "usage" object of a JSON answer; one level of nesting (the *_tokens_details objects).
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\}|null)')
+
+
+def from_body(body: bytes) -> Usage | None:
+    """Usage reported in a non-streaming JSON answer, without parsing the whole body.
+
+    Answers can be large (embeddings, base64 images) while ``usage`` is a small object near the end,
+    so the last ``"usage": {...}`` is located and only it is parsed. Inside JSON strings a quote is
+    always escaped, so ``"usage":`` cannot match text content.
+    """
+    index = body.rfind(b'"usage"')
+    while index >= 0:
+        match = _USAGE_OBJECT.match(body, index)
+        if match is not None:
+            try:
+                return from_openai(orjson.loads(match.group(1)))
+            except orjson.JSONDecodeError:
+                return None
+        index = body.rfind(b'"usage"', 0, index)
+    return None
+
+
+def count_images(body: bytes) -> int | None:
+    """Images in an ``images/generations`` answer (entries of its ``data`` array), None if unreadable."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    data = parsed.get("data") if isinstance(parsed, dict) else None
+    return len(data) if isinstance(data, list) else None
+
+
+def estimate_answer(body: bytes, prompt_tokens: int) -> Usage:
+    """A marked estimate for a 2xx answer that reported no usage: the prompt's upper bound, and the
+    UTF-8 bytes of the generated texts (never fewer than their tokens). Quota caps it at the hold."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    completion = 0
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            if isinstance(message, dict):
+                completion += _text_bytes(message.get("content")) + _json_bytes(message.get("tool_calls"))
+            completion += _text_bytes(choice.get("text"))
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, estimated=True)

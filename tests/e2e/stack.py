@@ -65,12 +65,30 @@ def stack_env(backing: BackingServices, db: DbUrls) -> dict[str, str]:
 
 
 def deploy(backing: BackingServices, db: DbUrls, log_dir: Path) -> Iterator[Deployment]:
+    yield from deploy_with(backing, db, log_dir)
+
+
+def deploy_with(
+    backing: BackingServices,
+    db: DbUrls,
+    log_dir: Path,
+    *,
+    relay_env: dict[str, str] | None = None,
+    upstream: FakeUpstream | None = None,
+) -> Iterator[Deployment]:
+    """:func:`deploy` with extra ``RELAYGATE_*`` settings for the relay and a given fake upstream.
+
+    The relay's event spool lives under ``log_dir`` (never in the working directory)."""
     admin_key = generate()[0]
-    upstream = FakeUpstream().start()
+    upstream = upstream or FakeUpstream()
+    if not upstream.running:
+        upstream.start()
+    env = stack_env(backing, db)
+    env["RELAYGATE_EVENT_SPOOL_DIR"] = str(log_dir / "spool")
     stack = LocalStack(
-        env=stack_env(backing, db),
+        env=env,
         log_dir=log_dir,
-        extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}},
+        extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}, "relay": dict(relay_env or {})},
     )
     try:
         stack.start()

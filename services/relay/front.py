@@ -1,0 +1,94 @@
+"""The relay's HTTP front door: a pure ASGI dispatcher in front of the FastAPI app.
+
+The OpenAI endpoints, health, readiness and metrics are served here straight from the ASGI scope;
+every other path (the admin API, unknown URLs) goes to FastAPI. Measured on this machine, a FastAPI
+route with a dependency costs ~100 µs of CPU per request (~210 µs when the dependency is a plain
+``def``, which FastAPI runs in a thread), a Starlette route ~60 µs, this dispatch ~25 µs: on the
+relay's hot path that difference is a large share of the whole gateway overhead. This is the pure
+ASGI middleware Starlette itself recommends for hot paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from services.common.errors import GatewayError, InvalidRequest
+from services.relay import routes
+from services.relay.deps import gateway_of
+from services.relay.routes import Call, respond_error
+
+log = logging.getLogger(__name__)
+
+
+class MethodNotAllowed(InvalidRequest):
+    http_status = 405
+    code = "method_not_allowed"
+
+
+Handler = Callable[[Call], Awaitable[None]]
+
+_ROUTES: dict[tuple[str, str], Handler] = {
+    ("POST", "/v1/chat/completions"): routes.chat_completions,
+    ("POST", "/v1/completions"): routes.completions,
+    ("POST", "/v1/embeddings"): routes.embeddings,
+    ("POST", "/v1/images/generations"): routes.image_generations,
+    ("GET", "/v1/models"): routes.models,
+    ("GET", "/healthz"): routes.healthz,
+    ("GET", "/readyz"): routes.readyz,
+    ("GET", "/metrics"): routes.metrics,
+}
+_MODEL_PREFIX = "/v1/models/"
+# Path -> the methods it answers, for a 405 with ``allow`` on any other.
+_METHODS: dict[str, str] = {}
+for _method, _path in _ROUTES:
+    _METHODS[_path] = ", ".join(filter(None, (_METHODS.get(_path), _method)))
+
+
+class Front:
+    """Dispatches the relay's own routes; ``app`` serves the rest and runs the lifespan."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            handler = _ROUTES.get((scope["method"], path))
+            if handler is None and path.startswith(_MODEL_PREFIX) and scope["method"] == "GET":
+                handler = routes.model
+            if handler is not None:
+                await self._serve(handler, scope, receive, send)
+                return
+            allowed = _METHODS.get(path)
+            if allowed is not None:
+                await respond_error(
+                    send,
+                    MethodNotAllowed(f"Method {scope['method']} is not allowed for {path}; use {allowed}."),
+                    allow=allowed,
+                )
+                return
+        await self._app(scope, receive, send)
+
+    @staticmethod
+    async def _serve(
+        handler: Handler,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        call = Call(gateway_of(scope), scope, receive, send)
+        try:
+            await handler(call)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not call.started:
+                await respond_error(send, GatewayError())
