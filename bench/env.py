@@ -243,6 +243,8 @@ class BenchEnv:
             "models": [MODEL],
             "weight": weight,
             "enabled": True,
+            # Scenario 4 holds 2,000 streams through one channel: lift the per-channel pool cap above that.
+            "max_connections": 4096,
         }
         return str(_ok(await admin.post("/admin/v1/channels", json=body))["channel_id"])
 
