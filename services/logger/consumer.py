@@ -52,6 +52,8 @@ _MAX_POLL_WAIT_S = 0.25
 # Backoff between attempts at something that failed (a batch write, a dead-letter publish).
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 5.0
+# Bound on one offset commit (see _flush).
+_COMMIT_TIMEOUT_S = 2.0
 # How long the broker may hold a fetch that has no data yet. Some brokers (Tansu) hold it for all of
 # that time even when records arrive meanwhile, so it adds straight to the end-to-end latency; 100 ms
 # instead of the client's 500 costs a few idle fetches a second.
@@ -242,12 +244,14 @@ class LogConsumer:
             METRICS.logger_batch_write.observe(time.perf_counter() - started)
             METRICS.logger_batch_rows.observe(len(batch))
         try:
-            await self._consumer.commit(batch.offsets)
+            # A broker that came back without the group makes aiokafka retry the commit for minutes; the
+            # rows are already stored, so give up quickly and let redelivery (deduplicated) cover it.
+            await asyncio.wait_for(self._consumer.commit(batch.offsets), _COMMIT_TIMEOUT_S)
             self._committed.update(batch.offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
+        except (CommitFailedError, IllegalStateError, TimeoutError) as exc:
             # The rows are stored; the partitions' new owner re-reads them, and storing them again is a no-op.
             log.warning(
-                "batch stored but offsets not committed: the group rebalanced",
+                "batch stored but offsets not committed (rebalance or broker restart)",
                 extra={"rows": len(batch), "error": repr(exc)},
             )
         now_ms = self._clock.time() * 1000

@@ -17,8 +17,9 @@ endpoint and the caller's scope: the API key by default, or every key of the sam
 (``response_cache_scope=user``). Two keys never share entries unless configured so.
 
 **Billing** of a hit follows ``response_cache_billing``: ``free`` (the default: no reservation, a
-usage event with the cached token counts, ``cached=true`` and no cost) or ``full`` (reserved and
-settled like an upstream answer, with the cached usage).
+usage event with the cached token counts, ``cached=true`` and no cost; without a reservation a hit
+does not count against RPM/TPM limits either) or ``full`` (reserved and settled like an upstream
+answer, with the cached usage, and limited like one).
 
 Redis trouble never fails a request: a lookup that errors is a miss, a store that errors is skipped
 (``relaygate_response_cache{result="error"}``).

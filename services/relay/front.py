@@ -43,9 +43,7 @@ _ROUTES: dict[tuple[str, str], Handler] = {
 }
 _MODEL_PREFIX = "/v1/models/"
 # Path -> the methods it answers, for a 405 with ``allow`` on any other.
-_METHODS: dict[str, str] = {}
-for _method, _path in _ROUTES:
-    _METHODS[_path] = ", ".join(filter(None, (_METHODS.get(_path), _method)))
+_METHODS = {path: ", ".join(m for m, p in _ROUTES if p == path) for _, path in _ROUTES}
 
 
 class Front:
