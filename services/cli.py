@@ -143,6 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ),
         "RELAYGATE_KAFKA_BOOTSTRAP": os.environ.get("RELAYGATE_KAFKA_BOOTSTRAP", ""),
         "RELAYGATE_LOG_FORMAT": os.environ.get("RELAYGATE_LOG_FORMAT", "text"),
+        "RELAYGATE_EVENT_SPOOL_DIR": os.environ.get("RELAYGATE_EVENT_SPOOL_DIR", str(state_dir / "spool")),
     }
     if port_open(args.port):
         print(f"port {args.port} is already in use; pick another with --port", file=sys.stderr)

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
 
-from services.common.errors import AuthenticationError, InvalidRequest
+from services.common.errors import AuthenticationError, InvalidRequest, NotFound
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
@@ -247,6 +247,22 @@ async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
     stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
     return render(stored, 201)
+
+
+@router.get("/channels/status")
+async def channel_status(request: Request, gateway: GatewayDep) -> Response:
+    """Pools and breakers of the relay process answering this call (each relay keeps its own)."""
+    await require_admin(request, gateway, READ)
+    status = gateway.upstreams.status(gateway.channels.table.channels)
+    return Response(orjson.dumps({"channels": status}), media_type="application/json")
+
+
+@router.post("/channels/{channel_id}/breaker/reset")
+async def reset_breaker(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
+    await require_admin(request, gateway, WRITE)
+    if not gateway.upstreams.breakers.reset(channel_id):
+        raise NotFound(f"No breaker for channel {channel_id!r} on this relay.", param="channel_id")
+    return Response(b'{"reset":true}', media_type="application/json")
 
 
 @router.get("/channels")

@@ -152,3 +152,24 @@ def test_budget_set_through_the_admin_api_refuses_and_the_books_reconcile(deploy
     )
     assert books.status_code == 200, books.text
     assert books.json().get("discrepancies", []) == []
+
+
+def test_channel_status_and_breaker_reset(deployment: Deployment) -> None:
+    from tests.e2e.stack import fund_user
+
+    _, key = fund_user(deployment, 1_000_000)
+    assert chat_status(deployment, key) == 200
+    headers = {"authorization": f"Bearer {deployment.admin_token()}"}
+    status = httpx.get(f"{deployment.relay_url}/admin/v1/channels/status", headers=headers, timeout=10)
+    assert status.status_code == 200, status.text
+    [channel] = status.json()["channels"]
+    reset = httpx.post(
+        f"{deployment.relay_url}/admin/v1/channels/{channel['channel_id']}/breaker/reset",
+        headers=headers,
+        timeout=10,
+    )
+    assert reset.status_code == 200, reset.text
+    missing = httpx.post(
+        f"{deployment.relay_url}/admin/v1/channels/ch_missing/breaker/reset", headers=headers, timeout=10
+    )
+    assert missing.status_code == 404
