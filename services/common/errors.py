@@ -1,8 +1,8 @@
 """The one error tree of relaygate, and its wire forms.
 
 Every failure the gateway reports is a :class:`GatewayError`. Each class knows its HTTP status, its
-OpenAI ``type`` and ``code``, its gRPC status, whose fault it was (``caller``, ``policy``, ``provider``
-or ``gateway``) and whether another upstream may be tried::
+OpenAI ``type`` and ``code``, its gRPC status, and whose fault it was (``caller``, ``policy``, ``provider``
+or ``gateway``)::
 
     GatewayError                       500 api_error            gateway
     ├── InvalidRequest                 400 invalid_request_error caller
@@ -17,8 +17,8 @@ or ``gateway``) and whether another upstream may be tried::
     │   ├── BudgetExceeded             429 budget_exceeded
     │   ├── RateLimited                429 rate_limit_exceeded   (retry_after)
     │   └── ConcurrencyLimited         429 concurrency_limit_exceeded (retry_after)
-    ├── UpstreamError                  502 upstream_error        provider  (retryable)
-    │   ├── UpstreamTimeout            504 upstream_timeout      provider  (retryable)
+    ├── UpstreamError                  502 upstream_error        provider
+    │   ├── UpstreamTimeout            504 upstream_timeout      provider
     │   ├── UpstreamStatus             the upstream's status     provider
     │   └── NoUpstreamAvailable        503 no_upstream_available provider
     └── ServiceUnavailable             503 service_unavailable   gateway
@@ -42,7 +42,6 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal_error"
     grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     fault: ClassVar[Fault] = "gateway"
-    retryable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -157,7 +156,6 @@ class UpstreamError(GatewayError):
     code = "upstream_error"
     grpc_status = grpc.StatusCode.UNAVAILABLE
     fault = "provider"
-    retryable = True
 
     @classmethod
     def default_message(cls) -> str:
@@ -188,7 +186,6 @@ class UpstreamStatus(UpstreamError):
 class NoUpstreamAvailable(UpstreamError):
     http_status = 503
     code = "no_upstream_available"
-    retryable = False
 
 
 class ServiceUnavailable(GatewayError):

@@ -23,11 +23,6 @@ from functools import lru_cache
 from typing import Any
 
 
-def count_words(text: str) -> int:
-    """Whitespace-separated words in ``text``."""
-    return len(text.split())
-
-
 def count_content(content: Any) -> int:
     """Words in one chat message ``content`` (string, list of parts, or ``None``)."""
     if isinstance(content, str):
