@@ -21,11 +21,20 @@ from pathlib import Path
 SERVICES = ("auth", "quota", "logger", "relay")
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: every socket stays bound until all are chosen, so the
+    kernel cannot hand the same port out twice (it may once a socket is closed)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -92,8 +101,10 @@ class LocalStack:
                 )
                 self._wait_port("kafka", timeout)
                 self.env["RELAYGATE_KAFKA_BOOTSTRAP"] = address
-            ports = {name: free_port() for name in ("auth", "quota", "logger")}
-            self.relay_port = self.relay_port or free_port()
+            taken = {self.relay_port, *(p.port for p in self.processes)}
+            candidates = [p for p in free_ports(8) if p not in taken]
+            ports = dict(zip(("auth", "quota", "logger"), candidates, strict=False))
+            self.relay_port = self.relay_port or candidates[3]
             self.env.update(
                 RELAYGATE_AUTH_LISTEN=f"127.0.0.1:{ports['auth']}",
                 RELAYGATE_AUTH_ADDR=f"127.0.0.1:{ports['auth']}",
