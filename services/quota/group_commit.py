@@ -78,7 +78,7 @@ class GroupCommit(Generic[Op, Result]):
 
     def _start_batches(self) -> None:
         # A caller that gave up before its batch started (its deadline passed) is dropped: nobody
-        # would learn of a hold made for it, and it would be charged in full when it expired.
+        # would learn of a hold made for it, and it would hold the caller's credit until it expired.
         self._queue = [(op, future) for op, future in self._queue if not future.done()]
         while self._queue and len(self._running) < self._concurrency:
             batch = self._queue[: self._max_batch]

@@ -371,8 +371,8 @@ class Ledger:
             await self._limiter.release(outcome.reservation_id, names)
 
     async def expire_due(self, now: float | None = None) -> int:
-        """Settle every hold whose TTL has passed at its reserved amount (state and flag ``expired``)
-        and free its concurrency slot.
+        """Close every hold whose TTL has passed, charging nothing (state and flag ``expired``; see
+        :mod:`services.quota.settlement` for why), and free its concurrency slot.
 
         Works through the backlog ``expiry_batch_size`` reservations at a time. Safe to run in
         several quota processes at once: the reservation lock decides which one charges. Returns
@@ -394,7 +394,7 @@ class Ledger:
             if len(due) < self._batch:
                 break
         if expired:
-            log.info("expired reservations settled at their reserved amount", extra={"count": expired})
+            log.info("expired reservations released (nothing charged)", extra={"count": expired})
         return expired
 
     async def maintain(self) -> None:

@@ -12,9 +12,9 @@ from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcSe
 
 class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings):
     quota_listen: str = "127.0.0.1:50052"
-    # A hold nobody settles (the relay died mid-request) is charged at its reserved amount after this
-    # long. Keep it above the longest request a relay allows (its total upstream timeout), or long
-    # streams get charged their worst case before they finish.
+    # A hold nobody settles (the relay died mid-request) is released after this long, charging
+    # nothing (flagged ``expired``). Keep it above the longest request a relay allows (its total
+    # upstream timeout) plus its settle retries, or long streams go unbilled.
     reservation_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     expiry_sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
     # Reservations expired per batch by the sweeper (one transaction each).

@@ -1,5 +1,13 @@
 """Settlement: finishing a reservation by settle (charge the usage), release (charge nothing) or
-expiry (charge the hold, flagged), decided against the locked books of its batch.
+expiry (charge nothing, flagged ``expired``), decided against the locked books of its batch.
+
+Why expiry charges nothing: a hold that nobody settled within its TTL belongs to a relay that died
+(or lost quota for longer than its settle retries last). Quota has no evidence that such a request
+ever reached an upstream, and the usage event a relay publishes for it carries what the ledger
+charged, so charging the worst case here would bill requests that never ran and make the ledger
+disagree with the request logs. What this costs the operator when a relay dies is bounded by that
+relay's in-flight requests (README, failure policy). A settle arriving after the expiry finds the
+reservation finished and gets the stored outcome (charged 0): nothing is charged twice.
 
 Only an operation that finds its reservation ``held`` finishes it; every other one (a retry, a settle
 racing a release, two sweepers, in one batch or across processes) gets the stored outcome with
@@ -117,7 +125,7 @@ async def charge_for(
     if op.target == models.RELEASED:
         charge = Charge(op, row, 0, ())
     elif op.target == models.EXPIRED:
-        charge = Charge(op, row, reserved, (FLAG_EXPIRED,))
+        charge = Charge(op, row, 0, (FLAG_EXPIRED,))
     else:
         usage = op.usage or Usage()
         full = cost(await prices.by_id(int(row.price_id)), usage)

@@ -168,7 +168,7 @@ async def test_the_smaller_of_an_operator_budget_and_a_carried_budget_applies(
     )
 
 
-async def test_expiry_charges_the_budget_and_release_gives_it_back(
+async def test_expiry_and_release_both_give_the_budget_back(
     ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database
 ) -> None:
     model = await priced_model(prices, **RATES)
@@ -183,10 +183,11 @@ async def test_expiry_charges_the_budget_and_release_gives_it_back(
     assert await ledger.expire_due() >= 1
 
     for period, start in (("day", "2026-06-01T00:00:00"), ("month", "2026-06-01T00:00:00")):
-        assert await window(database, "user", user, period, at(start)) == (HOLD, 0)
+        assert await window(database, "user", user, period, at(start)) == (0, 0)
     outcome = await ledger.settle(expiring, Usage())
-    assert (outcome.state, outcome.repeated) == ("expired", True)
-    await reserve(ledger, model, user, user_limits=limits)  # one hold of room left today
+    assert (outcome.state, outcome.repeated, outcome.charged_micros) == ("expired", True, 0)
+    await reserve(ledger, model, user, user_limits=limits)  # the whole day's room is back
+    await reserve(ledger, model, user, user_limits=limits)
     with pytest.raises(BudgetExceeded, match="daily budget"):
         await reserve(ledger, model, user, user_limits=limits)
 

@@ -247,7 +247,7 @@ async def test_estimated_usage_never_exceeds_the_hold(
     assert (outcome.charged_micros, outcome.flags) == (HOLD, ("capped", "estimated"))
 
 
-async def test_expired_hold_is_settled_at_the_reserved_amount(
+async def test_expired_hold_is_released_and_a_late_settle_charges_nothing(
     ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database
 ) -> None:
     model = await priced_model(prices, **RATES)
@@ -266,13 +266,15 @@ async def test_expired_hold_is_settled_at_the_reserved_amount(
     assert await ledger.expire_due() == 0
 
     row = await reservation_row(database, rid)
-    assert (row.state, row.charged_micros) == (EXPIRED, HOLD)
+    # Nothing shows the request reached an upstream: the hold is given back, flagged.
+    assert (row.state, row.charged_micros) == (EXPIRED, 0)
     [charge] = await charges_for(database, rid)
-    assert (charge.amount_micros, charge.flags) == (-HOLD, "expired")
+    assert (charge.amount_micros, charge.flags) == (0, "expired")
     late = await ledger.settle(rid, Usage(prompt_tokens=1))
-    assert (late.repeated, late.state, late.charged_micros, late.flags) == (True, EXPIRED, HOLD, ("expired",))
+    assert (late.repeated, late.state, late.charged_micros, late.flags) == (True, EXPIRED, 0, ("expired",))
     balance = await ledger.balance(user, consistent=True)
-    assert (balance.balance_micros, balance.reserved_micros) == (10_000 - HOLD, 0)
+    assert (balance.balance_micros, balance.reserved_micros) == (10_000, 0)
+    assert await ledger.reconcile(consistent=True) == []
 
 
 async def test_top_up_is_idempotent_by_key(ledger: Ledger, database: Database) -> None:

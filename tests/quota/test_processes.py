@@ -433,11 +433,11 @@ async def test_killed_process_strands_nothing_after_the_ttl(
                     break
                 await asyncio.sleep(0.1)
 
-            assert (balance.balance_micros, balance.reserved_micros) == (9 * HOLD, 0)
+            assert (balance.balance_micros, balance.reserved_micros) == (10 * HOLD, 0)
             late = await call(
                 b.Settle, pb.SettleRequest(reservation_id=rid, usage=FULL_USAGE), timeout=TIMEOUT
             )
-            assert (late.state, late.charged_micros, late.repeated) == ("expired", HOLD, True)
+            assert (late.state, late.charged_micros, late.repeated) == ("expired", 0, True)
             assert await redis.zcard(f"{PREFIX}lease:key:{key}") == 0
             await call(
                 b.Reserve,

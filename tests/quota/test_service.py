@@ -292,9 +292,9 @@ async def test_sweeper_in_run_expires_an_abandoned_hold(migrated_db: DbUrls) -> 
                 break
             await asyncio.sleep(0.05)
 
-        assert (balance.balance_micros, balance.reserved_micros) == (300, 0)
+        assert (balance.balance_micros, balance.reserved_micros) == (1_000, 0)
         late = await call(stub.Settle, pb.SettleRequest(reservation_id=rid), timeout=TIMEOUT)
-        assert (late.state, late.charged_micros, late.repeated) == ("expired", 700, True)
+        assert (late.state, late.charged_micros, late.repeated) == ("expired", 0, True)
 
 
 @pytest.mark.parametrize(
