@@ -32,9 +32,12 @@ RUN groupadd --system --gid 10001 relaygate \
 COPY --from=build /opt/relaygate /opt/relaygate
 
 # Bytecode was compiled at install time; the root filesystem is read-only in Kubernetes.
+# Production by default: services refuse unset, published, short or patterned secrets. A development
+# setup opts out explicitly with RELAYGATE_ENVIRONMENT=dev (and still has to provide its own secrets).
 ENV PATH=/opt/relaygate/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    RELAYGATE_ENVIRONMENT=prod
 
 WORKDIR /opt/relaygate
 USER 10001:10001

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.stack_secrets import StackSecrets
+
 SERVICES = ("auth", "quota", "logger", "relay")
 
 
@@ -63,12 +65,16 @@ class Process:
 
 @dataclass
 class LocalStack:
-    """Starts and stops the services; ``env`` is the shared configuration (database, Redis, Kafka)."""
+    """Starts and stops the services; ``env`` is the shared configuration (database, Redis, Kafka).
+
+    ``secrets`` reach the auth process only; by default they are fresh random ones for this stack.
+    """
 
     env: dict[str, str]
     log_dir: Path
     relay_port: int = 0
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    secrets: StackSecrets = field(default_factory=StackSecrets.generate)
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -117,9 +123,10 @@ class LocalStack:
             )
             for name in SERVICES:
                 port = self.relay_port if name == "relay" else ports[name]
-                self._spawn(
-                    name, [sys.executable, "-m", f"services.{name}"], port, self.extra_env.get(name, {})
-                )
+                extra = self.extra_env.get(name, {})
+                if name == "auth":
+                    extra = {**self.secrets.env(), **extra}
+                self._spawn(name, [sys.executable, "-m", f"services.{name}"], port, extra)
             for name in SERVICES:
                 self._wait_port(name, timeout)
         except BaseException:

@@ -1,7 +1,9 @@
 """The first admin credential, provided from outside (``relaygate up``, a Kubernetes Secret).
 
 When ``RELAYGATE_BOOTSTRAP_ADMIN_KEY`` holds a full key, every auth process ensures at startup that the
-admin user (id :data:`ADMIN_USER_ID`, name "admin") exists and owns a key with exactly that plaintext.
+admin user (id :func:`admin_user_id`, name "admin") exists and owns a key with exactly that plaintext.
+The user id is derived from the pepper: every replica computes the same one, and nobody without the
+pepper can predict it (a fixed, published id would be half of a forged admin token).
 It is idempotent across restarts and safe when several replicas start at once (see
 :meth:`AuthStore.insert_if_absent`). Changing the variable adds the new key to the same admin user; the
 old key stays valid until revoked. A revoked bootstrap key is never brought back.
@@ -12,6 +14,8 @@ Neither the key nor its secret is ever logged; only its key id and display prefi
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import logging
 
 from services.auth.keys import display_prefix, hash_secret, parse, verify_secret
@@ -19,9 +23,14 @@ from services.auth.store import AuthStore
 
 log = logging.getLogger(__name__)
 
-ADMIN_USER_ID = "usr_admin"
 ADMIN_USER_NAME = "admin"
 KEY_NAME = "bootstrap admin key"
+
+
+def admin_user_id(pepper: str) -> str:
+    """The bootstrap admin's user id: ``usr_`` and 32 hex characters of an HMAC under the pepper."""
+    digest = hmac.new(pepper.encode(), b"relaygate bootstrap admin user", hashlib.sha256).hexdigest()
+    return f"usr_{digest[:32]}"
 
 
 class BootstrapError(RuntimeError):
@@ -44,16 +53,19 @@ async def ensure_admin_key(store: AuthStore, *, api_key: str, pepper: str, now: 
     if parsed is None:
         raise BootstrapError("the bootstrap admin key is malformed")
     public_id, secret = parsed
-    created = await store.insert_if_absent(
-        user_id=ADMIN_USER_ID,
-        user_name=ADMIN_USER_NAME,
-        admin=True,
-        public_id=public_id,
-        secret_hash=hash_secret(pepper, secret),
-        key_name=KEY_NAME,
-        now=now,
-    )
     credential = await store.find_credential(public_id, consistent=True)
+    created = False
+    if credential is None:
+        created = await store.insert_if_absent(
+            user_id=admin_user_id(pepper),
+            user_name=ADMIN_USER_NAME,
+            admin=True,
+            public_id=public_id,
+            secret_hash=hash_secret(pepper, secret),
+            key_name=KEY_NAME,
+            now=now,
+        )
+        credential = await store.find_credential(public_id, consistent=True)
     if credential is None or not verify_secret(pepper, secret, credential.key.secret_hash):
         raise BootstrapError(
             f"a key with the bootstrap key's public id ({display_prefix(public_id)}) exists with another "

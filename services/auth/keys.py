@@ -97,6 +97,14 @@ def fingerprint(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
+def generation(public_id: str) -> str:
+    """A short digest of a key's public id: it changes when the key is rotated, and reveals nothing of it.
+
+    Admin tokens carry it, so rotating their key ends them too.
+    """
+    return hashlib.sha256(f"relaygate key generation:{public_id}".encode()).hexdigest()[:16]
+
+
 def display_prefix(public_id: str) -> str:
     """The part of a key that is safe to show in listings: ``rg-AbCdEf…``."""
     return f"{PREFIX}{public_id[:6]}…"

@@ -227,15 +227,24 @@ class AuthServicer(AuthServiceServicer):
 
     async def IssueAdminToken(self, request: pb.IssueAdminTokenRequest, context: Context) -> pb.AdminToken:
         principal, reason, _ = await self._resolve(request.api_key)
-        if principal is None:
+        parsed = keys.parse(request.api_key)
+        if principal is None or parsed is None:
             raise AuthenticationError(_DENIALS.get(reason, "Incorrect API key provided."))
-        reason, message = scopes.check(principal, model="", client_ip="", now=self._clock.time())
-        if reason:
-            raise AuthenticationError(message)
+        _admin_key_usable(
+            expires_at=principal.expires_at,
+            allowed_cidrs=list(principal.allowed_cidrs),
+            client_ip=request.client_ip,
+            now=self._clock.time(),
+        )
         if not principal.admin:
             raise PermissionDenied("Only keys of admin users can obtain admin tokens.")
         token, claims = self._tokens.issue(
-            principal.user_id, scopes=list(request.scopes), ttl_s=request.ttl_seconds, now=self._now()
+            principal.user_id,
+            key_id=principal.key_id,
+            key_generation=keys.generation(parsed[0]),
+            scopes=list(request.scopes),
+            ttl_s=request.ttl_seconds,
+            now=self._now(),
         )
         return pb.AdminToken(
             token=token, expires_at=claims.expires_at, scopes=claims.scopes, user_id=claims.user_id
@@ -244,11 +253,40 @@ class AuthServicer(AuthServiceServicer):
     async def VerifyAdminToken(
         self, request: pb.VerifyAdminTokenRequest, context: Context
     ) -> pb.AdminTokenClaims:
+        """A valid signature is not enough: the token's key is read back (on the primary, no cache; the
+        admin API is not a hot path) so that revoking, disabling or rotating it ends its tokens at once."""
         claims = self._tokens.verify(request.token, required_scope=request.required_scope, now=self._now())
-        user = await self._store.get_user(claims.user_id)
-        if user is None or not user.admin:
+        credential = await self._store.credential_by_key_id(claims.key_id)
+        if (
+            credential is None
+            or credential.user.id != claims.user_id
+            or keys.generation(credential.key.public_id) != claims.key_generation
+        ):
+            raise AuthenticationError("The admin token's key was rotated or removed; request a new token.")
+        if credential.key.revoked:
+            raise AuthenticationError("The admin token's key has been revoked.")
+        if not credential.key.enabled:
+            raise AuthenticationError("The admin token's key is disabled.")
+        _admin_key_usable(
+            expires_at=credential.key.expires_at,
+            allowed_cidrs=list(credential.key.allowed_cidrs),
+            client_ip=request.client_ip,
+            now=self._clock.time(),
+        )
+        if not credential.user.admin:
             raise PermissionDenied("The admin token's user is no longer an administrator.")
-        return pb.AdminTokenClaims(user_id=claims.user_id, scopes=claims.scopes, expires_at=claims.expires_at)
+        return pb.AdminTokenClaims(
+            user_id=claims.user_id, scopes=claims.scopes, expires_at=claims.expires_at, key_id=claims.key_id
+        )
+
+
+def _admin_key_usable(*, expires_at: int, allowed_cidrs: list[str], client_ip: str, now: float) -> None:
+    """An admin key's expiry and address restriction. Unlike VerifyKey, an unknown caller address does
+    not pass a CIDR list: the relay always sends it, so its absence means the restriction cannot hold."""
+    if expires_at and now >= expires_at:
+        raise AuthenticationError("This API key has expired.")
+    if allowed_cidrs and not scopes.ip_allowed(allowed_cidrs, client_ip):
+        raise PermissionDenied(f"This API key may not be used from {client_ip or 'an unknown address'}.")
 
 
 def _outcome(reason: DenyReason.ValueType) -> str:

@@ -7,12 +7,11 @@ from pydantic_settings import SettingsConfigDict
 
 from services.auth.keys import parse
 from services.common.config import (
-    DEV_SECRET,
     BaseServiceSettings,
     DatabaseSettings,
     GrpcServerSettings,
     RedisSettings,
-    refuse_dev_secret,
+    check_secrets,
 )
 
 
@@ -23,14 +22,16 @@ class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcSer
     )
 
     auth_listen: str = "127.0.0.1:50051"
-    # HMAC key of the stored key hashes. Changing it invalidates every issued key.
-    key_pepper: str = Field(default=DEV_SECRET, repr=False)
+    # HMAC key of the stored key hashes. Changing it invalidates every issued key. No default: a value
+    # anyone can read would let them rebuild hashes; auth refuses to start without one.
+    key_pepper: str = Field(default="", repr=False)
     # A full "rg-..." key; when set, startup ensures an admin user owns exactly this key.
     bootstrap_admin_key: str = Field(default="", repr=False)
     # How long a verified principal is served from the cache (revocations invalidate it at once).
     cache_ttl_s: float = Field(default=60.0, gt=0, le=86_400)
-    # HMAC key signing admin tokens (JWT, HS256).
-    admin_token_secret: str = Field(default=DEV_SECRET, repr=False)
+    # HMAC key signing admin tokens (JWT, HS256). No default, for the same reason: a known value would
+    # let anyone mint admin tokens.
+    admin_token_secret: str = Field(default="", repr=False)
     admin_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
     admin_token_max_ttl_s: int = Field(default=3_600, ge=30, le=7 * 86_400)
     # How often batched last-used times are written.
@@ -38,11 +39,12 @@ class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcSer
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> AuthSettings:
-        if not self.key_pepper:
-            raise ValueError("RELAYGATE_KEY_PEPPER must not be empty")
-        refuse_dev_secret(
+        check_secrets(
             self.environment, key_pepper=self.key_pepper, admin_token_secret=self.admin_token_secret
         )
+        if self.key_pepper == self.admin_token_secret:
+            # One leaked value must not give away both the key hashes and the token signatures.
+            raise ValueError("RELAYGATE_KEY_PEPPER and RELAYGATE_ADMIN_TOKEN_SECRET must differ")
         if self.admin_token_ttl_s > self.admin_token_max_ttl_s:
             raise ValueError("RELAYGATE_ADMIN_TOKEN_TTL_S must not exceed RELAYGATE_ADMIN_TOKEN_MAX_TTL_S")
         if self.bootstrap_admin_key and parse(self.bootstrap_admin_key) is None:

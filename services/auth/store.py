@@ -152,6 +152,17 @@ class AuthStore:
         with _unavailable_on_connection_errors():
             return await self._credential(public_id, consistent=True)
 
+    async def credential_by_key_id(self, key_id: str) -> Credential | None:
+        """The key with this id and its owner, read on the primary: the state an admin token is checked
+        against, so a revocation counts from its commit, not from replication."""
+        query = select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.id == key_id)
+        with _unavailable_on_connection_errors():
+            async with self._db.reader(consistent=True) as session:
+                row = (await session.execute(query)).first()
+        if row is None:
+            return None
+        return Credential(key=_key_record(row[0]), user=_user_record(row[1]))
+
     async def _credential(self, public_id: str, *, consistent: bool) -> Credential | None:
         query = select(ApiKey, User).join(User, ApiKey.user_id == User.id)
         query = query.where(ApiKey.public_id == public_id)

@@ -8,6 +8,7 @@ deployment: ``RELAYGATE_DATABASE_URL`` means the same thing to auth, quota and l
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -17,8 +18,12 @@ Environment = Literal["dev", "prod"]
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///.relaygate/relaygate.db"
 
-# Values shipped as defaults for local use; refused when environment=prod.
-DEV_SECRET = "relaygate-dev-secret-do-not-use-in-production"
+# SHA-256 of secret values that were once published (in code, docs or examples): whoever read them could
+# sign admin tokens or rebuild key hashes, so they are refused in every environment. Only digests are kept.
+_PUBLISHED_SECRET_DIGESTS = frozenset({"81c2f9cb35824bdd418d3d11d0602ab01b9ac212f662a172b0a45bde24d89b2d"})
+MIN_SECRET_LENGTH = 32
+# A random 32-character secret over hex has ~15 distinct characters; fewer than this is a pattern.
+MIN_SECRET_DISTINCT = 10
 
 
 def _split_csv(value: object) -> object:
@@ -129,12 +134,26 @@ class ServiceAddresses(BaseSettings):
     rpc_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
 
-def refuse_dev_secret(environment: Environment, **secrets: str) -> None:
-    """Refuse to run production with a secret left at its shipped development value."""
-    if environment != "prod":
-        return
+def check_secrets(environment: Environment, **secrets: str) -> None:
+    """Refuse a secret that is unset or was published anywhere; in prod, also one that is short or patterned.
+
+    There is deliberately no default value: every code path that signs or hashes uses a value the
+    operator (or ``relaygate up``, which generates and keeps its own) chose.
+    """
     for name, value in secrets.items():
-        if not value or value == DEV_SECRET:
-            raise ValueError(f"RELAYGATE_{name.upper()} must be set to a private value when environment=prod")
-        if len(value) < 32:
-            raise ValueError(f"RELAYGATE_{name.upper()} must be at least 32 characters")
+        variable = f"RELAYGATE_{name.upper()}"
+        if not value:
+            raise ValueError(
+                f"{variable} is not set: give it a private random value of at least {MIN_SECRET_LENGTH} "
+                "characters (e.g. `openssl rand -hex 32`); `relaygate up` generates its own"
+            )
+        if hashlib.sha256(value.encode()).hexdigest() in _PUBLISHED_SECRET_DIGESTS:
+            raise ValueError(f"{variable} holds a published value; set a private random one")
+        if environment != "prod":
+            continue
+        if len(value) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"{variable} must be at least {MIN_SECRET_LENGTH} characters when environment=prod"
+            )
+        if len(set(value)) < MIN_SECRET_DISTINCT:
+            raise ValueError(f"{variable} looks like a pattern, not a random value; generate one")

@@ -22,7 +22,7 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
 from services.relay.deps import Gateway, GatewayDep
-from services.relay.requests import read_json
+from services.relay.requests import Incoming, read_json
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -50,10 +50,18 @@ async def require_admin(request: Request, gateway: Gateway, scope: str) -> str:
         )
     claims = await call(
         gateway.auth.VerifyAdminToken,
-        auth_pb2.VerifyAdminTokenRequest(token=token, required_scope=scope),
+        auth_pb2.VerifyAdminTokenRequest(
+            token=token, required_scope=scope, client_ip=_client_ip(request, gateway)
+        ),
         timeout=timeout(gateway),
     )
     return str(claims.user_id)
+
+
+def _client_ip(request: Request, gateway: Gateway) -> str:
+    """The caller's address, decided as for API calls (X-Forwarded-For only when trusted)."""
+    incoming = Incoming.from_scope(request.scope)
+    return incoming.client_ip(request.scope, trust_forwarded_for=gateway.settings.trust_forwarded_for)
 
 
 async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
@@ -82,9 +90,10 @@ def timeout(gateway: Gateway) -> float:
 async def issue_token(request: Request, gateway: GatewayDep) -> Response:
     """Exchange an admin user's API key (the bearer credential here) for an admin token."""
     api_key = _bearer(request)
-    message = auth_pb2.IssueAdminTokenRequest(api_key=api_key)
+    client_ip = _client_ip(request, gateway)
+    message = auth_pb2.IssueAdminTokenRequest(api_key=api_key, client_ip=client_ip)
     if request.headers.get("content-length", "0") != "0":
-        message = await parse(request, gateway, message, api_key=api_key)
+        message = await parse(request, gateway, message, api_key=api_key, client_ip=client_ip)
     return render(await call(gateway.auth.IssueAdminToken, message, timeout=timeout(gateway)), 201)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,12 +22,14 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.redis import redis_client
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices
+from devinfra.backing import BackingServices
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
 
-PEPPER = "test-pepper-for-auth-tests-0123456789abcdef"
+# Drawn per test run: no test depends on a secret anyone could read.
+PEPPER = secrets.token_hex(32)
+TOKEN_SECRET = secrets.token_hex(32)
 TIMEOUT = 10.0
 
 
@@ -37,6 +40,7 @@ def auth_settings(urls: DbUrls, **overrides: Any) -> AuthSettings:
         "replica_check_interval_s": 0.2,
         "auth_listen": "127.0.0.1:0",
         "key_pepper": PEPPER,
+        "admin_token_secret": TOKEN_SECRET,
         "grpc_drain_seconds": 1.0,
     }
     values.update(overrides)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import pytest
 from sqlalchemy import func, select
 
 from services.auth import keys
-from services.auth.bootstrap import ADMIN_USER_ID, BootstrapError, Outcome, ensure_admin_key
+from services.auth.bootstrap import BootstrapError, Outcome, admin_user_id, ensure_admin_key
 from services.auth.models import ApiKey, User
 from services.auth.store import AuthStore
 from services.common.db import Database
 from tests.db_fixtures import DbUrls
 
-PEPPER = "bootstrap-test-pepper-0123456789abcdef"
+PEPPER = secrets.token_hex(32)
+ADMIN_USER_ID = admin_user_id(PEPPER)
 NOW = 1_800_000_000
 
 

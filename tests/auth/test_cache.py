@@ -27,7 +27,7 @@ from services.common.clock import ManualClock, SystemClock
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from tests.auth.harness import RunningAuth
-from tests.infra.backing import BackingServices
+from devinfra.backing import BackingServices
 
 
 def principal() -> pb.Principal:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jwt
@@ -13,9 +14,7 @@ from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2 import DenyReason
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits
-from tests.auth.harness import TIMEOUT, RunningAuth
-
-SECRET_IN_TESTS = "relaygate-dev-secret-do-not-use-in-production"
+from tests.auth.harness import TIMEOUT, TOKEN_SECRET, RunningAuth
 
 
 async def update(auth: RunningAuth, key_id: str, paths: list[str], **fields: object) -> pb.ApiKey:
@@ -87,9 +86,13 @@ async def issue(auth: RunningAuth, api_key: str, **fields: object) -> pb.AdminTo
     return await call(auth.stub.IssueAdminToken, request, timeout=TIMEOUT)
 
 
-async def verify_token(auth: RunningAuth, token: str, scope: str) -> pb.AdminTokenClaims:
-    request = pb.VerifyAdminTokenRequest(token=token, required_scope=scope)
+async def verify_token(auth: RunningAuth, token: str, scope: str, client_ip: str = "") -> pb.AdminTokenClaims:
+    request = pb.VerifyAdminTokenRequest(token=token, required_scope=scope, client_ip=client_ip)
     return await call(auth.stub.VerifyAdminToken, request, timeout=TIMEOUT)
+
+
+def signed(payload: dict[str, object]) -> str:
+    return jwt.encode(payload, TOKEN_SECRET, algorithm="HS256")
 
 
 async def test_admin_tokens_carry_scopes_and_expire(auth: RunningAuth) -> None:
@@ -106,13 +109,17 @@ async def test_admin_tokens_carry_scopes_and_expire(auth: RunningAuth) -> None:
     with pytest.raises(PermissionDenied):
         await verify_token(auth, read_only.token, "admin:write")
 
-    expired = jwt.encode(
-        {"iss": ISSUER, "sub": admin.user_id, "scope": "admin:read", "iat": 1, "exp": int(time.time()) - 1},
-        SECRET_IN_TESTS,
-        algorithm="HS256",
-    )
+    claims = jwt.decode(full.token, options={"verify_signature": False})
+    expired = signed({**claims, "scope": "admin:read", "iat": 1, "exp": int(time.time()) - 1})
     with pytest.raises(AuthenticationError, match="expired"):
         await verify_token(auth, expired, "admin:read")
+    # Signed with the right secret, but without the key it was issued for (the format before tokens
+    # named their key): refused.
+    keyless = signed(
+        {"iss": ISSUER, "sub": admin.user_id, "scope": "admin:read", "iat": 1, "exp": int(time.time()) + 60}
+    )
+    with pytest.raises(AuthenticationError, match="not valid"):
+        await verify_token(auth, keyless, "admin:read")
     forged = jwt.encode(
         {"iss": ISSUER, "sub": admin.user_id, "scope": "admin:write", "iat": 1, "exp": int(time.time()) + 60},
         "another-secret-of-the-same-length-0123456789",
@@ -136,3 +143,56 @@ async def test_only_admin_keys_obtain_tokens(auth: RunningAuth) -> None:
     await auth.revoke(created.key.key_id)
     with pytest.raises(AuthenticationError):
         await issue(auth, created.api_key)
+
+
+async def test_token_exchange_applies_the_keys_allowed_cidrs(auth: RunningAuth) -> None:
+    admin = await auth.create_user("office-admin", admin=True)
+    office_key = (await auth.create_key(admin.user_id, allowed_cidrs=["10.1.0.0/16"])).api_key
+
+    with pytest.raises(PermissionDenied, match=r"203\.0\.113\.9"):
+        await issue(auth, office_key, client_ip="203.0.113.9")
+    # An unknown address cannot be inside the list (the relay always sends one).
+    with pytest.raises(PermissionDenied):
+        await issue(auth, office_key)
+    token = (await issue(auth, office_key, client_ip="10.1.2.3")).token
+
+    assert (await verify_token(auth, token, "admin:read", client_ip="10.1.9.9")).user_id == admin.user_id
+    # The token carries the restriction with it: it is no use from outside the list either.
+    with pytest.raises(PermissionDenied):
+        await verify_token(auth, token, "admin:read", client_ip="198.51.100.1")
+
+
+@pytest.mark.parametrize("change", ["revoke", "disable", "rotate", "expire", "narrow cidrs"])
+async def test_changing_the_key_ends_its_tokens_at_once(auth: RunningAuth, change: str) -> None:
+    admin = await auth.create_user(f"admin-{change}", admin=True)
+    created = await auth.create_key(admin.user_id)
+    key_id = created.key.key_id
+    token = (await issue(auth, created.api_key, client_ip="10.0.0.1")).token
+    assert (await verify_token(auth, token, "admin:write", client_ip="10.0.0.1")).key_id == key_id
+
+    match change:
+        case "revoke":
+            await auth.revoke(key_id)
+        case "disable":
+            await update(auth, key_id, ["enabled"], enabled=False)
+        case "rotate":
+            await call(auth.stub.RotateKey, pb.RotateKeyRequest(key_id=key_id), timeout=TIMEOUT)
+        case "expire":
+            await update(auth, key_id, ["expires_at"], expires_at=int(time.time()) + 1)
+            await asyncio.sleep(1.2)
+        case "narrow cidrs":
+            await update(auth, key_id, ["allowed_cidrs"], allowed_cidrs=["192.0.2.0/24"])
+
+    with pytest.raises((AuthenticationError, PermissionDenied)):
+        await verify_token(auth, token, "admin:write", client_ip="10.0.0.1")
+
+
+async def test_a_token_of_another_users_key_is_refused(auth: RunningAuth) -> None:
+    admin = await auth.create_user("real-admin", admin=True)
+    created = await auth.create_key(admin.user_id)
+    token = (await issue(auth, created.api_key)).token
+    claims = jwt.decode(token, options={"verify_signature": False})
+    other = await auth.create_user("someone-else", admin=True)
+    # Even with the signing secret, a token must name the key's own user.
+    with pytest.raises(AuthenticationError):
+        await verify_token(auth, signed({**claims, "sub": other.user_id}), "admin:read")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
 
 import pytest
 from pydantic import ValidationError
 
 from services.auth import keys
 from services.auth.settings import AuthSettings
-from services.common.config import DEV_SECRET
 from services.common.errors import InvalidRequest
 
 VALID = "rg-AbCdEf012345-" + "x" * 16 + "Y" * 16
@@ -113,27 +113,47 @@ def test_valid_scope_passes() -> None:
     ).validate(now=1000)
 
 
-def test_settings_refuse_the_dev_pepper_in_prod() -> None:
-    with pytest.raises(ValidationError, match="RELAYGATE_KEY_PEPPER"):
-        AuthSettings(environment="prod", key_pepper=DEV_SECRET)
-    with pytest.raises(ValidationError, match="RELAYGATE_KEY_PEPPER"):
-        AuthSettings(key_pepper="")
-    with pytest.raises(ValidationError, match="RELAYGATE_ADMIN_TOKEN_SECRET"):
-        AuthSettings(environment="prod", key_pepper="p" * 40)
-    prod = AuthSettings(environment="prod", key_pepper="p" * 40, admin_token_secret="s" * 40)
-    assert prod.key_pepper == "p" * 40
+PUBLISHED = "relaygate-dev-secret-do-not-use-in-production"  # shipped as the default until it was removed
+PEPPER = secrets.token_hex(32)
+TOKEN_SECRET = secrets.token_hex(32)
+
+
+@pytest.mark.parametrize("environment", ["dev", "prod"])
+def test_settings_have_no_default_secrets(environment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RELAYGATE_KEY_PEPPER", "RELAYGATE_ADMIN_TOKEN_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValidationError, match="RELAYGATE_KEY_PEPPER is not set"):
+        AuthSettings(environment=environment, admin_token_secret=TOKEN_SECRET)
+    with pytest.raises(ValidationError, match="RELAYGATE_ADMIN_TOKEN_SECRET is not set"):
+        AuthSettings(environment=environment, key_pepper=PEPPER)
+    with pytest.raises(ValidationError, match="RELAYGATE_KEY_PEPPER holds a published value"):
+        AuthSettings(environment=environment, key_pepper=PUBLISHED, admin_token_secret=TOKEN_SECRET)
+    with pytest.raises(ValidationError, match="must differ"):
+        AuthSettings(environment=environment, key_pepper=PEPPER, admin_token_secret=PEPPER)
+    settings = AuthSettings(environment=environment, key_pepper=PEPPER, admin_token_secret=TOKEN_SECRET)
+    assert settings.key_pepper == PEPPER
+
+
+def test_prod_refuses_short_or_patterned_secrets() -> None:
+    AuthSettings(key_pepper="short-dev-pepper", admin_token_secret=TOKEN_SECRET)
+    with pytest.raises(ValidationError, match="at least 32"):
+        AuthSettings(environment="prod", key_pepper="short-dev-pepper", admin_token_secret=TOKEN_SECRET)
+    with pytest.raises(ValidationError, match="RELAYGATE_ADMIN_TOKEN_SECRET looks like a pattern"):
+        AuthSettings(environment="prod", key_pepper=PEPPER, admin_token_secret="ab" * 20)
 
 
 def test_settings_refuse_a_malformed_bootstrap_key_without_echoing_it() -> None:
     almost = VALID[:-1] + "!"
     with pytest.raises(ValidationError) as caught:
-        AuthSettings(bootstrap_admin_key=almost)
+        AuthSettings(key_pepper=PEPPER, admin_token_secret=TOKEN_SECRET, bootstrap_admin_key=almost)
     assert "RELAYGATE_BOOTSTRAP_ADMIN_KEY" in str(caught.value)
     assert almost not in str(caught.value)
-    assert AuthSettings(bootstrap_admin_key=VALID).bootstrap_admin_key == VALID
+    settings = AuthSettings(key_pepper=PEPPER, admin_token_secret=TOKEN_SECRET, bootstrap_admin_key=VALID)
+    assert settings.bootstrap_admin_key == VALID
 
 
 def test_settings_repr_hides_secrets() -> None:
-    settings = AuthSettings(key_pepper="p" * 40, bootstrap_admin_key=VALID)
-    assert "p" * 40 not in repr(settings)
+    settings = AuthSettings(key_pepper=PEPPER, admin_token_secret=TOKEN_SECRET, bootstrap_admin_key=VALID)
+    assert PEPPER not in repr(settings)
+    assert TOKEN_SECRET not in repr(settings)
     assert VALID not in repr(settings)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from services.auth import keys
+from services.auth.bootstrap import admin_user_id
 from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
-from tests.auth.harness import TIMEOUT, RunningAuth, auth_settings, serving
+from tests.auth.harness import PEPPER, TIMEOUT, RunningAuth, auth_settings, serving
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices
+from devinfra.backing import BackingServices
 
 
 async def test_create_key_for_unknown_user_arrives_as_not_found(auth: RunningAuth) -> None:
@@ -56,10 +57,12 @@ async def test_bootstrap_key_through_restarts(migrated_db: DbUrls, backing: Back
         async with serving(settings) as running:
             response = await running.verify(plaintext)
             assert response.principal.admin
-            assert response.principal.user_id == "usr_admin"
+            assert response.principal.user_id == admin_user_id(PEPPER)
     backing.wait_for_replica()
     async with serving(settings) as running:
-        listed = await call(running.stub.ListKeys, pb.ListKeysRequest(user_id="usr_admin"), timeout=TIMEOUT)
+        listed = await call(
+            running.stub.ListKeys, pb.ListKeysRequest(user_id=admin_user_id(PEPPER)), timeout=TIMEOUT
+        )
     assert len([k for k in listed.keys if k.display_prefix == keys.display_prefix(plaintext[3:15])]) == 1
 
 

@@ -12,7 +12,8 @@ from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices, psql
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 
 NOW = 1_800_000_000
 

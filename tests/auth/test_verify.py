@@ -15,7 +15,8 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits
 from tests.auth.harness import PEPPER, TIMEOUT, RunningAuth
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices, psql
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 
 DenyReason = pb.DenyReason
 

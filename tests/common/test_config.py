@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.common.config import DEV_SECRET, DatabaseSettings, refuse_dev_secret
+from services.common.config import DatabaseSettings, check_secrets
 
 
 def test_env_builds_database_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,10 +24,12 @@ def test_unsupported_scheme_is_refused() -> None:
         DatabaseSettings(database_url="mysql://x/y")
 
 
-def test_dev_secret_refused_in_prod() -> None:
-    refuse_dev_secret("dev", key_pepper=DEV_SECRET)
-    with pytest.raises(ValueError, match="RELAYGATE_KEY_PEPPER must be set"):
-        refuse_dev_secret("prod", key_pepper=DEV_SECRET)
+def test_secrets_are_required_and_strong_in_prod() -> None:
+    with pytest.raises(ValueError, match="RELAYGATE_KEY_PEPPER is not set"):
+        check_secrets("dev", key_pepper="")
+    check_secrets("dev", key_pepper="short")
     with pytest.raises(ValueError, match="at least 32"):
-        refuse_dev_secret("prod", key_pepper="short")
-    refuse_dev_secret("prod", key_pepper="x" * 40)
+        check_secrets("prod", key_pepper="short")
+    with pytest.raises(ValueError, match="pattern"):
+        check_secrets("prod", key_pepper="x" * 40)
+    check_secrets("prod", key_pepper="0123456789abcdef" * 2)

@@ -89,8 +89,8 @@ EXAMPLE_SECRETS: dict[tuple[str, str], str] = {
         "postgresql://relaygate:pw@db-r2.example.internal:5432/relaygate"
     ),
     ("relaygate-redis", "url"): "rediss://:pw@redis.example.internal:6379/0",
-    ("relaygate-auth", "key-pepper"): "3f" * 32,
-    ("relaygate-auth", "admin-token-secret"): "7c" * 32,
+    ("relaygate-auth", "key-pepper"): "3f9a0c7e5b21d846" * 4,
+    ("relaygate-auth", "admin-token-secret"): "7c4e1b9d06a3f582" * 4,
     ("relaygate-auth", "bootstrap-admin-key"): "rg-" + "a1" * 6 + "-" + "b2" * 16,
 }
 

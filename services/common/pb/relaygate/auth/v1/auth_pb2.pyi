@@ -572,9 +572,12 @@ class IssueAdminTokenRequest(_message.Message):
     API_KEY_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
     ttl_seconds: _builtins.int
     """0 = the configured default; never more than the configured maximum."""
+    client_ip: _builtins.str
+    """The caller's address as the relay sees it; required when the key has allowed_cidrs."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Subset of admin:read, admin:write; empty grants both."""
@@ -585,10 +588,11 @@ class IssueAdminTokenRequest(_message.Message):
         api_key: _builtins.str = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
+        client_ip: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "scopes", b"scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "client_ip", b"client_ip", "scopes", b"scopes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -629,17 +633,21 @@ class VerifyAdminTokenRequest(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     REQUIRED_SCOPE_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     required_scope: _builtins.str
+    client_ip: _builtins.str
+    """The caller's address as the relay sees it; required when the token's key has allowed_cidrs."""
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         required_scope: _builtins.str = ...,
+        client_ip: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["required_scope", b"required_scope", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "required_scope", b"required_scope", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,8 +660,11 @@ class AdminTokenClaims(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     expires_at: _builtins.int
+    key_id: _builtins.str
+    """The admin key the token was exchanged for."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -662,10 +673,11 @@ class AdminTokenClaims(_message.Message):
         user_id: _builtins.str = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         expires_at: _builtins.int = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "scopes", b"scopes", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "key_id", b"key_id", "scopes", b"scopes", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -144,14 +144,17 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueAdminToken(self, request, context):
-        """Exchanges an admin user's API key for a short-lived signed token for the admin API.
+        """Exchanges an admin user's API key for a short-lived signed token for the admin API; the key's
+        allowed_cidrs apply to client_ip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def VerifyAdminToken(self, request, context):
-        """Checks a token's signature, expiry and that it carries required_scope.
+        """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
+        issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
+        client_ip inside its allowed_cidrs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

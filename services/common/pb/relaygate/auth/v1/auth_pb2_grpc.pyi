@@ -48,9 +48,14 @@ class AuthServiceStub:
     returned once. The key id, scopes, limits and history stay.
     """
     IssueAdminToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueAdminTokenRequest, _auth_pb2.AdminToken]
-    """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+    """Exchanges an admin user's API key for a short-lived signed token for the admin API; the key's
+    allowed_cidrs apply to client_ip.
+    """
     VerifyAdminToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.VerifyAdminTokenRequest, _auth_pb2.AdminTokenClaims]
-    """Checks a token's signature, expiry and that it carries required_scope."""
+    """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
+    issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
+    client_ip inside its allowed_cidrs).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -72,9 +77,14 @@ class AuthServiceAsyncStub(AuthServiceStub):
     returned once. The key id, scopes, limits and history stay.
     """
     IssueAdminToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueAdminTokenRequest, _auth_pb2.AdminToken]  # type: ignore[assignment]
-    """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+    """Exchanges an admin user's API key for a short-lived signed token for the admin API; the key's
+    allowed_cidrs apply to client_ip.
+    """
     VerifyAdminToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.VerifyAdminTokenRequest, _auth_pb2.AdminTokenClaims]  # type: ignore[assignment]
-    """Checks a token's signature, expiry and that it carries required_scope."""
+    """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
+    issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
+    client_ip inside its allowed_cidrs).
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -147,7 +157,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.IssueAdminTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.AdminToken, _abc.Awaitable[_auth_pb2.AdminToken]]:
-        """Exchanges an admin user's API key for a short-lived signed token for the admin API."""
+        """Exchanges an admin user's API key for a short-lived signed token for the admin API; the key's
+        allowed_cidrs apply to client_ip.
+        """
 
     @_abc_1.abstractmethod
     def VerifyAdminToken(
@@ -155,6 +167,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.VerifyAdminTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.AdminTokenClaims, _abc.Awaitable[_auth_pb2.AdminTokenClaims]]:
-        """Checks a token's signature, expiry and that it carries required_scope."""
+        """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
+        issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
+        client_ip inside its allowed_cidrs).
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
