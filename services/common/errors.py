@@ -188,10 +188,23 @@ class NoUpstreamAvailable(UpstreamError):
     code = "no_upstream_available"
 
 
+# A component that is restarting, draining or failing over is back within seconds.
+UNAVAILABLE_RETRY_AFTER_S = 1.0
+
+
 class ServiceUnavailable(GatewayError):
+    """A gateway component (a service, its database) cannot answer now; always says when to retry."""
+
     http_status = 503
     code = "service_unavailable"
     grpc_status = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        if retry_after is None:
+            retry_after = UNAVAILABLE_RETRY_AFTER_S
+        super().__init__(message, param=param, retry_after=retry_after)
 
     @classmethod
     def default_message(cls) -> str:
@@ -220,7 +233,13 @@ _BY_GRPC_STATUS: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailable,
+    # A peer that ends its in-flight calls while shutting down resets them (HTTP/2 CANCEL).
+    grpc.StatusCode.CANCELLED: ServiceUnavailable,
 }
+# Statuses that say the peer could not answer, not that the request was wrong.
+PEER_UNAVAILABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 ERROR_CODE_KEY = "relaygate-error"
 RETRY_AFTER_KEY = "relaygate-retry-after"
@@ -242,7 +261,7 @@ def from_wire(status: grpc.StatusCode, message: str, metadata: dict[str, str]) -
     cls = _BY_CODE.get(metadata.get(ERROR_CODE_KEY, ""))
     if cls is None or cls is UpstreamStatus:
         cls = _BY_GRPC_STATUS.get(status, GatewayError)
-        if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if status in PEER_UNAVAILABLE:
             message = f"A gateway component is unavailable ({status.name.lower()}): {message}"
     retry_after = metadata.get(RETRY_AFTER_KEY)
     return cls(

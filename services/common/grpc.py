@@ -3,7 +3,8 @@
 Servers run on ``grpc.aio`` with the standard health service. On SIGTERM/SIGINT health flips to
 NOT_SERVING first (so load balancers stop routing), then in-flight RPCs get ``grpc_drain_seconds`` to
 finish. :class:`GatewayError` raised by a handler becomes a status plus trailing metadata in
-:class:`ErrorInterceptor`; :func:`call` turns that back into the same exception on the client side.
+:class:`ErrorInterceptor`, and so does a database outage (:func:`services.common.db.errors.unavailable`:
+503, never 500); :func:`call` turns that back into the same exception on the client side.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from services.common.errors import GatewayError, ServiceUnavailable, from_wire, to_wire
+from services.common.db.errors import unavailable
+from services.common.errors import (
+    ERROR_CODE_KEY,
+    PEER_UNAVAILABLE,
+    GatewayError,
+    ServiceUnavailable,
+    from_wire,
+    to_wire,
+)
 from services.common.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -102,10 +111,16 @@ def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[
         except GatewayError as exc:
             served["error"].inc()
             await context.abort(exc.grpc_status, exc.message, trailing_metadata=to_wire(exc))
-        except Exception:
-            served["crash"].inc()
-            log.exception("unhandled error in %s", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error", trailing_metadata=())
+        except Exception as exc:
+            outage = unavailable(exc)
+            if outage is None:
+                served["crash"].inc()
+                log.exception("unhandled error in %s", name)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error", trailing_metadata=())
+            else:
+                served["error"].inc()
+                log.warning("%s: %s", name, outage.message, exc_info=exc)
+                await context.abort(outage.grpc_status, outage.message, trailing_metadata=to_wire(outage))
         served["ok"].inc()
         latency.observe(time.perf_counter() - started)
         return response
@@ -167,11 +182,16 @@ async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req
         return await method(request, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc) from exc
+    except grpc.aio.UsageError as exc:
+        # The channel was closed under us: this process is shutting down.
+        raise ServiceUnavailable("A gateway component is shutting down.") from exc
 
 
 def rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
+    """The :class:`GatewayError` for a failed call: the peer's own error when it sent one, else a
+    503 with ``Retry-After`` for a peer that is down, draining or restarting (never a 500)."""
     code = exc.code()
     metadata = {str(k): str(v) for k, v in (exc.trailing_metadata() or ())}  # type: ignore[misc,has-type]
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not metadata:
+    if code in PEER_UNAVAILABLE and ERROR_CODE_KEY not in metadata:
         return ServiceUnavailable(f"A gateway component is unavailable ({code.name.lower()}).")
     return from_wire(code, exc.details() or "", metadata)

@@ -27,18 +27,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.clock import Clock
 from services.common.db import Database
-from services.common.errors import Conflict, InvalidRequest, QuotaError, ServiceUnavailable
+from services.common.errors import Conflict, InvalidRequest, QuotaError
 from services.common.telemetry import METRICS
 from services.quota import models
 from services.quota.budgets import Calendar
@@ -181,17 +181,6 @@ def _check_count(name: str, value: int, limit: int) -> None:
         raise InvalidRequest(f"{name} must be between 0 and {limit} (got {value})", param=name)
 
 
-@contextlib.contextmanager
-def _primary_required() -> Iterator[None]:
-    """Database failures other than a broken constraint mean the primary cannot be used: 503."""
-    try:
-        yield
-    except IntegrityError:
-        raise
-    except (DBAPIError, OSError, TimeoutError) as exc:
-        raise ServiceUnavailable(f"the ledger database is unavailable: {type(exc).__name__}") from exc
-
-
 class Ledger:
     """The accounting operations. ``clock`` supplies every timestamp, so expiry and budget windows
     are testable without sleeping; ``limiter`` defaults to in-process limits (one quota process)."""
@@ -304,8 +293,7 @@ class Ledger:
             leases=ticket.lease_bits,
         )
         try:
-            with _primary_required():
-                hold = await self._posting.submit(request)
+            hold = await self._posting.submit(request)
             if not isinstance(hold, Hold):
                 raise TypeError(f"a reserve was answered with {hold!r}")
         except Exception as exc:
@@ -355,8 +343,7 @@ class Ledger:
         return outcome
 
     async def _finish(self, request: FinishRequest) -> Outcome:
-        with _primary_required():
-            outcome = await self._posting.submit(request)
+        outcome = await self._posting.submit(request)
         if not isinstance(outcome, Outcome):
             raise TypeError(f"a {request.target} was answered with {outcome!r}")
         await self._free_slots(outcome)
@@ -383,10 +370,9 @@ class Ledger:
         while True:
             async with self._reading(consistent=True) as conn:
                 due = (await conn.scalars(_DUE, {"cutoff": cutoff, "batch": self._batch})).all()
-            with _primary_required():
-                outcomes = await asyncio.gather(
-                    *(self._posting.submit(FinishRequest(rid, EXPIRED, cutoff)) for rid in due)
-                )
+            outcomes = await asyncio.gather(
+                *(self._posting.submit(FinishRequest(rid, EXPIRED, cutoff)) for rid in due)
+            )
             for outcome in outcomes:
                 if isinstance(outcome, Outcome):
                     expired += 1
@@ -431,8 +417,7 @@ class Ledger:
             )
         key = idempotency_key or None
         try:
-            with _primary_required():
-                view = await self._top_up(user_id, amount_micros, reason, actor, key)
+            view = await self._top_up(user_id, amount_micros, reason, actor, key)
         except IntegrityError:
             # The same key committed concurrently; this attempt rolled back entirely.
             if key is None:
