@@ -181,10 +181,39 @@ class Metrics:
 METRICS = Metrics()
 
 
+# Characters that must never reach a log file raw: C0 and C1 controls and DEL (line breaks, terminal escape
+# sequences), the Unicode line and paragraph separators, and the bidirectional overrides that can make a
+# line display as something else. Caller-controlled text (model names, headers, messages) is in log lines.
+_UNSAFE = [
+    *range(0x20),
+    0x7F,
+    *range(0x80, 0xA0),
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+# Text lines: one record per physical line, every unsafe character written as a visible escape.
+_TEXT_ESCAPES = {c: _NAMED.get(c, f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _UNSAFE}
+# JSON lines: the encoder already escapes C0; the rest becomes \uXXXX, which is the same string to a parser.
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x20}
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control, line-separator and bidi-override character written as an escape."""
+    return text.translate(_TEXT_ESCAPES)
+
+
+def _extras(record: logging.LogRecord, reserved: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in reserved and not k.startswith("_")}
+
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request id and any ``extra`` fields."""
-
-    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -202,20 +231,46 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             payload["request_id"] = request_id
-        for key, value in record.__dict__.items():
-            if key not in self._RESERVED and not key.startswith("_"):
-                payload[key] = value
+        payload.update(_extras(record, _RESERVED))
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(payload, default=str).decode()
+        return orjson.dumps(payload, default=str).decode().translate(_JSON_ESCAPES)
+
+
+class TextFormatter(logging.Formatter):
+    """``time service LEVEL logger: message key=value ...`` on exactly one line.
+
+    Line breaks and escape sequences inside the message, the ``extra`` fields or a traceback are written
+    as visible escapes (``\\n``, ``\\x1b``), so nothing a caller sends can start a line of its own.
+    """
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        request_id = request_id_var.get()
+        fields = {"request_id": request_id} if request_id else {}
+        fields.update(_extras(record, _RESERVED))
+        line = self.formatMessage(record) + "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += " | " + self.formatStack(record.stack_info)
+        return escape_control(line)
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' ="'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def setup_logging(service: str, *, level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(service))
-    else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
