@@ -133,6 +133,10 @@ class Metrics:
         self.response_cache = Counter("relaygate_response_cache", "Response cache operations", ["result"])
         # Counter: requests that failed, by whose fault (caller, policy, provider, gateway) and error code.
         self.relay_failures = Counter("relaygate_relay_failures", "Failed requests", ["fault", "code"])
+        # Counter: settlements retried in the background, by outcome (started, settled, gave_up).
+        self.relay_settle_retries = Counter(
+            "relaygate_relay_settle_retries", "Settlements retried off the response path", ["outcome"]
+        )
         # Gauge: usage events waiting in the on-disk spool, and its size in bytes.
         self.events_spooled = Gauge("relaygate_events_spooled", "Usage events in the spool")
         self.events_spool_bytes = Gauge("relaygate_events_spool_bytes", "Spool size in bytes")

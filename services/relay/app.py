@@ -20,7 +20,7 @@ from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerService
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
 from services.relay import admin, openai_errors
-from services.relay.accounting import Meter
+from services.relay.accounting import Meter, SettleRetry
 from services.relay.breaker import BreakerPolicy, Breakers
 from services.relay.cache import ResponseCache
 from services.relay.channels import ChannelDirectory, ChannelTable
@@ -112,7 +112,14 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         await directory.start()
         stack.push_async_callback(directory.close)
 
-        meter = Meter(quota, publisher, rpc_timeout_s=settings.rpc_timeout_s)
+        meter = Meter(
+            quota,
+            publisher,
+            rpc_timeout_s=settings.rpc_timeout_s,
+            retry=SettleRetry(window_s=settings.settle_retry_s),
+        )
+        # Runs after the streams (below) settle, and before quota's channel and the publisher close.
+        stack.push_async_callback(meter.close, timeout=settings.settle_shutdown_s)
         streams = Streams(
             StreamPolicy(
                 idle_timeout_s=settings.stream_idle_timeout_s,

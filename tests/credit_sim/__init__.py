@@ -1,0 +1,1 @@
+"""Deterministic simulation of the credit-control protocol (relays, quota, the usage stream, faults)."""
