@@ -4,6 +4,11 @@
 the four services as separate processes, no Redis. ``--demo`` also starts the project's fake
 OpenAI-compatible upstream, registers it as a channel with a price, and creates a funded demo key,
 so a first call works offline.
+
+Everything ``up`` keeps lives in its data directory and is private to the user running it: the
+process and its children run under umask 077, and files left readable by an earlier version are
+tightened on start. The key pepper and admin-token secret are generated on the first start and kept
+there (``secrets.json``, 0600); no well-known value is ever used.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from services.auth.keys import generate
 from services.common.config import DatabaseSettings
 from services.migrations import upgrade
 from services.stack import LocalStack, port_open
+from services.stack_secrets import SECRETS_FILE, SecretsFileError, StackSecrets, load_or_create
 
 DEMO_MODEL = "demo-model"
 
@@ -42,6 +48,45 @@ def _admin_key(state_dir: Path) -> tuple[str, bool]:
     with os.fdopen(fd, "w") as handle:
         handle.write(plaintext + "\n")
     return plaintext, True
+
+
+# What `up` keeps in its data directory; only these are tightened, so a data directory that holds
+# other files (`--data-dir .`) keeps their modes.
+_OWN_FILES = ("relaygate.db", "relaygate.db-wal", "relaygate.db-shm", "relaygate.db-journal", "admin-key")
+_OWN_DIRS = ("logs", "spool")
+
+
+def _private(state_dir: Path) -> None:
+    """Make what ``up`` keeps readable by this user only (written by an earlier version, or before the
+    umask was set)."""
+    for path in [state_dir / name for name in (*_OWN_FILES, SECRETS_FILE)]:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode & 0o700)
+    for top in (state_dir / name for name in _OWN_DIRS):
+        if not top.is_dir() or top.is_symlink():
+            continue
+        top.chmod(0o700)
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                path = Path(root, name)
+                if not path.is_symlink():
+                    path.chmod(path.stat().st_mode & 0o700)
+
+
+def _secrets(state_dir: Path) -> StackSecrets:
+    """This data directory's secrets, generated on its first start.
+
+    A directory that has an admin key but no secrets file was made by a version that used the
+    published development pepper: its key hashes cannot be carried over to a private one.
+    """
+    path = state_dir / SECRETS_FILE
+    if (state_dir / "admin-key").exists() and not path.exists():
+        raise SecretsFileError(
+            f"{state_dir} was created with the published development secrets, which are no longer "
+            "used; its keys cannot be verified with private ones. Move the directory away (or delete "
+            "it) and run `relaygate up` again."
+        )
+    return load_or_create(path)[0]
 
 
 def _start_fake_upstream(log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -134,8 +179,16 @@ def _setup_demo(relay_url: str, admin_key: str, upstream_url: str) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    # Before anything is written: the database, its WAL, the spool, logs and secrets inherit it.
+    os.umask(0o077)
     state_dir = Path(args.data_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(state_dir)
+    try:
+        secrets = _secrets(state_dir)
+    except SecretsFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     env = {
         "RELAYGATE_DATABASE_URL": os.environ.get(
@@ -155,6 +208,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_dir=state_dir / "logs",
         relay_port=args.port,
         extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}},
+        secrets=secrets,
     )
     upstream: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
@@ -211,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="run all four services locally on the embedded default")
     up.add_argument("--demo", action="store_true", help="also start and register the fake upstream")
     up.add_argument("--port", type=int, default=8080, help="relay HTTP port (default 8080)")
-    up.add_argument("--data-dir", default=".relaygate", help="SQLite database, admin key and logs")
+    up.add_argument(
+        "--data-dir", default=".relaygate", help="SQLite database, admin key, secrets, spool and logs"
+    )
     up.set_defaults(func=cmd_up)
     migrate = commands.add_parser("migrate", help="upgrade RELAYGATE_DATABASE_URL to the newest schema")
     migrate.set_defaults(func=cmd_migrate)
