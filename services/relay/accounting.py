@@ -2,8 +2,15 @@
 usage event that records the request.
 
 Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to
-retry. If the relay dies between reserve and settle, quota expires the hold itself. However many
-channels a request tried, it holds one reservation and is settled once.
+retry. The first attempt is made when the request ends; if quota cannot answer it (restarting,
+draining, a deadline), further attempts run in the background with exponential backoff and jitter
+for at most ``SettleRetry.window_s`` (well under quota's reservation TTL), so a response never waits
+for them. The usage event is published once the outcome is known and carries what the ledger
+charged; when the retries give up, the hold expires in quota and charges nothing, and the event
+says 0, so ledger charges and logged costs agree per request. Pending retries are drained on
+shutdown (:meth:`Meter.close`). If the relay dies between reserve and settle, quota expires the
+hold itself (charging nothing). However many channels a request tried, it holds one reservation and
+is settled once.
 
 Every failure is tagged with whose fault it was (``caller``, ``policy``, ``provider``, ``gateway``):
 in the usage event, in the ``relaygate_relay_failures`` metric and in the log line written for it.
@@ -11,13 +18,15 @@ in the usage event, in the ``relaygate_relay_failures`` metric and in the log li
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from services.common.errors import GatewayError
+from services.common.errors import GatewayError, InvalidRequest
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
@@ -112,15 +121,44 @@ class Exchange:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SettleRetry:
+    """How a settle or release that quota could not answer is tried again, off the response path."""
+
+    # Give up this long after the first failure: then the hold expires (charging nothing). Keep it
+    # well under quota's reservation TTL, so a late success never meets an expired hold.
+    window_s: float = 30.0
+    first_delay_s: float = 0.1
+    max_delay_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter (between half and all of the step), so relays that lost
+        quota together do not come back in lockstep."""
+        step: float = min(self.max_delay_s, self.first_delay_s * 2.0**attempt)
+        return step * random.uniform(0.5, 1.0)
+
+
 class Meter:
     """Reserve / settle / release over gRPC, and publication of the usage event."""
 
     def __init__(
-        self, stub: QuotaServiceAsyncStub, publisher: EventPublisher | None, *, rpc_timeout_s: float
+        self,
+        stub: QuotaServiceAsyncStub,
+        publisher: EventPublisher | None,
+        *,
+        rpc_timeout_s: float,
+        retry: SettleRetry | None = None,
     ) -> None:
         self._stub = stub
         self._publisher = publisher
         self._timeout = rpc_timeout_s
+        self._retry = retry or SettleRetry()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        """Settlements being retried in the background."""
+        return len(self._pending)
 
     async def reserve(
         self, exchange: Exchange, *, prompt_tokens: int, max_output_tokens: int, images: int = 0
@@ -147,31 +185,99 @@ class Meter:
     async def finish(self, exchange: Exchange) -> None:
         """Settle (usage known) or release (nothing to bill), publish the event, record metrics.
 
-        Never raises: a failed settle is left to quota's expiry, which bills the hold rather than
-        losing it."""
-        reservation = exchange.reservation
-        if reservation is not None:
-            try:
-                if exchange.usage is not None:
-                    exchange.settlement = await call(
-                        self._stub.Settle,
-                        SettleRequest(reservation_id=reservation.reservation_id, usage=exchange.usage),
-                        timeout=self._timeout,
-                    )
-                else:
-                    exchange.settlement = await call(
-                        self._stub.Release,
-                        ReleaseRequest(reservation_id=reservation.reservation_id, reason=exchange.end_reason),
-                        timeout=self._timeout,
-                    )
-            except GatewayError as exc:
-                log.error(
-                    "settling failed; quota will expire the hold",
-                    extra={"reservation_id": reservation.reservation_id, "error": exc.message},
+        Never raises, and waits for one attempt only: when quota cannot answer it, the retries go on
+        in the background and the event is published when they end."""
+        self.observe(exchange)
+        if exchange.reservation is None:
+            self._publish(exchange)
+            return
+        try:
+            await self._settle(exchange)
+        except GatewayError as exc:
+            if not isinstance(exc, InvalidRequest):
+                task = asyncio.get_running_loop().create_task(
+                    self._settle_later(exchange, exc), name=f"settle-{exchange.request_id}"
                 )
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                return
+            # Quota refused the settlement itself (an unknown hold): nothing was charged.
+            log.error(
+                "settling refused: %s",
+                exc.message,
+                extra={"reservation_id": exchange.request_id, "code": exc.code},
+            )
+        self._publish(exchange)
+
+    async def close(self, *, timeout: float) -> None:
+        """Let pending settlements finish (bounded by ``timeout``); the rest give up and publish 0."""
+        if not self._pending:
+            return
+        _, cut = await asyncio.wait(set(self._pending), timeout=timeout)
+        for task in cut:
+            task.cancel()
+        if cut:
+            log.error("settlements given up at shutdown; their holds expire", extra={"count": len(cut)})
+            await asyncio.wait(cut, timeout=5.0)
+
+    async def _settle(self, exchange: Exchange) -> None:
+        reservation = exchange.reservation
+        assert reservation is not None
+        if exchange.usage is not None:
+            exchange.settlement = await call(
+                self._stub.Settle,
+                SettleRequest(reservation_id=reservation.reservation_id, usage=exchange.usage),
+                timeout=self._timeout,
+            )
+        else:
+            exchange.settlement = await call(
+                self._stub.Release,
+                ReleaseRequest(reservation_id=reservation.reservation_id, reason=exchange.end_reason),
+                timeout=self._timeout,
+            )
+
+    async def _settle_later(self, exchange: Exchange, first: GatewayError) -> None:
+        """Retry until quota answers or the window closes; then publish what was charged."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._retry.window_s
+        error = first
+        attempt = 0
+        METRICS.relay_settle_retries.labels(outcome="started").inc()
+        try:
+            while True:
+                delay = self._retry.delay(attempt)
+                if loop.time() + delay >= give_up:
+                    break
+                await asyncio.sleep(delay)
+                attempt += 1
+                try:
+                    await self._settle(exchange)
+                except GatewayError as exc:
+                    error = exc
+                    if isinstance(exc, InvalidRequest):
+                        break
+                    continue
+                METRICS.relay_settle_retries.labels(outcome="settled").inc()
+                return
+            METRICS.relay_settle_retries.labels(outcome="gave_up").inc()
+            log.error(
+                "settling failed; the hold expires in quota and charges nothing",
+                extra={
+                    "reservation_id": exchange.request_id,
+                    "error": error.message,
+                    "attempts": attempt + 1,
+                },
+            )
+        except asyncio.CancelledError:
+            METRICS.relay_settle_retries.labels(outcome="gave_up").inc()
+            raise
+        finally:
+            # Whatever happened, the event says what the ledger charged (0 without a settlement).
+            self._publish(exchange)
+
+    def _publish(self, exchange: Exchange) -> None:
         if self._publisher is not None and exchange.principal is not None:
             self._publisher.publish(exchange.to_event())
-        self.observe(exchange)
 
     @staticmethod
     def observe(exchange: Exchange) -> None:
