@@ -50,6 +50,7 @@ from services.relay.usage import (
     estimate_chat_prompt,
     estimate_text_prompt,
     from_body,
+    requested_choices,
     requested_max_output,
 )
 
@@ -102,6 +103,8 @@ class Plan:
     max_output_tokens: int
     images: int = 0
     stream: bool = False
+    # Completions asked for (n, or best_of when larger): the output cap is held once per choice.
+    choices: int = 1
 
 
 def _common(body: dict[str, Any], *, streams: bool) -> bool:
@@ -120,14 +123,24 @@ def _common(body: dict[str, Any], *, streams: bool) -> bool:
 def plan_chat(body: dict[str, Any]) -> Plan:
     stream = _common(body, streams=True)
     messages = require_messages(body)
-    return Plan(estimate_chat_prompt(messages, body), requested_max_output(body), stream=stream)
+    return Plan(
+        estimate_chat_prompt(messages, body),
+        requested_max_output(body),
+        stream=stream,
+        choices=requested_choices(body),
+    )
 
 
 def plan_completion(body: dict[str, Any]) -> Plan:
     stream = _common(body, streams=True)
     prompt = require_text_or_array(body, "prompt")
     # The legacy endpoint's own default is 16 tokens.
-    return Plan(estimate_text_prompt(prompt), requested_max_output(body) or 16, stream=stream)
+    return Plan(
+        estimate_text_prompt(prompt),
+        requested_max_output(body) or 16,
+        stream=stream,
+        choices=requested_choices(body),
+    )
 
 
 def plan_embedding(body: dict[str, Any]) -> Plan:
@@ -198,6 +211,7 @@ async def relay(call: Call, endpoint: Endpoint) -> None:
         exchange.model = require_model(body)
         plan = endpoint.plan(body)
         exchange.stream = plan.stream
+        exchange.choices = plan.choices
         exchange.principal = await gateway.authenticator.authenticate(
             api_key, model=exchange.model, client_ip=exchange.client_ip
         )

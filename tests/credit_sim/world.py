@@ -51,18 +51,25 @@ class Faults:
 
     rpc_loss: float = 0.03
     rpc_duplicate: float = 0.03
+    # A message stuck for up to seconds (a slow connection, a retry inside the client).
+    rpc_slow: float = 0.05
     event_duplicate: float = 0.03
-    # Per step.
-    relay_crash: float = 0.0008
-    quota_crash: float = 0.0008
-    broker_link_down: float = 0.001
-    top_up: float = 0.002
+    # Per step (about 300 steps per simulated second): a relay crash every ~20 s, a quota process crash
+    # every ~20 s, every quota process down every ~2 min, a relay cut off every ~40 s, ...
+    relay_crash: float = 0.00017
+    quota_crash: float = 0.00017
+    # Every quota process down at once for 5-15 s.
+    quota_outage: float = 0.00003
+    # One relay cannot reach quota for 2-40 s (it still reaches the broker).
+    partition: float = 0.00008
+    broker_link_down: float = 0.0002
+    top_up: float = 0.0017
     # A dead relay's spool is adopted by another relay with this probability (else lost with its disk).
     spool_adopted: float = 0.7
 
     @classmethod
     def none(cls) -> Faults:
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -87,6 +94,8 @@ class Relay:
     skew_ms: int
     alive: bool = True
     broker_up: bool = True
+    # Quota unreachable from this relay until then (virtual time).
+    cut_off_until: int = 0
     spool: list[Charge] = field(default_factory=list)
     inflight: dict[str, Admission | None] = field(default_factory=dict)
 
@@ -117,7 +126,7 @@ class Simulation:
         faults: Faults | None = None,
         terms: CreditTerms | None = None,
         balance_units: tuple[int, ...] = (1_000_000, 20_000, 300),
-        mean_gap_ms: float = 8.0,
+        mean_gap_ms: float = 20.0,
         trace_size: int = 40,
     ) -> None:
         self.seed = seed
@@ -176,6 +185,7 @@ class Simulation:
         self.traffic = False
         self.hostile = False
         for relay in self.relays:
+            relay.cut_off_until = 0
             if not relay.alive:
                 self._restart_relay(relay)
             if not relay.broker_up:
@@ -282,7 +292,7 @@ class Simulation:
             else:
                 request.state = "unavailable"
 
-        self._rpc(lambda: self.db.reserve(ask, self.now), on_answer, "reserve")
+        self._rpc(relay, lambda: self.db.reserve(ask, self.now), on_answer, "reserve")
         self._schedule(500, "reserve-deadline", on_timeout)
 
     def _dispatch(self, relay: Relay, request: Request, admission: Admission | None) -> None:
@@ -344,13 +354,15 @@ class Simulation:
             if self._live(relay, incarnation):
                 relay.book.apply(answer, sent_at)
 
-        self._rpc(lambda: self._sync_on_quota(request), on_answer, "sync")
+        self._rpc(relay, lambda: self._sync_on_quota(request), on_answer, "sync")
 
     def _sync_on_quota(self, request: SyncRequest) -> SyncAnswer:
         return self.db.sync(request, self.now)
 
-    def _rpc(self, handle: Callable[[], _T], on_answer: Callable[[_T], None], label: str) -> None:
+    def _rpc(self, relay: Relay, handle: Callable[[], _T], on_answer: Callable[[_T], None], label: str) -> None:
         """One RPC to a random quota process: delayed, maybe lost or duplicated, answered if it lives."""
+        if self.now < relay.cut_off_until:
+            return
         quota = self.rng.choice(self.quotas)
         incarnation = quota.incarnation
         copies = 2 if self.hostile and self.rng.random() < self.faults.rpc_duplicate else 1
@@ -364,9 +376,14 @@ class Simulation:
                 answer = handle()
                 if self.hostile and self.rng.random() < self.faults.rpc_loss:
                     return
-                self._schedule(self.rng.randint(1, 20), f"{label}-answer", lambda: on_answer(answer))
+                self._schedule(self._delay(), f"{label}-answer", lambda: on_answer(answer))
 
-            self._schedule(self.rng.randint(1, 20), label, serve)
+            self._schedule(self._delay(), label, serve)
+
+    def _delay(self) -> int:
+        if self.hostile and self.rng.random() < self.faults.rpc_slow:
+            return self.rng.randint(200, 3_000)
+        return self.rng.randint(1, 20)
 
     # --- quota -----------------------------------------------------------------------------------
 
@@ -431,9 +448,25 @@ class Simulation:
         faults = self.faults
         if roll < faults.relay_crash:
             self._crash_relay(self.rng.choice(self.relays))
-        elif roll < faults.relay_crash + faults.quota_crash:
-            self._crash_quota(self.rng.choice(self.quotas))
-        elif roll < faults.relay_crash + faults.quota_crash + faults.broker_link_down:
+            return
+        roll -= faults.relay_crash
+        if roll < faults.quota_crash:
+            self._crash_quota(self.rng.choice(self.quotas), self.rng.randint(200, 3_000))
+            return
+        roll -= faults.quota_crash
+        if roll < faults.quota_outage:
+            down_for = self.rng.randint(5_000, 15_000)
+            for quota in self.quotas:
+                self._crash_quota(quota, down_for)
+            return
+        roll -= faults.quota_outage
+        if roll < faults.partition:
+            relay = self.rng.choice(self.relays)
+            relay.cut_off_until = self.now + self.rng.randint(2_000, 40_000)
+            self._note(f"{relay.relay_id} cut off from quota until {relay.cut_off_until}")
+            return
+        roll -= faults.partition
+        if roll < faults.broker_link_down:
             relay = self.rng.choice(self.relays)
             if relay.alive and relay.broker_up:
                 relay.broker_up = False
@@ -444,7 +477,7 @@ class Simulation:
                     "broker-back",
                     lambda: self._restore_broker(relay) if self._live(relay, incarnation) else None,
                 )
-        elif roll < faults.relay_crash + faults.quota_crash + faults.broker_link_down + faults.top_up:
+        elif roll < faults.broker_link_down + faults.top_up:
             user = self.rng.choice(sorted(self.funded))
             amount = self.rng.randint(1, 200) * UNIT
             self.db.top_up(user, amount)
@@ -481,7 +514,7 @@ class Simulation:
         for event in events:
             self._append(event)
 
-    def _crash_quota(self, quota: Quota) -> None:
+    def _crash_quota(self, quota: Quota, down_for: int) -> None:
         if not quota.alive:
             return
         self._note(f"{quota.name} crashes")
@@ -489,7 +522,7 @@ class Simulation:
         quota.positions.clear()
         for other in self.quotas:
             other.positions.clear()  # a rebalance: every consumer restarts from the committed offsets
-        self._schedule(self.rng.randint(200, 3_000), "quota-restart", lambda: self._restart_quota(quota))
+        self._schedule(down_for, "quota-restart", lambda: self._restart_quota(quota))
 
     def _restart_quota(self, quota: Quota) -> None:
         if quota.alive:
