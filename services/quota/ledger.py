@@ -47,7 +47,7 @@ from services.quota.holding import Hold, HoldRequest
 from services.quota.limits import NO_LIMITS, Limiter, LimitRequest, Limits, LocalLimiter, Ticket, lease_names
 from services.quota.models import EXPIRED, HELD, RELEASED, SETTLED, STATES
 from services.quota.posting import Operation, Posting, Result
-from services.quota.pricing import MAX_IMAGES, MAX_TOKENS, PriceBook, Usage, worst_case
+from services.quota.pricing import MAX_CHOICES, MAX_IMAGES, MAX_TOKENS, PriceBook, Usage, worst_case
 from services.quota.reconcile import Discrepancy, reconcile
 from services.quota.settlement import FinishRequest, Outcome
 
@@ -234,6 +234,7 @@ class Ledger:
         prompt_tokens: int,
         max_output_tokens: int = 0,
         images: int = 0,
+        choices: int = 1,
         key_id: str = "",
         key_limits: Limits = NO_LIMITS,
         user_limits: Limits = NO_LIMITS,
@@ -253,11 +254,17 @@ class Ledger:
         _check_count("prompt_tokens", prompt_tokens, MAX_TOKENS)
         _check_count("max_output_tokens", max_output_tokens, MAX_TOKENS)
         _check_count("images", images, MAX_IMAGES)
+        _check_count("choices", choices, MAX_CHOICES)
+        choices = max(1, choices)
         key_limits.validate("key_limits")
         user_limits.validate("user_limits")
         price = await self._prices.current(model)
         amount = worst_case(
-            price, prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens, images=images
+            price,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max_output_tokens,
+            images=images,
+            choices=choices,
         )
         now = self._clock.time()
         created_at = int(now)
@@ -268,7 +275,7 @@ class Ledger:
             user_id=user_id,
             key_limits=key_limits,
             user_limits=user_limits,
-            tokens=prompt_tokens + (max_output_tokens or price.default_max_output_tokens),
+            tokens=prompt_tokens + (max_output_tokens or price.default_max_output_tokens) * choices,
             lease_until=expires_at,
         )
         try:

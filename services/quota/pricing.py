@@ -27,6 +27,7 @@ from services.quota import models
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "MAX_CHOICES",
     "MAX_IMAGES",
     "MAX_PRICE_MICROS",
     "MAX_TOKENS",
@@ -44,6 +45,8 @@ DEFAULT_MAX_OUTPUT_TOKENS = 4096
 # Bounds that keep every cost far below 2**63 micro-units (the column type), so no input can overflow.
 MAX_TOKENS = 10_000_000_000
 MAX_IMAGES = 1_000_000
+# Completions per request (OpenAI allows n up to 128; best_of up to 20).
+MAX_CHOICES = 128
 MAX_PRICE_MICROS = 1_000_000_000_000
 _MODEL_NAME_MAX = 200
 
@@ -122,12 +125,15 @@ def cost(price: Price, usage: Usage) -> int:
     return _ceil_div(tokens, MICROS_PER_MTOK) + price.per_request + usage.images * price.per_image
 
 
-def worst_case(price: Price, *, prompt_tokens: int, max_output_tokens: int, images: int) -> int:
-    """The hold for a request: its prompt estimate plus its output cap (the model's default cap when 0).
+def worst_case(
+    price: Price, *, prompt_tokens: int, max_output_tokens: int, images: int, choices: int = 1
+) -> int:
+    """The hold for a request: its prompt estimate plus its output cap (the model's default cap when
+    0) for each of its ``choices`` (a provider bills every completion it generates, the prompt once).
 
     The prompt is priced entirely at the input rate, since the cached share is unknown before the call.
     """
-    output = max_output_tokens or price.default_max_output_tokens
+    output = (max_output_tokens or price.default_max_output_tokens) * max(1, choices)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=output, images=images)
     usage.validate()
     return cost(price, usage)

@@ -199,6 +199,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             prompt_tokens=request.prompt_tokens,
             max_output_tokens=request.max_output_tokens,
             images=request.images,
+            choices=request.choices,
             key_limits=_limits_from_pb(request.key_limits),
             user_limits=_limits_from_pb(request.user_limits),
         )

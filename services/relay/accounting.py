@@ -65,6 +65,8 @@ class Exchange:
     principal: Principal | None = None
     model: str = ""
     stream: bool = False
+    # Completions asked for (OpenAI's n): the reservation holds the output cap once per choice.
+    choices: int = 1
     reservation: ReserveResponse | None = None
     settlement: SettleResponse | None = None
     channel_id: str = ""
@@ -175,6 +177,7 @@ class Meter:
                 prompt_tokens=prompt_tokens,
                 max_output_tokens=max_output_tokens,
                 images=images,
+                choices=exchange.choices,
                 key_limits=principal.key_limits,
                 user_limits=principal.user_limits,
             ),

@@ -72,6 +72,16 @@ def requested_max_output(body: dict[str, Any]) -> int:
     return 0
 
 
+def requested_choices(body: dict[str, Any]) -> int:
+    """Completions the upstream generates and bills: ``n``, or ``best_of`` (completions) when larger."""
+    found = 1
+    for field in ("n", "best_of"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > found:
+            found = value
+    return found
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 

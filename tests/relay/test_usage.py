@@ -7,7 +7,13 @@ import pytest
 
 from services.common.pb.relaygate.quota.v1.quota_pb2 import RateLimitWindow, ReserveResponse
 from services.relay.headers import ratelimit_headers, reset_text
-from services.relay.usage import estimate_answer, estimate_chat_prompt, estimate_text_prompt, from_body
+from services.relay.usage import (
+    estimate_answer,
+    estimate_chat_prompt,
+    estimate_text_prompt,
+    from_body,
+    requested_choices,
+)
 
 
 def test_usage_is_found_at_the_end_of_a_large_body_without_parsing_it() -> None:
@@ -61,3 +67,11 @@ def test_an_unreported_answer_gets_a_marked_estimate() -> None:
     assert usage.estimated
     assert (usage.prompt_tokens, usage.completion_tokens) == (12, len("héllo wörld".encode()) + 3)
     assert estimate_answer(b"not json", prompt_tokens=5).completion_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "choices"),
+    [({}, 1), ({"n": 3}, 3), ({"n": 2, "best_of": 5}, 5), ({"n": True}, 1), ({"n": 0}, 1), ({"n": "4"}, 1)],
+)
+def test_choices_asked_for_are_n_or_best_of(body: dict[str, object], choices: int) -> None:
+    assert requested_choices(body) == choices

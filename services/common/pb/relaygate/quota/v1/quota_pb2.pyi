@@ -79,6 +79,7 @@ class ReserveRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     KEY_LIMITS_FIELD_NUMBER: _builtins.int
     USER_LIMITS_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     key_id: _builtins.str
     user_id: _builtins.str
@@ -87,6 +88,10 @@ class ReserveRequest(_message.Message):
     max_output_tokens: _builtins.int
     """0 = the price book's default cap for the model."""
     images: _builtins.int
+    choices: _builtins.int
+    """Completions the upstream produces for this request (OpenAI's n, or best_of when larger): the
+    output cap is held once per choice, the prompt once. 0 = 1.
+    """
     @_builtins.property
     def key_limits(self) -> _types_pb2.Limits: ...
     @_builtins.property
@@ -103,10 +108,11 @@ class ReserveRequest(_message.Message):
         images: _builtins.int = ...,
         key_limits: _types_pb2.Limits | None = ...,
         user_limits: _types_pb2.Limits | None = ...,
+        choices: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_limits", b"key_limits", "user_limits", b"user_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "key_id", b"key_id", "key_limits", b"key_limits", "max_output_tokens", b"max_output_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id", "user_id", b"user_id", "user_limits", b"user_limits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "images", b"images", "key_id", b"key_id", "key_limits", b"key_limits", "max_output_tokens", b"max_output_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id", "user_id", b"user_id", "user_limits", b"user_limits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
