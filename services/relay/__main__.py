@@ -6,6 +6,7 @@ import uvicorn
 
 from services.common.telemetry import setup_logging
 from services.relay.app import create_app
+from services.relay.http_protocol import ConnectionLimits, guarded_protocol
 from services.relay.settings import RelaySettings
 
 
@@ -17,7 +18,15 @@ def main() -> None:
         host=settings.relay_host,
         port=settings.relay_port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(
+            ConnectionLimits(
+                max_header_bytes=settings.max_header_bytes,
+                max_header_count=settings.max_header_count,
+                header_timeout_s=settings.header_timeout_s,
+                body_timeout_s=settings.body_timeout_s,
+            )
+        ),
+        ws="none",
         lifespan="on",
         access_log=False,
         log_config=None,

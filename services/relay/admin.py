@@ -8,10 +8,10 @@ HTTP and gRPC contracts cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
@@ -22,7 +22,13 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
 from services.relay.deps import Gateway, GatewayDep
-from services.relay.requests import Incoming, read_json
+from services.relay.requests import (
+    MAX_ADMIN_TOKEN_CHARS,
+    MAX_API_KEY_CHARS,
+    Incoming,
+    bounded_credential,
+    read_json,
+)
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -32,12 +38,18 @@ M = TypeVar("M", bound=Message)
 READ = "admin:read"
 WRITE = "admin:write"
 
+# Query integers are bounded by the protobuf field they fill (FastAPI answers 400 outside the range),
+# so no value can fail the message's construction.
+Int32 = Annotated[int, Query(ge=0, le=2**31 - 1)]
+Int64 = Annotated[int, Query(ge=0, le=2**63 - 1)]
+HttpStatus = Annotated[int, Query(ge=0, le=999)]
+
 
 def _bearer(request: Request) -> str:
     scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("The admin API needs 'Authorization: Bearer <admin token>'.")
-    return token.strip()
+    return bounded_credential(token.strip(), MAX_ADMIN_TOKEN_CHARS)
 
 
 async def require_admin(request: Request, gateway: Gateway, scope: str) -> str:
@@ -65,7 +77,9 @@ def _client_ip(request: Request, gateway: Gateway) -> str:
 
 
 async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
-    body, _ = await read_json(request, gateway.settings.max_body_bytes)
+    body, _ = await read_json(
+        request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
+    )
     body.update(fixed)
     try:
         json_format.ParseDict(body, message)
@@ -89,7 +103,7 @@ def timeout(gateway: Gateway) -> float:
 @router.post("/tokens")
 async def issue_token(request: Request, gateway: GatewayDep) -> Response:
     """Exchange an admin user's API key (the bearer credential here) for an admin token."""
-    api_key = _bearer(request)
+    api_key = bounded_credential(_bearer(request), MAX_API_KEY_CHARS)
     client_ip = _client_ip(request, gateway)
     message = auth_pb2.IssueAdminTokenRequest(api_key=api_key, client_ip=client_ip)
     if request.headers.get("content-length", "0") != "0":
@@ -105,7 +119,7 @@ async def create_user(request: Request, gateway: GatewayDep) -> Response:
 
 
 @router.get("/users")
-async def list_users(request: Request, gateway: GatewayDep, limit: int = 100, after: str = "") -> Response:
+async def list_users(request: Request, gateway: GatewayDep, limit: Int32 = 100, after: str = "") -> Response:
     await require_admin(request, gateway, READ)
     message = auth_pb2.ListUsersRequest(limit=limit, after_user_id=after)
     return render(await call(gateway.auth.ListUsers, message, timeout=timeout(gateway)))
@@ -120,7 +134,7 @@ async def create_key(request: Request, gateway: GatewayDep) -> Response:
 
 @router.get("/keys")
 async def list_keys(
-    request: Request, gateway: GatewayDep, user_id: str = "", limit: int = 100, after: str = ""
+    request: Request, gateway: GatewayDep, user_id: str = "", limit: Int32 = 100, after: str = ""
 ) -> Response:
     await require_admin(request, gateway, READ)
     message = auth_pb2.ListKeysRequest(user_id=user_id, limit=limit, after_key_id=after)
@@ -142,7 +156,9 @@ async def update_key(key_id: str, request: Request, gateway: GatewayDep) -> Resp
     """Change the fields present in the body (name, allowed_models, allowed_cidrs, expires_at, enabled,
     limits, metadata); absent fields stay as they are."""
     await require_admin(request, gateway, WRITE)
-    body, _ = await read_json(request, gateway.settings.max_body_bytes)
+    body, _ = await read_json(
+        request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
+    )
     key = auth_pb2.ApiKey()
     try:
         json_format.ParseDict(body, key)
@@ -173,7 +189,7 @@ async def top_up(user_id: str, request: Request, gateway: GatewayDep) -> Respons
 
 @router.get("/users/{user_id}/balance")
 async def balance(
-    user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False, min_lsn: int = 0
+    user_id: str, request: Request, gateway: GatewayDep, consistent: bool = False, min_lsn: Int64 = 0
 ) -> Response:
     """``min_lsn``: the ``written_lsn`` of a top-up this caller made, to read it back from a replica."""
     await require_admin(request, gateway, READ)
@@ -187,7 +203,7 @@ async def reservations(
     request: Request,
     gateway: GatewayDep,
     state: str = "",
-    limit: int = 50,
+    limit: Int32 = 50,
     cursor: str = "",
     consistent: bool = False,
 ) -> Response:
@@ -301,10 +317,10 @@ async def request_logs(
     key_id: str = "",
     user_id: str = "",
     model: str = "",
-    status_code: int = 0,
-    since_ms: int = 0,
-    until_ms: int = 0,
-    limit: int = 50,
+    status_code: HttpStatus = 0,
+    since_ms: Int64 = 0,
+    until_ms: Int64 = 0,
+    limit: Int32 = 50,
     cursor: str = "",
 ) -> Response:
     await require_admin(request, gateway, READ)
@@ -338,9 +354,9 @@ async def usage_summary(
     key_id: str = "",
     user_id: str = "",
     model: str = "",
-    since_ms: int = 0,
-    until_ms: int = 0,
-    limit: int = 0,
+    since_ms: Int64 = 0,
+    until_ms: Int64 = 0,
+    limit: Int32 = 0,
     cursor: str = "",
 ) -> Response:
     """Usage per hour or day from the rollups, grouped by any of key, user, model (comma-separated)."""

@@ -31,6 +31,7 @@ from services.relay.principals import Authenticator, InvalidationListener
 from services.relay.proxy import Upstreams
 from services.relay.publisher import EventPublisher
 from services.relay.settings import RelaySettings
+from services.relay.slots import StreamSlots
 from services.relay.streaming import StreamPolicy, Streams
 
 
@@ -137,6 +138,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             channels=directory,
             upstreams=Upstreams(pools, breakers, max_attempts=settings.max_attempts),
             streams=streams,
+            stream_slots=StreamSlots(settings.max_streams_per_key),
             meter=meter,
             cache=cache,
             auth=AuthServiceStub(auth_channel),
@@ -151,7 +153,16 @@ def create_app(settings: RelaySettings) -> Front:
         async with open_gateway(settings) as gateway:
             yield {"gateway": gateway}
 
-    app = FastAPI(title="relaygate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No slash redirects: they would send clients to whatever the Host header names; an unknown path
+    # is a 404 like any other.
+    app = FastAPI(
+        title="relaygate",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     openai_errors.install(app)
     app.include_router(admin.router)
     return Front(app)

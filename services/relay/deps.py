@@ -15,6 +15,7 @@ from services.relay.channels import ChannelDirectory
 from services.relay.principals import Authenticator
 from services.relay.proxy import Upstreams
 from services.relay.settings import RelaySettings
+from services.relay.slots import StreamSlots
 from services.relay.streaming import Streams
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class Gateway:
     channels: ChannelDirectory
     upstreams: Upstreams
     streams: Streams
+    stream_slots: StreamSlots
     meter: Meter
     # None without Redis: the response cache is then off.
     cache: ResponseCache | None

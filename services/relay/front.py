@@ -16,18 +16,13 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from services.common.errors import GatewayError, InvalidRequest
+from services.common.errors import GatewayError
 from services.relay import routes
 from services.relay.deps import gateway_of
+from services.relay.openai_errors import MethodNotAllowed
 from services.relay.routes import Call, respond_error
 
 log = logging.getLogger(__name__)
-
-
-class MethodNotAllowed(InvalidRequest):
-    http_status = 405
-    code = "method_not_allowed"
-
 
 Handler = Callable[[Call], Awaitable[None]]
 
@@ -61,12 +56,15 @@ class Front:
         if scope["type"] == "http":
             path: str = scope["path"]
             handler = _ROUTES.get((scope["method"], path))
-            if handler is None and path.startswith(_MODEL_PREFIX) and scope["method"] == "GET":
-                handler = routes.model
+            allowed = _METHODS.get(path)
+            if handler is None and path.startswith(_MODEL_PREFIX):
+                if scope["method"] == "GET":
+                    handler = routes.model
+                else:
+                    allowed = "GET"
             if handler is not None:
                 await self._serve(handler, scope, receive, send)
                 return
-            allowed = _METHODS.get(path)
             if allowed is not None:
                 await respond_error(
                     send,

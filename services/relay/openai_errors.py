@@ -1,5 +1,14 @@
 """The only place that renders errors for HTTP clients, in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}`` with the status OpenAI would use."""
+``{"error": {"message", "type", "param", "code"}}`` with the status OpenAI would use.
+
+Besides :mod:`services.common.errors`, three refusals exist only at the HTTP edge (they never cross
+gRPC)::
+
+    InvalidRequest
+    ├── MethodNotAllowed   405 method_not_allowed  (with ``allow``)
+    ├── RequestTimeout     408 request_timeout     (head or body too slow; the connection closes)
+    └── HeadersTooLarge    431 headers_too_large   (too many or too large headers)
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,24 @@ from starlette.responses import Response
 from services.common.errors import GatewayError, InvalidRequest
 
 log = logging.getLogger(__name__)
+
+# Where FastAPI says a parameter came from; the caller knows it by its name alone.
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+class MethodNotAllowed(InvalidRequest):
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(InvalidRequest):
+    http_status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    http_status = 431
+    code = "headers_too_large"
 
 
 def error_body(exc: GatewayError, *, request_id: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -83,7 +110,8 @@ def install(app: FastAPI) -> None:
     async def on_validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        loc = tuple(first.get("loc", ()))
+        where = ".".join(str(p) for p in (loc[1:] if loc and loc[0] in _LOCATIONS else loc))
         return error_response(
             InvalidRequest(f"{where}: {first.get('msg', 'invalid value')}", param=where or None)
         )

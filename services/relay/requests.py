@@ -4,6 +4,10 @@ Validation is by hand rather than through a pydantic model: the relay forwards t
 unchanged, so it only checks the handful of fields it reads or that would make the upstream fail in a
 way the caller cannot understand; every failure is a 4xx naming the field, before any upstream call
 or balance change.
+
+Every dimension a client controls is bounded here, before any RPC: the body's size and nesting depth,
+array lengths, integers (a value the relay puts into a protobuf int64 must fit one, and token counts
+are kept far below that so cost arithmetic cannot overflow either), ``n`` and the key's length.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from services.common.errors import InvalidRequest, PayloadTooLarge
+from services.common.errors import AuthenticationError, InvalidRequest, PayloadTooLarge
 
 __all__ = [
+    "MAX_ADMIN_TOKEN_CHARS",
+    "MAX_API_KEY_CHARS",
+    "MAX_N",
+    "MAX_TOKENS",
     "ClientGone",
     "Incoming",
+    "bounded_credential",
+    "optional_array",
     "optional_bool",
     "optional_number",
+    "optional_object",
     "optional_positive_int",
     "parse_json",
     "read_body",
@@ -30,6 +41,17 @@ __all__ = [
     "require_model",
     "require_text_or_array",
 ]
+
+# Keys are ``rg-`` + 12 + ``-`` + 32 characters (48). A future format may grow the id or the secret, so
+# the edge allows well over that; anything longer cannot be a key and is refused without asking auth.
+MAX_API_KEY_CHARS = 128
+# Admin tokens are compact JWTs of a few hundred characters.
+MAX_ADMIN_TOKEN_CHARS = 4096
+# Token counts (max_tokens, max_completion_tokens): no model comes near 2**31 tokens, and at that bound
+# tokens x any price per million tokens stays far inside int64 micro-units in quota's arithmetic.
+MAX_TOKENS = 2**31 - 1
+# OpenAI's own upper bound for ``n``.
+MAX_N = 128
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -81,7 +103,7 @@ def _too_large(max_bytes: int) -> PayloadTooLarge:
 
 async def read_body(receive: Receive, declared_length: str | None, max_bytes: int) -> bytes:
     """The whole body from ASGI ``receive``; 413 past ``max_bytes`` (declared or counted)."""
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > max_bytes:
+    if declared_length is not None and _declared_above(declared_length, max_bytes):
         raise _too_large(max_bytes)
     message = await receive()
     if message["type"] != "http.request":
@@ -106,24 +128,65 @@ async def read_body(receive: Receive, declared_length: str | None, max_bytes: in
             return b"".join(chunks)
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; 400 for anything else (invalid UTF-8 included)."""
+def _declared_above(declared_length: str, max_bytes: int) -> bool:
+    # The HTTP parser only lets ASCII digits through; the length check keeps int() cheap regardless.
+    digits = declared_length.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        return False
+    return len(digits) > len(str(max_bytes)) or int(digits) > max_bytes
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` arrays and objects deep (itself counting as one).
+
+    Iterative: the point is to refuse what recursive code (ours, orjson's serializer, protobuf's JSON
+    parser) would fail on."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
+    return False
+
+
+def parse_json(raw: bytes, *, max_depth: int) -> dict[str, Any]:
+    """The body as a JSON object; 400 for anything else (invalid UTF-8 included), and for a body that
+    nests arrays and objects more than ``max_depth`` levels deep (the body itself is level 1)."""
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        # orjson also rejects invalid UTF-8 here, which is what we want.
+        # orjson also rejects invalid UTF-8 and more than 1,024 levels of nesting here.
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # Fewer brackets than the limit (strings included) cannot nest too deep: most bodies stop here.
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        for field, value in body.items():
+            if isinstance(value, dict | list) and _too_deep(value, max_depth - 1):
+                raise InvalidRequest(
+                    f"'{field}' is nested more than {max_depth} levels deep.", param=str(field)
+                )
     return body
 
 
-async def read_json(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+async def read_json(request: Request, *, max_bytes: int, max_depth: int) -> tuple[dict[str, Any], bytes]:
     """The parsed body and its raw bytes of a Starlette request (the admin API's)."""
     raw = await read_body(request.receive, request.headers.get("content-length"), max_bytes)
-    return parse_json(raw), raw
+    return parse_json(raw, max_depth=max_depth), raw
+
+
+def bounded_credential(credential: str, max_chars: int) -> str:
+    """``credential`` unless it is longer than any credential this gateway issues (then 401, no RPC)."""
+    if len(credential) > max_chars:
+        raise AuthenticationError(
+            "Incorrect API key provided: it is longer than any key this gateway issues."
+        )
+    return credential
 
 
 def require_model(body: dict[str, Any]) -> str:
@@ -135,10 +198,12 @@ def require_model(body: dict[str, Any]) -> str:
     return model
 
 
-def require_messages(body: dict[str, Any]) -> list[Any]:
+def require_messages(body: dict[str, Any], max_items: int) -> list[Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    if len(messages) > max_items:
+        raise InvalidRequest(f"'messages' has more than {max_items} items.", param="messages")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(
@@ -150,11 +215,31 @@ def require_messages(body: dict[str, Any]) -> list[Any]:
     return messages
 
 
-def require_text_or_array(body: dict[str, Any], field: str) -> Any:
+def _is_token_array(value: list[Any]) -> bool:
+    return all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+
+
+def require_text_or_array(body: dict[str, Any], field: str, max_items: int) -> Any:
+    """A string or a non-empty array of at most ``max_items`` inputs; one array of token ids is a
+    single input (bounded by the body size alone)."""
     value = body.get(field)
-    if isinstance(value, str) or (isinstance(value, list) and value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if len(value) > max_items and not _is_token_array(value):
+            raise InvalidRequest(f"'{field}' has more than {max_items} items.", param=field)
         return value
     raise InvalidRequest(f"'{field}' must be a string or a non-empty array.", param=field)
+
+
+def optional_array(body: dict[str, Any], field: str, max_items: int) -> None:
+    value = body.get(field)
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{field}' must be an array.", param=field)
+    if len(value) > max_items:
+        raise InvalidRequest(f"'{field}' has more than {max_items} items.", param=field)
 
 
 def optional_bool(body: dict[str, Any], field: str) -> bool:
@@ -166,10 +251,12 @@ def optional_bool(body: dict[str, Any], field: str) -> bool:
     return value
 
 
-def optional_positive_int(body: dict[str, Any], field: str) -> int | None:
+def optional_positive_int(body: dict[str, Any], field: str, maximum: int) -> int | None:
     value = body.get(field)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum
+    ):
+        raise InvalidRequest(f"'{field}' must be an integer from 1 to {maximum}.", param=field)
     return value
 
 

@@ -30,8 +30,13 @@ from services.relay.headers import JSON, STREAM_HEADERS, gateway_headers
 from services.relay.openai_errors import error_body
 from services.relay.principals import extract_api_key
 from services.relay.requests import (
+    MAX_API_KEY_CHARS,
+    MAX_N,
+    MAX_TOKENS,
     ClientGone,
     Incoming,
+    bounded_credential,
+    optional_array,
     optional_bool,
     optional_number,
     optional_object,
@@ -42,6 +47,7 @@ from services.relay.requests import (
     require_model,
     require_text_or_array,
 )
+from services.relay.settings import RelaySettings
 from services.relay.sse import StreamScanner
 from services.relay.streaming import StreamRelay, stream_payload
 from services.relay.usage import (
@@ -108,9 +114,9 @@ class Plan:
 
 
 def _common(body: dict[str, Any], *, streams: bool) -> bool:
-    optional_positive_int(body, "max_tokens")
-    optional_positive_int(body, "max_completion_tokens")
-    optional_positive_int(body, "n")
+    optional_positive_int(body, "max_tokens", MAX_TOKENS)
+    optional_positive_int(body, "max_completion_tokens", MAX_TOKENS)
+    optional_positive_int(body, "n", MAX_N)
     optional_number(body, "temperature")
     optional_number(body, "top_p")
     optional_object(body, "stream_options")
@@ -120,9 +126,11 @@ def _common(body: dict[str, Any], *, streams: bool) -> bool:
     return stream
 
 
-def plan_chat(body: dict[str, Any]) -> Plan:
+def plan_chat(body: dict[str, Any], limits: RelaySettings) -> Plan:
     stream = _common(body, streams=True)
-    messages = require_messages(body)
+    messages = require_messages(body, limits.max_messages)
+    optional_array(body, "tools", limits.max_tools)
+    optional_array(body, "functions", limits.max_tools)
     return Plan(
         estimate_chat_prompt(messages, body),
         requested_max_output(body),
@@ -131,9 +139,9 @@ def plan_chat(body: dict[str, Any]) -> Plan:
     )
 
 
-def plan_completion(body: dict[str, Any]) -> Plan:
+def plan_completion(body: dict[str, Any], limits: RelaySettings) -> Plan:
     stream = _common(body, streams=True)
-    prompt = require_text_or_array(body, "prompt")
+    prompt = require_text_or_array(body, "prompt", limits.max_input_items)
     # The legacy endpoint's own default is 16 tokens.
     return Plan(
         estimate_text_prompt(prompt),
@@ -143,12 +151,12 @@ def plan_completion(body: dict[str, Any]) -> Plan:
     )
 
 
-def plan_embedding(body: dict[str, Any]) -> Plan:
+def plan_embedding(body: dict[str, Any], limits: RelaySettings) -> Plan:
     _common(body, streams=False)
-    return Plan(estimate_text_prompt(require_text_or_array(body, "input")), 0)
+    return Plan(estimate_text_prompt(require_text_or_array(body, "input", limits.max_input_items)), 0)
 
 
-def plan_image(body: dict[str, Any]) -> Plan:
+def plan_image(body: dict[str, Any], _limits: RelaySettings) -> Plan:
     _common(body, streams=False)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
@@ -161,7 +169,8 @@ class Endpoint:
     name: str
     # The path under the channel's base URL.
     upstream_path: bytes
-    plan: Callable[[dict[str, Any]], Plan]
+    # Checks the body against the relay's limits and estimates what the reservation must cover.
+    plan: Callable[[dict[str, Any], RelaySettings], Plan]
 
 
 CHAT = Endpoint("chat.completions", b"/chat/completions", plan_chat)
@@ -205,11 +214,14 @@ async def relay(call: Call, endpoint: Endpoint) -> None:
     exchange = begin(call, endpoint.name)
     try:
         # A missing key is refused before the body is even read.
-        api_key = extract_api_key(call.incoming.authorization, call.incoming.x_api_key)
-        raw = await read_body(call.receive, call.incoming.content_length, gateway.settings.max_body_bytes)
-        body = parse_json(raw)
+        api_key = bounded_credential(
+            extract_api_key(call.incoming.authorization, call.incoming.x_api_key), MAX_API_KEY_CHARS
+        )
+        settings = gateway.settings
+        raw = await read_body(call.receive, call.incoming.content_length, settings.max_body_bytes)
+        body = parse_json(raw, max_depth=settings.max_json_depth)
         exchange.model = require_model(body)
-        plan = endpoint.plan(body)
+        plan = endpoint.plan(body, settings)
         exchange.stream = plan.stream
         exchange.choices = plan.choices
         exchange.principal = await gateway.authenticator.authenticate(
@@ -318,6 +330,21 @@ async def _relay_stream(
     candidates: list[Channel],
 ) -> None:
     gateway = call.gateway
+    assert exchange.principal is not None
+    with gateway.stream_slots.hold(exchange.principal.key_id):
+        await _open_and_relay_stream(call, exchange, endpoint, body, raw, plan, candidates)
+
+
+async def _open_and_relay_stream(
+    call: Call,
+    exchange: Exchange,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    raw: bytes,
+    plan: Plan,
+    candidates: list[Channel],
+) -> None:
+    gateway = call.gateway
     await gateway.meter.reserve(
         exchange, prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_output_tokens
     )
@@ -369,7 +396,9 @@ def _model_object(model: str, created: int) -> dict[str, Any]:
 async def _allowed_models(call: Call) -> tuple[list[str], str]:
     gateway = call.gateway
     incoming = call.incoming
-    api_key = extract_api_key(incoming.authorization, incoming.x_api_key)
+    api_key = bounded_credential(
+        extract_api_key(incoming.authorization, incoming.x_api_key), MAX_API_KEY_CHARS
+    )
     client_ip = incoming.client_ip(call.scope, trust_forwarded_for=gateway.settings.trust_forwarded_for)
     principal = await gateway.authenticator.authenticate(api_key, model="", client_ip=client_ip)
     patterns = list(principal.allowed_models)

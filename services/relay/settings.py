@@ -15,6 +15,26 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
     relay_port: int = Field(default=8080, ge=0, le=65535)
     # Request bodies above this are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Bounds of everything a client controls, checked at the edge before any RPC (see README "Errors").
+    # JSON nesting: a tools schema nested 20 levels deep is ~45 levels of body; 64 leaves room for real
+    # schemas and stays far below what the relay's own recursion (orjson's serializer stops at 254
+    # levels, protobuf's JSON parser at 100) could not handle.
+    max_json_depth: int = Field(default=64, ge=8, le=100)
+    # Array lengths: chat messages, tool (and legacy function) definitions, and the items of an
+    # embeddings ``input`` or completions ``prompt`` (a single array of token ids is one item).
+    max_messages: int = Field(default=2048, ge=1)
+    max_tools: int = Field(default=128, ge=1)
+    max_input_items: int = Field(default=2048, ge=1)
+    # Request heads (request line and headers): total bytes and header count; beyond either, 431.
+    max_header_bytes: int = Field(default=32 * 1024, ge=4096, le=1024 * 1024)
+    max_header_count: int = Field(default=100, ge=16, le=1000)
+    # A connection must deliver a request's head within header_timeout_s of its first byte (or of
+    # connecting), and its body within body_timeout_s of the head; otherwise 408 and it is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Streams one key may hold open at once on this relay process (quota's own concurrency limit of
+    # the key still applies across relays); beyond it, 429 with Retry-After.
+    max_streams_per_key: int = Field(default=64, ge=1)
     # How long a verified key is trusted without asking auth again (revocations also arrive by pub/sub).
     auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     # How often the channel table is checked for changes (a cheap revision compare).
