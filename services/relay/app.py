@@ -43,6 +43,7 @@ def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
         open_s=settings.breaker_open_s,
         max_open_s=settings.breaker_max_open_s,
         throttle_s=settings.breaker_throttle_s,
+        min_callers=settings.breaker_min_callers,
     )
 
 

@@ -7,11 +7,15 @@ States::
     half-open ──probe succeeds──▶ closed          half-open ──probe fails──▶ open (cool-down doubled)
 
 What counts (see :class:`Outcome`): connect errors, timeouts, dropped connections and 5xx are
-failures; any other answer, caller errors included, proves the channel works. Overload answers (429,
-529) are neither: they pause the channel for the upstream's ``Retry-After`` without moving it towards
-open, because a provider asking for patience is not broken (peer lesson: channels auto-disabled on
-"model overloaded"). A channel an operator disabled is absent from the table altogether, so that
-decision is never undone here.
+failures; any other answer, caller errors included, proves the channel works. A failure to connect
+or to get the first byte is the channel's own, whoever sent the request. A 5xx *answer* may be the
+channel's, or one caller's body that crashes the provider: those count towards opening only once
+at least ``min_callers`` distinct keys got them within the window, so one key sending poison bodies
+cannot open the breaker that every other key shares (each of its own requests still fails over).
+Overload answers (429, 529) are neither: they pause the channel for the upstream's ``Retry-After``
+without moving it towards open, because a provider asking for patience is not broken (peer lesson:
+channels auto-disabled on "model overloaded"). A channel an operator disabled is absent from the
+table altogether, so that decision is never undone here.
 
 Each relay process keeps its own breakers; they are in-memory, cheap, and reset on restart.
 """
@@ -51,16 +55,21 @@ class BreakerPolicy:
     open_s: float = 5.0
     max_open_s: float = 60.0
     throttle_s: float = 1.0
+    # Distinct keys whose 5xx answers must be in the window before those answers count as failures.
+    min_callers: int = 2
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.open_s <= 0 or self.max_open_s < self.open_s:
             raise ValueError("breaker windows must be positive, and max_open_s >= open_s")
-        if not 0 < self.failure_ratio <= 1 or self.min_requests < 1:
-            raise ValueError("failure_ratio must be in (0, 1] and min_requests >= 1")
+        if not 0 < self.failure_ratio <= 1 or self.min_requests < 1 or self.min_callers < 1:
+            raise ValueError("failure_ratio must be in (0, 1], min_requests and min_callers >= 1")
 
 
 # The window is kept as this many buckets, so old attempts fall out in steps of window_s / _BUCKETS.
 _BUCKETS = 10
+# Keys remembered with their last 5xx answer; a flood of distinct keys needs no more to reach any
+# sensible ``min_callers``.
+_MAX_CALLERS = 64
 
 
 class Breaker:
@@ -71,8 +80,10 @@ class Breaker:
         self._policy = policy
         self._clock = clock
         self._bucket_s = policy.window_s / _BUCKETS
-        # Per bucket: [bucket number, attempts, failures].
-        self._buckets = [[-1, 0, 0] for _ in range(_BUCKETS)]
+        # Per bucket: [bucket number, attempts, failures, 5xx answers].
+        self._buckets = [[-1, 0, 0, 0] for _ in range(_BUCKETS)]
+        # Key -> when it last got a 5xx answer (monotonic), to tell one caller from many.
+        self._callers: dict[str, float] = {}
         self.state = State.CLOSED
         self._open_until = 0.0
         self._cooldown = policy.open_s
@@ -107,8 +118,13 @@ class Breaker:
             until = max(until, now + self._bucket_s)
         return max(0.0, until - now)
 
-    def record(self, outcome: Outcome, *, retry_after: float | None = None) -> None:
-        """Account for one attempt that :meth:`allow` let through."""
+    def record(
+        self, outcome: Outcome, *, retry_after: float | None = None, answered_by_status: str | None = None
+    ) -> None:
+        """Account for one attempt that :meth:`allow` let through.
+
+        ``answered_by_status`` names the key of a failure that is a 5xx answer (as opposed to a
+        connect error or timeout): such failures count once enough distinct keys got them."""
         now = self._clock.monotonic()
         probe, self._probing = self._probing, False
         if outcome is Outcome.ABANDONED:
@@ -127,7 +143,11 @@ class Breaker:
             else:
                 self._close()
             return
-        attempts, failures = self._count(now, failed)
+        answered = failed and answered_by_status is not None
+        if answered:
+            self._remember_caller(answered_by_status or "", now)
+        attempts, hard, answers = self._count(now, failed and not answered, answered)
+        failures = hard + (answers if self._callers_in_window(now) >= self._policy.min_callers else 0)
         if (
             self.state is State.CLOSED
             and failed
@@ -142,21 +162,35 @@ class Breaker:
         self._paused_until = 0.0
         self._close()
 
-    def _count(self, now: float, failed: bool) -> tuple[int, int]:
-        """Add one attempt to the current bucket; returns the window's totals."""
+    def _count(self, now: float, failed: bool, answered: bool) -> tuple[int, int, int]:
+        """Add one attempt to the current bucket; returns the window's attempts, failures of the
+        channel itself, and failed 5xx answers."""
         number = int(now / self._bucket_s)
         bucket = self._buckets[number % _BUCKETS]
         if bucket[0] != number:
-            bucket[0], bucket[1], bucket[2] = number, 0, 0
+            bucket[0], bucket[1], bucket[2], bucket[3] = number, 0, 0, 0
         bucket[1] += 1
         bucket[2] += failed
+        bucket[3] += answered
         oldest = number - _BUCKETS + 1
-        attempts = failures = 0
-        for start, n, f in self._buckets:
+        attempts = failures = answers = 0
+        for start, n, f, a in self._buckets:
             if start >= oldest:
                 attempts += n
                 failures += f
-        return attempts, failures
+                answers += a
+        return attempts, failures, answers
+
+    def _remember_caller(self, key: str, now: float) -> None:
+        callers = self._callers
+        callers.pop(key, None)
+        callers[key] = now  # dicts keep insertion order: the oldest entry comes first
+        if len(callers) > _MAX_CALLERS:
+            del callers[next(iter(callers))]
+
+    def _callers_in_window(self, now: float) -> int:
+        since = now - self._policy.window_s
+        return sum(1 for seen in self._callers.values() if seen >= since)
 
     def _open(self, now: float, *, escalate: bool) -> None:
         if escalate:
@@ -168,6 +202,7 @@ class Breaker:
         self._cooldown = self._policy.open_s
         for bucket in self._buckets:
             bucket[0] = -1
+        self._callers.clear()
         self._move(State.CLOSED)
 
     def _move(self, state: State) -> None:

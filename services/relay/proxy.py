@@ -113,6 +113,15 @@ def classify(status: int, headers: list[tuple[bytes, bytes]]) -> Outcome:
     return Outcome.SUCCESS
 
 
+def caller_of(exchange: Exchange, status: int) -> str | None:
+    """The key a 5xx answer went to, for the breaker: such an answer may be caused by one caller's
+    body rather than by the channel (connect errors, timeouts and refused credentials never are)."""
+    if status < 500:
+        return None
+    principal = exchange.principal
+    return principal.key_id if principal is not None else ""
+
+
 def status_error(status: int, body: bytes) -> GatewayError:
     """The error for a final non-2xx answer: not retryable, or out of channels to retry on."""
     if status in _CREDENTIALS_STATUS:
@@ -207,6 +216,7 @@ class Upstreams:
             # Stays ABANDONED when the attempt is cancelled (the client left): no verdict on the channel.
             verdict = Outcome.ABANDONED
             retry_after: float | None = None
+            answered_by: str | None = None
             try:
                 try:
                     with map_upstream_errors(channel):
@@ -229,9 +239,10 @@ class Upstreams:
                 verdict = classify(response.status, response.headers)
                 if verdict is Outcome.OVERLOAD:
                     retry_after = retry_after_s(response.headers)
+                answered_by = caller_of(exchange, response.status)
             finally:
                 exchange.upstream_s += time.perf_counter() - started
-                breaker.record(verdict, retry_after=retry_after)
+                breaker.record(verdict, retry_after=retry_after, answered_by_status=answered_by)
             status = response.status
             metric(METRICS.upstream_ttfb, channel.name).observe(exchange.ttfb_s)
             metric(
@@ -286,7 +297,9 @@ class Upstreams:
             status = response.status
             outcome = classify(status, response.headers)
             breaker.record(
-                outcome, retry_after=retry_after_s(response.headers) if outcome is Outcome.OVERLOAD else None
+                outcome,
+                retry_after=retry_after_s(response.headers) if outcome is Outcome.OVERLOAD else None,
+                answered_by_status=caller_of(exchange, status),
             )
             metric(
                 METRICS.upstream_attempts, channel.name, "ok" if status < 300 else f"status_{status}"

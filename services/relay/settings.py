@@ -69,6 +69,9 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
     breaker_open_s: float = Field(default=5.0, gt=0)
     breaker_max_open_s: float = Field(default=60.0, gt=0)
     breaker_throttle_s: float = Field(default=1.0, ge=0)
+    # 5xx answers (not connect errors or timeouts) count towards opening only once this many distinct
+    # keys got them within the window: one caller's poison bodies cannot open a shared breaker.
+    breaker_min_callers: int = Field(default=2, ge=1)
 
     # Response cache (Redis; off without RELAYGATE_REDIS_URL). Hits are free or billed in full.
     response_cache_ttl_s: int = Field(default=3600, ge=1)

@@ -134,3 +134,37 @@ def test_an_operator_reset_closes_an_open_breaker(clock: ManualClock) -> None:
     assert breakers.reset("ch_a")
     assert breaker.state is State.CLOSED and breaker.allow()
     assert not breakers.reset("ch_unknown")
+
+
+def test_one_key_getting_5xx_answers_cannot_open_it(breaker: Breaker) -> None:
+    # A caller whose bodies crash the provider: every one of its attempts is a 5xx answer.
+    for _ in range(20):
+        attempt(breaker, Outcome.FAILURE, answered_by_status="key_poison")
+    assert breaker.state is State.CLOSED
+    # Other keys are still served by the channel.
+    attempt(breaker, Outcome.SUCCESS)
+    assert breaker.state is State.CLOSED
+
+
+def test_5xx_answers_to_several_keys_open_it(breaker: Breaker) -> None:
+    attempt(breaker, Outcome.FAILURE, answered_by_status="key_a")
+    attempt(breaker, Outcome.FAILURE, answered_by_status="key_a")
+    attempt(breaker, Outcome.FAILURE, answered_by_status="key_a")
+    assert breaker.state is State.CLOSED
+    # A second key gets them too: the channel is failing, and every earlier answer counts.
+    attempt(breaker, Outcome.FAILURE, answered_by_status="key_b")
+    assert breaker.state is State.OPEN
+
+
+def test_connect_failures_open_it_whoever_sent_the_requests(breaker: Breaker) -> None:
+    for _ in range(4):
+        attempt(breaker, Outcome.FAILURE)  # connect errors and timeouts carry no caller
+    assert breaker.state is State.OPEN
+
+
+def test_a_key_seen_long_ago_does_not_make_a_crowd(breaker: Breaker, clock: ManualClock) -> None:
+    attempt(breaker, Outcome.FAILURE, answered_by_status="key_old")
+    clock.advance(11.0)
+    for _ in range(6):
+        attempt(breaker, Outcome.FAILURE, answered_by_status="key_poison")
+    assert breaker.state is State.CLOSED
