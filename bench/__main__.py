@@ -23,7 +23,7 @@ from typing import Any
 from bench.env import BenchEnv, ToolMissing, ensure_tool
 from bench.report import ScenarioResult, machine_description, write_outputs
 from bench.scenarios import SCENARIOS, Bench, Settings, Target
-from tests.infra.backing import BackingServices
+from devinfra.backing import BackingServices
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 

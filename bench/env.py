@@ -1,7 +1,7 @@
 """The measured deployment: backing services, the four relaygate processes, the fake upstream, and seeding.
 
 Everything listens on 127.0.0.1 only. :meth:`BenchEnv.start` either starts its own backing services
-(PostgreSQL primary + streaming replica, Redis, the Tansu broker) or borrows running ones (the test
+(PostgreSQL primary + streaming replica, Redis, Apache Kafka) or borrows running ones (the test
 suite's session fixture), creates a fresh database for the run, migrates it, starts the fake upstream and
 the stack, and seeds one channel, one price and funded users with keys through the admin API.
 """
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from bench.procstat import Tracked, pid_listening_on
+from devinfra.backing import BackingServices
 from services.auth.keys import generate
 from services.common.grpc import call, channel
 from services.common.pb.relaygate.auth.v1 import auth_pb2
@@ -31,7 +32,6 @@ from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.fake_upstream.process import FakeUpstreamProcess
 from services.migrations import upgrade
 from services.stack import LocalStack
-from tests.infra.backing import BackingServices
 
 __all__ = ["MODEL", "BenchEnv", "ToolMissing", "ensure_tool", "raise_open_files_limit"]
 
@@ -192,7 +192,7 @@ class BenchEnv:
         return path
 
     def _find_processes(self) -> list[Tracked]:
-        tracked = [Tracked(p.name, p.popen.pid) for p in self.stack.processes]
+        tracked = [Tracked(p.name, p.pid) for p in self.stack.processes]
         ports = self.backing.ports
         for name, port, tree in (
             ("kafka", ports.kafka, False),

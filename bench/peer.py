@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.env import MODEL
 from bench.procstat import Tracked
-from tests.infra.backing import free_ports, log_tail
+from devinfra.processes import ManagedProcess, free_port
 
 __all__ = ["MASTER_KEY", "LiteLLMPeer"]
 
@@ -34,7 +34,7 @@ class LiteLLMPeer:
         self.venv = venv
         self.port = 0
         self.version = ""
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ManagedProcess | None = None
 
     @property
     def origin(self) -> str:
@@ -82,7 +82,7 @@ class LiteLLMPeer:
             "litellm_settings:\n"
             "  telemetry: false\n"
         )
-        self.port = free_ports(1)[0]
+        self.port = free_port()
         argv = [
             str(self.venv / "bin" / "litellm"),
             "--config", str(config),
@@ -96,15 +96,7 @@ class LiteLLMPeer:
             if not key.startswith(("OPENAI_", "LITELLM_", "DATABASE_URL", "RELAYGATE_"))
         }
         env.update(LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR", NO_PROXY="127.0.0.1,localhost")
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+        self._process = ManagedProcess("litellm", argv, self.log_path, env=env)
         self._wait_ready()
         return self
 
@@ -113,9 +105,9 @@ class LiteLLMPeer:
         url = f"{self.origin}/health/liveliness"
         while True:
             assert self._process is not None
-            if self._process.poll() is not None:
+            if not self._process.running:
                 raise RuntimeError(
-                    f"LiteLLM exited with {self._process.returncode}\n{log_tail(self.log_path)}"
+                    f"LiteLLM exited with {self._process.returncode}\n{self._process.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
@@ -124,8 +116,9 @@ class LiteLLMPeer:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
+                tail = self._process.log_tail()
                 self.stop()
-                raise RuntimeError(f"LiteLLM not ready in {START_TIMEOUT_S:.0f}s\n{log_tail(self.log_path)}")
+                raise RuntimeError(f"LiteLLM not ready in {START_TIMEOUT_S:.0f}s\n{tail}")
             time.sleep(0.5)
 
     def tracked(self) -> Tracked:
@@ -134,11 +127,5 @@ class LiteLLMPeer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        if process is not None:
+            process.stop(grace=15)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import httpx
 
+from devinfra.processes import port_accepts
 from services import admin_client
 from services.auth.keys import generate
 from services.common.config import DatabaseSettings
 from services.migrations import upgrade
-from services.stack import LocalStack, port_open
+from services.stack import LocalStack
 from services.stack_secrets import SECRETS_FILE, SecretsFileError, StackSecrets, load_or_create
 
 DEMO_MODEL = "demo-model"
@@ -198,7 +199,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "RELAYGATE_LOG_FORMAT": os.environ.get("RELAYGATE_LOG_FORMAT", "text"),
         "RELAYGATE_EVENT_SPOOL_DIR": os.environ.get("RELAYGATE_EVENT_SPOOL_DIR", str(state_dir / "spool")),
     }
-    if port_open(args.port):
+    if port_accepts(args.port):
         print(f"port {args.port} is already in use; pick another with --port", file=sys.stderr)
         return 2
     asyncio.run(upgrade(env["RELAYGATE_DATABASE_URL"]))

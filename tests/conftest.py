@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.infra.backing import SETUP_HINT, BackingServices, missing_binaries
+from devinfra.backing import SETUP_HINT, BackingServices, missing_binaries
 
 pytest_plugins = ["tests.db_fixtures"]
 
 # ======================================================================================================
-# Backing services: PostgreSQL primary + streaming replica, Redis, Tansu (Kafka API). See tests/infra.
+# Backing services: PostgreSQL primary + streaming replica, Redis, Apache Kafka. See devinfra/.
 #
 # One set per test session; isolate tests with backing.create_database(...), unique Redis key prefixes,
 # and unique Kafka topics and group ids.

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from devinfra.backing import BackingServices
 from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.migrations import upgrade
-from tests.infra.backing import BackingServices
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ step "setup" bash tests/infra/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
 step "ruff check" ruff check .
 step "ruff format --check" ruff format --check .
-step "mypy services" mypy services
+step "mypy services devinfra" mypy services devinfra
 step "pytest" pytest "$@"
 
 printf '\n==> all steps passed in %ss\n' "$(seconds $(($(now_ms) - RUN_START)))"

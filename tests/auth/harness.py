@@ -13,6 +13,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
+from devinfra.backing import BackingServices
 from services.auth.app import run
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
@@ -22,7 +23,6 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.redis import redis_client
 from tests.db_fixtures import DbUrls
-from devinfra.backing import BackingServices
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from devinfra.backing import BackingServices
 from services.auth import keys
 from services.auth.cache import (
     INVALIDATE_CHANNEL,
@@ -27,7 +28,6 @@ from services.common.clock import ManualClock, SystemClock
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from tests.auth.harness import RunningAuth
-from devinfra.backing import BackingServices
 
 
 def principal() -> pb.Principal:

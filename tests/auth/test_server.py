@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from devinfra.backing import BackingServices
 from services.auth import keys
 from services.auth.bootstrap import admin_user_id
 from services.common.errors import Conflict, InvalidRequest, NotFound
@@ -11,7 +12,6 @@ from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from tests.auth.harness import PEPPER, TIMEOUT, RunningAuth, auth_settings, serving
 from tests.db_fixtures import DbUrls
-from devinfra.backing import BackingServices
 
 
 async def test_create_key_for_unknown_user_arrives_as_not_found(auth: RunningAuth) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import event, select
 
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 from services.auth import keys
 from services.auth.models import ApiKey
 from services.auth.store import AuthStore, KeyRecord
@@ -12,8 +14,6 @@ from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from tests.db_fixtures import DbUrls
-from devinfra.backing import BackingServices
-from devinfra.postgres import psql
 
 NOW = 1_800_000_000
 

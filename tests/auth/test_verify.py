@@ -7,6 +7,8 @@ import hmac
 import pytest
 from sqlalchemy import text, update
 
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 from services.auth import keys
 from services.auth.models import ApiKey
 from services.common.db import Database
@@ -15,8 +17,6 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits
 from tests.auth.harness import PEPPER, TIMEOUT, RunningAuth
 from tests.db_fixtures import DbUrls
-from devinfra.backing import BackingServices
-from devinfra.postgres import psql
 
 DenyReason = pb.DenyReason
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import main
-from tests.infra.backing import BackingServices
+from devinfra.backing import BackingServices
 
 
 def rows(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:

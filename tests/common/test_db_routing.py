@@ -6,11 +6,11 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from devinfra.backing import BackingServices
 from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.migrations import upgrade
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices
 
 
 async def in_recovery(db: Database, *, consistent: bool = False) -> bool:

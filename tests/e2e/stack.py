@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,11 +11,11 @@ from typing import Any
 
 import httpx
 
+from devinfra.backing import BackingServices
 from services.auth.keys import generate
 from services.fake_upstream.server import FakeUpstream
 from services.stack import LocalStack
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices
 
 MODEL = "gpt-e2e"
 PRICE = {"input_per_mtok": 2_000_000, "output_per_mtok": 8_000_000, "default_max_output_tokens": 512}
@@ -64,11 +65,8 @@ def stack_env(backing: BackingServices, db: DbUrls) -> dict[str, str]:
     }
 
 
-def deploy(backing: BackingServices, db: DbUrls, log_dir: Path) -> Iterator[Deployment]:
-    yield from deploy_with(backing, db, log_dir)
-
-
-def deploy_with(
+@contextlib.contextmanager
+def deploy(
     backing: BackingServices,
     db: DbUrls,
     log_dir: Path,
@@ -76,7 +74,8 @@ def deploy_with(
     relay_env: dict[str, str] | None = None,
     upstream: FakeUpstream | None = None,
 ) -> Iterator[Deployment]:
-    """:func:`deploy` with extra ``RELAYGATE_*`` settings for the relay and a given fake upstream.
+    """The four services on ``db`` and the session's Redis and Kafka, one fake upstream channel serving
+    :data:`MODEL` at :data:`PRICE`; ``relay_env`` adds ``RELAYGATE_*`` settings for the relay.
 
     The relay's event spool lives under ``log_dir`` (never in the working directory)."""
     admin_key = generate()[0]

@@ -6,22 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, deploy
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from tests.e2e.stack import MODEL, Deployment
 
 
 def cli(deployment: Deployment, *args: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 
-from services.stack import free_port, port_open
+from devinfra.processes import free_port, port_accepts
 
 
 def wait_for_line(process: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
@@ -69,4 +69,4 @@ def test_up_demo_answers_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
-    assert not port_open(port)
+    assert not port_accepts(port)

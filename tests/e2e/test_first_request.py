@@ -4,7 +4,6 @@ service in its own process on real PostgreSQL (primary + replica), Redis and the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -12,16 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common.config import normalize_database_url
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, deploy, fund_user
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
 
 
 def chat(url: str, key: str | None, body: object, **headers: str) -> httpx.Response:

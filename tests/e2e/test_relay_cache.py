@@ -4,22 +4,13 @@ requests only, scoped to the key, hits free and marked, and Redis trouble never 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, balance, deploy, fund_user
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from devinfra.backing import BackingServices
+from tests.e2e.stack import MODEL, Deployment, balance, fund_user
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,7 @@ import httpx
 import pytest
 
 from services.fake_upstream import FakeUpstream
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import PRICE, Deployment, balance, deploy_with, fund_user, ok
-from tests.infra.backing import BackingServices
+from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok
 
 RELAY_ENV = {
     "RELAYGATE_BREAKER_MIN_REQUESTS": "3",
@@ -29,10 +27,8 @@ RELAY_ENV = {
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy_with(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"), relay_env=RELAY_ENV)
+def relay_env() -> dict[str, str]:
+    return RELAY_ENV
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,14 @@ import httpx
 import orjson
 import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, balance, deploy_with, fund_user
-from tests.infra.backing import BackingServices
+from tests.e2e.stack import MODEL, Deployment, balance, fund_user
 
 MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy_with(
-        backing,
-        migrated_db,
-        tmp_path_factory.mktemp("stack-logs"),
-        relay_env={"RELAYGATE_MAX_BODY_BYTES": str(MAX_BODY)},
-    )
+def relay_env() -> dict[str, str]:
+    return {"RELAYGATE_MAX_BODY_BYTES": str(MAX_BODY)}
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from devinfra.backing import BackingServices
 from services.common.config import normalize_database_url
 from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, deploy, fund_user
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from tests.e2e.stack import MODEL, Deployment, fund_user
 
 
 @pytest.fixture

@@ -4,21 +4,11 @@ exception classes for the errors the gateway produces."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, balance, deploy, fund_user
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from tests.e2e.stack import MODEL, Deployment, balance, fund_user
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,9 +12,7 @@ import openai
 import orjson
 import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, deploy_with, fund_user
-from tests.infra.backing import BackingServices
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
 
 RELAY_ENV = {
     "RELAYGATE_STREAM_KEEPALIVE_S": "0.3",
@@ -25,10 +22,8 @@ RELAY_ENV = {
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy_with(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"), relay_env=RELAY_ENV)
+def relay_env() -> dict[str, str]:
+    return RELAY_ENV
 
 
 @pytest.fixture(autouse=True)

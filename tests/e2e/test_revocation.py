@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.db_fixtures import DbUrls
-from tests.e2e.stack import MODEL, Deployment, deploy, fund_user, ok
-from tests.infra.backing import BackingServices
-
-
-@pytest.fixture(scope="module")
-def deployment(
-    backing: BackingServices, migrated_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    yield from deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"))
+from tests.e2e.stack import MODEL, Deployment, fund_user, ok
 
 
 def models_status(url: str, key: str) -> int:

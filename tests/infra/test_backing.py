@@ -10,7 +10,9 @@ from dataclasses import astuple
 
 import pytest
 
-from tests.infra.backing import LOOPBACK, BackingError, BackingServices, port_accepts, psql
+from devinfra.backing import BackingServices
+from devinfra.postgres import PostgresError, psql
+from devinfra.processes import LOOPBACK, InfraError, port_accepts
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -58,7 +60,7 @@ def test_replica_streams_writes_from_primary(backing: BackingServices, table: st
 
 
 def test_replica_rejects_writes(backing: BackingServices, table: str) -> None:
-    with pytest.raises(BackingError, match="read-only transaction"):
+    with pytest.raises(PostgresError, match="read-only transaction"):
         psql(backing.pg_replica_dsn, f"INSERT INTO {table} (tag) VALUES ('nope')")
 
 
@@ -77,7 +79,7 @@ def test_paused_replay_hides_new_rows_until_resumed(backing: BackingServices, ta
 def test_replica_restart_catches_up(backing: BackingServices, table: str) -> None:
     backing.stop_replica()
     try:
-        with pytest.raises(BackingError):
+        with pytest.raises(PostgresError):
             psql(backing.pg_replica_dsn, "SELECT 1")
         tag = insert_tag(backing, table)
     finally:
@@ -150,5 +152,5 @@ def test_stop_kills_everything_and_is_idempotent(backing: BackingServices) -> No
 
     assert not any(port_accepts(port) for port in ports)
     assert not base_dir.exists()
-    with pytest.raises(BackingError, match="not started"):
+    with pytest.raises(InfraError, match="not started"):
         _ = services.redis_url

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from devinfra.backing import BackingServices
 from services.logger.settings import LoggerSettings
 from tests.db_fixtures import DbUrls, database, migrated_db  # noqa: F401
-from tests.infra.backing import BackingServices
 from tests.logger.factories import unique
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from devinfra.processes import ManagedProcess, free_port
 from services.logger.settings import LoggerSettings
-from services.stack import free_port, port_open
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -39,48 +37,29 @@ class LoggerProcess:
             "RELAYGATE_LOG_FORMAT": "json",
         }
         self.log_path = log_path
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: ManagedProcess | None = None
 
     def start(self, timeout: float = 30.0) -> LoggerProcess:
-        with self.log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                [sys.executable, "-m", "services.logger"],
-                env={**os.environ, **self.env},
-                cwd=_REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not port_open(self.port):
-            if self._popen.poll() is not None:
-                raise AssertionError(f"logger exited with {self._popen.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"logger did not listen within {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        argv = [sys.executable, "-m", "services.logger"]
+        env = {**os.environ, **self.env}
+        self._process = ManagedProcess("logger", argv, self.log_path, env=env, cwd=_REPO)
+        try:
+            self._process.wait_listening(self.port, timeout=timeout)
+        except BaseException:
+            self._process.kill()
+            raise
         return self
 
     @property
     def running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return self._process is not None and self._process.running
 
     def send(self, sig: signal.Signals, timeout: float = 20.0) -> int:
-        """Send ``sig`` and wait for the exit; returns the exit code (negative: killed by a signal)."""
-        if self._popen is None:
+        """Send ``sig`` and wait for the exit (SIGKILL after ``timeout``); the exit code (negative: the
+        signal that ended it, so a logger that ignored SIGTERM shows as -9)."""
+        if self._process is None:
             raise AssertionError("not started")
-        if self._popen.poll() is None:
-            self._popen.send_signal(sig)
-            try:
-                self._popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._popen.kill()
-                self._popen.wait()
-                raise AssertionError(
-                    f"logger ignored {sig.name} for {timeout}s:\n{self.log_tail()}"
-                ) from None
-        return self._popen.returncode
+        return self._process.send(sig, timeout)
 
     def kill(self) -> int:
         return self.send(signal.SIGKILL)
@@ -104,7 +83,4 @@ class LoggerProcess:
         return [r["partitions"] for r in self.log_records() if r.get("msg") == "partitions assigned"]
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self._process.log_tail(lines) if self._process is not None else ""

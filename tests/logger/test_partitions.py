@@ -15,6 +15,8 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 from services.common.config import DatabaseSettings, normalize_database_url
 from services.common.db import Database
 from services.logger.models import DAY_MS
@@ -28,7 +30,6 @@ from services.logger.partitions import (
 )
 from services.logger.writer import write
 from services.migrations import alembic_config, upgrade
-from tests.infra.backing import BackingServices, psql
 from tests.logger.factories import eventually, make_event, raw_aggregate, stored_rollups, unique
 
 # Noon, 2031-03-15 UTC: far from the days other tests write, so this module's partitions are its own.

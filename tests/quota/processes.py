@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devinfra.backing import BackingServices
+from devinfra.processes import ManagedProcess, free_port
 from services.common.grpc import channel
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
-from services.stack import free_port, port_open
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,25 +22,18 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class QuotaProcess:
     name: str
-    popen: subprocess.Popen[bytes]
+    process: ManagedProcess
     port: int
-    log_path: Path
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log_path.read_text(errors="replace")
 
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        self.process.send(sig)
 
 
 @dataclass
@@ -55,29 +46,16 @@ class QuotaProcesses:
 
     def start(self, name: str, *, timeout: float = 30.0, **extra: str) -> QuotaProcess:
         port = free_port()
-        log_path = self.log_dir / f"{name}.log"
         env = {**os.environ, **self.env, **extra, "RELAYGATE_QUOTA_LISTEN": f"127.0.0.1:{port}"}
-        with log_path.open("ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "services.quota"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        process = QuotaProcess(name, popen, port, log_path)
-        self.started.append(process)
-        deadline = time.monotonic() + timeout
-        while not port_open(port):
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"quota process {name} did not start:\n{process.log()[-3000:]}")
-            time.sleep(0.05)
-        return process
+        argv = [sys.executable, "-m", "services.quota"]
+        process = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env, cwd=REPO)
+        self.started.append(QuotaProcess(name, process, port))
+        process.wait_listening(port, timeout=timeout)
+        return self.started[-1]
 
     def stop(self) -> None:
-        for process in reversed(self.started):
-            process.kill(signal.SIGTERM)
+        for started in reversed(self.started):
+            started.kill(signal.SIGTERM)
         self.started.clear()
 
 

@@ -7,12 +7,12 @@ from collections.abc import Awaitable
 
 import pytest
 
+from devinfra.backing import BackingServices
 from services.common.clock import ManualClock
 from services.common.db import Database
 from services.common.errors import Conflict, InsufficientQuota, InvalidRequest, ModelNotFound, NotFound
 from services.quota.ledger import EXPIRED, RELEASED, SETTLED, Hold, Ledger
 from services.quota.pricing import Price, PriceBook, Usage
-from tests.infra.backing import BackingServices
 from tests.quota.factories import (
     charges_for,
     funded_user,

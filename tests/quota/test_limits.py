@@ -12,6 +12,8 @@ from typing import Literal
 import pytest
 from redis.asyncio import Redis
 
+from devinfra.backing import BackingServices
+from devinfra.processes import free_port
 from services.common.clock import ManualClock
 from services.common.errors import ConcurrencyLimited, RateLimited, ServiceUnavailable
 from services.common.redis import redis_client
@@ -29,8 +31,6 @@ from services.quota.limits import (
     lease_names,
 )
 from services.quota.redis_limits import PREFIX, RedisLimiter
-from services.stack import free_port
-from tests.infra.backing import BackingServices
 
 Kind = Literal["redis", "local"]
 

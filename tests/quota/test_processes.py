@@ -21,6 +21,8 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy import text
 
+from devinfra.backing import BackingServices
+from devinfra.postgres import psql
 from services.common.db import Database
 from services.common.errors import (
     BudgetExceeded,
@@ -38,7 +40,6 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.redis import redis_client
 from services.quota.redis_limits import PREFIX
 from tests.db_fixtures import DbUrls
-from tests.infra.backing import BackingServices, psql
 from tests.quota.processes import REPO, QuotaProcess, quota_processes, stubs
 
 if TYPE_CHECKING:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
 from services.common.events import decode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.relay.publisher import EventPublisher
-from tests.infra.backing import BackingServices
 
 
 @pytest.fixture
