@@ -116,6 +116,8 @@ class Hold:
     inflight_reported: int = 0
     seq: int = -1
     recall: bool = False
+    # Given up by quota (its relay stopped syncing), as opposed to closed by its relay.
+    expired: bool = False
 
     @property
     def amount(self) -> int:
@@ -132,8 +134,11 @@ class Posted:
     cost: int
     charged: int
     written_off: int
-    # The hold's state when the charge arrived: written-off amounts only ever come from late charges.
-    hold_state: str
+    # Taken from what was free because the hold no longer covered it.
+    beyond_hold: int
+    # The hold had expired (or was unknown) when the charge arrived. Only a late charge may go beyond
+    # its hold or be written off: anything else means a relay admitted more than it was granted.
+    late: bool
 
 
 @dataclass
@@ -264,7 +269,7 @@ class CreditBooks:
         hold = self.holds.get(charge.hold_id)
         user_id = hold.user_id if hold is not None else charge.user_id
         windows = hold.windows if hold is not None else ()
-        state = hold.state if hold is not None else "unknown"
+        late = hold is None or hold.expired
         covered = min(charge.cost_micros, hold.amount) if hold is not None else 0
         extra = min(charge.cost_micros - covered, max(0, self._room(user_id, windows)))
         account = self._account(user_id)
@@ -281,7 +286,8 @@ class CreditBooks:
             cost=charge.cost_micros,
             charged=covered + extra,
             written_off=charge.cost_micros - covered - extra,
-            hold_state=state,
+            beyond_hold=extra,
+            late=late,
         )
         self.posted[charge.request_id] = posted
         self._unchecked.append(charge.request_id)
@@ -306,6 +312,7 @@ class CreditBooks:
             if hold.expires_at > now:
                 continue
             changed.append(hold)
+            hold.expired = True
             if hold.kind == RESERVATION or hold.state == EXPIRED:
                 self._resize(hold, hold.applied)
                 self._set_state(hold, CLOSED)
@@ -349,8 +356,8 @@ class CreditBooks:
             posted = self.posted[request_id]
             if posted.charged < 0 or posted.written_off < 0 or posted.charged + posted.written_off != posted.cost:
                 found.append(f"charge {request_id}: {posted.charged} + {posted.written_off} != {posted.cost}")
-            if posted.written_off and posted.hold_state in (OPEN, CLOSING):
-                found.append(f"charge {request_id}: written off against a live hold")
+            if (posted.written_off or posted.beyond_hold) and not posted.late:
+                found.append(f"charge {request_id}: beyond a hold that was never given up ({posted.hold_id})")
         self._unchecked.clear()
         return found
 
