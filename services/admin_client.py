@@ -64,6 +64,16 @@ def _csv(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
+def _headers(pairs: list[str] | None) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise AdminError(f"--header takes NAME=VALUE (got {name.strip() or pair[:20]!r}=...)")
+        headers[name.strip()] = value
+    return headers
+
+
 def _limits(args: argparse.Namespace) -> dict[str, int]:
     names = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
     return {name: getattr(args, name) for name in names if getattr(args, name, None)}
@@ -127,6 +137,7 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
                     "name": args.name,
                     "base_url": args.base_url,
                     "api_key": args.api_key or "",
+                    "headers": _headers(args.header),
                     "models": _csv(args.models),
                     "priority": args.priority,
                     "weight": args.weight,
@@ -202,7 +213,13 @@ def add_parser(commands: Any) -> None:
     add.add_argument("--name", required=True)
     add.add_argument("--base-url", required=True, help="OpenAI-compatible base URL, including /v1")
     add.add_argument("--models", required=True)
-    add.add_argument("--api-key")
+    add.add_argument("--api-key", help="stored write-only: answers and listings show it masked")
+    add.add_argument(
+        "--header",
+        action="append",
+        metavar="NAME=VALUE",
+        help="sent with every request to the channel (repeatable); secret-looking values are shown masked",
+    )
     add.add_argument("--priority", type=int, default=0)
     add.add_argument("--weight", type=int, default=1)
     channels.add_parser("list")

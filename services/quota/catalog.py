@@ -3,6 +3,10 @@
 Every change to a channel bumps the single ``catalog_revision`` row in the same transaction, so a
 relay polling ``list_channels(known_revision)`` learns "nothing changed" from one primary-key read and
 downloads the channel list only after a change.
+
+Credentials (the API key, secret-looking header values) are write-only through the admin API, which
+shows them masked (:mod:`services.common.credentials`). A channel sent back with a credential still
+masked, as listed, keeps the stored value, so editing a listed channel never needs the secret again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common import credentials
 from services.common.clock import Clock
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidRequest
@@ -94,6 +99,40 @@ def _no_line_breaks(name: str, pairs: Mapping[str, str]) -> dict[str, str]:
     return dict(pairs)
 
 
+def _no_credentials_in_url(parts: urllib.parse.SplitResult) -> None:
+    """Credentials belong in ``api_key`` or a header, which are never shown; a URL is shown as is."""
+    secret_query = [
+        name
+        for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if credentials.is_secret_header(name)
+    ]
+    if parts.password is not None or secret_query:
+        raise _invalid(
+            "base_url must not carry credentials (user:password@ or a key in the query): "
+            "put them in api_key or headers, which are stored write-only",
+            "base_url",
+        )
+
+
+def restore_credentials(channel: Channel, stored: Channel | None) -> Channel:
+    """``channel`` with every credential sent back masked replaced by the stored value it masks.
+
+    Raises InvalidRequest for a masked value that is not the mask of this channel's stored one.
+    """
+    api_key = credentials.unmask(channel.api_key, stored.api_key if stored else "")
+    if api_key is None:
+        raise _invalid("api_key is masked but not this channel's: send the real key", "api_key")
+    headers: dict[str, str] = {}
+    for name, value in channel.headers.items():
+        kept = credentials.unmask(value, stored.headers.get(name, "") if stored else "")
+        if kept is None:
+            raise _invalid(
+                f"headers[{name!r}] is masked but not this channel's: send the real value", "headers"
+            )
+        headers[name] = kept
+    return dataclasses.replace(channel, api_key=api_key, headers=headers)
+
+
 def validate_channel(channel: Channel) -> Channel:
     """Check a channel before it is stored; returns it normalized (defaults filled in, models deduped)."""
     channel_id = _text("channel_id", channel.channel_id, 40, required=False)
@@ -101,6 +140,7 @@ def validate_channel(channel: Channel) -> Channel:
     parts = urllib.parse.urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in base_url):
         raise _invalid(f"base_url must be an http(s):// URL with a host (got {base_url!r})", "base_url")
+    _no_credentials_in_url(parts)
     models_: list[str] = []
     for model in channel.models:
         name = _text("models", model, 200, required=True)
@@ -164,7 +204,9 @@ class Catalog:
         self._clock = clock
 
     async def upsert_channel(self, channel: Channel) -> Channel:
-        """Create (empty ``channel_id``: a new ``ch_...`` id) or replace a channel; returns it as stored."""
+        """Create (empty ``channel_id``: a new ``ch_...`` id) or replace a channel; returns it as stored.
+
+        Credentials sent back masked keep their stored values (see :func:`restore_credentials`)."""
         channel = validate_channel(channel)
         channel_id = channel.channel_id or new_id("ch")
         try:
@@ -192,6 +234,9 @@ class Catalog:
         }
         async with self._db.transaction() as session:
             row = await session.get(models.Channel, channel_id)
+            channel = restore_credentials(channel, _from_row(row) if row is not None else None)
+            values["api_key"] = channel.api_key
+            values["headers"] = dict(channel.headers)
             if row is None:
                 session.add(models.Channel(id=channel_id, **values))
             else:
