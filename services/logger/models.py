@@ -54,6 +54,8 @@ class RequestLog(Base):
     attempts: Mapped[int] = mapped_column(default=1)
     client_ip: Mapped[str] = mapped_column(String(64), default="")
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    # 0 for one request; N for a summary of N refusals made before the key was known (a flood).
+    aggregated: Mapped[int] = mapped_column(default=0)
     logged_at_ms: Mapped[int] = mapped_column(default=0)
 
 

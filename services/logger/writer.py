@@ -142,6 +142,7 @@ def rollups(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
     at = _AT
     occurred_i, key_i, user_i, model_i = (at[n] for n in ("occurred_at_ms", "key_id", "user_id", "model"))
     status_i = at["status_code"]
+    aggregated_i = at["aggregated"]
     summed = tuple(at[n] for n in ROLLUP_COUNTERS[2:])
     totals: dict[tuple[int, str, str, str], list[int]] = {}
     for row in rows:
@@ -151,8 +152,9 @@ def rollups(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
         if counters is None:
             counters = totals[key] = [0] * len(ROLLUP_COUNTERS)
         # requests, failed_requests, then the summed columns, as in ROLLUP_COUNTERS.
-        counters[0] += 1
-        counters[1] += row[status_i] >= 400
+        requests = max(1, row[aggregated_i])
+        counters[0] += requests
+        counters[1] += requests if row[status_i] >= 400 else 0
         for slot, index in enumerate(summed, start=2):
             counters[slot] += row[index]
     return [

@@ -40,6 +40,7 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
 )
 from services.common.telemetry import METRICS
 from services.relay.publisher import EventPublisher
+from services.relay.refusals import RefusalLog
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -156,6 +157,7 @@ class Meter:
         self._timeout = rpc_timeout_s
         self._retry = retry or SettleRetry()
         self._pending: set[asyncio.Task[None]] = set()
+        self._refusals = RefusalLog(publisher.publish) if publisher is not None else None
 
     @property
     def pending(self) -> int:
@@ -214,6 +216,8 @@ class Meter:
 
     async def close(self, *, timeout: float) -> None:
         """Let pending settlements finish (bounded by ``timeout``); the rest give up and publish 0."""
+        if self._refusals is not None:
+            self._refusals.flush()
         if not self._pending:
             return
         _, cut = await asyncio.wait(set(self._pending), timeout=timeout)
@@ -279,7 +283,12 @@ class Meter:
             self._publish(exchange)
 
     def _publish(self, exchange: Exchange) -> None:
-        if self._publisher is not None and exchange.principal is not None:
+        if self._publisher is None or self._refusals is None:
+            return
+        if exchange.principal is None:
+            # Refused before the key was known: logged too, bounded under a flood.
+            self._refusals.record(exchange.to_event())
+        else:
             self._publisher.publish(exchange.to_event())
 
     @staticmethod

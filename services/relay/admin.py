@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
 
+from services.common.credentials import mask, mask_headers
 from services.common.errors import AuthenticationError, InvalidRequest, NotFound
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
@@ -271,7 +272,19 @@ async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
     message = await parse(request, gateway, quota_pb2.Channel())
     stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
-    return render(stored, 201)
+    return render(_masked(stored), 201)
+
+
+def _masked(channel: quota_pb2.Channel) -> quota_pb2.Channel:
+    """A channel as the admin API shows it: credentials masked (write-only), the rest as stored.
+
+    Sending it back unchanged keeps the stored credentials (quota recognises the masks)."""
+    shown = quota_pb2.Channel()
+    shown.CopyFrom(channel)
+    shown.api_key = mask(channel.api_key)
+    shown.headers.clear()
+    shown.headers.update(mask_headers(channel.headers))
+    return shown
 
 
 @router.get("/channels/status")
@@ -296,9 +309,9 @@ async def list_channels(request: Request, gateway: GatewayDep) -> Response:
     listing = await call(
         gateway.quota.ListChannels, quota_pb2.ListChannelsRequest(), timeout=timeout(gateway)
     )
-    for channel in listing.channels:
-        channel.api_key = "***" if channel.api_key else ""
-    return render(listing)
+    shown = quota_pb2.ChannelList(revision=listing.revision, unchanged=listing.unchanged)
+    shown.channels.extend(_masked(channel) for channel in listing.channels)
+    return render(shown)
 
 
 @router.delete("/channels/{channel_id}")
