@@ -7,8 +7,11 @@ import time
 
 import jwt
 import pytest
+import sqlalchemy
 
+from services.auth.models import User
 from services.auth.tokens import ISSUER
+from services.common.db import Database
 from services.common.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
@@ -196,3 +199,13 @@ async def test_a_token_of_another_users_key_is_refused(auth: RunningAuth) -> Non
     # Even with the signing secret, a token must name the key's own user.
     with pytest.raises(AuthenticationError):
         await verify_token(auth, signed({**claims, "sub": other.user_id}), "admin:read")
+
+
+async def test_a_user_losing_admin_loses_its_tokens(auth: RunningAuth, database: Database) -> None:
+    admin = await auth.create_user("demoted", admin=True)
+    token = (await issue(auth, (await auth.create_key(admin.user_id)).api_key)).token
+    assert (await verify_token(auth, token, "admin:read")).user_id == admin.user_id
+    async with database.transaction() as session:
+        await session.execute(sqlalchemy.update(User).where(User.id == admin.user_id).values(admin=False))
+    with pytest.raises(PermissionDenied, match="no longer an administrator"):
+        await verify_token(auth, token, "admin:read")
