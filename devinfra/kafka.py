@@ -50,8 +50,9 @@ FETCH_HINT = "run: python -m devinfra.kafka fetch (bash tests/infra/setup.sh doe
 
 # One node is broker and controller. Replication factor 1 everywhere; few internal partitions, so the
 # first group join and the first transaction do not wait for 50 partitions each. The tests shrink
-# session timeouts to 1 s, below the broker's 6 s floor by default. A 16 MB dedupe buffer instead of
-# 128 MB fits the small heap.
+# session timeouts to 1 s, below the broker's 6 s floor by default. A broker restarted after a crash
+# cannot register until the controller has fenced its previous session, 9 s by default: 3 s here. A 16 MB
+# dedupe buffer instead of 128 MB fits the small heap.
 _SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
@@ -75,6 +76,8 @@ share.coordinator.state.topic.min.isr=1
 share.coordinator.state.topic.num.partitions=1
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=500
+broker.heartbeat.interval.ms=500
+broker.session.timeout.ms=3000
 log.cleaner.dedupe.buffer.size=16777216
 """
 

@@ -275,9 +275,11 @@ class EventPublisher:
             self._acked.clear()
             if records:
                 self._resend(records)
+        # Idempotence: a batch retried after a lost acknowledgement is written once, in order.
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             acks="all",
+            enable_idempotence=True,
             linger_ms=5,
             request_timeout_ms=int(self._send_timeout_s * 1000),
         )
@@ -291,7 +293,16 @@ class EventPublisher:
 
     async def _disconnect(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
+        if producer is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await producer.stop()
+        except Exception:
+            # stop() flushes first, and an idempotent producer retries a batch until the broker takes
+            # it: left running, it would deliver the batches now in the spool a second time once the
+            # broker is back. aiokafka has no public abort; its sender task is cancelled here.
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await producer.stop()
+                await producer._sender.close()
+            with contextlib.suppress(Exception):
+                await producer.client.close()
