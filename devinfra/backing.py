@@ -216,6 +216,10 @@ class BackingServices:
         """SIGKILL the broker, like a crash; what it had written to its files stays."""
         self.kafka.kill()
 
+    def erase_kafka(self) -> None:
+        """SIGKILL the broker and delete its log: ``start_kafka()`` then brings back an empty broker."""
+        self.kafka.erase()
+
     def start_kafka(self) -> None:
         """Start the broker again on the same ports and log directory (no-op when running)."""
         self.kafka.start(self.start_timeout)

@@ -260,6 +260,12 @@ class KafkaBroker:
             self.process.kill()
             self.process = None
 
+    def erase(self) -> None:
+        """SIGKILL the broker and delete its data: the next :meth:`start` formats an empty broker (a
+        new cluster), as after an unclean failover onto a replica that had nothing."""
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
     def _java(self, lib: Path, main_class: str, *args: str) -> list[str]:
         return [
             "java",

@@ -1,6 +1,6 @@
-"""Kafka goes away under traffic: responses keep flowing, usage events wait in the relay's spool,
-and once the broker is back (empty: Tansu keeps its log in memory) every event reaches the log table
-exactly once. A relay stopped while the broker is down hands its spool to the next one."""
+"""Kafka goes away under traffic: responses keep flowing, usage events wait in the relay's spool, and
+once the broker is back (with its log) every event reaches the log table exactly once. A relay stopped
+while the broker is down hands its spool to the next one."""
 
 from __future__ import annotations
 

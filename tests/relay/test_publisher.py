@@ -1,5 +1,5 @@
-"""The usage-event publisher against the real broker: normal delivery, an unreachable broker, a
-shutdown with events still queued, and a broker that comes back without its log."""
+"""The usage-event publisher against the real broker: normal delivery, an unreachable broker that comes
+back with or without its log, a shutdown with events still queued."""
 
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ async def test_events_reach_the_topic(settings: KafkaSettings, publisher: EventP
     assert in_key_order(ids, sent)
 
 
+@pytest.mark.parametrize("lose_log", [False, True], ids=["log-kept", "log-lost"])
 async def test_an_unreachable_broker_spools_and_replays_in_order(
-    settings: KafkaSettings, publisher: EventPublisher, broker: BackingServices
+    settings: KafkaSettings, publisher: EventPublisher, broker: BackingServices, lose_log: bool
 ) -> None:
     before = events("before", 5)
     for event in before:
@@ -109,7 +110,10 @@ async def test_an_unreachable_broker_spools_and_replays_in_order(
     await wait_until(lambda: publisher.queued == 0 and publisher.spooled == 0)
     await consumed(settings, 5)
 
-    broker.stop_kafka()
+    if lose_log:
+        broker.erase_kafka()
+    else:
+        broker.stop_kafka()
     during = events("during", 40)
     for event in during:
         publisher.publish(event)  # never blocks
@@ -119,8 +123,8 @@ async def test_an_unreachable_broker_spools_and_replays_in_order(
     broker.start_kafka()
     await wait_until(lambda: publisher.spooled == 0 and publisher.queued == 0, timeout=30)
     ids = await consumed(settings, 45)
-    # The broker came back empty: the events it had acknowledged before are sent again too, and
-    # everything arrives exactly once (a sorted list keeps duplicates).
+    # Everything arrives exactly once (a sorted list keeps duplicates); when the broker came back
+    # without its log, the events it had acknowledged before were sent again.
     assert sorted(ids) == sorted(e.event_id for e in before + during)
     # The spooled events were replayed in the order they were published.
     assert in_key_order([i for i in ids if i.startswith("during")], during)
