@@ -8,8 +8,9 @@ for at most ``SettleRetry.window_s`` (well under quota's reservation TTL), so a 
 for them. The usage event is published once the outcome is known and carries what the ledger
 charged; when the retries give up, the hold expires in quota and charges nothing, and the event
 says 0, so ledger charges and logged costs agree per request. Pending retries are drained on
-shutdown (:meth:`Meter.close`). If the relay dies between reserve and settle, quota expires the
-hold itself (charging nothing). However many channels a request tried, it holds one reservation and
+shutdown (:meth:`Meter.close`). A relay killed between reserve and the event reaching Kafka
+leaves its settlements in the on-disk journal (:mod:`services.relay.journal`), which the next relay
+process on that disk finishes; with no successor, quota expires the hold itself (charging nothing). However many channels a request tried, it holds one reservation and
 is settled once.
 
 Every failure is tagged with whose fault it was (``caller``, ``policy``, ``provider``, ``gateway``):
@@ -23,6 +24,7 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,7 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
     SettleResponse,
 )
 from services.common.telemetry import METRICS
+from services.relay.journal import Pending, SettleJournal
 from services.relay.publisher import EventPublisher
 from services.relay.refusals import RefusalLog
 
@@ -151,11 +154,13 @@ class Meter:
         *,
         rpc_timeout_s: float,
         retry: SettleRetry | None = None,
+        journal: SettleJournal | None = None,
     ) -> None:
         self._stub = stub
         self._publisher = publisher
         self._timeout = rpc_timeout_s
         self._retry = retry or SettleRetry()
+        self._journal = journal
         self._pending: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(publisher.publish) if publisher is not None else None
 
@@ -163,6 +168,13 @@ class Meter:
     def pending(self) -> int:
         """Settlements being retried in the background."""
         return len(self._pending)
+
+    def start(self) -> None:
+        """Open the journal and finish, in the background, what a relay that died left in it."""
+        if self._journal is None:
+            return
+        for left in self._journal.open():
+            self._track(self._recover(left), left.event.event_id)
 
     async def reserve(
         self, exchange: Exchange, *, prompt_tokens: int, max_output_tokens: int, images: int = 0
@@ -193,18 +205,18 @@ class Meter:
         Never raises, and waits for one attempt only: when quota cannot answer it, the retries go on
         in the background and the event is published when they end."""
         self.observe(exchange)
-        if exchange.reservation is None:
-            self._publish(exchange)
+        reservation = exchange.reservation
+        if reservation is None:
+            self._emit(exchange.to_event(), known=exchange.principal is not None, reserved=False)
             return
+        if self._journal is not None:
+            self._journal.begin(exchange.to_event(), settle=exchange.usage is not None)
+        rpc = functools.partial(self._rpc, reservation.reservation_id, exchange.usage, exchange.end_reason)
         try:
-            await self._settle(exchange)
+            exchange.settlement = await rpc()
         except GatewayError as exc:
             if not isinstance(exc, InvalidRequest):
-                task = asyncio.get_running_loop().create_task(
-                    self._settle_later(exchange, exc), name=f"settle-{exchange.request_id}"
-                )
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+                self._track(self._settle_later(exchange, rpc, exc), exchange.request_id)
                 return
             # Quota refused the settlement itself (an unknown hold): nothing was charged.
             log.error(
@@ -212,7 +224,7 @@ class Meter:
                 exc.message,
                 extra={"reservation_id": exchange.request_id, "code": exc.code},
             )
-        self._publish(exchange)
+        self._emit(exchange.to_event(), known=True, reserved=True)
 
     async def close(self, *, timeout: float) -> None:
         """Let pending settlements finish (bounded by ``timeout``); the rest give up and publish 0."""
@@ -227,24 +239,59 @@ class Meter:
             log.error("settlements given up at shutdown; their holds expire", extra={"count": len(cut)})
             await asyncio.wait(cut, timeout=5.0)
 
-    async def _settle(self, exchange: Exchange) -> None:
-        reservation = exchange.reservation
-        assert reservation is not None
-        if exchange.usage is not None:
-            exchange.settlement = await call(
-                self._stub.Settle,
-                SettleRequest(reservation_id=reservation.reservation_id, usage=exchange.usage),
-                timeout=self._timeout,
-            )
-        else:
-            exchange.settlement = await call(
-                self._stub.Release,
-                ReleaseRequest(reservation_id=reservation.reservation_id, reason=exchange.end_reason),
-                timeout=self._timeout,
-            )
+    def close_journal(self) -> None:
+        """Drop the journal once the publisher has delivered or spooled every event."""
+        if self._journal is not None:
+            self._journal.close()
 
-    async def _settle_later(self, exchange: Exchange, first: GatewayError) -> None:
-        """Retry until quota answers or the window closes; then publish what was charged."""
+    def _rpc(self, reservation_id: str, usage: Usage | None, reason: str) -> Awaitable[SettleResponse]:
+        if usage is not None:
+            return call(
+                self._stub.Settle,
+                SettleRequest(reservation_id=reservation_id, usage=usage),
+                timeout=self._timeout,
+            )
+        return call(
+            self._stub.Release,
+            ReleaseRequest(reservation_id=reservation_id, reason=reason),
+            timeout=self._timeout,
+        )
+
+    def _track(self, work: Coroutine[Any, Any, None], request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"settle-{request_id}")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_later(
+        self, exchange: Exchange, rpc: Callable[[], Awaitable[SettleResponse]], first: GatewayError
+    ) -> None:
+        try:
+            exchange.settlement = await self._retrying(rpc, first, exchange.request_id)
+        finally:
+            # Whatever happened, the event says what the ledger charged (0 without a settlement).
+            self._emit(exchange.to_event(), known=True, reserved=True)
+
+    async def _recover(self, left: Pending) -> None:
+        """Finish a settlement a dead relay left in its journal, then publish its event."""
+        event = left.event
+        try:
+            if not left.done:
+                if self._journal is not None:
+                    self._journal.begin(event, settle=left.settle)
+                usage = event.usage if left.settle else None
+                rpc = functools.partial(self._rpc, event.reservation_id, usage, event.end_reason)
+                outcome = await self._retrying(rpc, None, event.event_id)
+                event.cost_micros = outcome.charged_micros if outcome is not None else 0
+                if outcome is not None:
+                    event.price_id = outcome.price_id
+        finally:
+            self._emit(event, known=True, reserved=True)
+
+    async def _retrying(
+        self, rpc: Callable[[], Awaitable[SettleResponse]], first: GatewayError | None, request_id: str
+    ) -> SettleResponse | None:
+        """Try ``rpc`` until quota answers or the retry window closes (None then: the hold expires
+        in quota and charges nothing). ``first`` is the failure of an attempt already made."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._retry.window_s
         error = first
@@ -252,44 +299,46 @@ class Meter:
         METRICS.relay_settle_retries.labels(outcome="started").inc()
         try:
             while True:
-                delay = self._retry.delay(attempt)
-                if loop.time() + delay >= give_up:
-                    break
-                await asyncio.sleep(delay)
+                if error is not None:
+                    delay = self._retry.delay(attempt)
+                    if loop.time() + delay >= give_up:
+                        break
+                    await asyncio.sleep(delay)
                 attempt += 1
                 try:
-                    await self._settle(exchange)
+                    outcome = await rpc()
                 except GatewayError as exc:
                     error = exc
                     if isinstance(exc, InvalidRequest):
                         break
                     continue
                 METRICS.relay_settle_retries.labels(outcome="settled").inc()
-                return
-            METRICS.relay_settle_retries.labels(outcome="gave_up").inc()
-            log.error(
-                "settling failed; the hold expires in quota and charges nothing",
-                extra={
-                    "reservation_id": exchange.request_id,
-                    "error": error.message,
-                    "attempts": attempt + 1,
-                },
-            )
+                return outcome
         except asyncio.CancelledError:
             METRICS.relay_settle_retries.labels(outcome="gave_up").inc()
             raise
-        finally:
-            # Whatever happened, the event says what the ledger charged (0 without a settlement).
-            self._publish(exchange)
+        METRICS.relay_settle_retries.labels(outcome="gave_up").inc()
+        log.error(
+            "settling failed; the hold expires in quota and charges nothing",
+            extra={
+                "reservation_id": request_id,
+                "error": error.message if error is not None else "",
+                "attempts": attempt,
+            },
+        )
+        return None
 
-    def _publish(self, exchange: Exchange) -> None:
+    def _emit(self, event: UsageEvent, *, known: bool, reserved: bool) -> None:
+        """Publish ``event``: journalled as done when it carries a charge, aggregated when it was
+        refused before the key was known."""
         if self._publisher is None or self._refusals is None:
             return
-        if exchange.principal is None:
-            # Refused before the key was known: logged too, bounded under a flood.
-            self._refusals.record(exchange.to_event())
-        else:
-            self._publisher.publish(exchange.to_event())
+        if not known:
+            self._refusals.record(event)
+            return
+        if reserved and self._journal is not None:
+            self._journal.done(event)
+        self._publisher.publish(event)
 
     @staticmethod
     def observe(exchange: Exchange) -> None:

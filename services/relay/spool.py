@@ -56,7 +56,9 @@ class Spool:
         self._dir.mkdir()
         self._lock_fd = _lock(self._dir)
         assert self._lock_fd is not None
-        for orphan in sorted(p for p in self._root.iterdir() if p.is_dir() and p != self._dir):
+        # Process directories only (``<pid>-<hex>``): other state may live beside them.
+        orphans = (p for p in self._root.iterdir() if p.is_dir() and p != self._dir and p.name[:1].isdigit())
+        for orphan in sorted(orphans):
             self._adopt(orphan)
         self._report()
         if self.records:

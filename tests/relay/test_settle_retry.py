@@ -8,6 +8,9 @@ gate that plays the outage, and the relay's :class:`EventPublisher` on the sessi
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +34,7 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from services.relay.accounting import Exchange, Meter, SettleRetry
+from services.relay.journal import SettleJournal
 from services.relay.publisher import EventPublisher
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
 TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parents[2]
 # 1,000,000 micro-units per million tokens: one micro-unit per token.
 PRICE = pb.Price(input_per_mtok=1_000_000, output_per_mtok=1_000_000)
 USAGE = Usage(prompt_tokens=40, completion_tokens=60)
@@ -204,3 +209,53 @@ async def test_given_up_settle_publishes_zero_and_the_expired_hold_charges_nothi
             stub.Settle, pb.SettleRequest(reservation_id=exchange.request_id, usage=USAGE), timeout=TIMEOUT
         )
         assert (late.state, late.charged_micros, late.repeated) == ("expired", 0, True)
+
+
+def die_with_journal(spool_dir: Path, records: list[tuple[str, UsageEvent]]) -> None:
+    """A relay process that journals ``records`` (begin-settle / done) and is killed (SIGKILL)."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from services.common.events import decode\n"
+        "from services.relay.journal import SettleJournal\n"
+        "journal = SettleJournal(Path(sys.argv[1]), retain_s=60)\n"
+        "journal.open()\n"
+        "for kind, payload in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "    event = decode(bytes.fromhex(payload))\n"
+        "    journal.done(event) if kind == 'done' else journal.begin(event, settle=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    argv = [sys.executable, "-c", script, str(spool_dir)]
+    for kind, event in records:
+        argv += [kind, event.SerializeToString().hex()]
+    finished = subprocess.run(argv, cwd=REPO, timeout=30, check=False)
+    assert finished.returncode == -signal.SIGKILL
+
+
+async def test_a_relay_killed_mid_settlement_is_finished_by_the_next_from_its_journal(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    async with quota(migrated_db) as (stub, _gate), publishing(backing, tmp_path) as publisher:
+        dead = Meter(stub, None, rpc_timeout_s=TIMEOUT)  # it never got to publish anything
+        unsettled, user = await reserved_exchange(stub, dead)
+        settled, other_user = await reserved_exchange(stub, dead)
+        await dead.finish(settled)
+        assert settled.settlement is not None and settled.settlement.charged_micros == 100
+        # The dead relay got as far as: Settle not sent for one; the other settled (the ledger
+        # charged it) but its event never left the process.
+        die_with_journal(spool_dir, [("begin", unsettled.to_event()), ("done", settled.to_event())])
+
+        journal = SettleJournal(spool_dir, retain_s=60)
+        successor = Meter(stub, publisher, rpc_timeout_s=TIMEOUT, journal=journal)
+        successor.start()
+        await successor.close(timeout=15)
+        journal.close()
+
+        for exchange, owner in ((unsettled, user), (settled, other_user)):
+            held = await reservation(stub, owner)
+            assert (held.state, held.charged_micros) == ("settled", 100)
+            events = await published(publisher.settings, exchange.request_id)
+            assert {e.cost_micros for e in events} == {held.charged_micros}
+    # Nothing is left for a third relay.
+    assert SettleJournal(spool_dir, retain_s=60).open() == []
