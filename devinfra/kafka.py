@@ -267,11 +267,14 @@ class KafkaBroker:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def _java(self, lib: Path, main_class: str, *args: str) -> list[str]:
+        # C1 only: on two busy cores the C2 compiler doubled the start (6 s → 12 s); a test broker
+        # never runs long enough to repay it.
         return [
             "java",
             f"-Xmx{self.heap_mb}m",
             "-Xms32m",
             "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.work_dir / 'log4j2.properties'}",

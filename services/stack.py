@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devinfra.kafka import KafkaBroker
+from devinfra.kafka import KafkaBroker, fetch
 from devinfra.processes import ManagedProcess, free_port, free_ports
 from services.stack_secrets import StackSecrets
 
@@ -88,7 +88,9 @@ class LocalStack:
         return f"http://127.0.0.1:{port}"
 
     def _start_broker(self, timeout: float) -> None:
-        """Apache Kafka on free ports, its log in ``kafka_dir`` (default: beside ``log_dir``)."""
+        """Apache Kafka on free ports, its log in ``kafka_dir`` (default: beside ``log_dir``); its jars
+        are fetched from Maven Central first when missing (once, about 7 s)."""
+        fetch()
         port, controller_port = free_ports(2)
         kafka_dir = self.kafka_dir or self.log_dir.parent / "kafka"
         self.broker = KafkaBroker(kafka_dir, port, controller_port, log_path=self.log_dir / "kafka.log")

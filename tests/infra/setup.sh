@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a machine to run the test suite: server binaries (apt) and the project virtualenv (pip).
+# Prepare a machine to run the test suite: server binaries (apt), the project virtualenv (pip) and the
+# Apache Kafka jars (Maven Central, cached in ~/.cache/relaygate/kafka-<version>).
 #
 # Idempotent: every step checks first and skips what is already in place, so a second run takes well
 # under a second. Needs root only when a package is actually missing. Works from any cwd.
@@ -23,6 +24,9 @@ command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
 # The benchmark harness (and its smoke test) drives load with wrk.
 command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+# Apache Kafka runs on the JVM (4.x needs Java 17+); Maven fetches its jars once.
+command -v java >/dev/null 2>&1 || packages+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || packages+=(maven)
 
 if ((${#packages[@]})); then
   if [ "$(id -u)" != 0 ]; then
@@ -36,7 +40,7 @@ if ((${#packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   log "installed ${packages[*]}"
 else
-  log "redis-server, postgresql and wrk already installed"
+  log "redis-server, postgresql, wrk, java and maven already installed"
 fi
 
 # --- virtualenv -------------------------------------------------------------------------------------
@@ -64,5 +68,10 @@ else
   touch "$stamp"
   log "virtualenv ready"
 fi
+
+# --- Apache Kafka -----------------------------------------------------------------------------------
+
+# The jars live outside the tree, like the venv they survive a clean checkout; a second run is a no-op.
+log "Apache Kafka jars: $(.venv/bin/python -m devinfra.kafka fetch)"
 
 log "done"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import astuple
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from devinfra.backing import BackingServices
 from devinfra.postgres import PostgresError, psql
@@ -101,17 +102,6 @@ def test_redis_answers_and_restarts_on_same_port(backing: BackingServices) -> No
     assert redis_ping(port) == b"+PONG\r\n"
 
 
-def test_kafka_port_follows_stop_and_start(backing: BackingServices) -> None:
-    port = backing.ports.kafka
-    assert port_accepts(port)
-
-    backing.stop_kafka()
-    assert not port_accepts(port)
-
-    backing.start_kafka()
-    assert port_accepts(port)
-
-
 def test_create_database_returns_isolated_working_dsns(backing: BackingServices) -> None:
     name = f"harness_{uuid.uuid4().hex[:12]}"
 
@@ -154,3 +144,36 @@ def test_stop_kills_everything_and_is_idempotent(backing: BackingServices) -> No
     assert not base_dir.exists()
     with pytest.raises(InfraError, match="not started"):
         _ = services.redis_url
+
+
+async def records(bootstrap: str, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        batches = await consumer.getmany(timeout_ms=3000)
+        return [record.value for batch in batches.values() for record in batch]
+    finally:
+        await consumer.stop()
+
+
+async def test_kafka_keeps_its_log_across_restarts_until_erased(backing: BackingServices) -> None:
+    topic = f"harness-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=backing.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"kept")
+    finally:
+        await producer.stop()
+
+    port = backing.ports.kafka
+    backing.kill_kafka()
+    assert not port_accepts(port)
+    backing.start_kafka()
+    assert backing.ports.kafka == port
+    assert await records(backing.kafka_bootstrap, topic) == [b"kept"]
+
+    backing.erase_kafka()
+    backing.start_kafka()
+    assert await records(backing.kafka_bootstrap, topic) == []
