@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
@@ -29,9 +29,17 @@ from services.relay.requests import (
     Incoming,
     bounded_credential,
     read_json,
+    refuse_nul,
 )
 
-router = APIRouter(prefix="/admin/v1")
+
+async def _no_nul_in_url(request: Request) -> None:
+    """Path and query values end up in SQL as ids and names, where U+0000 cannot be stored."""
+    for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
+        refuse_nul([name, value], param=name)
+
+
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_no_nul_in_url)])
 
 M = TypeVar("M", bound=Message)
 
@@ -81,6 +89,7 @@ async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) ->
     body, _ = await read_json(
         request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
     )
+    refuse_nul(body)
     body.update(fixed)
     try:
         json_format.ParseDict(body, message)
@@ -160,6 +169,7 @@ async def update_key(key_id: str, request: Request, gateway: GatewayDep) -> Resp
     body, _ = await read_json(
         request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
     )
+    refuse_nul(body)
     key = auth_pb2.ApiKey()
     try:
         json_format.ParseDict(body, key)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp
+from fastapi import FastAPI
 
 from services.common.errors import GatewayError
 from services.relay import routes
@@ -41,11 +42,31 @@ _MODEL_PREFIX = "/v1/models/"
 _METHODS = {path: ", ".join(m for m, p in _ROUTES if p == path) for _, path in _ROUTES}
 
 
+@dataclass(frozen=True, slots=True)
+class ServedRoute:
+    method: str
+    # A path template: ``{name}`` stands for one path parameter.
+    path: str
+    # The names of the query parameters it reads.
+    query: tuple[str, ...] = ()
+
+
 class Front:
     """Dispatches the relay's own routes; ``app`` serves the rest and runs the lifespan."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self._app = app
+
+    def routes(self) -> list[ServedRoute]:
+        """Every route served, the front's own and the app's (from its OpenAPI description, which
+        FastAPI builds from the routes themselves): what tests enumerate so that none is missed."""
+        served = [ServedRoute(method, path) for method, path in _ROUTES]
+        served.append(ServedRoute("GET", _MODEL_PREFIX + "{model}"))
+        for path, operations in self._app.openapi()["paths"].items():
+            for method, operation in operations.items():
+                query = tuple(p["name"] for p in operation.get("parameters", ()) if p["in"] == "query")
+                served.append(ServedRoute(method.upper(), path, query))
+        return served
 
     async def __call__(
         self,

@@ -31,6 +31,11 @@ from services.relay.openai_errors import HeadersTooLarge, MethodNotAllowed, Requ
 
 __all__ = ["ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_protocol"]
 
+# After a refusal the connection is half-closed and what the client still sends is read and dropped
+# for this long: closing with unread data would reset the connection, and the client could lose the
+# answer before reading it.
+_LINGER_S = 2.0
+
 # Every method the relay routes somewhere; told to a client whose method the parser does not know.
 SERVED_METHODS = "GET, POST, PUT, PATCH, DELETE"
 
@@ -60,6 +65,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._refusal: GatewayError | None = None
+        self._lingering = False
 
     # --- connection events ---------------------------------------------------------------------
 
@@ -72,6 +78,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -164,9 +172,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 # The app's receive() now reports a disconnect, and whatever it sends is dropped.
                 cycle.disconnected = True
                 cycle.message_event.set()
-        if answer:
-            transport.write(_response(exc, allow))
-        transport.close()
+        if not answer:
+            transport.close()
+            return
+        transport.write(_response(exc, allow))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._lingering = True
+        self.loop.call_later(_LINGER_S, transport.close)
 
 
 def _response(exc: GatewayError, allow: str) -> bytes:

@@ -12,6 +12,7 @@ are kept far below that so cost arithmetic cannot overflow either), ``n`` and th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "parse_json",
     "read_body",
     "read_json",
+    "refuse_nul",
     "require_messages",
     "require_model",
     "require_text_or_array",
@@ -52,6 +54,8 @@ MAX_ADMIN_TOKEN_CHARS = 4096
 MAX_TOKENS = 2**31 - 1
 # OpenAI's own upper bound for ``n``.
 MAX_N = 128
+# Model names are identifiers, and they end up in request logs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -180,6 +184,22 @@ async def read_json(request: Request, *, max_bytes: int, max_depth: int) -> tupl
     return parse_json(raw, max_depth=max_depth), raw
 
 
+def refuse_nul(value: Any, *, param: str | None = None) -> None:
+    """400 when any string in ``value`` (object keys included) holds U+0000: PostgreSQL text cannot
+    store it, so such a name or id could only fail deeper down."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidRequest("Strings may not contain NUL (U+0000) characters.", param=param)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
 def bounded_credential(credential: str, max_chars: int) -> str:
     """``credential`` unless it is longer than any credential this gateway issues (then 401, no RPC)."""
     if len(credential) > max_chars:
@@ -195,6 +215,8 @@ def require_model(body: dict[str, Any]) -> str:
         raise InvalidRequest("You must provide a model parameter (a non-empty string).", param="model")
     if len(model) > 200:
         raise InvalidRequest("The model name is too long.", param="model")
+    if _CONTROL.search(model):
+        raise InvalidRequest("The model name contains control characters.", param="model")
     return model
 
 

@@ -353,3 +353,35 @@ def test_streams_per_key_are_capped(deployment: Deployment) -> None:
     )
     assert after.status_code == 200, after.text
     assert balance(deployment, user_id)["reserved_micros"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/admin/v1/keys/%00/revoke", None),
+        ("POST", "/admin/v1/keys/key_%00/rotate", None),
+        ("GET", "/admin/v1/users/%00/balance", None),
+        ("GET", "/admin/v1/keys?user_id=usr_%00", None),
+        ("POST", "/admin/v1/users", {"name": "a\u0000b"}),
+        ("PATCH", "/admin/v1/keys/key_x", {"metadata": {"k\u0000": "v"}}),
+    ],
+)
+def test_nul_characters_never_reach_the_database(
+    admin: httpx.Client, method: str, path: str, body: object
+) -> None:
+    """PostgreSQL text cannot hold U+0000: such ids and names are refused at the edge (they were 500s)."""
+    response = admin.request(method, path, content=None if body is None else orjson.dumps(body))
+    assert_openai_error(response, 400)
+
+
+def test_a_model_name_with_control_characters_is_refused(
+    deployment: Deployment, account: tuple[str, str]
+) -> None:
+    _, key = account
+    response = httpx.post(
+        f"{deployment.relay_url}/v1/chat/completions",
+        json=chat(model="gpt\u0000e2e"),
+        headers={"authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert assert_openai_error(response, 400)["param"] == "model"
