@@ -30,8 +30,8 @@ __all__ = [
     "Grant",
     "LeaseAsk",
     "LeaseReport",
-    "ReserveAsk",
     "ReserveAnswer",
+    "ReserveAsk",
     "SyncAnswer",
     "SyncRequest",
 ]

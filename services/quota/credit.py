@@ -189,7 +189,9 @@ class CreditBooks:
         hold.expires_at = now + self.terms.valid_for_ms + self.terms.grace_ms
         if report.closing or hold.state == CLOSING:
             hold.state = CLOSING
-            self._resize(hold, max(hold.applied, min(hold.granted, hold.used_reported + hold.inflight_reported)))
+            self._resize(
+                hold, max(hold.applied, min(hold.granted, hold.used_reported + hold.inflight_reported))
+            )
             self._close_if_done(hold)
             return self._grant_of(hold)
         if report.want_micros > 0 and not hold.recall:
@@ -201,7 +203,9 @@ class CreditBooks:
     def _ask(self, request: SyncRequest, ask: LeaseAsk, now: int) -> Grant:
         known = self.holds.get(ask.lease_id)
         if known is not None:
-            return self._grant_of(known) if known.relay_id == request.relay_id else Grant(ask.lease_id, CLOSED)
+            return (
+                self._grant_of(known) if known.relay_id == request.relay_id else Grant(ask.lease_id, CLOSED)
+            )
         if ask.min_micros <= 0 or ask.want_micros < ask.min_micros:
             return Grant(ask.lease_id, "refused")
         windows = self.windows_of(ask.key_id, ask.user_id)
@@ -346,15 +350,25 @@ class CreditBooks:
             if not 0 <= account.held <= account.balance:
                 found.append(f"account {user_id}: held {account.held} outside 0..{account.balance}")
             if account.held != held_by_user.get(user_id, 0):
-                found.append(f"account {user_id}: held {account.held} != holds {held_by_user.get(user_id, 0)}")
+                found.append(
+                    f"account {user_id}: held {account.held} != holds {held_by_user.get(user_id, 0)}"
+                )
         for window_id, window in self.windows.items():
             if window.held < 0 or window.spent < 0 or window.spent + window.held > window.cap:
-                found.append(f"window {window_id}: spent {window.spent} + held {window.held} > cap {window.cap}")
+                found.append(
+                    f"window {window_id}: spent {window.spent} + held {window.held} > cap {window.cap}"
+                )
             if window.held != held_by_window.get(window_id, 0):
-                found.append(f"window {window_id}: held {window.held} != holds {held_by_window.get(window_id, 0)}")
+                found.append(
+                    f"window {window_id}: held {window.held} != holds {held_by_window.get(window_id, 0)}"
+                )
         for request_id in self._unchecked:
             posted = self.posted[request_id]
-            if posted.charged < 0 or posted.written_off < 0 or posted.charged + posted.written_off != posted.cost:
+            if (
+                posted.charged < 0
+                or posted.written_off < 0
+                or posted.charged + posted.written_off != posted.cost
+            ):
                 found.append(f"charge {request_id}: {posted.charged} + {posted.written_off} != {posted.cost}")
             if (posted.written_off or posted.beyond_hold) and not posted.late:
                 found.append(f"charge {request_id}: beyond a hold that was never given up ({posted.hold_id})")

@@ -28,7 +28,7 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from services.common.credit import Charge, CreditTerms, ReserveAnswer, ReserveAsk, SyncAnswer, SyncRequest
 from services.quota.credit import OPEN, CreditBooks
@@ -80,6 +80,7 @@ class Request:
     bound: int
     cost: int
     relay: str
+    arrived_at: int = 0
     state: str = "arriving"
     hold_id: str = ""
     # The cost the usage event carries, once the request finished.
@@ -128,6 +129,7 @@ class Simulation:
         balance_units: tuple[int, ...] = (1_000_000, 20_000, 300),
         mean_gap_ms: float = 20.0,
         trace_size: int = 40,
+        background_traffic: bool = True,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -171,7 +173,8 @@ class Simulation:
         for quota in self.quotas:
             self._schedule(self.rng.randint(0, 50), "consume", self._consume_tick(quota, quota.incarnation))
             self._schedule(self.rng.randint(0, 500), "expire", self._expire_tick(quota, quota.incarnation))
-        self._schedule(0, "arrival", self._arrival)
+        if background_traffic:
+            self._schedule(0, "arrival", self._arrival)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -193,7 +196,9 @@ class Simulation:
         for quota in self.quotas:
             if not quota.alive:
                 self._restart_quota(quota)
-        quiet_until = self.now + 4 * self.terms.valid_for_ms + self.terms.horizon_ms + self.terms.reservation_ttl_ms
+        quiet_until = (
+            self.now + 4 * self.terms.valid_for_ms + self.terms.horizon_ms + self.terms.reservation_ttl_ms
+        )
         while self._queue and self._queue[0][0] <= quiet_until:
             self._step()
         self.check_closed()
@@ -237,25 +242,47 @@ class Simulation:
     def _live(self, relay: Relay, incarnation: int) -> bool:
         return relay.alive and relay.incarnation == incarnation
 
+    def submit(self, at: int, relay_index: int, key_id: str, bound: int, cost: int) -> None:
+        """Schedule one request (scenarios drive exact workloads with this)."""
+        user_id = dict(self.keys)[key_id]
+        self._schedule(
+            at - self.now,
+            "submit",
+            lambda: self._admit(self.relays[relay_index], key_id, user_id, bound, cost),
+        )
+
+    def run_until(self, at: int) -> None:
+        while self._queue and self._queue[0][0] <= at:
+            self._step()
+
+    def crash_all_quotas(self, down_for: int) -> None:
+        for quota in self.quotas:
+            self._crash_quota(quota, down_for)
+
     def _arrival(self) -> None:
         if not self.traffic:
             return
         self._schedule(max(1, int(self.rng.expovariate(1 / self.mean_gap_ms))), "arrival", self._arrival)
         relay = self.rng.choice(self.relays)
-        if not relay.alive:
-            return
         key_id, user_id = self.rng.choice(self.keys)
         bound = self.rng.randint(1, 40) * UNIT
         roll = self.rng.random()
         cost = 0 if roll < 0.1 else bound if roll < 0.3 else self.rng.randint(0, bound)
-        request = Request(self._id("q"), key_id, user_id, bound, cost, relay.relay_id)
+        self._admit(relay, key_id, user_id, bound, cost)
+
+    def _admit(self, relay: Relay, key_id: str, user_id: str, bound: int, cost: int) -> None:
+        if not relay.alive:
+            return
+        request = Request(self._id("q"), key_id, user_id, bound, cost, relay.relay_id, arrived_at=self.now)
         self.requests[request.request_id] = request
         admission = relay.book.admit(key_id, user_id, bound, self._local(relay))
         if admission is not None:
             hold = self.db.holds.get(admission.lease_id)
             if hold is None or hold.state != OPEN:
-                self._fail(f"{relay.relay_id} admitted {request.request_id} on lease {admission.lease_id} "
-                           f"that quota has {hold.state if hold else 'never granted'}")
+                self._fail(
+                    f"{relay.relay_id} admitted {request.request_id} on lease {admission.lease_id} "
+                    f"that quota has {hold.state if hold else 'never granted'}"
+                )
             request.hold_id = admission.lease_id
             self._dispatch(relay, request, admission)
         else:
@@ -264,7 +291,9 @@ class Simulation:
         if relay.book.sync_due(self._local(relay)):
             self._sync(relay)
 
-    def _reserve(self, relay: Relay, incarnation: int, request: Request, *, attempt: int, retries: int) -> None:
+    def _reserve(
+        self, relay: Relay, incarnation: int, request: Request, *, attempt: int, retries: int
+    ) -> None:
         ask = ReserveAsk(request.hold_id, request.key_id, request.user_id, request.bound)
         answered = [False]
 
@@ -309,8 +338,11 @@ class Simulation:
         cost = relay.book.finish(admission, request.cost) if admission else min(request.cost, request.bound)
         request.state = "finished"
         request.emitted = cost
-        self._produce(relay, incarnation, Charge(request.request_id, request.hold_id, request.key_id,
-                                                  request.user_id, cost))
+        self._produce(
+            relay,
+            incarnation,
+            Charge(request.request_id, request.hold_id, request.key_id, request.user_id, cost),
+        )
 
     def _produce(self, relay: Relay, incarnation: int, event: Charge) -> None:
         def deliver() -> None:
@@ -359,7 +391,9 @@ class Simulation:
     def _sync_on_quota(self, request: SyncRequest) -> SyncAnswer:
         return self.db.sync(request, self.now)
 
-    def _rpc(self, relay: Relay, handle: Callable[[], _T], on_answer: Callable[[_T], None], label: str) -> None:
+    def _rpc(
+        self, relay: Relay, handle: Callable[[], _T], on_answer: Callable[[_T], None], label: str
+    ) -> None:
         """One RPC to a random quota process: delayed, maybe lost or duplicated, answered if it lives."""
         if self.now < relay.cut_off_until:
             return
@@ -408,7 +442,9 @@ class Simulation:
                     self._apply_charge(event)
                 end = start + len(batch)
                 quota.positions[partition] = end
-                self._schedule(self.rng.randint(1, 5), "commit", self._commit(quota, incarnation, partition, end))
+                self._schedule(
+                    self.rng.randint(1, 5), "commit", self._commit(quota, incarnation, partition, end)
+                )
 
         return tick
 
@@ -424,7 +460,9 @@ class Simulation:
         if request is None or request.emitted is None:
             self._fail(f"charge for {event.request_id}, a request that never finished")
         if request.emitted != event.cost_micros:
-            self._fail(f"charge for {event.request_id} is {event.cost_micros}, the request cost {request.emitted}")
+            self._fail(
+                f"charge for {event.request_id} is {event.cost_micros}, the request cost {request.emitted}"
+            )
         first = event.request_id not in self.db.posted
         posted = self.db.charge(event)
         if first:
@@ -486,7 +524,9 @@ class Simulation:
     def _crash_relay(self, relay: Relay) -> None:
         if not relay.alive:
             return
-        self._note(f"{relay.relay_id} crashes with {len(relay.inflight)} in flight, {len(relay.spool)} spooled")
+        self._note(
+            f"{relay.relay_id} crashes with {len(relay.inflight)} in flight, {len(relay.spool)} spooled"
+        )
         relay.alive = False
         for request in self.requests.values():
             if request.relay == relay.relay_id and request.state in ("arriving", "dispatched"):
@@ -550,7 +590,11 @@ class Simulation:
                 if lease.used + lease.inflight > max(lease.granted, 0) and lease.state != "pending":
                     problems.append(f"{relay.relay_id} lease {lease.lease_id}: admitted beyond its grant")
                 hold = self.db.holds.get(lease.lease_id)
-                if hold is not None and hold.state in (OPEN, "closing") and hold.granted < lease.used + lease.inflight:
+                if (
+                    hold is not None
+                    and hold.state in (OPEN, "closing")
+                    and hold.granted < lease.used + lease.inflight
+                ):
                     problems.append(
                         f"lease {lease.lease_id}: quota holds {hold.granted}, the relay has "
                         f"{lease.used} used + {lease.inflight} in flight"
@@ -593,7 +637,7 @@ class Simulation:
             **states,
         }
 
-    def _fail(self, problem: str) -> None:
+    def _fail(self, problem: str) -> NoReturn:
         trace = "\n  ".join(self.trace)
         raise SimulationFailure(
             f"seed {self.seed}, step {self.steps} (t={self.now} ms): {problem}\n"
