@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from redis.asyncio import Redis
 
 from devinfra.backing import SETUP_HINT, BackingServices, missing_binaries
+from services.common.redis import redis_client
 
 pytest_plugins = ["tests.db_fixtures"]
 
@@ -41,6 +43,21 @@ def backing() -> Iterator[BackingServices]:
         services.stop()
 
 
-# ======================================================================================================
-# Other fixtures
-# ======================================================================================================
+@pytest.fixture
+def broker(backing: BackingServices) -> Iterator[BackingServices]:
+    """The session's services, for a test that stops, kills or erases the broker: it runs again after
+    the test whatever happened to it."""
+    try:
+        yield backing
+    finally:
+        backing.start_kafka()
+
+
+@pytest.fixture
+async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
+    """A client of the session's Redis; tests keep to key prefixes of their own."""
+    client = redis_client(backing.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from devinfra.backing import BackingServices
 from services.auth.app import run
@@ -21,8 +19,8 @@ from services.common.db import Database
 from services.common.grpc import call, channel
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
-from services.common.redis import redis_client
 from tests.db_fixtures import DbUrls
+from tests.in_process import in_process
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
@@ -71,26 +69,13 @@ class RunningAuth:
 @contextlib.asynccontextmanager
 async def serving(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
     """Run ``services.auth.app.run`` on a free port until the block exits, then stop it and wait."""
-    stop = asyncio.Event()
-    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(settings, stop=stop, on_started=started.set_result))
-    waiting: list[asyncio.Future[Any]] = [task, started]
-    await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # raises the startup error
-        raise RuntimeError("auth exited during startup")
-    if not started.done():
-        stop.set()
-        task.cancel()
-        raise RuntimeError("auth did not start within 30 s")
-    address = f"127.0.0.1:{started.result()}"
-    client: grpc.aio.Channel = channel(address)
-    try:
-        yield RunningAuth(settings, address, AuthServiceStub(client))
-    finally:
-        await client.close(grace=None)
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
+    async with in_process(run, settings) as port:
+        address = f"127.0.0.1:{port}"
+        client: grpc.aio.Channel = channel(address)
+        try:
+            yield RunningAuth(settings, address, AuthServiceStub(client))
+        finally:
+            await client.close(grace=None)
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +83,6 @@ async def auth(migrated_db: DbUrls, backing: BackingServices) -> AsyncIterator[R
     """An auth server for the module: real PostgreSQL primary + replica and Redis, on a free port."""
     async with serving(auth_settings(migrated_db, redis_url=backing.redis_url)) as running:
         yield running
-
-
-@pytest.fixture
-async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = redis_client(backing.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -19,15 +17,6 @@ from devinfra.backing import BackingServices
 from services.common.config import normalize_database_url
 from tests.db_fixtures import DbUrls
 from tests.e2e.stack import MODEL, Deployment, fund_user
-
-
-@pytest.fixture
-def broker(backing: BackingServices) -> Iterator[BackingServices]:
-    """The session's broker, running again after the test whatever happened to it."""
-    try:
-        yield backing
-    finally:
-        backing.start_kafka()
 
 
 class Traffic:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from services.common.db import Database
 from services.common.events import ensure_topics
@@ -13,27 +12,14 @@ from services.logger.app import run
 from services.logger.consumer import LogConsumer, kafka_consumer
 from services.logger.dlq import DeadLetters, dead_letter_producer
 from services.logger.settings import LoggerSettings
+from tests.in_process import in_process
 
 
 @contextlib.asynccontextmanager
 async def running_logger(settings: LoggerSettings) -> AsyncIterator[int]:
     """The whole service (``app.run``) in this event loop; yields its gRPC port, stops it on exit."""
-    stop = asyncio.Event()
-    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(settings, stop=stop, on_started=started.set_result))
-    waiting: set[asyncio.Future[Any]] = {task, started}
-    done, _ = await asyncio.wait(waiting, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-        raise AssertionError("the logger returned before it started")
-    if not done:
-        task.cancel()
-        raise AssertionError("the logger did not start within 20s")
-    try:
-        yield started.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    async with in_process(run, settings, timeout=20) as port:
+        yield port
 
 
 @contextlib.asynccontextmanager

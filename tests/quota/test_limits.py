@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Literal
 
 import pytest
@@ -33,15 +32,6 @@ from services.quota.limits import (
 from services.quota.redis_limits import PREFIX, RedisLimiter
 
 Kind = Literal["redis", "local"]
-
-
-@pytest.fixture
-async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = redis_client(backing.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["redis", "local"])

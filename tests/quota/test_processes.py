@@ -37,7 +37,6 @@ from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
-from services.common.redis import redis_client
 from services.quota.redis_limits import PREFIX
 from tests.db_fixtures import DbUrls
 from tests.quota.processes import REPO, QuotaProcess, quota_processes, stubs
@@ -70,15 +69,6 @@ def pair(
 async def clients(pair: tuple[QuotaProcess, QuotaProcess]) -> AsyncIterator[list[QuotaServiceAsyncStub]]:
     async with stubs(*pair) as found:
         yield found
-
-
-@pytest.fixture
-async def redis(backing: BackingServices) -> AsyncIterator[Redis]:
-    client = redis_client(backing.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +23,6 @@ def settings(backing: BackingServices) -> KafkaSettings:
     return KafkaSettings(
         kafka_bootstrap=backing.kafka_bootstrap, kafka_topic_prefix=f"pub{uuid.uuid4().hex[:8]}."
     )
-
-
-@pytest.fixture
-def broker(backing: BackingServices) -> Iterator[BackingServices]:
-    """The session's broker, running again after the test whatever the test did to it."""
-    try:
-        yield backing
-    finally:
-        backing.start_kafka()
 
 
 def events(prefix: str, count: int) -> list[UsageEvent]:
