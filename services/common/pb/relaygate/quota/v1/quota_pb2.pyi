@@ -134,7 +134,7 @@ class ReserveResponse(_message.Message):
     available_micros: _builtins.int
     """Balance left after this hold (balance - all holds), for headers and clients."""
     expires_at: _builtins.int
-    """Unix seconds when quota settles the hold itself if nobody does."""
+    """Unix seconds when quota releases the hold itself (charging nothing) if nobody settles it."""
     @_builtins.property
     def price(self) -> Global___Price: ...
     @_builtins.property
