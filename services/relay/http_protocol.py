@@ -123,9 +123,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        # uvicorn parses the request target here (and may refuse it): until that succeeded, the
+        # request is still this connection's unanswered head.
+        super().on_headers_complete()
         self._reading_head = False
         self._arm(self.limits.body_timeout_s, head=False)
-        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._disarm()

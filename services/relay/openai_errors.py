@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from services.common.errors import GatewayError, InvalidRequest
+from services.relay.requests import ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,10 @@ def install(app: FastAPI) -> None:
             InvalidRequest(f"{where}: {first.get('msg', 'invalid value')}", param=where or None)
         )
 
+    async def on_client_gone(_request: Request, _exc: Exception) -> Response:
+        # The client left (or was cut off for being too slow) mid-body: this answer is never sent.
+        return error_response(RequestTimeout("The request body was not received."))
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
         return error_response(GatewayError(), request_id=getattr(request.state, "request_id", ""))
@@ -123,4 +128,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(Exception, on_crash)

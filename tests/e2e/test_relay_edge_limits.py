@@ -385,3 +385,29 @@ def test_a_model_name_with_control_characters_is_refused(
         timeout=10,
     )
     assert assert_openai_error(response, 400)["param"] == "model"
+
+
+@pytest.mark.parametrize("target", [b"http://", b"http://[::1/v1/models", b"http://relay:99999999/v1/models"])
+def test_a_request_target_that_does_not_parse_is_a_json_400(deployment: Deployment, target: bytes) -> None:
+    received = raw_exchange(deployment, b"GET " + target + b" HTTP/1.1\r\nhost: relay\r\n\r\n")
+    status, headers, body = parse_raw(received)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert orjson.loads(body)["error"]["code"] == "invalid_request"
+
+
+def test_an_admin_body_cut_off_for_slowness_is_not_a_crash(
+    deployment: Deployment, admin: httpx.Client
+) -> None:
+    token = str(admin.headers["authorization"]).removeprefix("Bearer ")
+    body = orjson.dumps({"name": "slow"}) + b" " * 40
+    head = (
+        f"POST /admin/v1/users HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {token}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    log = deployment.stack.log_dir / "relay.log"
+    logged_before = log.read_text()
+    _, received = trickle(deployment, head, body)
+    assert parse_raw(received)[0] == 408
+    time.sleep(0.5)
+    assert "unhandled error" not in log.read_text()[len(logged_before) :]
