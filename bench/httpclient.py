@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,8 +51,15 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def build_request(host: str, port: int, path: str, body: bytes, api_key: str | None) -> bytes:
-    """The bytes of one ``POST path`` with a JSON body on a keep-alive connection."""
+def build_request(
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    api_key: str | None,
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """The bytes of one ``POST path`` with a JSON body on a keep-alive connection, plus ``headers``."""
     lines = [
         f"POST {path} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -61,6 +68,7 @@ def build_request(host: str, port: int, path: str, body: bytes, api_key: str | N
     ]
     if api_key:
         lines.append(f"Authorization: Bearer {api_key}")
+    lines.extend(f"{name}: {value}" for name, value in headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -213,6 +221,7 @@ async def probe(
 class FixedRateResult:
     scheduled: int
     latencies_s: list[float] = field(default_factory=list)  # from the moment its bytes were written
+    ttfb_s: list[float] = field(default_factory=list)  # to the first body byte, same origin
     send_lag_s: list[float] = field(default_factory=list)  # how late each send was against its due time
     errors: int = 0
     non_2xx: int = 0
@@ -264,6 +273,7 @@ async def fixed_rate(
                     opened -= 1
                 return
             result.latencies_s.append(reply.total_s)
+            result.ttfb_s.append(reply.ttfb_s)
             if not 200 <= reply.status < 300:
                 result.non_2xx += 1
             if connection.reusable:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,11 @@ def run_wrk(
     threads: int = 1,
     wrk: str = "wrk",
     request_timeout_s: float = 30,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> WrkResult:
     """Run wrk against ``url`` (a full URL, loopback) for ``duration_s`` seconds; never longer than that
-    plus a grace period: a wrk that does not exit by then is killed and the run fails."""
+    plus a grace period: a wrk that does not exit by then is killed and the run fails. ``headers`` go on
+    every request, after the API key and content type."""
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError(f"load is only ever sent to 127.0.0.1, not {url}")
     argv = [
@@ -91,6 +94,7 @@ def run_wrk(
         "--",
         str(keys_file),
         str(body_file),
+        *(f"{name}: {value}" for name, value in headers),
     ]
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True

@@ -1,131 +1,90 @@
-"""A peer gateway for comparison (``--peer litellm``): LiteLLM's proxy in a virtualenv of its own.
+"""Peer gateways measured beside relaygate (``--peer litellm,portkey``): what a peer offers the scenarios,
+the registry of known peers, and the readiness wait they share.
 
-The virtualenv lives outside the repository (``~/.cache/relaygate-bench/litellm-venv``) and is created and
-filled with ``pip install 'litellm[proxy]'`` on first use. The proxy runs with one worker, one model
-routed to the same fake upstream, a master key (checked in memory; no database, so no per-key spend
-tracking: LiteLLM does less work per request here than relaygate, which meters and logs every request).
+A peer is a third-party gateway run as a local process, routed to the same fake upstream as relaygate.
+Each is installed outside the repository, under ``~/.cache/relaygate-bench/``, on first use.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Protocol
 
-from bench.env import MODEL
 from bench.procstat import Tracked
-from devinfra.processes import ManagedProcess, free_port
+from devinfra.processes import ManagedProcess
 
-__all__ = ["MASTER_KEY", "LiteLLMPeer"]
+__all__ = ["CACHE_DIR", "PEER_NAMES", "Peer", "parse_peers", "start_peer", "wait_http_ready"]
 
-DEFAULT_VENV = Path.home() / ".cache" / "relaygate-bench" / "litellm-venv"
-MASTER_KEY = "sk-relaygate-bench-master-key"
-START_TIMEOUT_S = 180.0
+CACHE_DIR = Path.home() / ".cache" / "relaygate-bench"
+PEER_NAMES = ("litellm", "portkey")
 
 
-class LiteLLMPeer:
-    def __init__(self, work_dir: Path, *, upstream_base_url: str, venv: Path = DEFAULT_VENV) -> None:
-        self.work_dir = work_dir
-        self.upstream_base_url = upstream_base_url
-        self.venv = venv
-        self.port = 0
-        self.version = ""
-        self._process: ManagedProcess | None = None
+class Peer(Protocol):
+    """A running peer gateway with the OpenAI API under ``origin + "/v1"``."""
+
+    name: str
+    version: str
 
     @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def origin(self) -> str: ...
 
     @property
-    def log_path(self) -> Path:
-        return self.work_dir / "litellm.log"
+    def keys(self) -> tuple[str, ...]:
+        """What goes in ``Authorization: Bearer``."""
+        ...
 
-    def install(self) -> None:
-        """Create the virtualenv and install the proxy unless already there."""
-        binary = self.venv / "bin" / "litellm"
-        if not binary.exists():
-            print(f"installing LiteLLM proxy into {self.venv} (first use only) ...", flush=True)
-            self.venv.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True, timeout=300)
-            subprocess.run(
-                [str(self.venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True, timeout=1200
-            )
-        self.version = subprocess.run(
-            [
-                str(self.venv / "bin" / "python"),
-                "-c",
-                "import importlib.metadata as m; print(m.version('litellm'))",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Extra request headers every call needs (routing, for gateways configured per request)."""
+        ...
 
-    def start(self) -> LiteLLMPeer:
-        self.install()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        config = self.work_dir / "litellm.yaml"
-        config.write_text(
-            "model_list:\n"
-            f"  - model_name: {MODEL}\n"
-            "    litellm_params:\n"
-            f"      model: openai/{MODEL}\n"
-            f"      api_base: {self.upstream_base_url}\n"
-            "      api_key: sk-fake-upstream\n"
-            "general_settings:\n"
-            f"  master_key: {MASTER_KEY}\n"
-            "litellm_settings:\n"
-            "  telemetry: false\n"
-        )
-        self.port = free_port()
-        argv = [
-            str(self.venv / "bin" / "litellm"),
-            "--config", str(config),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--num_workers", "1",
-        ]  # fmt: skip
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("OPENAI_", "LITELLM_", "DATABASE_URL", "RELAYGATE_"))
-        }
-        env.update(LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR", NO_PROXY="127.0.0.1,localhost")
-        self._process = ManagedProcess("litellm", argv, self.log_path, env=env)
-        self._wait_ready()
-        return self
+    def tracked(self) -> Tracked: ...
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        url = f"{self.origin}/health/liveliness"
-        while True:
-            assert self._process is not None
-            if not self._process.running:
-                raise RuntimeError(
-                    f"LiteLLM exited with {self._process.returncode}\n{self._process.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                tail = self._process.log_tail()
-                self.stop()
-                raise RuntimeError(f"LiteLLM not ready in {START_TIMEOUT_S:.0f}s\n{tail}")
-            time.sleep(0.5)
+    def stop(self) -> None: ...
 
-    def tracked(self) -> Tracked:
-        assert self._process is not None
-        return Tracked("litellm", self._process.pid, tree=True)
 
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            process.stop(grace=15)
+def parse_peers(text: str | None) -> list[str]:
+    """``"litellm,portkey"`` -> the names, in order, without repeats; ``SystemExit`` on an unknown one."""
+    names: list[str] = []
+    for part in (text or "").split(","):
+        name = part.strip().lower()
+        if name and name not in names:
+            names.append(name)
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown peers {unknown}; choose from {list(PEER_NAMES)}")
+    return names
+
+
+def start_peer(name: str, work_dir: Path, *, upstream_base_url: str) -> Peer:
+    """Install (first use) and start the peer ``name``, routed to ``upstream_base_url`` (ends in ``/v1``)."""
+    if name == "litellm":
+        from bench.litellm_peer import LiteLLMPeer
+
+        return LiteLLMPeer(work_dir / "litellm", upstream_base_url=upstream_base_url).start()
+    if name == "portkey":
+        from bench.portkey_peer import PortkeyPeer
+
+        return PortkeyPeer(work_dir / "portkey", upstream_base_url=upstream_base_url).start()
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def wait_http_ready(process: ManagedProcess, url: str, *, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; ``RuntimeError`` with the log's end if the process exits first
+    or ``timeout_s`` passes (the caller stops the process)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not process.running:
+            raise RuntimeError(f"{process.name} exited with {process.returncode}\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} not ready in {timeout_s:.0f}s\n{process.log_tail()}")
+        time.sleep(0.25)

@@ -19,22 +19,26 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEPLOYMENT_BACKING",
     "RELAYGATE_SERVICES",
     "Measurement",
     "Metric",
     "ScenarioResult",
+    "TargetCheck",
     "percentile",
     "render_markdown",
     "write_outputs",
 ]
 
 RELAYGATE_SERVICES = ("relay", "auth", "quota", "logger")
+# What a relaygate deployment needs besides its four services; a peer gateway here is one process tree.
+DEPLOYMENT_BACKING = ("kafka", "postgres", "pg-replica", "redis")
+PEER_PROCESSES = ("litellm", "portkey")
 # CPU columns, in order; "relaygate" is the sum of the four services.
 CPU_COLUMNS = (
-    "relaygate", *RELAYGATE_SERVICES, "kafka", "postgres", "pg-replica", "redis", "upstream", "loadgen",
-    "harness", "litellm",
+    "relaygate", *RELAYGATE_SERVICES, *DEPLOYMENT_BACKING, "upstream", "loadgen", "harness", *PEER_PROCESSES,
 )  # fmt: skip
-MEMORY_COLUMNS = (*RELAYGATE_SERVICES, "kafka", "upstream", "litellm")
+MEMORY_COLUMNS = (*RELAYGATE_SERVICES, "kafka", "upstream", *PEER_PROCESSES)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -81,6 +85,14 @@ class Measurement:
 
     def gateway_cpu_per_unit(self) -> float | None:
         return self.cpu_per_unit().get(self.gateway) if self.gateway else None
+
+    def deployment_cpu_per_unit(self) -> float | None:
+        """The gateway's CPU per unit plus, for relaygate, PostgreSQL, Redis and the broker it needs."""
+        gateway = self.gateway_cpu_per_unit()
+        if gateway is None or self.gateway != "relaygate":
+            return gateway
+        per = self.cpu_per_unit()
+        return gateway + sum(per.get(name, 0.0) for name in DEPLOYMENT_BACKING)
 
 
 @dataclass
@@ -130,6 +142,22 @@ class ScenarioResult:
         return [m for t in self.targets() if (m := self.median(t)) is not None]
 
 
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target of the benchmark issue, judged on this run's medians (see ``bench/targets.py``)."""
+
+    target: str  # the issue's wording
+    limit: str  # what counts as met, e.g. ">= 1.5x"
+    value: float | None  # the ratio or difference judged (None: not measured in this run)
+    shown: str  # ``value`` as the table prints it
+    measured: str  # the figures behind it
+    met: bool | None  # None: not measured
+
+    @property
+    def verdict(self) -> str:
+        return "not measured" if self.met is None else "met" if self.met else "not met"
+
+
 # --- output --------------------------------------------------------------------------------------
 
 
@@ -155,7 +183,12 @@ def _scenario_markdown(result: ScenarioResult) -> list[str]:
     lines = [f"### {result.number}. {result.title}", ""]
     rows = result.medians()
     by_target = {m.target: m for m in rows}
-    header = ["target", *(m.label for m in result.metrics), f"gateway CPU ms/{result.unit}"]
+    header = [
+        "target",
+        *(m.label for m in result.metrics),
+        f"gateway CPU ms/{result.unit}",
+        f"deployment CPU ms/{result.unit}",
+    ]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in rows:
@@ -166,6 +199,7 @@ def _scenario_markdown(result: ScenarioResult) -> list[str]:
             reference = base.figures.get(metric.key) if base is not None and row is not base else None
             cells.append(_fmt(value, metric.digits) + _compared(metric, value, reference))
         cells.append(_fmt(row.gateway_cpu_per_unit(), 3))
+        cells.append(_fmt(row.deployment_cpu_per_unit(), 3))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"CPU ms per {result.unit} by process, and memory (MiB) at the end of each measurement:")
@@ -187,7 +221,29 @@ def _scenario_markdown(result: ScenarioResult) -> list[str]:
     return lines
 
 
-def render_markdown(results: Sequence[ScenarioResult], meta: dict[str, Any]) -> str:
+def targets_markdown(checks: Sequence[TargetCheck]) -> list[str]:
+    lines = [
+        "### Targets",
+        "",
+        "| target | limit | value | measured | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for check in checks:
+        lines.append(
+            f"| {check.target} | {check.limit} | {check.shown} | {check.measured} | {check.verdict} |"
+        )
+    lines.append("")
+    lines.append(
+        "- Deployment CPU is relaygate's four services plus PostgreSQL (primary and replica), Redis and the "
+        "broker; a peer's is its own process tree (it has no database or broker here)."
+    )
+    lines.append("")
+    return lines
+
+
+def render_markdown(
+    results: Sequence[ScenarioResult], meta: dict[str, Any], targets: Sequence[TargetCheck] = ()
+) -> str:
     lines = [
         f"## relaygate benchmark, {meta['date']}",
         "",
@@ -197,6 +253,8 @@ def render_markdown(results: Sequence[ScenarioResult], meta: dict[str, Any]) -> 
         "difference.",
         "",
     ]
+    if targets:
+        lines.extend(targets_markdown(targets))
     for result in results:
         lines.extend(_scenario_markdown(result))
     return "\n".join(lines)
@@ -217,13 +275,17 @@ def machine_description() -> str:
 
 
 def write_outputs(
-    results: Sequence[ScenarioResult], meta: dict[str, Any], out_dir: Path
+    results: Sequence[ScenarioResult],
+    meta: dict[str, Any],
+    out_dir: Path,
+    targets: Sequence[TargetCheck] = (),
 ) -> tuple[Path, Path]:
     """Write ``<stamp>.json`` (every run of every measurement) and ``<stamp>.md``; return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = meta["stamp"]
     document = {
         "meta": meta,
+        "targets": [{**asdict(check), "verdict": check.verdict} for check in targets],
         "scenarios": [
             {
                 "number": r.number,
@@ -243,5 +305,5 @@ def write_outputs(
     json_path = out_dir / f"{stamp}.json"
     md_path = out_dir / f"{stamp}.md"
     json_path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-    md_path.write_text(render_markdown(results, meta) + "\n")
+    md_path.write_text(render_markdown(results, meta, targets) + "\n")
     return json_path, md_path

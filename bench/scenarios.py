@@ -1,4 +1,4 @@
-"""The seven scenarios. Each measures the baseline and relaygate side by side in the same run and returns a
+"""The scenarios. Each measures the baseline and relaygate side by side in the same run and returns a
 :class:`~bench.report.ScenarioResult`; ``bench/README.md`` says what each one means and how to read it.
 
 Every load loop is bounded: wrk by ``-d`` (and a kill deadline), the harness's clients by explicit
@@ -56,6 +56,7 @@ class Settings:
     quota_tasks: int = 50  # scenario 6
     growth_keys: int = 10_000  # scenario 7
     growth_channels: int = 50  # scenario 7
+    paced_connections: int = 10  # scenario 9, concurrent paced streams
     wrk: str = "wrk"
 
 
@@ -69,6 +70,7 @@ class Target:
     gateway: str  # the tracked process(es) whose CPU is "the gateway's" ("" for direct)
     keys: tuple[str, ...]
     keys_file: Path
+    headers: tuple[tuple[str, str], ...] = ()  # sent on every request (routing for a peer gateway)
 
     @property
     def port(self) -> int:
@@ -123,7 +125,8 @@ class Bench:
     def requests_for(self, target: Target, body: Path) -> list[bytes]:
         raw = body.read_bytes()
         return [
-            httpclient.build_request("127.0.0.1", target.port, CHAT_PATH, raw, key) for key in target.keys
+            httpclient.build_request("127.0.0.1", target.port, CHAT_PATH, raw, key, target.headers)
+            for key in target.keys
         ]
 
 
@@ -147,7 +150,13 @@ THROUGHPUT_METRICS = [
 
 
 def wrk_measure(
-    bench: Bench, name: str, target: Target, body: Path, keys_file: Path | None = None
+    bench: Bench,
+    name: str,
+    target: Target,
+    body: Path,
+    keys_file: Path | None = None,
+    *,
+    connections: int | None = None,
 ) -> Measurement:
     settings = bench.settings
     with bench.window() as window:
@@ -155,9 +164,10 @@ def wrk_measure(
             target.origin + CHAT_PATH,
             keys_file=keys_file or target.keys_file,
             body_file=body,
-            connections=settings.connections,
+            connections=connections or settings.connections,
             duration_s=settings.duration_s,
             wrk=settings.wrk,
+            headers=target.headers,
         )
     figures = {
         "rps": result.rps,
@@ -258,6 +268,7 @@ async def _wrk_with_probe(
         connections=wrk_connections,
         duration_s=settings.duration_s,
         wrk=settings.wrk,
+        headers=target.headers,
     )
     probe_task = httpclient.probe(
         "127.0.0.1",
@@ -283,13 +294,14 @@ def fixed_rate(bench: Bench) -> ScenarioResult:
         Metric("p90_ms", "p90 ms", 2, compare="delta"),
         Metric("p99_ms", "p99 ms", 2, compare="delta"),
         Metric("max_ms", "max ms", 1, compare="delta"),
+        Metric("ttfb_p50_ms", "TTFB p50 ms", 2, compare="delta"),
         Metric("errors", "errors", 0, compare=""),
     ]
     shown = " and ".join(f"{r:g}" for r in rates)
     result = ScenarioResult(
         3,
         "fixed_rate",
-        f"Fixed rate ({shown} RPS), non-streaming: added latency",
+        f"Fixed rate ({shown} RPS), non-streaming and streaming: added latency",
         "request",
         metrics,
         baseline=f"direct @ {rates[0]:g}/s",
@@ -297,22 +309,29 @@ def fixed_rate(bench: Bench) -> ScenarioResult:
     for _ in _runs(bench):
         run = []
         for rate in rates:
-            for target in bench.http_targets():
-                run.append(_at_rate(bench, target, rate))
+            for stream in (False, True):
+                for target in bench.http_targets():
+                    run.append(_at_rate(bench, target, rate, stream=stream))
         result.runs.append(run)
     result.notes.append(
         "Open loop: request i is due at start + i/rate whatever earlier answers did, on a pool of "
         "keep-alive connections that grows when all are busy, so slow answers never slow the sending "
         "(send lag p99 is in the JSON). Latency runs from writing the request to its last byte. Values in "
-        "parentheses are the milliseconds added over direct at the same rate. The harness's own asyncio "
-        "client (uvloop) sends the load and adds the same ~0.1-0.3 ms to both rows, which the difference "
-        "cancels."
+        "parentheses are the milliseconds added over direct at the same rate (stream rows: over direct "
+        f"streams; {UPSTREAM_CHUNKS} chunks, no pacing, so TTFB is the figure that matters). The "
+        "harness's own asyncio client (uvloop) sends the load and adds the same ~0.1-0.3 ms to both rows, "
+        "which the difference cancels."
     )
     return result
 
 
-def _at_rate(bench: Bench, target: Target, rate: float) -> Measurement:
-    requests = bench.requests_for(target, bench.body_plain)
+def rate_row(target: str, rate: float, *, stream: bool) -> str:
+    """The row name of ``target`` at ``rate`` in scenario 3."""
+    return f"{target}{' stream' if stream else ''} @ {rate:g}/s"
+
+
+def _at_rate(bench: Bench, target: Target, rate: float, *, stream: bool) -> Measurement:
+    requests = bench.requests_for(target, bench.body_stream if stream else bench.body_plain)
     with bench.window() as window:
         outcome = httpclient.run(
             httpclient.fixed_rate(
@@ -326,14 +345,21 @@ def _at_rate(bench: Bench, target: Target, rate: float) -> Measurement:
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
         "max_ms": max(latencies, default=0.0),
+        "ttfb_p50_ms": percentile([s * 1000 for s in outcome.ttfb_s], 50),
+        "ttfb_p99_ms": percentile([s * 1000 for s in outcome.ttfb_s], 99),
         "errors": outcome.errors + outcome.non_2xx,
         "connections": outcome.max_connections_used,
         "send_lag_p99_ms": percentile([s * 1000 for s in outcome.send_lag_s], 99),
     }
     measurement = bench.measurement(
-        f"{target.name} @ {rate:g}/s", figures, len(latencies), window, 0.0, gateway=target.gateway
+        rate_row(target.name, rate, stream=stream),
+        figures,
+        len(latencies),
+        window,
+        0.0,
+        gateway=target.gateway,
     )
-    measurement.compare_to = f"direct @ {rate:g}/s"
+    measurement.compare_to = rate_row("direct", rate, stream=stream)
     return measurement
 
 
@@ -753,7 +779,12 @@ def growth(bench: Bench) -> ScenarioResult:
             run.append(wrk_measure(bench, lots_ch, bench.relaygate, bench.body_plain, many_file))
     finally:
         httpclient.run(bench.env.delete_channels(added))
-    result.extra = {"keys_created": len(extra_keys), "keys_seconds": round(keys_s, 1)}
+    result.extra = {
+        "keys_created": len(extra_keys),
+        "keys_seconds": round(keys_s, 1),
+        "few_keys_row": few,
+        "many_keys_row": lots,
+    }
     result.notes.append(
         f"{many:,}-key rows rotate through all {many:,} keys (spread over the same "
         f"{len(bench.env.users)} users), "
@@ -782,11 +813,13 @@ SCENARIOS: dict[int, Callable[[Bench], ScenarioResult]] = {
 }
 
 
-def _register_auth() -> None:
-    # Scenario 8 lives in its own module, which imports the helpers above.
+def _register_more() -> None:
+    # Scenarios 8 and 9 live in modules of their own, which import the helpers above.
     from bench.auth_verify import auth_verify
+    from bench.paced import paced_streams
 
     SCENARIOS[8] = auth_verify
+    SCENARIOS[9] = paced_streams
 
 
-_register_auth()
+_register_more()

@@ -1,8 +1,10 @@
 -- POST one JSON body to the URL's path, rotating through API keys, and print a machine-readable summary.
 --
---   wrk -t1 -c50 -d10s -s bench/lua/chat.lua http://127.0.0.1:PORT/v1/chat/completions -- KEYS_FILE BODY_FILE
+--   wrk -t1 -c50 -d10s -s bench/lua/chat.lua http://127.0.0.1:PORT/v1/chat/completions -- KEYS_FILE BODY_FILE \
+--       ["Header-Name: value" ...]
 --
--- KEYS_FILE holds one API key per line; each thread starts at its own offset, so with 10,000 keys
+-- Arguments after BODY_FILE are extra request headers (a gateway routed per request, such as Portkey,
+-- needs them on every call). KEYS_FILE holds one API key per line; each thread starts at its own offset, so with 10,000 keys
 -- consecutive requests use different keys. The request bytes are built once in init(), so the
 -- per-request cost in the load generator is a table lookup.
 
@@ -35,8 +37,17 @@ end
 function init(args)
   local keys = read_lines(args[1])
   local body = read_all(args[2])
+  local extra = {}
+  for i = 3, #args do
+    local name, value = string.match(args[i], "^([^:]+):%s*(.*)$")
+    assert(name, "a header argument must read 'Name: value': " .. args[i])
+    extra[name] = value
+  end
   for i, key in ipairs(keys) do
     local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key }
+    for name, value in pairs(extra) do
+      headers[name] = value
+    end
     requests[i] = wrk.format("POST", nil, headers, body)
   end
   local offset = (thread_index or 0) * 7919

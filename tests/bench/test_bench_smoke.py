@@ -2,6 +2,10 @@
 
 This checks that ``python -m bench`` produces numbers, not what the numbers are (CI machines are too
 noisy for that); the benchmark itself is run by hand (see bench/README.md).
+
+The Portkey peer is covered only when its npm package is already in the bench cache
+(``~/.cache/relaygate-bench/portkey``, filled by the first ``python -m bench --peer portkey``): installing
+it takes network time that a test run should not spend.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import main
+from bench.portkey_peer import installed as portkey_installed
 from devinfra.backing import BackingServices
 
 
@@ -25,7 +30,7 @@ def few_errors(row: dict[str, Any]) -> bool:
     return row["figures"]["errors"] <= max(1, row["units"] // 100)
 
 
-def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Path) -> None:
+def require_wrk() -> None:
     if shutil.which("wrk") is None:
         pytest.fail(
             "wrk is not installed, and the benchmark needs it: apt-get install -y wrk "
@@ -33,12 +38,16 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
             pytrace=False,
         )
 
+
+def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Path) -> None:
+    require_wrk()
+
     assert main(["--quick", "--no-install", "--out", str(tmp_path)], backing=backing) == 0
 
     [json_path] = tmp_path.glob("*.json")
     [md_path] = tmp_path.glob("*.md")
     scenarios = {s["number"]: s for s in json.loads(json_path.read_text())["scenarios"]}
-    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     markdown = md_path.read_text()
     for scenario in scenarios.values():
         assert f"### {scenario['number']}. {scenario['title']}" in markdown
@@ -53,8 +62,14 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     assert relayed["memory_mb"]["relay"] > 0
 
     fixed = rows(scenarios[3])
-    assert {"direct @ 50/s", "relaygate @ 50/s"} <= fixed.keys()
+    assert {
+        "direct @ 50/s",
+        "relaygate @ 50/s",
+        "direct stream @ 50/s",
+        "relaygate stream @ 50/s",
+    } <= fixed.keys()
     assert all(row["units"] > 0 and few_errors(row) for row in fixed.values())
+    assert fixed["relaygate stream @ 50/s"]["figures"]["ttfb_p50_ms"] > 0
 
     for target, row in rows(scenarios[4]).items():
         assert row["figures"]["completed"] == 200, (target, row["figures"])
@@ -73,7 +88,53 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     assert {"direct", "10 keys, 1 channel", "200 keys, 1 channel", "10 keys, 5 channels"} <= growth.keys()
     assert all(row["figures"]["requests"] > 0 for row in growth.values())
 
+    paced = rows(scenarios[9])
+    for target in ("direct", "relaygate"):
+        assert paced[target]["figures"]["requests"] > 0, target
+        assert few_errors(paced[target]), (target, paced[target]["figures"])
+    # A stream of 100 chunks 2 ms apart cannot finish in less than 200 ms.
+    assert paced["direct"]["figures"]["p50_ms"] >= 200
+
+    # Without a peer the targets that compare with one are reported, but as not measured.
+    targets = {t["target"]: t for t in json.loads(json_path.read_text())["targets"]}
+    assert "### Targets" in markdown
+    assert targets["Non-stream, 50 connections: RPS vs portkey"]["verdict"] == "not measured"
+    assert targets["Non-stream: quota CPU per request"]["verdict"] in ("met", "not met")
+
     verification = rows(scenarios[8])
     for name in ("VerifyKey over gRPC", "relay cache hit"):
         assert verification[name]["figures"]["ops_per_s"] > 0, name
         assert verification[name]["figures"]["errors"] == 0, name
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not portkey_installed(),
+    reason="the Portkey gateway is not in ~/.cache/relaygate-bench/portkey (python -m bench --peer portkey "
+    "installs it; the test does not spend network time on it)",
+)
+def test_portkey_peer_relays_and_is_measured(backing: BackingServices, tmp_path: Path) -> None:
+    require_wrk()
+
+    argv = ["--quick", "--no-install", "--scenarios", "1,2,3,9", "--peer", "portkey", "--out", str(tmp_path)]
+    assert main(argv, backing=backing) == 0
+
+    [json_path] = tmp_path.glob("*.json")
+    document = json.loads(json_path.read_text())
+    assert document["meta"]["peer"].startswith("portkey ")
+    scenarios = {s["number"]: s for s in document["scenarios"]}
+    for number in (1, 2, 9):
+        row = rows(scenarios[number])["portkey"]
+        assert row["figures"]["rps"] > 0, number
+        assert few_errors(row), (number, row["figures"])
+        # Portkey's own process tree is what its gateway CPU column reads.
+        assert row["gateway"] == "portkey"
+        assert row["cpu_ms_per_unit"]["portkey"] > 0, number
+    fixed = rows(scenarios[3])
+    assert fixed["portkey @ 50/s"]["units"] > 0 and few_errors(fixed["portkey @ 50/s"])
+    assert fixed["portkey stream @ 50/s"]["figures"]["ttfb_p50_ms"] > 0
+
+    targets = {t["target"]: t for t in document["targets"]}
+    assert targets["Non-stream, 50 connections: RPS vs portkey"]["verdict"] in ("met", "not met")
+    assert (
+        targets["Paced streams (100 chunks, 2 ms apart): deployment CPU per stream vs portkey"]["value"] > 0
+    )
