@@ -84,10 +84,10 @@ raw_values = st.recursive(
 
 
 @st.composite
-def deep_values(draw: st.DrawFn) -> bytes:
+def deep_values(draw: st.DrawFn, *, arrays_only: bool = False) -> bytes:
     """Arrays and objects nested past the relay's limit (64), up to past orjson's (1,024)."""
     depth = draw(st.integers(65, 1100))
-    kind = draw(st.sampled_from(["array", "object", "mixed"]))
+    kind = draw(st.sampled_from(["array", "mixed"] if arrays_only else ["array", "object", "mixed"]))
     leaf = draw(raw_scalars)
     if kind == "array":
         return b"[" * depth + leaf + b"]" * depth
@@ -151,6 +151,8 @@ def _loads_or_none(value: bytes) -> object:
 
 COMMON_POISONS: list[st.SearchStrategy[Field]] = [
     st.tuples(field_names, deep_values()),
+    # A field the relay does not read would be forwarded untouched: only the depth check stops it.
+    st.tuples(texts.filter(lambda name: name not in KNOWN_FIELDS), deep_values()),
     st.tuples(field_names, st.sampled_from(BAD_STRINGS)),
     st.tuples(st.just("model"), raw_values.filter(lambda v: not (v.startswith(b'"') and len(v) > 2))),
     st.tuples(st.just("model"), st.integers(201, 5000).map(lambda n: b'"' + b"m" * n + b'"')),
@@ -162,6 +164,10 @@ COMMON_POISONS: list[st.SearchStrategy[Field]] = [
 ]
 ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
     "/v1/chat/completions": [
+        deep_values(arrays_only=True).map(
+            lambda deep: ("messages", array([obj([("role", b'"user"'), ("content", deep)])]))
+        ),
+        deep_values().map(lambda deep: ("tools", array([deep]))),
         st.tuples(
             st.just("messages"),
             st.one_of(
@@ -180,15 +186,17 @@ ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
         ),
     ],
     "/v1/completions": [
+        st.tuples(st.just("prompt"), deep_values(arrays_only=True)),
         st.tuples(
             st.just("prompt"),
             st.one_of(
                 st.sampled_from([b"null", b"[]", b"5", b"{}", b"true"]),
                 st.just(array([b'"x"'] * 2049)),
             ),
-        )
+        ),
     ],
     "/v1/embeddings": [
+        st.tuples(st.just("input"), deep_values(arrays_only=True)),
         st.tuples(
             st.just("input"),
             st.one_of(
@@ -203,6 +211,7 @@ ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
         st.just(("stream", b"true")),
     ],
 }
+STREAMING = frozenset({"/v1/chat/completions", "/v1/completions"})
 WHOLE_BODY_POISONS = st.one_of(
     st.sampled_from([b"", b"[]", b"null", b"1", b'"text"', b"{", b'{"model":', b"\xff\xfe\xfd", b"{}}"]),
     st.binary(max_size=200).filter(lambda raw: _loads_or_none(raw) == "invalid"),
@@ -210,18 +219,58 @@ WHOLE_BODY_POISONS = st.one_of(
 )
 
 
+def _text(value: str) -> bytes:
+    return orjson.dumps(value)
+
+
+messages = st.lists(
+    st.builds(
+        lambda role, content: obj([("role", _text(role)), ("content", _text(content))]),
+        st.sampled_from(["system", "user", "assistant"]),
+        texts,
+    ),
+    min_size=1,
+    max_size=3,
+).map(array)
+prompts = st.one_of(
+    texts.map(_text),
+    st.lists(texts.map(_text), min_size=1, max_size=3).map(array),
+    st.lists(st.integers(0, 100_000).map(lambda i: str(i).encode()), min_size=1, max_size=8).map(array),
+)
+# What each endpoint needs to be served; on top of it, the poison alone must get the body refused.
+VALID_FIELDS: dict[str, st.SearchStrategy[list[Field]]] = {
+    "/v1/chat/completions": st.tuples(st.just("messages"), messages).map(lambda f: [f]),
+    "/v1/completions": st.tuples(st.just("prompt"), prompts).map(lambda f: [f]),
+    "/v1/embeddings": st.tuples(st.just("input"), prompts).map(lambda f: [f]),
+    "/v1/images/generations": st.tuples(st.just("prompt"), texts.filter(bool).map(_text)).map(lambda f: [f]),
+}
+optional_fields = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(["max_tokens", "max_completion_tokens"]), st.integers(1, 64).map(orjson.dumps)
+        ),
+        st.tuples(st.sampled_from(["temperature", "top_p"]), st.floats(0, 1).map(orjson.dumps)),
+        st.tuples(st.just("n"), st.integers(1, 2).map(orjson.dumps)),
+        # Fields the relay does not read are forwarded as they are.
+        st.tuples(texts.filter(lambda name: name not in KNOWN_FIELDS), raw_values),
+    ),
+    max_size=4,
+)
+
+
 @st.composite
 def poisoned_bodies(draw: st.DrawFn, path: str) -> bytes:
-    """A body for a POST to ``path`` that the relay must refuse, whatever else it contains."""
+    """A body for a POST to ``path`` that the relay must refuse: a valid request for that endpoint
+    plus exactly one defect (or, sometimes, random known fields around it too)."""
     if draw(st.integers(0, 9)) == 0:
         return draw(WHOLE_BODY_POISONS)
     name, poison = draw(st.one_of(*COMMON_POISONS, *ROUTE_POISONS[path]))
-    fields: list[Field] = []
-    if name != "model" and draw(st.booleans()):
-        fields.append(("model", orjson.dumps(MODEL)))
-    fields += draw(st.lists(st.tuples(field_names, raw_values), max_size=5))
-    if path == "/v1/chat/completions" and draw(st.booleans()):
-        fields.append(("messages", array([MESSAGE])))
+    fields: list[Field] = [("model", _text(MODEL)), *draw(VALID_FIELDS[path]), *draw(optional_fields)]
+    if draw(st.integers(0, 3)) == 0:
+        fields += draw(st.lists(st.tuples(field_names, raw_values), max_size=3))
+    if path in STREAMING and draw(st.booleans()):
+        # Half the bodies of the streaming endpoints ask for a stream: that is a path of its own.
+        fields.append(("stream", b"true"))
     # Last and alone: with repeated keys a JSON parser keeps the last value.
     fields = [(n, v) for n, v in fields if n != name]
     fields.append((name, poison))
