@@ -122,6 +122,12 @@ def logged(deployment: Deployment, user_id: str, count: int, timeout: float = 15
             time.sleep(0.1)
 
 
+def another_key(deployment: Deployment, user_id: str) -> str:
+    """A second key of ``user_id``: an outage shows as 5xx answers to more than one caller."""
+    with deployment.admin() as admin:
+        return str(ok(admin.post("/admin/v1/keys", json={"user_id": user_id, "name": "e2e-2"}))["api_key"])
+
+
 def breaker_state(deployment: Deployment, channel: str) -> float:
     metrics = httpx.get(f"{deployment.relay_url}/metrics", timeout=5).text
     found = re.search(rf'relaygate_breaker_state{{channel="{re.escape(channel)}"}} (\S+)', metrics)
@@ -197,9 +203,9 @@ def test_the_breaker_opens_half_opens_and_closes(deployment: Deployment, pair: P
     user_id, key = fund_user(deployment, 100_000_000)
     pair.primary.configure(fail_status=500, fail_count=-1)
 
-    # Three failures out of three attempts: the primary's breaker opens.
-    for _ in range(3):
-        assert chat(deployment, key, pair.model).status_code == 200
+    # Three failures out of three attempts, answered to two keys: the primary's breaker opens.
+    for caller in (key, another_key(deployment, user_id), key):
+        assert chat(deployment, caller, pair.model).status_code == 200
     assert calls(pair.primary) == 3
     assert breaker_state(deployment, pair.primary_name) == 2
 
@@ -236,17 +242,26 @@ def test_the_breaker_opens_half_opens_and_closes(deployment: Deployment, pair: P
 
 
 def test_an_open_breaker_on_every_channel_answers_503_at_once(deployment: Deployment, pair: Pair) -> None:
-    _, key = fund_user(deployment, 100_000_000)
+    user_id, key = fund_user(deployment, 100_000_000)
     pair.primary.configure(fail_status=500, fail_count=-1)
     pair.backup.configure(fail_status=500, fail_count=-1)
-    for _ in range(3):
-        assert chat(deployment, key, pair.model).status_code == 500
+    for caller in (key, another_key(deployment, user_id), key):
+        assert chat(deployment, caller, pair.model).status_code == 500
     before = (calls(pair.primary), calls(pair.backup))
     response = chat(deployment, key, pair.model)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_upstream_available"
     assert int(response.headers["retry-after"]) >= 1
     assert (calls(pair.primary), calls(pair.backup)) == before
+
+
+def test_one_key_getting_5xx_answers_does_not_open_the_breaker(deployment: Deployment, pair: Pair) -> None:
+    _, key = fund_user(deployment, 100_000_000)
+    pair.primary.configure(fail_status=500, fail_count=-1)
+    for _ in range(6):
+        assert chat(deployment, key, pair.model).status_code == 200  # each one fails over
+    assert breaker_state(deployment, pair.primary_name) == 0
+    assert calls(pair.primary) == 6
 
 
 def test_overload_does_not_open_the_breaker(deployment: Deployment, pair: Pair) -> None:
