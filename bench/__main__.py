@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None, *, backing: BackingServices | None =
             print(f"peer {name} {peer.version} at {peer.origin}", flush=True)
         if peers:
             meta["peer"] = ", ".join(f"{p.name} {p.version}" for p in peers)
+        bench.warm_up()
         for number in numbers:
             began = time.monotonic()
             print(f"scenario {number}: {SCENARIOS[number].__name__} ...", flush=True)

@@ -41,6 +41,8 @@ PROMPT = [{"role": "user", "content": "Say hello to the benchmark, twenty words 
 # Of the 50 connections of scenario 2, this many belong to the time-to-first-byte probe.
 TTFB_PROBE_CONNECTIONS = 5
 TTFB_PROBE_PAUSE_S = 0.01
+WARM_UP_S = 3.0  # per target, before the first scenario
+WARM_UP_CONNECTIONS = 10
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,25 @@ class Bench:
 
     def http_targets(self) -> list[Target]:
         return [self.direct, self.relaygate, *self.peers]
+
+    def warm_up(self) -> None:
+        """A few seconds of plain and streaming requests to every target before anything is measured.
+
+        Node's JIT (a peer) and every gateway's connection pools and caches start cold; without this the
+        first scenario would measure a start-up phase the others do not see.
+        """
+        seconds = min(WARM_UP_S, self.settings.duration_s)
+        for target in self.http_targets():
+            for body in (self.body_plain, self.body_stream):
+                httpclient.run(
+                    httpclient.probe(
+                        "127.0.0.1",
+                        target.port,
+                        self.requests_for(target, body),
+                        connections=WARM_UP_CONNECTIONS,
+                        duration_s=seconds / 2,
+                    )
+                )
 
     @property
     def tracked(self) -> list[Tracked]:
