@@ -119,7 +119,7 @@ def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error", trailing_metadata=())
             else:
                 served["error"].inc()
-                log.warning("%s: %s", name, outage.message, exc_info=exc)
+                log.warning("%s: %s (%s)", name, outage.message, exc)
                 await context.abort(outage.grpc_status, outage.message, trailing_metadata=to_wire(outage))
         served["ok"].inc()
         latency.observe(time.perf_counter() - started)

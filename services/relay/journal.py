@@ -55,7 +55,7 @@ class SettleJournal:
     """See the module docstring. Not thread-safe; used from the event loop only."""
 
     def __init__(self, spool_dir: Path, *, retain_s: float, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self._spool = Spool(spool_dir / "journal", max_bytes=max_bytes)
+        self._spool = Spool(spool_dir / "journal", max_bytes=max_bytes, exported=False)
         self._retain_s = retain_s
         # When each record still in the journal was written (monotonic), oldest first.
         self._written: collections.deque[float] = collections.deque()

@@ -36,8 +36,13 @@ _LOCK_FILE = "lock"
 class Spool:
     """See the module docstring. ``max_bytes`` bounds the records held; not thread-safe."""
 
-    def __init__(self, root: Path, *, max_bytes: int, segment_bytes: int = _SEGMENT_BYTES) -> None:
+    def __init__(
+        self, root: Path, *, max_bytes: int, segment_bytes: int = _SEGMENT_BYTES, exported: bool = True
+    ) -> None:
         self._root = root
+        # Whether this spool is the one the events_spooled gauges describe (the settlement journal
+        # uses the same format but is not that spool).
+        self._exported = exported
         self._max_bytes = max_bytes
         self._segment_bytes = segment_bytes
         self._dir: Path | None = None
@@ -189,6 +194,8 @@ class Spool:
             self._lock_fd = None
 
     def _report(self) -> None:
+        if not self._exported:
+            return
         METRICS.events_spooled.set(self.records)
         METRICS.events_spool_bytes.set(self.size)
 

@@ -29,8 +29,7 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
     sa_exc.TimeoutError,  # no pooled connection became free
-    ConnectionError,
-    OSError,
+    OSError,  # refused or reset connections
     TimeoutError,
 )
 
