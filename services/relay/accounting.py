@@ -10,8 +10,8 @@ charged; when the retries give up, the hold expires in quota and charges nothing
 says 0, so ledger charges and logged costs agree per request. Pending retries are drained on
 shutdown (:meth:`Meter.close`). A relay killed between reserve and the event reaching Kafka
 leaves its settlements in the on-disk journal (:mod:`services.relay.journal`), which the next relay
-process on that disk finishes; with no successor, quota expires the hold itself (charging nothing). However many channels a request tried, it holds one reservation and
-is settled once.
+process on that disk finishes; with no successor, quota expires the hold itself (charging nothing).
+However many channels a request tried, it holds one reservation and is settled once.
 
 Every failure is tagged with whose fault it was (``caller``, ``policy``, ``provider``, ``gateway``):
 in the usage event, in the ``relaygate_relay_failures`` metric and in the log line written for it.
