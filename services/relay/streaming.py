@@ -278,7 +278,10 @@ class StreamRelay:
         if error is not None:
             exchange.fail(error, status=exchange.status_code)
             if not self._client_gone:
-                opened.breaker.record(Outcome.FAILURE)
+                # The channel answered and then broke: like a 5xx answer, one caller's body may be
+                # the cause, so it counts against the channel only once several keys see it.
+                key = exchange.principal.key_id if exchange.principal is not None else ""
+                opened.breaker.record(Outcome.FAILURE, answered_by_status=key)
                 self._push(sse_error(error))
         exchange.end_reason = reason
         exchange.upstream_s = exchange.elapsed_s()

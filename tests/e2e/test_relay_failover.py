@@ -264,6 +264,16 @@ def test_one_key_getting_5xx_answers_does_not_open_the_breaker(deployment: Deplo
     assert calls(pair.primary) == 6
 
 
+def test_one_key_whose_streams_break_does_not_open_the_breaker(deployment: Deployment, pair: Pair) -> None:
+    _, key = fund_user(deployment, 100_000_000)
+    pair.primary.configure(drop_after_chunks=2)
+    for _ in range(6):
+        broken = chat(deployment, key, pair.model, stream=True)
+        assert broken.status_code == 200 and b"error" in broken.content
+    assert breaker_state(deployment, pair.primary_name) == 0
+    assert calls(pair.primary) == 6
+
+
 def test_overload_does_not_open_the_breaker(deployment: Deployment, pair: Pair) -> None:
     _, key = fund_user(deployment, 100_000_000)
     pair.primary.configure(fail_status=429, retry_after=0, fail_count=-1)
