@@ -58,8 +58,8 @@ def stack_env(backing: BackingServices, db: DbUrls) -> dict[str, str]:
         "RELAYGATE_KAFKA_TOPIC_PREFIX": f"e2e{tag}.",
         "RELAYGATE_LOGGER_GROUP_ID": f"e2e-logger-{tag}",
         "RELAYGATE_BATCH_MAX_SECONDS": "0.2",
-        "RELAYGATE_KAFKA_SESSION_TIMEOUT_MS": "1000",
-        "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS": "100",
+        "RELAYGATE_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS": "300",
         "RELAYGATE_CHANNEL_REFRESH_S": "0.5",
         "RELAYGATE_LOG_FORMAT": "json",
     }

@@ -7,13 +7,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import astuple
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from devinfra.backing import BackingServices
+from devinfra.backing import BackingServices, missing_binaries
+from devinfra.kafka import KAFKA_VERSION, KafkaBroker, KafkaError
 from devinfra.postgres import PostgresError, psql
-from devinfra.processes import LOOPBACK, InfraError, port_accepts
+from devinfra.processes import LOOPBACK, InfraError, free_ports, port_accepts
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -177,3 +179,15 @@ async def test_kafka_keeps_its_log_across_restarts_until_erased(backing: Backing
     backing.erase_kafka()
     backing.start_kafka()
     assert await records(backing.kafka_bootstrap, topic) == []
+
+
+def test_missing_kafka_jars_are_named_and_refuse_a_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Under RELAYGATE_REQUIRE_INFRA=1 the session fixture turns a non-empty list into a failure.
+    home = tmp_path / "nothing-fetched"
+    monkeypatch.setenv("RELAYGATE_KAFKA_HOME", str(home))
+
+    assert f"Apache Kafka {KAFKA_VERSION} jars in {home / 'lib'}" in missing_binaries()
+    with pytest.raises(KafkaError, match=r"python -m devinfra\.kafka fetch"):
+        KafkaBroker(tmp_path / "broker", *free_ports(2)).start()

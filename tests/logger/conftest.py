@@ -31,8 +31,10 @@ def logger_settings(
             "kafka_topic_prefix": prefix,
             "logger_group_id": group,
             "logger_listen": "127.0.0.1:0",
-            "kafka_session_timeout_ms": 1000,
-            "kafka_heartbeat_interval_ms": 100,
+            # Short, so a killed member is evicted quickly, but not 1 s: the broker then evicted a
+            # consumer whose loop was busy writing a 5,000-row batch on two loaded cores.
+            "kafka_session_timeout_ms": 3000,
+            "kafka_heartbeat_interval_ms": 300,
             "batch_max_seconds": 0.2,
             "grpc_drain_seconds": 0.5,
             "logger_write_timeout_s": 5.0,
