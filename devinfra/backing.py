@@ -55,9 +55,9 @@ class Ports:
 class BackingServices:
     """PostgreSQL primary + replica, Redis and a Kafka broker, on free loopback ports in a temp directory.
 
-    ``start()`` brings everything up and returns once every server is ready (about 3 s; Kafka's JVM is
-    the slowest); ``stop()`` stops it all and deletes the directory. ``stop()`` is idempotent and also
-    runs when ``start()`` fails half-way, so no process outlives a failed start.
+    ``start()`` brings everything up and returns once every server is ready (3-7 s, depending on the
+    load; Kafka's JVM is the slowest); ``stop()`` stops it all and deletes the directory. ``stop()`` is
+    idempotent and also runs when ``start()`` fails half-way, so no process outlives a failed start.
 
     Redis keeps nothing: ``stop_redis()``/``start_redis()`` bring back an *empty* server on the same
     port. Kafka keeps its log: ``stop_kafka()`` (clean) or ``kill_kafka()`` (crash) then
