@@ -42,10 +42,13 @@ BALANCE_MICROS = 10**14
 BASE_USERS = 10
 UPSTREAM_CHUNKS = 20
 
-# Per-stack settings: a relay must hold 2,000 streams (scenario 4) without queueing on its upstream pool.
+# Per-stack settings: a relay must hold 2,000 streams (scenario 4) without queueing on its upstream pool,
+# and with them spread over only BASE_USERS keys, without meeting the per-key stream cap (64 by default:
+# a guard against one key hogging a relay, not a capacity limit).
 STACK_SETTINGS = {
     "RELAYGATE_UPSTREAM_MAX_CONNECTIONS": "4096",
     "RELAYGATE_UPSTREAM_MAX_KEEPALIVE": "1024",
+    "RELAYGATE_MAX_STREAMS_PER_KEY": "4096",
     "RELAYGATE_LOG_FORMAT": "json",
 }
 
