@@ -33,7 +33,10 @@ def port_accepts(port: int) -> bool:
         return False
 
 
-HOSTILE_MODEL = "demo-model\n{fake log line}\x1b[31m"
+# The relay refuses C0 controls in a model name (400), so the model that reaches its log (in the 404's
+# message) carries what passes that check: a line separator, a bidi override and a C1 escape.
+BREAKING_MODEL = "demo-model\n{fake log line}\x1b[31m"
+HOSTILE_MODEL = "demo-model\u2028{fake log line}\u202e\x9b31m"
 UNSAFE = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 
 
@@ -121,6 +124,12 @@ def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_
             f"{relay}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {demo_key}"}
         )
         assert refused.status_code == 404, refused.text
+        breaking = httpx.post(
+            f"{relay}/v1/chat/completions",
+            json={**body, "model": BREAKING_MODEL},
+            headers={"authorization": f"Bearer {demo_key}"},
+        )
+        assert breaking.status_code in (400, 404), breaking.text
         served = httpx.post(
             f"{relay}/v1/chat/completions",
             json={**body, "model": "demo-model"},
@@ -148,7 +157,7 @@ def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_
         assert secrets["key_pepper"] != secrets["admin_token_secret"]
         assert exposed(data_dir) == []
         relay_log = (data_dir / "logs" / "relay.log").read_bytes()
-        assert b"\\n{fake log line}\\x1b[31m" in relay_log
+        assert b"\\u2028{fake log line}\\u202e\\x9b31m" in relay_log
         # The services' own logs (the broker's and the fake upstream's are not relaygate's format).
         for service in ("auth", "quota", "logger", "relay"):
             content = (data_dir / "logs" / f"{service}.log").read_bytes()
