@@ -39,12 +39,12 @@ from tests.e2e.stack import MODEL, Deployment, deploy, fund_user
 
 # Short enough that expiries happen within the test; the settle retries give up well before the TTL.
 SERVICE_ENV = {
-    "RELAYGATE_RESERVATION_TTL_S": "15",
+    "RELAYGATE_RESERVATION_TTL_S": "12",
     "RELAYGATE_EXPIRY_SWEEP_INTERVAL_S": "0.5",
     "RELAYGATE_GRPC_DRAIN_SECONDS": "2",
     "RELAYGATE_RPC_TIMEOUT_S": "1.5",
-    "RELAYGATE_SETTLE_RETRY_S": "8",
-    "RELAYGATE_SETTLE_SHUTDOWN_S": "8",
+    "RELAYGATE_SETTLE_RETRY_S": "6",
+    "RELAYGATE_SETTLE_SHUTDOWN_S": "6",
     "RELAYGATE_REPLICA_CHECK_INTERVAL_S": "0.5",
 }
 # After a service answers again, clients may still meet it being found again (gRPC reconnect
@@ -144,7 +144,7 @@ class Faults:
         started = time.monotonic()
         fault()
         self.windows.append((name, started, time.monotonic() + SETTLE_S))
-        time.sleep(1.5)  # steady traffic between faults
+        time.sleep(1.0)  # steady traffic between faults
 
     def bounce(self, service: str, sig: signal.Signals) -> None:
         """Stop ``service`` with ``sig``, then start it again on the same port with the same settings."""
