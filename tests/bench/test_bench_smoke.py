@@ -27,7 +27,7 @@ def rows(scenario: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def few_errors(row: dict[str, Any]) -> bool:
-    return row["figures"]["errors"] <= max(1, row["units"] // 100)
+    return bool(row["figures"]["errors"] <= max(1, row["units"] // 100))
 
 
 def require_wrk() -> None:
