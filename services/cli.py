@@ -51,10 +51,10 @@ def _admin_key(state_dir: Path) -> tuple[str, bool]:
     return plaintext, True
 
 
-# What `up` keeps in its data directory; only these are tightened, so a data directory that holds
-# other files (`--data-dir .`) keeps their modes.
+# What `up` keeps in its data directory (the broker keeps its log in kafka/); only these are tightened,
+# so a data directory that holds other files (`--data-dir .`) keeps their modes.
 _OWN_FILES = ("relaygate.db", "relaygate.db-wal", "relaygate.db-shm", "relaygate.db-journal", "admin-key")
-_OWN_DIRS = ("logs", "spool")
+_OWN_DIRS = ("logs", "spool", "kafka")
 
 
 def _private(state_dir: Path) -> None:

@@ -103,12 +103,12 @@ def send_raw(port: int, request: bytes) -> bytes:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Iterator[Path]:
-    # A file an earlier version left world-readable, and a directory in a permissive umask.
-    logs = tmp_path / "logs"
-    logs.mkdir(mode=0o755)
-    (logs / "auth.log").write_text("from an earlier start\n")
-    (logs / "auth.log").chmod(0o644)
-    logs.chmod(0o755)
+    # Files an earlier version left world-readable, in directories made under a permissive umask.
+    for directory, name in (("logs", "auth.log"), ("kafka", "server.properties")):
+        (tmp_path / directory).mkdir(mode=0o755)
+        (tmp_path / directory).chmod(0o755)
+        (tmp_path / directory / name).write_text("from an earlier start\n")
+        (tmp_path / directory / name).chmod(0o644)
     yield tmp_path
 
 
