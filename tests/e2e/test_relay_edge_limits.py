@@ -411,3 +411,29 @@ def test_an_admin_body_cut_off_for_slowness_is_not_a_crash(
     assert parse_raw(received)[0] == 408
     time.sleep(0.5)
     assert "unhandled error" not in log.read_text()[len(logged_before) :]
+
+
+def test_a_kept_alive_connection_trickling_its_next_head_is_cut_off(deployment: Deployment) -> None:
+    port = int(deployment.relay_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: relay\r\n\r\n")
+        first = sock.recv(65536)
+        assert parse_raw(first)[0] == 200
+        started = time.monotonic()
+        sock.settimeout(0.25)
+        received = b""
+        for byte in b"GET /healthz HTTP/1.1\r\nx-slow: " + b"a" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            received += chunk
+            if not chunk:
+                break
+        else:
+            pytest.fail("the relay kept reading a trickling client to the end")
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
+    assert parse_raw(received)[0] == 408
