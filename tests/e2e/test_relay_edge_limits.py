@@ -437,3 +437,34 @@ def test_a_kept_alive_connection_trickling_its_next_head_is_cut_off(deployment: 
             pytest.fail("the relay kept reading a trickling client to the end")
     assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
     assert parse_raw(received)[0] == 408
+
+
+def test_a_stream_the_client_abandons_gives_its_slot_back(deployment: Deployment) -> None:
+    _, key = fund_user(deployment, FUNDS)
+    headers = {"authorization": f"Bearer {key}"}
+    url = f"{deployment.relay_url}/v1/chat/completions"
+    deployment.upstream.configure(chunks=6, chunk_interval_ms=400)
+    try:
+        for _ in range(STREAMS_PER_KEY):
+            with httpx.stream("POST", url, json=chat(stream=True), headers=headers, timeout=30) as response:
+                assert response.status_code == 200
+                next(response.iter_bytes())
+            # Leaving the block closes the connection in the middle of the stream.
+        time.sleep(0.5)
+        opened = threading.Barrier(STREAMS_PER_KEY)
+        statuses: list[int] = []
+
+        def stream_once() -> None:
+            with httpx.stream("POST", url, json=chat(stream=True), headers=headers, timeout=30) as response:
+                statuses.append(response.status_code)
+                opened.wait(timeout=20)
+                response.read()
+
+        holders = [threading.Thread(target=stream_once) for _ in range(STREAMS_PER_KEY)]
+        for holder in holders:
+            holder.start()
+        for holder in holders:
+            holder.join(timeout=30)
+    finally:
+        deployment.upstream.reset()
+    assert statuses == [200] * STREAMS_PER_KEY
