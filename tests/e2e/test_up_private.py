@@ -18,20 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
+from devinfra.processes import free_port, port_accepts
 
 # The relay refuses C0 controls in a model name (400), so the model that reaches its log (in the 404's
 # message) carries what passes that check: a line separator, a bidi override and a C1 escape.
