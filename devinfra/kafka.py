@@ -134,11 +134,12 @@ def missing_kafka() -> list[str]:
     return missing
 
 
-def fetch(home: Path | None = None, *, quiet: bool = True) -> Path:
+def fetch(home: Path | None = None) -> Path:
     """Fetch the broker's jars from Maven Central into ``home/lib`` unless already there; the lib path.
 
     The jars are copied into a scratch folder renamed into place at the end, so an interrupted fetch
-    never leaves a half-filled ``lib`` behind.
+    never leaves a half-filled ``lib`` behind, and of two concurrent fetches the second to finish
+    keeps the first one's folder.
     """
     home = home or kafka_home()
     if (lib := kafka_lib(home)) is not None:
@@ -156,14 +157,19 @@ def fetch(home: Path | None = None, *, quiet: bool = True) -> Path:
     pom.write_text(_POM.format(version=KAFKA_VERSION, dependencies=dependencies))
     scratch = home / f"lib.partial-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    argv = [mvn, "-B", *(["-q"] if quiet else []), "-f", str(pom), _COPY_DEPENDENCIES]
+    argv = [mvn, "-B", "-q", "-f", str(pom), _COPY_DEPENDENCIES]
     argv += [f"-DoutputDirectory={scratch}", "-DincludeScope=runtime"]
-    result = subprocess.run(argv, capture_output=quiet, text=True, timeout=900, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     if result.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
         raise KafkaError(f"fetching the Kafka jars failed (mvn exit {result.returncode}):\n{result.stdout}")
     lib = home / "lib"
-    scratch.rename(lib)
+    try:
+        scratch.rename(lib)
+    except OSError:
+        if not lib.is_dir():
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
     return lib
 
 
