@@ -3,7 +3,6 @@ direct call, keep-alive comments, the idle timeout, and usage settled after the 
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -94,32 +93,29 @@ def test_chunks_are_byte_identical_to_a_direct_call(deployment: Deployment, incl
         assert relayed == direct.replace(usage_chunk[0], b"")
 
 
-def first_byte_s(url: str, body: dict[str, Any], key: str | None, client: httpx.Client) -> float:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+def byte_times_s(url: str, body: dict[str, Any], key: str) -> tuple[float, float]:
+    """Seconds until the first body byte and until the end of a streamed answer."""
     started = time.perf_counter()
-    elapsed = 0.0
-    with client.stream("POST", f"{url}/chat/completions", json=body, headers=headers) as response:
+    first = 0.0
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{url}/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+        ) as response,
+    ):
         for _ in response.iter_raw():
-            elapsed = elapsed or time.perf_counter() - started
-    return elapsed
+            first = first or time.perf_counter() - started
+    return first, time.perf_counter() - started
 
 
-def test_time_to_first_byte_is_close_to_a_direct_call(deployment: Deployment) -> None:
+def test_the_first_bytes_reach_the_caller_while_the_upstream_is_still_sending(deployment: Deployment) -> None:
+    # Functional, not a speed check (bench measures time to first byte): with 4 chunks 500 ms apart,
+    # a relay that buffered the stream would deliver its first byte only at the end.
+    deployment.upstream.configure(chunks=4, chunk_interval_ms=500)
     _, key = fund_user(deployment, 100_000_000)
-    body = chat_body(max_tokens=8)
-    with httpx.Client(timeout=10) as client:
-        for _ in range(3):  # warm both paths' connections
-            first_byte_s(f"{deployment.relay_url}/v1", body, key, client)
-            first_byte_s(deployment.upstream.base_url, body, None, client)
-        relayed, direct = [], []
-        for _ in range(25):
-            relayed.append(first_byte_s(f"{deployment.relay_url}/v1", body, key, client))
-            direct.append(first_byte_s(deployment.upstream.base_url, body, None, client))
-    relayed_ms, direct_ms = statistics.median(relayed) * 1000, statistics.median(direct) * 1000
-    # What the relay adds: auth (cached), the reservation (a quota round trip, most of it) and the
-    # upstream exchange. A generous bound: this is a functional check on a busy test machine; the
-    # benchmark measures the figure.
-    assert relayed_ms - direct_ms < 15, f"first byte: relayed {relayed_ms:.2f} ms, direct {direct_ms:.2f} ms"
+    first, total = byte_times_s(f"{deployment.relay_url}/v1", chat_body(max_tokens=8), key)
+    assert total >= 1.9
+    assert first < total / 2, f"first byte after {first:.2f} s of a {total:.2f} s stream"
 
 
 def test_keepalive_comments_while_the_upstream_is_silent(deployment: Deployment) -> None:
