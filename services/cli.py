@@ -1,6 +1,6 @@
 """``relaygate``: run the whole gateway locally (``up``) and migrate a database (``migrate``).
 
-``relaygate up`` is the embedded default: a SQLite file database, a local Kafka-protocol broker and
+``relaygate up`` is the embedded default: a SQLite file database, a local Apache Kafka broker and
 the four services as separate processes, no Redis. ``--demo`` also starts the project's fake
 OpenAI-compatible upstream, registers it as a channel with a price, and creates a funded demo key,
 so a first call works offline.
