@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from bench.env import MODEL
-from bench.peer import CACHE_DIR, wait_http_ready
-from bench.procstat import Tracked
-from devinfra.processes import ManagedProcess, free_port
+from bench.peer import CACHE_DIR, ProcessPeer
+from devinfra.processes import free_port
 
 __all__ = ["MASTER_KEY", "LiteLLMPeer"]
 
@@ -25,32 +24,16 @@ MASTER_KEY = "sk-relaygate-bench-master-key"
 START_TIMEOUT_S = 180.0
 
 
-class LiteLLMPeer:
+class LiteLLMPeer(ProcessPeer):
     name = "litellm"
 
     def __init__(self, work_dir: Path, *, upstream_base_url: str, venv: Path = DEFAULT_VENV) -> None:
-        self.work_dir = work_dir
-        self.upstream_base_url = upstream_base_url
+        super().__init__(work_dir, upstream_base_url=upstream_base_url)
         self.venv = venv
-        self.port = 0
-        self.version = ""
-        self._process: ManagedProcess | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def keys(self) -> tuple[str, ...]:
         return (MASTER_KEY,)
-
-    @property
-    def headers(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / "litellm.log"
 
     def install(self) -> None:
         """Create the virtualenv and install the proxy unless already there."""
@@ -104,23 +87,5 @@ class LiteLLMPeer:
             if not key.startswith(("OPENAI_", "LITELLM_", "DATABASE_URL", "RELAYGATE_"))
         }
         env.update(LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR", NO_PROXY="127.0.0.1,localhost")
-        self._process = ManagedProcess("litellm", argv, self.log_path, env=env)
-        self._wait_ready()
+        self._launch(argv, env, ready_path="/health/liveliness", timeout_s=START_TIMEOUT_S)
         return self
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        try:
-            wait_http_ready(self._process, f"{self.origin}/health/liveliness", timeout_s=START_TIMEOUT_S)
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def tracked(self) -> Tracked:
-        assert self._process is not None
-        return Tracked("litellm", self._process.pid, tree=True)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            process.stop(grace=15)

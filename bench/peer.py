@@ -16,7 +16,7 @@ from typing import Protocol
 from bench.procstat import Tracked
 from devinfra.processes import ManagedProcess
 
-__all__ = ["CACHE_DIR", "PEER_NAMES", "Peer", "parse_peers", "start_peer", "wait_http_ready"]
+__all__ = ["CACHE_DIR", "PEER_NAMES", "Peer", "ProcessPeer", "parse_peers", "start_peer", "wait_http_ready"]
 
 CACHE_DIR = Path.home() / ".cache" / "relaygate-bench"
 PEER_NAMES = ("litellm", "portkey")
@@ -44,6 +44,57 @@ class Peer(Protocol):
     def tracked(self) -> Tracked: ...
 
     def stop(self) -> None: ...
+
+
+class ProcessPeer:
+    """What every peer shares: one local process on a free port, its log, its readiness and its stop."""
+
+    name = ""
+
+    def __init__(self, work_dir: Path, *, upstream_base_url: str) -> None:
+        self.work_dir = work_dir
+        self.upstream_base_url = upstream_base_url
+        self.port = 0
+        self.version = ""
+        self._process: ManagedProcess | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / f"{self.name}.log"
+
+    def _launch(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        ready_path: str,
+        timeout_s: float,
+        cwd: Path | None = None,
+    ) -> None:
+        """Start the process (``self.port`` already chosen) and wait until ``ready_path`` answers 200."""
+        self._process = ManagedProcess(self.name, argv, self.log_path, env=env, cwd=cwd)
+        try:
+            wait_http_ready(self._process, f"{self.origin}{ready_path}", timeout_s=timeout_s)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def tracked(self) -> Tracked:
+        assert self._process is not None
+        return Tracked(self.name, self._process.pid, tree=True)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop(grace=15)
 
 
 def parse_peers(text: str | None) -> list[str]:

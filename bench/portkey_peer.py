@@ -16,9 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.peer import CACHE_DIR, wait_http_ready
-from bench.procstat import Tracked
-from devinfra.processes import ManagedProcess, free_port
+from bench.peer import CACHE_DIR, ProcessPeer
+from devinfra.processes import free_port
 
 __all__ = ["GATEWAY_VERSION", "NODE_SERVER_VERSION", "PortkeyPeer", "installed"]
 
@@ -58,20 +57,12 @@ def installed(directory: Path = DEFAULT_DIR) -> bool:
     )
 
 
-class PortkeyPeer:
+class PortkeyPeer(ProcessPeer):
     name = "portkey"
 
     def __init__(self, work_dir: Path, *, upstream_base_url: str, directory: Path = DEFAULT_DIR) -> None:
-        self.work_dir = work_dir
-        self.upstream_base_url = upstream_base_url
+        super().__init__(work_dir, upstream_base_url=upstream_base_url)
         self.directory = directory
-        self.port = 0
-        self.version = ""
-        self._process: ManagedProcess | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -80,10 +71,6 @@ class PortkeyPeer:
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
         return (("x-portkey-provider", "openai"), ("x-portkey-custom-host", self.upstream_base_url))
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / "portkey.log"
 
     def install(self) -> None:
         """``npm install`` the pinned gateway into the cache folder unless it is already there."""
@@ -123,19 +110,5 @@ class PortkeyPeer:
             key: value for key, value in os.environ.items() if not key.startswith(("OPENAI_", "RELAYGATE_"))
         }
         env.update(NODE_ENV="production", NO_PROXY="127.0.0.1,localhost")
-        self._process = ManagedProcess("portkey", argv, self.log_path, env=env, cwd=self.directory)
-        try:
-            wait_http_ready(self._process, f"{self.origin}/", timeout_s=START_TIMEOUT_S)
-        except RuntimeError:
-            self.stop()
-            raise
+        self._launch(argv, env, ready_path="/", timeout_s=START_TIMEOUT_S, cwd=self.directory)
         return self
-
-    def tracked(self) -> Tracked:
-        assert self._process is not None
-        return Tracked("portkey", self._process.pid, tree=True)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            process.stop(grace=15)
