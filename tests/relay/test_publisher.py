@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
-from services.common.events import decode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.relay.publisher import EventPublisher
+from tests.relay.usage_topic import read_usage
 
 
 @pytest.fixture
@@ -30,28 +29,10 @@ def events(prefix: str, count: int) -> list[UsageEvent]:
 
 
 async def consumed(settings: KafkaSettings, expected: int, timeout: float = 20.0) -> list[str]:
-    """Event ids on the usage topic, read from the start until ``expected`` arrived (or timeout)."""
-    consumer = AIOKafkaConsumer(
-        settings.usage_topic,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        metadata_max_age_ms=500,
-    )
-    await consumer.start()
-    ids: list[str] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(ids) < expected and asyncio.get_running_loop().time() < deadline:
-            batches = await consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                ids.extend(decode(record.value).event_id for record in records)
-        # Anything beyond the expected count would be a duplicate: give it a moment to show up.
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            ids.extend(decode(record.value).event_id for record in records)
-    finally:
-        await consumer.stop()
-    return ids
+    """Event ids on the usage topic, read from the start until ``expected`` arrived (or timeout); anything
+    beyond would be a duplicate, so it is given a moment to show up."""
+    events = await read_usage(settings, lambda found: len(found) >= expected, timeout=timeout, linger_ms=500)
+    return [event.event_id for event in events]
 
 
 @pytest.fixture

@@ -18,12 +18,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaConsumer
-
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
 from services.common.errors import ServiceUnavailable
-from services.common.events import decode
 from services.common.grpc import call, channel
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
@@ -38,6 +35,7 @@ from services.relay.journal import SettleJournal
 from services.relay.publisher import EventPublisher
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
+from tests.relay.usage_topic import read_usage
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -93,23 +91,11 @@ async def publishing(backing: BackingServices, tmp_path: Path) -> AsyncIterator[
 
 async def published(settings: KafkaSettings, event_id: str, timeout: float = 15.0) -> list[UsageEvent]:
     """The events with ``event_id`` on the usage topic (read from the start)."""
-    consumer = AIOKafkaConsumer(
-        settings.usage_topic,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        metadata_max_age_ms=500,
-    )
-    await consumer.start()
-    found: list[UsageEvent] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while not found and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                found.extend(e for e in (decode(r.value) for r in records) if e.event_id == event_id)
-    finally:
-        await consumer.stop()
-    return found
+
+    def mine(events: list[UsageEvent]) -> list[UsageEvent]:
+        return [event for event in events if event.event_id == event_id]
+
+    return mine(await read_usage(settings, lambda events: bool(mine(events)), timeout=timeout))
 
 
 async def reserved_exchange(stub: QuotaServiceAsyncStub, meter: Meter) -> tuple[Exchange, str]:
