@@ -3,17 +3,16 @@ the documented OpenAI SDK call and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import openai
 
 from devinfra.processes import free_port, port_accepts
+from tests.e2e.relaygate_up import start_up
 
 
 def wait_for_line(process: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
@@ -33,25 +32,7 @@ def wait_for_line(process: subprocess.Popen[str], pattern: str, timeout: float) 
 
 def test_up_demo_answers_the_sdk_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--demo",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    process = start_up(tmp_path, port, "--demo")
     try:
         admin = wait_for_line(process, r"admin key:\s+(rg-\S+)", 60)
         demo = wait_for_line(process, r"demo key:\s+(rg-\S+)", 60)

@@ -10,7 +10,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,34 +18,13 @@ import httpx
 import pytest
 
 from devinfra.processes import free_port, port_accepts
+from tests.e2e.relaygate_up import start_up
 
 # The relay refuses C0 controls in a model name (400), so the model that reaches its log (in the 404's
 # message) carries what passes that check: a line separator, a bidi override and a C1 escape.
 BREAKING_MODEL = "demo-model\n{fake log line}\x1b[31m"
 HOSTILE_MODEL = "demo-model\u2028{fake log line}\u202e\x9b31m"
 UNSAFE = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
-
-
-def up(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=data_dir,
-    )
 
 
 def read_until(process: subprocess.Popen[str], pattern: str, timeout: float = 60) -> dict[str, str]:
@@ -101,7 +79,7 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 
 def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_dir: Path) -> None:
     port = free_port()
-    process = up(data_dir, port, "--demo")
+    process = start_up(data_dir, port, "--demo")
     try:
         printed = read_until(process, r"press Ctrl-C to stop")
         admin_key, demo_key = printed["admin"], printed["demo"]
@@ -154,7 +132,7 @@ def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_
         stop(process, port)
 
     # The second start reuses the secrets: the admin key kept from the first start still works.
-    process = up(data_dir, port)
+    process = start_up(data_dir, port)
     try:
         read_until(process, r"press Ctrl-C to stop")
         response = httpx.post(
@@ -170,7 +148,7 @@ def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_
 def test_up_refuses_a_data_dir_made_with_the_published_secrets(tmp_path: Path) -> None:
     # The layout before secrets were generated: an admin key, no secrets file.
     (tmp_path / "admin-key").write_text("rg-AbCdEf012345-" + "x" * 32 + "\n")
-    process = up(tmp_path, free_port())
+    process = start_up(tmp_path, free_port())
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "published development secrets" in output
