@@ -113,8 +113,11 @@ class EventPublisher:
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
     def publish(self, event: UsageEvent) -> None:
-        """Hand ``event`` over; never waits for the broker."""
-        self._accept((event.key_id.encode(), encode(event)))
+        """Hand ``event`` over; never waits for the broker.
+
+        Records are keyed by user id: one partition holds all of a user's events in order, so each
+        consumer of the topic that settles money owns a disjoint set of accounts."""
+        self._accept((event.user_id.encode(), encode(event)))
 
     def _accept(self, record: Record) -> None:
         spool = self._spool
