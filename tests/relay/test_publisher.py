@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
@@ -70,6 +71,21 @@ async def test_events_reach_the_topic(settings: KafkaSettings, publisher: EventP
     ids = await consumed(settings, 50)
     assert sorted(ids) == [e.event_id for e in sent]
     assert in_key_order(ids, sent)
+
+
+async def test_records_are_keyed_by_user(settings: KafkaSettings, publisher: EventPublisher) -> None:
+    # One partition holds all of a user's events, in order: the consumers that settle money each own
+    # whole accounts.
+    publisher.publish(UsageEvent(event_id="keyed-1", key_id="key_a", user_id="usr_1"))
+    consumer = AIOKafkaConsumer(
+        settings.usage_topic, bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), timeout=20)
+    finally:
+        await consumer.stop()
+    assert record.key == b"usr_1"
 
 
 @pytest.mark.parametrize("lose_log", [False, True], ids=["log-kept", "log-lost"])
