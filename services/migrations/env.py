@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 import services.auth.models
+import services.catalog.models
 import services.logger.models
 import services.quota.models  # noqa: F401  (registers the tables on Base.metadata)
 from services.common.db import Base

@@ -7,13 +7,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from services.catalog.servicer import registration as catalog_registration
+from services.catalog.store import Catalog
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.common.redis import redis_client
 from services.quota.budgets import Budgets, Calendar
-from services.quota.catalog import Catalog
 from services.quota.ledger import BatchPolicy, Ledger
 from services.quota.limits import GuardedLimiter, Limiter, LocalLimiter
 from services.quota.pricing import PriceBook
@@ -33,7 +34,8 @@ async def run(
     on_started: Callable[[int], None] | None = None,
     clock: Clock | None = None,
 ) -> None:
-    """Serve QuotaService until SIGTERM/SIGINT (or ``stop``), sweeping expired holds meanwhile.
+    """Serve QuotaService and CatalogService until SIGTERM/SIGINT (or ``stop``), sweeping expired
+    holds meanwhile.
 
     ``on_started`` receives the bound port; ``clock`` replaces the system clock (tests).
     """
@@ -90,9 +92,14 @@ async def run(
         )
         stack.push_async_callback(_cancel, sweeper)
 
-        servicer = QuotaServicer(ledger=ledger, prices=prices, catalog=catalog, budgets=budgets)
+        servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets)
         await serve(
-            [Registration(SERVICE_NAME, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server)],
+            [
+                Registration(SERVICE_NAME, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server),
+                # Hosted here rather than in a process of its own: it shares quota's database and
+                # pools, and one fewer process to run. Clients find it at RELAYGATE_CATALOG_ADDR.
+                catalog_registration(catalog),
+            ],
             listen=settings.quota_listen,
             drain_seconds=settings.grpc_drain_seconds,
             stop=stop,

@@ -1,4 +1,4 @@
-"""Tables owned by quota: the price book, balances, budgets, reservations, the ledger and the channel catalog.
+"""Tables owned by quota: the price book, balances, budgets, reservations and the ledger.
 
 The ledger is append-only and is the record of every change to a balance:
 ``accounts.balance_micros == sum(ledger_entries.amount_micros)`` for each user at every commit. Budget
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, UniqueConstraint
+from sqlalchemy import JSON, CheckConstraint, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.db import Base
@@ -143,34 +143,3 @@ class LedgerEntry(Base):
     # Charges flagged as settled by expiry or from an estimate.
     flags: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[int]
-
-
-class Channel(Base):
-    """An upstream provider endpoint the relay may send requests to."""
-
-    __tablename__ = "channels"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    base_url: Mapped[str] = mapped_column(String(500))
-    api_key: Mapped[str] = mapped_column(String(500), default="")
-    models: Mapped[list[str]] = mapped_column(JSON, default=list)
-    model_map: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    priority: Mapped[int] = mapped_column(default=0)
-    weight: Mapped[int] = mapped_column(default=1)
-    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    connect_timeout_ms: Mapped[int] = mapped_column(default=5_000)
-    first_byte_timeout_ms: Mapped[int] = mapped_column(default=60_000)
-    total_timeout_ms: Mapped[int] = mapped_column(default=600_000)
-    max_connections: Mapped[int] = mapped_column(default=200)
-    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    updated_at: Mapped[int]
-
-
-class CatalogRevision(Base):
-    """A single row bumped on every channel change, so relays can poll cheaply for changes."""
-
-    __tablename__ = "catalog_revision"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    revision: Mapped[int] = mapped_column(default=0)

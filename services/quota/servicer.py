@@ -14,7 +14,6 @@ from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.budgets import Budgets, BudgetStatus
-from services.quota.catalog import Catalog, Channel
 from services.quota.ledger import BalanceView, Hold, Ledger, Outcome, ReservationView
 from services.quota.limits import Limits, Window
 from services.quota.pricing import Price, PriceBook, Usage
@@ -48,44 +47,6 @@ def price_from_pb(message: pb.Price) -> Price:
         per_request=message.per_request,
         per_image=message.per_image,
         default_max_output_tokens=message.default_max_output_tokens,
-    )
-
-
-def channel_to_pb(channel: Channel) -> pb.Channel:
-    return pb.Channel(
-        channel_id=channel.channel_id,
-        name=channel.name,
-        base_url=channel.base_url,
-        api_key=channel.api_key,
-        models=list(channel.models),
-        model_map=dict(channel.model_map),
-        priority=channel.priority,
-        weight=channel.weight,
-        headers=dict(channel.headers),
-        connect_timeout_ms=channel.connect_timeout_ms,
-        first_byte_timeout_ms=channel.first_byte_timeout_ms,
-        total_timeout_ms=channel.total_timeout_ms,
-        max_connections=channel.max_connections,
-        enabled=channel.enabled,
-    )
-
-
-def channel_from_pb(message: pb.Channel) -> Channel:
-    return Channel(
-        channel_id=message.channel_id,
-        name=message.name,
-        base_url=message.base_url,
-        api_key=message.api_key,
-        models=tuple(message.models),
-        model_map=dict(message.model_map),
-        priority=message.priority,
-        weight=message.weight,
-        headers=dict(message.headers),
-        connect_timeout_ms=message.connect_timeout_ms,
-        first_byte_timeout_ms=message.first_byte_timeout_ms,
-        total_timeout_ms=message.total_timeout_ms,
-        max_connections=message.max_connections,
-        enabled=message.enabled,
     )
 
 
@@ -184,10 +145,9 @@ def _balance_to_pb(view: BalanceView) -> pb.Balance:
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     """``relaygate.quota.v1.QuotaService``."""
 
-    def __init__(self, *, ledger: Ledger, prices: PriceBook, catalog: Catalog, budgets: Budgets) -> None:
+    def __init__(self, *, ledger: Ledger, prices: PriceBook, budgets: Budgets) -> None:
         self._ledger = ledger
         self._prices = prices
-        self._catalog = catalog
         self._budgets = budgets
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
@@ -286,19 +246,3 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
 
     async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
         return pb.ListPricesResponse(prices=[price_to_pb(p) for p in await self._prices.list_current()])
-
-    async def UpsertChannel(self, request: pb.Channel, context: Context) -> pb.Channel:
-        return channel_to_pb(await self._catalog.upsert_channel(channel_from_pb(request)))
-
-    async def DeleteChannel(
-        self, request: pb.DeleteChannelRequest, context: Context
-    ) -> pb.DeleteChannelResponse:
-        return pb.DeleteChannelResponse(deleted=await self._catalog.delete_channel(request.channel_id))
-
-    async def ListChannels(self, request: pb.ListChannelsRequest, context: Context) -> pb.ChannelList:
-        listing = await self._catalog.list_channels(request.known_revision, consistent=request.consistent)
-        return pb.ChannelList(
-            revision=listing.revision,
-            unchanged=listing.unchanged,
-            channels=[channel_to_pb(c) for c in listing.channels],
-        )

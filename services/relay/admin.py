@@ -1,4 +1,4 @@
-"""The admin API (``/admin/v1/...``): thin HTTP over the auth, quota and logger RPCs.
+"""The admin API (``/admin/v1/...``): thin HTTP over the auth, quota, catalog and logger RPCs.
 
 Callers authenticate with an admin token: a short-lived JWT from ``POST /admin/v1/tokens``, which takes
 an admin user's API key. Read routes need the ``admin:read`` scope, the others ``admin:write``. Request
@@ -20,6 +20,7 @@ from services.common.credentials import mask, mask_headers
 from services.common.errors import AuthenticationError, InvalidRequest, NotFound
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
+from services.common.pb.relaygate.catalog.v1 import catalog_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
 from services.relay.deps import Gateway, GatewayDep
@@ -279,17 +280,17 @@ async def list_prices(request: Request, gateway: GatewayDep) -> Response:
 @router.post("/channels")
 async def upsert_channel(request: Request, gateway: GatewayDep) -> Response:
     await require_admin(request, gateway, WRITE)
-    message = await parse(request, gateway, quota_pb2.Channel())
-    stored = await call(gateway.quota.UpsertChannel, message, timeout=timeout(gateway))
+    message = await parse(request, gateway, catalog_pb2.Channel())
+    stored = await call(gateway.catalog.UpsertChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
     return render(_masked(stored), 201)
 
 
-def _masked(channel: quota_pb2.Channel) -> quota_pb2.Channel:
+def _masked(channel: catalog_pb2.Channel) -> catalog_pb2.Channel:
     """A channel as the admin API shows it: credentials masked (write-only), the rest as stored.
 
-    Sending it back unchanged keeps the stored credentials (quota recognises the masks)."""
-    shown = quota_pb2.Channel()
+    Sending it back unchanged keeps the stored credentials (the catalog recognises the masks)."""
+    shown = catalog_pb2.Channel()
     shown.CopyFrom(channel)
     shown.api_key = mask(channel.api_key)
     shown.headers.clear()
@@ -317,9 +318,9 @@ async def reset_breaker(channel_id: str, request: Request, gateway: GatewayDep) 
 async def list_channels(request: Request, gateway: GatewayDep) -> Response:
     await require_admin(request, gateway, READ)
     listing = await call(
-        gateway.quota.ListChannels, quota_pb2.ListChannelsRequest(), timeout=timeout(gateway)
+        gateway.catalog.ListChannels, catalog_pb2.ListChannelsRequest(), timeout=timeout(gateway)
     )
-    shown = quota_pb2.ChannelList(revision=listing.revision, unchanged=listing.unchanged)
+    shown = catalog_pb2.ChannelList(revision=listing.revision, unchanged=listing.unchanged)
     shown.channels.extend(_masked(channel) for channel in listing.channels)
     return render(shown)
 
@@ -327,8 +328,8 @@ async def list_channels(request: Request, gateway: GatewayDep) -> Response:
 @router.delete("/channels/{channel_id}")
 async def delete_channel(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
     await require_admin(request, gateway, WRITE)
-    message = quota_pb2.DeleteChannelRequest(channel_id=channel_id)
-    deleted = await call(gateway.quota.DeleteChannel, message, timeout=timeout(gateway))
+    message = catalog_pb2.DeleteChannelRequest(channel_id=channel_id)
+    deleted = await call(gateway.catalog.DeleteChannel, message, timeout=timeout(gateway))
     await gateway.channels.refresh(consistent=True)
     return render(deleted)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from services.common.grpc import channel
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
+from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceStub
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
@@ -55,6 +56,9 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         stack.push_async_callback(auth_channel.close, None)
         quota_channel = channel(settings.quota_addr)
         stack.push_async_callback(quota_channel.close, None)
+        # Its own channel even at quota's address: moving the catalog elsewhere is then a setting.
+        catalog_channel = channel(settings.catalog_address)
+        stack.push_async_callback(catalog_channel.close, None)
         logger_channel = channel(settings.logger_addr)
         stack.push_async_callback(logger_channel.close, None)
 
@@ -107,8 +111,9 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         breakers = Breakers(breaker_policy(settings))
 
         quota = QuotaServiceStub(quota_channel)
+        catalog = CatalogServiceStub(catalog_channel)
         directory = ChannelDirectory(
-            quota, refresh_s=settings.channel_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
+            catalog, refresh_s=settings.channel_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
         )
 
         def follow(table: ChannelTable) -> None:
@@ -151,6 +156,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             cache=cache,
             auth=AuthServiceStub(auth_channel),
             quota=quota,
+            catalog=catalog,
             logger=LoggerServiceStub(logger_channel),
         )
 

@@ -1,4 +1,5 @@
-"""The channel table: which upstreams serve which model, refreshed from quota's catalog.
+"""The channel table: which upstreams serve which model, refreshed from the channel catalog
+(``relaygate.catalog.v1.CatalogService``).
 
 Selection is by priority (highest first), then weighted-random order within a priority, so load
 spreads by weight and failover walks down to lower priorities. Each channel appears at most once in a
@@ -22,11 +23,11 @@ import httpx
 
 from services.common.errors import GatewayError
 from services.common.grpc import call
-from services.common.pb.relaygate.quota.v1.quota_pb2 import Channel as ChannelMessage
-from services.common.pb.relaygate.quota.v1.quota_pb2 import ListChannelsRequest
+from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
+from services.common.pb.relaygate.catalog.v1.catalog_pb2 import ListChannelsRequest
 
 if TYPE_CHECKING:
-    from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
+    from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,9 @@ class ChannelTable:
 
 
 class ChannelDirectory:
-    """Keeps a :class:`ChannelTable` current by polling quota's catalog revision."""
+    """Keeps a :class:`ChannelTable` current by polling the catalog's revision."""
 
-    def __init__(self, stub: QuotaServiceAsyncStub, *, refresh_s: float, rpc_timeout_s: float) -> None:
+    def __init__(self, stub: CatalogServiceAsyncStub, *, refresh_s: float, rpc_timeout_s: float) -> None:
         self._stub = stub
         self._refresh_s = refresh_s
         self._timeout = rpc_timeout_s
@@ -144,7 +145,7 @@ class ChannelDirectory:
         self._listeners.append(listener)
 
     async def start(self, *, wait_s: float = 5.0) -> None:
-        """Load the table, waiting up to ``wait_s`` for quota (services may start in any order);
+        """Load the table, waiting up to ``wait_s`` for the catalog (services may start in any order);
         after that the relay starts anyway and keeps trying in the background."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s

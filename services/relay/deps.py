@@ -20,6 +20,7 @@ from services.relay.streaming import Streams
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
+    from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
     from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceAsyncStub
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
@@ -39,6 +40,7 @@ class Gateway:
     cache: ResponseCache | None
     auth: AuthServiceAsyncStub
     quota: QuotaServiceAsyncStub
+    catalog: CatalogServiceAsyncStub
     logger: LoggerServiceAsyncStub
 
 

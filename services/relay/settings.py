@@ -1,5 +1,5 @@
 """Relay settings: the HTTP front, the upstream pools, streams, breakers, the response cache and where
-auth, quota and Kafka are. Built once in ``main()`` from ``RELAYGATE_*`` and passed down."""
+auth, quota, the catalog and Kafka are. Built once in ``main()`` from ``RELAYGATE_*`` and passed down."""
 
 from __future__ import annotations
 
@@ -100,6 +100,13 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
 
     # Prefer X-Forwarded-For's first address as the client IP (only behind a trusted proxy).
     trust_forwarded_for: bool = False
+
+    # Where CatalogService is; empty = quota's address, the process that hosts it by default.
+    catalog_addr: str = ""
+
+    @property
+    def catalog_address(self) -> str:
+        return self.catalog_addr or self.quota_addr
 
     @model_validator(mode="after")
     def _check(self) -> RelaySettings:

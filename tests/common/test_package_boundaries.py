@@ -1,4 +1,5 @@
-"""No service imports another service; the shared package imports no service."""
+"""No service imports another service, except a process hosting one; the shared package imports no
+service."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from pathlib import Path
 import pytest
 
 SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
-SERVICE_PACKAGES = ("auth", "quota", "relay", "logger")
+SERVICE_PACKAGES = ("auth", "quota", "relay", "logger", "catalog")
+# The catalog has no process of its own: quota's composition root registers CatalogService on quota's
+# gRPC server. Hosting is one-way and is all that is allowed: the catalog never imports quota, and no
+# other service reaches into the catalog's code (clients use its gRPC stub).
+HOSTED_BY = {"quota": {"catalog"}}
 
 
 def imported_modules(package: str) -> list[tuple[str, str]]:
@@ -27,7 +32,8 @@ def imported_modules(package: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("package", SERVICE_PACKAGES)
 def test_service_imports_only_common(package: str) -> None:
-    others = {f"services.{name}" for name in SERVICE_PACKAGES if name != package}
+    allowed = HOSTED_BY.get(package, set())
+    others = {f"services.{name}" for name in SERVICE_PACKAGES if name != package and name not in allowed}
     offending = [
         (path, module)
         for path, module in imported_modules(package)
@@ -48,3 +54,16 @@ def test_common_imports_no_service() -> None:
 def test_the_check_sees_imports() -> None:
     # Guards the guard: if the walk found nothing, the tests above would pass vacuously.
     assert any(module.startswith("services.common") for _, module in imported_modules("relay"))
+
+
+def test_only_the_composition_root_imports_a_hosted_service() -> None:
+    # Hosting means registering the servicer, not calling into the hosted service's store or models.
+    offending = [
+        (path, module)
+        for host, hosted in HOSTED_BY.items()
+        for path, module in imported_modules(host)
+        if any(module == f"services.{h}" or module.startswith(f"services.{h}.") for h in hosted)
+        and not path.endswith(f"services/{host}/app.py")
+    ]
+    assert not offending, f"only the composition root may import a hosted service: {offending}"
+    assert any(module.startswith("services.catalog") for _, module in imported_modules("quota"))

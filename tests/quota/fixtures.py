@@ -1,4 +1,4 @@
-"""Quota fixtures: a price book, a ledger and a catalog on the module's migrated database."""
+"""Quota fixtures: a price book and a ledger on the module's migrated database."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 
 from services.common.clock import ManualClock
 from services.common.db import Database
-from services.quota.catalog import Catalog
 from services.quota.ledger import Ledger
 from services.quota.pricing import PriceBook
 
@@ -26,8 +25,3 @@ def prices(database: Database, clock: ManualClock) -> PriceBook:
 @pytest.fixture
 def ledger(database: Database, prices: PriceBook, clock: ManualClock) -> Ledger:
     return Ledger(database, prices, clock=clock, reservation_ttl_s=TTL_S)
-
-
-@pytest.fixture
-def catalog(database: Database, clock: ManualClock) -> Catalog:
-    return Catalog(database, clock=clock)

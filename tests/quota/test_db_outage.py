@@ -19,6 +19,7 @@ import pytest
 from services.common.errors import ServiceUnavailable
 from services.common.grpc import call, channel
 from services.common.ids import new_id
+from services.common.pb.relaygate.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.app import run
@@ -27,13 +28,14 @@ from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
 
 if TYPE_CHECKING:
+    from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub as Stub
 
 TIMEOUT = 5.0
 
 
 @asynccontextmanager
-async def serving(database_url: str) -> AsyncIterator[Stub]:
+async def serving(database_url: str) -> AsyncIterator[tuple[Stub, CatalogServiceAsyncStub]]:
     settings = QuotaSettings.model_validate(
         {
             "database_url": database_url,
@@ -51,16 +53,21 @@ async def serving(database_url: str) -> AsyncIterator[Stub]:
         if server in done:
             server.result()
         async with channel(f"127.0.0.1:{await port}") as chan:
-            yield quota_pb2_grpc.QuotaServiceStub(chan)
+            # The catalog is hosted on quota's port and reads the same database.
+            yield quota_pb2_grpc.QuotaServiceStub(chan), catalog_pb2_grpc.CatalogServiceStub(chan)
     finally:
         stop.set()
         await asyncio.wait_for(server, timeout=10)
 
 
-def queries(stub: Stub, user: str, model: str) -> dict[str, Callable[[], Awaitable[Any]]]:
+def queries(
+    stub: Stub, catalog: CatalogServiceAsyncStub, user: str, model: str
+) -> dict[str, Callable[[], Awaitable[Any]]]:
     return {
         "pricing": lambda: call(stub.ListPrices, pb.ListPricesRequest(), timeout=TIMEOUT),
-        "catalog": lambda: call(stub.ListChannels, pb.ListChannelsRequest(consistent=True), timeout=TIMEOUT),
+        "catalog": lambda: call(
+            catalog.ListChannels, catalog_pb2.ListChannelsRequest(consistent=True), timeout=TIMEOUT
+        ),
         "budget": lambda: call(
             stub.GetBudgets, pb.GetBudgetsRequest(scope="user", scope_id=user), timeout=TIMEOUT
         ),
@@ -77,15 +84,15 @@ async def test_a_primary_outage_is_503_with_retry_after_for_every_query(migrated
     gate = TcpGate.for_url(migrated_db.primary)
     await gate.open()
     user, model = new_id("u"), new_id("outage-model")
-    async with serving(gate.url(migrated_db.primary)) as stub:
+    async with serving(gate.url(migrated_db.primary)) as (stub, catalog):
         await call(stub.SetPrice, pb.Price(model=model, per_request=100), timeout=TIMEOUT)
         await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=10_000), timeout=TIMEOUT)
-        for query in queries(stub, user, model).values():
+        for query in queries(stub, catalog, user, model).values():
             await query()
 
         await gate.close()
         try:
-            for name, query in queries(stub, user, model).items():
+            for name, query in queries(stub, catalog, user, model).items():
                 with pytest.raises(ServiceUnavailable) as caught:
                     await query()
                 assert caught.value.status == 503, name
@@ -100,7 +107,7 @@ async def test_a_primary_outage_is_503_with_retry_after_for_every_query(migrated
         deadline = time.monotonic() + 10
         while True:
             try:
-                for query in queries(stub, user, model).values():
+                for query in queries(stub, catalog, user, model).values():
                     await query()
                 break
             except ServiceUnavailable:

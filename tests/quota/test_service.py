@@ -239,37 +239,6 @@ def _copy(request: pb.ReserveRequest, *, reservation_id: str, prompt_tokens: int
     return copy
 
 
-async def test_channels_over_grpc(migrated_db: DbUrls) -> None:
-    async with serving(_settings(migrated_db)) as stub:
-        created = await call(
-            stub.UpsertChannel,
-            pb.Channel(
-                name="local", base_url="http://127.0.0.1:9/v1", models=["grpc-model"], weight=1, enabled=True
-            ),
-            timeout=TIMEOUT,
-        )
-        assert created.channel_id.startswith("ch_")
-        with pytest.raises(InvalidRequest):
-            await call(stub.UpsertChannel, pb.Channel(name="bad", base_url="nope", weight=1), timeout=TIMEOUT)
-
-        deadline = time.monotonic() + 5
-        while True:  # the listing reads a replica; it shows the channel once the replica replays it
-            listing = await call(stub.ListChannels, pb.ListChannelsRequest(), timeout=TIMEOUT)
-            if created in listing.channels or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        assert created in listing.channels
-        polled = await call(
-            stub.ListChannels, pb.ListChannelsRequest(known_revision=listing.revision), timeout=TIMEOUT
-        )
-        assert polled.unchanged and not polled.channels
-
-        deleted = await call(
-            stub.DeleteChannel, pb.DeleteChannelRequest(channel_id=created.channel_id), timeout=TIMEOUT
-        )
-        assert deleted.deleted
-
-
 async def test_sweeper_in_run_expires_an_abandoned_hold(migrated_db: DbUrls) -> None:
     user = new_id("u")
     settings = _settings(migrated_db, reservation_ttl_s=1, expiry_sweep_interval_s=0.1)

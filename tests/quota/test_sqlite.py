@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from services.catalog.channel import Channel
+from services.catalog.store import Catalog
 from services.common.clock import ManualClock
 from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.common.errors import BudgetExceeded, InsufficientQuota
 from services.migrations import upgrade
 from services.quota.budgets import Budgets, Calendar
-from services.quota.catalog import Catalog, Channel
 from services.quota.ledger import Ledger
 from services.quota.limits import Limits
 from services.quota.pricing import Price, PriceBook, Usage

@@ -8,7 +8,7 @@ import collections
 import httpx
 import pytest
 
-from services.common.pb.relaygate.quota.v1.quota_pb2 import Channel as ChannelMessage
+from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
 from services.fake_upstream import FakeUpstream
 from services.relay.breaker import BreakerPolicy, Breakers, Outcome
 from services.relay.channels import Channel, ChannelTable

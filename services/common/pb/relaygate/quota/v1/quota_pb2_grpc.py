@@ -89,21 +89,6 @@ class QuotaServiceStub:
                 request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesRequest.SerializeToString,
                 response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesResponse.FromString,
                 _registered_method=True)
-        self.UpsertChannel = channel.unary_unary(
-                '/relaygate.quota.v1.QuotaService/UpsertChannel',
-                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.SerializeToString,
-                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.FromString,
-                _registered_method=True)
-        self.DeleteChannel = channel.unary_unary(
-                '/relaygate.quota.v1.QuotaService/DeleteChannel',
-                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelRequest.SerializeToString,
-                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelResponse.FromString,
-                _registered_method=True)
-        self.ListChannels = channel.unary_unary(
-                '/relaygate.quota.v1.QuotaService/ListChannels',
-                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListChannelsRequest.SerializeToString,
-                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ChannelList.FromString,
-                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -183,25 +168,6 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UpsertChannel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteChannel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListChannels(self, request, context):
-        """Cheap to poll: returns unchanged=true when the caller's revision is current.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,21 +225,6 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.ListPrices,
                     request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesRequest.FromString,
                     response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesResponse.SerializeToString,
-            ),
-            'UpsertChannel': grpc.unary_unary_rpc_method_handler(
-                    servicer.UpsertChannel,
-                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.FromString,
-                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.SerializeToString,
-            ),
-            'DeleteChannel': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteChannel,
-                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelRequest.FromString,
-                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelResponse.SerializeToString,
-            ),
-            'ListChannels': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListChannels,
-                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ListChannelsRequest.FromString,
-                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ChannelList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,87 +524,6 @@ class QuotaService:
             '/relaygate.quota.v1.QuotaService/ListPrices',
             relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesRequest.SerializeToString,
             relaygate_dot_quota_dot_v1_dot_quota__pb2.ListPricesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UpsertChannel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/relaygate.quota.v1.QuotaService/UpsertChannel',
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.SerializeToString,
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.Channel.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteChannel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/relaygate.quota.v1.QuotaService/DeleteChannel',
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelRequest.SerializeToString,
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.DeleteChannelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListChannels(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/relaygate.quota.v1.QuotaService/ListChannels',
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.ListChannelsRequest.SerializeToString,
-            relaygate_dot_quota_dot_v1_dot_quota__pb2.ChannelList.FromString,
             options,
             channel_credentials,
             insecure,

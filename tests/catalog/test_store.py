@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
+from services.catalog.channel import Channel
+from services.catalog.store import Catalog
 from services.common.db import Database
 from services.common.errors import InvalidRequest
-from services.quota.catalog import Catalog, Channel
 
 OPENAI = Channel(
     name="openai-main",
