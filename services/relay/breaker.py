@@ -147,13 +147,12 @@ class Breaker:
         if answered:
             self._remember_caller(answered_by_status or "", now)
         attempts, hard, answers = self._count(now, failed and not answered, answered)
-        failures = hard + (answers if self._callers_in_window(now) >= self._policy.min_callers else 0)
-        if (
-            self.state is State.CLOSED
-            and failed
-            and attempts >= self._policy.min_requests
-            and failures >= self._policy.failure_ratio * attempts
-        ):
+        # Only a failure can open the breaker, so a success (the common case) never walks the callers.
+        if self.state is not State.CLOSED or not failed or attempts < self._policy.min_requests:
+            return
+        if answers and self._callers_in_window(now) >= self._policy.min_callers:
+            hard += answers
+        if hard >= self._policy.failure_ratio * attempts:
             self._open(now, escalate=False)
 
     def reset(self) -> None:
