@@ -715,3 +715,171 @@ class ListPricesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
+
+@_typing.final
+class LeaseAsk(_message.Message):
+    """A relay asks for a lease on a key; lease_id is chosen by the relay, so a retried ask finds the lease
+    it already created.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    WANT_MICROS_FIELD_NUMBER: _builtins.int
+    MIN_MICROS_FIELD_NUMBER: _builtins.int
+    KEY_LIMITS_FIELD_NUMBER: _builtins.int
+    USER_LIMITS_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    key_id: _builtins.str
+    user_id: _builtins.str
+    want_micros: _builtins.int
+    min_micros: _builtins.int
+    """The worst case of the request that made the relay ask: a smaller grant is useless."""
+    @_builtins.property
+    def key_limits(self) -> _types_pb2.Limits:
+        """The key's and user's limits as auth gave them: their budgets are windows the lease holds against."""
+
+    @_builtins.property
+    def user_limits(self) -> _types_pb2.Limits: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        want_micros: _builtins.int = ...,
+        min_micros: _builtins.int = ...,
+        key_limits: _types_pb2.Limits | None = ...,
+        user_limits: _types_pb2.Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_limits", b"key_limits", "user_limits", b"user_limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "key_limits", b"key_limits", "lease_id", b"lease_id", "min_micros", b"min_micros", "user_id", b"user_id", "user_limits", b"user_limits", "want_micros", b"want_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseAsk: _TypeAlias = LeaseAsk  # noqa: Y015
+
+@_typing.final
+class LeaseReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    USED_MICROS_FIELD_NUMBER: _builtins.int
+    INFLIGHT_MICROS_FIELD_NUMBER: _builtins.int
+    WANT_MICROS_FIELD_NUMBER: _builtins.int
+    CLOSING_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    used_micros: _builtins.int
+    """Cost of the requests finished on the lease (each is also a usage event on its way)."""
+    inflight_micros: _builtins.int
+    """Worst cases of the requests admitted and not finished."""
+    want_micros: _builtins.int
+    """How much more the relay would like (0: enough)."""
+    closing: _builtins.bool
+    """The relay admits nothing more on this lease."""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        used_micros: _builtins.int = ...,
+        inflight_micros: _builtins.int = ...,
+        want_micros: _builtins.int = ...,
+        closing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing", b"closing", "inflight_micros", b"inflight_micros", "lease_id", b"lease_id", "used_micros", b"used_micros", "want_micros", b"want_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseReport: _TypeAlias = LeaseReport  # noqa: Y015
+
+@_typing.final
+class SyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELAY_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    ASKS_FIELD_NUMBER: _builtins.int
+    relay_id: _builtins.str
+    """One relay process (a fresh id per start)."""
+    seq: _builtins.int
+    """Increases with every sync of that process: older reports are ignored."""
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]: ...
+    @_builtins.property
+    def asks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseAsk]: ...
+    def __init__(
+        self,
+        *,
+        relay_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        reports: _abc.Iterable[Global___LeaseReport] | None = ...,
+        asks: _abc.Iterable[Global___LeaseAsk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "relay_id", b"relay_id", "reports", b"reports", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncRequest: _TypeAlias = SyncRequest  # noqa: Y015
+
+@_typing.final
+class LeaseGrant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    GRANTED_MICROS_FIELD_NUMBER: _builtins.int
+    VALID_FOR_MS_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    state: _builtins.str
+    """open | closing | closed | refused"""
+    granted_micros: _builtins.int
+    """Admit up to this much in all (used + in flight + the rest)."""
+    valid_for_ms: _builtins.int
+    """From the moment the relay sent the sync this answers."""
+    recall: _builtins.bool
+    """Quota needs the unused part back."""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        granted_micros: _builtins.int = ...,
+        valid_for_ms: _builtins.int = ...,
+        recall: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted_micros", b"granted_micros", "lease_id", b"lease_id", "recall", b"recall", "state", b"state", "valid_for_ms", b"valid_for_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseGrant: _TypeAlias = LeaseGrant  # noqa: Y015
+
+@_typing.final
+class SyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseGrant]: ...
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___LeaseGrant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncResponse: _TypeAlias = SyncResponse  # noqa: Y015

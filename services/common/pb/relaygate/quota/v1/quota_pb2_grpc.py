@@ -79,6 +79,11 @@ class QuotaServiceStub:
                 request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.Sync = channel.unary_unary(
+                '/relaygate.quota.v1.QuotaService/Sync',
+                request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncRequest.SerializeToString,
+                response_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncResponse.FromString,
+                _registered_method=True)
         self.SetPrice = channel.unary_unary(
                 '/relaygate.quota.v1.QuotaService/SetPrice',
                 request_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.Price.SerializeToString,
@@ -156,6 +161,16 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sync(self, request, context):
+        """Credit control: one call per relay process per sync interval. Reports what the relay used and has
+        in flight on each of its leases, asks for new ones, and answers with every lease's grant
+        (services/common/credit.py describes the protocol). The usage events on the usage topic, applied by
+        quota's own consumer, are the charges; this call only moves holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPrice(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -215,6 +230,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.FromString,
                     response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'Sync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncRequest.FromString,
+                    response_serializer=relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncResponse.SerializeToString,
             ),
             'SetPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPrice,
@@ -470,6 +490,33 @@ class QuotaService:
             '/relaygate.quota.v1.QuotaService/Reconcile',
             relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileRequest.SerializeToString,
             relaygate_dot_quota_dot_v1_dot_quota__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.quota.v1.QuotaService/Sync',
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncRequest.SerializeToString,
+            relaygate_dot_quota_dot_v1_dot_quota__pb2.SyncResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,12 @@ class QuotaServiceStub:
     """Checks the books: balances against the ledger, holds against open reservations, budget
     windows against their reservations. An empty answer means everything agrees.
     """
+    Sync: _grpc.UnaryUnaryMultiCallable[_quota_pb2.SyncRequest, _quota_pb2.SyncResponse]
+    """Credit control: one call per relay process per sync interval. Reports what the relay used and has
+    in flight on each of its leases, asks for new ones, and answers with every lease's grant
+    (services/common/credit.py describes the protocol). The usage events on the usage topic, applied by
+    quota's own consumer, are the charges; this call only moves holds.
+    """
     SetPrice: _grpc.UnaryUnaryMultiCallable[_quota_pb2.Price, _quota_pb2.Price]
     ListPrices: _grpc.UnaryUnaryMultiCallable[_quota_pb2.ListPricesRequest, _quota_pb2.ListPricesResponse]
 
@@ -75,6 +81,12 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     Reconcile: _aio.UnaryUnaryMultiCallable[_quota_pb2.ReconcileRequest, _quota_pb2.ReconcileResponse]  # type: ignore[assignment]
     """Checks the books: balances against the ledger, holds against open reservations, budget
     windows against their reservations. An empty answer means everything agrees.
+    """
+    Sync: _aio.UnaryUnaryMultiCallable[_quota_pb2.SyncRequest, _quota_pb2.SyncResponse]  # type: ignore[assignment]
+    """Credit control: one call per relay process per sync interval. Reports what the relay used and has
+    in flight on each of its leases, asks for new ones, and answers with every lease's grant
+    (services/common/credit.py describes the protocol). The usage events on the usage topic, applied by
+    quota's own consumer, are the charges; this call only moves holds.
     """
     SetPrice: _aio.UnaryUnaryMultiCallable[_quota_pb2.Price, _quota_pb2.Price]  # type: ignore[assignment]
     ListPrices: _aio.UnaryUnaryMultiCallable[_quota_pb2.ListPricesRequest, _quota_pb2.ListPricesResponse]  # type: ignore[assignment]
@@ -150,6 +162,18 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_quota_pb2.ReconcileResponse, _abc.Awaitable[_quota_pb2.ReconcileResponse]]:
         """Checks the books: balances against the ledger, holds against open reservations, budget
         windows against their reservations. An empty answer means everything agrees.
+        """
+
+    @_abc_1.abstractmethod
+    def Sync(
+        self,
+        request: _quota_pb2.SyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.SyncResponse, _abc.Awaitable[_quota_pb2.SyncResponse]]:
+        """Credit control: one call per relay process per sync interval. Reports what the relay used and has
+        in flight on each of its leases, asks for new ones, and answers with every lease's grant
+        (services/common/credit.py describes the protocol). The usage events on the usage topic, applied by
+        quota's own consumer, are the charges; this call only moves holds.
         """
 
     @_abc_1.abstractmethod
