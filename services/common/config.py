@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.credit import CreditTerms
+
 Environment = Literal["dev", "prod"]
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///.relaygate/relaygate.db"
@@ -104,6 +106,39 @@ class KafkaSettings(BaseSettings):
     @property
     def dead_letter_topic(self) -> str:
         return f"{self.kafka_topic_prefix}usage.dlq"
+
+
+class CreditSettings(BaseSettings):
+    """The credit-control protocol's timing and sizing (``services.common.credit.CreditTerms``): one set
+    per deployment, read by quota (grants, expiry) and by every relay (admission, syncs)."""
+
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    # Relays admit requests of keys without RPM/TPM/concurrency limits on leases; false sends every
+    # request through an exact per-request Reserve.
+    credit_leases: bool = True
+    credit_sync_interval_ms: int = Field(default=1_000, ge=50, le=60_000)
+    # How long a grant lets a relay admit without hearing from quota (a quota outage shorter than
+    # this, minus the margin, fails no request of a leased key).
+    credit_valid_for_ms: int = Field(default=30_000, ge=1_000, le=600_000)
+    credit_margin_ms: int = Field(default=2_000, ge=0, le=60_000)
+    credit_grace_ms: int = Field(default=5_000, ge=0, le=600_000)
+    # Usage a vanished relay reported stays held this long, waiting for its events.
+    credit_horizon_ms: int = Field(default=3_600_000, ge=1_000)
+    # A lease aims to cover this much of its key's recent spend.
+    credit_target_ms: int = Field(default=15_000, ge=100, le=600_000)
+    credit_idle_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+
+    def credit_terms(self) -> CreditTerms:
+        return CreditTerms(
+            sync_interval_ms=self.credit_sync_interval_ms,
+            valid_for_ms=self.credit_valid_for_ms,
+            margin_ms=self.credit_margin_ms,
+            grace_ms=self.credit_grace_ms,
+            horizon_ms=self.credit_horizon_ms,
+            target_ms=self.credit_target_ms,
+            idle_ms=self.credit_idle_ms,
+        )
 
 
 class RedisSettings(BaseSettings):
