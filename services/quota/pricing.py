@@ -1,11 +1,5 @@
-"""The price book and the cost arithmetic, in integer micro-units.
-
-Prices are per million tokens (input, cached input, output) plus flat per-request and per-image
-amounts. A cost is computed exactly once, with integer arithmetic, and rounded *up* to the next
-micro-unit: a fraction of a micro-unit is never given away, and no float ever touches money::
-
-    cost = ceil(((prompt - cached) * input + cached * cached_input + completion * output) / 1_000_000)
-           + per_request + images * per_image
+"""The price book: versions of each model's price, stored on the primary and cached in process. The
+cost arithmetic itself is :mod:`services.common.pricing` (re-exported here), shared with the relays.
 
 A price change inserts a new row and never rewrites an old one. The *current* price of a model is its
 newest row; every hold and every charge records the id of the row it used, so a settle charges at the
@@ -16,13 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select
 
 from services.common.clock import Clock
 from services.common.db import Database
 from services.common.errors import InvalidRequest, ModelNotFound
+from services.common.pricing import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    MAX_CHOICES,
+    MAX_IMAGES,
+    MAX_PRICE_MICROS,
+    MAX_TOKENS,
+    Price,
+    Usage,
+    cost,
+    worst_case,
+)
 from services.quota import models
 
 __all__ = [
@@ -39,104 +43,7 @@ __all__ = [
     "worst_case",
 ]
 
-MICROS_PER_MTOK = 1_000_000
-# Output tokens reserved when a price row gives no cap of its own.
-DEFAULT_MAX_OUTPUT_TOKENS = 4096
-# Bounds that keep every cost far below 2**63 micro-units (the column type), so no input can overflow.
-MAX_TOKENS = 10_000_000_000
-MAX_IMAGES = 1_000_000
-# Completions per request (OpenAI allows n up to 128; best_of up to 20).
-MAX_CHOICES = 128
-MAX_PRICE_MICROS = 1_000_000_000_000
 _MODEL_NAME_MAX = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """One immutable version of a model's price; ``price_id`` is 0 until stored."""
-
-    model: str
-    input_per_mtok: int = 0
-    output_per_mtok: int = 0
-    # 0 means "no separate cached price": cached prompt tokens are billed at the input price.
-    cached_input_per_mtok: int = 0
-    per_request: int = 0
-    per_image: int = 0
-    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
-    price_id: int = 0
-    created_at: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one request. All zero is a valid usage (the request is billed ``per_request``)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # The part of ``prompt_tokens`` served from the provider's prompt cache.
-    cached_prompt_tokens: int = 0
-    images: int = 0
-    # The provider reported nothing; the gateway billed its own estimate (never above the hold).
-    estimated: bool = False
-
-    def validate(self) -> None:
-        """Raise :class:`InvalidRequest` for counts no provider can report."""
-        _check_count("prompt_tokens", self.prompt_tokens, MAX_TOKENS)
-        _check_count("completion_tokens", self.completion_tokens, MAX_TOKENS)
-        _check_count("cached_prompt_tokens", self.cached_prompt_tokens, MAX_TOKENS)
-        _check_count("images", self.images, MAX_IMAGES)
-        if self.cached_prompt_tokens > self.prompt_tokens:
-            raise InvalidRequest(
-                f"cached_prompt_tokens ({self.cached_prompt_tokens}) cannot exceed "
-                f"prompt_tokens ({self.prompt_tokens})",
-                param="usage.cached_prompt_tokens",
-            )
-
-    def as_json(self) -> dict[str, int | bool]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_prompt_tokens": self.cached_prompt_tokens,
-            "images": self.images,
-            "estimated": self.estimated,
-        }
-
-
-def _check_count(name: str, value: int, limit: int) -> None:
-    if value < 0:
-        raise InvalidRequest(f"{name} must not be negative (got {value})", param=name)
-    if value > limit:
-        raise InvalidRequest(f"{name} must be at most {limit} (got {value})", param=name)
-
-
-def _ceil_div(numerator: int, denominator: int) -> int:
-    return -(-numerator // denominator)
-
-
-def cost(price: Price, usage: Usage) -> int:
-    """What ``usage`` costs at ``price``, in micro-units, rounded up. Call ``usage.validate()`` first."""
-    cached = usage.cached_prompt_tokens
-    cached_rate = price.cached_input_per_mtok or price.input_per_mtok
-    tokens = (
-        (usage.prompt_tokens - cached) * price.input_per_mtok
-        + cached * cached_rate
-        + usage.completion_tokens * price.output_per_mtok
-    )
-    return _ceil_div(tokens, MICROS_PER_MTOK) + price.per_request + usage.images * price.per_image
-
-
-def worst_case(
-    price: Price, *, prompt_tokens: int, max_output_tokens: int, images: int, choices: int = 1
-) -> int:
-    """The hold for a request: its prompt estimate plus its output cap (the model's default cap when
-    0) for each of its ``choices`` (a provider bills every completion it generates, the prompt once).
-
-    The prompt is priced entirely at the input rate, since the cached share is unknown before the call.
-    """
-    output = (max_output_tokens or price.default_max_output_tokens) * max(1, choices)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=output, images=images)
-    usage.validate()
-    return cost(price, usage)
 
 
 def validate_price(price: Price) -> Price:
