@@ -137,6 +137,12 @@ class Metrics:
         self.relay_settle_retries = Counter(
             "relaygate_relay_settle_retries", "Settlements retried off the response path", ["outcome"]
         )
+        # Counter: metered requests by how they were admitted (lease: locally; exact: a Reserve RPC).
+        self.relay_credit_admissions = Counter(
+            "relaygate_relay_credit_admissions", "Requests admitted, by path", ["path"]
+        )
+        # Counter: the relay's credit syncs with quota, by outcome (ok, failed).
+        self.relay_credit_syncs = Counter("relaygate_relay_credit_syncs", "Credit syncs sent", ["outcome"])
         # Gauge: usage events waiting in the on-disk spool, and its size in bytes.
         self.events_spooled = Gauge("relaygate_events_spooled", "Usage events in the spool")
         self.events_spool_bytes = Gauge("relaygate_events_spool_bytes", "Spool size in bytes")

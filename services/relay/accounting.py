@@ -1,8 +1,22 @@
-"""The relay's side of the money: reserve before the upstream call, settle or release after, and the
-usage event that records the request.
+"""The relay's side of the money: admit or reserve before the upstream call, settle or release after,
+and the usage event that records the request.
 
-Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to
-retry. The first attempt is made when the request ends; if quota cannot answer it (restarting,
+**On a lease** (:mod:`services.relay.leasing`): a key without RPM/TPM/concurrency limits whose model's
+price this relay knows is admitted locally against its lease, for the request's worst case computed
+with the same function and inputs as quota's Reserve (:func:`services.common.pricing.worst_case`). No
+RPC is made, before or after: at the end the relay computes the cost itself (at the price it admitted
+with, capped at the admitted worst case) and the usage event carrying that cost, the price id and the
+lease id *is* the charge, applied by quota's consumer of the usage topic, idempotent by request id. The
+event is not journalled: the publisher's spool keeps it across a Kafka outage, and the ledger and the
+logs read the same number.
+
+**Exact** (everything else, and a key the book has no open lease for yet): one Reserve RPC holds the
+worst case; when quota answers that it has just recalled the user's leases to cover it
+(:class:`~services.common.errors.CreditRecalled`), the reserve is tried again after its retry-after, a
+few times within about three sync intervals.
+
+Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to retry.
+The first attempt is made when the request ends; if quota cannot answer it (restarting,
 draining, a deadline), further attempts run in the background with exponential backoff and jitter
 for at most ``SettleRetry.window_s`` (well under quota's reservation TTL), so a response never waits
 for them. The usage event is published once the outcome is known and carries what the ledger
@@ -28,7 +42,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from services.common.errors import GatewayError, InvalidRequest
+from services.common import pricing
+from services.common.errors import CreditRecalled, GatewayError, InvalidRequest
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
@@ -41,7 +56,10 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
     SettleResponse,
 )
 from services.common.telemetry import METRICS
+from services.relay.credit import Admission
 from services.relay.journal import Pending, SettleJournal
+from services.relay.leasing import Leasing, leasable
+from services.relay.prices import PriceCache
 from services.relay.publisher import EventPublisher
 from services.relay.refusals import RefusalLog
 
@@ -73,6 +91,12 @@ class Exchange:
     choices: int = 1
     reservation: ReserveResponse | None = None
     settlement: SettleResponse | None = None
+    # Admitted on a lease instead of a reservation: the price it was admitted at, and what its usage
+    # event charges once it is over (``admission`` is then None again).
+    admission: Admission | None = None
+    price: pricing.Price | None = None
+    lease_id: str = ""
+    charged_micros: int = 0
     channel_id: str = ""
     upstream_model: str = ""
     status_code: int = 0
@@ -94,11 +118,19 @@ class Exchange:
         self.error = error
         self.status_code = status if status is not None else error.status
         if not self.end_reason:
-            self.end_reason = "refused" if self.reservation is None else "upstream_error"
+            self.end_reason = "refused" if not self.held else "upstream_error"
+
+    @property
+    def held(self) -> bool:
+        """Credit was held for this request: a reservation, or an admission on a lease."""
+        return self.reservation is not None or bool(self.lease_id)
 
     def to_event(self) -> UsageEvent:
         principal = self.principal or Principal()
         settlement = self.settlement or SettleResponse()
+        cost_micros, price_id = settlement.charged_micros, settlement.price_id
+        if self.lease_id and self.price is not None:
+            cost_micros, price_id = self.charged_micros, self.price.price_id
         error = self.error
         return UsageEvent(
             event_id=self.request_id,
@@ -112,9 +144,10 @@ class Exchange:
             stream=self.stream,
             status_code=self.status_code,
             usage=self.usage or Usage(),
-            cost_micros=settlement.charged_micros,
-            price_id=settlement.price_id,
+            cost_micros=cost_micros,
+            price_id=price_id,
             reservation_id=self.reservation.reservation_id if self.reservation else "",
+            lease_id=self.lease_id,
             latency_ms=int(self.elapsed_s() * 1000),
             ttfb_ms=int(self.ttfb_s * 1000),
             upstream_ms=int(self.upstream_s * 1000),
@@ -144,8 +177,31 @@ class SettleRetry:
         return step * random.uniform(0.5, 1.0)
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseAdmission:
+    """Admission on leases: the process's lease book and price cache, and how long an exact reserve
+    waits for leases quota recalled (``recall_window_s``, at most ``recall_attempts`` tries)."""
+
+    leasing: Leasing
+    prices: PriceCache
+    recall_window_s: float = 3.0
+    recall_attempts: int = 4
+
+
+def _bounded(usage: Usage) -> pricing.Usage:
+    """A provider's usage as the pricing counts it, each count within the bounds quota accepts (an
+    absurd report is capped at the admitted worst case anyway)."""
+    prompt = min(max(usage.prompt_tokens, 0), pricing.MAX_TOKENS)
+    return pricing.Usage(
+        prompt_tokens=prompt,
+        completion_tokens=min(max(usage.completion_tokens, 0), pricing.MAX_TOKENS),
+        cached_prompt_tokens=min(max(usage.cached_prompt_tokens, 0), prompt),
+        images=min(max(usage.images, 0), pricing.MAX_IMAGES),
+    )
+
+
 class Meter:
-    """Reserve / settle / release over gRPC, and publication of the usage event."""
+    """Admission on leases, reserve / settle / release over gRPC, and publication of the usage event."""
 
     def __init__(
         self,
@@ -155,12 +211,15 @@ class Meter:
         rpc_timeout_s: float,
         retry: SettleRetry | None = None,
         journal: SettleJournal | None = None,
+        leases: LeaseAdmission | None = None,
     ) -> None:
         self._stub = stub
         self._publisher = publisher
         self._timeout = rpc_timeout_s
         self._retry = retry or SettleRetry()
         self._journal = journal
+        # Only with a publisher: on a lease the usage event is the charge.
+        self._leases = leases if publisher is not None else None
         self._pending: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(publisher.publish) if publisher is not None else None
 
@@ -178,26 +237,77 @@ class Meter:
 
     async def reserve(
         self, exchange: Exchange, *, prompt_tokens: int, max_output_tokens: int, images: int = 0
-    ) -> ReserveResponse:
+    ) -> None:
+        """Hold the request's worst case: on its key's lease when it can, else with a Reserve RPC."""
         principal = exchange.principal
         assert principal is not None, "reserve needs an authenticated exchange"
-        exchange.reservation = await call(
-            self._stub.Reserve,
-            ReserveRequest(
-                reservation_id=exchange.request_id,
-                key_id=principal.key_id,
-                user_id=principal.user_id,
-                model=exchange.model,
+        if self._admit(exchange, principal, prompt_tokens, max_output_tokens, images):
+            return
+        request = ReserveRequest(
+            reservation_id=exchange.request_id,
+            key_id=principal.key_id,
+            user_id=principal.user_id,
+            model=exchange.model,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max_output_tokens,
+            images=images,
+            choices=exchange.choices,
+            key_limits=principal.key_limits,
+            user_limits=principal.user_limits,
+        )
+        exchange.reservation = await self._reserve_exact(request)
+
+    def _admit(
+        self,
+        exchange: Exchange,
+        principal: Principal,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        images: int,
+    ) -> bool:
+        leases = self._leases
+        if leases is None or not leasable(principal):
+            return False
+        price = leases.prices.get(exchange.model)
+        if price is None:
+            return False
+        try:
+            bound = pricing.worst_case(
+                price,
                 prompt_tokens=prompt_tokens,
                 max_output_tokens=max_output_tokens,
                 images=images,
                 choices=exchange.choices,
-                key_limits=principal.key_limits,
-                user_limits=principal.user_limits,
-            ),
-            timeout=self._timeout,
-        )
-        return exchange.reservation
+            )
+        except InvalidRequest:
+            # Out of bounds: quota's Reserve gives the caller its authoritative refusal.
+            return False
+        admission = leases.leasing.admit(principal, bound)
+        if admission is None:
+            return False
+        exchange.admission = admission
+        exchange.lease_id = admission.lease_id
+        exchange.price = price
+        return True
+
+    async def _reserve_exact(self, request: ReserveRequest) -> ReserveResponse:
+        """One Reserve; tried again while quota answers that it recalled the user's leases to cover
+        it, within the recall window (then the last refusal is the caller's answer)."""
+        leases = self._leases
+        if leases is None:
+            return await call(self._stub.Reserve, request, timeout=self._timeout)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + leases.recall_window_s
+        attempt = 1
+        while True:
+            try:
+                return await call(self._stub.Reserve, request, timeout=self._timeout)
+            except CreditRecalled as exc:
+                wait = exc.retry_after if exc.retry_after is not None else leases.recall_window_s / 10
+                if attempt >= leases.recall_attempts or loop.time() + wait > give_up:
+                    raise
+                attempt += 1
+                await asyncio.sleep(wait)
 
     async def finish(self, exchange: Exchange) -> None:
         """Settle (usage known) or release (nothing to bill), publish the event, record metrics.
@@ -205,6 +315,10 @@ class Meter:
         Never raises, and waits for one attempt only: when quota cannot answer it, the retries go on
         in the background and the event is published when they end."""
         self.observe(exchange)
+        if exchange.lease_id:
+            if self._finish_admission(exchange):
+                self._emit(exchange.to_event(), known=True, reserved=False)
+            return
         reservation = exchange.reservation
         if reservation is None:
             self._emit(exchange.to_event(), known=exchange.principal is not None, reserved=False)
@@ -225,6 +339,29 @@ class Meter:
                 extra={"reservation_id": exchange.request_id, "code": exc.code},
             )
         self._emit(exchange.to_event(), known=True, reserved=True)
+
+    def abandon(self, exchange: Exchange) -> None:
+        """A request task cancelled before it finished: its admission on a lease charges nothing and
+        publishes no event, like an exact hold left to expire. A stream that reached its upstream is
+        finished by its pump instead (:mod:`services.relay.streaming`)."""
+        if exchange.stream and exchange.status_code:
+            return
+        if exchange.admission is not None:
+            exchange.usage = None
+            self._finish_admission(exchange)
+
+    def _finish_admission(self, exchange: Exchange) -> bool:
+        """Finish the lease admission of ``exchange`` once: what it cost at the price it was admitted
+        with (nothing when nothing was delivered), capped at its worst case. False on a repeat."""
+        admission = exchange.admission
+        leases = self._leases
+        if admission is None or leases is None or exchange.price is None:
+            return False
+        exchange.admission = None
+        usage = exchange.usage
+        amount = pricing.cost(exchange.price, _bounded(usage)) if usage is not None else 0
+        exchange.charged_micros = leases.leasing.finish(admission, amount)
+        return True
 
     async def close(self, *, timeout: float) -> None:
         """Let pending settlements finish (bounded by ``timeout``); the rest give up and publish 0."""

@@ -21,14 +21,16 @@ from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerService
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
 from services.relay import admin, openai_errors
-from services.relay.accounting import Meter, SettleRetry
+from services.relay.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.breaker import BreakerPolicy, Breakers
 from services.relay.cache import ResponseCache
 from services.relay.channels import ChannelDirectory, ChannelTable
 from services.relay.deps import Gateway
 from services.relay.front import Front
 from services.relay.journal import SettleJournal
+from services.relay.leasing import Leasing
 from services.relay.pools import ChannelPools, PoolLimits
+from services.relay.prices import PriceCache
 from services.relay.principals import Authenticator, InvalidationListener
 from services.relay.proxy import Upstreams
 from services.relay.publisher import EventPublisher
@@ -124,12 +126,28 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         await directory.start()
         stack.push_async_callback(directory.close)
 
+        leases: LeaseAdmission | None = None
+        # On a lease the usage event is the charge: no publisher, no leases.
+        if settings.credit_leases and publisher is not None:
+            prices = PriceCache(
+                quota, refresh_s=settings.price_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
+            )
+            await prices.start()
+            stack.push_async_callback(prices.close)
+            terms = settings.credit_terms()
+            leasing = Leasing(quota, terms, shutdown_s=settings.credit_shutdown_s)
+            leasing.start()
+            # Runs after the meter's pending settlements (below): every admission is finished by then.
+            stack.push_async_callback(leasing.close)
+            leases = LeaseAdmission(leasing, prices, recall_window_s=3 * terms.sync_interval_ms / 1000)
+
         meter = Meter(
             quota,
             publisher,
             rpc_timeout_s=settings.rpc_timeout_s,
             retry=SettleRetry(window_s=settings.settle_retry_s),
             journal=journal,
+            leases=leases,
         )
         meter.start()
         # Runs after the streams (below) settle, and before quota's channel and the publisher close.

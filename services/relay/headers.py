@@ -4,9 +4,11 @@
   A caller's own ``x-request-id`` is logged for correlation but never used as ours: ours is the
   idempotency key of the money, and two requests sharing a caller-chosen id must not share a hold.
 * ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``, as OpenAI sends them, from the RPM and
-  TPM windows quota reports with the reservation (absent when no such limit applies).
+  TPM windows quota reports with the reservation (absent when no such limit applies, so always on a
+  request admitted on a lease: keys with RPM or TPM limits are never leased).
 * ``x-relaygate-overhead-ms``: time spent in the gateway so far (elapsed minus waiting on upstreams).
-* ``x-relaygate-available-micros``: the balance left after this request's hold.
+* ``x-relaygate-available-micros``: the balance left after this request's hold, when quota said so
+  (exact reservations; a request admitted on a lease made no RPC, so the relay does not know it).
 * ``x-relaygate-cache``: ``hit`` or ``miss`` when the response cache was consulted.
 """
 

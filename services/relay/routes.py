@@ -1,5 +1,6 @@
 """The OpenAI-compatible endpoints. :func:`relay` reads as the request's path through the gateway:
-check the input → authenticate → pick channels → (cache) → reserve → call upstream → settle → publish.
+check the input → authenticate → pick channels → (cache) → admit on a lease or reserve → call upstream
+→ settle → publish.
 
 Handlers are plain ASGI functions dispatched by :mod:`services.relay.front`; they answer every failure
 themselves, in OpenAI's error shape, and only reach an upstream or a balance once the request passed
@@ -8,6 +9,7 @@ every check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -238,6 +240,9 @@ async def relay(call: Call, endpoint: Endpoint) -> None:
             await _relay_json(call, exchange, endpoint, body, raw, plan, candidates)
     except ClientGone:
         return
+    except asyncio.CancelledError:
+        gateway.meter.abandon(exchange)
+        raise
     except GatewayError as exc:
         await _refuse(call, exchange, exc)
     except Exception:
@@ -252,7 +257,7 @@ async def _refuse(call: Call, exchange: Exchange, exc: GatewayError) -> None:
     exchange.fail(exc)
     await call.gateway.meter.finish(exchange)
     status, body, headers = error_body(exc, request_id=exchange.request_id)
-    if exchange.reservation is not None:
+    if exchange.held:
         headers.extend(gateway_headers(exchange)[1:])
     await respond(call.send, status, body, headers)
 

@@ -7,10 +7,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.config import BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses
+from services.common.config import (
+    BaseServiceSettings,
+    CreditSettings,
+    KafkaSettings,
+    RedisSettings,
+    ServiceAddresses,
+)
 
 
-class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses):
+class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses, CreditSettings):
     relay_host: str = "127.0.0.1"
     relay_port: int = Field(default=8080, ge=0, le=65535)
     # Request bodies above this are refused with 413 before they are parsed.
@@ -97,6 +103,12 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
     # quota's RELAYGATE_RESERVATION_TTL_S. On SIGTERM, pending retries get settle_shutdown_s.
     settle_retry_s: float = Field(default=30.0, gt=0, le=3600)
     settle_shutdown_s: float = Field(default=10.0, ge=0, le=3600)
+
+    # Requests admitted on leases (RELAYGATE_CREDIT_*) are priced by the relay itself, from quota's price
+    # list reloaded this often; a price change reaches leased requests within it.
+    price_refresh_s: float = Field(default=5.0, gt=0, le=300)
+    # On SIGTERM: how long the relay keeps syncing to give its leases back (quota expires the rest).
+    credit_shutdown_s: float = Field(default=2.0, ge=0, le=60)
 
     # Prefer X-Forwarded-For's first address as the client IP (only behind a trusted proxy).
     trust_forwarded_for: bool = False

@@ -1,0 +1,203 @@
+"""The relay process's credit leases: the :class:`~services.relay.credit.LeaseBook` and its sync loop.
+
+Requests are admitted on a key's lease without an RPC (:meth:`Leasing.admit`); a background task checks
+every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does, sends
+quota one ``Sync`` with every lease's report and the new asks, then applies the answer. The deadline
+of a sync is about one interval: a slow answer is worth less than the next sync. A failed sync changes
+nothing in the book (its leases keep admitting until their validity ends, see
+:mod:`services.relay.credit`) and is tried again at the next interval.
+
+The relay id is fresh per process start, so quota tells a restarted relay from the one before it and
+expires the old process's leases on their own. On shutdown every lease is given back: the book closes
+them all and syncs until quota forgot them or ``shutdown_s`` passed (quota expires the rest).
+
+This module is the only place that translates between the protocol's plain messages
+(:mod:`services.common.credit`) and ``relaygate.quota.v1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from services.common.credit import CreditTerms, Grant, SyncAnswer, SyncRequest
+from services.common.errors import GatewayError
+from services.common.grpc import call
+from services.common.ids import new_id
+from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
+from services.common.pb.relaygate.common.v1.types_pb2 import Limits
+from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.common.telemetry import METRICS
+from services.relay.credit import Admission, LeaseBook
+
+if TYPE_CHECKING:
+    from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
+
+__all__ = ["Leasing", "answer_from_pb", "monotonic_ms", "request_to_pb"]
+
+log = logging.getLogger(__name__)
+
+# A failing sync is logged at most this often (it is retried every interval).
+_WARN_EVERY_MS = 10_000
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def request_to_pb(request: SyncRequest, limits: dict[str, tuple[Limits, Limits]]) -> pb.SyncRequest:
+    """The wire form of ``request``; ``limits`` gives each asking key's (key, user) limits."""
+    message = pb.SyncRequest(relay_id=request.relay_id, seq=request.seq)
+    for report in request.reports:
+        message.reports.add(
+            lease_id=report.lease_id,
+            used_micros=report.used_micros,
+            inflight_micros=report.inflight_micros,
+            want_micros=report.want_micros,
+            closing=report.closing,
+        )
+    for ask in request.asks:
+        key_limits, user_limits = limits.get(ask.key_id, (Limits(), Limits()))
+        message.asks.add(
+            lease_id=ask.lease_id,
+            key_id=ask.key_id,
+            user_id=ask.user_id,
+            want_micros=ask.want_micros,
+            min_micros=ask.min_micros,
+            key_limits=key_limits,
+            user_limits=user_limits,
+        )
+    return message
+
+
+def answer_from_pb(message: pb.SyncResponse) -> SyncAnswer:
+    return SyncAnswer(
+        tuple(
+            Grant(
+                lease_id=grant.lease_id,
+                state=grant.state,
+                granted_micros=grant.granted_micros,
+                valid_for_ms=grant.valid_for_ms,
+                recall=grant.recall,
+            )
+            for grant in message.grants
+        )
+    )
+
+
+def leasable(principal: Principal) -> bool:
+    """Whether the key's requests may be admitted on a lease: RPM, TPM and concurrency limits are
+    enforced by quota's Reserve across every relay, so a key (or user) with one stays exact."""
+    for limits in (principal.key_limits, principal.user_limits):
+        if limits.rpm or limits.tpm or limits.max_concurrency:
+            return False
+    return True
+
+
+class Leasing:
+    """Admissions on leases and the sync loop of one relay process; owned by the relay's lifespan."""
+
+    def __init__(
+        self,
+        stub: QuotaServiceAsyncStub,
+        terms: CreditTerms,
+        *,
+        poll_s: float = 0.05,
+        shutdown_s: float = 2.0,
+        clock: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        self._stub = stub
+        self._terms = terms
+        self._poll_s = poll_s
+        self._shutdown_s = shutdown_s
+        self._clock = clock
+        self.relay_id = new_id("rly")
+        self.book = LeaseBook(self.relay_id, terms, lambda: new_id("lse"))
+        # The limits auth gave each key the book may ask a lease for: an ask carries them, so quota
+        # holds the lease against the key's and the user's budget windows.
+        self._limits: dict[str, tuple[Limits, Limits]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._warned_at = -_WARN_EVERY_MS
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def admit(self, principal: Principal, bound: int) -> Admission | None:
+        """Admit a request whose worst case is ``bound`` on its key's lease, or None (exact path)."""
+        key_id = principal.key_id
+        self._limits[key_id] = (principal.key_limits, principal.user_limits)
+        admission = self.book.admit(key_id, principal.user_id, bound, self._clock())
+        METRICS.relay_credit_admissions.labels(path="lease" if admission is not None else "exact").inc()
+        return admission
+
+    def finish(self, admission: Admission, cost: int) -> int:
+        """The request is over; returns what its usage event charges (at most its admitted bound)."""
+        return self.book.finish(admission, cost)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="credit-sync")
+
+    async def close(self) -> None:
+        """Give every lease back: stop the loop, close them all, sync until quota forgot them (or
+        ``shutdown_s``); what is left expires in quota."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.book.close_all()
+        deadline = self._clock() + int(self._shutdown_s * 1000)
+        while not self.book.idle and self._clock() < deadline:
+            await self.sync()
+            if not self.book.idle:
+                await asyncio.sleep(min(self._poll_s * 2, max(0.0, (deadline - self._clock()) / 1000)))
+        if not self.book.idle:
+            log.warning(
+                "leases not given back at shutdown; quota expires them",
+                extra={"relay_id": self.relay_id, "leases": len(self.book.leases())},
+            )
+
+    # --- syncs -----------------------------------------------------------------------------------
+
+    async def sync(self) -> bool:
+        """Send one sync now and apply its answer; False when quota did not answer."""
+        sent_at = self._clock()
+        request = self.book.sync_request(sent_at)
+        self._forget_limits()
+        message = request_to_pb(request, self._limits)
+        try:
+            answer = await call(self._stub.Sync, message, timeout=self._terms.sync_interval_ms / 1000)
+        except GatewayError as exc:
+            METRICS.relay_credit_syncs.labels(outcome="failed").inc()
+            if sent_at - self._warned_at >= _WARN_EVERY_MS:
+                self._warned_at = sent_at
+                log.warning(
+                    "credit sync failed; leases keep admitting until their validity ends: %s",
+                    exc.message,
+                    extra={"relay_id": self.relay_id, "code": exc.code, "leases": len(request.reports)},
+                )
+            return False
+        self.book.apply(answer_from_pb(answer), sent_at)
+        METRICS.relay_credit_syncs.labels(outcome="ok").inc()
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            if self.book.sync_due(self._clock()):
+                try:
+                    await self.sync()
+                except Exception:
+                    # The loop must outlive any single bad answer; the next interval tries again.
+                    log.exception("credit sync crashed")
+
+    def _forget_limits(self) -> None:
+        if len(self._limits) <= len(self.book.leases()):
+            return
+        keys = {lease.key_id for lease in self.book.leases()}
+        self._limits = {key: limits for key, limits in self._limits.items() if key in keys}
