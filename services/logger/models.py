@@ -56,6 +56,8 @@ class RequestLog(Base):
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
     # 0 for one request; N for a summary of N refusals made before the key was known (a flood).
     aggregated: Mapped[int] = mapped_column(default=0)
+    # The credit lease the request was admitted on ('' when it held an exact reservation, or none).
+    lease_id: Mapped[str] = mapped_column(String(64), default="")
     logged_at_ms: Mapped[int] = mapped_column(default=0)
 
 
