@@ -108,6 +108,25 @@ class KafkaSettings(BaseSettings):
         return f"{self.kafka_topic_prefix}usage.dlq"
 
 
+class KafkaConsumerSettings(KafkaSettings):
+    """Group membership of a service that consumes the usage topic (the logger, quota's settling)."""
+
+    # A consumer silent for the session timeout loses its partitions. Shorter means faster failover
+    # but more spurious rebalances on a loaded machine.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=100, le=300_000)
+    kafka_heartbeat_interval_ms: int = Field(default=1000, ge=10, le=100_000)
+
+    @model_validator(mode="after")
+    def _check_kafka_timing(self) -> KafkaConsumerSettings:
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ValueError(
+                "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS must be below RELAYGATE_KAFKA_SESSION_TIMEOUT_MS "
+                f"(got {self.kafka_heartbeat_interval_ms} >= {self.kafka_session_timeout_ms}); "
+                "a third of it is usual"
+            )
+        return self
+
+
 class CreditSettings(BaseSettings):
     """The credit-control protocol's timing and sizing (``services.common.credit.CreditTerms``): one set
     per deployment, read by quota (grants, expiry) and by every relay (admission, syncs)."""

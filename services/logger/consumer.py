@@ -1,6 +1,6 @@
 """The logger's Kafka consumer: fetch, batch, write, and only then commit.
 
-One loop owns one :class:`~services.logger.batch.Batch`::
+One loop owns one :class:`~services.common.batch.Batch`::
 
     getmany() ──▶ decode + check ──▶ Batch ──(closed by size or age)──▶ write() ──▶ commit(offsets)
                       │ unusable
@@ -36,11 +36,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import TopicPartition
 
+from services.common.batch import Batch, BatchPolicy
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.events import decode
+from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.telemetry import METRICS
-from services.logger.batch import Batch, BatchPolicy
 from services.logger.dlq import DeadLetters
 from services.logger.settings import LoggerSettings
 from services.logger.writer import check_storable, write
@@ -110,7 +111,7 @@ class LogConsumer:
         self._clock = clock
         self._write_timeout_s = write_timeout_s
         self._shutdown_timeout_s = shutdown_timeout_s
-        self._batch = Batch(policy, clock)
+        self._batch: Batch[UsageEvent] = Batch(policy, clock)
         # Held while the batch changes (ingesting, writing); the revocation callback runs in the
         # client's coordination task and must not interleave with either.
         self._lock = asyncio.Lock()
@@ -238,9 +239,9 @@ class LogConsumer:
     async def _flush(self) -> None:
         """Write the batch, then commit its offsets, then start a new batch. Caller holds the lock."""
         batch = self._batch
-        if batch.events:
+        if batch.items:
             started = time.perf_counter()
-            await write(self._db, batch.events, clock=self._clock)
+            await write(self._db, batch.items, clock=self._clock)
             METRICS.logger_batch_write.observe(time.perf_counter() - started)
             METRICS.logger_batch_rows.observe(len(batch))
         try:
@@ -255,7 +256,7 @@ class LogConsumer:
                 extra={"rows": len(batch), "error": repr(exc)},
             )
         now_ms = self._clock.time() * 1000
-        for event in batch.events:
+        for event in batch.items:
             METRICS.logger_end_to_end.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         self._batch = Batch(self._policy, self._clock)
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, KafkaSettings
-from services.logger.batch import BatchPolicy
+from services.common.batch import BatchPolicy
+from services.common.config import (
+    BaseServiceSettings,
+    DatabaseSettings,
+    GrpcServerSettings,
+    KafkaConsumerSettings,
+)
 from services.logger.partitions import PartitionPolicy
 
 
-class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcServerSettings):
+class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaConsumerSettings, GrpcServerSettings):
     """Everything the logger process needs; built once in ``main()`` and passed down.
 
     On shutdown the gRPC server drains for ``grpc_drain_seconds`` while the consumer writes its last
@@ -22,10 +27,6 @@ class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcS
     # A batch is written when it holds this many rows, or this long after its first message.
     batch_max_rows: int = Field(default=5000, ge=1, le=100_000)
     batch_max_seconds: float = Field(default=1.0, gt=0, le=300)
-    # Group membership: a consumer silent for the session timeout loses its partitions. Shorter means
-    # faster failover but more spurious rebalances on a loaded machine.
-    kafka_session_timeout_ms: int = Field(default=6000, ge=100, le=300_000)
-    kafka_heartbeat_interval_ms: int = Field(default=1000, ge=10, le=100_000)
     # One attempt at writing and committing a batch; a slower attempt counts as failed and is retried.
     # A 5,000-row batch takes ~0.15 s on PostgreSQL.
     logger_write_timeout_s: float = Field(default=10.0, gt=0, le=600)
@@ -42,13 +43,7 @@ class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaSettings, GrpcS
     log_maintenance_interval_s: float = Field(default=3600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
-    def _check_kafka_timing(self) -> LoggerSettings:
-        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
-            raise ValueError(
-                "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS must be below RELAYGATE_KAFKA_SESSION_TIMEOUT_MS "
-                f"(got {self.kafka_heartbeat_interval_ms} >= {self.kafka_session_timeout_ms}); "
-                "a third of it is usual"
-            )
+    def _check_names(self) -> LoggerSettings:
         if not self.logger_listen.strip():
             raise ValueError("RELAYGATE_LOGGER_LISTEN must be host:port")
         if not self.logger_group_id.strip():

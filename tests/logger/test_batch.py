@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiokafka.structs import TopicPartition
 
+from services.common.batch import Batch, BatchPolicy
 from services.common.clock import ManualClock
-from services.logger.batch import Batch, BatchPolicy
 from tests.logger.factories import make_event
 
 TP0 = TopicPartition("relaygate.usage", 0)
@@ -85,7 +85,7 @@ def test_offsets_are_the_next_to_consume_per_partition() -> None:
     # A re-read of an older position never moves the commit point back.
     batch.add(TP0, 40, make_event("b", 3))
     assert batch.offsets[TP0] == 43
-    assert [e.event_id for e in batch.events] == ["b_000000", "b_000001", "b_000002", "b_000003"]
+    assert [e.event_id for e in batch.items] == ["b_000000", "b_000001", "b_000002", "b_000003"]
 
 
 def test_skipped_messages_are_committed_without_rows() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from services.logger.batch import BatchPolicy
+from services.common.batch import BatchPolicy
 from services.logger.partitions import PartitionPolicy
 from services.logger.settings import LoggerSettings
 
