@@ -15,6 +15,7 @@ from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.common.redis import redis_client
 from services.quota.budgets import Budgets, Calendar
+from services.quota.leasing import CreditStore
 from services.quota.ledger import BatchPolicy, Ledger
 from services.quota.limits import GuardedLimiter, Limiter, LocalLimiter
 from services.quota.pricing import PriceBook
@@ -70,6 +71,7 @@ async def run(
 
         prices = PriceBook(db, clock=clock, cache_ttl_s=settings.price_cache_ttl_s)
         calendar = Calendar(settings.budget_timezone)
+        credit = CreditStore(db, calendar, settings.credit_terms(), clock)
         ledger = Ledger(
             db,
             prices,
@@ -81,6 +83,7 @@ async def run(
             calendar=calendar,
             batching=BatchPolicy(settings.ledger_batch_max, settings.ledger_batch_concurrency),
             replica_wait_s=settings.replica_wait_s,
+            credit=credit,
         )
         # Runs after the server has drained: the last batches commit before the pools close.
         stack.push_async_callback(ledger.close)
@@ -88,11 +91,11 @@ async def run(
         catalog = Catalog(db, clock=clock)
 
         sweeper = asyncio.create_task(
-            sweep_expired(ledger, settings.expiry_sweep_interval_s), name="quota-expiry-sweeper"
+            sweep_expired(ledger, credit, settings.expiry_sweep_interval_s), name="quota-expiry-sweeper"
         )
         stack.push_async_callback(_cancel, sweeper)
 
-        servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets)
+        servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets, credit=credit)
         await serve(
             [
                 Registration(SERVICE_NAME, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server),
@@ -107,12 +110,14 @@ async def run(
         )
 
 
-async def sweep_expired(ledger: Ledger, interval_s: float) -> None:
-    """Expire abandoned holds every ``interval_s`` until cancelled; a failed sweep is retried next time."""
+async def sweep_expired(ledger: Ledger, credit: CreditStore, interval_s: float) -> None:
+    """Expire abandoned reservations and leases every ``interval_s`` until cancelled; a failed sweep is
+    retried next time."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await ledger.expire_due()
+            await credit.expire_due()
             await ledger.maintain()
         except Exception:
             # Typically the primary is unreachable; holds stay held (never lost) until a sweep succeeds.

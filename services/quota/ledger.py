@@ -38,12 +38,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.clock import Clock
 from services.common.db import Database
-from services.common.errors import Conflict, InvalidRequest, QuotaError
+from services.common.errors import (
+    BudgetExceeded,
+    Conflict,
+    CreditRecalled,
+    InsufficientQuota,
+    InvalidRequest,
+    QuotaError,
+)
 from services.common.telemetry import METRICS
 from services.quota import models
 from services.quota.budgets import Calendar
 from services.quota.group_commit import GroupCommit
 from services.quota.holding import Hold, HoldRequest
+from services.quota.leasing import CreditStore
 from services.quota.limits import NO_LIMITS, Limiter, LimitRequest, Limits, LocalLimiter, Ticket, lease_names
 from services.quota.models import EXPIRED, HELD, RELEASED, SETTLED, STATES
 from services.quota.posting import Operation, Posting, Result
@@ -88,9 +96,10 @@ _CREDIT = (
 )
 # An adjustment down may not uncover what open reservations hold.
 _DEBIT = _CREDIT.where(_A.balance_micros + bindparam("amount") >= _A.reserved_micros)
+# Leases expire on their own clock (``services.quota.leasing``).
 _DUE = (
     select(_R.id)
-    .where(_R.state == HELD, _R.expires_at <= bindparam("cutoff"))
+    .where(_R.kind == models.RESERVATION, _R.state == HELD, _R.expires_at <= bindparam("cutoff"))
     .order_by(_R.expires_at)
     .limit(bindparam("batch"))
 )
@@ -183,7 +192,8 @@ def _check_count(name: str, value: int, limit: int) -> None:
 
 class Ledger:
     """The accounting operations. ``clock`` supplies every timestamp, so expiry and budget windows
-    are testable without sleeping; ``limiter`` defaults to in-process limits (one quota process)."""
+    are testable without sleeping; ``limiter`` defaults to in-process limits (one quota process);
+    ``credit`` (the relays' leases) lets a refused Reserve recall leases of its user."""
 
     def __init__(
         self,
@@ -198,8 +208,10 @@ class Ledger:
         calendar: Calendar | None = None,
         batching: BatchPolicy | None = None,
         replica_wait_s: float = 0.05,
+        credit: CreditStore | None = None,
     ) -> None:
         self._db = db
+        self._credit = credit
         self._prices = prices
         self._clock = clock
         self._ttl = reservation_ttl_s
@@ -306,12 +318,31 @@ class Ledger:
         except Exception as exc:
             # Definitely not held (a cancelled caller is not: its batch may still commit).
             await self._give_back(ticket)
+            if isinstance(exc, InsufficientQuota | BudgetExceeded) and await self._recalled(request):
+                exc = CreditRecalled(
+                    f"{exc.message}; leases of this user hold unused credit and are being recalled",
+                    param=exc.param,
+                    retry_after=2 * self._credit.terms.sync_interval_ms / 1000 if self._credit else None,
+                )
+                METRICS.quota_rejections.labels(reason=exc.code).inc()
+                raise exc from None
             if isinstance(exc, QuotaError):
                 METRICS.quota_rejections.labels(reason=exc.code).inc()
             raise
         if hold.repeated:
             await self._give_back(ticket)
         return dataclasses.replace(hold, requests=ticket.requests, tokens=ticket.tokens)
+
+    async def _recalled(self, request: HoldRequest) -> bool:
+        """Whether the user's leases were recalled to cover ``request`` (worth a retry shortly)."""
+        if self._credit is None:
+            return False
+        try:
+            return await self._credit.recall(request)
+        except Exception:
+            # The refusal stands; the relay sees the balance error it would have seen anyway.
+            log.warning("could not recall leases", exc_info=True)
+            return False
 
     async def _give_back(self, ticket: Ticket) -> None:
         try:

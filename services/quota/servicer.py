@@ -10,10 +10,13 @@ from typing import Any
 
 import grpc
 
+from services.common.credit import Grant, LeaseAsk, LeaseReport, SyncRequest
+from services.common.errors import InvalidRequest
 from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.budgets import Budgets, BudgetStatus
+from services.quota.leasing import MAX_ITEMS, CarriedBudgets, CreditStore
 from services.quota.ledger import BalanceView, Hold, Ledger, Outcome, ReservationView
 from services.quota.limits import Limits, Window
 from services.quota.pricing import Price, PriceBook, Usage
@@ -142,13 +145,63 @@ def _balance_to_pb(view: BalanceView) -> pb.Balance:
     )
 
 
+def _sync_from_pb(message: pb.SyncRequest) -> tuple[SyncRequest, dict[str, CarriedBudgets]]:
+    # Counted before anything is built from them: a huge message costs no more than a refusal.
+    if len(message.reports) > MAX_ITEMS or len(message.asks) > MAX_ITEMS:
+        raise InvalidRequest(
+            f"a sync carries at most {MAX_ITEMS} reports and {MAX_ITEMS} asks", param="reports"
+        )
+    budgets: dict[str, CarriedBudgets] = {}
+    for ask in message.asks:
+        key_limits, user_limits = _limits_from_pb(ask.key_limits), _limits_from_pb(ask.user_limits)
+        key_limits.validate("asks.key_limits")
+        user_limits.validate("asks.user_limits")
+        budgets[ask.lease_id] = CarriedBudgets.of(key_limits, user_limits)
+    request = SyncRequest(
+        relay_id=message.relay_id,
+        seq=message.seq,
+        reports=tuple(
+            LeaseReport(
+                lease_id=r.lease_id,
+                used_micros=r.used_micros,
+                inflight_micros=r.inflight_micros,
+                want_micros=r.want_micros,
+                closing=r.closing,
+            )
+            for r in message.reports
+        ),
+        asks=tuple(
+            LeaseAsk(
+                lease_id=a.lease_id,
+                key_id=a.key_id,
+                user_id=a.user_id,
+                want_micros=a.want_micros,
+                min_micros=a.min_micros,
+            )
+            for a in message.asks
+        ),
+    )
+    return request, budgets
+
+
+def _grant_to_pb(grant: Grant) -> pb.LeaseGrant:
+    return pb.LeaseGrant(
+        lease_id=grant.lease_id,
+        state=grant.state,
+        granted_micros=grant.granted_micros,
+        valid_for_ms=grant.valid_for_ms,
+        recall=grant.recall,
+    )
+
+
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     """``relaygate.quota.v1.QuotaService``."""
 
-    def __init__(self, *, ledger: Ledger, prices: PriceBook, budgets: Budgets) -> None:
+    def __init__(self, *, ledger: Ledger, prices: PriceBook, budgets: Budgets, credit: CreditStore) -> None:
         self._ledger = ledger
         self._prices = prices
         self._budgets = budgets
+        self._credit = credit
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         hold = await self._ledger.reserve(
@@ -240,6 +293,11 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 for d in found
             ]
         )
+
+    async def Sync(self, request: pb.SyncRequest, context: Context) -> pb.SyncResponse:
+        sync, budgets = _sync_from_pb(request)
+        answer = await self._credit.sync(sync, budgets)
+        return pb.SyncResponse(grants=[_grant_to_pb(g) for g in answer.grants])
 
     async def SetPrice(self, request: pb.Price, context: Context) -> pb.Price:
         return price_to_pb(await self._prices.set_price(price_from_pb(request)))

@@ -7,10 +7,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator, model_validator
 
-from services.common.config import BaseServiceSettings, DatabaseSettings, GrpcServerSettings, RedisSettings
+from services.common.config import (
+    BaseServiceSettings,
+    CreditSettings,
+    DatabaseSettings,
+    GrpcServerSettings,
+    RedisSettings,
+)
 
 
-class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings):
+class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings, CreditSettings):
     quota_listen: str = "127.0.0.1:50052"
     # A hold nobody settles (the relay died mid-request) is released after this long, charging
     # nothing (flagged ``expired``). Keep it above the longest request a relay allows (its total
