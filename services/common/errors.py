@@ -16,7 +16,8 @@ or ``gateway``)::
     │   ├── InsufficientQuota          429 insufficient_quota
     │   ├── BudgetExceeded             429 budget_exceeded
     │   ├── RateLimited                429 rate_limit_exceeded   (retry_after)
-    │   └── ConcurrencyLimited         429 concurrency_limit_exceeded (retry_after)
+    │   ├── ConcurrencyLimited         429 concurrency_limit_exceeded (retry_after)
+    │   └── CreditRecalled             429 credit_recalled       (retry_after)
     ├── UpstreamError                  502 upstream_error        provider
     │   ├── UpstreamTimeout            504 upstream_timeout      provider
     │   ├── UpstreamStatus             the upstream's status     provider
@@ -148,6 +149,18 @@ class RateLimited(QuotaError):
 class ConcurrencyLimited(QuotaError):
     type = "rate_limit_error"
     code = "concurrency_limit_exceeded"
+
+
+class CreditRecalled(QuotaError):
+    """The balance or a budget cannot cover this request now, but leases of the same user hold unused
+    credit that quota has just recalled: retry after ``retry_after`` (about two relay syncs)."""
+
+    type = "rate_limit_error"
+    code = "credit_recalled"
+
+    @classmethod
+    def default_message(cls) -> str:
+        return "Credit held for other requests of this user is being returned; retry shortly."
 
 
 class UpstreamError(GatewayError):

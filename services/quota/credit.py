@@ -154,6 +154,11 @@ class CreditBooks:
     _active: set[str] = field(default_factory=set)
     _unchecked: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Books built from stored rows (the services load each transaction's holds) must know which
+        # of them are active, or expiry, shares and recalls would not see them.
+        self._active.update(hold_id for hold_id, hold in self.holds.items() if hold.state in _ACTIVE)
+
     # --- money in ------------------------------------------------------------------------------
 
     def top_up(self, user_id: str, amount: int) -> Account:

@@ -21,7 +21,16 @@ from services.quota.pricing import Price
 if TYPE_CHECKING:
     from services.quota.posting import Books
 
-__all__ = ["Hold", "HoldRequest", "budget_windows", "decide_hold", "duplicate", "repeat", "reservation_row"]
+__all__ = [
+    "Hold",
+    "HoldRequest",
+    "budget_windows",
+    "decide_hold",
+    "duplicate",
+    "repeat",
+    "reservation_row",
+    "windows_for",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +75,34 @@ def budget_windows(op: HoldRequest, stored: dict[tuple[str, str, str], int]) -> 
     """The budget windows a paid request must fit in, with the cap in force for each."""
     if op.amount <= 0:
         return []
+    return windows_for(
+        op.key_id, op.user_id, op.key_budgets, op.user_budgets, (op.day_start, op.month_start), stored
+    )
+
+
+def windows_for(
+    key_id: str,
+    user_id: str,
+    key_budgets: tuple[int, int],
+    user_budgets: tuple[int, int],
+    starts: tuple[int, int],
+    stored: dict[tuple[str, str, str], int],
+) -> list[tuple[WindowKey, int]]:
+    """The budget windows a hold of ``key_id`` counts against, with the cap in force for each.
+
+    ``*_budgets`` are the (daily, monthly) budgets carried by the key's and user's Limits (0: none),
+    ``starts`` the current (day, month) window starts, ``stored`` the operator budgets.
+    """
     found: list[tuple[WindowKey, int]] = []
     for scope, scope_id, carried in (
-        ("key", op.key_id, op.key_budgets),
-        ("user", op.user_id, op.user_budgets),
+        ("key", key_id, key_budgets),
+        ("user", user_id, user_budgets),
     ):
         if not scope_id:
             continue
         for period, carried_cap, start in (
-            ("day", carried[0], op.day_start),
-            ("month", carried[1], op.month_start),
+            ("day", carried[0], starts[0]),
+            ("month", carried[1], starts[1]),
         ):
             cap = effective_limit(carried_cap, stored.get((scope, scope_id, period), 0))
             if cap:

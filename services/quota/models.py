@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, Index, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.db import Base
@@ -21,6 +21,10 @@ SETTLED = "settled"
 RELEASED = "released"
 EXPIRED = "expired"
 STATES = (HELD, SETTLED, RELEASED, EXPIRED)
+
+# Kinds of hold: a per-request reservation (the exact path) or a relay's lease.
+RESERVATION = "reservation"
+LEASE = "lease"
 
 
 class Price(Base):
@@ -96,8 +100,19 @@ class BudgetUsage(Base):
 
 
 class Reservation(Base):
+    """A hold on a balance and its budget windows: one request's reservation, or a relay's lease.
+
+    A lease (``kind = 'lease'``) is ``held`` while quota's books have it open, closing or expired
+    (``phase``); ``reserved_micros`` is what it holds now (granted - applied) and ``charged_micros``
+    what its usage events charged (applied + over). It ends ``settled`` when its relay closed it and
+    ``expired`` when quota gave it up. ``model`` is empty and ``price_id`` 0: its requests carry theirs.
+    """
+
     __tablename__ = "reservations"
-    __table_args__ = (Index("ix_reservations_state_expires", "state", "expires_at"),)
+    __table_args__ = (
+        Index("ix_reservations_state_expires", "state", "expires_at"),
+        Index("ix_reservations_kind_state_expires_ms", "kind", "state", "expires_at_ms"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(40), index=True)
@@ -119,10 +134,27 @@ class Reservation(Base):
     month_start: Mapped[int] = mapped_column(default=0, server_default="0")
     # Concurrency slots taken (``limits.LEASE_KEY | LEASE_USER``), given back when it finishes.
     leases: Mapped[int] = mapped_column(default=0, server_default="0")
+    # reservation | lease; the columns below are a lease's (``services.quota.credit.Hold``).
+    kind: Mapped[str] = mapped_column(String(16), default=RESERVATION, server_default=RESERVATION)
+    relay_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    granted_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+    applied_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+    over_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+    used_reported_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+    inflight_reported_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+    seq: Mapped[int] = mapped_column(default=-1, server_default="-1")
+    recall: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # open | closing | expired | closed (leases only; empty for reservations).
+    phase: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # Given up by quota because its relay stopped syncing.
+    given_up: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Leases run on milliseconds; ``expires_at`` is kept as its ceiling in seconds.
+    expires_at_ms: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class LedgerEntry(Base):
-    """Append-only: top-ups and adjustments (signed), and one charge per settled reservation."""
+    """Append-only: top-ups and adjustments (signed), one charge per settled reservation, and one per
+    request charged on a lease (``reservation_id`` = the request id, ``hold_id`` = the lease)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -143,3 +175,7 @@ class LedgerEntry(Base):
     # Charges flagged as settled by expiry or from an estimate.
     flags: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[int]
+    # The reservation or lease a charge is against (its ``reservations.id``).
+    hold_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    # What a late charge could not take from the balance: on the books, never collected.
+    written_off_micros: Mapped[int] = mapped_column(default=0, server_default="0")

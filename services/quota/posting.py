@@ -60,7 +60,7 @@ from services.quota.holding import (
 from services.quota.pricing import PriceBook
 from services.quota.settlement import Charge, FinishRequest, Outcome, charge_for, repeated, windows_of
 
-__all__ = ["Books", "Operation", "Posting", "Result"]
+__all__ = ["Books", "Operation", "Posting", "Result", "member_of"]
 
 Operation = HoldRequest | FinishRequest
 # A finish answers None when it is an expiry that did not happen (finished already, or not due).
@@ -77,7 +77,7 @@ _ENTRIES = cast(Table, models.LedgerEntry.__table__)
 _USAGE = cast(Table, models.BudgetUsage.__table__)
 
 
-def _member_of(column: Any, name: str, *, postgres: bool, integer: bool = False) -> ColumnElement[bool]:
+def member_of(column: Any, name: str, *, postgres: bool, integer: bool = False) -> ColumnElement[bool]:
     """``column`` is one of the list bound as ``name``. On PostgreSQL an array parameter keeps the SQL
     text (and its prepared statement) the same whatever the list's length."""
     if postgres:
@@ -179,15 +179,16 @@ class Posting:
                 _L.flags,
             )
             .select_from(_RESERVATIONS.outerjoin(_ENTRIES, _L.reservation_id == _R.id))
-            .where(_member_of(_R.id, "ids", postgres=pg))
+            # A lease is finished by its relay's sync or by quota, never by Settle or Release.
+            .where(member_of(_R.id, "ids", postgres=pg), _R.kind == models.RESERVATION)
             .order_by(_R.id)
             .with_for_update(of=_RESERVATIONS)
         )
         self._stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
-            _member_of(_B.scope_id, "sids", postgres=pg)
+            member_of(_B.scope_id, "sids", postgres=pg)
         )
         self._accounts = select(_A.user_id, _A.balance_micros, _A.reserved_micros).where(
-            _member_of(_A.user_id, "users", postgres=pg)
+            member_of(_A.user_id, "users", postgres=pg)
         )
         self._lock_accounts = self._accounts.order_by(_A.user_id).with_for_update()
         self._new_windows = (postgresql.insert if pg else sqlite.insert)(_USAGE).on_conflict_do_nothing(
@@ -204,8 +205,8 @@ class Posting:
                 _U.limit_micros,
             )
             .where(
-                _member_of(_U.scope_id, "sids", postgres=pg),
-                _member_of(_U.window_start, "starts", postgres=pg, integer=True),
+                member_of(_U.scope_id, "sids", postgres=pg),
+                member_of(_U.window_start, "starts", postgres=pg, integer=True),
             )
             .order_by(_U.scope, _U.scope_id, _U.period, _U.window_start)
             .with_for_update()
@@ -447,6 +448,7 @@ class Posting:
                 "kind": "charge",
                 "amount_micros": -c.charged,
                 "reservation_id": c.row.id,
+                "hold_id": c.row.id,
                 "price_id": c.row.price_id,
                 "idempotency_key": None,
                 "actor": "",

@@ -1,0 +1,723 @@
+"""Leases on the primary: quota's credit books (:mod:`services.quota.credit`) run on stored rows.
+
+Each operation is one transaction: lock the rows it touches, load them into a
+:class:`~services.quota.credit.CreditBooks`, run the operation there, and write back what changed
+(holds upserted, accounts and budget windows as absolute values under their locks). The rules live
+only in the books; this module is the SQL around them.
+
+A lease is a ``reservations`` row of kind ``lease`` (``services.quota.models.Reservation``); each
+request charged on it is one ``ledger_entries`` row whose ``reservation_id`` is the request id (unique,
+so a request is charged once whatever repeats) and whose ``hold_id`` is the lease.
+
+Locks are taken in the order of :mod:`services.quota.posting`: holds (by id), then accounts (by user
+id), then budget windows (by key), each set in one ``SELECT ... FOR UPDATE ORDER BY``, so syncs,
+charges, expiry, recalls and the exact path's batches cannot deadlock each other, in any number of
+quota processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.common.clock import Clock
+from services.common.credit import (
+    LEASE,
+    RESERVATION,
+    Charge,
+    CreditTerms,
+    LeaseAsk,
+    LeaseReport,
+    ReserveAsk,
+    SyncAnswer,
+    SyncRequest,
+)
+from services.common.db import Database
+from services.common.errors import InvalidRequest
+from services.quota import models
+from services.quota.budgets import Calendar, WindowKey, window_bit
+from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Posted, Window
+from services.quota.holding import HoldRequest, budget_windows, windows_for
+from services.quota.limits import Limits
+from services.quota.posting import member_of
+from services.quota.settlement import windows_of
+
+__all__ = ["MAX_ITEMS", "CarriedBudgets", "CreditStore"]
+
+log = logging.getLogger(__name__)
+
+# Reports or asks in one sync: a relay process holds one lease per key it serves.
+MAX_ITEMS = 10_000
+MAX_AMOUNT_MICROS = 10**15
+# Two consumers inserting the same request's charge against an unknown hold race on the unique
+# request id; the loser's batch is retried and then sees the winner's rows.
+_CHARGE_ATTEMPTS = 3
+
+_A = cast(Table, models.Account.__table__).c
+_R = cast(Table, models.Reservation.__table__).c
+_L = cast(Table, models.LedgerEntry.__table__).c
+_B = cast(Table, models.Budget.__table__).c
+_U = cast(Table, models.BudgetUsage.__table__).c
+_ACCOUNTS = cast(Table, models.Account.__table__)
+_RESERVATIONS = cast(Table, models.Reservation.__table__)
+_ENTRIES = cast(Table, models.LedgerEntry.__table__)
+_USAGE = cast(Table, models.BudgetUsage.__table__)
+
+_HOLD_COLUMNS = (
+    _R.id,
+    _R.kind,
+    _R.key_id,
+    _R.user_id,
+    _R.state,
+    _R.reserved_micros,
+    _R.relay_id,
+    _R.granted_micros,
+    _R.applied_micros,
+    _R.over_micros,
+    _R.used_reported_micros,
+    _R.inflight_reported_micros,
+    _R.seq,
+    _R.recall,
+    _R.phase,
+    _R.given_up,
+    _R.expires_at,
+    _R.expires_at_ms,
+    _R.budget_windows,
+    _R.day_start,
+    _R.month_start,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedBudgets:
+    """The (daily, monthly) budgets a lease ask carries from the key's and the user's Limits (0: none)."""
+
+    key: tuple[int, int] = (0, 0)
+    user: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def of(cls, key_limits: Limits, user_limits: Limits) -> CarriedBudgets:
+        return cls(
+            (key_limits.daily_budget_micros, key_limits.monthly_budget_micros),
+            (user_limits.daily_budget_micros, user_limits.monthly_budget_micros),
+        )
+
+
+def _window_id(key: WindowKey) -> str:
+    return f"{key.scope}:{key.scope_id}:{key.period}:{key.window_start}"
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """One transaction's rows as loaded, to write back only what the books changed."""
+
+    books: CreditBooks
+    holds: dict[str, Hold]
+    accounts: dict[str, tuple[int, int]]
+    windows: dict[str, tuple[int, int, int]]
+    window_keys: dict[str, WindowKey]
+
+
+class CreditStore:
+    """Leases and lease charges on the primary (see the module docstring)."""
+
+    def __init__(self, db: Database, calendar: Calendar, terms: CreditTerms, clock: Clock) -> None:
+        self._db = db
+        self._calendar = calendar
+        self._terms = terms
+        self._clock = clock
+        pg = db.dialect == "postgresql"
+        self._pg = pg
+        self._users_of = select(_R.user_id).where(member_of(_R.id, "ids", postgres=pg)).distinct()
+        active_leases = and_(
+            member_of(_R.user_id, "users", postgres=pg), _R.kind == models.LEASE, _R.state == models.HELD
+        )
+        self._lock_named = (
+            select(*_HOLD_COLUMNS)
+            .where(member_of(_R.id, "ids", postgres=pg))
+            .order_by(_R.id)
+            .with_for_update()
+        )
+        self._lock_named_and_leases = (
+            select(*_HOLD_COLUMNS)
+            .where(or_(member_of(_R.id, "ids", postgres=pg), active_leases))
+            .order_by(_R.id)
+            .with_for_update()
+        )
+        self._lock_leases_of = select(*_HOLD_COLUMNS).where(active_leases).order_by(_R.id).with_for_update()
+        self._due = (
+            select(_R.id)
+            .where(
+                _R.kind == models.LEASE,
+                _R.state == models.HELD,
+                _R.expires_at_ms <= bindparam("now_ms"),
+            )
+            .order_by(_R.expires_at_ms)
+            .limit(bindparam("batch"))
+        )
+        self._charged_already = select(_L.reservation_id).where(
+            member_of(_L.reservation_id, "rids", postgres=pg)
+        )
+        self._stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
+            member_of(_B.scope_id, "sids", postgres=pg)
+        )
+        self._lock_accounts = (
+            select(_A.user_id, _A.balance_micros, _A.reserved_micros)
+            .where(member_of(_A.user_id, "users", postgres=pg))
+            .order_by(_A.user_id)
+            .with_for_update()
+        )
+        self._new_windows = (postgresql.insert if pg else sqlite.insert)(_USAGE).on_conflict_do_nothing(
+            index_elements=["scope", "scope_id", "period", "window_start"]
+        )
+        self._lock_windows = (
+            select(
+                _U.scope,
+                _U.scope_id,
+                _U.period,
+                _U.window_start,
+                _U.spent_micros,
+                _U.reserved_micros,
+                _U.limit_micros,
+            )
+            .where(
+                member_of(_U.scope_id, "sids", postgres=pg),
+                member_of(_U.window_start, "starts", postgres=pg, integer=True),
+            )
+            .order_by(_U.scope, _U.scope_id, _U.period, _U.window_start)
+            .with_for_update()
+        )
+        self._insert_holds = insert(_RESERVATIONS)
+        self._update_holds = (
+            update(_RESERVATIONS)
+            .where(_R.id == bindparam("h_id"))
+            .values(
+                state=bindparam("h_state"),
+                reserved_micros=bindparam("h_reserved"),
+                charged_micros=bindparam("h_charged"),
+                granted_micros=bindparam("h_granted"),
+                applied_micros=bindparam("h_applied"),
+                over_micros=bindparam("h_over"),
+                used_reported_micros=bindparam("h_used"),
+                inflight_reported_micros=bindparam("h_inflight"),
+                seq=bindparam("h_seq"),
+                recall=bindparam("h_recall"),
+                phase=bindparam("h_phase"),
+                given_up=bindparam("h_given_up"),
+                expires_at=bindparam("h_expires"),
+                expires_at_ms=bindparam("h_expires_ms"),
+                finished_at=bindparam("h_finished"),
+            )
+        )
+        self._update_accounts = (
+            update(_ACCOUNTS)
+            .where(_A.user_id == bindparam("a_uid"))
+            .values(
+                balance_micros=bindparam("a_balance"),
+                reserved_micros=bindparam("a_held"),
+                updated_at=bindparam("a_now"),
+            )
+        )
+        self._update_windows = (
+            update(_USAGE)
+            .where(
+                _U.scope == bindparam("w_scope"),
+                _U.scope_id == bindparam("w_sid"),
+                _U.period == bindparam("w_period"),
+                _U.window_start == bindparam("w_start"),
+            )
+            .values(
+                spent_micros=bindparam("w_spent"),
+                reserved_micros=bindparam("w_held"),
+                limit_micros=bindparam("w_cap"),
+                updated_at=bindparam("w_now"),
+            )
+        )
+        self._insert_entries = insert(_ENTRIES)
+
+    @property
+    def terms(self) -> CreditTerms:
+        return self._terms
+
+    def _now_ms(self) -> int:
+        return int(self._clock.time() * 1000)
+
+    # --- the relay's sync ------------------------------------------------------------------------
+
+    async def sync(
+        self, request: SyncRequest, budgets: Mapping[str, CarriedBudgets] | None = None
+    ) -> SyncAnswer:
+        """Apply one relay sync: its reports, then its asks, in one transaction on the primary.
+
+        ``budgets`` maps an ask's lease id to the budgets its key and user carry (none: no carried
+        budgets; operator budgets still apply). Raises :class:`InvalidRequest` for a malformed request.
+        """
+        _check_sync(request)
+        budgets = budgets or {}
+        now_ms = self._now_ms()
+        if not request.reports and not request.asks:
+            return SyncAnswer()
+        ids = sorted({r.lease_id for r in request.reports} | {a.lease_id for a in request.asks})
+        async with self._db.primary.begin() as conn:
+            # A hold's user never changes, so who to lock can be read without a lock.
+            users = {str(u) for u in await conn.scalars(self._users_of, {"ids": ids})}
+            users |= {a.user_id for a in request.asks}
+            rows = list(await conn.execute(self._lock_named_and_leases, {"ids": ids, "users": sorted(users)}))
+            known = {str(row.id) for row in rows}
+            fresh = [ask for ask in request.asks if ask.lease_id not in known]
+            ask_windows = await self._ask_windows(conn, fresh, budgets, now_ms)
+            loaded = await self._load(conn, rows, users, ask_windows, now_ms)
+            windows_by_hold = {
+                (ask.key_id, ask.user_id): tuple(_window_id(k) for k, _ in ask_windows.get(ask.lease_id, []))
+                for ask in reversed(fresh)
+            }
+            loaded.books.windows_of = lambda key_id, user_id: windows_by_hold.get((key_id, user_id), ())
+            answer = loaded.books.sync(request, now_ms)
+            await self._write(conn, loaded, now_ms)
+        return answer
+
+    async def _ask_windows(
+        self,
+        conn: AsyncConnection,
+        asks: Sequence[LeaseAsk],
+        budgets: Mapping[str, CarriedBudgets],
+        now_ms: int,
+    ) -> dict[str, list[tuple[WindowKey, int]]]:
+        """The budget windows (with the cap in force) each new ask would hold against, as a Reserve
+        of the same key would: carried budgets capped by the stored operator budgets."""
+        if not asks:
+            return {}
+        sids = sorted({a.user_id for a in asks} | {a.key_id for a in asks if a.key_id})
+        stored = {
+            (str(r[0]), str(r[1]), str(r[2])): int(r[3])
+            for r in await conn.execute(self._stored_budgets, {"sids": sids})
+        }
+        starts = self._calendar.windows(now_ms / 1000)
+        found: dict[str, list[tuple[WindowKey, int]]] = {}
+        for ask in asks:
+            carried = budgets.get(ask.lease_id, CarriedBudgets())
+            found[ask.lease_id] = windows_for(
+                ask.key_id, ask.user_id, carried.key, carried.user, starts, stored
+            )
+        return found
+
+    # --- charges from the usage stream -----------------------------------------------------------
+
+    async def charge(self, charges: Sequence[Charge]) -> list[Posted]:
+        """Put a batch of usage-event charges on the books in one transaction.
+
+        Returns what this call posted, in order. Left out: a request already charged (by an earlier
+        batch, another consumer, or earlier in this batch: a repeat changes nothing), and a charge
+        whose hold is an exact-path reservation (its Settle charges it). A zero cost is posted but
+        writes no ledger entry.
+        """
+        for charge in charges:
+            _check_charge(charge)
+        if not charges:
+            return []
+        for attempt in range(_CHARGE_ATTEMPTS):
+            try:
+                return await self._charge(charges)
+            except IntegrityError:
+                if attempt == _CHARGE_ATTEMPTS - 1:
+                    raise
+                log.info("charge batch raced another consumer; retrying", extra={"charges": len(charges)})
+        raise AssertionError("unreachable")
+
+    async def _charge(self, charges: Sequence[Charge]) -> list[Posted]:
+        now_ms = self._now_ms()
+        hold_ids = sorted({c.hold_id for c in charges})
+        async with self._db.primary.begin() as conn:
+            rows = list(await conn.execute(self._lock_named, {"ids": hold_ids}))
+            exact = {str(row.id) for row in rows if row.kind != models.LEASE}
+            wanted = [c for c in charges if c.hold_id not in exact]
+            # Read after the holds' locks: a concurrent batch with the same requests has committed.
+            done = {
+                str(rid)
+                for rid in await conn.scalars(
+                    self._charged_already, {"rids": sorted({c.request_id for c in wanted})}
+                )
+            }
+            wanted = [c for c in wanted if c.request_id not in done]
+            if not wanted:
+                return []
+            known = {str(row.id): row for row in rows}
+            users = {str(known[c.hold_id].user_id) if c.hold_id in known else c.user_id for c in wanted}
+            loaded = await self._load(conn, rows, users, {}, now_ms)
+            posted: list[Posted] = []
+            seen: set[str] = set()
+            for charge in wanted:
+                if charge.request_id in seen:
+                    continue
+                seen.add(charge.request_id)
+                posted.append(loaded.books.charge(charge))
+            await self._write(conn, loaded, now_ms, posted)
+        return posted
+
+    # --- expiry ----------------------------------------------------------------------------------
+
+    async def expire_due(self, batch: int = 500) -> int:
+        """Close what is due of leases whose relay stopped syncing (``CreditBooks.expire``), ``batch``
+        leases per transaction; returns how many leases changed. Safe in several processes at once."""
+        now_ms = self._now_ms()
+        changed = 0
+        while True:
+            async with self._db.reader(consistent=True) as session:
+                due = [str(i) for i in await session.scalars(self._due, {"now_ms": now_ms, "batch": batch})]
+            if not due:
+                break
+            async with self._db.primary.begin() as conn:
+                rows = list(await conn.execute(self._lock_named, {"ids": sorted(due)}))
+                loaded = await self._load(conn, rows, {str(r.user_id) for r in rows}, {}, now_ms)
+                changed += len(loaded.books.expire(now_ms))
+                await self._write(conn, loaded, now_ms)
+            if len(due) < batch:
+                break
+        if changed:
+            log.info("leases expired", extra={"count": changed})
+        return changed
+
+    # --- recall, for the exact path --------------------------------------------------------------
+
+    async def recall(self, request: HoldRequest) -> bool:
+        """A Reserve of ``request`` was refused for its balance or a budget: recall the user's open
+        leases when their unused credit would cover it (``CreditBooks.reserve``).
+
+        True when a retry is worth it (leases recalled, or the room is there by now); False when the
+        refusal stands (no lease of the user, or not even their unused credit would cover it).
+        """
+        now_ms = self._now_ms()
+        async with self._db.primary.begin() as conn:
+            rows = list(await conn.execute(self._lock_leases_of, {"users": [request.user_id]}))
+            if not rows:
+                return False
+            sids = sorted({request.user_id} | ({request.key_id} if request.key_id else set()))
+            stored = {
+                (str(r[0]), str(r[1]), str(r[2])): int(r[3])
+                for r in await conn.execute(self._stored_budgets, {"sids": sids})
+            }
+            windows = budget_windows(request, stored)
+            loaded = await self._load(
+                conn, rows, {request.user_id}, {request.reservation_id: windows}, now_ms
+            )
+            wanted = tuple(_window_id(key) for key, _ in windows)
+            loaded.books.windows_of = lambda _key, _user: wanted
+            answer = loaded.books.reserve(
+                ReserveAsk(request.reservation_id, request.key_id, request.user_id, request.amount), now_ms
+            )
+            if answer.state != "retry":
+                return answer.state == "held"
+            # Only the recall flags are written: the hold itself is the exact path's to take.
+            await self._write(conn, loaded, now_ms, holds_only=True)
+        log.info("leases recalled", extra={"user_id": request.user_id, "leases": len(rows)})
+        return True
+
+    # --- loading and writing back ----------------------------------------------------------------
+
+    async def _load(
+        self,
+        conn: AsyncConnection,
+        rows: Sequence[Any],
+        users: Iterable[str],
+        new_windows: Mapping[str, Sequence[tuple[WindowKey, int]]],
+        now_ms: int,
+    ) -> _Loaded:
+        """Lock the accounts, then the budget windows (creating the new ones), and build the books."""
+        holds = {str(row.id): _hold_of(row) for row in rows}
+        users = sorted(set(users) | {h.user_id for h in holds.values()})
+        accounts: dict[str, tuple[int, int]] = {}
+        if users:
+            accounts = {
+                str(r[0]): (int(r[1]), int(r[2]))
+                for r in await conn.execute(self._lock_accounts, {"users": users})
+            }
+        keys: dict[str, WindowKey] = {}
+        for row in rows:
+            for key in windows_of(row):
+                keys[_window_id(key)] = key
+        caps: dict[str, int] = {}
+        for found in new_windows.values():
+            for key, cap in found:
+                keys[_window_id(key)] = key
+                caps[_window_id(key)] = cap
+        windows: dict[str, tuple[int, int, int]] = {}
+        if keys:
+            created = sorted(keys[wid] for wid in caps)
+            if created:
+                now_s = now_ms // 1000
+                await conn.execute(self._new_windows, [_window_row(key, now_s) for key in created])
+            params = {
+                "sids": sorted({k.scope_id for k in keys.values()}),
+                "starts": sorted({k.window_start for k in keys.values()}),
+            }
+            for r in await conn.execute(self._lock_windows, params):
+                wid = _window_id(WindowKey(str(r[0]), str(r[1]), str(r[2]), int(r[3])))
+                if wid in keys:
+                    windows[wid] = (int(r[4]), int(r[5]), int(r[6]))
+        books = CreditBooks(
+            terms=self._terms,
+            windows_of=_no_windows,
+            accounts={user: Account(balance, held) for user, (balance, held) in accounts.items()},
+            windows={
+                wid: Window(cap=caps.get(wid, cap), spent=spent, held=held)
+                for wid, (spent, held, cap) in windows.items()
+            },
+            holds={hold_id: dataclasses.replace(hold) for hold_id, hold in holds.items()},
+        )
+        return _Loaded(books, holds, accounts, windows, keys)
+
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        loaded: _Loaded,
+        now_ms: int,
+        posted: Sequence[Posted] = (),
+        *,
+        holds_only: bool = False,
+    ) -> None:
+        books = loaded.books
+        now_s = now_ms // 1000
+        new_rows: list[dict[str, Any]] = []
+        changed_rows: list[dict[str, Any]] = []
+        for hold_id, hold in books.holds.items():
+            if hold.kind != LEASE:
+                continue  # an exact reservation is written by the exact path only
+            before = loaded.holds.get(hold_id)
+            if before is None:
+                new_rows.append(self._lease_row(hold, loaded.window_keys, now_s))
+            elif hold != before:
+                changed_rows.append(_hold_update(hold, now_s))
+        if new_rows:
+            await conn.execute(self._insert_holds, new_rows)
+        if changed_rows:
+            await conn.execute(self._update_holds, changed_rows)
+        if holds_only:
+            return
+        accounts = [
+            {"a_uid": user, "a_balance": account.balance, "a_held": account.held, "a_now": now_s}
+            for user, account in sorted(books.accounts.items())
+            if user in loaded.accounts and loaded.accounts[user] != (account.balance, account.held)
+        ]
+        if accounts:
+            await conn.execute(self._update_accounts, accounts)
+        windows = []
+        for wid, window in sorted(books.windows.items()):
+            if wid not in loaded.windows:
+                continue
+            spent, held, cap = loaded.windows[wid]
+            if (spent, held, cap) == (window.spent, window.held, window.cap):
+                continue
+            key = loaded.window_keys[wid]
+            windows.append(
+                {
+                    "w_scope": key.scope,
+                    "w_sid": key.scope_id,
+                    "w_period": key.period,
+                    "w_start": key.window_start,
+                    "w_spent": window.spent,
+                    "w_held": window.held,
+                    "w_cap": window.cap,
+                    "w_now": now_s,
+                }
+            )
+        if windows:
+            await conn.execute(self._update_windows, windows)
+        entries = [_entry(p, now_s) for p in posted if p.cost > 0]
+        if entries:
+            await conn.execute(self._insert_entries, entries)
+
+    def _lease_row(self, hold: Hold, keys: Mapping[str, WindowKey], now_s: int) -> dict[str, Any]:
+        bits = 0
+        day_start = month_start = 0
+        for wid in hold.windows:
+            key = keys[wid]
+            bits |= window_bit(key.scope, key.period)
+            if key.period == "day":
+                day_start = key.window_start
+            else:
+                month_start = key.window_start
+        row = {
+            "id": hold.hold_id,
+            "kind": LEASE,
+            "user_id": hold.user_id,
+            "key_id": hold.key_id,
+            "model": "",
+            "price_id": 0,
+            "usage": {},
+            "created_at": now_s,
+            "budget_windows": bits,
+            "day_start": day_start,
+            "month_start": month_start,
+            "leases": 0,
+            "relay_id": hold.relay_id,
+        }
+        update_values = _hold_update(hold, now_s)
+        row.update(
+            state=update_values["h_state"],
+            reserved_micros=update_values["h_reserved"],
+            charged_micros=update_values["h_charged"],
+            granted_micros=hold.granted,
+            applied_micros=hold.applied,
+            over_micros=hold.over,
+            used_reported_micros=hold.used_reported,
+            inflight_reported_micros=hold.inflight_reported,
+            seq=hold.seq,
+            recall=hold.recall,
+            phase=hold.state,
+            given_up=hold.expired,
+            expires_at=update_values["h_expires"],
+            expires_at_ms=hold.expires_at,
+            finished_at=update_values["h_finished"],
+        )
+        return row
+
+
+def _no_windows(_key_id: str, _user_id: str) -> tuple[str, ...]:
+    return ()
+
+
+def _hold_of(row: Any) -> Hold:
+    windows = tuple(_window_id(key) for key in windows_of(row))
+    if row.kind != models.LEASE:
+        # Loaded only to be recognised and left alone (a relay naming an exact reservation).
+        return Hold(
+            hold_id=str(row.id),
+            kind=RESERVATION,
+            key_id=str(row.key_id),
+            user_id=str(row.user_id),
+            windows=windows,
+            expires_at=int(row.expires_at) * 1000,
+            state=OPEN if row.state == models.HELD else CLOSED,
+            granted=int(row.reserved_micros),
+        )
+    return Hold(
+        hold_id=str(row.id),
+        kind=LEASE,
+        key_id=str(row.key_id),
+        user_id=str(row.user_id),
+        windows=windows,
+        expires_at=int(row.expires_at_ms),
+        relay_id=str(row.relay_id),
+        state=str(row.phase) if row.state == models.HELD else CLOSED,
+        granted=int(row.granted_micros),
+        applied=int(row.applied_micros),
+        over=int(row.over_micros),
+        used_reported=int(row.used_reported_micros),
+        inflight_reported=int(row.inflight_reported_micros),
+        seq=int(row.seq),
+        recall=bool(row.recall),
+        expired=bool(row.given_up),
+    )
+
+
+def _hold_update(hold: Hold, now_s: int) -> dict[str, Any]:
+    closed = hold.state == CLOSED
+    # A closed lease ends expired when quota gave it up, settled when its relay closed it.
+    state = models.HELD if not closed else models.EXPIRED if hold.expired else models.SETTLED
+    return {
+        "h_id": hold.hold_id,
+        "h_state": state,
+        "h_reserved": hold.granted - hold.applied,
+        "h_charged": hold.applied + hold.over,
+        "h_granted": hold.granted,
+        "h_applied": hold.applied,
+        "h_over": hold.over,
+        "h_used": hold.used_reported,
+        "h_inflight": hold.inflight_reported,
+        "h_seq": hold.seq,
+        "h_recall": hold.recall,
+        "h_phase": hold.state,
+        "h_given_up": hold.expired,
+        "h_expires": math.ceil(hold.expires_at / 1000),
+        "h_expires_ms": hold.expires_at,
+        "h_finished": now_s if closed else 0,
+    }
+
+
+def _entry(posted: Posted, now_s: int) -> dict[str, Any]:
+    flags = []
+    if posted.late:
+        flags.append("late")
+    if posted.beyond_hold:
+        flags.append("beyond_hold")
+    if posted.written_off:
+        flags.append("written_off")
+    return {
+        "user_id": posted.user_id,
+        "kind": "charge",
+        "amount_micros": -posted.charged,
+        "reservation_id": posted.request_id,
+        "hold_id": posted.hold_id,
+        "price_id": None,
+        "idempotency_key": None,
+        "actor": "",
+        "reason": "",
+        "flags": ",".join(flags),
+        "created_at": now_s,
+        "written_off_micros": posted.written_off,
+    }
+
+
+def _window_row(key: WindowKey, now_s: int) -> dict[str, Any]:
+    return {
+        "scope": key.scope,
+        "scope_id": key.scope_id,
+        "period": key.period,
+        "window_start": key.window_start,
+        "spent_micros": 0,
+        "reserved_micros": 0,
+        "limit_micros": 0,
+        "updated_at": now_s,
+    }
+
+
+def _require_id(name: str, value: str, max_len: int) -> None:
+    if not value or len(value) > max_len:
+        raise InvalidRequest(f"{name} is required (at most {max_len} characters)", param=name)
+
+
+def _check_amount(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_AMOUNT_MICROS:
+        raise InvalidRequest(f"{name} must be between 0 and {MAX_AMOUNT_MICROS} (got {value})", param=name)
+
+
+def _check_sync(request: SyncRequest) -> None:
+    _require_id("relay_id", request.relay_id, 64)
+    if request.seq < 0:
+        raise InvalidRequest(f"seq must not be negative (got {request.seq})", param="seq")
+    if len(request.reports) > MAX_ITEMS or len(request.asks) > MAX_ITEMS:
+        raise InvalidRequest(
+            f"a sync carries at most {MAX_ITEMS} reports and {MAX_ITEMS} asks", param="reports"
+        )
+    for report in request.reports:
+        _check_report(report)
+    for ask in request.asks:
+        _require_id("asks.lease_id", ask.lease_id, 64)
+        _require_id("asks.user_id", ask.user_id, 40)
+        if len(ask.key_id) > 40:
+            raise InvalidRequest("asks.key_id is longer than 40 characters", param="asks.key_id")
+        _check_amount("asks.want_micros", ask.want_micros)
+        _check_amount("asks.min_micros", ask.min_micros)
+
+
+def _check_report(report: LeaseReport) -> None:
+    _require_id("reports.lease_id", report.lease_id, 64)
+    _check_amount("reports.used_micros", report.used_micros)
+    _check_amount("reports.inflight_micros", report.inflight_micros)
+    _check_amount("reports.want_micros", report.want_micros)
+
+
+def _check_charge(charge: Charge) -> None:
+    _require_id("request_id", charge.request_id, 64)
+    _require_id("hold_id", charge.hold_id, 64)
+    _require_id("user_id", charge.user_id, 40)
+    _check_amount("cost_micros", charge.cost_micros)
