@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from devinfra.backing import BackingServices
+from devinfra.processes import ManagedProcess, free_port
 from services.auth.keys import generate
 from services.fake_upstream.server import FakeUpstream
 from services.stack import LocalStack
@@ -27,10 +30,20 @@ class Deployment:
     upstream: FakeUpstream
     admin_key: str
     db: DbUrls
+    # Relay processes beyond the stack's own, by process name (see :func:`deploy_pairs`).
+    more_relays: dict[str, str] = field(default_factory=dict)
 
     @property
     def relay_url(self) -> str:
         return self.stack.relay_url
+
+    @property
+    def relay_urls(self) -> list[str]:
+        """Every relay of the deployment, the stack's own first."""
+        return [self.relay_url, *self.more_relays.values()]
+
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.stack.processes if p.name == name)
 
     def admin_token(self) -> str:
         """A fresh admin token, exchanged for the bootstrap admin key."""
@@ -73,9 +86,11 @@ def deploy(
     *,
     relay_env: dict[str, str] | None = None,
     upstream: FakeUpstream | None = None,
+    service_env: Mapping[str, str] | None = None,
 ) -> Iterator[Deployment]:
     """The four services on ``db`` and the session's Redis and Kafka, one fake upstream channel serving
-    :data:`MODEL` at :data:`PRICE`; ``relay_env`` adds ``RELAYGATE_*`` settings for the relay.
+    :data:`MODEL` at :data:`PRICE`; ``relay_env`` adds ``RELAYGATE_*`` settings for the relay,
+    ``service_env`` for every service (and every process started later from the stack's settings).
 
     The relay's event spool lives under ``log_dir`` (never in the working directory)."""
     admin_key = generate()[0]
@@ -84,6 +99,7 @@ def deploy(
         upstream.start()
     env = stack_env(backing, db)
     env["RELAYGATE_EVENT_SPOOL_DIR"] = str(log_dir / "spool")
+    env.update(service_env or {})
     stack = LocalStack(
         env=env,
         log_dir=log_dir,
@@ -110,6 +126,53 @@ def deploy(
     finally:
         stack.stop()
         upstream.stop()
+
+
+@contextlib.contextmanager
+def deploy_pairs(
+    backing: BackingServices,
+    db: DbUrls,
+    log_dir: Path,
+    *,
+    service_env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[Deployment]:
+    """Like :func:`deploy`, with two quota processes and two relay processes: auth, ``quota`` and
+    ``quota-b``, the logger, ``relay`` and one more relay (:attr:`Deployment.more_relays`).
+
+    Both relays reach both quota processes through one gRPC target listing the two addresses
+    (``ipv4:///a,b``; the client balances round robin), so consecutive syncs and reserves of one relay
+    are answered by different quota processes: nothing may depend on a quota process's memory.
+    """
+    with deploy(backing, db, log_dir, service_env=service_env) as deployment:
+        stack = deployment.stack
+        port = free_port()
+        second = ManagedProcess(
+            "quota-b",
+            [sys.executable, "-m", "services.quota"],
+            log_dir / "quota-b.log",
+            env={**os.environ, **stack.env, "RELAYGATE_QUOTA_LISTEN": f"127.0.0.1:{port}"},
+            port=port,
+        )
+        stack.processes.insert(stack.processes.index(deployment.process("quota")) + 1, second)
+        second.wait_listening(timeout=timeout)
+        stack.env["RELAYGATE_QUOTA_ADDR"] = f"ipv4:///127.0.0.1:{stack.port_of('quota')},127.0.0.1:{port}"
+        # The stack's relay was started with one quota address: start it again with both.
+        first = deployment.process("relay")
+        first.stop()
+        again = ManagedProcess(
+            "relay",
+            [sys.executable, "-m", "services.relay"],
+            first.log_path,
+            env={**os.environ, **stack.env},
+            port=first.port,
+        )
+        stack.processes[stack.processes.index(first)] = again
+        again.wait_listening(timeout=timeout)
+        url = stack.add_relay(timeout=timeout)
+        name = stack.processes[-1].name
+        deployment.more_relays[name] = url
+        yield deployment
 
 
 def ok(response: httpx.Response) -> dict[str, Any]:
