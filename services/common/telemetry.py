@@ -10,6 +10,7 @@ import contextvars
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -18,6 +19,22 @@ from prometheus_client import Counter, Gauge, Histogram
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerMetrics:
+    """The series of one batch consumer of the usage topic (:mod:`services.common.consumer`)."""
+
+    # Gauge by partition: messages beyond the offset the consumer last committed.
+    lag: Gauge
+    # Gauge: 1 while fetching is paused because writing a batch fails.
+    paused: Gauge
+    # Counter: failed attempts at writing a batch (the batch is kept and retried).
+    write_failures: Counter
+    # Histogram: items per written batch.
+    batch_rows: Histogram
+    # Histogram: seconds to write one batch (one transaction).
+    batch_write: Histogram
 
 
 class Metrics:
@@ -170,6 +187,45 @@ class Metrics:
         self.quota_read_your_writes = Counter(
             "relaygate_quota_read_your_writes", "Read-your-write balance reads", ["target"]
         )
+        # Gauge: messages in a partition not yet committed by quota's settling consumer.
+        self.quota_settle_lag = Gauge("relaygate_quota_settle_lag", "Settling lag in messages", ["partition"])
+        # Gauge: 1 while settling has paused fetching because charging a batch fails.
+        self.quota_settle_paused = Gauge(
+            "relaygate_quota_settle_paused", "Settling paused by failing charges"
+        )
+        # Counter: failed attempts at charging a batch (kept, retried; a repeat is idempotent).
+        self.quota_settle_write_failures = Counter(
+            "relaygate_quota_settle_write_failures", "Failed charge batch attempts"
+        )
+        # Histogram: charges per settling batch (one transaction).
+        self.quota_settle_batch_rows = Histogram(
+            "relaygate_quota_settle_batch_rows", "Charges per batch", buckets=(1, 10, 100, 500, 1000, 5000)
+        )
+        # Histogram: seconds to charge one settling batch.
+        self.quota_settle_batch_write = Histogram(
+            "relaygate_quota_settle_batch_write_seconds", "Charge batch time", buckets=_LATENCY_BUCKETS
+        )
+        # Counter: usage records read by settling, by result: charged, repeat (already charged, or an exact
+        # reservation's: its Settle charges it), no_lease (not admitted on a lease), undecodable, invalid.
+        self.quota_settle_records = Counter(
+            "relaygate_quota_settle_records", "Usage records read by settling", ["result"]
+        )
+        # Counter: micro-units of charges that arrived after their lease was given back and that what
+        # was free could not cover (on the books as cost, not taken from any balance).
+        self.quota_written_off_micros = Counter(
+            "relaygate_quota_written_off_micros", "Late charges written off, in micro-units"
+        )
+        # Histogram: seconds from the relay's event timestamp to the charge being committed.
+        self.quota_settle_end_to_end = Histogram(
+            "relaygate_quota_settle_end_to_end_seconds", "Event to committed charge", buckets=_LATENCY_BUCKETS
+        )
+        self.quota_settle_consumer = ConsumerMetrics(
+            lag=self.quota_settle_lag,
+            paused=self.quota_settle_paused,
+            write_failures=self.quota_settle_write_failures,
+            batch_rows=self.quota_settle_batch_rows,
+            batch_write=self.quota_settle_batch_write,
+        )
         # -- logger: further series go below this line --
         # Gauge: messages in a partition not yet committed by the logger (highwater minus committed offset).
         self.logger_consumer_lag = Gauge(
@@ -184,6 +240,13 @@ class Metrics:
         # Counter: failed partition maintenance passes (retried; partitions exist days ahead).
         self.logger_maintenance_failures = Counter(
             "relaygate_logger_maintenance_failures", "Failed partition maintenance passes"
+        )
+        self.logger_consumer = ConsumerMetrics(
+            lag=self.logger_consumer_lag,
+            paused=self.logger_paused,
+            write_failures=self.logger_write_failures,
+            batch_rows=self.logger_batch_rows,
+            batch_write=self.logger_batch_write,
         )
         # -- auth: further series go below this line --
 

@@ -1,43 +1,28 @@
-"""The logger's Kafka consumer: fetch, batch, write, and only then commit.
+"""The logger's Kafka consumer: usage events into ``request_logs``, written before offsets are committed.
 
-One loop owns one :class:`~services.common.batch.Batch`::
+The loop, batching, pausing, rebalancing and offsets are the shared
+:class:`~services.common.consumer.BatchConsumer`'s (its docstring is the contract); this module says
+what a message becomes and how a batch is stored::
 
-    getmany() ──▶ decode + check ──▶ Batch ──(closed by size or age)──▶ write() ──▶ commit(offsets)
-                      │ unusable
-                      └──▶ dead-letter topic (acknowledged before the offset can be committed)
+    record ──▶ decode + check ──▶ batch ──▶ write() (one transaction, ON CONFLICT DO NOTHING)
+                   │ unusable
+                   └──▶ dead-letter topic (acknowledged before the offset can be committed)
 
-Delivery is at least once and storage is idempotent (see :mod:`services.logger.writer`), so every event
-ends up exactly once in ``request_logs``. Offsets are committed only after the batch's transaction has
-committed, and only up to what the batch holds.
-
-- **Database down**: the batch is kept, every assigned partition is paused (the fetcher stops reading,
-  memory stays bounded) and the write is retried with exponential backoff; polling goes on meanwhile so
-  the group does not evict the consumer. A success resumes the partitions.
-- **Rebalance**: before partitions are given up, the batch is written and committed. If that fails the
-  batch is dropped uncommitted, and the partitions' next owner re-reads it.
-- **Stop**: the batch is written and committed (retried for ``shutdown_timeout_s``); what still fails
-  stays uncommitted and is redelivered later. Nothing is ever skipped.
-
-Lag (``relaygate_logger_consumer_lag``, per partition) is the partition's highwater minus the offset this
-consumer last committed. The highwater comes from fetch responses (``consumer.highwater``), not from
-``ListOffsets``, which some brokers (Tansu) answer wrongly; so while partitions are paused the figure is
-the one from the last fetch, and ``relaygate_logger_paused`` says why it stopped moving.
+Storage is idempotent (see :mod:`services.logger.writer`), so every event ends up exactly once in
+``request_logs`` although delivery is at least once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
-from aiokafka.structs import TopicPartition
+from aiokafka import AIOKafkaConsumer
 
-from services.common.batch import Batch, BatchPolicy
+from services.common.batch import BatchPolicy
 from services.common.clock import Clock, SystemClock
+from services.common.consumer import RETRY_FIRST_S, RETRY_MAX_S, BatchConsumer, Stopped, group_consumer
 from services.common.db import Database
 from services.common.events import decode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
@@ -48,45 +33,21 @@ from services.logger.writer import check_storable, write
 
 log = logging.getLogger(__name__)
 
-# Longest single wait for records: bounds how long a stop request or a closing batch goes unnoticed.
-_MAX_POLL_WAIT_S = 0.25
-# Backoff between attempts at something that failed (a batch write, a dead-letter publish).
-_RETRY_FIRST_S = 0.1
-_RETRY_MAX_S = 5.0
-# Bound on one offset commit (see _flush).
-_COMMIT_TIMEOUT_S = 2.0
-# How long the broker may hold a fetch that has no data yet. Some brokers (Tansu) hold it for all of
-# that time even when records arrive meanwhile, so it adds straight to the end-to-end latency; 100 ms
-# instead of the client's 500 costs a few idle fetches a second.
-_FETCH_MAX_WAIT_MS = 100
-# The lag gauge is refreshed at most this often.
-_LAG_INTERVAL_S = 1.0
-
 _SYSTEM_CLOCK = SystemClock()
 
 
 def kafka_consumer(settings: LoggerSettings) -> AIOKafkaConsumer:
-    """The group consumer for the usage topic (not started, not subscribed)."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    """The logger group's consumer of the usage topic (not started, not subscribed)."""
+    return group_consumer(
+        settings,
         group_id=settings.logger_group_id,
         client_id="relaygate-logger",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-        # The group waits this long for us to rejoin, which covers writing the batch on revocation.
-        rebalance_timeout_ms=settings.kafka_session_timeout_ms + int(settings.logger_write_timeout_s * 1000),
+        write_timeout_s=settings.logger_write_timeout_s,
     )
 
 
-class _Stopped(Exception):
-    """Stop was requested while a step could not complete; the loop goes straight to draining."""
-
-
-class LogConsumer:
-    """Moves usage events from Kafka into ``request_logs``; see the module docstring for the contract.
+class LogConsumer(BatchConsumer[UsageEvent]):
+    """Moves usage events from Kafka into ``request_logs``.
 
     ``consumer`` is a started :func:`kafka_consumer`; the caller closes it after :meth:`run` returns.
     """
@@ -103,259 +64,43 @@ class LogConsumer:
         write_timeout_s: float = 10.0,
         shutdown_timeout_s: float = 10.0,
     ) -> None:
-        self._consumer = consumer
+        super().__init__(
+            consumer,
+            topic=topic,
+            policy=policy,
+            metrics=METRICS.logger_consumer,
+            clock=clock,
+            write_timeout_s=write_timeout_s,
+            shutdown_timeout_s=shutdown_timeout_s,
+        )
         self._db = db
         self._dead_letters = dead_letters
-        self._topic = topic
-        self._policy = policy
-        self._clock = clock
-        self._write_timeout_s = write_timeout_s
-        self._shutdown_timeout_s = shutdown_timeout_s
-        self._batch: Batch[UsageEvent] = Batch(policy, clock)
-        # Held while the batch changes (ingesting, writing); the revocation callback runs in the
-        # client's coordination task and must not interleave with either.
-        self._lock = asyncio.Lock()
-        # Set (event-loop time) while partitions are paused after a failed write.
-        self._retry_at: float | None = None
-        self._backoff = _RETRY_FIRST_S
-        # Per assigned partition, the offset committed last (for the lag gauge).
-        self._committed: dict[TopicPartition, int] = {}
-        self._lag_reported_at = 0.0
 
-    @property
-    def pending(self) -> int:
-        """Events read but not written yet."""
-        return len(self._batch)
-
-    @property
-    def paused(self) -> bool:
-        """True while writes fail and fetching is suspended."""
-        return self._retry_at is not None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, then write and commit the last batch.
-
-        Returns normally after a stop. Any other exception (a bug, a non-retriable broker error) escapes
-        with the current batch uncommitted, so its events are redelivered.
-        """
-        self._consumer.subscribe([self._topic], listener=_FlushOnRevoke(self))
-        log.info("consuming", extra={"topic": self._topic, "policy": self._policy})
-        try:
-            while not stop.is_set():
-                await self._poll(stop)
-        except _Stopped:
-            pass
-        await self._drain()
-        for tp in self._consumer.assignment():
-            self._forget_lag(tp)
-
-    # --- the loop -------------------------------------------------------------------------------------
-
-    async def _poll(self, stop: asyncio.Event) -> None:
-        await self._report_lag()
-        if self._batch.closed() and self._retry_due():
-            async with self._lock:
-                await self._try_flush()
-        fetched: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
-            timeout_ms=self._wait_ms(), max_records=max(1, self._batch.room)
-        )
-        if not fetched:
-            return
-        async with self._lock:
-            assigned = self._consumer.assignment()
-            for tp, records in fetched.items():
-                if tp not in assigned:
-                    # Revoked while these were in flight: the new owner reads them from the committed offset.
-                    continue
-                for record in records:
-                    await self._take(tp, record, stop)
-
-    async def _take(self, tp: TopicPartition, record: Any, stop: asyncio.Event) -> None:
+    async def _take(self, record: Any, stop: asyncio.Event) -> UsageEvent | None:
         try:
             event = decode(record.value)
             check_storable(event)
         except ValueError as exc:
             await self._dead_letter(record, exc, stop)
-            self._batch.skip(tp, record.offset)
-        else:
-            self._batch.add(tp, record.offset, event)
+            return None
+        return event
 
-    def _wait_ms(self) -> int:
-        if self._retry_at is not None:
-            wait = self._retry_at - asyncio.get_running_loop().time()
-        else:
-            left = self._batch.seconds_left()
-            wait = _MAX_POLL_WAIT_S if left is None else left
-        return int(1000 * min(max(wait, 0.0), _MAX_POLL_WAIT_S))
-
-    async def _report_lag(self) -> None:
-        """Refresh the lag gauge, at most every ``_LAG_INTERVAL_S``."""
-        now = self._clock.monotonic()
-        if now - self._lag_reported_at < _LAG_INTERVAL_S:
-            return
-        self._lag_reported_at = now
-        for tp in self._consumer.assignment():
-            # Asked again each time: a rebalance can revoke partitions while this loop awaits.
-            if tp not in self._consumer.assignment():
-                continue
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                continue
-            committed = self._committed.get(tp)
-            if committed is None:
-                try:
-                    # Once per partition and assignment; later commits keep it current.
-                    committed = await asyncio.wait_for(self._consumer.committed(tp), _LAG_INTERVAL_S) or 0
-                except Exception:
-                    log.debug("committed offset unavailable for the lag gauge", exc_info=True)
-                    continue
-                if tp not in self._consumer.assignment():
-                    continue  # revoked while we asked; its new owner reports it
-                committed = self._committed.setdefault(tp, committed)
-            METRICS.logger_consumer_lag.labels(partition=str(tp.partition)).set(max(0, highwater - committed))
-
-    def _forget_lag(self, tp: TopicPartition) -> None:
-        """Stop reporting a partition this consumer no longer owns; its next owner reports it."""
-        self._committed.pop(tp, None)
-        with contextlib.suppress(KeyError):
-            METRICS.logger_consumer_lag.remove(str(tp.partition))
+    async def _write(self, items: list[UsageEvent]) -> None:
+        await write(self._db, items, clock=self._clock)
+        now_ms = self._clock.time() * 1000
+        for event in items:
+            METRICS.logger_end_to_end.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
 
     async def _dead_letter(self, record: Any, reason: Exception, stop: asyncio.Event) -> None:
         """Publish to the dead-letter topic, retrying until it is acknowledged (or stop is requested)."""
-        delay = _RETRY_FIRST_S
+        delay = RETRY_FIRST_S
         while True:
             try:
                 await self._dead_letters.send(record, reason)
                 return
             except Exception:
                 if stop.is_set():
-                    raise _Stopped from None
+                    raise Stopped from None
                 log.warning("publishing a dead letter failed; retrying", exc_info=True)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
-
-    # --- writing and committing -----------------------------------------------------------------------
-
-    async def _flush(self) -> None:
-        """Write the batch, then commit its offsets, then start a new batch. Caller holds the lock."""
-        batch = self._batch
-        if batch.items:
-            started = time.perf_counter()
-            await write(self._db, batch.items, clock=self._clock)
-            METRICS.logger_batch_write.observe(time.perf_counter() - started)
-            METRICS.logger_batch_rows.observe(len(batch))
-        try:
-            # A broker that came back without the group makes aiokafka retry the commit for minutes; the
-            # rows are already stored, so give up quickly and let redelivery (deduplicated) cover it.
-            await asyncio.wait_for(self._consumer.commit(batch.offsets), _COMMIT_TIMEOUT_S)
-            self._committed.update(batch.offsets)
-        except (CommitFailedError, IllegalStateError, TimeoutError) as exc:
-            # The rows are stored; the partitions' new owner re-reads them, and storing them again is a no-op.
-            log.warning(
-                "batch stored but offsets not committed (rebalance or broker restart)",
-                extra={"rows": len(batch), "error": repr(exc)},
-            )
-        now_ms = self._clock.time() * 1000
-        for event in batch.items:
-            METRICS.logger_end_to_end.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
-        self._batch = Batch(self._policy, self._clock)
-
-    async def _try_flush(self) -> None:
-        """One attempt at :meth:`_flush`; a failure pauses every partition until the retry is due."""
-        if self._batch.empty:
-            return
-        try:
-            await asyncio.wait_for(self._flush(), self._write_timeout_s)
-        except Exception:
-            METRICS.logger_write_failures.inc()
-            retry_in = self._pause()
-            log.warning(
-                "writing a batch failed; partitions paused",
-                exc_info=True,
-                extra={"rows": len(self._batch), "retry_in_s": retry_in},
-            )
-        else:
-            self._resume()
-
-    def _pause(self) -> float:
-        """Stop fetching and schedule the next attempt; returns the seconds until it."""
-        self._consumer.pause(*self._consumer.assignment())
-        METRICS.logger_paused.set(1)
-        delay = self._backoff
-        self._retry_at = asyncio.get_running_loop().time() + delay
-        self._backoff = min(delay * 2, _RETRY_MAX_S)
-        return delay
-
-    def _resume(self) -> None:
-        if self._retry_at is None:
-            return
-        self._consumer.resume(*self._consumer.paused())
-        log.info("batch written; partitions resumed")
-        self._reset_retry()
-
-    def _reset_retry(self) -> None:
-        METRICS.logger_paused.set(0)
-        self._retry_at = None
-        self._backoff = _RETRY_FIRST_S
-
-    def _retry_due(self) -> bool:
-        return self._retry_at is None or asyncio.get_running_loop().time() >= self._retry_at
-
-    async def _drain(self) -> None:
-        """On stop: write and commit the batch, retrying for ``shutdown_timeout_s`` before giving up."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._shutdown_timeout_s
-        delay = _RETRY_FIRST_S
-        async with self._lock:
-            while not self._batch.empty:
-                try:
-                    await asyncio.wait_for(self._flush(), self._write_timeout_s)
-                except Exception:
-                    if loop.time() >= deadline:
-                        log.error(
-                            "last batch not written; its events stay uncommitted and will be redelivered",
-                            exc_info=True,
-                            extra={"rows": len(self._batch)},
-                        )
-                        return
-                    log.warning("writing the last batch failed; retrying", exc_info=True)
-                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                    delay = min(delay * 2, _RETRY_MAX_S)
-        log.info("consumer drained")
-
-    # --- rebalancing ----------------------------------------------------------------------------------
-
-    async def _partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:
-            if not self._batch.empty:
-                try:
-                    await asyncio.wait_for(self._flush(), self._write_timeout_s)
-                except Exception:
-                    log.warning(
-                        "batch not written before its partitions were revoked; their next owner re-reads it",
-                        exc_info=True,
-                        extra={"rows": len(self._batch)},
-                    )
-                    self._batch = Batch(self._policy, self._clock)
-            # Pausing is per assignment; the next one starts unpaused.
-            self._reset_retry()
-            for tp in revoked:
-                self._forget_lag(tp)
-        if revoked:
-            log.info("partitions revoked", extra={"partitions": sorted(str(tp) for tp in revoked)})
-
-    def _partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
-
-
-class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    """aiokafka's rebalance hook: awaited before partitions go (and after new ones arrive)."""
-
-    def __init__(self, owner: LogConsumer) -> None:
-        self._owner = owner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._owner._partitions_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._owner._partitions_assigned(assigned)
+                delay = min(delay * 2, RETRY_MAX_S)
