@@ -220,6 +220,9 @@ class Meter:
         self._journal = journal
         # Only with a publisher: on a lease the usage event is the charge.
         self._leases = leases if publisher is not None else None
+        # Looked up once: a labelled child costs about as much as an admission itself.
+        self._on_lease = METRICS.relay_credit_admissions.labels(path="lease")
+        self._exact = METRICS.relay_credit_admissions.labels(path="exact")
         self._pending: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(publisher.publish) if publisher is not None else None
 
@@ -242,7 +245,9 @@ class Meter:
         principal = exchange.principal
         assert principal is not None, "reserve needs an authenticated exchange"
         if self._admit(exchange, principal, prompt_tokens, max_output_tokens, images):
+            self._on_lease.inc()
             return
+        self._exact.inc()
         request = ReserveRequest(
             reservation_id=exchange.request_id,
             key_id=principal.key_id,

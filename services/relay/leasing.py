@@ -129,9 +129,7 @@ class Leasing:
         """Admit a request whose worst case is ``bound`` on its key's lease, or None (exact path)."""
         key_id = principal.key_id
         self._limits[key_id] = (principal.key_limits, principal.user_limits)
-        admission = self.book.admit(key_id, principal.user_id, bound, self._clock())
-        METRICS.relay_credit_admissions.labels(path="lease" if admission is not None else "exact").inc()
-        return admission
+        return self.book.admit(key_id, principal.user_id, bound, self._clock())
 
     def finish(self, admission: Admission, cost: int) -> int:
         """The request is over; returns what its usage event charges (at most its admitted bound)."""

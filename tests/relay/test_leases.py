@@ -1,0 +1,271 @@
+"""The relay's side of credit leases against a real quota: admission without an RPC, the usage event as
+the charge, the exact path for limited keys, recalls, and leases given back on shutdown.
+
+Real pieces: quota (``services.quota.app.run``) on the module's PostgreSQL, reached through a TCP gate
+that plays the outage, and the relay's :class:`EventPublisher` on the session's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from devinfra.backing import BackingServices
+from services.common import pricing
+from services.common.credit import CreditTerms
+from services.common.errors import ServiceUnavailable
+from services.common.grpc import call
+from services.common.ids import new_id
+from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
+from services.common.pb.relaygate.common.v1.types_pb2 import Limits, Usage
+from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.relay.accounting import Exchange, LeaseAdmission, Meter
+from services.relay.leasing import Leasing
+from services.relay.prices import PriceCache
+from tests.db_fixtures import DbUrls
+from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota
+
+if TYPE_CHECKING:
+    from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
+    from services.relay.publisher import EventPublisher
+
+# One micro-unit per token, so costs read as token counts.
+RATES = {"input_per_mtok": 1_000_000, "output_per_mtok": 1_000_000}
+USAGE = Usage(prompt_tokens=40, completion_tokens=60)
+SYNC_MS = 100
+# Quota and the relay agree on the protocol's timing; short syncs keep the tests quick.
+QUOTA_CREDIT = {"credit_sync_interval_ms": SYNC_MS, "credit_idle_ms": 60_000}
+TERMS = CreditTerms(sync_interval_ms=SYNC_MS, idle_ms=60_000)
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def leasing_meter(
+    stub: QuotaServiceAsyncStub, publisher: EventPublisher, *, recall_window_s: float = 3 * SYNC_MS / 1000
+) -> AsyncIterator[tuple[Meter, Leasing]]:
+    prices = PriceCache(stub, refresh_s=0.1, rpc_timeout_s=TIMEOUT)
+    await prices.start()
+    leasing = Leasing(stub, TERMS, poll_s=0.02)
+    leasing.start()
+    meter = Meter(
+        stub,
+        publisher,
+        rpc_timeout_s=TIMEOUT,
+        leases=LeaseAdmission(leasing, prices, recall_window_s=recall_window_s),
+    )
+    try:
+        yield meter, leasing
+    finally:
+        await meter.close(timeout=5)
+        await leasing.close()
+        await prices.close()
+
+
+async def funded_model(stub: QuotaServiceAsyncStub, amount_micros: int) -> tuple[pb.Price, str]:
+    model, user = new_id("lease-model"), new_id("u")
+    price = await call(stub.SetPrice, pb.Price(model=model, **RATES), timeout=TIMEOUT)
+    await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=amount_micros), timeout=TIMEOUT)
+    return price, user
+
+
+def exchange_for(principal: Principal, model: str) -> Exchange:
+    exchange = Exchange(request_id=new_id("req"), endpoint="chat.completions", client_ip="127.0.0.1")
+    exchange.principal = principal
+    exchange.model = model
+    return exchange
+
+
+async def served(meter: Meter, exchange: Exchange, *, max_output_tokens: int = 100) -> None:
+    """Hold, then finish as a delivered answer with :data:`USAGE`."""
+    await meter.reserve(exchange, prompt_tokens=40, max_output_tokens=max_output_tokens)
+    exchange.usage = USAGE
+    exchange.status_code = 200
+    exchange.end_reason = "done"
+    await meter.finish(exchange)
+
+
+async def holds(stub: QuotaServiceAsyncStub, user: str) -> dict[str, pb.Reservation]:
+    listing = await call(
+        stub.ListReservations, pb.ListReservationsRequest(user_id=user, consistent=True), timeout=TIMEOUT
+    )
+    return {r.reservation_id: r for r in listing.reservations}
+
+
+async def leased_key(meter: Meter, leasing: Leasing, principal: Principal, model: str) -> list[Exchange]:
+    """Serve the key's requests until it has a lease (they are exact until then: the first asks for
+    it, or the first once the relay has the model's price); returns those exact requests."""
+    exact: list[Exchange] = []
+    deadline = time.monotonic() + 10
+    while not any(lease.state == "open" for lease in leasing.book.leases()):
+        assert time.monotonic() < deadline, "timed out waiting for the key's lease to open"
+        exchange = exchange_for(principal, model)
+        await served(meter, exchange)
+        assert exchange.reservation is not None and not exchange.lease_id
+        exact.append(exchange)
+        await asyncio.sleep(0.05)
+    return exact
+
+
+async def test_prices_are_cached_and_the_last_set_kept_while_quota_is_away(
+    migrated_db: DbUrls,
+) -> None:
+    async with quota(migrated_db) as (stub, gate):
+        first, _ = await funded_model(stub, 1)
+        prices = PriceCache(stub, refresh_s=0.05, rpc_timeout_s=0.5)
+        await prices.start()
+        try:
+            cached = prices.get(first.model)
+            assert cached is not None and cached.price_id == first.price_id
+            assert prices.get("never-priced") is None
+
+            await gate.close()
+            await asyncio.sleep(0.6)
+            still = prices.get(first.model)
+            assert still is not None and still.price_id == first.price_id
+            await gate.open()
+
+            # The stub's channel reconnects with a backoff once the gate is open again.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    newer = await call(
+                        stub.SetPrice,
+                        pb.Price(model=first.model, input_per_mtok=5, output_per_mtok=7),
+                        timeout=TIMEOUT,
+                    )
+                    break
+                except ServiceUnavailable:
+                    assert time.monotonic() < deadline, "quota did not come back"
+                    await asyncio.sleep(0.1)
+            await until(
+                lambda: (p := prices.get(first.model)) is not None and p.price_id == newer.price_id,
+                "the new price version",
+            )
+            current = prices.get(first.model)
+            assert current is not None and (current.input_per_mtok, current.output_per_mtok) == (5, 7)
+        finally:
+            await prices.close()
+
+
+async def test_a_key_with_a_rate_limit_stays_exact(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with (
+        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
+        publishing(backing, tmp_path) as publisher,
+        leasing_meter(stub, publisher) as (meter, leasing),
+    ):
+        price, user = await funded_model(stub, 1_000_000)
+        limited = Principal(key_id=new_id("key"), user_id=user, key_limits=Limits(rpm=1_000))
+        for _ in range(3):
+            exchange = exchange_for(limited, price.model)
+            await served(meter, exchange)
+            assert exchange.reservation is not None and not exchange.lease_id
+            await asyncio.sleep(3 * SYNC_MS / 1000)
+        # It never even asked for a lease.
+        assert leasing.book.leases() == []
+        assert all(r.state == "settled" for r in (await holds(stub, user)).values())
+
+
+async def test_requests_after_the_first_are_admitted_on_the_lease_and_their_events_are_the_charge(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with (
+        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
+        publishing(backing, tmp_path) as publisher,
+        leasing_meter(stub, publisher) as (meter, leasing),
+    ):
+        price, user = await funded_model(stub, 10_000_000)
+        principal = Principal(key_id=new_id("key"), user_id=user)
+        exact = await leased_key(meter, leasing, principal, price.model)
+
+        leased = [exchange_for(principal, price.model) for _ in range(5)]
+        for exchange in leased:
+            await served(meter, exchange)
+        expected = pricing.cost(
+            pricing.Price(model=price.model, **RATES), pricing.Usage(prompt_tokens=40, completion_tokens=60)
+        )
+        lease_ids = {exchange.lease_id for exchange in leased}
+        assert len(lease_ids) == 1 and "" not in lease_ids
+        assert all(exchange.reservation is None for exchange in leased)
+        for exchange in leased:
+            [event] = await published(publisher.settings, exchange.request_id)
+            assert (event.lease_id, event.reservation_id) == (exchange.lease_id, "")
+            assert (event.cost_micros, event.price_id) == (expected, price.price_id)
+
+        # Quota saw a Reserve for the requests before the lease, and one lease: no hold for the others.
+        found = await holds(stub, user)
+        assert set(found) == {e.request_id for e in exact} | lease_ids
+        [lease_id] = lease_ids
+        assert found[lease_id].state == "held"
+
+        # Shutdown gives the lease back: quota's hold shrinks to what was used.
+        await leasing.close()
+        lease = (await holds(stub, user))[lease_id]
+        assert lease.reserved_micros + lease.charged_micros == expected * len(leased)
+
+
+async def test_an_abandoned_admission_frees_its_share_and_charges_nothing(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with (
+        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
+        publishing(backing, tmp_path) as publisher,
+        leasing_meter(stub, publisher) as (meter, leasing),
+    ):
+        price, user = await funded_model(stub, 10_000_000)
+        principal = Principal(key_id=new_id("key"), user_id=user)
+        await leased_key(meter, leasing, principal, price.model)
+
+        exchange = exchange_for(principal, price.model)
+        await meter.reserve(exchange, prompt_tokens=40, max_output_tokens=100)
+        lease = leasing.book.lease(exchange.lease_id)
+        assert lease is not None and lease.inflight == 140
+        meter.abandon(exchange)
+        assert (lease.inflight, lease.used, exchange.charged_micros) == (0, 0, 0)
+        # Finishing it later (a handler that still gets there) changes nothing.
+        await meter.finish(exchange)
+        assert (lease.inflight, lease.used) == (0, 0)
+
+
+async def test_an_exact_reserve_waits_for_leases_quota_recalled(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with (
+        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
+        publishing(backing, tmp_path) as publisher,
+        leasing_meter(stub, publisher, recall_window_s=3.0) as (meter, leasing),
+    ):
+        price, user = await funded_model(stub, 100_000)
+        leased = Principal(key_id=new_id("key"), user_id=user)
+        await leased_key(meter, leasing, leased, price.model)
+        for _ in range(20):
+            await served(meter, exchange_for(leased, price.model))
+        [lease] = [lease for lease in leasing.book.leases() if lease.state == "open"]
+        balance = await call(
+            stub.GetBalance, pb.GetBalanceRequest(user_id=user, consistent=True), timeout=TIMEOUT
+        )
+        # More than is free beside the lease, less than the balance: only the lease's unused part covers it.
+        wanted = balance.available_micros + (lease.granted - lease.used) // 2
+        assert wanted > balance.available_micros and wanted <= balance.balance_micros - lease.used
+
+        # Another key of the same user, with a rate limit: exact.
+        exact = exchange_for(
+            Principal(key_id=new_id("key"), user_id=user, key_limits=Limits(rpm=1_000)), price.model
+        )
+        await meter.reserve(exact, prompt_tokens=wanted - 1, max_output_tokens=1)
+        assert exact.reservation is not None and exact.reservation.reserved_micros == wanted
+        # The recalled lease was closed and given back; the key asks for a new one later.
+        assert lease.lease_id not in {
+            open_.lease_id for open_ in leasing.book.leases() if open_.state == "open"
+        }
