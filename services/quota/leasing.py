@@ -317,8 +317,8 @@ class CreditStore:
 
         Returns what this call posted, in order. Left out: a request already charged (by an earlier
         batch, another consumer, or earlier in this batch: a repeat changes nothing), and a charge
-        whose hold is an exact-path reservation (its Settle charges it). A zero cost is posted but
-        writes no ledger entry.
+        whose hold is an exact-path reservation (its Settle charges it), and a zero cost (nothing to
+        charge).
         """
         for charge in charges:
             _check_charge(charge)
@@ -339,7 +339,8 @@ class CreditStore:
         async with self._db.primary.begin() as conn:
             rows = list(await conn.execute(self._lock_named, {"ids": hold_ids}))
             exact = {str(row.id) for row in rows if row.kind != models.LEASE}
-            wanted = [c for c in charges if c.hold_id not in exact]
+            # A zero cost changes nothing on the books (and leaves no trace to make a repeat one).
+            wanted = [c for c in charges if c.hold_id not in exact and c.cost_micros > 0]
             # Read after the holds' locks: a concurrent batch with the same requests has committed.
             done = {
                 str(rid)
@@ -531,7 +532,7 @@ class CreditStore:
             )
         if windows:
             await conn.execute(self._update_windows, windows)
-        entries = [_entry(p, now_s) for p in posted if p.cost > 0]
+        entries = [_entry(p, now_s) for p in posted]
         if entries:
             await conn.execute(self._insert_entries, entries)
 

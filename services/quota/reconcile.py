@@ -5,9 +5,10 @@ Three checks, each a discrepancy ``kind``:
 * ``balance`` - per user, ``balance == sum(ledger entries)`` and ``reserved == sum(held reservations)``
   (entries of a user without an account must sum to zero: only free requests do that);
 * ``charge`` - every settled or expired reservation has exactly one charge entry of exactly its
-  charge, and a held or released one has none;
+  charge, and a held or released one has none; the charge entries of a lease (one per request) sum
+  to exactly its ``charged_micros``, in whatever state;
 * ``budget`` - every budget window's ``spent`` and ``reserved`` equal the charges and holds of the
-  reservations counted in it.
+  reservations and leases counted in it.
 
 Reading a replica is fine: its snapshot is an older commit, and the invariants hold at every commit.
 ``python -m services.quota reconcile`` prints the discrepancies and exits non-zero when there are any.
@@ -95,23 +96,26 @@ def _balances() -> object:
 
 
 def _charges() -> object:
+    # Charges name their hold: a reservation's own id, or the lease a request was admitted on.
     entries = (
         select(
-            _L.reservation_id.label("rid"),
+            _L.hold_id.label("hid"),
             func.sum(_L.amount_micros).label("total"),
             func.count(_L.id).label("n"),
         )
-        .where(_L.reservation_id.is_not(None))
-        .group_by(_L.reservation_id)
+        .where(_L.hold_id.is_not(None))
+        .group_by(_L.hold_id)
         .subquery()
     )
     count = func.coalesce(entries.c.n, 0)
     total = func.coalesce(entries.c.total, 0)
-    charged = _R.state.in_(_FINISHED_WITH_CHARGE)
+    lease = _R.kind == models.LEASE
+    charged = lease | _R.state.in_(_FINISHED_WITH_CHARGE)
+    exact_wrong = (charged & ((count != 1) | (total != -_R.charged_micros))) | (~charged & (count != 0))
     return (
-        select(_R.id, total, _R.charged_micros, count, charged)
-        .outerjoin(entries, entries.c.rid == _R.id)
-        .where((charged & ((count != 1) | (total != -_R.charged_micros))) | (~charged & (count != 0)))
+        select(_R.id, total, _R.charged_micros, count, charged, lease)
+        .outerjoin(entries, entries.c.hid == _R.id)
+        .where(case((lease, total != -_R.charged_micros), else_=exact_wrong))
     )
 
 
@@ -125,7 +129,12 @@ def _window_sums() -> object:
                     (_R.key_id if scope == "key" else _R.user_id).label("scope_id"),
                     literal(period).label("period"),
                     (_R.day_start if period == "day" else _R.month_start).label("window_start"),
-                    case((_R.state.in_(_FINISHED_WITH_CHARGE), _R.charged_micros), else_=0).label("spent"),
+                    # A lease's charges are spent as they arrive; a reservation's when it finishes.
+                    case(
+                        (_R.kind == models.LEASE, _R.charged_micros),
+                        (_R.state.in_(_FINISHED_WITH_CHARGE), _R.charged_micros),
+                        else_=0,
+                    ).label("spent"),
                     case((_R.state == models.HELD, _R.reserved_micros), else_=0).label("held"),
                 ).where(_R.budget_windows.op("&")(window_bit(scope, period)) != 0)
             )
@@ -152,10 +161,10 @@ async def reconcile(db: Database, *, consistent: bool = False) -> list[Discrepan
             found.append(Discrepancy("balance", str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])))
         for r in await conn.execute(_charges()):  # type: ignore[call-overload]
             should = bool(r[4])
+            # A lease has one entry per request charged: only the sum is checked.
+            entries = int(r[3]) if r[5] else int(should)
             found.append(
-                Discrepancy(
-                    "charge", str(r[0]), -int(r[1]), int(r[2]) if should else 0, int(r[3]), int(should)
-                )
+                Discrepancy("charge", str(r[0]), -int(r[1]), int(r[2]) if should else 0, int(r[3]), entries)
             )
         stored = {
             (str(r[0]), str(r[1]), str(r[2]), int(r[3])): (int(r[4]), int(r[5]))
