@@ -22,6 +22,7 @@ from services.quota.pricing import PriceBook
 from services.quota.redis_limits import RedisLimiter
 from services.quota.servicer import SERVICE_NAME, QuotaServicer
 from services.quota.settings import QuotaSettings
+from services.quota.settling import settling
 
 __all__ = ["run", "sweep_expired"]
 
@@ -94,6 +95,10 @@ async def run(
             sweep_expired(ledger, credit, settings.expiry_sweep_interval_s), name="quota-expiry-sweeper"
         )
         stack.push_async_callback(_cancel, sweeper)
+        if settings.kafka_bootstrap:
+            # Leased requests are charged by their usage events; the last batch is charged before the
+            # pools close.
+            await stack.enter_async_context(settling(settings, credit))
 
         servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets, credit=credit)
         await serve(

@@ -14,9 +14,12 @@ from services.common.config import (
     GrpcServerSettings,
     RedisSettings,
 )
+from services.quota.settling import SettlingSettings
 
 
-class QuotaSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings, CreditSettings):
+class QuotaSettings(
+    BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings, CreditSettings, SettlingSettings
+):
     quota_listen: str = "127.0.0.1:50052"
     # A hold nobody settles (the relay died mid-request) is released after this long, charging
     # nothing (flagged ``expired``). Keep it above the longest request a relay allows (its total
