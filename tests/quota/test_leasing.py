@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from services.common.clock import ManualClock
 from services.common.credit import Charge, CreditTerms, LeaseAsk, LeaseReport, SyncRequest
@@ -478,3 +478,23 @@ async def test_prices_are_untouched_by_leases(prices: PriceBook) -> None:
     # Leases carry no model or price; the price book never sees them.
     model = await priced_model(prices)
     assert isinstance(await prices.current(model.model), Price)
+
+
+async def test_reconcile_finds_a_lease_whose_charges_disagree_with_its_entries(
+    store: CreditStore, ledger: Ledger, database: Database
+) -> None:
+    user = await funded_user(ledger, 200_000)
+    lease = ask(user)
+    await opened(store, "relay-a", lease)
+    await store.charge([charge(lease, 3_000), charge(lease, 4_000)])
+    await clean(ledger)
+    tamper = update(models.Reservation).where(models.Reservation.id == lease.lease_id)
+    async with database.transaction() as session:
+        await session.execute(tamper.values(charged_micros=6_000))
+    try:
+        found = {(d.kind, d.subject) for d in await ledger.reconcile(consistent=True)}
+        assert ("charge", lease.lease_id) in found
+    finally:
+        async with database.transaction() as session:
+            await session.execute(tamper.values(charged_micros=7_000))
+    await clean(ledger)

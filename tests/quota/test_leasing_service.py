@@ -1,0 +1,72 @@
+"""Sync over gRPC, and the exact Reserve answering CreditRecalled across the wire."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import CreditRecalled, InvalidRequest
+from services.common.grpc import call
+from services.common.ids import new_id
+from services.common.pb.relaygate.common.v1 import types_pb2
+from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.quota.settings import QuotaSettings
+from tests.db_fixtures import DbUrls
+from tests.quota.test_service import serving
+
+TIMEOUT = 5.0
+
+
+def _settings(urls: DbUrls) -> QuotaSettings:
+    return QuotaSettings.model_validate(
+        {
+            "database_url": urls.primary,
+            "database_replica_urls": [urls.replica],
+            "quota_listen": "127.0.0.1:0",
+            "grpc_drain_seconds": 0.5,
+            "credit_sync_interval_ms": 500,
+        }
+    )
+
+
+async def test_sync_grants_a_lease_and_a_reserve_it_could_cover_is_told_to_retry(migrated_db: DbUrls) -> None:
+    user, lease_id = new_id("u"), new_id("lse")
+    async with serving(_settings(migrated_db)) as stub:
+        await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=300_000), timeout=TIMEOUT)
+        await call(
+            stub.SetPrice,
+            pb.Price(model="lease-model", input_per_mtok=0, output_per_mtok=0, per_request=200_000),
+            timeout=TIMEOUT,
+        )
+        ask = pb.LeaseAsk(
+            lease_id=lease_id,
+            key_id="k_lease",
+            user_id=user,
+            want_micros=1_000_000,
+            min_micros=1_000,
+            key_limits=types_pb2.Limits(daily_budget_micros=10_000_000),
+        )
+        answer = await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=1, asks=[ask]), timeout=TIMEOUT)
+        assert [(g.lease_id, g.state, g.granted_micros) for g in answer.grants] == [
+            (lease_id, "open", 150_000)
+        ]
+
+        reserve = pb.ReserveRequest(reservation_id=new_id("rsv"), user_id=user, model="lease-model")
+        with pytest.raises(CreditRecalled) as refused:
+            await call(stub.Reserve, reserve, timeout=TIMEOUT)
+        assert refused.value.retry_after == pytest.approx(1.0)
+
+        closing = pb.LeaseReport(lease_id=lease_id, closing=True)
+        answer = await call(
+            stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=2, reports=[closing]), timeout=TIMEOUT
+        )
+        assert [g.state for g in answer.grants] == ["closed"]
+        held = await call(stub.Reserve, reserve, timeout=TIMEOUT)
+        assert held.reserved_micros == 200_000
+
+        with pytest.raises(InvalidRequest):
+            await call(stub.Sync, pb.SyncRequest(relay_id="", seq=3), timeout=TIMEOUT)
+        bad = pb.LeaseReport(lease_id=lease_id, used_micros=-1)
+        with pytest.raises(InvalidRequest):
+            await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=3, reports=[bad]), timeout=TIMEOUT)
+        found = await call(stub.Reconcile, pb.ReconcileRequest(consistent=True), timeout=TIMEOUT)
+        assert list(found.discrepancies) == []
