@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy import ARRAY, Select, String, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -164,9 +164,22 @@ class CreditStore:
             .order_by(_R.expires_at_ms)
             .limit(bindparam("batch"))
         )
-        self._charged_already = select(_L.reservation_id).where(
-            member_of(_L.reservation_id, "rids", postgres=pg)
-        )
+        self._charged_already: Select[tuple[str | None]]
+        if pg:
+            # A join on the unnested ids probes the unique index once per request; ``= ANY(array)``
+            # is planned as a scan of the whole ledger, which grows by a row per request.
+            rids = (
+                func.unnest(bindparam("rids", type_=ARRAY(String())))
+                .table_valued("rid")
+                .render_derived("asked")
+            )
+            self._charged_already = select(_L.reservation_id).select_from(
+                rids.join(_ENTRIES, _L.reservation_id == rids.c.rid)
+            )
+        else:
+            self._charged_already = select(_L.reservation_id).where(
+                member_of(_L.reservation_id, "rids", postgres=False)
+            )
         self._stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
             member_of(_B.scope_id, "sids", postgres=pg)
         )
