@@ -226,8 +226,8 @@ def _passed_over(record: Any, result: str, reason: Exception) -> None:
 
 def _count(offered: int, posted: list[Posted]) -> None:
     METRICS.quota_settle_records.labels(result="charged").inc(len(posted))
-    # Already charged (a replay), or the hold is an exact reservation, which its Settle charges.
-    METRICS.quota_settle_records.labels(result="repeat").inc(max(0, offered - len(posted)))
+    # Already charged (a replay), a zero cost, or an exact reservation's (its Settle charges it).
+    METRICS.quota_settle_records.labels(result="unchanged").inc(max(0, offered - len(posted)))
     written_off = sum(p.written_off for p in posted)
     if written_off:
         METRICS.quota_written_off_micros.inc(written_off)
