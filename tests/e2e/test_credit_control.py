@@ -629,7 +629,8 @@ async def test_a_killed_relay_charges_nothing_in_flight_and_its_leases_expire(
         assert any(lease.given_up for lease in await books.leases(user_id)), await books.leases(user_id)
         await settled_to(deployment, user_id, (997 * UNIT, 0), timeout=20)
         charged = await books.charges([user_id])
-        assert set(charged) == {r.request_id for r in served}, charged
+        # The warm-up requests failed upstream and were charged 0; the three served ones one unit each.
+        assert {rid: cost for rid, cost in charged.items() if cost} == {r.request_id: UNIT for r in served}
 
         # The key is still served by the surviving relay.
         after = await chat(http, survivor_url, key)
@@ -674,7 +675,7 @@ async def test_a_seeded_random_workload_keeps_ledger_equal_to_logs(
         for _ in range(12):
             fault = rng.random()
             if fault < 0.25:
-                upstream.configure(fail_status=rng.choice([500, 503, 429]), fail_count=rng.randrange(1, 4))
+                upstream.configure(fail_status=rng.choice([502, 503, 429]), fail_count=rng.randrange(1, 4))
             elif fault < 0.4:
                 upstream.configure(drop_after_chunks=rng.randrange(1, 4), fail_count=rng.randrange(1, 3))
             elif fault < 0.5:
