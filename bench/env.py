@@ -132,6 +132,7 @@ class BenchEnv:
                     "RELAYGATE_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
                     "RELAYGATE_KAFKA_TOPIC_PREFIX": prefix,
                     "RELAYGATE_LOGGER_GROUP_ID": f"bench-logger-{tag}",
+                    "RELAYGATE_SETTLE_GROUP_ID": f"bench-quota-{tag}",
                     **STACK_SETTINGS,
                 },
                 log_dir=work_dir / "logs",

@@ -70,6 +70,7 @@ def stack_env(backing: BackingServices, db: DbUrls) -> dict[str, str]:
         "RELAYGATE_KAFKA_BOOTSTRAP": backing.kafka_bootstrap,
         "RELAYGATE_KAFKA_TOPIC_PREFIX": f"e2e{tag}.",
         "RELAYGATE_LOGGER_GROUP_ID": f"e2e-logger-{tag}",
+        "RELAYGATE_SETTLE_GROUP_ID": f"e2e-quota-{tag}",
         "RELAYGATE_BATCH_MAX_SECONDS": "0.2",
         "RELAYGATE_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "RELAYGATE_KAFKA_HEARTBEAT_INTERVAL_MS": "300",
