@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import ARRAY, Select, String, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -58,9 +58,12 @@ log = logging.getLogger(__name__)
 # Reports or asks in one sync: a relay process holds one lease per key it serves.
 MAX_ITEMS = 10_000
 MAX_AMOUNT_MICROS = 10**15
-# Two consumers inserting the same request's charge against an unknown hold race on the unique
-# request id; the loser's batch is retried and then sees the winner's rows.
-_CHARGE_ATTEMPTS = 3
+# Two transactions inserting the same new row (a request's charge against an unknown hold, a lease
+# asked again while its first ask is in flight) race on its unique id; the loser is retried and then
+# finds the winner's row.
+_ATTEMPTS = 3
+
+_T = TypeVar("_T")
 
 _A = cast(Table, models.Account.__table__).c
 _R = cast(Table, models.Reservation.__table__).c
@@ -275,10 +278,12 @@ class CreditStore:
         budgets; operator budgets still apply). Raises :class:`InvalidRequest` for a malformed request.
         """
         _check_sync(request)
-        budgets = budgets or {}
-        now_ms = self._now_ms()
         if not request.reports and not request.asks:
             return SyncAnswer()
+        return await _retrying_races(lambda: self._sync(request, budgets or {}))
+
+    async def _sync(self, request: SyncRequest, budgets: Mapping[str, CarriedBudgets]) -> SyncAnswer:
+        now_ms = self._now_ms()
         ids = sorted({r.lease_id for r in request.reports} | {a.lease_id for a in request.asks})
         async with self._db.primary.begin() as conn:
             # A hold's user never changes, so who to lock can be read without a lock.
@@ -337,14 +342,7 @@ class CreditStore:
             _check_charge(charge)
         if not charges:
             return []
-        for attempt in range(_CHARGE_ATTEMPTS):
-            try:
-                return await self._charge(charges)
-            except IntegrityError:
-                if attempt == _CHARGE_ATTEMPTS - 1:
-                    raise
-                log.info("charge batch raced another consumer; retrying", extra={"charges": len(charges)})
-        raise AssertionError("unreachable")
+        return await _retrying_races(lambda: self._charge(charges))
 
     async def _charge(self, charges: Sequence[Charge]) -> list[Posted]:
         now_ms = self._now_ms()
@@ -392,9 +390,11 @@ class CreditStore:
             async with self._db.primary.begin() as conn:
                 rows = list(await conn.execute(self._lock_named, {"ids": sorted(due)}))
                 loaded = await self._load(conn, rows, {str(r.user_id) for r in rows}, {}, now_ms)
-                changed += len(loaded.books.expire(now_ms))
+                expired = len(loaded.books.expire(now_ms))
                 await self._write(conn, loaded, now_ms)
-            if len(due) < batch:
+            changed += expired
+            # Nothing expired: the due rows were closed meanwhile (or by another quota process).
+            if len(due) < batch or not expired:
                 break
         if changed:
             log.info("leases expired", extra={"count": changed})
@@ -402,18 +402,19 @@ class CreditStore:
 
     # --- recall, for the exact path --------------------------------------------------------------
 
-    async def recall(self, request: HoldRequest) -> bool:
+    async def recall(self, request: HoldRequest) -> float | None:
         """A Reserve of ``request`` was refused for its balance or a budget: recall the user's open
         leases when their unused credit would cover it (``CreditBooks.reserve``).
 
-        True when a retry is worth it (leases recalled, or the room is there by now); False when the
-        refusal stands (no lease of the user, or not even their unused credit would cover it).
+        Returns how many seconds to wait before retrying the Reserve (the leases' relays give the
+        credit back at their next sync), or None when the refusal stands (no lease of the user, or
+        not even their unused credit would cover it).
         """
         now_ms = self._now_ms()
         async with self._db.primary.begin() as conn:
             rows = list(await conn.execute(self._lock_leases_of, {"users": [request.user_id]}))
             if not rows:
-                return False
+                return None
             sids = sorted({request.user_id} | ({request.key_id} if request.key_id else set()))
             stored = {
                 (str(r[0]), str(r[1]), str(r[2])): int(r[3])
@@ -428,12 +429,15 @@ class CreditStore:
             answer = loaded.books.reserve(
                 ReserveAsk(request.reservation_id, request.key_id, request.user_id, request.amount), now_ms
             )
+            if answer.state == "held":
+                # Leases closed since the refusal: the room is there now.
+                return 0.0
             if answer.state != "retry":
-                return answer.state == "held"
+                return None
             # Only the recall flags are written: the hold itself is the exact path's to take.
             await self._write(conn, loaded, now_ms, holds_only=True)
         log.info("leases recalled", extra={"user_id": request.user_id, "leases": len(rows)})
-        return True
+        return answer.retry_after_ms / 1000
 
     # --- loading and writing back ----------------------------------------------------------------
 
@@ -545,7 +549,9 @@ class CreditStore:
             )
         if windows:
             await conn.execute(self._update_windows, windows)
-        entries = [_entry(p, now_s) for p in posted]
+        # In request id order, so two batches racing on the same requests wait on each other's
+        # unique keys in one order and cannot deadlock.
+        entries = [_entry(p, now_s) for p in sorted(posted, key=lambda p: p.request_id)]
         if entries:
             await conn.execute(self._insert_entries, entries)
 
@@ -593,6 +599,17 @@ class CreditStore:
             finished_at=update_values["h_finished"],
         )
         return row
+
+
+async def _retrying_races(attempt: Callable[[], Awaitable[_T]]) -> _T:
+    for remaining in range(_ATTEMPTS - 1, -1, -1):
+        try:
+            return await attempt()
+        except IntegrityError:
+            if not remaining:
+                raise
+            log.info("a concurrent transaction inserted the same row first; retrying")
+    raise AssertionError("unreachable")
 
 
 def _no_windows(_key_id: str, _user_id: str) -> tuple[str, ...]:

@@ -318,14 +318,15 @@ class Ledger:
         except Exception as exc:
             # Definitely not held (a cancelled caller is not: its batch may still commit).
             await self._give_back(ticket)
-            if isinstance(exc, InsufficientQuota | BudgetExceeded) and await self._recalled(request):
-                exc = CreditRecalled(
-                    f"{exc.message}; leases of this user hold unused credit and are being recalled",
-                    param=exc.param,
-                    retry_after=2 * self._credit.terms.sync_interval_ms / 1000 if self._credit else None,
-                )
-                METRICS.quota_rejections.labels(reason=exc.code).inc()
-                raise exc from None
+            if isinstance(exc, InsufficientQuota | BudgetExceeded):
+                retry_after = await self._recalled(request)
+                if retry_after is not None:
+                    METRICS.quota_rejections.labels(reason=CreditRecalled.code).inc()
+                    raise CreditRecalled(
+                        f"{exc.message}; leases of this user hold unused credit and are being recalled",
+                        param=exc.param,
+                        retry_after=retry_after,
+                    ) from None
             if isinstance(exc, QuotaError):
                 METRICS.quota_rejections.labels(reason=exc.code).inc()
             raise
@@ -333,16 +334,17 @@ class Ledger:
             await self._give_back(ticket)
         return dataclasses.replace(hold, requests=ticket.requests, tokens=ticket.tokens)
 
-    async def _recalled(self, request: HoldRequest) -> bool:
-        """Whether the user's leases were recalled to cover ``request`` (worth a retry shortly)."""
+    async def _recalled(self, request: HoldRequest) -> float | None:
+        """Seconds until a retry of ``request`` may be covered by the user's recalled leases; None
+        when the refusal stands."""
         if self._credit is None:
-            return False
+            return None
         try:
             return await self._credit.recall(request)
         except Exception:
-            # The refusal stands; the relay sees the balance error it would have seen anyway.
+            # The refusal stands; the caller sees the balance error it would have seen anyway.
             log.warning("could not recall leases", exc_info=True)
-            return False
+            return None
 
     async def _give_back(self, ticket: Ticket) -> None:
         try:

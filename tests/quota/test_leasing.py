@@ -227,6 +227,40 @@ async def test_two_consumers_charging_the_same_events_charge_each_request_once(
     await clean(ledger)
 
 
+async def test_two_consumers_charging_for_an_unknown_hold_charge_each_request_once(
+    store: CreditStore, ledger: Ledger, database: Database, other_db: Database, clock: ManualClock
+) -> None:
+    # No row to lock: the two transactions race on the ledger's unique request id instead.
+    user = await funded_user(ledger, 1_000_000)
+    other = CreditStore(other_db, Calendar(), TERMS, clock)
+    spent = 0
+    for _ in range(5):
+        stray = LeaseAsk(new_id("lse"), new_id("k"), user, 0, 0)
+        batch = [charge(stray, 100 + i) for i in range(20)]
+        first, second = await asyncio.gather(store.charge(batch), other.charge(list(reversed(batch))))
+        assert sorted(p.request_id for p in [*first, *second]) == sorted(c.request_id for c in batch)
+        assert all(p.late for p in [*first, *second])
+        assert len(await charges_of(database, stray.lease_id)) == 20
+        spent += sum(c.cost_micros for c in batch)
+    assert (await ledger.balance(user, consistent=True)).balance_micros == 1_000_000 - spent
+    await clean(ledger)
+
+
+async def test_an_ask_repeated_while_the_first_is_in_flight_opens_one_lease(
+    store: CreditStore, ledger: Ledger, other_db: Database, clock: ManualClock
+) -> None:
+    user = await funded_user(ledger, 1_000_000)
+    lease = ask(user)
+    other = CreditStore(other_db, Calendar(), TERMS, clock)
+    answers = await asyncio.gather(
+        store.sync(SyncRequest("relay-a", 1, asks=(lease,))),
+        other.sync(SyncRequest("relay-a", 1, asks=(lease,))),
+    )
+    assert [(g.state, g.granted_micros) for a in answers for g in a.grants] == [("open", 100_000)] * 2
+    assert await held(ledger, user) == 100_000
+    await clean(ledger)
+
+
 async def test_a_charge_on_an_exact_reservation_is_left_to_its_settle(
     store: CreditStore, ledger: Ledger, prices: PriceBook
 ) -> None:
