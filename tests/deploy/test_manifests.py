@@ -915,13 +915,17 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
             for c in (*servers, relay, migrate, "internet", "intruder")
         }
         expected |= {
-            (c, "kafka", "kafka"): c in (relay, logger)
+            (c, "kafka", "kafka"): c in (relay, quota, logger)
             for c in (*servers, relay, migrate, "internet", "intruder")
         }
         expected |= {(p, "kube-dns", 53): True for p in (relay, auth, primary, replica, "redis", "kafka")}
     else:
         # Managed PostgreSQL, Redis and Kafka outside the cluster, told apart by port.
-        users = {5432: (auth, quota, logger, migrate), 6379: (relay, auth, quota), 9092: (relay, logger)}
+        users = {
+            5432: (auth, quota, logger, migrate),
+            6379: (relay, auth, quota),
+            9092: (relay, quota, logger),
+        }
         for port, clients in users.items():
             expected |= {(c, "managed-service", port): c in clients for c in (relay, *servers, migrate)}
         expected |= {(p, "kube-dns", 53): True for p in (relay, *servers, migrate)}
