@@ -13,7 +13,7 @@ logs read the same number.
 **Exact** (everything else, and a key the book has no open lease for yet): one Reserve RPC holds the
 worst case; when quota answers that it has just recalled the user's leases to cover it
 (:class:`~services.common.errors.CreditRecalled`), the reserve is tried again after its retry-after, a
-few times within about three sync intervals.
+few times within about six sync intervals (three of quota's retry-afters).
 
 Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to retry.
 The first attempt is made when the request ends; if quota cannot answer it (restarting,
@@ -184,8 +184,8 @@ class LeaseAdmission:
 
     leasing: Leasing
     prices: PriceCache
-    recall_window_s: float = 3.0
-    recall_attempts: int = 4
+    recall_window_s: float = 6.0
+    recall_attempts: int = 5
 
 
 def _bounded(usage: Usage) -> pricing.Usage:
@@ -297,19 +297,22 @@ class Meter:
 
     async def _reserve_exact(self, request: ReserveRequest) -> ReserveResponse:
         """One Reserve; tried again while quota answers that it recalled the user's leases to cover
-        it, within the recall window (then the last refusal is the caller's answer)."""
+        it, for ``recall_window_s`` after the first such answer (a Reserve slowed by the load that
+        caused the recall does not eat into it); then the last refusal is the caller's answer."""
         leases = self._leases
         if leases is None:
             return await call(self._stub.Reserve, request, timeout=self._timeout)
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + leases.recall_window_s
+        give_up: float | None = None
         attempt = 1
         while True:
             try:
                 return await call(self._stub.Reserve, request, timeout=self._timeout)
             except CreditRecalled as exc:
+                now = loop.time()
+                give_up = give_up if give_up is not None else now + leases.recall_window_s
                 wait = exc.retry_after if exc.retry_after is not None else leases.recall_window_s / 10
-                if attempt >= leases.recall_attempts or loop.time() + wait > give_up:
+                if attempt >= leases.recall_attempts or now + wait > give_up:
                     raise
                 attempt += 1
                 await asyncio.sleep(wait)

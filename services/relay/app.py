@@ -135,11 +135,16 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             await prices.start()
             stack.push_async_callback(prices.close)
             terms = settings.credit_terms()
-            leasing = Leasing(quota, terms, shutdown_s=settings.credit_shutdown_s)
+            leasing = Leasing(
+                quota, terms, rpc_timeout_s=settings.rpc_timeout_s, shutdown_s=settings.credit_shutdown_s
+            )
             leasing.start()
             # Runs after the meter's pending settlements (below): every admission is finished by then.
             stack.push_async_callback(leasing.close)
-            leases = LeaseAdmission(leasing, prices, recall_window_s=3 * terms.sync_interval_ms / 1000)
+            # Quota asks a recalled reserve to come back after about two syncs, and giving the credit
+            # back takes its relays about three (the recall, the closing report, the in-flight
+            # requests' report): three of its retry-afters cover that on a loaded machine.
+            leases = LeaseAdmission(leasing, prices, recall_window_s=6 * terms.sync_interval_ms / 1000)
 
         meter = Meter(
             quota,

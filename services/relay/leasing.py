@@ -3,7 +3,10 @@
 Requests are admitted on a key's lease without an RPC (:meth:`Leasing.admit`); a background task checks
 every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does, sends
 quota one ``Sync`` with every lease's report and the new asks, then applies the answer. The deadline
-of a sync is about one interval: a slow answer is worth less than the next sync. A failed sync changes
+of a sync is the longer of one interval and the request path's RPC deadline: an answer is applied
+relative to when its sync was *sent*, so a late one is still safe, and under load (a burst of exact
+reserves, a recall) a deadline of one short interval would fail every sync exactly when the
+recalls and closing reports they carry are needed. A failed sync changes
 nothing in the book (its leases keep admitting until their validity ends, see
 :mod:`services.relay.credit`) and is tried again at the next interval.
 
@@ -106,13 +109,14 @@ class Leasing:
         stub: QuotaServiceAsyncStub,
         terms: CreditTerms,
         *,
+        rpc_timeout_s: float = 2.0,
         poll_s: float = 0.05,
         shutdown_s: float = 2.0,
         clock: Callable[[], int] = monotonic_ms,
     ) -> None:
         self._stub = stub
-        self._terms = terms
         self._poll_s = poll_s
+        self._deadline_s = max(terms.sync_interval_ms / 1000, rpc_timeout_s)
         self._shutdown_s = shutdown_s
         self._clock = clock
         self.relay_id = new_id("rly")
@@ -169,7 +173,7 @@ class Leasing:
         self._forget_limits()
         message = request_to_pb(request, self._limits)
         try:
-            answer = await call(self._stub.Sync, message, timeout=self._terms.sync_interval_ms / 1000)
+            answer = await call(self._stub.Sync, message, timeout=self._deadline_s)
         except GatewayError as exc:
             METRICS.relay_credit_syncs.labels(outcome="failed").inc()
             if sent_at - self._warned_at >= _WARN_EVERY_MS:
