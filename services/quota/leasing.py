@@ -362,9 +362,10 @@ class CreditStore:
             wanted = [c for c in wanted if c.request_id not in done]
             if not wanted:
                 return []
-            known = {str(row.id): row for row in rows}
+            leases = [row for row in rows if row.kind == models.LEASE]
+            known = {str(row.id): row for row in leases}
             users = {str(known[c.hold_id].user_id) if c.hold_id in known else c.user_id for c in wanted}
-            loaded = await self._load(conn, rows, users, {}, now_ms)
+            loaded = await self._load(conn, leases, users, {}, now_ms)
             posted: list[Posted] = []
             seen: set[str] = set()
             for charge in wanted:
