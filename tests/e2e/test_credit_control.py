@@ -79,7 +79,7 @@ RANDOM_SEED = int(os.environ.get("RELAYGATE_CREDIT_E2E_SEED", "20261203"))
 # -- the deployment --------------------------------------------------------------------------------------
 
 
-def serve_flat_model(deployment: Deployment) -> None:
+def serve_flat_model(deployment: Deployment, **channel_fields: object) -> None:
     """A channel on the deployment's fake upstream serving :data:`FLAT_MODEL` at :data:`FLAT_PRICE`."""
     with deployment.admin() as admin:
         ok(
@@ -91,6 +91,7 @@ def serve_flat_model(deployment: Deployment) -> None:
                     "models": [FLAT_MODEL],
                     "weight": 1,
                     "enabled": True,
+                    **channel_fields,
                 },
             )
         )
@@ -125,10 +126,15 @@ async def books(migrated_db: DbUrls) -> AsyncIterator[Books]:
 
 
 @pytest.fixture(autouse=True)
-def _calm_upstream(deployment: Deployment) -> Iterator[None]:
-    deployment.upstream.reset()
+def _calm_upstream(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests on the module's deployment start and end with the upstream's default behaviour."""
+    if "deployment" not in request.fixturenames:
+        yield
+        return
+    upstream = request.getfixturevalue("deployment").upstream
+    upstream.reset()
     yield
-    deployment.upstream.reset()
+    upstream.reset()
 
 
 # -- accounts, requests and the books --------------------------------------------------------------------
@@ -583,7 +589,9 @@ async def short_leases(
     with deploy_pairs(
         backing, urls, tmp_path_factory.mktemp("credit-kill-logs"), service_env=SHORT_ENV
     ) as running:
-        serve_flat_model(running)
+        # Two connections to the upstream per relay: further requests wait in the relay, admitted but
+        # not sent, for as long as connecting may take.
+        serve_flat_model(running, max_connections=2, connect_timeout_ms=60_000)
         async with Books.open(urls) as opened:
             yield running, opened
 
@@ -602,24 +610,28 @@ async def test_a_killed_relay_charges_nothing_in_flight_and_its_leases_expire(
         served = [await chat(http, victim_url, key) for _ in range(3)]
         assert [r.status for r in served] == [200] * 3, [r.error for r in served]
 
-        # Requests admitted and sent on, which the upstream will not answer before the relay dies.
+        # Six requests admitted at once: two sent on to an upstream that will not answer before the
+        # relay dies, four waiting in the relay for one of the channel's two connections.
         upstream.configure(latency_ms=60_000)
         reached = upstream.stats()["requests_total"]
         in_flight = [
             asyncio.create_task(chat(http, victim_url, key, content=f"doomed {i}")) for i in range(6)
         ]
 
-        async def not_in_flight() -> str:
-            waiting = upstream.stats()["requests_total"] - reached
-            reported = sum(lease.inflight for lease in await books.leases(user_id) if lease.state == "held")
-            return "" if waiting == len(in_flight) and reported > 0 else f"{waiting} at the upstream"
+        async def not_admitted() -> str:
+            at_upstream = upstream.stats()["requests_total"] - reached
+            on_lease = sum(lease.inflight for lease in await books.leases(user_id) if lease.state == "held")
+            exact = UNIT * len(await books.reservations_held([user_id]))
+            if at_upstream == 2 and on_lease > 0 and on_lease + exact == len(in_flight) * UNIT:
+                return ""
+            return f"{at_upstream} at the upstream, {on_lease} in flight on the lease, {exact} held exactly"
 
-        # Every doomed request reached the upstream, and the relay reported some in flight on its lease.
-        await eventually(not_in_flight, "the requests are not in flight", timeout=15)
+        await eventually(not_admitted, "the requests were not admitted", timeout=15)
         assert deployment.process(victim).kill() == -signal.SIGKILL
         doomed = await asyncio.gather(*in_flight)
         upstream.configure(latency_ms=0)
         assert {r.status for r in doomed} == {0}
+        assert upstream.stats()["requests_total"] - reached == 2, "a waiting request reached the upstream"
 
         # The dead relay's lease expires: what it had not used is released, nothing in flight charged.
         async def still_held() -> list[LeaseRow]:
