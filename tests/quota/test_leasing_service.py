@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from services.common.errors import CreditRecalled, InvalidRequest
@@ -70,3 +73,35 @@ async def test_sync_grants_a_lease_and_a_reserve_it_could_cover_is_told_to_retry
             await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=3, reports=[bad]), timeout=TIMEOUT)
         found = await call(stub.Reconcile, pb.ReconcileRequest(consistent=True), timeout=TIMEOUT)
         assert list(found.discrepancies) == []
+
+
+async def test_the_sweeper_expires_a_lease_whose_relay_stopped_syncing(migrated_db: DbUrls) -> None:
+    settings = _settings(migrated_db).model_copy(
+        update={
+            "credit_valid_for_ms": 1_000,
+            "credit_grace_ms": 0,
+            "credit_margin_ms": 0,
+            "expiry_sweep_interval_s": 0.1,
+        }
+    )
+    user = new_id("u")
+    async with serving(settings) as stub:
+        await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=100_000), timeout=TIMEOUT)
+        ask = pb.LeaseAsk(
+            lease_id=new_id("lse"), key_id="k_sweep", user_id=user, want_micros=10_000, min_micros=100
+        )
+        answer = await call(
+            stub.Sync, pb.SyncRequest(relay_id="relay-gone", seq=1, asks=[ask]), timeout=TIMEOUT
+        )
+        assert [g.state for g in answer.grants] == ["open"]
+        balance = await call(
+            stub.GetBalance, pb.GetBalanceRequest(user_id=user, consistent=True), timeout=TIMEOUT
+        )
+        assert balance.reserved_micros == 10_000
+        deadline = time.monotonic() + 10
+        while balance.reserved_micros and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            balance = await call(
+                stub.GetBalance, pb.GetBalanceRequest(user_id=user, consistent=True), timeout=TIMEOUT
+            )
+        assert balance.reserved_micros == 0
