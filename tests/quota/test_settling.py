@@ -46,6 +46,7 @@ def settle_settings(backing: BackingServices) -> SettlingSettings:
         {
             "kafka_bootstrap": backing.kafka_bootstrap,
             "kafka_topic_prefix": f"{new_id('t')}.",
+            "kafka_partitions": 2,
             "settle_group_id": new_id("g"),
             "kafka_session_timeout_ms": 3000,
             "kafka_heartbeat_interval_ms": 300,
