@@ -53,7 +53,8 @@ CREDIT_ENV = {
     "RELAYGATE_CREDIT_MARGIN_MS": "1000",
     "RELAYGATE_CREDIT_GRACE_MS": "1000",
     "RELAYGATE_CREDIT_HORIZON_MS": "2000",
-    "RELAYGATE_RPC_TIMEOUT_S": "1.5",
+    # Generous: 200 requests at once on a shared 2-core machine must not meet a deadline.
+    "RELAYGATE_RPC_TIMEOUT_S": "4",
     "RELAYGATE_EXPIRY_SWEEP_INTERVAL_S": "0.5",
     "RELAYGATE_GRPC_DRAIN_SECONDS": "2",
     "RELAYGATE_SETTLE_SHUTDOWN_S": "3",
@@ -233,6 +234,30 @@ def outcomes(replies: list[Reply]) -> collections.Counter[tuple[int, str]]:
     return collections.Counter((r.status, r.code) for r in replies)
 
 
+async def assert_exactly_served(
+    replies: list[Reply], served: int, refusal: str, state: Callable[[], str]
+) -> None:
+    """Exactly ``served`` replies are 200 and every other one is the 429 ``refusal``, or a 429
+    ``credit_recalled`` with ``Retry-After`` (quota was taking back a lease's unused part when the
+    request came: the client's retry meets ``refusal``). Otherwise fail saying what was left once the
+    requests in flight had time to finish (units left unspent, or spent twice)."""
+    found = outcomes(replies)
+    refusals = {(429, refusal), (429, "credit_recalled")}
+    if found[(200, "")] != served or set(found) - {(200, ""), *refusals}:
+        await asyncio.sleep(2.0)
+        raise AssertionError(f"outcomes {dict(found)}, expected {served} served; {state()}")
+    recalled = [r for r in replies if r.code == "credit_recalled"]
+    assert all(r.retry_after for r in recalled), [r.error for r in recalled[:2]]
+    print(f"{served} served; refusals {dict(found - collections.Counter({(200, ''): served}))}")
+
+
+def day_of(deployment: Deployment, key_id: str) -> tuple[int, int]:
+    """The key's daily budget window: (spent, held)."""
+    budgets = admin_get(deployment, f"/admin/v1/budgets/key/{key_id}", consistent="true")["budgets"]
+    day = next(b for b in budgets if b["period"] == "day")
+    return int(day.get("spent_micros", 0)), int(day.get("reserved_micros", 0))
+
+
 async def eventually(check: Callable[[], Awaitable[object]], what: str, timeout: float) -> None:
     """Wait until ``check`` returns something empty; fail with what it last returned."""
     deadline = time.monotonic() + timeout
@@ -391,9 +416,14 @@ async def test_a_balance_worth_150_admits_exactly_150_of_200_across_relays(
 
     replies = await burst(deployment, key, 200)
 
-    assert outcomes(replies) == {(200, ""): 150, (429, "insufficient_quota"): 50}, outcomes(replies)
-    refused = next(r for r in replies if r.status == 429)
-    assert refused.error["type"] == "insufficient_quota" and refused.error["message"], refused.error
+    await assert_exactly_served(
+        replies,
+        150,
+        "insufficient_quota",
+        lambda: f"balance and held afterwards: {balance_of(deployment, user_id)}",
+    )
+    refused = [r.error for r in replies if r.status == 429]
+    assert all(set(e) >= {"message", "type", "param", "code"} and e["message"] for e in refused), refused
     assert {r.url for r in replies if r.status == 200} == set(deployment.relay_urls)
     await settled_to(deployment, user_id, (0, 0))
     await books_agree(books, deployment, [user_id])
@@ -416,13 +446,13 @@ async def test_a_daily_budget_worth_150_admits_exactly_150_of_200_across_relays(
 
     replies = await burst(deployment, key, 200)
 
-    assert outcomes(replies) == {(200, ""): 150, (429, "budget_exceeded"): 50}, outcomes(replies)
+    await assert_exactly_served(
+        replies, 150, "budget_exceeded", lambda: f"day window afterwards: {day_of(deployment, key_id)}"
+    )
     await settled_to(deployment, user_id, (850 * UNIT, 0))
 
     async def day_window() -> str:
-        budgets = admin_get(deployment, f"/admin/v1/budgets/key/{key_id}", consistent="true")["budgets"]
-        day = next(b for b in budgets if b["period"] == "day")
-        found = (int(day.get("spent_micros", 0)), int(day.get("reserved_micros", 0)))
+        found = day_of(deployment, key_id)
         return "" if found == (cap, 0) else f"day window spent and held {found}"
 
     await eventually(day_window, "the daily budget did not settle", timeout=30)
