@@ -26,12 +26,15 @@ from services.common.events import encode
 from services.common.ids import new_id
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.quota import models
+from services.quota.app import run
 from services.quota.budgets import Calendar
 from services.quota.leasing import CreditStore
 from services.quota.ledger import Ledger
+from services.quota.settings import QuotaSettings
 from services.quota.settling import SettlingSettings, charge_of, settling
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
+from tests.in_process import in_process
 from tests.logger.factories import eventually
 from tests.quota.factories import funded_user
 
@@ -168,7 +171,26 @@ def records(result: str) -> float:
     return REGISTRY.get_sample_value("relaygate_quota_settle_records_total", {"result": result}) or 0.0
 
 
-# --- what an event becomes ------------------------------------------------------------------------------
+# --- settings, and what an event becomes ----------------------------------------------------------------
+
+
+def test_quota_settles_in_a_group_of_its_own_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = QuotaSettings.model_validate({})
+    assert (
+        defaults.settle_group_id,
+        defaults.settle_policy.max_rows,
+        defaults.settle_policy.max_seconds,
+    ) == (
+        "relaygate-quota",
+        1000,
+        0.2,
+    )
+    monkeypatch.setenv("RELAYGATE_SETTLE_GROUP_ID", "quota-eu")
+    monkeypatch.setenv("RELAYGATE_SETTLE_BATCH_MAX_ROWS", "250")
+    settings = QuotaSettings()
+    assert (settings.settle_group_id, settings.settle_policy.max_rows) == ("quota-eu", 250)
+    with pytest.raises(ValueError, match="SETTLE_GROUP_ID"):
+        SettlingSettings.model_validate({"settle_group_id": " "})
 
 
 def test_an_event_is_a_charge_only_when_admitted_on_a_lease() -> None:
@@ -367,3 +389,28 @@ async def test_an_unreachable_broker_neither_blocks_nor_delays_quota(store: Cred
     async with settling(settings, store):
         await asyncio.sleep(1.0)
     assert time.monotonic() - started < 3.0
+
+
+async def test_the_quota_service_settles_leases_while_it_serves(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    database: Database,
+    migrated_db: DbUrls,
+) -> None:
+    lease = await open_lease(store, ledger)
+    events = [used_on(lease, 700 + i) for i in range(10)]
+    topic = UsageTopic(settle_settings)
+    settings = QuotaSettings.model_validate(
+        {
+            **settle_settings.model_dump(),
+            "database_url": migrated_db.primary,
+            "quota_listen": "127.0.0.1:0",
+            "grpc_drain_seconds": 0.5,
+        }
+    )
+    async with in_process(run, settings, timeout=20):
+        await topic.produce(events)
+        await charged_all(database, lease, events)
+        await committed_all(topic)
+    await clean(ledger)
