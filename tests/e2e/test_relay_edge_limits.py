@@ -30,6 +30,9 @@ def relay_env() -> dict[str, str]:
         "RELAYGATE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "RELAYGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "RELAYGATE_MAX_STREAMS_PER_KEY": str(STREAMS_PER_KEY),
+        # These tests count holds after each request: exact reservations only (tests/e2e/test_leases.py
+        # covers leases, whose hold stays until the key goes quiet).
+        "RELAYGATE_CREDIT_LEASES": "false",
     }
 
 

@@ -11,6 +11,13 @@ import pytest
 from tests.e2e.stack import MODEL, Deployment, balance, fund_user
 
 
+@pytest.fixture(scope="module")
+def relay_env() -> dict[str, str]:
+    # These tests count holds after each request: exact reservations only (tests/e2e/test_leases.py
+    # covers leases, whose hold stays until the key goes quiet).
+    return {"RELAYGATE_CREDIT_LEASES": "false"}
+
+
 @pytest.fixture(autouse=True)
 def _fresh_upstream(deployment: Deployment) -> None:
     deployment.upstream.reset()
