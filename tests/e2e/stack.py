@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from devinfra.backing import BackingServices
-from devinfra.processes import ManagedProcess, free_port
+from devinfra.processes import ManagedProcess, free_ports
 from services.auth.keys import generate
 from services.fake_upstream.server import FakeUpstream
 from services.stack import LocalStack
@@ -147,33 +147,37 @@ def deploy_pairs(
     """
     with deploy(backing, db, log_dir, service_env=service_env) as deployment:
         stack = deployment.stack
-        port = free_port()
-        second = ManagedProcess(
-            "quota-b",
-            [sys.executable, "-m", "services.quota"],
-            log_dir / "quota-b.log",
-            env={**os.environ, **stack.env, "RELAYGATE_QUOTA_LISTEN": f"127.0.0.1:{port}"},
-            port=port,
+        quota_port, relay_port = free_ports(2)
+        stack.env["RELAYGATE_QUOTA_ADDR"] = (
+            f"ipv4:///127.0.0.1:{stack.port_of('quota')},127.0.0.1:{quota_port}"
         )
-        stack.processes.insert(stack.processes.index(deployment.process("quota")) + 1, second)
-        second.wait_listening(timeout=timeout)
-        stack.env["RELAYGATE_QUOTA_ADDR"] = f"ipv4:///127.0.0.1:{stack.port_of('quota')},127.0.0.1:{port}"
-        # The stack's relay was started with one quota address: start it again with both.
+        # The stack's relay was started with one quota address: it is started again with both. The
+        # three new processes start side by side (a relay balances over whichever quota answers).
         first = deployment.process("relay")
         first.stop()
-        again = ManagedProcess(
-            "relay",
-            [sys.executable, "-m", "services.relay"],
-            first.log_path,
-            env={**os.environ, **stack.env},
-            port=first.port,
-        )
-        stack.processes[stack.processes.index(first)] = again
-        again.wait_listening(timeout=timeout)
-        url = stack.add_relay(timeout=timeout)
-        name = stack.processes[-1].name
-        deployment.more_relays[name] = url
+        started = [
+            _start(stack, "quota-b", "quota", quota_port, RELAYGATE_QUOTA_LISTEN=f"127.0.0.1:{quota_port}"),
+            _start(stack, "relay", "relay", first.port),
+            _start(stack, "relay-b", "relay", relay_port, RELAYGATE_RELAY_PORT=str(relay_port)),
+        ]
+        stack.processes.insert(stack.processes.index(deployment.process("quota")) + 1, started[0])
+        stack.processes[stack.processes.index(first)] = started[1]
+        stack.processes.append(started[2])
+        for process in started:
+            process.wait_listening(timeout=timeout)
+        deployment.more_relays["relay-b"] = f"http://127.0.0.1:{relay_port}"
         yield deployment
+
+
+def _start(stack: LocalStack, name: str, service: str, port: int, **env: str) -> ManagedProcess:
+    """One more process of ``service`` with the stack's settings (and ``env``), logging to its log dir."""
+    return ManagedProcess(
+        name,
+        [sys.executable, "-m", f"services.{service}"],
+        stack.log_dir / f"{name}.log",
+        env={**os.environ, **stack.env, **env},
+        port=port,
+    )
 
 
 def ok(response: httpx.Response) -> dict[str, Any]:

@@ -563,7 +563,7 @@ async def test_quota_stopped_for_10_s_fails_no_request_of_a_leased_key(
 
     async with Load(deployment.relay_urls, key) as load:
         # Steady traffic first, so the leases grow to cover the key's spend rate.
-        await asyncio.sleep(4.0)
+        await asyncio.sleep(3.0)
         before = len(load.replies)
         signal_group(deployment, quotas, signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -576,7 +576,7 @@ async def test_quota_stopped_for_10_s_fails_no_request_of_a_leased_key(
             signal_group(deployment, quotas, signal.SIGCONT)
         resumed_at = time.monotonic()
         during = len(load.replies) - before
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(2.0)
 
     failed = [(r.status, r.code, r.request_id) for r in load.replies if r.status != 200]
     assert failed == [], f"{len(failed)} of {len(load.replies)} requests of a leased key failed: {failed[:5]}"
