@@ -4,8 +4,10 @@ Both relays reach both quota processes (round robin over one gRPC target), so a 
 syncs and reserves are answered by different quota processes, and each relay holds leases of its own.
 What must hold across all of them:
 
-* exactly N of 200 concurrent requests get through when the balance, a daily budget, an RPM limit or
-  a concurrency limit allows N, whichever relay they reach, after both relays hold leases of the key;
+* exactly 150 of 200 concurrent requests get through when the balance, a daily budget or an RPM limit
+  allows 150, whichever relay they reach, after both relays hold leases of the key (a refusal is the
+  exact path's 429, or a 429 ``credit_recalled`` with ``Retry-After`` when it met a recall); a
+  concurrency limit of 5 admits 5 of 20 long streams and never has more than 5 at the upstream;
 * quota stopped (SIGSTOP) for 10 s under load fails no request of a leased key, and a key never used
   before gets a clean 503 with ``Retry-After``;
 * a relay SIGKILLed with requests in flight charges nothing for them, and its leases expire and give
