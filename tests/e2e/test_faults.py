@@ -185,10 +185,28 @@ class Books:
             await engine.dispose()
 
     async def reservations(self, users: list[str]) -> dict[str, tuple[str, int]]:
+        """Per request id: its hold's state and what the ledger charged. A lease is one hold for many
+        requests: its rows stand for it while held, and each request charged on it (or logged as
+        admitted on it) appears under its own id, state ``leased``."""
         rows = await self.query(
-            "SELECT id, state, charged_micros FROM reservations WHERE user_id = ANY(:users)", users=users
+            "SELECT id, state, charged_micros, kind FROM reservations WHERE user_id = ANY(:users)",
+            users=users,
         )
-        return {str(r[0]): (str(r[1]), int(str(r[2]))) for r in rows}
+        found = {
+            str(r[0]): (str(r[1]), int(str(r[2]))) for r in rows if r[3] == "reservation" or r[1] == "held"
+        }
+        logged = await self.query(
+            "SELECT event_id FROM request_logs WHERE user_id = ANY(:users) AND lease_id <> ''", users=users
+        )
+        found.update({str(r[0]): ("leased", 0) for r in logged})
+        charges = await self.query(
+            "SELECT e.reservation_id, e.written_off_micros - e.amount_micros FROM ledger_entries e"
+            " JOIN reservations h ON h.id = e.hold_id"
+            " WHERE h.kind = 'lease' AND e.kind = 'charge' AND e.user_id = ANY(:users)",
+            users=users,
+        )
+        found.update({str(r[0]): ("leased", int(str(r[1]))) for r in charges})
+        return found
 
     async def logged(self, ids: list[str]) -> dict[str, tuple[int, str]]:
         rows = await self.query(
