@@ -2,13 +2,15 @@
 
 Requests are admitted on a key's lease without an RPC (:meth:`Leasing.admit`); a background task checks
 every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does, sends
-quota one ``Sync`` with every lease's report and the new asks, then applies the answer. The deadline
-of a sync is the longer of one interval and the request path's RPC deadline: an answer is applied
-relative to when its sync was *sent*, so a late one is still safe, and under load (a burst of exact
-reserves, a recall) a deadline of one short interval would fail every sync exactly when the
-recalls and closing reports they carry are needed. A failed sync changes
-nothing in the book (its leases keep admitting until their validity ends, see
-:mod:`services.relay.credit`) and is tried again at the next interval.
+quota one ``Sync`` with every lease's report and the new asks, then applies the answer.
+
+A sync's deadline (:func:`sync_deadline_s`) is longer than one interval: an answer is applied relative
+to when its sync was *sent*, so a late one is still safe, and under load (a burst of exact reserves, a
+recall) a deadline of one short interval fails every sync exactly when the recalls and closing reports
+they carry are needed. It stays under half of what a grant lets the relay admit, so one stalled sync
+cannot keep the next from renewing the leases. A failed sync changes nothing in the book (its leases
+keep admitting until their validity ends, see :mod:`services.relay.credit`) and is tried again at the
+next interval.
 
 The relay id is fresh per process start, so quota tells a restarted relay from the one before it and
 expires the old process's leases on their own. On shutdown every lease is given back: the book closes
@@ -40,7 +42,7 @@ from services.relay.credit import Admission, LeaseBook
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
-__all__ = ["Leasing", "answer_from_pb", "monotonic_ms", "request_to_pb"]
+__all__ = ["Leasing", "answer_from_pb", "leasable", "monotonic_ms", "request_to_pb", "sync_deadline_s"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,14 @@ def answer_from_pb(message: pb.SyncResponse) -> SyncAnswer:
     )
 
 
+def sync_deadline_s(terms: CreditTerms, rpc_timeout_s: float) -> float:
+    """How long one sync may take: the request path's RPC deadline, but no more than half of what a
+    grant lets the relay admit (a sync still waiting then blocks the one that would renew it), and
+    never less than one interval."""
+    admits_for_s = (terms.valid_for_ms - terms.margin_ms) / 1000
+    return max(terms.sync_interval_ms / 1000, min(rpc_timeout_s, admits_for_s / 2))
+
+
 def leasable(principal: Principal) -> bool:
     """Whether the key's requests may be admitted on a lease: RPM, TPM and concurrency limits are
     enforced by quota's Reserve across every relay, so a key (or user) with one stays exact."""
@@ -116,7 +126,7 @@ class Leasing:
     ) -> None:
         self._stub = stub
         self._poll_s = poll_s
-        self._deadline_s = max(terms.sync_interval_ms / 1000, rpc_timeout_s)
+        self._deadline_s = sync_deadline_s(terms, rpc_timeout_s)
         self._shutdown_s = shutdown_s
         self._clock = clock
         self.relay_id = new_id("rly")

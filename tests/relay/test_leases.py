@@ -24,7 +24,7 @@ from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits, Usage
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.relay.accounting import Exchange, LeaseAdmission, Meter
-from services.relay.leasing import Leasing
+from services.relay.leasing import Leasing, sync_deadline_s
 from services.relay.prices import PriceCache
 from tests.db_fixtures import DbUrls
 from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota
@@ -269,3 +269,14 @@ async def test_an_exact_reserve_waits_for_leases_quota_recalled(
         assert lease.lease_id not in {
             open_.lease_id for open_ in leasing.book.leases() if open_.state == "open"
         }
+
+
+def test_a_sync_may_outlast_its_interval_but_not_half_of_what_a_grant_admits() -> None:
+    # The defaults: the request path's deadline.
+    assert sync_deadline_s(CreditTerms(), rpc_timeout_s=2.0) == 2.0
+    # Short grants (1.5 s of admitting): a sync stalled longer would keep the next from renewing them.
+    short = CreditTerms(sync_interval_ms=200, valid_for_ms=2_000, margin_ms=500)
+    assert sync_deadline_s(short, rpc_timeout_s=4.0) == 0.75
+    # Never shorter than one interval.
+    tight = CreditTerms(sync_interval_ms=1_000, valid_for_ms=2_500, margin_ms=2_000)
+    assert sync_deadline_s(tight, rpc_timeout_s=4.0) == 1.0
