@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 # Backoff between attempts at (re)starting the consumer: the broker is unreachable, or the loop failed.
 _RESTART_FIRST_S = 0.5
 _RESTART_MAX_S = 10.0
+# Time allowed for leaving the group on shutdown, beyond charging the last batch.
+_LEAVE_S = 5.0
 
 _SYSTEM_CLOCK = SystemClock()
 
@@ -254,7 +256,13 @@ async def settling(settings: SettlingSettings, book: ChargeBook) -> AsyncIterato
         yield
     finally:
         stop.set()
-        await task
+        # Draining is bounded by its own timeouts; this also bounds leaving the group, so a broker that
+        # stopped answering cannot hold quota's shutdown.
+        bound = settings.settle_shutdown_timeout_s + settings.settle_write_timeout_s + _LEAVE_S
+        try:
+            await asyncio.wait_for(task, bound)
+        except TimeoutError:
+            log.error("settling did not stop in time; cancelled, its last batch stays uncommitted")
 
 
 async def _supervise(settings: SettlingSettings, book: ChargeBook, stop: asyncio.Event) -> None:

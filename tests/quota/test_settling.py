@@ -91,6 +91,10 @@ class UsageTopic:
 
     async def uncommitted(self) -> int:
         """Messages produced beyond the settling group's committed offsets."""
+        # aiokafka retries some coordinator errors forever: fail the test rather than hang it.
+        return await asyncio.wait_for(self._uncommitted(), 15)
+
+    async def _uncommitted(self) -> int:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.settle_group_id,
