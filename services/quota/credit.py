@@ -28,7 +28,9 @@ The rules:
   costs is therefore nothing to the caller; the operator's exposure is that relay's in-flight worst cases.
 - A reservation that cannot be covered while leases of the same user hold unused credit recalls those
   leases and answers ``retry``: the asker waits about a sync, and the last units of a balance go to
-  whichever request is next, whichever relay holds it.
+  whichever request is next, whichever relay holds it. Only when their unused parts would make room on
+  the account and on every window the reservation lacks room on (a lease frees its own key's windows
+  only), and only the leases that do: otherwise the refusal stands at once.
 """
 
 from __future__ import annotations
@@ -260,12 +262,33 @@ class CreditBooks:
             )
             self._open(hold, ask.amount_micros)
             return ReserveAnswer(ask.hold_id, "held", self._account(ask.user_id).available)
-        leases = [hold for hold in self._leases_of(ask.user_id) if hold.state == OPEN and _unused(hold) > 0]
-        if room + sum(_unused(hold) for hold in leases) >= ask.amount_micros:
-            for hold in leases:
+        recalled = self._recallable(ask.user_id, windows, ask.amount_micros)
+        if recalled:
+            for hold in recalled:
                 hold.recall = True
             return ReserveAnswer(ask.hold_id, "retry", room, retry_after_ms=2 * self.terms.sync_interval_ms)
         return ReserveAnswer(ask.hold_id, "refused", room)
+
+    def _recallable(self, user_id: str, windows: tuple[str, ...], amount: int) -> list[Hold]:
+        """The user's open leases whose unused parts, given back, would make room for ``amount`` on
+        the account and on every one of ``windows``; none when even that would not.
+
+        A lease gives back to the account and to its own key's windows only: a key whose daily
+        budget is spent gains nothing from another key's lease, so that lease is not recalled for it
+        (and a reserve that no recall can help is refused at once instead of told to wait).
+        """
+        leases = [hold for hold in self._leases_of(user_id) if _unused(hold) > 0]
+        limits: list[tuple[str | None, int]] = [(None, self._account(user_id).available)]
+        limits += [(window_id, self.windows[window_id].room) for window_id in windows]
+        helping: set[str] = set()
+        for window_id, room in limits:
+            if room >= amount:
+                continue
+            freeing = [hold for hold in leases if window_id is None or window_id in hold.windows]
+            if room + sum(_unused(hold) for hold in freeing) < amount:
+                return []
+            helping.update(hold.hold_id for hold in freeing)
+        return [hold for hold in leases if hold.hold_id in helping]
 
     # --- charges from the usage stream -----------------------------------------------------------
 
