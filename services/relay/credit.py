@@ -12,6 +12,24 @@ margin_ms`` after the *sending* of the last sync quota answered, and quota keeps
 leased keys for the validity and then falls back to the exact path, which fails cleanly while quota is
 away. Times are milliseconds on the relay's own monotonic clock; nothing here does I/O, so the
 simulation drives the very same object.
+
+**When a key asks for a lease.** A lease costs quota an ask, a grant and a close (three transactions on
+the primary), and the request that makes the book ask goes through the exact path anyway. So the book
+asks only when a lease will be used: on a key's request that comes less than ``idle_ms`` after the
+key's previous one, the same span after which an unused lease is given back. A key seen once every
+20 s never asks (its requests stay exact, two RPCs each, as before leases); a key seen twice within
+``idle_ms`` asks, and while it keeps that pace its lease never idles out. A key quota refused stays
+exact for ``exact_for_ms``.
+
+**When a sync goes early.** Every ``sync_interval_ms``, and sooner (at most every tenth of an interval)
+when quota should hear something now: a key waits for a lease, an admission left its lease low, a
+lease turned closing (recalled by quota: its unused part is what a waiting exact reserve needs), or an
+open lease reaches its validity or its idle time. Whether one is due is decided in constant time: the
+book notes these events as they happen instead of scanning its leases at every poll.
+
+**What it remembers.** Per key, its recent demand (for ``idle_ms`` after its last request, longer while
+it holds a lease) and a refusal (for ``exact_for_ms``); both are dropped at the first sync after, so a
+relay serving many quiet keys keeps state only for those seen lately.
 """
 
 from __future__ import annotations
@@ -27,7 +45,7 @@ from services.common.credit import (
     SyncRequest,
 )
 
-__all__ = ["Admission", "LeaseBook", "LocalLease"]
+__all__ = ["Admission", "LeaseBook", "LocalLease", "recall_wait_ms"]
 
 PENDING = "pending"
 OPEN = "open"
@@ -35,6 +53,23 @@ CLOSING = "closing"
 
 # The spend rate is smoothed over about this long, so a burst asks for more and a quiet key asks less.
 _RATE_WINDOW_MS = 5_000.0
+_NEVER = 2**62
+
+
+def recall_wait_ms(terms: CreditTerms, sync_deadline_ms: int) -> int:
+    """How long an exact reserve keeps retrying, from quota's first "retry", while quota recalls the
+    user's leases for it: the longest a relay that is alive and reaching quota can take to give a
+    recalled lease back, then one more of quota's retry-afters (two intervals).
+
+    Each of the holding relay's syncs ends within ``sync_deadline_ms``, and it sends one at least
+    every interval: the sync in flight when quota flagged the recall, then the one that carries it
+    (the next at most ``max(interval, deadline)`` later), then the closing report, sent a tenth of an
+    interval after (:meth:`LeaseBook.sync_due`), in whose transaction quota shrinks the lease. A relay
+    slower than that is failing its syncs; its lease comes back only when it expires (``valid_for_ms
+    + grace_ms`` after its last sync), longer than a caller should wait for an answer.
+    """
+    interval = terms.sync_interval_ms
+    return max(interval, sync_deadline_ms) + 2 * sync_deadline_ms + interval // 10 + 2 * interval
 
 
 @dataclass(slots=True)
@@ -94,30 +129,45 @@ class LeaseBook:
         self._by_key: dict[str, LocalLease] = {}
         # Every lease quota still knows of: the keys' current ones and closing ones.
         self._leases: dict[str, LocalLease] = {}
+        # Keys seen lately (pruned at syncs, see the module docstring).
         self._demand: dict[str, _Demand] = {}
         # Keys quota would not lease, until when (local clock): they use the exact path.
         self._exact_until: dict[str, int] = {}
         self._last_sync = -(10**12)
+        # Quota should hear from the book before the interval is over (see sync_due).
+        self._urgent = False
+        # The earliest moment an open lease may close on its own (validity or idle time); a bound
+        # noted at each sync, so it may come early but never late.
+        self._next_close = _NEVER
 
     # --- requests --------------------------------------------------------------------------------
 
     def admit(self, key_id: str, user_id: str, bound: int, now: int) -> Admission | None:
         """Admit a request whose worst case is ``bound`` on the key's lease, or ``None`` (exact path)."""
-        self._demand.setdefault(key_id, _Demand()).add(bound, now)
+        demand = self._demand.get(key_id)
+        if demand is None:
+            demand = self._demand[key_id] = _Demand(at=now)
+            seen_lately = False
+        else:
+            seen_lately = now - demand.at < self.terms.idle_ms
+        demand.add(bound, now)
         lease = self._by_key.get(key_id)
         if lease is None:
-            if now >= self._exact_until.get(key_id, 0):
+            if seen_lately and now >= self._exact_until.get(key_id, 0):
                 lease = LocalLease(self._new_id(), key_id, user_id, min_micros=bound)
                 self._by_key[key_id] = lease
                 self._leases[lease.lease_id] = lease
+                self._urgent = True
             return None
         if lease.state == PENDING:
             lease.min_micros = max(lease.min_micros, bound)
             return None
         if lease.state != OPEN or now >= lease.expires_at or lease.left < bound:
+            self._urgent = self._urgent or self._low(lease, now)
             return None
         lease.inflight += bound
         lease.last_admit = now
+        self._urgent = self._urgent or self._low(lease, now)
         return Admission(lease.lease_id, key_id, user_id, bound)
 
     def finish(self, admission: Admission, cost: int) -> int:
@@ -133,18 +183,21 @@ class LeaseBook:
     # --- sync with quota -------------------------------------------------------------------------
 
     def sync_due(self, now: int) -> bool:
-        """A sync is due: the interval passed, a key waits for a lease, or an open lease runs low."""
+        """A sync is due: the interval passed, or (a tenth of an interval after the last one) a key
+        waits for a lease, a lease runs low, turned closing, or reaches its validity or idle time."""
         if now - self._last_sync >= self.terms.sync_interval_ms:
             return True
         if now - self._last_sync < self.terms.sync_interval_ms // 10:
             return False
-        return any(lease.state == PENDING or self._low(lease, now) for lease in self._by_key.values())
+        return self._urgent or now >= self._next_close
 
     def sync_request(self, now: int) -> SyncRequest:
         self._last_sync = now
         self._seq += 1
+        self._next_close = _NEVER
         reports: list[LeaseReport] = []
         asks: list[LeaseAsk] = []
+        self._prune(now)
         for lease in list(self._leases.values()):
             if lease.state == PENDING:
                 want = max(self._target(lease.key_id, now), lease.min_micros * self.terms.floor_requests)
@@ -155,9 +208,12 @@ class LeaseBook:
             want = 0
             if lease.state == OPEN:
                 want = max(0, self._target(lease.key_id, now) - lease.left)
+                self._note_close(lease)
             reports.append(
                 LeaseReport(lease.lease_id, lease.used, lease.inflight, want, closing=lease.state == CLOSING)
             )
+        # This sync tells quota everything noted so far, the leases it just closed included.
+        self._urgent = False
         return SyncRequest(self.relay_id, self._seq, tuple(reports), tuple(asks))
 
     def apply(self, answer: SyncAnswer, sent_at: int) -> None:
@@ -172,7 +228,8 @@ class LeaseBook:
                     self._exact_until[lease.key_id] = sent_at + self.terms.exact_for_ms
                 continue
             if grant.state == CLOSING:
-                self._close(lease)
+                if lease.state != CLOSING:
+                    self._close(lease)
                 continue
             if lease.state == PENDING:
                 lease.state = OPEN
@@ -184,6 +241,8 @@ class LeaseBook:
                 if grant.recall:
                     self._close(lease)
                     self._exact_until[lease.key_id] = sent_at + self.terms.exact_for_ms
+                else:
+                    self._note_close(lease)
 
     def close_all(self) -> None:
         """Shutting down: admit nothing more; the next syncs give every lease back."""
@@ -200,6 +259,10 @@ class LeaseBook:
 
     def lease(self, lease_id: str) -> LocalLease | None:
         return self._leases.get(lease_id)
+
+    def remembered(self) -> int:
+        """How many keys the book keeps anything for besides their leases (recent demand, refusals)."""
+        return len(self._demand.keys() | self._exact_until.keys())
 
     @property
     def idle(self) -> bool:
@@ -219,9 +282,25 @@ class LeaseBook:
         return now >= lease.expires_at or now - lease.last_admit >= self.terms.idle_ms
 
     def _close(self, lease: LocalLease) -> None:
+        """Admit nothing more on ``lease``; the next sync (due at once) tells quota, which gives its
+        unused part back to the user."""
         lease.state = CLOSING
+        self._urgent = True
         if self._by_key.get(lease.key_id) is lease:
             del self._by_key[lease.key_id]
+
+    def _note_close(self, lease: LocalLease) -> None:
+        self._next_close = min(self._next_close, lease.expires_at, lease.last_admit + self.terms.idle_ms)
+
+    def _prune(self, now: int) -> None:
+        """Forget keys not seen for ``idle_ms`` (and the smoothing window) that hold no lease, and
+        refusals that ran out."""
+        quiet_for = max(self.terms.idle_ms, int(_RATE_WINDOW_MS))
+        for key_id in [k for k, d in self._demand.items() if now - d.at >= quiet_for]:
+            if key_id not in self._by_key:
+                del self._demand[key_id]
+        for key_id in [k for k, until in self._exact_until.items() if now >= until]:
+            del self._exact_until[key_id]
 
     def _forget(self, lease: LocalLease) -> None:
         self._leases.pop(lease.lease_id, None)
