@@ -5,11 +5,12 @@ what the window has spent and what open reservations hold in it. Windows are ali
 in the configured time zone (UTC by default): the day starts at midnight, the month on the 1st. A new
 window is simply a new row, so a budget resets on its own at the boundary, with no job to run.
 
-The cap in force for a (scope, period) is the smaller of two sources, either alone when the other is
-absent: the budget carried by the key's or user's ``Limits`` (auth's record, sent along with every
-Reserve) and an operator budget stored here with :meth:`Budgets.set_budget`. Holds are taken in the
+The cap of a (scope, period) is the budget stored here with :meth:`Budgets.set_budget`: quota is the
+one owner of spending caps (the admin API writes a key's or user's ``limits.daily_budget_micros`` /
+``monthly_budget_micros`` here too; auth keeps only rate and concurrency limits). Holds are taken in the
 reserve transaction itself (``services.quota.holding``) with the same row locks as the balance, so a
-budget can no more be overdrawn by concurrent requests than a balance can.
+budget can no more be overdrawn by concurrent requests than a balance can. Each window row records the
+cap in force at its latest hold (``limit_micros``), so a cap changed mid-window is visible as such.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ __all__ = [
     "Budgets",
     "Calendar",
     "WindowKey",
-    "effective_limit",
     "window_bit",
 ]
 
@@ -60,7 +60,7 @@ _B = cast(Table, models.Budget.__table__).c
 _U = cast(Table, models.BudgetUsage.__table__).c
 _BUDGETS = cast(Table, models.Budget.__table__)
 
-# Operator budgets of the keys and users of a batch of reservations, read in the reserve transaction.
+# Budgets of the keys and users of a batch of reservations, read in the reserve transaction.
 STORED_BUDGETS = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
     or_(
         and_(_B.scope == "key", _B.scope_id.in_(bindparam("keys", expanding=True))),
@@ -87,13 +87,6 @@ def window_bit(scope: str, period: str) -> int:
     return _BITS[(scope, period)]
 
 
-def effective_limit(carried: int, stored: int) -> int:
-    """The cap in force: the smaller of two caps, where 0 means "no cap from this source"."""
-    if carried and stored:
-        return min(carried, stored)
-    return carried or stored
-
-
 @dataclass(frozen=True, slots=True, order=True)
 class WindowKey:
     """The primary key of one budget window row; ordered, so rows are always locked in one order."""
@@ -108,7 +101,8 @@ class WindowKey:
         return f"the {noun} budget of {self.scope} {self.scope_id}"
 
     def param(self) -> str:
-        return f"{self.scope}_limits.{'daily' if self.period == 'day' else 'monthly'}_budget_micros"
+        """The refusal's ``param``: the budget as the admin API's budgets route names it."""
+        return f"budgets.{self.scope}.{self.period}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +110,7 @@ class BudgetStatus:
     scope: str
     scope_id: str
     period: str
-    # The operator budget (0: none).
+    # The budget stored now (0: none).
     limit_micros: int
     window_start: int
     resets_at: int
@@ -171,7 +165,7 @@ def _check_scope(scope: str, scope_id: str) -> None:
 
 
 class Budgets:
-    """Operator budgets (set and removed here) and the state of each budget's current window."""
+    """Budgets (set and removed here) and the state of each budget's current window."""
 
     def __init__(self, db: Database, *, clock: Clock, calendar: Calendar) -> None:
         self._db = db
@@ -181,7 +175,7 @@ class Budgets:
     async def set_budget(
         self, *, scope: str, scope_id: str, period: str, limit_micros: int, actor: str = ""
     ) -> BudgetStatus:
-        """Store the operator budget of a key or user for ``period`` (``limit_micros == 0`` removes it).
+        """Store the budget of a key or user for ``period`` (``limit_micros == 0`` removes it).
 
         Takes effect for the next reservation on every quota process: the reserve transaction reads
         budgets on the primary. Money already spent or held in the current window stays counted.
@@ -228,7 +222,7 @@ class Budgets:
         return status
 
     async def statuses(self, *, scope: str, scope_id: str, consistent: bool = False) -> list[BudgetStatus]:
-        """Both periods of a key or user: the operator budget and the current window's usage."""
+        """Both periods of a key or user: the budget and the current window's usage."""
         _check_scope(scope, scope_id)
         day, month = self._calendar.windows(self._clock.time())
         starts = {"day": day, "month": month}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.common.errors import BudgetExceeded, Conflict, InsufficientQuota
 from services.quota import models
-from services.quota.budgets import Calendar, WindowKey, effective_limit, window_bit
+from services.quota.budgets import Calendar, WindowKey, window_bit
 from services.quota.limits import Window
 from services.quota.pricing import Price
 
@@ -43,9 +43,6 @@ class HoldRequest:
     model: str
     price: Price
     amount: int
-    # Budgets carried by the key's and the user's Limits: (daily, monthly); 0 = none.
-    key_budgets: tuple[int, int]
-    user_budgets: tuple[int, int]
     created_at: int
     expires_at: int
     day_start: int
@@ -75,36 +72,23 @@ def budget_windows(op: HoldRequest, stored: dict[tuple[str, str, str], int]) -> 
     """The budget windows a paid request must fit in, with the cap in force for each."""
     if op.amount <= 0:
         return []
-    return windows_for(
-        op.key_id, op.user_id, op.key_budgets, op.user_budgets, (op.day_start, op.month_start), stored
-    )
+    return windows_for(op.key_id, op.user_id, (op.day_start, op.month_start), stored)
 
 
 def windows_for(
-    key_id: str,
-    user_id: str,
-    key_budgets: tuple[int, int],
-    user_budgets: tuple[int, int],
-    starts: tuple[int, int],
-    stored: dict[tuple[str, str, str], int],
+    key_id: str, user_id: str, starts: tuple[int, int], stored: dict[tuple[str, str, str], int]
 ) -> list[tuple[WindowKey, int]]:
-    """The budget windows a hold of ``key_id`` counts against, with the cap in force for each.
+    """The budget windows a hold of ``key_id`` counts against, with the cap of each.
 
-    ``*_budgets`` are the (daily, monthly) budgets carried by the key's and user's Limits (0: none),
-    ``starts`` the current (day, month) window starts, ``stored`` the operator budgets.
+    ``starts`` are the current (day, month) window starts, ``stored`` the budgets by
+    ``(scope, scope_id, period)`` (quota's ``budgets`` table, the only source of caps).
     """
     found: list[tuple[WindowKey, int]] = []
-    for scope, scope_id, carried in (
-        ("key", key_id, key_budgets),
-        ("user", user_id, user_budgets),
-    ):
+    for scope, scope_id in (("key", key_id), ("user", user_id)):
         if not scope_id:
             continue
-        for period, carried_cap, start in (
-            ("day", carried[0], starts[0]),
-            ("month", carried[1], starts[1]),
-        ):
-            cap = effective_limit(carried_cap, stored.get((scope, scope_id, period), 0))
+        for period, start in (("day", starts[0]), ("month", starts[1])):
+            cap = stored.get((scope, scope_id, period), 0)
             if cap:
                 found.append((WindowKey(scope, scope_id, period, start), cap))
     return found

@@ -47,11 +47,10 @@ from services.quota import models
 from services.quota.budgets import Calendar, WindowKey, window_bit
 from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Posted, Window
 from services.quota.holding import HoldRequest, budget_windows, windows_for
-from services.quota.limits import Limits
 from services.quota.posting import member_of
 from services.quota.settlement import windows_of
 
-__all__ = ["MAX_ITEMS", "CarriedBudgets", "CreditStore"]
+__all__ = ["MAX_ITEMS", "CreditStore"]
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +97,6 @@ _HOLD_COLUMNS = (
     _R.day_start,
     _R.month_start,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CarriedBudgets:
-    """The (daily, monthly) budgets a lease ask carries from the key's and the user's Limits (0: none)."""
-
-    key: tuple[int, int] = (0, 0)
-    user: tuple[int, int] = (0, 0)
-
-    @classmethod
-    def of(cls, key_limits: Limits, user_limits: Limits) -> CarriedBudgets:
-        return cls(
-            (key_limits.daily_budget_micros, key_limits.monthly_budget_micros),
-            (user_limits.daily_budget_micros, user_limits.monthly_budget_micros),
-        )
 
 
 def _window_id(key: WindowKey) -> str:
@@ -269,20 +253,18 @@ class CreditStore:
 
     # --- the relay's sync ------------------------------------------------------------------------
 
-    async def sync(
-        self, request: SyncRequest, budgets: Mapping[str, CarriedBudgets] | None = None
-    ) -> SyncAnswer:
+    async def sync(self, request: SyncRequest) -> SyncAnswer:
         """Apply one relay sync: its reports, then its asks, in one transaction on the primary.
 
-        ``budgets`` maps an ask's lease id to the budgets its key and user carry (none: no carried
-        budgets; operator budgets still apply). Raises :class:`InvalidRequest` for a malformed request.
+        A new lease holds against the budget windows of its key and user (``budgets``, read in the
+        same transaction). Raises :class:`InvalidRequest` for a malformed request.
         """
         _check_sync(request)
         if not request.reports and not request.asks:
             return SyncAnswer()
-        return await _retrying_races(lambda: self._sync(request, budgets or {}))
+        return await _retrying_races(lambda: self._sync(request))
 
-    async def _sync(self, request: SyncRequest, budgets: Mapping[str, CarriedBudgets]) -> SyncAnswer:
+    async def _sync(self, request: SyncRequest) -> SyncAnswer:
         now_ms = self._now_ms()
         ids = sorted({r.lease_id for r in request.reports} | {a.lease_id for a in request.asks})
         async with self._db.primary.begin() as conn:
@@ -292,7 +274,7 @@ class CreditStore:
             rows = list(await conn.execute(self._lock_named_and_leases, {"ids": ids, "users": sorted(users)}))
             known = {str(row.id) for row in rows}
             fresh = [ask for ask in request.asks if ask.lease_id not in known]
-            ask_windows = await self._ask_windows(conn, fresh, budgets, now_ms)
+            ask_windows = await self._ask_windows(conn, fresh, now_ms)
             loaded = await self._load(conn, rows, users, ask_windows, now_ms)
             windows_by_hold = {
                 (ask.key_id, ask.user_id): tuple(_window_id(k) for k, _ in ask_windows.get(ask.lease_id, []))
@@ -304,14 +286,10 @@ class CreditStore:
         return answer
 
     async def _ask_windows(
-        self,
-        conn: AsyncConnection,
-        asks: Sequence[LeaseAsk],
-        budgets: Mapping[str, CarriedBudgets],
-        now_ms: int,
+        self, conn: AsyncConnection, asks: Sequence[LeaseAsk], now_ms: int
     ) -> dict[str, list[tuple[WindowKey, int]]]:
-        """The budget windows (with the cap in force) each new ask would hold against, as a Reserve
-        of the same key would: carried budgets capped by the stored operator budgets."""
+        """The budget windows (with their caps) each new ask would hold against, as a Reserve of the
+        same key would."""
         if not asks:
             return {}
         sids = sorted({a.user_id for a in asks} | {a.key_id for a in asks if a.key_id})
@@ -320,13 +298,7 @@ class CreditStore:
             for r in await conn.execute(self._stored_budgets, {"sids": sids})
         }
         starts = self._calendar.windows(now_ms / 1000)
-        found: dict[str, list[tuple[WindowKey, int]]] = {}
-        for ask in asks:
-            carried = budgets.get(ask.lease_id, CarriedBudgets())
-            found[ask.lease_id] = windows_for(
-                ask.key_id, ask.user_id, carried.key, carried.user, starts, stored
-            )
-        return found
+        return {ask.lease_id: windows_for(ask.key_id, ask.user_id, starts, stored) for ask in asks}
 
     # --- charges from the usage stream -----------------------------------------------------------
 

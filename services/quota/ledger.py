@@ -303,8 +303,6 @@ class Ledger:
             model=model,
             price=price,
             amount=amount,
-            key_budgets=(key_limits.daily_budget_micros, key_limits.monthly_budget_micros),
-            user_budgets=(user_limits.daily_budget_micros, user_limits.monthly_budget_micros),
             created_at=created_at,
             expires_at=expires_at,
             day_start=day_start,

@@ -67,16 +67,17 @@ _MAX_LIMIT = 10**15
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A key's or user's limits as auth stores them (``relaygate.common.v1.Limits``); 0 = no limit."""
+    """A key's or user's limits as auth stores them (``relaygate.common.v1.Limits``); 0 = no limit.
+
+    Spending caps are not limits of this kind: they are quota's budgets (``services.quota.budgets``).
+    """
 
     rpm: int = 0
     tpm: int = 0
     max_concurrency: int = 0
-    daily_budget_micros: int = 0
-    monthly_budget_micros: int = 0
 
     def validate(self, param: str) -> None:
-        for name in ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros"):
+        for name in ("rpm", "tpm", "max_concurrency"):
             value: int = getattr(self, name)
             if not 0 <= value <= _MAX_LIMIT:
                 raise InvalidRequest(

@@ -59,10 +59,10 @@ class Account(Base):
 
 
 class Budget(Base):
-    """An operator-set spending cap for one key or user over a calendar window (day or month).
+    """A spending cap for one key or user over a calendar window (day or month).
 
-    The cap in force for a request is the smaller of this and the budget carried by the key's or
-    user's ``Limits`` (set in auth); either alone applies when the other is absent.
+    The only source of budgets: set with ``SetBudget`` (the admin API's budgets route, and its key and
+    user routes for the ``limits.*_budget_micros`` fields operators send there); auth stores none.
     """
 
     __tablename__ = "budgets"

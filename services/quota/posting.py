@@ -5,7 +5,7 @@ Per batch:
 
 1. lock the batch's reservations that exist (``SELECT ... FOR UPDATE``, in id order): the ones to
    finish, and any a Reserve repeats;
-2. read the operator budgets of the new holds' keys and users;
+2. read the budgets of the new holds' keys and users;
 3. lock the accounts involved (in user id order), then the budget windows involved, creating the
    windows new holds need (in key order);
 4. decide each operation in arrival order against those rows as changed by the operations before it
@@ -335,7 +335,7 @@ class Posting:
     async def _hold_windows(
         self, conn: AsyncConnection, fresh: list[HoldRequest]
     ) -> dict[str, list[tuple[WindowKey, int]]]:
-        """The budget windows (and caps) of each new paid hold, with the operator budgets read now."""
+        """The budget windows (and caps) of each new paid hold, with the budgets read now."""
         paid = [op for op in fresh if op.amount > 0]
         if not paid:
             return {}

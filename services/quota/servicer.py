@@ -16,7 +16,7 @@ from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.budgets import Budgets, BudgetStatus
-from services.quota.leasing import MAX_ITEMS, CarriedBudgets, CreditStore
+from services.quota.leasing import MAX_ITEMS, CreditStore
 from services.quota.ledger import BalanceView, Hold, Ledger, Outcome, ReservationView
 from services.quota.limits import Limits, Window
 from services.quota.pricing import Price, PriceBook, Usage
@@ -78,8 +78,6 @@ def _limits_from_pb(message: types_pb2.Limits) -> Limits:
         rpm=message.rpm,
         tpm=message.tpm,
         max_concurrency=message.max_concurrency,
-        daily_budget_micros=message.daily_budget_micros,
-        monthly_budget_micros=message.monthly_budget_micros,
     )
 
 
@@ -145,19 +143,13 @@ def _balance_to_pb(view: BalanceView) -> pb.Balance:
     )
 
 
-def _sync_from_pb(message: pb.SyncRequest) -> tuple[SyncRequest, dict[str, CarriedBudgets]]:
+def _sync_from_pb(message: pb.SyncRequest) -> SyncRequest:
     # Counted before anything is built from them: a huge message costs no more than a refusal.
     if len(message.reports) > MAX_ITEMS or len(message.asks) > MAX_ITEMS:
         raise InvalidRequest(
             f"a sync carries at most {MAX_ITEMS} reports and {MAX_ITEMS} asks", param="reports"
         )
-    budgets: dict[str, CarriedBudgets] = {}
-    for ask in message.asks:
-        key_limits, user_limits = _limits_from_pb(ask.key_limits), _limits_from_pb(ask.user_limits)
-        key_limits.validate("asks.key_limits")
-        user_limits.validate("asks.user_limits")
-        budgets[ask.lease_id] = CarriedBudgets.of(key_limits, user_limits)
-    request = SyncRequest(
+    return SyncRequest(
         relay_id=message.relay_id,
         seq=message.seq,
         reports=tuple(
@@ -181,7 +173,6 @@ def _sync_from_pb(message: pb.SyncRequest) -> tuple[SyncRequest, dict[str, Carri
             for a in message.asks
         ),
     )
-    return request, budgets
 
 
 def _grant_to_pb(grant: Grant) -> pb.LeaseGrant:
@@ -295,8 +286,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         )
 
     async def Sync(self, request: pb.SyncRequest, context: Context) -> pb.SyncResponse:
-        sync, budgets = _sync_from_pb(request)
-        answer = await self._credit.sync(sync, budgets)
+        answer = await self._credit.sync(_sync_from_pb(request))
         return pb.SyncResponse(grants=[_grant_to_pb(g) for g in answer.grants])
 
     async def SetPrice(self, request: pb.Price, context: Context) -> pb.Price:

@@ -34,10 +34,9 @@ from services.common.errors import GatewayError
 from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
-from services.common.pb.relaygate.common.v1.types_pb2 import Limits
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.telemetry import METRICS
-from services.relay.credit import Admission, LeaseBook
+from services.relay.credit import Admission, LeaseBook, recall_wait_ms
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -54,8 +53,8 @@ def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-def request_to_pb(request: SyncRequest, limits: dict[str, tuple[Limits, Limits]]) -> pb.SyncRequest:
-    """The wire form of ``request``; ``limits`` gives each asking key's (key, user) limits."""
+def request_to_pb(request: SyncRequest) -> pb.SyncRequest:
+    """The wire form of ``request`` (quota reads the budgets a new lease holds against itself)."""
     message = pb.SyncRequest(relay_id=request.relay_id, seq=request.seq)
     for report in request.reports:
         message.reports.add(
@@ -66,15 +65,12 @@ def request_to_pb(request: SyncRequest, limits: dict[str, tuple[Limits, Limits]]
             closing=report.closing,
         )
     for ask in request.asks:
-        key_limits, user_limits = limits.get(ask.key_id, (Limits(), Limits()))
         message.asks.add(
             lease_id=ask.lease_id,
             key_id=ask.key_id,
             user_id=ask.user_id,
             want_micros=ask.want_micros,
             min_micros=ask.min_micros,
-            key_limits=key_limits,
-            user_limits=user_limits,
         )
     return message
 
@@ -131,19 +127,19 @@ class Leasing:
         self._clock = clock
         self.relay_id = new_id("rly")
         self.book = LeaseBook(self.relay_id, terms, lambda: new_id("lse"))
-        # The limits auth gave each key the book may ask a lease for: an ask carries them, so quota
-        # holds the lease against the key's and the user's budget windows.
-        self._limits: dict[str, tuple[Limits, Limits]] = {}
         self._task: asyncio.Task[None] | None = None
         self._warned_at = -_WARN_EVERY_MS
+
+    @property
+    def recall_wait_s(self) -> float:
+        """How long an exact reserve waits for leases quota recalled for it (see ``recall_wait_ms``)."""
+        return recall_wait_ms(self.book.terms, int(self._deadline_s * 1000)) / 1000
 
     # --- requests --------------------------------------------------------------------------------
 
     def admit(self, principal: Principal, bound: int) -> Admission | None:
         """Admit a request whose worst case is ``bound`` on its key's lease, or None (exact path)."""
-        key_id = principal.key_id
-        self._limits[key_id] = (principal.key_limits, principal.user_limits)
-        return self.book.admit(key_id, principal.user_id, bound, self._clock())
+        return self.book.admit(principal.key_id, principal.user_id, bound, self._clock())
 
     def finish(self, admission: Admission, cost: int) -> int:
         """The request is over; returns what its usage event charges (at most its admitted bound)."""
@@ -180,8 +176,7 @@ class Leasing:
         """Send one sync now and apply its answer; False when quota did not answer."""
         sent_at = self._clock()
         request = self.book.sync_request(sent_at)
-        self._forget_limits()
-        message = request_to_pb(request, self._limits)
+        message = request_to_pb(request)
         try:
             answer = await call(self._stub.Sync, message, timeout=self._deadline_s)
         except GatewayError as exc:
@@ -207,9 +202,3 @@ class Leasing:
                 except Exception:
                     # The loop must outlive any single bad answer; the next interval tries again.
                     log.exception("credit sync crashed")
-
-    def _forget_limits(self) -> None:
-        if len(self._limits) <= len(self.book.leases()):
-            return
-        keys = {lease.key_id for lease in self.book.leases()}
-        self._limits = {key: limits for key, limits in self._limits.items() if key in keys}

@@ -1,4 +1,5 @@
-"""Budgets per key and per user over calendar windows: holds, charges, resets and both sources of caps."""
+"""Budgets per key and per user over calendar windows (quota's ``budgets``, the one source of caps):
+holds, charges, resets, and caps changed mid-window."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from services.common.clock import ManualClock
 from services.common.db import Database
 from services.common.errors import BudgetExceeded, InvalidRequest
 from services.quota import models
-from services.quota.budgets import Budgets, Calendar, effective_limit
+from services.quota.budgets import Budgets, Calendar
 from services.quota.ledger import Ledger
-from services.quota.limits import NO_LIMITS, Limits
 from services.quota.pricing import Price, PriceBook, Usage
 from tests.quota.factories import funded_user, priced_model, reservation_id
 from tests.quota.fixtures import TTL_S
@@ -32,15 +32,7 @@ def budgets(database: Database, clock: ManualClock) -> Budgets:
     return Budgets(database, clock=clock, calendar=Calendar())
 
 
-async def reserve(
-    ledger: Ledger,
-    model: Price,
-    user: str,
-    key: str = "",
-    *,
-    key_limits: Limits = NO_LIMITS,
-    user_limits: Limits = NO_LIMITS,
-) -> str:
+async def reserve(ledger: Ledger, model: Price, user: str, key: str = "") -> str:
     rid = reservation_id()
     await ledger.reserve(
         reservation_id=rid,
@@ -49,10 +41,13 @@ async def reserve(
         model=model.model,
         prompt_tokens=1000,
         max_output_tokens=1000,
-        key_limits=key_limits,
-        user_limits=user_limits,
     )
     return rid
+
+
+async def cap(budgets: Budgets, scope: str, scope_id: str, **periods: int) -> None:
+    for period, micros in periods.items():
+        await budgets.set_budget(scope=scope, scope_id=scope_id, period=period, limit_micros=micros)
 
 
 async def window(db: Database, scope: str, scope_id: str, period: str, start: float) -> tuple[int, int]:
@@ -71,25 +66,25 @@ async def window(db: Database, scope: str, scope_id: str, period: str, start: fl
 
 
 async def test_a_daily_budget_resets_at_midnight_and_settles_in_its_own_window(
-    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database
+    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database, budgets: Budgets
 ) -> None:
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 100 * HOLD)
     key = reservation_id()
-    limits = Limits(daily_budget_micros=2 * HOLD)
+    await cap(budgets, "key", key, day=2 * HOLD)
     clock.now = at("2026-03-10T23:59:59")
-    first = await reserve(ledger, model, user, key, key_limits=limits)
-    second = await reserve(ledger, model, user, key, key_limits=limits)
+    first = await reserve(ledger, model, user, key)
+    second = await reserve(ledger, model, user, key)
 
     with pytest.raises(BudgetExceeded) as refused:
-        await reserve(ledger, model, user, key, key_limits=limits)
+        await reserve(ledger, model, user, key)
     assert f"the daily budget of key {key} is 6200 micro-units and 0 are left until 2026-03-11T00:00:00Z" in (
         refused.value.message
     )
-    assert (refused.value.param, refused.value.retry_after) == ("key_limits.daily_budget_micros", 1.0)
+    assert (refused.value.param, refused.value.retry_after) == ("budgets.key.day", 1.0)
 
     clock.advance(1)
-    third = await reserve(ledger, model, user, key, key_limits=limits)
+    third = await reserve(ledger, model, user, key)
     await ledger.settle(first, Usage(prompt_tokens=1000, completion_tokens=100))  # 1,300
     await ledger.release(second)
 
@@ -104,54 +99,63 @@ async def test_budgets_beyond_32_bits(ledger: Ledger, prices: PriceBook, budgets
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 10**14)
     big = 10**13
-    await budgets.set_budget(scope="user", scope_id=user, period="month", limit_micros=big)
-    rid = await reserve(ledger, model, user, "k_big", key_limits=Limits(daily_budget_micros=big))
+    key = reservation_id()
+    await cap(budgets, "user", user, month=big)
+    await cap(budgets, "key", key, day=big + 1)
+    rid = await reserve(ledger, model, user, key)
     await ledger.settle(rid, Usage(prompt_tokens=1000))
 
     statuses = await budgets.statuses(scope="user", scope_id=user, consistent=True)
     assert [(s.period, s.effective_limit_micros) for s in statuses if s.limit_micros] == [("month", big)]
+    statuses = await budgets.statuses(scope="key", scope_id=key, consistent=True)
+    assert [(s.period, s.effective_limit_micros) for s in statuses if s.limit_micros] == [("day", big + 1)]
     assert await ledger.reconcile(consistent=True) == []
 
 
 async def test_a_monthly_user_budget_is_shared_by_the_users_keys(
-    ledger: Ledger, prices: PriceBook, clock: ManualClock
+    ledger: Ledger, prices: PriceBook, clock: ManualClock, budgets: Budgets
 ) -> None:
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 100 * HOLD)
-    limits = Limits(monthly_budget_micros=3 * HOLD)
+    await cap(budgets, "user", user, month=3 * HOLD)
     clock.now = at("2026-02-28T12:00:00")
     for key in ("k_one", "k_two", "k_one"):
-        await reserve(ledger, model, user, key, user_limits=limits)
+        await reserve(ledger, model, user, key)
 
     with pytest.raises(
         BudgetExceeded, match=f"the monthly budget of user {user}.*until 2026-03-01T00:00:00Z"
-    ):
-        await reserve(ledger, model, user, "k_three", user_limits=limits)
+    ) as refused:
+        await reserve(ledger, model, user, "k_three")
+    assert refused.value.param == "budgets.user.month"
 
     clock.now = at("2026-03-01T00:00:00")
-    await reserve(ledger, model, user, "k_three", user_limits=limits)
+    await reserve(ledger, model, user, "k_three")
 
 
-async def test_the_smaller_of_an_operator_budget_and_a_carried_budget_applies(
+async def test_a_budget_changed_mid_window_applies_to_the_next_hold(
     ledger: Ledger, prices: PriceBook, budgets: Budgets, clock: ManualClock
 ) -> None:
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 100 * HOLD)
     clock.now = at("2026-05-05T10:00:00")
     stored = await budgets.set_budget(
-        scope="user", scope_id=user, period="day", limit_micros=4 * HOLD, actor="ops"
+        scope="user", scope_id=user, period="day", limit_micros=HOLD, actor="ops"
     )
-    assert (stored.limit_micros, stored.spent_micros, stored.effective_limit_micros) == (4 * HOLD, 0, 0)
+    assert (stored.limit_micros, stored.spent_micros, stored.effective_limit_micros) == (HOLD, 0, 0)
 
-    await reserve(ledger, model, user, user_limits=Limits(daily_budget_micros=HOLD))
-    with pytest.raises(BudgetExceeded):  # the carried cap (1 hold) is the smaller
-        await reserve(ledger, model, user, user_limits=Limits(daily_budget_micros=HOLD))
-    for _ in range(3):  # the stored cap (4 holds) is now the smaller
-        await reserve(ledger, model, user, user_limits=Limits(daily_budget_micros=10 * HOLD))
+    await reserve(ledger, model, user)
     with pytest.raises(BudgetExceeded):
-        await reserve(ledger, model, user)  # no carried cap: the stored one alone
+        await reserve(ledger, model, user)
+    await cap(budgets, "user", user, day=4 * HOLD)  # raised: three more fit, counted with the first
+    for _ in range(3):
+        await reserve(ledger, model, user)
+    with pytest.raises(BudgetExceeded):
+        await reserve(ledger, model, user)
+    await cap(budgets, "user", user, day=2 * HOLD)  # lowered below what is held: nothing more fits
+    with pytest.raises(BudgetExceeded):
+        await reserve(ledger, model, user)
 
-    await budgets.set_budget(scope="user", scope_id=user, period="day", limit_micros=0)
+    await cap(budgets, "user", user, day=0)
     await reserve(ledger, model, user)  # no budget at all any more
     [day, month] = await budgets.statuses(scope="user", scope_id=user, consistent=True)
     # The last hold was taken with no budget in force: it is not counted in the window.
@@ -169,14 +173,14 @@ async def test_the_smaller_of_an_operator_budget_and_a_carried_budget_applies(
 
 
 async def test_expiry_and_release_both_give_the_budget_back(
-    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database
+    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database, budgets: Budgets
 ) -> None:
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 100 * HOLD)
     clock.now = at("2026-06-01T08:00:00")
-    limits = Limits(daily_budget_micros=2 * HOLD, monthly_budget_micros=10 * HOLD)
-    released = await reserve(ledger, model, user, user_limits=limits)
-    expiring = await reserve(ledger, model, user, user_limits=limits)
+    await cap(budgets, "user", user, day=2 * HOLD, month=10 * HOLD)
+    released = await reserve(ledger, model, user)
+    expiring = await reserve(ledger, model, user)
     await ledger.release(released)
 
     clock.advance(TTL_S)
@@ -186,21 +190,21 @@ async def test_expiry_and_release_both_give_the_budget_back(
         assert await window(database, "user", user, period, at(start)) == (0, 0)
     outcome = await ledger.settle(expiring, Usage())
     assert (outcome.state, outcome.repeated, outcome.charged_micros) == ("expired", True, 0)
-    await reserve(ledger, model, user, user_limits=limits)  # the whole day's room is back
-    await reserve(ledger, model, user, user_limits=limits)
+    await reserve(ledger, model, user)  # the whole day's room is back
+    await reserve(ledger, model, user)
     with pytest.raises(BudgetExceeded, match="daily budget"):
-        await reserve(ledger, model, user, user_limits=limits)
+        await reserve(ledger, model, user)
 
 
 async def test_overage_is_bounded_by_the_budget_too(
-    database: Database, prices: PriceBook, clock: ManualClock
+    database: Database, prices: PriceBook, clock: ManualClock, budgets: Budgets
 ) -> None:
     ledger = Ledger(database, prices, clock=clock, reservation_ttl_s=TTL_S, allow_overage=True)
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 100_000)
     clock.now = at("2026-07-01T00:00:00")
-    limits = Limits(daily_budget_micros=5_000)
-    rid = await reserve(ledger, model, user, "k_over", key_limits=limits)
+    await cap(budgets, "key", "k_over", day=5_000)
+    rid = await reserve(ledger, model, user, "k_over")
 
     outcome = await ledger.settle(rid, Usage(prompt_tokens=1000, completion_tokens=20_000))
 
@@ -210,34 +214,33 @@ async def test_overage_is_bounded_by_the_budget_too(
     assert await ledger.reconcile(consistent=True) == []
 
 
-async def test_free_requests_need_no_budget(ledger: Ledger, prices: PriceBook, clock: ManualClock) -> None:
+async def test_free_requests_need_no_budget(
+    ledger: Ledger, prices: PriceBook, clock: ManualClock, budgets: Budgets
+) -> None:
     free = await prices.set_price(Price(f"free-{reservation_id()}"))
     paid = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 10 * HOLD)
-    limits = Limits(daily_budget_micros=HOLD)
+    key = reservation_id()
+    await cap(budgets, "key", key, day=HOLD)
     clock.now = at("2026-08-01T00:00:00")
-    await reserve(ledger, paid, user, "k_free", key_limits=limits)
+    await reserve(ledger, paid, user, key)
 
     hold = await ledger.reserve(
-        reservation_id=reservation_id(),
-        user_id=user,
-        key_id="k_free",
-        model=free.model,
-        prompt_tokens=5,
-        key_limits=limits,
+        reservation_id=reservation_id(), user_id=user, key_id=key, model=free.model, prompt_tokens=5
     )
 
     assert hold.reserved_micros == 0
 
 
 async def test_reconcile_finds_a_tampered_budget_window(
-    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database
+    ledger: Ledger, prices: PriceBook, clock: ManualClock, database: Database, budgets: Budgets
 ) -> None:
     model = await priced_model(prices, **RATES)
     user = await funded_user(ledger, 10 * HOLD)
     key = reservation_id()
+    await cap(budgets, "key", key, day=5 * HOLD)
     clock.now = at("2026-09-09T09:00:00")
-    rid = await reserve(ledger, model, user, key, key_limits=Limits(daily_budget_micros=5 * HOLD))
+    rid = await reserve(ledger, model, user, key)
     await ledger.settle(rid, Usage(prompt_tokens=10))
     assert await ledger.reconcile(consistent=True) == []
 
@@ -296,10 +299,3 @@ def test_windows_follow_a_time_zone_through_daylight_saving() -> None:
     assert month == int(at("2026-02-28T23:00:00"))
     with pytest.raises(ValueError, match="unknown time zone"):
         Calendar("Mars/Olympus_Mons")
-
-
-@pytest.mark.parametrize(
-    ("carried", "stored", "expected"), [(0, 0, 0), (5, 0, 5), (0, 7, 7), (5, 7, 5), (9, 7, 7)]
-)
-def test_effective_limit_is_the_smaller_cap(carried: int, stored: int, expected: int) -> None:
-    assert effective_limit(carried, stored) == expected

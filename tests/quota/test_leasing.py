@@ -17,9 +17,8 @@ from services.common.errors import CreditRecalled, InsufficientQuota, InvalidReq
 from services.common.ids import new_id
 from services.quota import models
 from services.quota.budgets import Budgets, Calendar
-from services.quota.leasing import CarriedBudgets, CreditStore
+from services.quota.leasing import CreditStore
 from services.quota.ledger import Ledger
-from services.quota.limits import Limits
 from services.quota.pricing import Price, PriceBook, Usage
 from tests.db_fixtures import DbUrls
 from tests.quota.factories import funded_user, priced_model
@@ -136,16 +135,15 @@ async def test_small_balances_get_no_lease(store: CreditStore, ledger: Ledger) -
     await clean(ledger)
 
 
-async def test_leases_hold_against_carried_and_operator_budgets(
+async def test_leases_hold_against_the_budgets_of_their_key_and_user(
     store: CreditStore, ledger: Ledger, database: Database, clock: ManualClock
 ) -> None:
     user = await funded_user(ledger, 1_000_000)
-    await Budgets(database, clock=clock, calendar=Calendar()).set_budget(
-        scope="user", scope_id=user, period="month", limit_micros=60_000
-    )
     lease = ask(user)
-    budgets = {lease.lease_id: CarriedBudgets.of(Limits(daily_budget_micros=50_000), Limits())}
-    [grant] = (await store.sync(SyncRequest("relay-a", 1, asks=(lease,)), budgets)).grants
+    budgets = Budgets(database, clock=clock, calendar=Calendar())
+    await budgets.set_budget(scope="user", scope_id=user, period="month", limit_micros=60_000)
+    await budgets.set_budget(scope="key", scope_id=lease.key_id, period="day", limit_micros=50_000)
+    [grant] = (await store.sync(SyncRequest("relay-a", 1, asks=(lease,)))).grants
     # The tightest window (the key's day, 50,000) leaves 25,000 to share.
     assert (grant.state, grant.granted_micros) == ("open", 25_000)
     async with database.reader(consistent=True) as session:

@@ -10,7 +10,6 @@ import pytest
 from services.common.errors import CreditRecalled, InvalidRequest
 from services.common.grpc import call
 from services.common.ids import new_id
-from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.quota.settings import QuotaSettings
 from tests.db_fixtures import DbUrls
@@ -40,18 +39,25 @@ async def test_sync_grants_a_lease_and_a_reserve_it_could_cover_is_told_to_retry
             pb.Price(model="lease-model", input_per_mtok=0, output_per_mtok=0, per_request=200_000),
             timeout=TIMEOUT,
         )
+        await call(
+            stub.SetBudget,
+            pb.SetBudgetRequest(scope="key", scope_id="k_lease", period="day", limit_micros=10_000_000),
+            timeout=TIMEOUT,
+        )
         ask = pb.LeaseAsk(
-            lease_id=lease_id,
-            key_id="k_lease",
-            user_id=user,
-            want_micros=1_000_000,
-            min_micros=1_000,
-            key_limits=types_pb2.Limits(daily_budget_micros=10_000_000),
+            lease_id=lease_id, key_id="k_lease", user_id=user, want_micros=1_000_000, min_micros=1_000
         )
         answer = await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=1, asks=[ask]), timeout=TIMEOUT)
         assert [(g.lease_id, g.state, g.granted_micros) for g in answer.grants] == [
             (lease_id, "open", 150_000)
         ]
+        # The lease holds against the key's budget as stored in quota (the ask carries no budget).
+        budgets = await call(
+            stub.GetBudgets,
+            pb.GetBudgetsRequest(scope="key", scope_id="k_lease", consistent=True),
+            timeout=TIMEOUT,
+        )
+        assert [(b.period, b.reserved_micros) for b in budgets.budgets] == [("day", 150_000), ("month", 0)]
 
         reserve = pb.ReserveRequest(reservation_id=new_id("rsv"), user_id=user, model="lease-model")
         with pytest.raises(CreditRecalled) as refused:

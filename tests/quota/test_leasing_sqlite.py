@@ -14,10 +14,9 @@ from services.common.credit import Charge, CreditTerms, LeaseAsk, LeaseReport, S
 from services.common.db import Database
 from services.common.errors import CreditRecalled
 from services.migrations import upgrade
-from services.quota.budgets import Calendar
-from services.quota.leasing import CarriedBudgets, CreditStore
+from services.quota.budgets import Budgets, Calendar
+from services.quota.leasing import CreditStore
 from services.quota.ledger import Ledger
-from services.quota.limits import Limits
 from services.quota.pricing import Price, PriceBook
 
 TERMS = CreditTerms(sync_interval_ms=1_000, valid_for_ms=30_000, grace_ms=5_000, horizon_ms=60_000)
@@ -46,8 +45,10 @@ async def test_leases_sync_charge_expire_and_recall_on_sqlite(sqlite_dbs: tuple[
     await ledger.top_up(user_id="u_local", amount_micros=200_000, idempotency_key="seed")
 
     lease = LeaseAsk("lse_local", "k_local", "u_local", want_micros=100_000, min_micros=1_000)
-    budgets = {lease.lease_id: CarriedBudgets.of(Limits(monthly_budget_micros=500_000), Limits())}
-    [grant] = (await stores[0].sync(SyncRequest("relay-a", 1, asks=(lease,)), budgets)).grants
+    await Budgets(sqlite_dbs[0], clock=clock, calendar=Calendar()).set_budget(
+        scope="key", scope_id=lease.key_id, period="month", limit_micros=500_000
+    )
+    [grant] = (await stores[0].sync(SyncRequest("relay-a", 1, asks=(lease,)))).grants
     assert (grant.state, grant.granted_micros) == ("open", 100_000)
 
     charges = [Charge(f"req_{i}", lease.lease_id, lease.key_id, lease.user_id, 1_000) for i in range(20)]

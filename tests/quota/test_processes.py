@@ -209,39 +209,34 @@ async def test_balance_worth_150_holds_admits_exactly_150_of_200(
     await books_agree(clients[0])
 
 
-@pytest.mark.parametrize("source", ["key limits", "operator budget"])
+@pytest.mark.parametrize("scope", ["key", "user"])
 async def test_daily_budget_worth_150_holds_admits_exactly_150_of_200(
-    clients: list[QuotaServiceAsyncStub], source: str
+    clients: list[QuotaServiceAsyncStub], scope: str
 ) -> None:
     model = await priced(clients[0])
     user = await funded(clients[0], 1_000 * HOLD)
     key = new_id("k")
-    key_limits = types_pb2.Limits()
-    if source == "key limits":
-        key_limits.daily_budget_micros = 150 * HOLD
-    else:
-        await call(
-            clients[1].SetBudget,
-            pb.SetBudgetRequest(
-                scope="key", scope_id=key, period="day", limit_micros=150 * HOLD, actor="tests"
-            ),
-            timeout=TIMEOUT,
-        )
+    scope_id = key if scope == "key" else user
+    await call(
+        clients[1].SetBudget,
+        pb.SetBudgetRequest(
+            scope=scope, scope_id=scope_id, period="day", limit_micros=150 * HOLD, actor="tests"
+        ),
+        timeout=TIMEOUT,
+    )
 
     held, refused = split(
-        await reserve_all(
-            clients,
-            [reserve_request(new_id("rsv"), user, model, key=key, key_limits=key_limits) for _ in range(200)],
-        )
+        await reserve_all(clients, [reserve_request(new_id("rsv"), user, model, key=key) for _ in range(200)])
     )
 
     assert (len(held), len(refused)) == (150, 50), (refused[:2], refused[-2:])
     assert all(isinstance(exc, BudgetExceeded) for exc in refused), refused[:3]
-    assert isinstance(refused[0], GatewayError) and f"the daily budget of key {key}" in refused[0].message
+    assert isinstance(refused[0], GatewayError)
+    assert f"the daily budget of {scope} {scope_id}" in refused[0].message
     await settle_all(clients, held)
     budgets = await call(
         clients[0].GetBudgets,
-        pb.GetBudgetsRequest(scope="key", scope_id=key, consistent=True),
+        pb.GetBudgetsRequest(scope=scope, scope_id=scope_id, consistent=True),
         timeout=TIMEOUT,
     )
     day = next(b for b in budgets.budgets if b.period == "day")
@@ -464,20 +459,24 @@ async def test_randomized_mixed_workload_reconciles(
             models = [await priced(clients[0]) for _ in range(3)]
             users = [await funded(clients[0], rng.randrange(5_000, 50_000)) for _ in range(5)]
             keys = [new_id("k") for _ in range(4)]
-            await call(
-                clients[1].SetBudget,
-                pb.SetBudgetRequest(scope="user", scope_id=users[0], period="month", limit_micros=20_000),
-                timeout=TIMEOUT,
-            )
+            caps = [
+                ("user", users[0], "month", 20_000),
+                ("user", users[1], "month", 30_000),
+                ("user", users[2], "month", 30_000),
+                ("key", keys[0], "day", 15_000),
+                ("key", keys[1], "day", 15_000),
+            ]
+            for scope, scope_id, period, micros in caps:
+                await call(
+                    clients[1].SetBudget,
+                    pb.SetBudgetRequest(scope=scope, scope_id=scope_id, period=period, limit_micros=micros),
+                    timeout=TIMEOUT,
+                )
             held: list[str] = []
             outcomes: dict[str, int] = {"held": 0, "refused": 0}
 
             async def reserve(stub: QuotaServiceAsyncStub) -> None:
-                limits = types_pb2.Limits(
-                    rpm=rng.choice([0, 40]),
-                    max_concurrency=rng.choice([0, 6]),
-                    daily_budget_micros=rng.choice([0, 15_000]),
-                )
+                limits = types_pb2.Limits(rpm=rng.choice([0, 40]), max_concurrency=rng.choice([0, 6]))
                 request = pb.ReserveRequest(
                     reservation_id=new_id("rsv"),
                     user_id=rng.choice(users),
@@ -486,7 +485,6 @@ async def test_randomized_mixed_workload_reconciles(
                     prompt_tokens=rng.randrange(0, 400),
                     max_output_tokens=rng.randrange(0, 600),
                     key_limits=limits,
-                    user_limits=types_pb2.Limits(monthly_budget_micros=rng.choice([0, 30_000])),
                 )
                 try:
                     await call(stub.Reserve, request, timeout=TIMEOUT)
@@ -584,7 +582,12 @@ async def test_redis_outage_admits_past_rate_limits_but_never_past_budgets(
             model = await priced(open_stub)
             user = await funded(open_stub, 100 * HOLD)
             key = new_id("k")
-            limits = types_pb2.Limits(rpm=3, daily_budget_micros=8 * HOLD)
+            limits = types_pb2.Limits(rpm=3)
+            await call(
+                open_stub.SetBudget,
+                pb.SetBudgetRequest(scope="key", scope_id=key, period="day", limit_micros=8 * HOLD),
+                timeout=TIMEOUT,
+            )
 
             def request() -> pb.ReserveRequest:
                 return reserve_request(new_id("rsv"), user, model, key=key, key_limits=limits)

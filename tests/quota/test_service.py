@@ -170,7 +170,7 @@ async def test_limits_budgets_and_reports_over_grpc(migrated_db: DbUrls) -> None
             try:
                 answers.append(await call(stub.Reserve, request, timeout=TIMEOUT))
             except BudgetExceeded as exc:
-                assert exc.param == "key_limits.monthly_budget_micros"
+                assert exc.param == "budgets.key.month"
         assert len(answers) == 4, "the fifth request does not fit the monthly budget of 4 requests"
         assert [a.requests.remaining for a in answers] == [9, 8, 7, 6]
         last = answers[-1]

@@ -56,32 +56,26 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
-    """Per-key or per-user limits; 0 means "no limit" for every field."""
+    """Per-key or per-user rate and concurrency limits; 0 means "no limit" for every field."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RPM_FIELD_NUMBER: _builtins.int
     TPM_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
-    DAILY_BUDGET_MICROS_FIELD_NUMBER: _builtins.int
-    MONTHLY_BUDGET_MICROS_FIELD_NUMBER: _builtins.int
     rpm: _builtins.int
     tpm: _builtins.int
     max_concurrency: _builtins.int
-    daily_budget_micros: _builtins.int
-    monthly_budget_micros: _builtins.int
     def __init__(
         self,
         *,
         rpm: _builtins.int = ...,
         tpm: _builtins.int = ...,
         max_concurrency: _builtins.int = ...,
-        daily_budget_micros: _builtins.int = ...,
-        monthly_budget_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_budget_micros", b"daily_budget_micros", "max_concurrency", b"max_concurrency", "monthly_budget_micros", b"monthly_budget_micros", "rpm", b"rpm", "tpm", b"tpm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrency", b"max_concurrency", "rpm", b"rpm", "tpm", b"tpm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

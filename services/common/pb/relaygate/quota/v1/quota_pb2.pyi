@@ -408,16 +408,14 @@ class BudgetStatus(_message.Message):
     scope_id: _builtins.str
     period: _builtins.str
     limit_micros: _builtins.int
-    """The operator budget set with SetBudget; 0 = none (a budget from the key's or user's Limits may
-    still apply: see effective_limit_micros).
-    """
+    """The budget set with SetBudget (the admin API's key and user limits write it too); 0 = none."""
     window_start: _builtins.int
     """Unix seconds: the current window and when the next one starts."""
     resets_at: _builtins.int
     spent_micros: _builtins.int
     reserved_micros: _builtins.int
     effective_limit_micros: _builtins.int
-    """The cap in force at this window's latest hold (the smaller of both sources), 0 before any."""
+    """The cap in force at this window's latest hold (limit_micros may have changed since), 0 before any."""
     def __init__(
         self,
         *,
@@ -729,20 +727,12 @@ class LeaseAsk(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     WANT_MICROS_FIELD_NUMBER: _builtins.int
     MIN_MICROS_FIELD_NUMBER: _builtins.int
-    KEY_LIMITS_FIELD_NUMBER: _builtins.int
-    USER_LIMITS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     key_id: _builtins.str
     user_id: _builtins.str
     want_micros: _builtins.int
     min_micros: _builtins.int
     """The worst case of the request that made the relay ask: a smaller grant is useless."""
-    @_builtins.property
-    def key_limits(self) -> _types_pb2.Limits:
-        """The key's and user's limits as auth gave them: their budgets are windows the lease holds against."""
-
-    @_builtins.property
-    def user_limits(self) -> _types_pb2.Limits: ...
     def __init__(
         self,
         *,
@@ -751,12 +741,10 @@ class LeaseAsk(_message.Message):
         user_id: _builtins.str = ...,
         want_micros: _builtins.int = ...,
         min_micros: _builtins.int = ...,
-        key_limits: _types_pb2.Limits | None = ...,
-        user_limits: _types_pb2.Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key_limits", b"key_limits", "user_limits", b"user_limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "key_limits", b"key_limits", "lease_id", b"lease_id", "min_micros", b"min_micros", "user_id", b"user_id", "user_limits", b"user_limits", "want_micros", b"want_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "lease_id", b"lease_id", "min_micros", b"min_micros", "user_id", b"user_id", "want_micros", b"want_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
