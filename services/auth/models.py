@@ -17,7 +17,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str | None] = mapped_column(String(320), unique=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Limits applied to every key of the user: {"rpm", "tpm", "max_concurrency", ...}; absent = none.
+    # Limits applied to every key of the user: {"rpm", "tpm", "max_concurrency"}; absent = none.
+    # Budgets are quota's (``budgets``), not limits stored here.
     limits: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[int]
 

@@ -26,7 +26,8 @@ from services.common.telemetry import METRICS
 Context = grpc.aio.ServicerContext[Any, Any]
 DenyReason = pb.DenyReason
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
+# Spending caps are not auth's: they are quota's budgets (the admin API writes them there).
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency")
 UPDATABLE_KEY_FIELDS = frozenset(
     {"name", "allowed_models", "allowed_cidrs", "expires_at", "enabled", "limits", "metadata"}
 )
@@ -48,7 +49,8 @@ def limits_to_dict(limits: Limits) -> dict[str, int]:
 
 
 def limits_from_dict(values: dict[str, int]) -> Limits:
-    """Stored limits as a message; unknown names are ignored (written by a newer version)."""
+    """Stored limits as a message; other names are ignored (written by a newer version, or budgets
+    stored before they moved to quota: the migration ``auth_0001`` moves them)."""
     return Limits(**{name: int(values[name]) for name in LIMIT_FIELDS if name in values})
 
 

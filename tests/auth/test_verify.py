@@ -10,7 +10,7 @@ from sqlalchemy import text, update
 from devinfra.backing import BackingServices
 from devinfra.postgres import psql
 from services.auth import keys
-from services.auth.models import ApiKey
+from services.auth.models import ApiKey, User
 from services.common.db import Database
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
@@ -62,7 +62,7 @@ async def test_created_key_is_shown_once_and_only_its_hash_is_stored(
 
 async def test_valid_key_returns_principal_with_key_and_user_limits(auth: RunningAuth) -> None:
     user = await auth.create_user(
-        "limited", email="limited@example.com", limits=Limits(daily_budget_micros=5_000_000, rpm=600)
+        "limited", email="limited@example.com", limits=Limits(rpm=600, max_concurrency=20)
     )
     created = await auth.create_key(
         user.user_id,
@@ -82,9 +82,36 @@ async def test_valid_key_returns_principal_with_key_and_user_limits(auth: Runnin
     assert principal.key_name == "batch jobs"
     assert list(principal.allowed_models) == ["gpt-4o*"]
     assert principal.key_limits == Limits(rpm=60, tpm=10_000, max_concurrency=4)
-    assert principal.user_limits == Limits(daily_budget_micros=5_000_000, rpm=600)
+    assert principal.user_limits == Limits(rpm=600, max_concurrency=20)
     assert dict(principal.metadata) == {"team": "search"}
     assert not principal.admin
+
+
+async def test_limits_stored_with_budgets_by_an_earlier_version_still_load(
+    auth: RunningAuth, database: Database, backing: BackingServices
+) -> None:
+    """Budgets are quota's now; a row written before (or not yet migrated) still verifies and lists,
+    showing its rate limits only."""
+    user = await auth.create_user("legacy")
+    created = await auth.create_key(user.user_id, name="legacy")
+    legacy = {"rpm": 30, "daily_budget_micros": 5_000_000, "monthly_budget_micros": 90_000_000}
+    async with database.transaction() as session:
+        await session.execute(update(ApiKey).where(ApiKey.id == created.key.key_id).values(limits=legacy))
+        await session.execute(
+            update(User)
+            .where(User.id == user.user_id)
+            .values(limits={"tpm": 700, "daily_budget_micros": 1000})
+        )
+
+    principal = (await auth.verify(created.api_key)).principal
+    assert (principal.key_limits, principal.user_limits) == (Limits(rpm=30), Limits(tpm=700))
+    backing.wait_for_replica()
+    listed = await call(auth.stub.ListKeys, pb.ListKeysRequest(user_id=user.user_id), timeout=TIMEOUT)
+    assert [k.limits for k in listed.keys] == [Limits(rpm=30)]
+    request = pb.UpdateKeyRequest(key_id=created.key.key_id, key=pb.ApiKey(name="renamed"))
+    request.update_mask.paths.append("name")
+    renamed = await call(auth.stub.UpdateKey, request, timeout=TIMEOUT)
+    assert (renamed.name, renamed.limits) == ("renamed", Limits(rpm=30))
 
 
 async def test_admin_flag_comes_from_the_user(auth: RunningAuth) -> None:
