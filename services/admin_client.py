@@ -105,6 +105,13 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
             return client.post(f"/admin/v1/keys/{args.key_id}/revoke")
         case ("keys", "rotate"):
             return client.post(f"/admin/v1/keys/{args.key_id}/rotate")
+        case ("budgets", "set"):
+            return client.put(
+                f"/admin/v1/budgets/{args.scope}/{args.scope_id}/{args.period}",
+                {"limit_micros": args.limit_micros},
+            )
+        case ("budgets", "show"):
+            return client.get(f"/admin/v1/budgets/{args.scope}/{args.scope_id}", consistent="true")
         case ("balance", _):
             return client.get(f"/admin/v1/users/{args.user}/balance", consistent="true")
         case ("topup", _):
@@ -156,8 +163,11 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    for flag in ("rpm", "tpm", "max-concurrency", "daily-budget-micros", "monthly-budget-micros"):
+    for flag in ("rpm", "tpm", "max-concurrency"):
         parser.add_argument(f"--{flag}", type=int, default=0)
+    # Written as quota budgets by the admin API, like `budgets set`.
+    for flag in ("daily-budget-micros", "monthly-budget-micros"):
+        parser.add_argument(f"--{flag}", type=int, default=0, help="a budget (same as `budgets set`)")
 
 
 def add_parser(commands: Any) -> None:
@@ -189,6 +199,16 @@ def add_parser(commands: Any) -> None:
     listing.add_argument("--limit", type=int, default=100)
     keys.add_parser("revoke").add_argument("key_id")
     keys.add_parser("rotate", help="prints the replacement key once").add_argument("key_id")
+
+    budgets = resources.add_parser("budgets").add_subparsers(dest="action", required=True)
+    setting = budgets.add_parser("set", help="a spending cap per calendar day or month; 0 removes it")
+    setting.add_argument("scope", choices=("key", "user"))
+    setting.add_argument("scope_id")
+    setting.add_argument("period", choices=("day", "month"))
+    setting.add_argument("limit_micros", type=int)
+    showing = budgets.add_parser("show", help="caps, and the current windows' spent and held amounts")
+    showing.add_argument("scope", choices=("key", "user"))
+    showing.add_argument("scope_id")
 
     resources.add_parser("balance").add_argument("user")
     topup = resources.add_parser("topup", help="add credit (negative to remove)")

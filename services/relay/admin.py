@@ -8,6 +8,7 @@ HTTP and gRPC contracts cannot drift apart.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -17,12 +18,19 @@ from google.protobuf.message import Message
 from starlette.responses import Response
 
 from services.common.credentials import mask, mask_headers
-from services.common.errors import AuthenticationError, InvalidRequest, NotFound
+from services.common.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
+from services.relay.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
 from services.relay.deps import Gateway, GatewayDep
 from services.relay.requests import (
     MAX_ADMIN_TOKEN_CHARS,
@@ -39,6 +47,8 @@ async def _no_nul_in_url(request: Request) -> None:
     for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
         refuse_nul([name, value], param=name)
 
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_no_nul_in_url)])
 
@@ -86,12 +96,15 @@ def _client_ip(request: Request, gateway: Gateway) -> str:
     return incoming.client_ip(request.scope, trust_forwarded_for=gateway.settings.trust_forwarded_for)
 
 
-async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
+async def read_body(request: Request, gateway: Gateway) -> dict[str, Any]:
     body, _ = await read_json(
         request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
     )
     refuse_nul(body)
-    body.update(fixed)
+    return body
+
+
+def parse_into(body: dict[str, Any], message: M) -> M:
     try:
         json_format.ParseDict(body, message)
     except json_format.ParseError as exc:
@@ -99,11 +112,25 @@ async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) ->
     return message
 
 
-def render(message: Any, status_code: int = 200) -> Response:
-    """Render a protobuf message (typed loosely: the stubs' response types are invariant)."""
-    body = json_format.MessageToDict(
+async def parse(request: Request, gateway: Gateway, message: M, **fixed: Any) -> M:
+    body = await read_body(request, gateway)
+    body.update(fixed)
+    return parse_into(body, message)
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message in the admin API's JSON form (typed loosely: the stubs' response types are
+    invariant)."""
+    return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+def render(message: Any, status_code: int = 200) -> Response:
+    return render_dict(as_dict(message), status_code)
+
+
+def render_dict(body: dict[str, Any], status_code: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
 
 
@@ -124,9 +151,26 @@ async def issue_token(request: Request, gateway: GatewayDep) -> Response:
 
 @router.post("/users")
 async def create_user(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway, WRITE)
-    message = await parse(request, gateway, auth_pb2.CreateUserRequest())
-    return render(await call(gateway.auth.CreateUser, message, timeout=timeout(gateway)), 201)
+    """``limits.daily_budget_micros`` / ``monthly_budget_micros`` become the user's quota budgets
+    (``services.relay.admin_budgets``)."""
+    actor = await require_admin(request, gateway, WRITE)
+    body = await read_body(request, gateway)
+    budgets = take_budgets(body)
+    message = parse_into(body, auth_pb2.CreateUserRequest())
+    user = await call(gateway.auth.CreateUser, message, timeout=timeout(gateway))
+    shown = as_dict(user)
+    if budgets:
+        try:
+            await write_budgets(gateway, "user", user.user_id, budgets, actor)
+        except GatewayError as exc:
+            # Users cannot be removed; a new one has no key and no balance, so nothing spends meanwhile.
+            raise ServiceUnavailable(
+                f"User {user.user_id} was created without its budgets ({exc.message}); set them with "
+                f"PUT /admin/v1/budgets/user/{user.user_id}/{{day|month}}.",
+                retry_after=exc.retry_after,
+            ) from exc
+        show_budgets(shown, budgets)
+    return render_dict(shown, 201)
 
 
 @router.get("/users")
@@ -138,9 +182,35 @@ async def list_users(request: Request, gateway: GatewayDep, limit: Int32 = 100, 
 
 @router.post("/keys")
 async def create_key(request: Request, gateway: GatewayDep) -> Response:
-    await require_admin(request, gateway, WRITE)
-    message = await parse(request, gateway, auth_pb2.CreateKeyRequest())
-    return render(await call(gateway.auth.CreateKey, message, timeout=timeout(gateway)), 201)
+    """``limits.daily_budget_micros`` / ``monthly_budget_micros`` become the key's quota budgets
+    (``services.relay.admin_budgets``)."""
+    actor = await require_admin(request, gateway, WRITE)
+    body = await read_body(request, gateway)
+    budgets = take_budgets(body)
+    message = parse_into(body, auth_pb2.CreateKeyRequest())
+    created = await call(gateway.auth.CreateKey, message, timeout=timeout(gateway))
+    shown = as_dict(created)
+    if budgets:
+        key_id = created.key.key_id
+        try:
+            await write_budgets(gateway, "key", key_id, budgets, actor)
+        except GatewayError as exc:
+            # A key without the cap it was created with must not be usable.
+            await _revoke_quietly(gateway, key_id)
+            raise ServiceUnavailable(
+                f"The key could not be given its budgets ({exc.message}); it was revoked: create it again.",
+                retry_after=exc.retry_after,
+            ) from exc
+        show_budgets(shown["key"], budgets)
+    return render_dict(shown, 201)
+
+
+async def _revoke_quietly(gateway: Gateway, key_id: str) -> None:
+    try:
+        await call(gateway.auth.RevokeKey, auth_pb2.RevokeKeyRequest(key_id=key_id), timeout=timeout(gateway))
+    except GatewayError:
+        log.error("a key created without its budgets could not be revoked", extra={"key_id": key_id})
+    gateway.authenticator.invalidate_key(key_id)
 
 
 @router.get("/keys")
@@ -165,22 +235,21 @@ async def revoke_key(key_id: str, request: Request, gateway: GatewayDep) -> Resp
 @router.patch("/keys/{key_id}")
 async def update_key(key_id: str, request: Request, gateway: GatewayDep) -> Response:
     """Change the fields present in the body (name, allowed_models, allowed_cidrs, expires_at, enabled,
-    limits, metadata); absent fields stay as they are."""
-    await require_admin(request, gateway, WRITE)
-    body, _ = await read_json(
-        request, max_bytes=gateway.settings.max_body_bytes, max_depth=gateway.settings.max_json_depth
-    )
-    refuse_nul(body)
-    key = auth_pb2.ApiKey()
-    try:
-        json_format.ParseDict(body, key)
-    except json_format.ParseError as exc:
-        raise InvalidRequest(str(exc)) from exc
-    message = auth_pb2.UpdateKeyRequest(key_id=key_id, key=key)
+    limits, metadata); absent fields stay as they are. ``limits`` replaces the key's rate and
+    concurrency limits; its budget fields set the key's quota budgets only when present (0 removes)."""
+    actor = await require_admin(request, gateway, WRITE)
+    body = await read_body(request, gateway)
+    budgets = take_budgets(body)
+    message = auth_pb2.UpdateKeyRequest(key_id=key_id, key=parse_into(body, auth_pb2.ApiKey()))
     message.update_mask.paths.extend(sorted(body))
+    # Auth first: it knows whether the key exists, and quota keeps no budget of an unknown key.
     updated = await call(gateway.auth.UpdateKey, message, timeout=timeout(gateway))
     gateway.authenticator.invalidate_key(key_id)
-    return render(updated)
+    shown = as_dict(updated)
+    if budgets:
+        await write_budgets(gateway, "key", key_id, budgets, actor)
+        show_budgets(shown, await read_budgets(gateway, "key", key_id))
+    return render_dict(shown)
 
 
 @router.post("/keys/{key_id}/rotate")

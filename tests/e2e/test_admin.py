@@ -143,6 +143,73 @@ def test_budget_set_through_the_admin_api_refuses_and_the_books_reconcile(deploy
     assert books.json().get("discrepancies", []) == []
 
 
+def budget_caps(deployment: Deployment, scope: str, scope_id: str) -> dict[str, int]:
+    shown = cli(deployment, "budgets", "show", scope, scope_id)
+    return {b["period"]: int(b["limit_micros"]) for b in shown["budgets"]}
+
+
+def test_budgets_given_with_a_key_or_user_are_quotas_budgets(deployment: Deployment) -> None:
+    """Operators set a key's or user's budget where they create or change it (flags, or
+    ``limits.*_budget_micros``); quota's budgets are the one record, shown by both routes."""
+    user = cli(
+        deployment, "users", "create", "--name", "capped", "--rpm", "50", "--daily-budget-micros", "900"
+    )
+    assert (user["limits"]["rpm"], user["limits"]["daily_budget_micros"]) == ("50", "900")
+    assert user["limits"]["monthly_budget_micros"] == "0"
+    assert budget_caps(deployment, "user", user["user_id"]) == {"day": 900, "month": 0}
+    cli(deployment, "topup", user["user_id"], "1000000")
+
+    created = cli(deployment, "keys", "create", "--user", user["user_id"], "--monthly-budget-micros", "1")
+    key_id = created["key"]["key_id"]
+    assert created["key"]["limits"]["monthly_budget_micros"] == "1"
+    assert budget_caps(deployment, "key", key_id) == {"day": 0, "month": 1}
+    # The key's monthly budget (1 micro-unit) is smaller than any request: refused before any upstream.
+    refused = httpx.post(
+        f"{deployment.relay_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"authorization": f"Bearer {created['api_key']}"},
+        timeout=10,
+    )
+    assert refused.status_code == 429, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (
+        "budget_exceeded",
+        "budgets.key.month",
+    )
+
+    with deployment.admin() as admin:
+        url = f"/admin/v1/keys/{key_id}"
+        both = admin.patch(url, json={"limits": {"rpm": 7, "daily_budget_micros": "500"}})
+        assert both.status_code == 200, both.text
+        limits = both.json()["limits"]
+        assert (limits["rpm"], limits["daily_budget_micros"], limits["monthly_budget_micros"]) == (
+            "7",
+            "500",
+            "1",
+        )
+        # Limits without budget fields change the rate limits only: the budgets stay.
+        rates = admin.patch(url, json={"limits": {"rpm": 8}})
+        assert rates.status_code == 200, rates.text
+        assert rates.json()["limits"]["rpm"] == "8"
+        assert budget_caps(deployment, "key", key_id) == {"day": 500, "month": 1}
+        removed = admin.patch(url, json={"limits": {"rpm": 8, "monthly_budget_micros": 0}})
+        assert removed.status_code == 200, removed.text
+        assert removed.json()["limits"]["monthly_budget_micros"] == "0"
+        assert chat_status(deployment, created["api_key"]) == 200
+
+        # A budget quota would refuse is refused before auth creates anything.
+        for bad in (-1, "lots", 10**16, True):
+            answer = admin.post(
+                "/admin/v1/keys", json={"user_id": user["user_id"], "limits": {"daily_budget_micros": bad}}
+            )
+            assert answer.status_code == 400, (bad, answer.text)
+            assert answer.json()["error"]["param"] == "limits.daily_budget_micros"
+        unknown = admin.patch("/admin/v1/keys/key_missing", json={"limits": {"daily_budget_micros": 5}})
+        assert unknown.status_code == 404, unknown.text
+    listed = cli(deployment, "keys", "list", "--user", user["user_id"])
+    assert [k["key_id"] for k in listed["keys"]] == [key_id]
+    assert budget_caps(deployment, "key", "key_missing") == {"day": 0, "month": 0}
+
+
 def test_channel_status_and_breaker_reset(deployment: Deployment) -> None:
     from tests.e2e.stack import fund_user
 
