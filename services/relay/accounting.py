@@ -12,8 +12,11 @@ logs read the same number.
 
 **Exact** (everything else, and a key the book has no open lease for yet): one Reserve RPC holds the
 worst case; when quota answers that it has just recalled the user's leases to cover it
-(:class:`~services.common.errors.CreditRecalled`), the reserve is tried again after its retry-after, a
-few times within about six sync intervals (three of quota's retry-afters).
+(:class:`~services.common.errors.CreditRecalled`), the reserve is tried again after each retry-after
+for as long as quota keeps answering so, up to the longest a live relay takes to give a recalled lease
+back (:func:`~services.relay.credit.recall_wait_ms`): quota answers "recalled" only while the unused
+credit of open leases would cover the request, so the wait ends as soon as the leases closed (held,
+or the exact refusal), and only a relay failing its syncs makes the caller see ``credit_recalled``.
 
 Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to retry.
 The first attempt is made when the request ends; if quota cannot answer it (restarting,
@@ -180,12 +183,18 @@ class SettleRetry:
 @dataclass(frozen=True, slots=True)
 class LeaseAdmission:
     """Admission on leases: the process's lease book and price cache, and how long an exact reserve
-    waits for leases quota recalled (``recall_window_s``, at most ``recall_attempts`` tries)."""
+    waits for leases quota recalled (``recall_window_s``; by default what a live relay may take to give
+    them back, :attr:`Leasing.recall_wait_s`)."""
 
     leasing: Leasing
     prices: PriceCache
-    recall_window_s: float = 6.0
-    recall_attempts: int = 5
+    recall_window_s: float | None = None
+
+    @property
+    def recall_wait_s(self) -> float:
+        if self.recall_window_s is not None:
+            return self.recall_window_s
+        return self.leasing.recall_wait_s
 
 
 def _bounded(usage: Usage) -> pricing.Usage:
@@ -296,26 +305,28 @@ class Meter:
         return True
 
     async def _reserve_exact(self, request: ReserveRequest) -> ReserveResponse:
-        """One Reserve; tried again while quota answers that it recalled the user's leases to cover
-        it, for ``recall_window_s`` after the first such answer (a Reserve slowed by the load that
-        caused the recall does not eat into it); then the last refusal is the caller's answer."""
+        """One Reserve; tried again after each retry-after while quota answers that it recalled the
+        user's leases to cover it, until ``recall_wait_s`` after the first such answer (a Reserve
+        slowed by the load that caused the recall does not eat into it), the last try at that moment;
+        a recall still answered then is the caller's answer."""
         leases = self._leases
         if leases is None:
             return await call(self._stub.Reserve, request, timeout=self._timeout)
         loop = asyncio.get_running_loop()
+        # Quota's "retry now" (the leases closed meanwhile) is still not a busy loop.
+        least_s = leases.leasing.book.terms.sync_interval_ms / 10_000
         give_up: float | None = None
-        attempt = 1
         while True:
             try:
                 return await call(self._stub.Reserve, request, timeout=self._timeout)
             except CreditRecalled as exc:
                 now = loop.time()
-                give_up = give_up if give_up is not None else now + leases.recall_window_s
-                wait = exc.retry_after if exc.retry_after is not None else leases.recall_window_s / 10
-                if attempt >= leases.recall_attempts or now + wait > give_up:
+                if give_up is None:
+                    give_up = now + leases.recall_wait_s
+                if now >= give_up:
                     raise
-                attempt += 1
-                await asyncio.sleep(wait)
+                wait = max(least_s, exc.retry_after or 0.0)
+                await asyncio.sleep(min(wait, give_up - now))
 
     async def finish(self, exchange: Exchange) -> None:
         """Settle (usage known) or release (nothing to bill), publish the event, record metrics.

@@ -141,10 +141,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             leasing.start()
             # Runs after the meter's pending settlements (below): every admission is finished by then.
             stack.push_async_callback(leasing.close)
-            # Quota asks a recalled reserve to come back after about two syncs, and giving the credit
-            # back takes its relays about three (the recall, the closing report, the in-flight
-            # requests' report): three of its retry-afters cover that on a loaded machine.
-            leases = LeaseAdmission(leasing, prices, recall_window_s=6 * terms.sync_interval_ms / 1000)
+            leases = LeaseAdmission(leasing, prices)
 
         meter = Meter(
             quota,

@@ -30,15 +30,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
-from services.common.credit import Charge, CreditTerms, ReserveAnswer, ReserveAsk, SyncAnswer, SyncRequest
+from services.common.credit import (
+    LEASE,
+    Charge,
+    CreditTerms,
+    ReserveAnswer,
+    ReserveAsk,
+    SyncAnswer,
+    SyncRequest,
+)
 from services.quota.credit import OPEN, CreditBooks
-from services.relay.credit import Admission, LeaseBook
+from services.relay.credit import Admission, LeaseBook, recall_wait_ms
 
 __all__ = ["Faults", "Simulation", "SimulationFailure"]
 
 _T = TypeVar("_T")
 
 UNIT = 1_000
+# A relay's sync deadline (services.relay.leasing.sync_deadline_s with the default RPC timeout): how
+# long an exact reserve waits for recalled leases follows from it.
+SYNC_DEADLINE_MS = 2_000
 
 
 class SimulationFailure(AssertionError):
@@ -81,6 +92,8 @@ class Request:
     cost: int
     relay: str
     arrived_at: int = 0
+    # arriving, dispatched, finished; or refused (the exact path's refusal), recalled (quota still
+    # recalling leases for it when the relay stopped waiting), unavailable, lost.
     state: str = "arriving"
     hold_id: str = ""
     # The cost the usage event carries, once the request finished.
@@ -145,6 +158,8 @@ class Simulation:
         self.mean_gap_ms = mean_gap_ms
         self.traffic = True
         self.hostile = True
+        self.syncs = 0
+        self.recall_wait_ms = recall_wait_ms(self.terms, SYNC_DEADLINE_MS)
 
         self.keys = [(f"k{u}.{k}", f"u{u}") for u in range(users) for k in range(keys_per_user)]
         funding = [balance_units[u % len(balance_units)] * UNIT for u in range(users)]
@@ -287,13 +302,15 @@ class Simulation:
             self._dispatch(relay, request, admission)
         else:
             request.hold_id = self._id(f"{relay.relay_id}-R")
-            self._reserve(relay, relay.incarnation, request, attempt=0, retries=0)
+            self._reserve(relay, relay.incarnation, request, attempt=0, give_up=None)
         if relay.book.sync_due(self._local(relay)):
             self._sync(relay)
 
     def _reserve(
-        self, relay: Relay, incarnation: int, request: Request, *, attempt: int, retries: int
+        self, relay: Relay, incarnation: int, request: Request, *, attempt: int, give_up: int | None
     ) -> None:
+        """The exact path as the relay runs it (services.relay.accounting): a Reserve with a deadline,
+        tried again after each "retry" until ``recall_wait_ms`` after the first one."""
         ask = ReserveAsk(request.hold_id, request.key_id, request.user_id, request.bound)
         answered = [False]
 
@@ -303,11 +320,16 @@ class Simulation:
             answered[0] = True
             if answer.state == "held":
                 self._dispatch(relay, request, None)
-            elif answer.state == "retry" and retries < 6:
+            elif answer.state == "retry":
+                until = give_up if give_up is not None else self.now + self.recall_wait_ms
+                if self.now >= until:
+                    request.state = "recalled"
+                    return
+                wait = min(max(answer.retry_after_ms, self.terms.sync_interval_ms // 10), until - self.now)
                 self._schedule(
-                    answer.retry_after_ms,
+                    wait,
                     "reserve-retry",
-                    lambda: self._reserve(relay, incarnation, request, attempt=0, retries=retries + 1),
+                    lambda: self._reserve(relay, incarnation, request, attempt=0, give_up=until),
                 )
             else:
                 request.state = "refused"
@@ -317,7 +339,7 @@ class Simulation:
                 return
             answered[0] = True
             if attempt < 2:
-                self._reserve(relay, incarnation, request, attempt=attempt + 1, retries=retries)
+                self._reserve(relay, incarnation, request, attempt=attempt + 1, give_up=give_up)
             else:
                 request.state = "unavailable"
 
@@ -380,6 +402,7 @@ class Simulation:
     def _sync(self, relay: Relay) -> None:
         sent_at = self._local(relay)
         request = relay.book.sync_request(sent_at)
+        self.syncs += 1
         incarnation = relay.incarnation
 
         def on_answer(answer: SyncAnswer) -> None:
@@ -632,6 +655,8 @@ class Simulation:
             "steps": self.steps,
             "requests": len(self.requests),
             "leased": leased,
+            "leases": sum(1 for hold in self.db.holds.values() if hold.kind == LEASE),
+            "syncs": self.syncs,
             "charges": len(self.db.posted),
             "written_off": sum(posted.written_off for posted in self.db.posted.values()),
             **states,
