@@ -28,7 +28,12 @@ MAX_BUDGET_MICROS = 10**15
 
 
 def _micros(param: str, value: Any) -> int:
-    # Protobuf's JSON form writes int64 as a string; an operator may send either.
+    """Read as protobuf's JSON parser reads an int64 (the rest of the body is parsed by it): a number
+    with no fractional part, the same as a string, or null for 0."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidRequest(f"{param} must be an integer number of micro-units.", param=param)
     try:
