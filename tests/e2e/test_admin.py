@@ -4,12 +4,14 @@ and no plaintext key in any service log."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
 
 import httpx
 
+from devinfra.processes import ManagedProcess
 from tests.e2e.stack import MODEL, Deployment
 
 
@@ -229,3 +231,32 @@ def test_channel_status_and_breaker_reset(deployment: Deployment) -> None:
         f"{deployment.relay_url}/admin/v1/channels/ch_missing/breaker/reset", headers=headers, timeout=10
     )
     assert missing.status_code == 404
+
+
+def test_a_key_whose_budget_cannot_be_stored_is_revoked(deployment: Deployment) -> None:
+    """Quota down between auth creating the key and its budget being stored: the key must not stay
+    usable without its cap. (Last in the module: it stops and restarts quota.)"""
+    user = cli(deployment, "users", "create", "--name", "no-quota")
+    stack = deployment.stack
+    old = next(p for p in stack.processes if p.name == "quota")
+    stack.stop_service("quota")
+    try:
+        with deployment.admin() as admin:
+            created = admin.post(
+                "/admin/v1/keys", json={"user_id": user["user_id"], "limits": {"daily_budget_micros": 100}}
+            )
+            assert created.status_code == 503, created.text
+            assert "it was revoked" in created.json()["error"]["message"]
+            assert created.headers.get("retry-after")
+            capped = admin.post("/admin/v1/users", json={"name": "x", "limits": {"monthly_budget_micros": 5}})
+            assert capped.status_code == 503, capped.text
+            assert "PUT /admin/v1/budgets/user/" in capped.json()["error"]["message"]
+    finally:
+        env = {**os.environ, **stack.env, **stack.extra_env.get("quota", {})}
+        new = ManagedProcess(
+            "quota", [sys.executable, "-m", "services.quota"], old.log_path, env=env, port=old.port
+        )
+        stack.processes[stack.processes.index(old)] = new
+        new.wait_listening(timeout=60)
+    [key] = cli(deployment, "keys", "list", "--user", user["user_id"])["keys"]
+    assert key["revoked"] is True
