@@ -1,10 +1,11 @@
 """The relay's lease book: admit requests against credit quota granted this process, without an RPC.
 
 Per key the book holds at most one open lease. :meth:`LeaseBook.admit` takes a request's worst case out
-of it when it covers it; otherwise the caller uses the exact path (one Reserve RPC for this request) and
-the book asks quota for a lease at the next sync. :meth:`LeaseBook.finish` puts back what the request
-did not use. Every ``sync_interval_ms`` (sooner when a lease runs low) the relay sends
-:meth:`LeaseBook.sync_request` and applies quota's answer with :meth:`LeaseBook.apply`.
+of it when it covers it; otherwise the caller uses the exact path (one Reserve RPC for this request) and,
+when the key's requests say a lease would be used, the book asks quota for one at the next sync.
+:meth:`LeaseBook.finish` puts back what the request did not use. Every ``sync_interval_ms`` (sooner,
+see below) the relay sends :meth:`LeaseBook.sync_request` and applies quota's answer with
+:meth:`LeaseBook.apply`.
 
 Safety does not depend on the sync getting through: a lease admits only until ``valid_for_ms -
 margin_ms`` after the *sending* of the last sync quota answered, and quota keeps its hold until
@@ -13,13 +14,13 @@ leased keys for the validity and then falls back to the exact path, which fails 
 away. Times are milliseconds on the relay's own monotonic clock; nothing here does I/O, so the
 simulation drives the very same object.
 
-**When a key asks for a lease.** A lease costs quota an ask, a grant and a close (three transactions on
-the primary), and the request that makes the book ask goes through the exact path anyway. So the book
-asks only when a lease will be used: on a key's request that comes less than ``idle_ms`` after the
-key's previous one, the same span after which an unused lease is given back. A key seen once every
-20 s never asks (its requests stay exact, two RPCs each, as before leases); a key seen twice within
-``idle_ms`` asks, and while it keeps that pace its lease never idles out. A key quota refused stays
-exact for ``exact_for_ms``.
+**When a key asks for a lease.** A lease costs quota a grant, a report in every sync while it lives and
+a close (transactions on the primary), and the request that makes the book ask goes through the exact
+path anyway. So the book asks only when a lease will be used: on a key's request that comes less than
+``idle_ms`` after the key's previous one, the same span after which an unused lease is given back. A
+key seen once every 20 s never asks (its requests stay exact, two RPCs each, as before leases); a key
+seen twice within ``idle_ms`` asks, and while it keeps that pace its lease never idles out. A key quota
+refused stays exact for ``exact_for_ms``.
 
 **When a sync goes early.** Every ``sync_interval_ms``, and sooner (at most every tenth of an interval)
 when quota should hear something now: a key waits for a lease, an admission left its lease low, a
