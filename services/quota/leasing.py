@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import ARRAY, Select, String, Table, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -44,10 +43,10 @@ from services.common.credit import (
 from services.common.db import Database
 from services.common.errors import InvalidRequest
 from services.quota import models
+from services.quota.book_locks import BookLocks, member_of, window_row
 from services.quota.budgets import Calendar, WindowKey, window_bit
 from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Posted, Window
 from services.quota.holding import HoldRequest, budget_windows, windows_for
-from services.quota.posting import member_of
 from services.quota.settlement import windows_of
 
 __all__ = ["MAX_ITEMS", "CreditStore"]
@@ -124,6 +123,7 @@ class CreditStore:
         self._clock = clock
         pg = db.dialect == "postgresql"
         self._pg = pg
+        self._locks = BookLocks(postgres=pg)
         self._users_of = select(_R.user_id).where(member_of(_R.id, "ids", postgres=pg)).distinct()
         active_leases = and_(
             member_of(_R.user_id, "users", postgres=pg), _R.kind == models.LEASE, _R.state == models.HELD
@@ -167,35 +167,6 @@ class CreditStore:
             self._charged_already = select(_L.reservation_id).where(
                 member_of(_L.reservation_id, "rids", postgres=False)
             )
-        self._stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
-            member_of(_B.scope_id, "sids", postgres=pg)
-        )
-        self._lock_accounts = (
-            select(_A.user_id, _A.balance_micros, _A.reserved_micros)
-            .where(member_of(_A.user_id, "users", postgres=pg))
-            .order_by(_A.user_id)
-            .with_for_update()
-        )
-        self._new_windows = (postgresql.insert if pg else sqlite.insert)(_USAGE).on_conflict_do_nothing(
-            index_elements=["scope", "scope_id", "period", "window_start"]
-        )
-        self._lock_windows = (
-            select(
-                _U.scope,
-                _U.scope_id,
-                _U.period,
-                _U.window_start,
-                _U.spent_micros,
-                _U.reserved_micros,
-                _U.limit_micros,
-            )
-            .where(
-                member_of(_U.scope_id, "sids", postgres=pg),
-                member_of(_U.window_start, "starts", postgres=pg, integer=True),
-            )
-            .order_by(_U.scope, _U.scope_id, _U.period, _U.window_start)
-            .with_for_update()
-        )
         self._insert_holds = insert(_RESERVATIONS)
         self._update_holds = (
             update(_RESERVATIONS)
@@ -295,7 +266,7 @@ class CreditStore:
         sids = sorted({a.user_id for a in asks} | {a.key_id for a in asks if a.key_id})
         stored = {
             (str(r[0]), str(r[1]), str(r[2])): int(r[3])
-            for r in await conn.execute(self._stored_budgets, {"sids": sids})
+            for r in await conn.execute(self._locks.stored_budgets, {"sids": sids})
         }
         starts = self._calendar.windows(now_ms / 1000)
         return {ask.lease_id: windows_for(ask.key_id, ask.user_id, starts, stored) for ask in asks}
@@ -391,7 +362,7 @@ class CreditStore:
             sids = sorted({request.user_id} | ({request.key_id} if request.key_id else set()))
             stored = {
                 (str(r[0]), str(r[1]), str(r[2])): int(r[3])
-                for r in await conn.execute(self._stored_budgets, {"sids": sids})
+                for r in await conn.execute(self._locks.stored_budgets, {"sids": sids})
             }
             windows = budget_windows(request, stored)
             loaded = await self._load(
@@ -429,7 +400,7 @@ class CreditStore:
         if users:
             accounts = {
                 str(r[0]): (int(r[1]), int(r[2]))
-                for r in await conn.execute(self._lock_accounts, {"users": users})
+                for r in await conn.execute(self._locks.lock_accounts, {"users": users})
             }
         keys: dict[str, WindowKey] = {}
         for row in rows:
@@ -445,12 +416,12 @@ class CreditStore:
             created = sorted(keys[wid] for wid in caps)
             if created:
                 now_s = now_ms // 1000
-                await conn.execute(self._new_windows, [_window_row(key, now_s) for key in created])
+                await conn.execute(self._locks.new_windows, [window_row(key, now_s) for key in created])
             params = {
                 "sids": sorted({k.scope_id for k in keys.values()}),
                 "starts": sorted({k.window_start for k in keys.values()}),
             }
-            for r in await conn.execute(self._lock_windows, params):
+            for r in await conn.execute(self._locks.lock_windows, params):
                 wid = _window_id(WindowKey(str(r[0]), str(r[1]), str(r[2]), int(r[3])))
                 if wid in keys:
                     windows[wid] = (int(r[4]), int(r[5]), int(r[6]))
@@ -668,19 +639,6 @@ def _entry(posted: Posted, now_s: int) -> dict[str, Any]:
         "flags": ",".join(flags),
         "created_at": now_s,
         "written_off_micros": posted.written_off,
-    }
-
-
-def _window_row(key: WindowKey, now_s: int) -> dict[str, Any]:
-    return {
-        "scope": key.scope,
-        "scope_id": key.scope_id,
-        "period": key.period,
-        "window_start": key.window_start,
-        "spent_micros": 0,
-        "reserved_micros": 0,
-        "limit_micros": 0,
-        "updated_at": now_s,
     }
 
 

@@ -27,26 +27,22 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import (
-    ARRAY,
     JSON,
     BigInteger,
-    ColumnElement,
-    String,
     Table,
-    any_,
     bindparam,
     case,
     insert,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.db import Database
 from services.common.errors import NotFound
 from services.quota import models
+from services.quota.book_locks import BookLocks, member_of, window_row
 from services.quota.budgets import Calendar, WindowKey
 from services.quota.holding import (
     Hold,
@@ -60,7 +56,7 @@ from services.quota.holding import (
 from services.quota.pricing import PriceBook
 from services.quota.settlement import Charge, FinishRequest, Outcome, charge_for, repeated, windows_of
 
-__all__ = ["Books", "Operation", "Posting", "Result", "member_of"]
+__all__ = ["Books", "Operation", "Posting", "Result"]
 
 Operation = HoldRequest | FinishRequest
 # A finish answers None when it is an expiry that did not happen (finished already, or not due).
@@ -75,15 +71,6 @@ _ACCOUNTS = cast(Table, models.Account.__table__)
 _RESERVATIONS = cast(Table, models.Reservation.__table__)
 _ENTRIES = cast(Table, models.LedgerEntry.__table__)
 _USAGE = cast(Table, models.BudgetUsage.__table__)
-
-
-def member_of(column: Any, name: str, *, postgres: bool, integer: bool = False) -> ColumnElement[bool]:
-    """``column`` is one of the list bound as ``name``. On PostgreSQL an array parameter keeps the SQL
-    text (and its prepared statement) the same whatever the list's length."""
-    if postgres:
-        element_type = BigInteger() if integer else String()
-        return cast(ColumnElement[bool], column == any_(bindparam(name, type_=ARRAY(element_type))))
-    return cast(ColumnElement[bool], column.in_(bindparam(name, expanding=True)))
 
 
 class Books:
@@ -161,6 +148,7 @@ class Posting:
         self._calendar = calendar
         self._allow_overage = allow_overage
         pg = db.dialect == "postgresql"
+        self._locks = BookLocks(postgres=pg)
         self._lock_reservations = (
             select(
                 _R.id,
@@ -183,33 +171,6 @@ class Posting:
             .where(member_of(_R.id, "ids", postgres=pg), _R.kind == models.RESERVATION)
             .order_by(_R.id)
             .with_for_update(of=_RESERVATIONS)
-        )
-        self._stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
-            member_of(_B.scope_id, "sids", postgres=pg)
-        )
-        self._accounts = select(_A.user_id, _A.balance_micros, _A.reserved_micros).where(
-            member_of(_A.user_id, "users", postgres=pg)
-        )
-        self._lock_accounts = self._accounts.order_by(_A.user_id).with_for_update()
-        self._new_windows = (postgresql.insert if pg else sqlite.insert)(_USAGE).on_conflict_do_nothing(
-            index_elements=["scope", "scope_id", "period", "window_start"]
-        )
-        self._lock_windows = (
-            select(
-                _U.scope,
-                _U.scope_id,
-                _U.period,
-                _U.window_start,
-                _U.spent_micros,
-                _U.reserved_micros,
-                _U.limit_micros,
-            )
-            .where(
-                member_of(_U.scope_id, "sids", postgres=pg),
-                member_of(_U.window_start, "starts", postgres=pg, integer=True),
-            )
-            .order_by(_U.scope, _U.scope_id, _U.period, _U.window_start)
-            .with_for_update()
         )
         self._insert_reservations = insert(_RESERVATIONS)
         self._finish_reservations = (
@@ -269,7 +230,7 @@ class Posting:
                 raise LookupError(f"reservation {op.reservation_id!r} vanished after a duplicate insert")
             accounts = {
                 str(r[0]): (int(r[1]), int(r[2]))
-                for r in await conn.execute(self._accounts, {"users": [row.user_id]})
+                for r in await conn.execute(self._locks.accounts, {"users": [row.user_id]})
             }
         balance, held = accounts.get(str(row.user_id), (0, 0))
         return repeat(row, str(row.state), op, await self._prices.by_id(int(row.price_id)), balance - held)
@@ -342,7 +303,7 @@ class Posting:
         sids = sorted({op.user_id for op in paid} | {op.key_id for op in paid if op.key_id})
         stored = {
             (str(r[0]), str(r[1]), str(r[2])): int(r[3])
-            for r in await conn.execute(self._stored_budgets, {"sids": sids})
+            for r in await conn.execute(self._locks.stored_budgets, {"sids": sids})
         }
         found = {op.reservation_id: budget_windows(op, stored) for op in paid}
         return {rid: windows for rid, windows in found.items() if windows}
@@ -376,7 +337,7 @@ class Posting:
         if users:
             accounts = {
                 str(r[0]): (int(r[1]), int(r[2]))
-                for r in await conn.execute(self._lock_accounts, {"users": sorted(users)})
+                for r in await conn.execute(self._locks.lock_accounts, {"users": sorted(users)})
             }
         new_keys = sorted({key for windows in hold_windows.values() for key, _ in windows})
         keys = set(new_keys) | {
@@ -385,14 +346,14 @@ class Posting:
         windows: dict[WindowKey, tuple[int, int, int]] = {}
         if keys:
             if new_keys:
-                await conn.execute(self._new_windows, [_window_row(key, now) for key in new_keys])
+                await conn.execute(self._locks.new_windows, [window_row(key, now) for key in new_keys])
             params = {
                 "sids": sorted({k.scope_id for k in keys}),
                 "starts": sorted({k.window_start for k in keys}),
             }
             windows = {
                 WindowKey(str(r[0]), str(r[1]), str(r[2]), int(r[3])): (int(r[4]), int(r[5]), int(r[6]))
-                for r in await conn.execute(self._lock_windows, params)
+                for r in await conn.execute(self._locks.lock_windows, params)
             }
         return Books(accounts, windows)
 
@@ -461,16 +422,3 @@ class Posting:
         ]
         if entries:
             await conn.execute(self._insert_entries, entries)
-
-
-def _window_row(key: WindowKey, now: int) -> dict[str, Any]:
-    return {
-        "scope": key.scope,
-        "scope_id": key.scope_id,
-        "period": key.period,
-        "window_start": key.window_start,
-        "spent_micros": 0,
-        "reserved_micros": 0,
-        "limit_micros": 0,
-        "updated_at": now,
-    }
