@@ -9,10 +9,10 @@ A lease is a ``reservations`` row of kind ``lease`` (``services.quota.models.Res
 request charged on it is one ``ledger_entries`` row whose ``reservation_id`` is the request id (unique,
 so a request is charged once whatever repeats) and whose ``hold_id`` is the lease.
 
-Locks are taken in the order of :mod:`services.quota.posting`: holds (by id), then accounts (by user
-id), then budget windows (by key), each set in one ``SELECT ... FOR UPDATE ORDER BY``, so syncs,
-charges, expiry, recalls and the exact path's batches cannot deadlock each other, in any number of
-quota processes.
+Locks are taken in the order of :mod:`services.quota.book_locks`, shared with the exact path: holds
+(by id), then accounts (by user id), then budget windows (by key), each set in one
+``SELECT ... FOR UPDATE ORDER BY``, so syncs, charges, expiry, recalls and the exact path's batches
+cannot deadlock each other, in any number of quota processes.
 """
 
 from __future__ import annotations
