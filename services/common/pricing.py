@@ -67,6 +67,26 @@ class Usage:
     # The provider reported nothing; the gateway billed its own estimate (never above the hold).
     estimated: bool = False
 
+    @classmethod
+    def reported(
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
+        images: int,
+        estimated: bool,
+    ) -> Usage:
+        """A provider's report with each count within the bounds :meth:`validate` accepts: an absurd
+        report is capped at the admitted worst case anyway, and must not make the request unbillable."""
+        prompt = min(max(prompt_tokens, 0), MAX_TOKENS)
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=min(max(completion_tokens, 0), MAX_TOKENS),
+            cached_prompt_tokens=min(max(cached_prompt_tokens, 0), prompt),
+            images=min(max(images, 0), MAX_IMAGES),
+            estimated=estimated,
+        )
+
     def validate(self) -> None:
         """Raise :class:`InvalidRequest` for counts no provider can report."""
         _check_count("prompt_tokens", self.prompt_tokens, MAX_TOKENS)

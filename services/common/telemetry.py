@@ -205,9 +205,9 @@ class Metrics:
         self.quota_settle_batch_write = Histogram(
             "relaygate_quota_settle_batch_write_seconds", "Charge batch time", buckets=_LATENCY_BUCKETS
         )
-        # Counter: usage records read by settling, by result: charged, unchanged (already charged, a zero
-        # cost, or an exact reservation's: its Settle charges it), no_lease (not admitted on a lease),
-        # undecodable, invalid.
+        # Counter: usage records read by settling, by result: charged (on a lease), settled (an exact
+        # reservation), unchanged (already charged or finished, or a zero cost), no_hold (neither a
+        # lease nor a reservation), undecodable, invalid.
         self.quota_settle_records = Counter(
             "relaygate_quota_settle_records", "Usage records read by settling", ["result"]
         )

@@ -96,9 +96,9 @@ async def run(
         )
         stack.push_async_callback(_cancel, sweeper)
         if settings.kafka_bootstrap:
-            # Leased requests are charged by their usage events; the last batch is charged before the
-            # pools close.
-            await stack.enter_async_context(settling(settings, credit))
+            # Held requests (leased or exact) are charged by their usage events; the last batch is
+            # charged before the pools close.
+            await stack.enter_async_context(settling(settings, credit, ledger))
 
         servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets, credit=credit)
         await serve(

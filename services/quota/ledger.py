@@ -366,6 +366,21 @@ class Ledger:
         usage.validate()
         return await self._finish(FinishRequest(reservation_id, SETTLED, int(self._clock.time()), usage))
 
+    async def settle_charged(self, reservation_id: str, usage: Usage, cost_micros: int) -> Outcome:
+        """Settle from the request's usage event: charge ``cost_micros`` (what its relay computed at
+        the hold's price and logged) under the rules of :meth:`settle`, and free its concurrency slots.
+
+        Idempotent with :meth:`settle`, :meth:`release` and expiry: whichever finishes the hold first
+        decides, every later one gets the stored outcome (``repeated=True``).
+        """
+        _require("reservation_id", reservation_id, 64)
+        usage.validate()
+        if cost_micros < 0:
+            raise InvalidRequest(f"cost_micros must not be negative (got {cost_micros})", param="cost_micros")
+        return await self._finish(
+            FinishRequest(reservation_id, SETTLED, int(self._clock.time()), usage, cost_micros)
+        )
+
     async def release(self, reservation_id: str, reason: str = "") -> Outcome:
         """Return the whole hold; nothing is charged and no ledger entry is written.
 

@@ -56,6 +56,9 @@ class FinishRequest:
     now: int
     # settle: what the request used.
     usage: Usage | None = None
+    # settle from a usage event: the cost its relay computed at the hold's price (the number the
+    # request logs carry), charged instead of pricing ``usage`` again.
+    cost_micros: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +131,10 @@ async def charge_for(
         charge = Charge(op, row, 0, (FLAG_EXPIRED,))
     else:
         usage = op.usage or Usage()
-        full = cost(await prices.by_id(int(row.price_id)), usage)
+        if op.cost_micros is not None:
+            full = op.cost_micros
+        else:
+            full = cost(await prices.by_id(int(row.price_id)), usage)
         marks = (FLAG_ESTIMATED,) if usage.estimated else ()
         if full <= reserved:
             charge = Charge(op, row, full, marks)

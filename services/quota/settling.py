@@ -1,15 +1,21 @@
-"""Settlement from the usage stream: quota's own consumer of the usage topic charges credit leases.
+"""Settlement from the usage stream: quota's own consumer of the usage topic charges every held request.
 
-A request a relay admitted on a lease is charged by its usage event, not by an RPC: the event names the
-lease (``UsageEvent.lease_id``) and carries the cost the relay computed, the same number the logger
-logs, so the ledger and the request logs agree per request by construction. This consumer reads the
-topic in quota's own group (``RELAYGATE_SETTLE_GROUP_ID``, default ``relaygate-quota``) and applies
-each batch in one transaction with :meth:`services.quota.leasing.CreditStore.charge`::
+A request is charged by its usage event, not by an RPC: the event names its hold (``lease_id`` for an
+admission on a lease, ``reservation_id`` for an exact reservation) and carries the cost the relay
+computed at the hold's price, the same number the logger logs, so the ledger and the request logs
+agree per request by construction. An exact reservation is settled by its event as a Settle RPC
+would settle it (``Ledger.settle_charged``: charged, the rest of its hold released, its concurrency
+slots freed); a Settle or Release from an older relay and the event are idempotent with each other
+(whichever finishes the hold first decides). A request whose event never comes is released by
+expiry. This consumer reads the topic in quota's own group (``RELAYGATE_SETTLE_GROUP_ID``, default
+``relaygate-quota``) and applies each batch's lease charges in one transaction with
+:meth:`services.quota.leasing.CreditStore.charge` and its exact settlements through the ledger's
+group commit::
 
-    usage topic ──▶ decode ──▶ Charge(request id, lease, key, user, cost) ──▶ batch
-                      │ no lease, undecodable, invalid                          │
+    usage topic ──▶ decode ──▶ Charge(request id, lease or reservation, cost) ──▶ batch
+                      │ no hold, undecodable, invalid                            │
                       └──▶ counted and passed over                             ▼
-                                            CreditStore.charge(batch)  (one primary transaction)
+                        CreditStore.charge(leased) + Ledger.settle_charged(each exact)
                                                                                 │ committed
                                                                                 ▼
                                                                    commit Kafka offsets
@@ -22,14 +28,13 @@ nothing twice; that is also why the logger's and quota's groups can read the sam
 independently.
 
 Passed over, with a counter (``relaygate_quota_settle_records``) and, for the two last kinds, a log
-line: events without a lease (exact reservations are settled by their Settle RPC; refusals summarised
-before the key was known carry no account), undecodable records (the logger dead-letters them; a
-record that is no ``UsageEvent`` cannot be a charge) and events no charge can be made of (a lease but
-no user, a negative cost, an id the books refuse). A refused charge never holds up the others of its
-batch.
+line: events without a hold (refusals carry no account), undecodable records (the logger
+dead-letters them; a record that is no ``UsageEvent`` cannot be a charge) and events no charge can
+be made of (a hold but no user, a negative cost, an id the books refuse, a reservation quota does
+not know). A refused charge never holds up the others of its batch.
 
 Quota keeps serving while Kafka is unreachable: the consumer is (re)started in the background and
-leased charges wait on the topic, never lost. While they wait, the leases' unused credit stays held.
+charges wait on the topic, never lost. While they wait, the holds' unused credit stays held.
 """
 
 from __future__ import annotations
@@ -50,13 +55,25 @@ from services.common.clock import Clock, SystemClock
 from services.common.config import KafkaConsumerSettings
 from services.common.consumer import BatchConsumer, group_consumer
 from services.common.credit import Charge
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, NotFound
 from services.common.events import decode, ensure_topics
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
+from services.common.pricing import Usage
 from services.common.telemetry import METRICS
 from services.quota.credit import Posted
+from services.quota.settlement import Outcome
 
-__all__ = ["ChargeBook", "SettlingConsumer", "SettlingSettings", "charge_of", "settling", "settling_consumer"]
+__all__ = [
+    "ChargeBook",
+    "ExactSettlement",
+    "ReservationBook",
+    "SettlingConsumer",
+    "SettlingSettings",
+    "charge_of",
+    "settlement_of",
+    "settling",
+    "settling_consumer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +121,43 @@ class ChargeBook(Protocol):
         ...
 
 
+class ReservationBook(Protocol):
+    """Where exact reservations are settled: :class:`services.quota.ledger.Ledger`."""
+
+    async def settle_charged(self, reservation_id: str, usage: Usage, cost_micros: int) -> Outcome:
+        """Settle a reservation at its event's cost, idempotent with Settle, Release and expiry.
+        Raises :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExactSettlement:
+    """What a usage event of an exact reservation settles."""
+
+    reservation_id: str
+    usage: Usage
+    cost_micros: int
+
+
 @dataclass(frozen=True, slots=True)
 class _Usage:
-    charge: Charge
+    charge: Charge | ExactSettlement
     occurred_at_ms: int
+
+
+def settlement_of(event: UsageEvent) -> ExactSettlement | None:
+    """The settlement the usage event of an exact reservation makes, or ``None`` when it names no
+    reservation (admitted on a lease, or refused before a hold). Raises ``ValueError`` for an event
+    that names a reservation but cannot settle it."""
+    if event.lease_id or not event.reservation_id:
+        return None
+    if event.cost_micros < 0:
+        raise ValueError(f"negative cost_micros ({event.cost_micros})")
+    u = event.usage
+    usage = Usage.reported(
+        u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, u.images, u.estimated
+    )
+    return ExactSettlement(event.reservation_id, usage, event.cost_micros)
 
 
 def charge_of(event: UsageEvent) -> Charge | None:
@@ -153,6 +203,7 @@ class SettlingConsumer(BatchConsumer[_Usage]):
         consumer: AIOKafkaConsumer,
         *,
         book: ChargeBook,
+        reservations: ReservationBook,
         topic: str,
         policy: BatchPolicy,
         clock: Clock = _SYSTEM_CLOCK,
@@ -169,6 +220,7 @@ class SettlingConsumer(BatchConsumer[_Usage]):
             shutdown_timeout_s=shutdown_timeout_s,
         )
         self._book = book
+        self._reservations = reservations
 
     async def _take(self, record: Any, stop: asyncio.Event) -> _Usage | None:
         try:
@@ -177,27 +229,50 @@ class SettlingConsumer(BatchConsumer[_Usage]):
             _passed_over(record, "undecodable", exc)
             return None
         try:
-            charge = charge_of(event)
+            charge: Charge | ExactSettlement | None = charge_of(event) or settlement_of(event)
         except ValueError as exc:
             _passed_over(record, "invalid", exc)
             return None
         if charge is None:
-            METRICS.quota_settle_records.labels(result="no_lease").inc()
+            METRICS.quota_settle_records.labels(result="no_hold").inc()
             return None
         return _Usage(charge, event.occurred_at_ms)
 
     async def _write(self, items: list[_Usage]) -> None:
-        charges = [item.charge for item in items]
-        try:
-            posted = list(await self._book.charge(charges))
-        except InvalidRequest:
-            # One charge the books refuse must not hold up the others: post them one by one (a repeat
-            # of those already posted changes nothing) and pass over the refused.
-            posted = await self._charge_each(charges)
+        charges = [item.charge for item in items if isinstance(item.charge, Charge)]
+        exact = [item.charge for item in items if isinstance(item.charge, ExactSettlement)]
+        # The ledger's group commit puts concurrent settlements in shared transactions; every one is
+        # idempotent, so a failure retries the whole batch safely.
+        settled = await asyncio.gather(*(self._settle(s) for s in exact))
+        posted: list[Posted] = []
+        if charges:
+            try:
+                posted = list(await self._book.charge(charges))
+            except InvalidRequest:
+                # One charge the books refuse must not hold up the others: post them one by one (a
+                # repeat of those already posted changes nothing) and pass over the refused.
+                posted = await self._charge_each(charges)
         _count(len(charges), posted)
+        METRICS.quota_settle_records.labels(result="settled").inc(sum(settled))
+        METRICS.quota_settle_records.labels(result="unchanged").inc(len(exact) - sum(settled))
         now_ms = self._clock.time() * 1000
         for item in items:
             METRICS.quota_settle_end_to_end.observe(max(0.0, now_ms - item.occurred_at_ms) / 1000)
+
+    async def _settle(self, exact: ExactSettlement) -> bool:
+        """Settle one exact reservation; False when it was finished already (or cannot be)."""
+        try:
+            outcome = await self._reservations.settle_charged(
+                exact.reservation_id, exact.usage, exact.cost_micros
+            )
+        except (InvalidRequest, NotFound) as exc:
+            METRICS.quota_settle_records.labels(result="invalid").inc()
+            log.warning(
+                "usage event refused as a settlement; passed over",
+                extra={"reservation_id": exact.reservation_id, "reason": str(exc)},
+            )
+            return False
+        return not outcome.repeated
 
     async def _charge_each(self, charges: list[Charge]) -> list[Posted]:
         posted: list[Posted] = []
@@ -228,7 +303,7 @@ def _passed_over(record: Any, result: str, reason: Exception) -> None:
 
 def _count(offered: int, posted: list[Posted]) -> None:
     METRICS.quota_settle_records.labels(result="charged").inc(len(posted))
-    # Already charged (a replay), a zero cost, or an exact reservation's (its Settle charges it).
+    # Already charged (a replay), or a zero cost.
     METRICS.quota_settle_records.labels(result="unchanged").inc(max(0, offered - len(posted)))
     written_off = sum(p.written_off for p in posted)
     if written_off:
@@ -243,7 +318,9 @@ def _count(offered: int, posted: list[Posted]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def settling(settings: SettlingSettings, book: ChargeBook) -> AsyncIterator[None]:
+async def settling(
+    settings: SettlingSettings, book: ChargeBook, reservations: ReservationBook
+) -> AsyncIterator[None]:
     """Consume the usage topic in the background while the context is open; on exit, charge and commit
     the last batch (bounded by ``settle_shutdown_timeout_s``) and leave the group.
 
@@ -251,7 +328,7 @@ async def settling(settings: SettlingSettings, book: ChargeBook) -> AsyncIterato
     resumes from the committed offsets and never stops quota from serving.
     """
     stop = asyncio.Event()
-    task = asyncio.create_task(_supervise(settings, book, stop), name="quota-settling")
+    task = asyncio.create_task(_supervise(settings, book, reservations, stop), name="quota-settling")
     try:
         yield
     finally:
@@ -265,7 +342,9 @@ async def settling(settings: SettlingSettings, book: ChargeBook) -> AsyncIterato
             log.error("settling did not stop in time; cancelled, its last batch stays uncommitted")
 
 
-async def _supervise(settings: SettlingSettings, book: ChargeBook, stop: asyncio.Event) -> None:
+async def _supervise(
+    settings: SettlingSettings, book: ChargeBook, reservations: ReservationBook, stop: asyncio.Event
+) -> None:
     delay = _RESTART_FIRST_S
     while not stop.is_set():
         try:
@@ -277,6 +356,7 @@ async def _supervise(settings: SettlingSettings, book: ChargeBook, stop: asyncio
                 await SettlingConsumer(
                     consumer,
                     book=book,
+                    reservations=reservations,
                     topic=settings.usage_topic,
                     policy=settings.settle_policy,
                     write_timeout_s=settings.settle_write_timeout_s,

@@ -1,4 +1,5 @@
-"""Settlement from the usage stream: quota's consumer of the usage topic charges leases from usage events.
+"""Settlement from the usage stream: quota's consumer of the usage topic charges leases and settles exact
+reservations from usage events.
 
 Real Apache Kafka and PostgreSQL (primary + replica): events are produced to a topic of this test's
 own, consumed in a group of its own by :func:`services.quota.settling.settling` (as quota's lifespan
@@ -22,21 +23,26 @@ from devinfra.backing import BackingServices
 from services.common.clock import ManualClock
 from services.common.credit import Charge, CreditTerms, LeaseAsk, SyncRequest
 from services.common.db import Database
+from services.common.errors import ConcurrencyLimited
 from services.common.events import encode
 from services.common.ids import new_id
+from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
+from services.common.pricing import Usage as PricedUsage
 from services.quota import models
 from services.quota.app import run
 from services.quota.budgets import Calendar
 from services.quota.leasing import CreditStore
-from services.quota.ledger import Ledger
+from services.quota.ledger import Hold, Ledger
+from services.quota.limits import Limits
+from services.quota.pricing import PriceBook
 from services.quota.settings import QuotaSettings
-from services.quota.settling import SettlingSettings, charge_of, settling
+from services.quota.settling import ExactSettlement, SettlingSettings, charge_of, settlement_of, settling
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
 from tests.in_process import in_process
 from tests.logger.factories import eventually
-from tests.quota.factories import funded_user
+from tests.quota.factories import funded_user, priced_model
 
 TERMS = CreditTerms()
 WAIT_S = 20.0
@@ -206,6 +212,26 @@ def test_an_event_is_a_charge_only_when_admitted_on_a_lease() -> None:
     assert charge_of(UsageEvent(event_id="refusals-r1-17", aggregated=40)) is None
 
 
+def test_an_event_settles_a_reservation_only_when_it_names_one_and_no_lease() -> None:
+    lease = LeaseAsk("lse_1", "k_1", "u_1", 100, 1)
+    usage = Usage(prompt_tokens=12, completion_tokens=30, estimated=True)
+    event = used_on(lease, 640, lease_id="", reservation_id="req_1", usage=usage)
+    assert settlement_of(event) == ExactSettlement(
+        "req_1", PricedUsage(prompt_tokens=12, completion_tokens=30, estimated=True), 640
+    )
+    assert settlement_of(used_on(lease, 640, reservation_id="req_1")) is None
+    assert settlement_of(used_on(lease, 640, lease_id="")) is None
+    with pytest.raises(ValueError, match="negative"):
+        settlement_of(used_on(lease, -1, lease_id="", reservation_id="req_1"))
+    # An absurd report is bounded rather than refused: the cost is what is charged.
+    absurd = used_on(
+        lease, 5, lease_id="", reservation_id="r", usage=Usage(prompt_tokens=2, cached_prompt_tokens=9)
+    )
+    assert settlement_of(absurd) == ExactSettlement(
+        "r", PricedUsage(prompt_tokens=2, cached_prompt_tokens=2), 5
+    )
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
@@ -232,13 +258,14 @@ async def test_leased_events_are_charged_once_each_and_the_rest_passed_over(
     exact = [used_on(lease, 700, lease_id="", reservation_id=new_id("rsv")) for _ in range(3)]
     refusals = UsageEvent(event_id=new_id("refusals"), occurred_at_ms=1, aggregated=12, status_code=401)
     topic = UsageTopic(settle_settings)
-    before = {name: records(name) for name in ("charged", "no_lease", "undecodable")}
-    async with settling(settle_settings, store):
+    before = {name: records(name) for name in ("charged", "no_hold", "invalid", "undecodable")}
+    async with settling(settle_settings, store, ledger):
         await topic.produce([*leased[:10], b"\xff not a usage event", *exact, refusals, *leased[10:]])
         await charged_all(database, lease, leased)
         await committed_all(topic)
 
-    # Only the leased events are charges, each once; the zero cost changes nothing.
+    # Only the leased events are charges, each once; the zero cost changes nothing; the events naming
+    # reservations quota does not know charge nothing.
     total = sum(e.cost_micros for e in leased)
     balance = await ledger.balance(lease.user_id, consistent=True)
     assert (balance.balance_micros, balance.reserved_micros) == (1_000_000 - total, 100_000 - total)
@@ -251,9 +278,10 @@ async def test_leased_events_are_charged_once_each_and_the_rest_passed_over(
             )
         )
         assert list(stray.all()) == []
-    # The zero cost is read but changes nothing.
+    # The zero cost is read but changes nothing; reservations quota never held are passed over.
     assert records("charged") - before["charged"] == len(leased) - 1
-    assert records("no_lease") - before["no_lease"] == len(exact) + 1
+    assert records("no_hold") - before["no_hold"] == 1
+    assert records("invalid") - before["invalid"] == len(exact)
     assert records("undecodable") - before["undecodable"] == 1
     await clean(ledger)
 
@@ -264,7 +292,7 @@ async def test_the_same_events_produced_twice_are_charged_once(
     lease = await open_lease(store, ledger)
     events = [used_on(lease, 2_000 + i) for i in range(20)]
     topic = UsageTopic(settle_settings)
-    async with settling(settle_settings, store):
+    async with settling(settle_settings, store, ledger):
         await topic.produce(events)
         await topic.produce(reversed(events))
         await charged_all(database, lease, events)
@@ -282,14 +310,14 @@ async def test_a_restarted_consumer_resumes_from_its_committed_offsets(
     first = [used_on(lease, 100 + i) for i in range(10)]
     later = [used_on(lease, 300 + i) for i in range(10)]
     topic = UsageTopic(settle_settings)
-    async with settling(settle_settings, store):
+    async with settling(settle_settings, store, ledger):
         await topic.produce(first)
         await charged_all(database, lease, first)
         await committed_all(topic)
     # Produced while no member of the group runs.
     await topic.produce(later)
     unchanged = records("unchanged")
-    async with settling(settle_settings, store):
+    async with settling(settle_settings, store, ledger):
         await charged_all(database, lease, [*first, *later])
         await committed_all(topic)
     # Nothing of the first run was read again: it was committed.
@@ -317,7 +345,7 @@ async def test_offsets_are_committed_only_after_the_charges_through_a_database_o
     failures = REGISTRY.get_sample_value("relaygate_quota_settle_write_failures_total") or 0.0
     try:
         await gate.close()
-        async with settling(settle_settings, store):
+        async with settling(settle_settings, store, ledger):
             await topic.produce(events)
 
             async def failing() -> bool:
@@ -331,7 +359,7 @@ async def test_offsets_are_committed_only_after_the_charges_through_a_database_o
         assert await topic.uncommitted() == len(events)
 
         await gate.open()
-        async with settling(settle_settings, store):
+        async with settling(settle_settings, store, ledger):
             await charged_all(database, lease, events)
             await committed_all(topic)
         assert await charges_on(database, lease) == expected(events)
@@ -350,7 +378,7 @@ async def test_a_charge_the_books_refuse_does_not_hold_up_its_batch(
     refused = used_on(lease, 900, event_id="req_" + "x" * 100)
     topic = UsageTopic(settle_settings)
     invalid = records("invalid")
-    async with settling(settle_settings, store):
+    async with settling(settle_settings, store, ledger):
         await topic.produce([*good[:4], refused, *good[4:]])
         await charged_all(database, lease, good)
         await committed_all(topic)
@@ -371,10 +399,12 @@ async def test_two_members_of_the_group_share_the_topic_and_charge_each_event_on
     other = Database(migrated_db.settings())
     await other.start()
     try:
-        async with settling(settle_settings, store):
+        async with settling(settle_settings, store, ledger):
             await topic.produce(events[:20])
             # A second quota process joins (a rebalance), then leaves while events keep coming.
-            async with settling(settle_settings, CreditStore(other, Calendar(), TERMS, ManualClock())):
+            async with settling(
+                settle_settings, CreditStore(other, Calendar(), TERMS, ManualClock()), ledger
+            ):
                 await topic.produce(events[20:50])
                 await asyncio.sleep(0.5)
             await topic.produce(events[50:])
@@ -386,11 +416,13 @@ async def test_two_members_of_the_group_share_the_topic_and_charge_each_event_on
     await clean(ledger)
 
 
-async def test_an_unreachable_broker_neither_blocks_nor_delays_quota(store: CreditStore) -> None:
+async def test_an_unreachable_broker_neither_blocks_nor_delays_quota(
+    store: CreditStore, ledger: Ledger
+) -> None:
     # Nothing listens on port 1: every attempt fails at once and is retried until the context closes.
     settings = SettlingSettings.model_validate({"kafka_bootstrap": "127.0.0.1:1", "settle_group_id": "g"})
     started = time.monotonic()
-    async with settling(settings, store):
+    async with settling(settings, store, ledger):
         await asyncio.sleep(1.0)
     assert time.monotonic() - started < 3.0
 
@@ -417,4 +449,132 @@ async def test_the_quota_service_settles_leases_while_it_serves(
         await topic.produce(events)
         await charged_all(database, lease, events)
         await committed_all(topic)
+    await clean(ledger)
+
+
+# --- exact reservations settled by their events -----------------------------------------------------------
+
+
+async def reserve_exact(ledger: Ledger, prices: PriceBook, *, limit: int = 0) -> tuple[Hold, str]:
+    """An exact reservation of a funded user, its key limited to ``limit`` requests at once."""
+    price = await priced_model(prices, input_per_mtok=1_000_000, output_per_mtok=2_000_000)
+    user = await funded_user(ledger, 1_000_000)
+    key = new_id("k")
+    hold = await ledger.reserve(
+        reservation_id=new_id("req"),
+        user_id=user,
+        key_id=key,
+        model=price.model,
+        prompt_tokens=100,
+        max_output_tokens=100,
+        key_limits=Limits(max_concurrency=limit),
+    )
+    assert hold.reserved_micros == 300
+    return hold, key
+
+
+def exact_event(hold: Hold, key: str, cost: int) -> UsageEvent:
+    """The usage event a relay publishes for an exact reservation, with the cost it computed."""
+    return UsageEvent(
+        event_id=hold.reservation_id,
+        occurred_at_ms=int(time.time() * 1000),
+        key_id=key,
+        user_id=hold.user_id,
+        model=hold.price.model,
+        status_code=200,
+        usage=Usage(prompt_tokens=100, completion_tokens=50),
+        cost_micros=cost,
+        price_id=hold.price.price_id,
+        reservation_id=hold.reservation_id,
+    )
+
+
+async def finished(db: Database, hold: Hold) -> models.Reservation:
+    async def done() -> bool:
+        async with db.reader(consistent=True) as session:
+            row = await session.get(models.Reservation, hold.reservation_id)
+            return row is not None and row.state != models.HELD
+
+    await eventually(done, timeout=WAIT_S, what="the reservation to be settled by its event")
+    async with db.reader(consistent=True) as session:
+        row = await session.get(models.Reservation, hold.reservation_id)
+        assert row is not None
+        return row
+
+
+async def entries_of(db: Database, hold: Hold) -> list[int]:
+    async with db.reader(consistent=True) as session:
+        rows = await session.scalars(
+            select(models.LedgerEntry.amount_micros).where(
+                models.LedgerEntry.reservation_id == hold.reservation_id
+            )
+        )
+        return [int(amount) for amount in rows.all()]
+
+
+async def test_an_exact_reservation_is_settled_by_its_event_and_frees_its_slot(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+) -> None:
+    hold, key = await reserve_exact(ledger, prices, limit=1)
+
+    async def second() -> Hold:
+        return await ledger.reserve(
+            reservation_id=new_id("req"),
+            user_id=hold.user_id,
+            key_id=key,
+            model=hold.price.model,
+            prompt_tokens=100,
+            key_limits=Limits(max_concurrency=1),
+        )
+
+    with pytest.raises(ConcurrencyLimited):
+        await second()
+    topic = UsageTopic(settle_settings)
+    settled = records("settled")
+    async with settling(settle_settings, store, ledger):
+        # No Settle: the event alone settles it, at the cost it carries (not re-priced from its usage).
+        await topic.produce([exact_event(hold, key, 250)])
+        row = await finished(database, hold)
+        await committed_all(topic)
+    assert (row.state, row.charged_micros) == (models.SETTLED, 250)
+    assert await entries_of(database, hold) == [-250]
+    balance = await ledger.balance(hold.user_id, consistent=True)
+    assert (balance.balance_micros, balance.reserved_micros) == (1_000_000 - 250, 0)
+    assert records("settled") == settled + 1
+    # Its concurrency slot was given back with the settlement.
+    await second()
+    await clean(ledger)
+
+
+async def test_duplicate_events_and_an_older_relays_settle_charge_an_exact_reservation_once(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+) -> None:
+    twice, key = await reserve_exact(ledger, prices)
+    rpc_first, rpc_key = await reserve_exact(ledger, prices)
+    # An older relay settles by RPC, then publishes the event of what it charged.
+    outcome = await ledger.settle(
+        rpc_first.reservation_id, PricedUsage(prompt_tokens=100, completion_tokens=50)
+    )
+    assert outcome.charged_micros == 200
+    events = [exact_event(twice, key, 180), exact_event(rpc_first, rpc_key, outcome.charged_micros)]
+    topic = UsageTopic(settle_settings)
+    async with settling(settle_settings, store, ledger):
+        await topic.produce(events)
+        await topic.produce(events)
+        await finished(database, twice)
+        await committed_all(topic)
+    assert await entries_of(database, twice) == [-180]
+    assert await entries_of(database, rpc_first) == [-200]
+    # A Settle arriving after the event changes nothing either.
+    late = await ledger.settle(twice.reservation_id, PricedUsage(prompt_tokens=100, completion_tokens=100))
+    assert (late.repeated, late.charged_micros) == (True, 180)
+    assert await entries_of(database, twice) == [-180]
     await clean(ledger)
