@@ -129,14 +129,20 @@ class ReservationBook(Protocol):
         Raises :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
         ...
 
+    async def release(self, reservation_id: str, reason: str = "") -> Outcome:
+        """Release a reservation whose request used nothing, idempotent like :meth:`settle_charged`."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ExactSettlement:
     """What a usage event of an exact reservation settles."""
 
     reservation_id: str
-    usage: Usage
+    # None: nothing was delivered (the event carries no usage) and the hold is released.
+    usage: Usage | None
     cost_micros: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +153,17 @@ class _Usage:
 
 def settlement_of(event: UsageEvent) -> ExactSettlement | None:
     """The settlement the usage event of an exact reservation makes, or ``None`` when it names no
-    reservation (admitted on a lease, or refused before a hold). Raises ``ValueError`` for an event
-    that names a reservation but cannot settle it."""
+    reservation (admitted on a lease, or refused before a hold). An event without usage (nothing was
+    delivered) releases the hold. Raises ``ValueError`` for an event that names a reservation but
+    cannot settle it."""
     if event.lease_id or not event.reservation_id:
         return None
     if event.cost_micros < 0:
         raise ValueError(f"negative cost_micros ({event.cost_micros})")
+    if not event.HasField("usage"):
+        if event.cost_micros:
+            raise ValueError(f"a cost ({event.cost_micros}) without usage")
+        return ExactSettlement(event.reservation_id, None, 0, event.end_reason)
     u = event.usage
     usage = Usage.reported(
         u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, u.images, u.estimated
@@ -262,9 +273,12 @@ class SettlingConsumer(BatchConsumer[_Usage]):
     async def _settle(self, exact: ExactSettlement) -> bool:
         """Settle one exact reservation; False when it was finished already (or cannot be)."""
         try:
-            outcome = await self._reservations.settle_charged(
-                exact.reservation_id, exact.usage, exact.cost_micros
-            )
+            if exact.usage is None:
+                outcome = await self._reservations.release(exact.reservation_id, exact.reason)
+            else:
+                outcome = await self._reservations.settle_charged(
+                    exact.reservation_id, exact.usage, exact.cost_micros
+                )
         except (InvalidRequest, NotFound) as exc:
             METRICS.quota_settle_records.labels(result="invalid").inc()
             log.warning(

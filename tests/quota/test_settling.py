@@ -223,6 +223,11 @@ def test_an_event_settles_a_reservation_only_when_it_names_one_and_no_lease() ->
     assert settlement_of(used_on(lease, 640, lease_id="")) is None
     with pytest.raises(ValueError, match="negative"):
         settlement_of(used_on(lease, -1, lease_id="", reservation_id="req_1"))
+    # Nothing delivered: no usage, and the hold is released.
+    failed = used_on(lease, 0, lease_id="", reservation_id="req_2", end_reason="upstream_error")
+    assert settlement_of(failed) == ExactSettlement("req_2", None, 0, "upstream_error")
+    with pytest.raises(ValueError, match="without usage"):
+        settlement_of(used_on(lease, 3, lease_id="", reservation_id="req_2"))
     # An absurd report is bounded rather than refused: the cost is what is charged.
     absurd = used_on(
         lease, 5, lease_id="", reservation_id="r", usage=Usage(prompt_tokens=2, cached_prompt_tokens=9)
@@ -559,12 +564,15 @@ async def test_duplicate_events_and_an_older_relays_settle_charge_an_exact_reser
 ) -> None:
     twice, key = await reserve_exact(ledger, prices)
     rpc_first, rpc_key = await reserve_exact(ledger, prices)
+    unused, unused_key = await reserve_exact(ledger, prices)
+    nothing = exact_event(unused, unused_key, 0)
+    nothing.ClearField("usage")
     # An older relay settles by RPC, then publishes the event of what it charged.
     outcome = await ledger.settle(
         rpc_first.reservation_id, PricedUsage(prompt_tokens=100, completion_tokens=50)
     )
     assert outcome.charged_micros == 200
-    events = [exact_event(twice, key, 180), exact_event(rpc_first, rpc_key, outcome.charged_micros)]
+    events = [exact_event(twice, key, 180), exact_event(rpc_first, rpc_key, outcome.charged_micros), nothing]
     topic = UsageTopic(settle_settings)
     async with settling(settle_settings, store, ledger):
         await topic.produce(events)
@@ -573,6 +581,11 @@ async def test_duplicate_events_and_an_older_relays_settle_charge_an_exact_reser
         await committed_all(topic)
     assert await entries_of(database, twice) == [-180]
     assert await entries_of(database, rpc_first) == [-200]
+    # The request that delivered nothing is released: no charge, no entry, its hold given back.
+    released = await finished(database, unused)
+    assert (released.state, released.charged_micros) == (models.RELEASED, 0)
+    assert await entries_of(database, unused) == []
+    assert (await ledger.balance(unused.user_id, consistent=True)).reserved_micros == 0
     # A Settle arriving after the event changes nothing either.
     late = await ledger.settle(twice.reservation_id, PricedUsage(prompt_tokens=100, completion_tokens=100))
     assert (late.repeated, late.charged_micros) == (True, 180)
