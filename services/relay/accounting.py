@@ -18,17 +18,22 @@ back (:func:`~services.relay.credit.recall_wait_ms`): quota answers "recalled" o
 credit of open leases would cover the request, so the wait ends as soon as the leases closed (held,
 or the exact refusal), and only a relay failing its syncs makes the caller see ``credit_recalled``.
 
-Settle and release are keyed by the reservation id and idempotent in quota, so they are safe to retry.
-The first attempt is made when the request ends; if quota cannot answer it (restarting,
-draining, a deadline), further attempts run in the background with exponential backoff and jitter
-for at most ``SettleRetry.window_s`` (well under quota's reservation TTL), so a response never waits
-for them. The usage event is published once the outcome is known and carries what the ledger
-charged; when the retries give up, the hold expires in quota and charges nothing, and the event
-says 0, so ledger charges and logged costs agree per request. Pending retries are drained on
-shutdown (:meth:`Meter.close`). A relay killed between reserve and the event reaching Kafka
-leaves its settlements in the on-disk journal (:mod:`services.relay.journal`), which the next relay
-process on that disk finishes; with no successor, quota expires the hold itself (charging nothing).
-However many channels a request tried, it holds one reservation and is settled once.
+The exact path settles like the lease path: when the request ends the relay computes its cost (at
+the price the ReserveResponse returned, capped at the reserved amount) and the usage event carrying
+that cost, the price id and the reservation id settles the hold in quota's consumer of the usage
+topic (an event without usage releases it), so a request makes one RPC, not two. The event is not
+journalled: the publisher's spool keeps it across a Kafka outage, and quota settles it whenever it
+arrives, idempotent by reservation id (also with a Settle from an older relay). A relay killed before
+the event left the process leaves the hold to expire in quota, charging nothing; what that costs the
+operator is bounded by the relay's in-flight requests (README, failure policy).
+
+Only a relay without a usage topic (``RELAYGATE_KAFKA_BOOTSTRAP`` empty: nothing would settle) still
+settles or releases by RPC: keyed by the reservation id and idempotent in quota, the first attempt
+when the request ends, further ones in the background with exponential backoff and jitter for at
+most ``SettleRetry.window_s`` (well under quota's reservation TTL), so a response never waits for
+them; when they give up, the hold expires and charges nothing. Pending retries are drained on
+shutdown (:meth:`Meter.close`). However many channels a request tried, it holds one reservation and
+is settled once.
 
 Every failure is tagged with whose fault it was (``caller``, ``policy``, ``provider``, ``gateway``):
 in the usage event, in the ``relaygate_relay_failures`` metric and in the log line written for it.
@@ -60,9 +65,8 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
 )
 from services.common.telemetry import METRICS
 from services.relay.credit import Admission
-from services.relay.journal import Pending, SettleJournal
 from services.relay.leasing import Leasing, leasable
-from services.relay.prices import PriceCache
+from services.relay.prices import PriceCache, price_from_message
 from services.relay.publisher import EventPublisher
 from services.relay.refusals import RefusalLog
 
@@ -94,8 +98,8 @@ class Exchange:
     choices: int = 1
     reservation: ReserveResponse | None = None
     settlement: SettleResponse | None = None
-    # Admitted on a lease instead of a reservation: the price it was admitted at, and what its usage
-    # event charges once it is over (``admission`` is then None again).
+    # Admitted on a lease instead of a reservation: the admission (None again once it is over). On a
+    # lease or a reservation settled by its event: the price it was held at and what the event charges.
     admission: Admission | None = None
     price: pricing.Price | None = None
     lease_id: str = ""
@@ -132,8 +136,10 @@ class Exchange:
         principal = self.principal or Principal()
         settlement = self.settlement or SettleResponse()
         cost_micros, price_id = settlement.charged_micros, settlement.price_id
-        if self.lease_id and self.price is not None:
+        if self.price is not None:
             cost_micros, price_id = self.charged_micros, self.price.price_id
+        # A reservation's event without usage releases its hold (nothing was delivered).
+        usage = self.usage if self.usage is not None or self.reservation is not None else Usage()
         error = self.error
         return UsageEvent(
             event_id=self.request_id,
@@ -146,7 +152,7 @@ class Exchange:
             endpoint=self.endpoint,
             stream=self.stream,
             status_code=self.status_code,
-            usage=self.usage or Usage(),
+            usage=usage,
             cost_micros=cost_micros,
             price_id=price_id,
             reservation_id=self.reservation.reservation_id if self.reservation else "",
@@ -197,16 +203,15 @@ class LeaseAdmission:
         return self.leasing.recall_wait_s
 
 
-def _bounded(usage: Usage) -> pricing.Usage:
-    """A provider's usage as the pricing counts it, each count within the bounds quota accepts (an
-    absurd report is capped at the admitted worst case anyway)."""
-    prompt = min(max(usage.prompt_tokens, 0), pricing.MAX_TOKENS)
-    return pricing.Usage(
-        prompt_tokens=prompt,
-        completion_tokens=min(max(usage.completion_tokens, 0), pricing.MAX_TOKENS),
-        cached_prompt_tokens=min(max(usage.cached_prompt_tokens, 0), prompt),
-        images=min(max(usage.images, 0), pricing.MAX_IMAGES),
+def _cost(price: pricing.Price, usage: Usage | None, bound: int) -> int:
+    """What a request held for ``bound`` costs at the price it was held at: nothing when nothing was
+    delivered, never more than its hold."""
+    if usage is None:
+        return 0
+    counted = pricing.Usage.reported(
+        usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens, usage.images, False
     )
+    return min(pricing.cost(price, counted), bound)
 
 
 class Meter:
@@ -219,14 +224,12 @@ class Meter:
         *,
         rpc_timeout_s: float,
         retry: SettleRetry | None = None,
-        journal: SettleJournal | None = None,
         leases: LeaseAdmission | None = None,
     ) -> None:
         self._stub = stub
         self._publisher = publisher
         self._timeout = rpc_timeout_s
         self._retry = retry or SettleRetry()
-        self._journal = journal
         # Only with a publisher: on a lease the usage event is the charge.
         self._leases = leases if publisher is not None else None
         # Looked up once: a labelled child costs about as much as an admission itself.
@@ -239,13 +242,6 @@ class Meter:
     def pending(self) -> int:
         """Settlements being retried in the background."""
         return len(self._pending)
-
-    def start(self) -> None:
-        """Open the journal and finish, in the background, what a relay that died left in it."""
-        if self._journal is None:
-            return
-        for left in self._journal.open():
-            self._track(self._recover(left), left.event.event_id)
 
     async def reserve(
         self, exchange: Exchange, *, prompt_tokens: int, max_output_tokens: int, images: int = 0
@@ -329,21 +325,25 @@ class Meter:
                 await asyncio.sleep(min(wait, give_up - now))
 
     async def finish(self, exchange: Exchange) -> None:
-        """Settle (usage known) or release (nothing to bill), publish the event, record metrics.
+        """Publish the event that settles the request (or records it), record metrics.
 
-        Never raises, and waits for one attempt only: when quota cannot answer it, the retries go on
-        in the background and the event is published when they end."""
+        Never raises. Without a usage topic, a reservation is settled (usage known) or released by
+        RPC instead, waiting for one attempt only: the retries go on in the background."""
         self.observe(exchange)
         if exchange.lease_id:
             if self._finish_admission(exchange):
-                self._emit(exchange.to_event(), known=True, reserved=False)
+                self._emit(exchange.to_event(), known=True)
             return
         reservation = exchange.reservation
         if reservation is None:
-            self._emit(exchange.to_event(), known=exchange.principal is not None, reserved=False)
+            self._emit(exchange.to_event(), known=exchange.principal is not None)
             return
-        if self._journal is not None:
-            self._journal.begin(exchange.to_event(), settle=exchange.usage is not None)
+        if self._publisher is not None:
+            price = price_from_message(reservation.price)
+            exchange.price = price
+            exchange.charged_micros = _cost(price, exchange.usage, reservation.reserved_micros)
+            self._emit(exchange.to_event(), known=True)
+            return
         rpc = functools.partial(self._rpc, reservation.reservation_id, exchange.usage, exchange.end_reason)
         try:
             exchange.settlement = await rpc()
@@ -357,7 +357,7 @@ class Meter:
                 exc.message,
                 extra={"reservation_id": exchange.request_id, "code": exc.code},
             )
-        self._emit(exchange.to_event(), known=True, reserved=True)
+        self._emit(exchange.to_event(), known=True)
 
     def abandon(self, exchange: Exchange) -> None:
         """A request task cancelled before it finished: its admission on a lease charges nothing and
@@ -377,8 +377,7 @@ class Meter:
         if admission is None or leases is None or exchange.price is None:
             return False
         exchange.admission = None
-        usage = exchange.usage
-        amount = pricing.cost(exchange.price, _bounded(usage)) if usage is not None else 0
+        amount = _cost(exchange.price, exchange.usage, admission.bound)
         exchange.charged_micros = leases.leasing.finish(admission, amount)
         return True
 
@@ -394,11 +393,6 @@ class Meter:
         if cut:
             log.error("settlements given up at shutdown; their holds expire", extra={"count": len(cut)})
             await asyncio.wait(cut, timeout=5.0)
-
-    def close_journal(self) -> None:
-        """Drop the journal once the publisher has delivered or spooled every event."""
-        if self._journal is not None:
-            self._journal.close()
 
     def _rpc(self, reservation_id: str, usage: Usage | None, reason: str) -> Awaitable[SettleResponse]:
         if usage is not None:
@@ -425,23 +419,7 @@ class Meter:
             exchange.settlement = await self._retrying(rpc, first, exchange.request_id)
         finally:
             # Whatever happened, the event says what the ledger charged (0 without a settlement).
-            self._emit(exchange.to_event(), known=True, reserved=True)
-
-    async def _recover(self, left: Pending) -> None:
-        """Finish a settlement a dead relay left in its journal, then publish its event."""
-        event = left.event
-        try:
-            if not left.done:
-                if self._journal is not None:
-                    self._journal.begin(event, settle=left.settle)
-                usage = event.usage if left.settle else None
-                rpc = functools.partial(self._rpc, event.reservation_id, usage, event.end_reason)
-                outcome = await self._retrying(rpc, None, event.event_id)
-                event.cost_micros = outcome.charged_micros if outcome is not None else 0
-                if outcome is not None:
-                    event.price_id = outcome.price_id
-        finally:
-            self._emit(event, known=True, reserved=True)
+            self._emit(exchange.to_event(), known=True)
 
     async def _retrying(
         self, rpc: Callable[[], Awaitable[SettleResponse]], first: GatewayError | None, request_id: str
@@ -484,16 +462,13 @@ class Meter:
         )
         return None
 
-    def _emit(self, event: UsageEvent, *, known: bool, reserved: bool) -> None:
-        """Publish ``event``: journalled as done when it carries a charge, aggregated when it was
-        refused before the key was known."""
+    def _emit(self, event: UsageEvent, *, known: bool) -> None:
+        """Publish ``event``, aggregated when it was refused before the key was known."""
         if self._publisher is None or self._refusals is None:
             return
         if not known:
             self._refusals.record(event)
             return
-        if reserved and self._journal is not None:
-            self._journal.done(event)
         self._publisher.publish(event)
 
     @staticmethod

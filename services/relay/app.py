@@ -27,7 +27,6 @@ from services.relay.cache import ResponseCache
 from services.relay.channels import ChannelDirectory, ChannelTable
 from services.relay.deps import Gateway
 from services.relay.front import Front
-from services.relay.journal import SettleJournal
 from services.relay.leasing import Leasing
 from services.relay.pools import ChannelPools, PoolLimits
 from services.relay.prices import PriceCache
@@ -65,11 +64,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         stack.push_async_callback(logger_channel.close, None)
 
         publisher: EventPublisher | None = None
-        journal: SettleJournal | None = None
         if settings.events_enabled:
-            journal = SettleJournal(Path(settings.event_spool_dir), retain_s=settings.settle_retry_s + 30.0)
-            # Registered first so it closes last: after the publisher delivered or spooled everything.
-            stack.callback(journal.close)
             publisher = EventPublisher(
                 settings,
                 spool_dir=Path(settings.event_spool_dir),
@@ -148,10 +143,8 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             publisher,
             rpc_timeout_s=settings.rpc_timeout_s,
             retry=SettleRetry(window_s=settings.settle_retry_s),
-            journal=journal,
             leases=leases,
         )
-        meter.start()
         # Runs after the streams (below) settle, and before quota's channel and the publisher close.
         stack.push_async_callback(meter.close, timeout=settings.settle_shutdown_s)
         streams = Streams(

@@ -98,9 +98,11 @@ class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAd
     # On SIGTERM: how long queued events may take to reach Kafka before the rest goes to the spool.
     event_shutdown_timeout_s: float = Field(default=5.0, ge=0)
 
-    # A settle or release quota could not answer is retried in the background (backoff with jitter)
-    # for this long, then given up: the hold expires in quota and charges nothing. Keep it well under
-    # quota's RELAYGATE_RESERVATION_TTL_S. On SIGTERM, pending retries get settle_shutdown_s.
+    # Without a usage topic (RELAYGATE_KAFKA_BOOTSTRAP empty) reservations are settled by RPC: a settle
+    # or release quota could not answer is retried in the background (backoff with jitter) for this
+    # long, then given up: the hold expires in quota and charges nothing. Keep it well under quota's
+    # RELAYGATE_RESERVATION_TTL_S. On SIGTERM, pending retries get settle_shutdown_s. With a usage
+    # topic, the usage event settles the reservation and neither applies.
     settle_retry_s: float = Field(default=30.0, gt=0, le=3600)
     settle_shutdown_s: float = Field(default=10.0, ge=0, le=3600)
 

@@ -27,7 +27,7 @@ from services.relay.accounting import Exchange, LeaseAdmission, Meter
 from services.relay.leasing import Leasing, sync_deadline_s
 from services.relay.prices import PriceCache
 from tests.db_fixtures import DbUrls
-from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota
+from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota, settling_from
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -161,8 +161,8 @@ async def test_a_key_with_a_rate_limit_stays_exact(
     migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
 ) -> None:
     async with (
-        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
         publishing(backing, tmp_path) as publisher,
+        quota(migrated_db, **QUOTA_CREDIT, **settling_from(publisher)) as (stub, _gate),
         leasing_meter(stub, publisher) as (meter, leasing),
     ):
         price, user = await funded_model(stub, 1_000_000)
@@ -174,7 +174,12 @@ async def test_a_key_with_a_rate_limit_stays_exact(
             await asyncio.sleep(3 * SYNC_MS / 1000)
         # It never even asked for a lease.
         assert leasing.book.leases() == []
-        assert all(r.state == "settled" for r in (await holds(stub, user)).values())
+        # Each settled by its usage event.
+        deadline = time.monotonic() + 20
+        while any(r.state == "held" for r in (await holds(stub, user)).values()):
+            assert time.monotonic() < deadline, "timed out waiting for the events to settle the holds"
+            await asyncio.sleep(0.1)
+        assert [r.state for r in (await holds(stub, user)).values()] == ["settled"] * 3
 
 
 async def test_requests_after_the_first_are_admitted_on_the_lease_and_their_events_are_the_charge(

@@ -1,16 +1,15 @@
-"""A settle quota cannot answer is retried off the response path, and the usage event carries what
-the ledger actually charged (invariant 2: ledger charges == logged costs, per request).
+"""An exact reservation is settled by its usage event (no Settle RPC); without a usage topic, a settle
+quota cannot answer is retried off the response path (invariant 2: ledger charges == logged costs, per
+request).
 
-Real pieces: quota (``services.quota.app.run``) on the module's PostgreSQL, reached through a TCP
-gate that plays the outage, and the relay's :class:`EventPublisher` on the session's broker.
+Real pieces: quota (``services.quota.app.run``, with its consumer of the usage topic) on the module's
+PostgreSQL, reached through a TCP gate that plays the outage, and the relay's :class:`EventPublisher`
+on the session's broker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +30,6 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from services.relay.accounting import Exchange, Meter, SettleRetry
-from services.relay.journal import SettleJournal
 from services.relay.publisher import EventPublisher
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
 TIMEOUT = 5.0
-REPO = Path(__file__).resolve().parents[2]
 # 1,000,000 micro-units per million tokens: one micro-unit per token.
 PRICE = pb.Price(input_per_mtok=1_000_000, output_per_mtok=1_000_000)
 USAGE = Usage(prompt_tokens=40, completion_tokens=60)
@@ -87,6 +84,16 @@ async def publishing(backing: BackingServices, tmp_path: Path) -> AsyncIterator[
         yield publisher
     finally:
         await publisher.close()
+
+
+def settling_from(publisher: EventPublisher) -> dict[str, object]:
+    """Quota settings that settle from ``publisher``'s usage topic, in a consumer group of their own."""
+    return {
+        "kafka_bootstrap": publisher.settings.kafka_bootstrap,
+        "kafka_topic_prefix": publisher.settings.kafka_topic_prefix,
+        "settle_group_id": new_id("g"),
+        "settle_batch_max_seconds": 0.05,
+    }
 
 
 async def published(settings: KafkaSettings, event_id: str, timeout: float = 15.0) -> list[UsageEvent]:
@@ -135,15 +142,70 @@ async def reservation(stub: QuotaServiceAsyncStub, user: str) -> pb.Reservation:
     return found
 
 
-async def test_a_settle_quota_missed_is_retried_and_the_event_carries_the_charge(
+async def settled(stub: QuotaServiceAsyncStub, user: str) -> pb.Reservation:
+    """The user's one reservation once it is no longer held."""
+    deadline = time.monotonic() + 20
+    while (held := await reservation(stub, user)).state == "held" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return held
+
+
+async def test_an_exact_request_is_settled_by_its_event_without_a_settle_rpc(
     migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
 ) -> None:
-    async with quota(migrated_db) as (stub, gate), publishing(backing, tmp_path) as publisher:
+    async with (
+        publishing(backing, tmp_path) as publisher,
+        quota(migrated_db, **settling_from(publisher)) as (stub, gate),
+    ):
+        meter = Meter(stub, publisher, rpc_timeout_s=1.0)
+        exchange, user = await reserved_exchange(stub, meter)
+        nothing, other_user = await reserved_exchange(stub, meter)
+        nothing.usage = None
+        nothing.end_reason = "upstream_error"
+
+        # The relay cannot reach quota: finishing needs no RPC, the events settle through Kafka.
+        await gate.close()
+        started = time.monotonic()
+        await meter.finish(exchange)
+        await meter.finish(nothing)
+        assert time.monotonic() - started < 0.5
+        assert meter.pending == 0 and exchange.settlement is None
+        [event] = await published(publisher.settings, exchange.request_id)
+        assert (event.reservation_id, event.cost_micros) == (exchange.request_id, 100)
+        assert exchange.reservation is not None
+        assert event.price_id == exchange.reservation.price.price_id
+        [empty] = await published(publisher.settings, nothing.request_id)
+        assert (empty.HasField("usage"), empty.cost_micros) == (False, 0)
+        await gate.open()
+
+        held = await settled(stub, user)
+        assert (held.state, held.charged_micros) == ("settled", event.cost_micros)
+        released = await settled(stub, other_user)
+        assert (released.state, released.charged_micros) == ("released", 0)
+        # An older relay's Settle of the same request changes nothing.
+        late = await call(
+            stub.Settle, pb.SettleRequest(reservation_id=exchange.request_id, usage=USAGE), timeout=TIMEOUT
+        )
+        assert (late.state, late.charged_micros, late.repeated) == ("settled", 100, True)
+
+
+async def test_the_cost_an_event_carries_never_exceeds_the_hold(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with quota(migrated_db) as (stub, _gate), publishing(backing, tmp_path) as publisher:
+        meter = Meter(stub, publisher, rpc_timeout_s=1.0)
+        exchange, _user = await reserved_exchange(stub, meter)
+        assert exchange.reservation is not None
+        exchange.usage = Usage(prompt_tokens=40, completion_tokens=50_000)
+        await meter.finish(exchange)
+        [event] = await published(publisher.settings, exchange.request_id)
+        assert event.cost_micros == exchange.reservation.reserved_micros == 1_040
+
+
+async def test_without_a_usage_topic_a_settle_quota_missed_is_retried(migrated_db: DbUrls) -> None:
+    async with quota(migrated_db) as (stub, gate):
         meter = Meter(
-            stub,
-            publisher,
-            rpc_timeout_s=1.0,
-            retry=SettleRetry(window_s=20, first_delay_s=0.05, max_delay_s=0.3),
+            stub, None, rpc_timeout_s=1.0, retry=SettleRetry(window_s=20, first_delay_s=0.05, max_delay_s=0.3)
         )
         exchange, user = await reserved_exchange(stub, meter)
 
@@ -160,20 +222,15 @@ async def test_a_settle_quota_missed_is_retried_and_the_event_carries_the_charge
         assert meter.pending == 0
         held = await reservation(stub, user)
         assert (held.state, held.charged_micros) == ("settled", 100)
-        [event] = await published(publisher.settings, exchange.request_id)
-        assert event.cost_micros == held.charged_micros == 100
 
 
-async def test_given_up_settle_publishes_zero_and_the_expired_hold_charges_nothing(
-    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+async def test_without_a_usage_topic_a_given_up_settle_leaves_the_hold_to_expire_charging_nothing(
+    migrated_db: DbUrls,
 ) -> None:
-    async with (
-        quota(migrated_db, reservation_ttl_s=2) as (stub, gate),
-        publishing(backing, tmp_path) as publisher,
-    ):
+    async with quota(migrated_db, reservation_ttl_s=2) as (stub, gate):
         meter = Meter(
             stub,
-            publisher,
+            None,
             rpc_timeout_s=0.5,
             retry=SettleRetry(window_s=0.6, first_delay_s=0.05, max_delay_s=0.2),
         )
@@ -182,66 +239,13 @@ async def test_given_up_settle_publishes_zero_and_the_expired_hold_charges_nothi
         await gate.close()
         await meter.finish(exchange)
         await meter.close(timeout=5)
-        [event] = await published(publisher.settings, exchange.request_id)
-        assert event.cost_micros == 0
+        assert exchange.settlement is None
         await gate.open()
 
-        deadline = time.monotonic() + 10
-        while (held := await reservation(stub, user)).state == "held" and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert (held.state, held.charged_micros) == ("expired", event.cost_micros)
+        held = await settled(stub, user)
+        assert (held.state, held.charged_micros) == ("expired", 0)
         # A settle that arrives after the expiry changes nothing.
         late = await call(
             stub.Settle, pb.SettleRequest(reservation_id=exchange.request_id, usage=USAGE), timeout=TIMEOUT
         )
         assert (late.state, late.charged_micros, late.repeated) == ("expired", 0, True)
-
-
-def die_with_journal(spool_dir: Path, records: list[tuple[str, UsageEvent]]) -> None:
-    """A relay process that journals ``records`` (begin-settle / done) and is killed (SIGKILL)."""
-    script = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from services.common.events import decode\n"
-        "from services.relay.journal import SettleJournal\n"
-        "journal = SettleJournal(Path(sys.argv[1]), retain_s=60)\n"
-        "journal.open()\n"
-        "for kind, payload in zip(sys.argv[2::2], sys.argv[3::2]):\n"
-        "    event = decode(bytes.fromhex(payload))\n"
-        "    journal.done(event) if kind == 'done' else journal.begin(event, settle=True)\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    argv = [sys.executable, "-c", script, str(spool_dir)]
-    for kind, event in records:
-        argv += [kind, event.SerializeToString().hex()]
-    finished = subprocess.run(argv, cwd=REPO, timeout=30, check=False)
-    assert finished.returncode == -signal.SIGKILL
-
-
-async def test_a_relay_killed_mid_settlement_is_finished_by_the_next_from_its_journal(
-    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
-) -> None:
-    spool_dir = tmp_path / "spool"
-    async with quota(migrated_db) as (stub, _gate), publishing(backing, tmp_path) as publisher:
-        dead = Meter(stub, None, rpc_timeout_s=TIMEOUT)  # it never got to publish anything
-        unsettled, user = await reserved_exchange(stub, dead)
-        settled, other_user = await reserved_exchange(stub, dead)
-        await dead.finish(settled)
-        assert settled.settlement is not None and settled.settlement.charged_micros == 100
-        # The dead relay got as far as: Settle not sent for one; the other settled (the ledger
-        # charged it) but its event never left the process.
-        die_with_journal(spool_dir, [("begin", unsettled.to_event()), ("done", settled.to_event())])
-
-        journal = SettleJournal(spool_dir, retain_s=60)
-        successor = Meter(stub, publisher, rpc_timeout_s=TIMEOUT, journal=journal)
-        successor.start()
-        await successor.close(timeout=15)
-        journal.close()
-
-        for exchange, owner in ((unsettled, user), (settled, other_user)):
-            held = await reservation(stub, owner)
-            assert (held.state, held.charged_micros) == ("settled", 100)
-            events = await published(publisher.settings, exchange.request_id)
-            assert {e.cost_micros for e in events} == {held.charged_micros}
-    # Nothing is left for a third relay.
-    assert SettleJournal(spool_dir, retain_s=60).open() == []
