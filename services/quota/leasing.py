@@ -277,9 +277,9 @@ class CreditStore:
         """Put a batch of usage-event charges on the books in one transaction.
 
         Returns what this call posted, in order. Left out: a request already charged (by an earlier
-        batch, another consumer, or earlier in this batch: a repeat changes nothing), and a charge
-        whose hold is an exact-path reservation (its Settle charges it), and a zero cost (nothing to
-        charge).
+        batch, another consumer, or earlier in this batch: a repeat changes nothing), a charge whose
+        hold is an exact-path reservation (the ledger settles it: ``Ledger.settle_charged``), and a
+        zero cost (nothing to charge).
         """
         for charge in charges:
             _check_charge(charge)
