@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -205,3 +206,12 @@ def balance(deployment: Deployment, user_id: str) -> dict[str, int]:
     with deployment.admin() as admin:
         body = ok(admin.get(f"/admin/v1/users/{user_id}/balance", params={"consistent": "true"}))
         return {k: int(v) for k, v in body.items() if k != "user_id"}
+
+
+def settled_balance(deployment: Deployment, user_id: str, timeout: float = 20.0) -> dict[str, int]:
+    """The user's balance once nothing is held: requests are settled by their usage events, which
+    quota's consumer applies shortly after the response."""
+    deadline = time.monotonic() + timeout
+    while (found := balance(deployment, user_id))["reserved_micros"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found

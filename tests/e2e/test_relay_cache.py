@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from devinfra.backing import BackingServices
-from tests.e2e.stack import MODEL, Deployment, balance, fund_user
+from tests.e2e.stack import MODEL, Deployment, fund_user, settled_balance
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def test_a_repeated_deterministic_request_is_served_from_the_cache_for_free(depl
     body = chat("cache me", temperature=0)
 
     first = post(deployment, key, "chat/completions", body, **{"x-relaygate-cache": "on"})
-    charged = 10_000_000 - balance(deployment, user_id)["balance_micros"]
+    charged = 10_000_000 - settled_balance(deployment, user_id)["balance_micros"]
     second = post(deployment, key, "chat/completions", body, **{"x-relaygate-cache": "on"})
 
     assert (first.status_code, second.status_code) == (200, 200)
@@ -63,7 +63,7 @@ def test_a_repeated_deterministic_request_is_served_from_the_cache_for_free(depl
     assert second.content == first.content
     assert calls(deployment) == 1
     assert charged > 0
-    assert 10_000_000 - balance(deployment, user_id)["balance_micros"] == charged
+    assert 10_000_000 - settled_balance(deployment, user_id)["balance_micros"] == charged
     rows = sorted(logged(deployment, user_id, 2), key=lambda r: r["event_id"])
     assert [r.get("cached", False) for r in rows] == [False, True]
     assert int(rows[1].get("cost_micros", 0)) == 0

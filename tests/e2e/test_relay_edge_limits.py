@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.e2e.stack import MODEL, Deployment, balance, fund_user
+from tests.e2e.stack import MODEL, Deployment, balance, fund_user, settled_balance
 
 FUNDS = 1_000_000
 HEADER_TIMEOUT_S = 1.0
@@ -355,7 +355,7 @@ def test_streams_per_key_are_capped(deployment: Deployment) -> None:
         timeout=10,
     )
     assert after.status_code == 200, after.text
-    assert balance(deployment, user_id)["reserved_micros"] == 0
+    assert settled_balance(deployment, user_id)["reserved_micros"] == 0
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from services.fake_upstream import FakeUpstream
-from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok
+from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok, settled_balance
 
 RELAY_ENV = {
     "RELAYGATE_BREAKER_MIN_REQUESTS": "3",
@@ -157,7 +157,7 @@ def test_the_backup_answers_and_the_caller_is_billed_once(
     assert response.status_code == 200, response.text
     assert (calls(pair.primary), calls(pair.backup)) == (1, 1)
     usage = response.json()["usage"]
-    after = balance(deployment, user_id)
+    after = settled_balance(deployment, user_id)
     assert (10_000_000 - after["balance_micros"], after["reserved_micros"]) == (cost(usage), 0)
     (row,) = logged(deployment, user_id, 1)
     assert (row["attempts"], row["channel_id"], int(row["cost_micros"])) == (2, pair.backup_id, cost(usage))
@@ -196,7 +196,7 @@ def test_when_every_channel_fails_nothing_is_billed(deployment: Deployment, pair
     pair.backup.configure(fail_status=502, fail_count=-1)
     response = chat(deployment, key, pair.model)
     assert response.status_code == 502
-    after = balance(deployment, user_id)
+    after = settled_balance(deployment, user_id)
     assert (after["balance_micros"], after["reserved_micros"]) == (10_000_000, 0)
     (row,) = logged(deployment, user_id, 1)
     assert (row["error_type"], row["end_reason"], row["attempts"]) == ("provider", "upstream_error", 2)

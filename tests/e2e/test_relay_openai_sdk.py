@@ -8,7 +8,7 @@ import base64
 import openai
 import pytest
 
-from tests.e2e.stack import MODEL, Deployment, balance, fund_user
+from tests.e2e.stack import MODEL, Deployment, fund_user, settled_balance
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_images(deployment: Deployment) -> None:
     )
     assert len(images.data) == 2
     assert base64.b64decode(images.data[0].b64_json or "").startswith(b"\x89PNG")
-    assert balance(deployment, user_id)["reserved_micros"] == 0
+    assert settled_balance(deployment, user_id)["reserved_micros"] == 0
 
 
 def test_models_lists_only_what_the_key_may_use(deployment: Deployment) -> None:
@@ -160,7 +160,7 @@ def test_upstream_failures_are_5xx(
     with pytest.raises(error) as raised:
         sdk(deployment, key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert raised.value.status_code >= 500
-    after = balance(deployment, user_id)
+    after = settled_balance(deployment, user_id)
     assert (after["balance_micros"], after["reserved_micros"]) == (10_000_000, 0)
 
 
@@ -178,6 +178,6 @@ def test_an_answer_without_usage_is_billed_as_a_marked_estimate(deployment: Depl
         model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3
     )
     assert completion.usage is None
-    after = balance(deployment, user_id)
+    after = settled_balance(deployment, user_id)
     assert after["reserved_micros"] == 0
     assert 10_000_000 - after["balance_micros"] > 0
