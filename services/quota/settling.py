@@ -88,7 +88,8 @@ _SYSTEM_CLOCK = SystemClock()
 
 class SettlingSettings(KafkaConsumerSettings):
     """How quota consumes the usage topic. An empty ``RELAYGATE_KAFKA_BOOTSTRAP`` turns settlement from
-    the stream off (then nothing may be leased: a relay's leased requests would never be charged)."""
+    the stream off: then the relays must run without Kafka too (they settle reservations by RPC and
+    lease nothing), or their requests would never be charged and their holds would only expire."""
 
     settle_group_id: str = "relaygate-quota"
     # A batch is charged when it holds this many events, or this long after its first one. The linger is
