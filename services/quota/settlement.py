@@ -7,7 +7,11 @@ ever reached an upstream, and the usage event a relay publishes for it carries w
 charged, so charging the worst case here would bill requests that never ran and make the ledger
 disagree with the request logs. What this costs the operator when a relay dies is bounded by that
 relay's in-flight requests (README, failure policy). A settle arriving after the expiry finds the
-reservation finished and gets the stored outcome (charged 0): nothing is charged twice.
+reservation finished and gets the stored outcome (charged 0): nothing is charged twice. That holds
+for a usage event too (``Ledger.settle_charged``), whose cost the request logs still show: an event
+that reaches quota after its hold's TTL (a Kafka outage or a consumer lag that long) is a
+disagreement between ledger and logs, so the TTL must outlast the longest outage events are meant to
+survive (leases have late charges for this; exact reservations do not yet).
 
 Only an operation that finds its reservation ``held`` finishes it; every other one (a retry, a settle
 racing a release, two sweepers, in one batch or across processes) gets the stored outcome with
