@@ -1,12 +1,20 @@
 """The credit-control protocol between relays and quota: what a relay asks for, reports and is granted.
 
-A *lease* is credit quota grants one relay process for one key: a hold of ``granted`` micro-units on the
-user's balance and on every budget window the key counts against, recorded on the primary like any
+A *lease* is credit quota grants one relay process for one *scope*: a hold of ``granted`` micro-units on
+the user's balance and on every budget window of the scope, recorded on the primary like any
 reservation, so ``balance >= sum of holds`` holds at every commit whatever the relays do. The relay
 admits requests locally while the lease covers their worst case (no RPC per request), and tells quota
 what it used in one periodic *sync* per relay process (RFC 4006's granted and used units; Doorman's
 refresh). Each finished request is also a usage event on the usage topic: that event *is* the charge,
 applied by quota's consumer, idempotent by request id; the sync only says how much usage is on its way.
+
+A lease's scope is the set of holds it takes. A key with a budget of its own counts against its own
+windows and its user's, so it gets a lease of its own (``KEY_SCOPE``). Every other key of a user counts
+against exactly the user's windows, so they all share one lease per relay process (``USER_SCOPE``): a
+user's many quiet keys cost one lease, and a key's first request is admitted on it without an RPC.
+Which keys have budgets of their own is quota's to say (its budget table): it refuses a user-scope ask
+from such a key (``RESCOPE``), and every sync answer tells a relay whose list is out of date which keys
+have them (:class:`BudgetedKeys`), so the relay keeps those keys off the shared lease.
 
 A *reservation* is the same hold used once: the exact per-request path for keys whose balance is too
 small to lease (the last units of a balance are never stranded in one relay), and the fallback while a
@@ -23,8 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "KEY_SCOPE",
     "LEASE",
+    "RESCOPE",
     "RESERVATION",
+    "USER_SCOPE",
+    "BudgetedKeys",
     "Charge",
     "CreditTerms",
     "Grant",
@@ -38,6 +50,13 @@ __all__ = [
 
 LEASE = "lease"
 RESERVATION = "reservation"
+
+# A lease's scope: one key's windows and its user's, or the user's windows only (shared by the user's
+# keys without a budget of their own).
+KEY_SCOPE = "key"
+USER_SCOPE = "user"
+# The grant state answering a user-scope ask from a key with a budget of its own.
+RESCOPE = "rescope"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +101,12 @@ class CreditTerms:
 
 @dataclass(frozen=True, slots=True)
 class LeaseAsk:
-    """A relay asks for a lease on a key. ``lease_id`` is chosen by the relay, so a retried ask (its
-    answer lost) finds the lease it already created instead of opening a second one."""
+    """A relay asks for a lease. ``lease_id`` is chosen by the relay, so a retried ask (its answer lost)
+    finds the lease it already created instead of opening a second one.
+
+    ``scope`` is ``KEY_SCOPE`` (a lease for ``key_id`` alone) or ``USER_SCOPE`` (a lease the user's keys
+    without budgets of their own share; ``key_id`` is the key whose request made the relay ask, which
+    quota checks has no budget of its own)."""
 
     lease_id: str
     key_id: str
@@ -91,6 +114,7 @@ class LeaseAsk:
     want_micros: int
     # The worst case of the request waiting for this lease: a smaller grant is useless.
     min_micros: int
+    scope: str = KEY_SCOPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +143,19 @@ class SyncRequest:
     seq: int
     reports: tuple[LeaseReport, ...] = ()
     asks: tuple[LeaseAsk, ...] = ()
+    # The version of the budgeted keys the relay knows ("" before it knows any).
+    budgeted_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetedKeys:
+    """The keys with a budget of their own, as quota read them: they may not be admitted on a
+    user-scope lease. ``complete`` is False when there are more than quota sends (then every key
+    keeps a lease of its own)."""
+
+    version: str
+    key_ids: frozenset[str] = frozenset()
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +164,8 @@ class Grant:
 
     ``state``: ``open`` (admit up to ``granted_micros`` in all: used + in flight + the rest),
     ``closing`` (admit nothing more), ``closed`` (gone: forget it), ``refused`` (an ask quota would not
-    lease: stay on exact reservations).
+    lease: stay on exact reservations), ``rescope`` (a user-scope ask from a key with a budget of its
+    own: that key asks a lease of its own instead).
     """
 
     lease_id: str
@@ -141,6 +179,8 @@ class Grant:
 @dataclass(frozen=True, slots=True)
 class SyncAnswer:
     grants: tuple[Grant, ...] = ()
+    # Sent when the relay's ``budgeted_version`` is not quota's.
+    budgeted: BudgetedKeys | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ The rules:
 - A hold's amount is ``granted - applied``. An account's ``held`` is the sum of its holds' amounts and
   never exceeds its balance; a window's ``spent + held`` never exceeds its cap. Every change to a hold's
   size goes through :meth:`CreditBooks._resize`, which moves the account and its windows with it.
+- A lease's scope is one key (its windows and its user's) or a user (the user's windows only, shared by
+  every key of the user without a budget of its own; its hold has an empty key id). A user-scope ask
+  from a key that does have windows of its own is answered ``rescope``: that key asks a lease of its
+  own, so a budget of a key is never bypassed through its user's shared lease.
 - A lease grows only while its relay keeps syncing and only from the user's *share* (what is available
   over every window, divided over the user's open leases plus one, and halved again), so one relay never
   takes all of a balance. A grant below ``floor_requests`` worst cases is refused: that key stays on
@@ -40,7 +44,9 @@ from dataclasses import dataclass, field
 
 from services.common.credit import (
     LEASE,
+    RESCOPE,
     RESERVATION,
+    USER_SCOPE,
     Charge,
     CreditTerms,
     Grant,
@@ -73,7 +79,8 @@ EXPIRED = "expired"
 CLOSED = "closed"
 _ACTIVE = (OPEN, CLOSING, EXPIRED)
 
-# The budget windows a key's holds count against: (key id, user id) -> window ids.
+# The budget windows a key's holds count against: (key id, user id) -> window ids; with an empty key
+# id, the user's own windows (what a user-scope lease holds against).
 WindowsOf = Callable[[str, str], tuple[str, ...]]
 
 
@@ -102,6 +109,7 @@ class Window:
 class Hold:
     hold_id: str
     kind: str
+    # Empty for a user-scope lease (any key of the user without a budget of its own charges it).
     key_id: str
     user_id: str
     windows: tuple[str, ...]
@@ -215,7 +223,13 @@ class CreditBooks:
             )
         if ask.min_micros <= 0 or ask.want_micros < ask.min_micros:
             return Grant(ask.lease_id, "refused")
-        windows = self.windows_of(ask.key_id, ask.user_id)
+        key_id = ask.key_id
+        windows = self.windows_of(key_id, ask.user_id)
+        if ask.scope == USER_SCOPE:
+            shared = self.windows_of("", ask.user_id)
+            if set(windows) != set(shared):
+                return Grant(ask.lease_id, RESCOPE)
+            key_id, windows = "", shared
         if self._recalling(ask.user_id):
             return Grant(ask.lease_id, "refused")
         size = min(ask.want_micros, self._share(ask.user_id, windows))
@@ -224,7 +238,7 @@ class CreditBooks:
         hold = Hold(
             hold_id=ask.lease_id,
             kind=LEASE,
-            key_id=ask.key_id,
+            key_id=key_id,
             user_id=ask.user_id,
             windows=windows,
             relay_id=request.relay_id,

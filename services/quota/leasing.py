@@ -7,7 +7,15 @@ only in the books; this module is the SQL around them.
 
 A lease is a ``reservations`` row of kind ``lease`` (``services.quota.models.Reservation``); each
 request charged on it is one ``ledger_entries`` row whose ``reservation_id`` is the request id (unique,
-so a request is charged once whatever repeats) and whose ``hold_id`` is the lease.
+so a request is charged once whatever repeats) and whose ``hold_id`` is the lease. A user-scope lease
+(shared by the user's keys without a budget of their own) has an empty ``key_id`` and holds on the
+user's windows only (its ``budget_windows`` bits name no key window), so reconcile and expiry treat it
+like any other lease; its requests' ledger rows and logs carry their own key ids.
+
+Which keys have budgets of their own is read from the budget table: in the sync's transaction for the
+key that asks a user-scope lease (the authoritative check), and for the relays' copy of the list
+(:class:`~services.common.credit.BudgetedKeys`) at most every half sync interval per quota process,
+sent only to a relay whose copy is out of date.
 
 Locks are taken in the order of :mod:`services.quota.book_locks`, shared with the exact path: holds
 (by id), then accounts (by user id), then budget windows (by key), each set in one
@@ -18,6 +26,7 @@ cannot deadlock each other, in any number of quota processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -30,8 +39,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.clock import Clock
 from services.common.credit import (
+    KEY_SCOPE,
     LEASE,
     RESERVATION,
+    USER_SCOPE,
+    BudgetedKeys,
     Charge,
     CreditTerms,
     LeaseAsk,
@@ -49,13 +61,16 @@ from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Post
 from services.quota.holding import HoldRequest, budget_windows, windows_for
 from services.quota.settlement import windows_of
 
-__all__ = ["MAX_ITEMS", "CreditStore"]
+__all__ = ["MAX_BUDGETED_KEYS", "MAX_ITEMS", "CreditStore", "budgeted_keys"]
 
 log = logging.getLogger(__name__)
 
 # Reports or asks in one sync: a relay process holds one lease per key it serves.
 MAX_ITEMS = 10_000
 MAX_AMOUNT_MICROS = 10**15
+# Budgeted keys sent to relays at most: about 2 MB of key ids in one answer. Past it every key keeps a
+# lease of its own (the list is incomplete), which costs quota more syncs but bypasses no budget.
+MAX_BUDGETED_KEYS = 50_000
 # Two transactions inserting the same new row (a request's charge against an unknown hold, a lease
 # asked again while its first ask is in flight) race on its unique id; the loser is retried and then
 # finds the winner's row.
@@ -214,6 +229,17 @@ class CreditStore:
             )
         )
         self._insert_entries = insert(_ENTRIES)
+        self._budgeted_ids = (
+            select(_B.scope_id)
+            .where(_B.scope == "key")
+            .distinct()
+            .order_by(_B.scope_id)
+            .limit(MAX_BUDGETED_KEYS + 1)
+        )
+        # This process's copy of the budgeted keys and when it was read (clock seconds): relays ask
+        # for it every sync, the budget table changes rarely.
+        self._budgeted: BudgetedKeys | None = None
+        self._budgeted_read_at = -math.inf
 
     @property
     def terms(self) -> CreditTerms:
@@ -231,9 +257,23 @@ class CreditStore:
         same transaction). Raises :class:`InvalidRequest` for a malformed request.
         """
         _check_sync(request)
-        if not request.reports and not request.asks:
-            return SyncAnswer()
-        return await _retrying_races(lambda: self._sync(request))
+        answer = SyncAnswer()
+        if request.reports or request.asks:
+            answer = await _retrying_races(lambda: self._sync(request))
+        current = await self._budgeted_keys()
+        if current.version != request.budgeted_version:
+            answer = dataclasses.replace(answer, budgeted=current)
+        return answer
+
+    async def _budgeted_keys(self) -> BudgetedKeys:
+        """The keys with budgets of their own, read again once half a sync interval old."""
+        now = self._clock.time()
+        if self._budgeted is None or now - self._budgeted_read_at >= self._terms.sync_interval_ms / 2000:
+            async with self._db.reader(consistent=True) as session:
+                ids = [str(i) for i in await session.scalars(self._budgeted_ids)]
+            self._budgeted = budgeted_keys(ids)
+            self._budgeted_read_at = now
+        return self._budgeted
 
     async def _sync(self, request: SyncRequest) -> SyncAnswer:
         now_ms = self._now_ms()
@@ -247,20 +287,20 @@ class CreditStore:
             fresh = [ask for ask in request.asks if ask.lease_id not in known]
             ask_windows = await self._ask_windows(conn, fresh, now_ms)
             loaded = await self._load(conn, rows, users, ask_windows, now_ms)
-            windows_by_hold = {
-                (ask.key_id, ask.user_id): tuple(_window_id(k) for k, _ in ask_windows.get(ask.lease_id, []))
-                for ask in reversed(fresh)
+            windows_by_holder = {
+                holder: tuple(_window_id(k) for k, _ in found) for holder, found in ask_windows.items()
             }
-            loaded.books.windows_of = lambda key_id, user_id: windows_by_hold.get((key_id, user_id), ())
+            loaded.books.windows_of = lambda key_id, user_id: windows_by_holder.get((key_id, user_id), ())
             answer = loaded.books.sync(request, now_ms)
             await self._write(conn, loaded, now_ms)
         return answer
 
     async def _ask_windows(
         self, conn: AsyncConnection, asks: Sequence[LeaseAsk], now_ms: int
-    ) -> dict[str, list[tuple[WindowKey, int]]]:
-        """The budget windows (with their caps) each new ask would hold against, as a Reserve of the
-        same key would."""
+    ) -> dict[tuple[str, str], list[tuple[WindowKey, int]]]:
+        """The budget windows (with their caps) of each new ask's key, as a Reserve of the same key
+        would hold against, by (key id, user id); for a user-scope ask also the user's own windows
+        (key id empty), what the shared lease holds against when the key has none of its own."""
         if not asks:
             return {}
         sids = sorted({a.user_id for a in asks} | {a.key_id for a in asks if a.key_id})
@@ -269,7 +309,12 @@ class CreditStore:
             for r in await conn.execute(self._locks.stored_budgets, {"sids": sids})
         }
         starts = self._calendar.windows(now_ms / 1000)
-        return {ask.lease_id: windows_for(ask.key_id, ask.user_id, starts, stored) for ask in asks}
+        holders = {(a.key_id, a.user_id) for a in asks}
+        holders |= {("", a.user_id) for a in asks if a.scope == USER_SCOPE}
+        return {
+            (key_id, user_id): windows_for(key_id, user_id, starts, stored)
+            for key_id, user_id in sorted(holders)
+        }
 
     # --- charges from the usage stream -----------------------------------------------------------
 
@@ -390,7 +435,7 @@ class CreditStore:
         conn: AsyncConnection,
         rows: Sequence[Any],
         users: Iterable[str],
-        new_windows: Mapping[str, Sequence[tuple[WindowKey, int]]],
+        new_windows: Mapping[Any, Sequence[tuple[WindowKey, int]]],
         now_ms: int,
     ) -> _Loaded:
         """Lock the accounts, then the budget windows (creating the new ones), and build the books."""
@@ -560,6 +605,20 @@ def _no_windows(_key_id: str, _user_id: str) -> tuple[str, ...]:
     return ()
 
 
+def budgeted_keys(ids: Sequence[str]) -> BudgetedKeys:
+    """The relays' copy of the budgeted keys ``ids`` (sorted, at most ``MAX_BUDGETED_KEYS + 1`` read):
+    its version is a digest of the list, so every relay holding the same list holds the same version
+    whichever quota process answered it."""
+    complete = len(ids) <= MAX_BUDGETED_KEYS
+    kept = ids[:MAX_BUDGETED_KEYS]
+    digest = hashlib.blake2b("\n".join(kept).encode(), digest_size=12).hexdigest()
+    return BudgetedKeys(
+        version=f"{len(kept)}.{digest}" + ("" if complete else "+"),
+        key_ids=frozenset(kept),
+        complete=complete,
+    )
+
+
 def _hold_of(row: Any) -> Hold:
     windows = tuple(_window_id(key) for key in windows_of(row))
     if row.kind != models.LEASE:
@@ -662,10 +721,17 @@ def _check_sync(request: SyncRequest) -> None:
         )
     for report in request.reports:
         _check_report(report)
+    if len(request.budgeted_version) > 64:
+        raise InvalidRequest("budgeted_version is longer than 64 characters", param="budgeted_version")
     for ask in request.asks:
         _require_id("asks.lease_id", ask.lease_id, 64)
         _require_id("asks.user_id", ask.user_id, 40)
-        if len(ask.key_id) > 40:
+        if ask.scope not in (KEY_SCOPE, USER_SCOPE):
+            raise InvalidRequest(f"asks.scope must be key or user (got {ask.scope!r})", param="asks.scope")
+        if ask.scope == USER_SCOPE:
+            # The asking key is what quota checks for a budget of its own.
+            _require_id("asks.key_id", ask.key_id, 40)
+        elif len(ask.key_id) > 40:
             raise InvalidRequest("asks.key_id is longer than 40 characters", param="asks.key_id")
         _check_amount("asks.want_micros", ask.want_micros)
         _check_amount("asks.min_micros", ask.min_micros)

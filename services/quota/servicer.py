@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from services.common.credit import Grant, LeaseAsk, LeaseReport, SyncRequest
+from services.common.credit import KEY_SCOPE, Grant, LeaseAsk, LeaseReport, SyncAnswer, SyncRequest
 from services.common.errors import InvalidRequest
 from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
@@ -152,6 +152,7 @@ def _sync_from_pb(message: pb.SyncRequest) -> SyncRequest:
     return SyncRequest(
         relay_id=message.relay_id,
         seq=message.seq,
+        budgeted_version=message.budgeted_keys_version,
         reports=tuple(
             LeaseReport(
                 lease_id=r.lease_id,
@@ -169,6 +170,7 @@ def _sync_from_pb(message: pb.SyncRequest) -> SyncRequest:
                 user_id=a.user_id,
                 want_micros=a.want_micros,
                 min_micros=a.min_micros,
+                scope=a.scope or KEY_SCOPE,
             )
             for a in message.asks
         ),
@@ -183,6 +185,15 @@ def _grant_to_pb(grant: Grant) -> pb.LeaseGrant:
         valid_for_ms=grant.valid_for_ms,
         recall=grant.recall,
     )
+
+
+def _answer_to_pb(answer: SyncAnswer) -> pb.SyncResponse:
+    message = pb.SyncResponse(grants=[_grant_to_pb(g) for g in answer.grants])
+    if answer.budgeted is not None:
+        message.budgeted_keys.version = answer.budgeted.version
+        message.budgeted_keys.key_ids.extend(sorted(answer.budgeted.key_ids))
+        message.budgeted_keys.complete = answer.budgeted.complete
+    return message
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
@@ -286,8 +297,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         )
 
     async def Sync(self, request: pb.SyncRequest, context: Context) -> pb.SyncResponse:
-        answer = await self._credit.sync(_sync_from_pb(request))
-        return pb.SyncResponse(grants=[_grant_to_pb(g) for g in answer.grants])
+        return _answer_to_pb(await self._credit.sync(_sync_from_pb(request)))
 
     async def SetPrice(self, request: pb.Price, context: Context) -> pb.Price:
         return price_to_pb(await self._prices.set_price(price_from_pb(request)))

@@ -1,8 +1,13 @@
 """The relay's lease book: admit requests against credit quota granted this process, without an RPC.
 
-Per key the book holds at most one open lease. :meth:`LeaseBook.admit` takes a request's worst case out
-of it when it covers it; otherwise the caller uses the exact path (one Reserve RPC for this request) and,
-when the key's requests say a lease would be used, the book asks quota for one at the next sync.
+Per *scope* the book holds at most one open lease. A key with a budget of its own is its own scope; the
+other keys of a user share the scope ``user:<user id>`` (they count against exactly the user's windows),
+so one lease serves all of them and a key's first request is admitted without an RPC. Which keys have
+budgets of their own is quota's list (:class:`~services.common.credit.BudgetedKeys`, refreshed by the
+syncs); until the book has it, and when quota's list is incomplete, every key is its own scope.
+:meth:`LeaseBook.admit` takes a request's worst case out of its scope's lease when it covers it;
+otherwise the caller uses the exact path (one Reserve RPC for this request) and, when the scope's
+requests say a lease would be used, the book asks quota for one at the next sync.
 :meth:`LeaseBook.finish` puts back what the request did not use. Every ``sync_interval_ms`` (sooner,
 see below) the relay sends :meth:`LeaseBook.sync_request` and applies quota's answer with
 :meth:`LeaseBook.apply`.
@@ -14,13 +19,16 @@ leased keys for the validity and then falls back to the exact path, which fails 
 away. Times are milliseconds on the relay's own monotonic clock; nothing here does I/O, so the
 simulation drives the very same object.
 
-**When a key asks for a lease.** A lease costs quota a grant, a report in every sync while it lives and
-a close (transactions on the primary), and the request that makes the book ask goes through the exact
-path anyway. So the book asks only when a lease will be used: on a key's request that comes less than
-``idle_ms`` after the key's previous one, the same span after which an unused lease is given back. A
-key seen once every 20 s never asks (its requests stay exact, two RPCs each, as before leases); a key
-seen twice within ``idle_ms`` asks, and while it keeps that pace its lease never idles out. A key quota
-refused stays exact for ``exact_for_ms``.
+**When a scope asks for a lease.** A lease costs quota a grant, a report in every sync while it lives
+and a close (transactions on the primary), and the request that makes the book ask goes through the
+exact path anyway. So the book asks only when a lease will be used: on a scope's request that comes
+less than ``idle_ms`` after the scope's previous one, the same span after which an unused lease is given
+back. Counted per scope, so a user's keys that each come once (rotating keys) ask on the user's rate:
+the user's second request within ``idle_ms`` asks, whichever keys made them. A scope seen once every
+20 s never asks (its requests stay exact); a scope quota refused stays exact for ``exact_for_ms``. A
+user-scope ask that quota answers ``rescope`` (the asking key has a budget of its own, and the book's
+list did not say so yet) moves that key to a scope of its own for ``valid_for_ms``, by when the list
+says it.
 
 **When a sync goes early.** Every ``sync_interval_ms``, and sooner (at most every tenth of an interval)
 when quota should hear something now: a key waits for a lease, an admission left its lease low, a
@@ -28,9 +36,11 @@ lease turned closing (recalled by quota: its unused part is what a waiting exact
 open lease reaches its validity or its idle time. Whether one is due is decided in constant time: the
 book notes these events as they happen instead of scanning its leases at every poll.
 
-**What it remembers.** Per key, its recent demand (for ``idle_ms`` after its last request, longer while
-it holds a lease) and a refusal (for ``exact_for_ms``); both are dropped at the first sync after, so a
-relay serving many quiet keys keeps state only for those seen lately.
+**What it remembers.** Per scope, its recent demand (for ``idle_ms`` after its last request, longer
+while it holds a lease) and a refusal (for ``exact_for_ms``); both are dropped at the first sync after,
+so a relay serving many quiet keys keeps state only for the scopes seen lately: one per user for keys
+without budgets of their own, however many of them rotate. Besides that, the budgeted keys' list (one
+string per budgeted key in the deployment, at most ``MAX_BUDGETED_KEYS`` of quota's).
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.credit import (
+    KEY_SCOPE,
+    RESCOPE,
+    USER_SCOPE,
+    BudgetedKeys,
     CreditTerms,
     LeaseAsk,
     LeaseReport,
@@ -46,7 +60,7 @@ from services.common.credit import (
     SyncRequest,
 )
 
-__all__ = ["Admission", "LeaseBook", "LocalLease", "recall_wait_ms"]
+__all__ = ["Admission", "LeaseBook", "LocalLease", "recall_wait_ms", "user_scope"]
 
 PENDING = "pending"
 OPEN = "open"
@@ -55,6 +69,11 @@ CLOSING = "closing"
 # The spend rate is smoothed over about this long, so a burst asks for more and a quiet key asks less.
 _RATE_WINDOW_MS = 5_000.0
 _NEVER = 2**62
+
+
+def user_scope(user_id: str) -> str:
+    """The book's scope shared by a user's keys without budgets of their own (key ids never start so)."""
+    return f"user:{user_id}"
 
 
 def recall_wait_ms(terms: CreditTerms, sync_deadline_ms: int) -> int:
@@ -76,6 +95,9 @@ def recall_wait_ms(terms: CreditTerms, sync_deadline_ms: int) -> int:
 @dataclass(slots=True)
 class LocalLease:
     lease_id: str
+    # The key id, or ``user_scope(user_id)`` for a lease the user's keys share.
+    scope: str
+    # The key whose request made the book ask (quota checks it may share a user-scope lease).
     key_id: str
     user_id: str
     state: str = PENDING
@@ -92,10 +114,15 @@ class LocalLease:
     def left(self) -> int:
         return self.granted - self.used - self.inflight
 
+    @property
+    def shared(self) -> bool:
+        return self.scope != self.key_id
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A request admitted on a lease; :meth:`LeaseBook.finish` it exactly once."""
+    """A request of ``key_id`` admitted on a lease (its own or its user's shared one);
+    :meth:`LeaseBook.finish` it exactly once."""
 
     lease_id: str
     key_id: str
@@ -105,7 +132,7 @@ class Admission:
 
 @dataclass(slots=True)
 class _Demand:
-    """A key's recent demand: worst cases per millisecond, smoothed."""
+    """A scope's recent demand: worst cases per millisecond, smoothed."""
 
     rate: float = 0.0
     at: int = 0
@@ -126,14 +153,18 @@ class LeaseBook:
         self.terms = terms
         self._new_id = new_id
         self._seq = 0
-        # The lease each key admits on (open) or is waiting for (pending).
-        self._by_key: dict[str, LocalLease] = {}
-        # Every lease quota still knows of: the keys' current ones and closing ones.
+        # The lease each scope admits on (open) or is waiting for (pending).
+        self._by_scope: dict[str, LocalLease] = {}
+        # Every lease quota still knows of: the scopes' current ones and closing ones.
         self._leases: dict[str, LocalLease] = {}
-        # Keys seen lately (pruned at syncs, see the module docstring).
+        # Scopes seen lately (pruned at syncs, see the module docstring).
         self._demand: dict[str, _Demand] = {}
-        # Keys quota would not lease, until when (local clock): they use the exact path.
+        # Scopes quota would not lease, until when (local clock): they use the exact path.
         self._exact_until: dict[str, int] = {}
+        # Quota's list of keys with budgets of their own (None until the first answer carrying it).
+        self._budgeted: BudgetedKeys | None = None
+        # Keys quota answered ``rescope`` for, until when (local clock): their own scope meanwhile.
+        self._own_scope_until: dict[str, int] = {}
         self._last_sync = -(10**12)
         # Quota should hear from the book before the interval is over (see sync_due).
         self._urgent = False
@@ -143,20 +174,34 @@ class LeaseBook:
 
     # --- requests --------------------------------------------------------------------------------
 
+    def scope_of(self, key_id: str, user_id: str) -> str:
+        """The scope whose lease admits ``key_id``'s requests: its user's shared one only when quota's
+        list says the key has no budget of its own."""
+        budgeted = self._budgeted
+        if (
+            budgeted is None
+            or not budgeted.complete
+            or key_id in budgeted.key_ids
+            or key_id in self._own_scope_until
+        ):
+            return key_id
+        return user_scope(user_id)
+
     def admit(self, key_id: str, user_id: str, bound: int, now: int) -> Admission | None:
-        """Admit a request whose worst case is ``bound`` on the key's lease, or ``None`` (exact path)."""
-        demand = self._demand.get(key_id)
+        """Admit a request whose worst case is ``bound`` on its scope's lease, or ``None`` (exact path)."""
+        scope = self.scope_of(key_id, user_id)
+        demand = self._demand.get(scope)
         if demand is None:
-            demand = self._demand[key_id] = _Demand(at=now)
+            demand = self._demand[scope] = _Demand(at=now)
             seen_lately = False
         else:
             seen_lately = now - demand.at < self.terms.idle_ms
         demand.add(bound, now)
-        lease = self._by_key.get(key_id)
+        lease = self._by_scope.get(scope)
         if lease is None:
-            if seen_lately and now >= self._exact_until.get(key_id, 0):
-                lease = LocalLease(self._new_id(), key_id, user_id, min_micros=bound)
-                self._by_key[key_id] = lease
+            if seen_lately and now >= self._exact_until.get(scope, 0):
+                lease = LocalLease(self._new_id(), scope, key_id, user_id, min_micros=bound)
+                self._by_scope[scope] = lease
                 self._leases[lease.lease_id] = lease
                 self._urgent = True
             return None
@@ -184,7 +229,7 @@ class LeaseBook:
     # --- sync with quota -------------------------------------------------------------------------
 
     def sync_due(self, now: int) -> bool:
-        """A sync is due: the interval passed, or (a tenth of an interval after the last one) a key
+        """A sync is due: the interval passed, or (a tenth of an interval after the last one) a scope
         waits for a lease, a lease runs low, turned closing, or reaches its validity or idle time."""
         if now - self._last_sync >= self.terms.sync_interval_ms:
             return True
@@ -201,32 +246,43 @@ class LeaseBook:
         self._prune(now)
         for lease in list(self._leases.values()):
             if lease.state == PENDING:
-                want = max(self._target(lease.key_id, now), lease.min_micros * self.terms.floor_requests)
-                asks.append(LeaseAsk(lease.lease_id, lease.key_id, lease.user_id, want, lease.min_micros))
+                want = max(self._target(lease.scope, now), lease.min_micros * self.terms.floor_requests)
+                scope = USER_SCOPE if lease.shared else KEY_SCOPE
+                asks.append(
+                    LeaseAsk(lease.lease_id, lease.key_id, lease.user_id, want, lease.min_micros, scope)
+                )
                 continue
             if lease.state == OPEN and self._should_close(lease, now):
                 self._close(lease)
             want = 0
             if lease.state == OPEN:
-                want = max(0, self._target(lease.key_id, now) - lease.left)
+                want = max(0, self._target(lease.scope, now) - lease.left)
                 self._note_close(lease)
             reports.append(
                 LeaseReport(lease.lease_id, lease.used, lease.inflight, want, closing=lease.state == CLOSING)
             )
         # This sync tells quota everything noted so far, the leases it just closed included.
         self._urgent = False
-        return SyncRequest(self.relay_id, self._seq, tuple(reports), tuple(asks))
+        version = self._budgeted.version if self._budgeted is not None else ""
+        return SyncRequest(self.relay_id, self._seq, tuple(reports), tuple(asks), version)
 
     def apply(self, answer: SyncAnswer, sent_at: int) -> None:
         """Quota's answer to the sync sent at ``sent_at`` (local clock)."""
+        if answer.budgeted is not None:
+            # A key the list now names leaves its user's shared lease at its next request.
+            self._budgeted = answer.budgeted
         for grant in answer.grants:
             lease = self._leases.get(grant.lease_id)
             if lease is None:
                 continue
+            if grant.state == RESCOPE:
+                self._forget(lease)
+                self._rescope(lease, sent_at)
+                continue
             if grant.state in ("closed", "refused"):
                 self._forget(lease)
                 if grant.state == "refused" or lease.state == PENDING:
-                    self._exact_until[lease.key_id] = sent_at + self.terms.exact_for_ms
+                    self._exact_until[lease.scope] = sent_at + self.terms.exact_for_ms
                 continue
             if grant.state == CLOSING:
                 if lease.state != CLOSING:
@@ -241,7 +297,7 @@ class LeaseBook:
                 lease.expires_at = max(lease.expires_at, valid_until)
                 if grant.recall:
                     self._close(lease)
-                    self._exact_until[lease.key_id] = sent_at + self.terms.exact_for_ms
+                    self._exact_until[lease.scope] = sent_at + self.terms.exact_for_ms
                 else:
                     self._note_close(lease)
 
@@ -262,8 +318,13 @@ class LeaseBook:
         return self._leases.get(lease_id)
 
     def remembered(self) -> int:
-        """How many keys the book keeps anything for besides their leases (recent demand, refusals)."""
-        return len(self._demand.keys() | self._exact_until.keys())
+        """How many scopes and keys the book keeps anything for besides their leases (recent demand,
+        refusals, keys moved to their own scope)."""
+        return len(self._demand.keys() | self._exact_until.keys() | self._own_scope_until.keys())
+
+    @property
+    def budgeted(self) -> BudgetedKeys | None:
+        return self._budgeted
 
     @property
     def idle(self) -> bool:
@@ -272,12 +333,21 @@ class LeaseBook:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _target(self, key_id: str, now: int) -> int:
-        demand = self._demand.get(key_id)
+    def _rescope(self, lease: LocalLease, sent_at: int) -> None:
+        """The key that asked for its user's shared lease has a budget of its own: it is its own scope
+        until quota's list says so, and asks for a lease of its own at its next request."""
+        key_id = lease.key_id
+        self._own_scope_until[key_id] = sent_at + self.terms.valid_for_ms
+        demand = self._demand.get(lease.scope)
+        if demand is not None and key_id not in self._demand:
+            self._demand[key_id] = _Demand(demand.rate, demand.at)
+
+    def _target(self, scope: str, now: int) -> int:
+        demand = self._demand.get(scope)
         return int(demand.current(now) * self.terms.target_ms) if demand is not None else 0
 
     def _low(self, lease: LocalLease, now: int) -> bool:
-        return lease.state == OPEN and lease.left * 4 < self._target(lease.key_id, now)
+        return lease.state == OPEN and lease.left * 4 < self._target(lease.scope, now)
 
     def _should_close(self, lease: LocalLease, now: int) -> bool:
         return now >= lease.expires_at or now - lease.last_admit >= self.terms.idle_ms
@@ -287,23 +357,25 @@ class LeaseBook:
         unused part back to the user."""
         lease.state = CLOSING
         self._urgent = True
-        if self._by_key.get(lease.key_id) is lease:
-            del self._by_key[lease.key_id]
+        if self._by_scope.get(lease.scope) is lease:
+            del self._by_scope[lease.scope]
 
     def _note_close(self, lease: LocalLease) -> None:
         self._next_close = min(self._next_close, lease.expires_at, lease.last_admit + self.terms.idle_ms)
 
     def _prune(self, now: int) -> None:
-        """Forget keys not seen for ``idle_ms`` (and the smoothing window) that hold no lease, and
-        refusals that ran out."""
+        """Forget scopes not seen for ``idle_ms`` (and the smoothing window) that hold no lease, and
+        refusals and rescopes that ran out."""
         quiet_for = max(self.terms.idle_ms, int(_RATE_WINDOW_MS))
-        for key_id in [k for k, d in self._demand.items() if now - d.at >= quiet_for]:
-            if key_id not in self._by_key:
-                del self._demand[key_id]
-        for key_id in [k for k, until in self._exact_until.items() if now >= until]:
-            del self._exact_until[key_id]
+        for scope in [k for k, d in self._demand.items() if now - d.at >= quiet_for]:
+            if scope not in self._by_scope:
+                del self._demand[scope]
+        for scope in [k for k, until in self._exact_until.items() if now >= until]:
+            del self._exact_until[scope]
+        for key_id in [k for k, until in self._own_scope_until.items() if now >= until]:
+            del self._own_scope_until[key_id]
 
     def _forget(self, lease: LocalLease) -> None:
         self._leases.pop(lease.lease_id, None)
-        if self._by_key.get(lease.key_id) is lease:
-            del self._by_key[lease.key_id]
+        if self._by_scope.get(lease.scope) is lease:
+            del self._by_scope[lease.scope]

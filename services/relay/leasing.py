@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from services.common.credit import CreditTerms, Grant, SyncAnswer, SyncRequest
+from services.common.credit import BudgetedKeys, CreditTerms, Grant, SyncAnswer, SyncRequest
 from services.common.errors import GatewayError
 from services.common.grpc import call
 from services.common.ids import new_id
@@ -55,7 +55,9 @@ def monotonic_ms() -> int:
 
 def request_to_pb(request: SyncRequest) -> pb.SyncRequest:
     """The wire form of ``request`` (quota reads the budgets a new lease holds against itself)."""
-    message = pb.SyncRequest(relay_id=request.relay_id, seq=request.seq)
+    message = pb.SyncRequest(
+        relay_id=request.relay_id, seq=request.seq, budgeted_keys_version=request.budgeted_version
+    )
     for report in request.reports:
         message.reports.add(
             lease_id=report.lease_id,
@@ -71,11 +73,16 @@ def request_to_pb(request: SyncRequest) -> pb.SyncRequest:
             user_id=ask.user_id,
             want_micros=ask.want_micros,
             min_micros=ask.min_micros,
+            scope=ask.scope,
         )
     return message
 
 
 def answer_from_pb(message: pb.SyncResponse) -> SyncAnswer:
+    budgeted = None
+    if message.HasField("budgeted_keys"):
+        listed = message.budgeted_keys
+        budgeted = BudgetedKeys(listed.version, frozenset(listed.key_ids), listed.complete)
     return SyncAnswer(
         tuple(
             Grant(
@@ -86,7 +93,8 @@ def answer_from_pb(message: pb.SyncResponse) -> SyncAnswer:
                 recall=grant.recall,
             )
             for grant in message.grants
-        )
+        ),
+        budgeted,
     )
 
 
@@ -138,7 +146,8 @@ class Leasing:
     # --- requests --------------------------------------------------------------------------------
 
     def admit(self, principal: Principal, bound: int) -> Admission | None:
-        """Admit a request whose worst case is ``bound`` on its key's lease, or None (exact path)."""
+        """Admit a request whose worst case is ``bound`` on its scope's lease (the key's own, or the one
+        its user's keys without budgets share), or None (exact path)."""
         return self.book.admit(principal.key_id, principal.user_id, bound, self._clock())
 
     def finish(self, admission: Admission, cost: int) -> int:

@@ -50,6 +50,7 @@ def worth_150(seed: int, faults: Faults) -> Simulation:
     them, run to the end."""
     simulation = Simulation(seed, relays=2, users=1, keys_per_user=1, faults=faults, background_traffic=False)
     simulation.caps.clear()
+    simulation.user_caps.clear()
     account = simulation.db.accounts["u0"]
     simulation.db.top_up("u0", 150 * 10 * UNIT - account.balance)
     simulation.funded["u0"] = 150 * 10 * UNIT
@@ -91,6 +92,7 @@ def test_leased_keys_ride_out_a_quota_outage() -> None:
         7, relays=2, users=1, keys_per_user=1, faults=Faults.none(), background_traffic=False, terms=terms
     )
     simulation.caps.clear()
+    simulation.user_caps.clear()
     for index in range(4_000):
         simulation.submit(index * 10, index % 2, "k0.0", 5 * UNIT, 2 * UNIT)
     simulation.run_until(10_000)

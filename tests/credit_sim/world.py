@@ -9,6 +9,9 @@ world plays what the real deployment does:
 - requests arrive at random relays for random keys, are admitted on a lease or through the exact path
   (Reserve, with retries and a deadline), run for a while and finish with a cost no larger than their
   worst case; each finished request produces a usage event;
+- users have several keys, some with a daily budget of their own, and some users a daily budget too:
+  keys without a budget share their user's lease in each relay, once the relay has quota's list of
+  budgeted keys (sent with the sync answers, as quota does);
 - RPCs are delayed, lost and duplicated; relays sync every interval (and early when a lease runs low);
 - the usage topic has one ordered log per partition (users hash to partitions); producers append late,
   twice, or spool while their broker link is down and replay in order later; a dead relay's spool may
@@ -24,6 +27,7 @@ the stream charged exactly once, no request charged that never reached an upstre
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections.abc import Callable
@@ -40,6 +44,7 @@ from services.common.credit import (
     SyncRequest,
 )
 from services.quota.credit import OPEN, CreditBooks
+from services.quota.leasing import budgeted_keys
 from services.relay.credit import Admission, LeaseBook, recall_wait_ms
 
 __all__ = ["Faults", "Simulation", "SimulationFailure"]
@@ -135,7 +140,7 @@ class Simulation:
         relays: int = 3,
         quotas: int = 2,
         users: int = 3,
-        keys_per_user: int = 2,
+        keys_per_user: int = 4,
         partitions: int = 4,
         faults: Faults | None = None,
         terms: CreditTerms | None = None,
@@ -166,10 +171,14 @@ class Simulation:
         self.caps = {
             key_id: self.rng.choice([0, 0, funding[int(user_id[1:])] // 3]) for key_id, user_id in self.keys
         }
+        self.user_caps = {f"u{u}": self.rng.choice([0, funding[u] // 2]) for u in range(users)}
         self.db = CreditBooks(self.terms, self._windows_of)
         for key_id, cap in self.caps.items():
             if cap:
                 self.db.set_cap(f"day:{key_id}", cap)
+        for user_id, cap in self.user_caps.items():
+            if cap:
+                self.db.set_cap(f"day:{user_id}", cap)
         self.funded: dict[str, int] = {}
         for user, amount in enumerate(funding):
             self.db.top_up(f"u{user}", amount)
@@ -178,8 +187,9 @@ class Simulation:
         self.partitions: list[list[Charge]] = [[] for _ in range(partitions)]
         self.committed = [0] * partitions
         self.requests: dict[str, Request] = {}
-        # What the ledger charged each user, summed from the charges as they were first posted.
+        # What the ledger charged each user, and each key, summed from the charges as first posted.
         self.charged: dict[str, int] = {}
+        self.key_charged: dict[str, int] = {}
         self.relays = [self._new_relay(f"r{i}", 0) for i in range(relays)]
         self.quotas = [Quota(f"q{i}") for i in range(quotas)]
 
@@ -242,7 +252,10 @@ class Simulation:
         return f"{prefix}{self._ids}"
 
     def _windows_of(self, key_id: str, user_id: str) -> tuple[str, ...]:
-        return (f"day:{key_id}",) if self.caps.get(key_id) else ()
+        """A key's own window when it has a budget (none for the empty key id of a user-scope lease),
+        then its user's."""
+        own = (f"day:{key_id}",) if key_id and self.caps.get(key_id) else ()
+        return own + ((f"day:{user_id}",) if self.user_caps.get(user_id) else ())
 
     # --- relays ----------------------------------------------------------------------------------
 
@@ -412,7 +425,11 @@ class Simulation:
         self._rpc(relay, lambda: self._sync_on_quota(request), on_answer, "sync")
 
     def _sync_on_quota(self, request: SyncRequest) -> SyncAnswer:
-        return self.db.sync(request, self.now)
+        answer = self.db.sync(request, self.now)
+        listed = budgeted_keys(sorted(key_id for key_id, cap in self.caps.items() if cap))
+        if listed.version != request.budgeted_version:
+            answer = dataclasses.replace(answer, budgeted=listed)
+        return answer
 
     def _rpc(
         self, relay: Relay, handle: Callable[[], _T], on_answer: Callable[[_T], None], label: str
@@ -490,6 +507,15 @@ class Simulation:
         posted = self.db.charge(event)
         if first:
             self.charged[posted.user_id] = self.charged.get(posted.user_id, 0) + posted.charged
+            self.key_charged[request.key_id] = self.key_charged.get(request.key_id, 0) + posted.charged
+            hold = self.db.holds.get(event.hold_id)
+            if self.caps.get(request.key_id) and posted.charged and (
+                hold is None or f"day:{request.key_id}" not in hold.windows
+            ):
+                self._fail(
+                    f"charge for {event.request_id} of budgeted key {request.key_id} went to hold "
+                    f"{event.hold_id}, which does not count against the key's budget"
+                )
         if posted.cost != request.emitted:
             self._fail(f"ledger cost {posted.cost} for {event.request_id}, logged cost {request.emitted}")
 
@@ -606,6 +632,14 @@ class Simulation:
             charged = self.charged.get(user, 0)
             if balance + charged != funded or self.db.charged.get(user, 0) != charged:
                 problems.append(f"{user}: balance {balance} + charged {charged} != funded {funded}")
+        # Budgets, from the ledger's side (the books check their windows): no key or user has been
+        # charged more than its cap, whichever leases its requests were admitted on.
+        for key_id, cap in self.caps.items():
+            if cap and self.key_charged.get(key_id, 0) > cap:
+                problems.append(f"key {key_id}: charged {self.key_charged[key_id]} > budget {cap}")
+        for user, cap in self.user_caps.items():
+            if cap and self.charged.get(user, 0) > cap:
+                problems.append(f"user {user}: charged {self.charged[user]} > budget {cap}")
         for relay in self.relays:
             if not relay.alive:
                 continue
@@ -651,10 +685,13 @@ class Simulation:
         for request in self.requests.values():
             states[request.state] = states.get(request.state, 0) + 1
         leased = sum(1 for request in self.requests.values() if "-L" in request.hold_id)
+        shared = {hold.hold_id for hold in self.db.holds.values() if hold.kind == LEASE and not hold.key_id}
         return {
             "steps": self.steps,
             "requests": len(self.requests),
             "leased": leased,
+            "on_shared": sum(1 for request in self.requests.values() if request.hold_id in shared),
+            "shared_leases": len(shared),
             "leases": sum(1 for hold in self.db.holds.values() if hold.kind == LEASE),
             "syncs": self.syncs,
             "charges": len(self.db.posted),

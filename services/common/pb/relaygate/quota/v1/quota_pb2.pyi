@@ -716,8 +716,8 @@ Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
 
 @_typing.final
 class LeaseAsk(_message.Message):
-    """A relay asks for a lease on a key; lease_id is chosen by the relay, so a retried ask finds the lease
-    it already created.
+    """A relay asks for a lease; lease_id is chosen by the relay, so a retried ask finds the lease it
+    already created.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -727,12 +727,17 @@ class LeaseAsk(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     WANT_MICROS_FIELD_NUMBER: _builtins.int
     MIN_MICROS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     key_id: _builtins.str
     user_id: _builtins.str
     want_micros: _builtins.int
     min_micros: _builtins.int
     """The worst case of the request that made the relay ask: a smaller grant is useless."""
+    scope: _builtins.str
+    """"key" (empty: a lease for key_id alone) or "user" (shared by the user's keys without a budget of
+    their own; key_id is the asking key, which quota checks has none: else the grant is "rescope").
+    """
     def __init__(
         self,
         *,
@@ -741,10 +746,11 @@ class LeaseAsk(_message.Message):
         user_id: _builtins.str = ...,
         want_micros: _builtins.int = ...,
         min_micros: _builtins.int = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "lease_id", b"lease_id", "min_micros", b"min_micros", "user_id", b"user_id", "want_micros", b"want_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "lease_id", b"lease_id", "min_micros", b"min_micros", "scope", b"scope", "user_id", b"user_id", "want_micros", b"want_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -793,10 +799,13 @@ class SyncRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     REPORTS_FIELD_NUMBER: _builtins.int
     ASKS_FIELD_NUMBER: _builtins.int
+    BUDGETED_KEYS_VERSION_FIELD_NUMBER: _builtins.int
     relay_id: _builtins.str
     """One relay process (a fresh id per start)."""
     seq: _builtins.int
     """Increases with every sync of that process: older reports are ignored."""
+    budgeted_keys_version: _builtins.str
+    """The version of the budgeted keys the relay knows (empty before it knows any)."""
     @_builtins.property
     def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]: ...
     @_builtins.property
@@ -808,14 +817,44 @@ class SyncRequest(_message.Message):
         seq: _builtins.int = ...,
         reports: _abc.Iterable[Global___LeaseReport] | None = ...,
         asks: _abc.Iterable[Global___LeaseAsk] | None = ...,
+        budgeted_keys_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "relay_id", b"relay_id", "reports", b"reports", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "budgeted_keys_version", b"budgeted_keys_version", "relay_id", b"relay_id", "reports", b"reports", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncRequest: _TypeAlias = SyncRequest  # noqa: Y015
+
+@_typing.final
+class BudgetedKeys(_message.Message):
+    """The keys with a budget of their own: never admitted on a user-scope lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    complete: _builtins.bool
+    """False when there are more than quota sends: then every key keeps a lease of its own."""
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "key_ids", b"key_ids", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetedKeys: _TypeAlias = BudgetedKeys  # noqa: Y015
 
 @_typing.final
 class LeaseGrant(_message.Message):
@@ -828,7 +867,7 @@ class LeaseGrant(_message.Message):
     RECALL_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _builtins.str
-    """open | closing | closed | refused"""
+    """open | closing | closed | refused | rescope"""
     granted_micros: _builtins.int
     """Admit up to this much in all (used + in flight + the rest)."""
     valid_for_ms: _builtins.int
@@ -857,16 +896,22 @@ class SyncResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANTS_FIELD_NUMBER: _builtins.int
+    BUDGETED_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseGrant]: ...
+    @_builtins.property
+    def budgeted_keys(self) -> Global___BudgetedKeys:
+        """Set when the relay's budgeted_keys_version is out of date."""
+
     def __init__(
         self,
         *,
         grants: _abc.Iterable[Global___LeaseGrant] | None = ...,
+        budgeted_keys: Global___BudgetedKeys | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgeted_keys", b"budgeted_keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgeted_keys", b"budgeted_keys", "grants", b"grants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
