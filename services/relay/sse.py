@@ -3,8 +3,10 @@
 :meth:`StreamScanner.feed` returns what may go to the client now: every complete event received so
 far, as one slice of the upstream's own bytes (an event split across reads waits for its end). Only
 when that slice mentions ``"usage"`` or ``[DONE]`` is it split into events and the matching ones
-looked at, so an ordinary content chunk costs a few substring searches. Providers that repeat
-cumulative usage in every chunk are handled by keeping the last value (never a sum).
+looked at, so an ordinary content chunk costs a few substring searches. Asked for usage, OpenAI puts
+``"usage":null`` in every content chunk: a ``"usage"`` whose value is ``null`` is recognised by looking
+at the bytes after it, so those chunks are not decoded either (only a value to read is). Providers
+that repeat cumulative usage in every chunk are handled by keeping the last value (never a sum).
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ __all__ = ["StreamScanner"]
 
 _DONE = b"data: [DONE]"
 _USAGE = b'"usage"'
+_JSON_SPACE = b" \t\r\n"
+# How far after ``"usage"`` a ``null`` is looked for; one further away is decoded, which is only slower.
+_NULL_WINDOW = 24
+
+
+def _reports_usage(data: bytes) -> bool:
+    """Whether a ``"usage"`` in ``data`` may carry a value, i.e. is not followed by ``: null``."""
+    at = data.find(_USAGE)
+    while at >= 0:
+        after = at + len(_USAGE)
+        rest = data[after : after + _NULL_WINDOW].lstrip(_JSON_SPACE)
+        if not rest.startswith(b":") or not rest[1:].lstrip(_JSON_SPACE).startswith(b"null"):
+            return True
+        at = data.find(_USAGE, after)
+    return False
 
 
 def _last_boundary(data: bytes) -> int:
@@ -39,6 +56,8 @@ class StreamScanner:
         self.done = False
         # Content-bearing events seen, for an estimate when the provider never reports usage.
         self.events = 0
+        # Events decoded to read a usage value: what the scan cost beyond substring searches.
+        self.decoded = 0
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to forward now (possibly empty); an incomplete last event is kept for later."""
@@ -53,7 +72,7 @@ class StreamScanner:
         if not data:
             return b""
         self.events += data.count(b"\ndata:") + data.startswith(b"data:")
-        if _USAGE not in data and _DONE not in data:
+        if _DONE not in data and not _reports_usage(data):
             return data
         return self._inspect(data)
 
@@ -68,7 +87,7 @@ class StreamScanner:
         for event in _split(data):
             if _DONE in event and event.strip() == _DONE:
                 self.done = True
-            elif _USAGE in event and not self._read_usage(event):
+            elif _reports_usage(event) and not self._read_usage(event):
                 dropped = True
                 continue
             kept.append(event)
@@ -76,6 +95,7 @@ class StreamScanner:
 
     def _read_usage(self, event: bytes) -> bool:
         """Record the usage ``event`` carries; False when the event must not reach the client."""
+        self.decoded += 1
         for line in event.splitlines():
             if not line.startswith(b"data:"):
                 continue

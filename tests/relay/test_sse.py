@@ -89,3 +89,42 @@ def test_unparsable_usage_lines_are_forwarded() -> None:
     event = b'data: {"usage": broken\n\n'
     assert scanner.feed(event) == event
     assert scanner.usage is None
+
+
+@pytest.mark.parametrize("size", [1, 64, 100_000])
+def test_content_chunks_with_a_null_usage_are_not_decoded(size: int) -> None:
+    # OpenAI's shape when asked for usage: "usage":null in every content chunk, the value at the end.
+    events = stream(usage_null=True)
+    assert sum(b'"usage":null' in e for e in events) >= 4
+    scanner = StreamScanner(strip_usage_chunk=False)
+    assert feed_in_pieces(scanner, b"".join(events), size) == b"".join(events)
+    assert scanner.usage is not None and scanner.usage.completion_tokens == 3
+    assert scanner.decoded == 1
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [b'"usage": null', b'"usage" :\tnull', b'"usage":\r\n null'],
+)
+def test_a_null_usage_is_recognised_whatever_the_spacing(usage: bytes) -> None:
+    scanner = StreamScanner(strip_usage_chunk=True)
+    event = b'data: {"choices":[{"delta":{"content":"x"}}],' + usage + b"}\n\n"
+    assert scanner.feed(event) == event
+    assert scanner.decoded == 0
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        b'"usage": {"prompt_tokens":2,"completion_tokens":5}',
+        b'"usage":nullish, "usage":{"prompt_tokens":2,"completion_tokens":5}',
+        b'"usage":' + b" " * 40 + b'{"prompt_tokens":2,"completion_tokens":5}',
+    ],
+)
+def test_any_usage_that_is_not_plainly_null_is_read(usage: bytes) -> None:
+    scanner = StreamScanner(strip_usage_chunk=False)
+    event = b'data: {"choices":[],' + usage + b"}\n\n"
+    scanner.feed(event)
+    assert scanner.decoded == 1
+    if b"nullish" not in usage:
+        assert scanner.usage is not None and scanner.usage.completion_tokens == 5
