@@ -1,10 +1,18 @@
-"""The relay's lease book on its own (no I/O): when it asks for leases, when a sync goes early, and
-what it remembers of quiet keys."""
+"""The relay's lease book on its own (no I/O): when it asks for leases, when a sync goes early, what it
+remembers of quiet keys, and which keys share their user's lease."""
 
 from __future__ import annotations
 
-from services.common.credit import CreditTerms, Grant, SyncAnswer
-from services.relay.credit import OPEN, LeaseBook, recall_wait_ms
+from services.common.credit import (
+    KEY_SCOPE,
+    RESCOPE,
+    USER_SCOPE,
+    BudgetedKeys,
+    CreditTerms,
+    Grant,
+    SyncAnswer,
+)
+from services.relay.credit import OPEN, LeaseBook, recall_wait_ms, user_scope
 
 TERMS = CreditTerms()
 BOUND = 1_000
@@ -106,3 +114,106 @@ def test_an_exact_reserve_waits_as_long_as_a_live_relay_takes_to_give_a_lease_ba
     # A slower deadline waits longer; never less than the three syncs' intervals.
     assert recall_wait_ms(TERMS, 4_000) == 4_000 + 8_000 + 100 + 2_000
     assert recall_wait_ms(TERMS, 0) == 1_000 + 100 + 2_000
+
+
+def knowing(budgeted: frozenset[str] = frozenset(), *, complete: bool = True) -> LeaseBook:
+    """A book that has quota's list of budgeted keys (from its first sync's answer)."""
+    lease_book = book()
+    request = lease_book.sync_request(0)
+    assert request.budgeted_version == ""
+    lease_book.apply(SyncAnswer(budgeted=BudgetedKeys("v1", budgeted, complete)), 0)
+    assert lease_book.sync_request(1).budgeted_version == "v1"
+    return lease_book
+
+
+def test_rotating_keys_of_one_user_ask_on_the_users_rate_and_share_one_lease() -> None:
+    lease_book = knowing()
+    # Two different keys, each seen once: the user's second request asks (a user-scope lease).
+    assert lease_book.admit("k0", "u1", BOUND, 100) is None
+    assert lease_book.admit("k1", "u1", BOUND, 110) is None
+    [ask] = lease_book.sync_request(120).asks
+    assert (ask.scope, ask.key_id, ask.user_id) == (USER_SCOPE, "k1", "u1")
+    lease_book.apply(SyncAnswer((Grant(ask.lease_id, OPEN, 100 * BOUND, TERMS.valid_for_ms),)), 120)
+    # Then every key of the user, each seen for the first time, is admitted on it without an RPC.
+    admissions = [lease_book.admit(f"k{index}", "u1", BOUND, 130 + index) for index in range(2, 52)]
+    assert all(a is not None and a.lease_id == ask.lease_id for a in admissions)
+    # The request's own key stays on its admission (its event and log name it).
+    assert [a.key_id for a in admissions if a is not None][:2] == ["k2", "k3"]
+    assert [lease.scope for lease in lease_book.leases()] == [user_scope("u1")]
+    # Another user's keys do not share it.
+    assert lease_book.admit("k99", "u2", BOUND, 200) is None
+
+
+def test_a_key_quota_lists_as_budgeted_keeps_a_lease_of_its_own() -> None:
+    lease_book = knowing(frozenset({"kb"}))
+    lease_book.admit("k0", "u1", BOUND, 100)
+    lease_book.admit("k1", "u1", BOUND, 110)
+    [shared] = lease_book.sync_request(120).asks
+    lease_book.apply(SyncAnswer((Grant(shared.lease_id, OPEN, 100 * BOUND, TERMS.valid_for_ms),)), 120)
+    # The budgeted key is never admitted on the user's lease: its own scope, asked on its own rate.
+    assert lease_book.admit("kb", "u1", BOUND, 130) is None
+    assert lease_book.admit("kb", "u1", BOUND, 140) is None
+    [own] = lease_book.sync_request(150).asks
+    assert (own.scope, own.key_id) == (KEY_SCOPE, "kb")
+    lease_book.apply(SyncAnswer((Grant(own.lease_id, OPEN, 100 * BOUND, TERMS.valid_for_ms),)), 150)
+    admission = lease_book.admit("kb", "u1", BOUND, 160)
+    assert admission is not None and admission.lease_id == own.lease_id
+    # A budget set later (quota's next list names k0): k0 leaves the shared lease at once.
+    lease_book.apply(SyncAnswer(budgeted=BudgetedKeys("v2", frozenset({"kb", "k0"}))), 170)
+    assert lease_book.admit("k0", "u1", BOUND, 180) is None
+    on_shared = lease_book.admit("k5", "u1", BOUND, 190)
+    assert on_shared is not None and on_shared.lease_id == shared.lease_id
+
+
+def test_without_quotas_list_every_key_is_its_own_scope() -> None:
+    # Before the first answer, and when quota's list is incomplete (too many budgeted keys).
+    for lease_book in (book(), knowing(complete=False)):
+        lease_book.admit("k0", "u1", BOUND, 100)
+        lease_book.admit("k1", "u1", BOUND, 110)
+        assert lease_book.sync_request(120).asks == ()
+        lease_book.admit("k1", "u1", BOUND, 130)
+        [ask] = lease_book.sync_request(140).asks
+        assert (ask.scope, ask.key_id) == (KEY_SCOPE, "k1")
+
+
+def test_a_rescoped_key_asks_a_lease_of_its_own_and_the_user_asks_again() -> None:
+    # Quota's list did not name kb yet; quota's own check in the ask does.
+    lease_book = knowing()
+    lease_book.admit("k0", "u1", BOUND, 100)
+    lease_book.admit("kb", "u1", BOUND, 110)
+    [ask] = lease_book.sync_request(120).asks
+    assert (ask.scope, ask.key_id) == (USER_SCOPE, "kb")
+    lease_book.apply(SyncAnswer((Grant(ask.lease_id, RESCOPE),)), 120)
+    assert lease_book.leases() == []
+    # kb's next request asks for a lease of its own; the user's other keys ask for the shared one.
+    assert lease_book.admit("kb", "u1", BOUND, 130) is None
+    assert lease_book.admit("k2", "u1", BOUND, 140) is None
+    asks = lease_book.sync_request(150).asks
+    assert sorted((a.scope, a.key_id) for a in asks) == [(KEY_SCOPE, "kb"), (USER_SCOPE, "k2")]
+    # It stays its own scope for valid_for_ms, by when quota's list names it; then it is forgotten.
+    lease_book.apply(SyncAnswer(tuple(Grant(a.lease_id, "refused") for a in asks)), 150)
+    lease_book.sync_request(150 + TERMS.valid_for_ms + TERMS.idle_ms)
+    assert lease_book.remembered() == 0
+
+
+def test_ten_thousand_rotating_keys_cost_one_scope_per_user() -> None:
+    # Bench scenario 7's rotation: 10,000 keys over 5 users, about 500 requests a second.
+    lease_book = knowing()
+    granted: set[str] = set()
+    exact = 0
+    for index in range(10_000):
+        at = 100 + index * 2
+        if lease_book.admit(f"k{index}", f"u{index % 5}", BOUND, at) is None:
+            exact += 1
+        if lease_book.sync_due(at):
+            request = lease_book.sync_request(at)
+            grants = tuple(Grant(a.lease_id, OPEN, 10_000 * BOUND, TERMS.valid_for_ms) for a in request.asks)
+            granted |= {a.lease_id for a in request.asks}
+            reports = tuple(
+                Grant(r.lease_id, OPEN, 10_000 * BOUND, TERMS.valid_for_ms) for r in request.reports
+            )
+            lease_book.apply(SyncAnswer(grants + reports), at)
+    # Each user's first two requests, and those waiting for the first grant: then no exact request.
+    assert exact <= 5 * 2 + 60, exact
+    assert len(granted) == 5
+    assert lease_book.remembered() == 5
