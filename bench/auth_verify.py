@@ -72,7 +72,9 @@ async def _auth_run(bench: Bench) -> list[Measurement]:
                 latencies, errors = await _closed_loop(operation, settings.quota_tasks, settings.duration_s)
             measurements.append(_measurement(bench, name, latencies, errors, window))
 
-        authenticator = Authenticator(auth, ttl_s=3600, rpc_timeout_s=5)
+        authenticator = Authenticator(
+            auth, ttl_s=3600, fallback_ttl_s=3600, max_entries=len(keys), rpc_timeout_s=5
+        )
         for key in keys:  # warm: one RPC per key, then every call is a hit
             await authenticator.authenticate(key, model=MODEL, client_ip="127.0.0.1")
         latencies = []

@@ -250,6 +250,12 @@ class Metrics:
             batch_write=self.logger_batch_write,
         )
         # -- auth: further series go below this line --
+        # Gauge: principals in the relay's verified-key cache.
+        self.relay_auth_cache_entries = Gauge("relaygate_relay_auth_cache_entries", "Cached principals")
+        # Gauge: 1 while the relay follows auth's key invalidations (its cache then trusts entries longer).
+        self.relay_key_invalidations_followed = Gauge(
+            "relaygate_relay_key_invalidations_followed", "Key invalidations followed"
+        )
 
 
 METRICS = Metrics()

@@ -79,6 +79,8 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         authenticator = Authenticator(
             AuthServiceStub(auth_channel),
             ttl_s=settings.auth_cache_ttl_s,
+            fallback_ttl_s=settings.auth_cache_fallback_ttl_s,
+            max_entries=settings.auth_cache_max_entries,
             rpc_timeout_s=settings.rpc_timeout_s,
         )
         cache: ResponseCache | None = None

@@ -1,9 +1,24 @@
-"""Who is calling: API key extraction, and verification through auth behind a short-TTL cache.
+"""Who is calling: API key extraction, and verification through auth behind an in-process cache.
 
-The cache is keyed by the SHA-256 of the key (never the plaintext) and holds the principal with
-its scopes, so a hit is checked locally with the same rules auth applies. Entries are dropped when
-auth announces a change to the key on the Redis invalidation channel, and expire after a few seconds
-in any case (the bound when Redis is absent).
+The cache is keyed by the SHA-256 of the key (never the plaintext) and holds each principal serialized
+(about 0.6 KiB an entry, against 2 KiB for a live message), so a hit parses it (0.4 µs) and checks its
+scopes locally with the same rules auth applies. Only principals are cached: an unknown, revoked or
+disabled key is asked of auth every time, so a new key works at once.
+
+How long an entry is trusted depends on whether this relay follows auth's key-change announcements
+(Redis pub/sub, :class:`InvalidationListener`):
+
+- **following** (subscribed, confirmed by Redis): ``ttl_s``, long (minutes). Every change auth makes to a
+  key (revoke, rotate, any field of UpdateKey) drops its entries within a round trip; the TTL is only a
+  safety net for changes made outside auth.
+- **not following** (no Redis, the subscription not confirmed yet, or lost): ``fallback_ttl_s``, a few
+  seconds, counted from when the entry was verified, so entries older than that are dropped the moment
+  the subscription is found lost.
+
+Announcements published while the relay was not subscribed are lost, so every subscription confirmation,
+including the client's silent reconnects, empties the cache, and an answer from auth asked before it (or
+before its key's last invalidation) is not cached. The cache holds at most ``max_entries`` principals and
+evicts the least recently used one, so any number of quiet keys costs bounded memory.
 """
 
 from __future__ import annotations
@@ -12,12 +27,15 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
-from typing import TYPE_CHECKING
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING, NamedTuple
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from services.common.clock import Clock, SystemClock
 from services.common.errors import AuthenticationError, PermissionDenied
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import DenyReason, Principal, VerifyKeyRequest
@@ -30,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_MAX_ENTRIES = 100_000
 _DENY_ERRORS: dict[int, type[AuthenticationError] | type[PermissionDenied]] = {
     DenyReason.DENY_REASON_MALFORMED: AuthenticationError,
     DenyReason.DENY_REASON_UNKNOWN: AuthenticationError,
@@ -40,6 +57,8 @@ _DENY_ERRORS: dict[int, type[AuthenticationError] | type[PermissionDenied]] = {
     DenyReason.DENY_REASON_MODEL_NOT_ALLOWED: PermissionDenied,
     DenyReason.DENY_REASON_IP_NOT_ALLOWED: PermissionDenied,
 }
+# Refusals that come with the key's principal: the key is valid, only this request is out of its scope.
+_SCOPE_DENIALS = frozenset({DenyReason.DENY_REASON_MODEL_NOT_ALLOWED, DenyReason.DENY_REASON_IP_NOT_ALLOWED})
 
 
 def extract_api_key(authorization: str | None, x_api_key: str | None) -> str:
@@ -58,28 +77,61 @@ def deny(reason: int, message: str) -> AuthenticationError | PermissionDenied:
     return _DENY_ERRORS.get(reason, AuthenticationError)(message or "Incorrect API key provided.")
 
 
+class _Entry(NamedTuple):
+    principal: bytes  # serialized
+    key_id: str
+    verified_at: float  # monotonic, when auth was asked
+
+
 class Authenticator:
     """Resolves keys to principals; owned by the relay's lifespan."""
 
-    def __init__(self, stub: AuthServiceAsyncStub, *, ttl_s: float, rpc_timeout_s: float) -> None:
+    def __init__(
+        self,
+        stub: AuthServiceAsyncStub,
+        *,
+        ttl_s: float,
+        fallback_ttl_s: float,
+        max_entries: int,
+        rpc_timeout_s: float,
+        clock: Clock | None = None,
+    ) -> None:
         self._stub = stub
         self._ttl = ttl_s
+        self._fallback_ttl = min(fallback_ttl_s, ttl_s)
+        self._max_entries = max(1, max_entries)
         self._timeout = rpc_timeout_s
-        self._entries: dict[str, tuple[Principal, float]] = {}
-        self._digests_by_key: dict[str, set[str]] = {}
-        # key id -> when it was last invalidated; an answer that left auth before that is not cached.
-        self._invalidated: dict[str, float] = {}
+        self._clock: Clock = clock or SystemClock()
+        self._following = False
+        # digest -> entry, least recently used first.
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        # key id -> the digest of its one valid plaintext (rotating a key invalidates it).
+        self._digest_of_key: dict[str, bytes] = {}
+        # Answers asked before either of these are not cached: they may predate a change announced since.
+        self._cleared_at = -math.inf
+        self._invalidated: OrderedDict[str, float] = OrderedDict()  # key id -> when, oldest first
+        # An answer cannot be older than its RPC deadline; invalidations older than this are forgotten.
+        self._invalidation_memory_s = 2 * rpc_timeout_s + 1.0
         self._hits = METRICS.auth_verify.labels(outcome="ok", source="relay_cache")
         self._misses = METRICS.auth_verify.labels(outcome="ok", source="auth")
+        METRICS.relay_auth_cache_entries.set_function(self.__len__)
+        METRICS.relay_key_invalidations_followed.set(0)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def following(self) -> bool:
+        """Whether key changes reach this cache (entries then live ``ttl_s``, else ``fallback_ttl_s``)."""
+        return self._following
 
     async def authenticate(self, api_key: str, *, model: str, client_ip: str) -> Principal:
         """The principal for ``api_key`` if it may call ``model`` from ``client_ip``; raises otherwise."""
-        digest = hashlib.sha256(api_key.encode()).hexdigest()
-        asked_at = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry is not None and entry[1] > asked_at:
-            principal = entry[0]
-            reason, message = check(principal, model=model, client_ip=client_ip, now=time.time())
+        digest = hashlib.sha256(api_key.encode()).digest()
+        asked_at = self._clock.monotonic()
+        principal = self._lookup(digest, asked_at)
+        if principal is not None:
+            reason, message = check(principal, model=model, client_ip=client_ip, now=self._clock.time())
             if reason:
                 METRICS.auth_verify.labels(outcome=DenyReason.Name(reason), source="relay_cache").inc()
                 raise deny(reason, message)
@@ -92,50 +144,106 @@ class Authenticator:
         )
         if response.deny_reason:
             METRICS.auth_verify.labels(outcome=DenyReason.Name(response.deny_reason), source="auth").inc()
-            if response.deny_reason in (
-                DenyReason.DENY_REASON_MODEL_NOT_ALLOWED,
-                DenyReason.DENY_REASON_IP_NOT_ALLOWED,
-            ):
+            if response.deny_reason in _SCOPE_DENIALS:
                 self._store(digest, response.principal, asked_at)
             raise deny(response.deny_reason, response.message)
         self._misses.inc()
         self._store(digest, response.principal, asked_at)
         return response.principal
 
-    def _store(self, digest: str, principal: Principal, asked_at: float) -> None:
+    def _lookup(self, digest: bytes, now: float) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now - entry.verified_at >= (self._ttl if self._following else self._fallback_ttl):
+            self._drop(digest, entry.key_id)
+            return None
+        self._entries.move_to_end(digest)
+        return Principal.FromString(entry.principal)
+
+    def _store(self, digest: bytes, principal: Principal, asked_at: float) -> None:
         key_id = principal.key_id
-        if not key_id or self._ttl <= 0 or self._invalidated.get(key_id, -1.0) >= asked_at:
+        lifetime = self._ttl if self._following else self._fallback_ttl
+        if not key_id or lifetime <= 0 or asked_at <= self._cleared_at:
             return
-        if len(self._entries) >= _MAX_ENTRIES:
-            self.clear()
-        self._entries[digest] = (principal, asked_at + self._ttl)
-        self._digests_by_key.setdefault(key_id, set()).add(digest)
+        if self._invalidated.get(key_id, -math.inf) >= asked_at:
+            return
+        previous = self._digest_of_key.get(key_id)
+        if previous is not None and previous != digest:
+            self._entries.pop(previous, None)
+        self._entries[digest] = _Entry(principal.SerializeToString(), key_id, asked_at)
+        self._entries.move_to_end(digest)
+        self._digest_of_key[key_id] = digest
+        while len(self._entries) > self._max_entries:
+            _, evicted = self._entries.popitem(last=False)
+            self._digest_of_key.pop(evicted.key_id, None)
+
+    def _drop(self, digest: bytes, key_id: str) -> None:
+        self._entries.pop(digest, None)
+        if self._digest_of_key.get(key_id) == digest:
+            del self._digest_of_key[key_id]
 
     def invalidate_key(self, key_id: str) -> None:
-        """Drop every cached entry of ``key_id`` (auth announced a change to it)."""
-        now = time.monotonic()
+        """Drop the cached entry of ``key_id`` (auth announced a change to it)."""
+        now = self._clock.monotonic()
         self._invalidated[key_id] = now
-        for digest in self._digests_by_key.pop(key_id, ()):
+        self._invalidated.move_to_end(key_id)
+        horizon = now - self._invalidation_memory_s
+        while self._invalidated:
+            oldest, at = next(iter(self._invalidated.items()))
+            if at > horizon:
+                break
+            del self._invalidated[oldest]
+        digest = self._digest_of_key.pop(key_id, None)
+        if digest is not None:
             self._entries.pop(digest, None)
-        if len(self._invalidated) > _MAX_ENTRIES:
-            horizon = now - 60
-            self._invalidated = {k: t for k, t in self._invalidated.items() if t > horizon}
+
+    def invalidations_followed(self) -> None:
+        """The subscription to key changes is (again) confirmed: what was announced before it may have been
+        missed, so everything cached, or being verified, is dropped; from now on entries live ``ttl_s``."""
+        self.clear()
+        if not self._following:
+            METRICS.relay_key_invalidations_followed.set(1)
+        self._following = True
+
+    def invalidations_lost(self) -> None:
+        """Key changes may no longer arrive: entries live ``fallback_ttl_s`` from their verification."""
+        if self._following:
+            METRICS.relay_key_invalidations_followed.set(0)
+        self._following = False
 
     def clear(self) -> None:
+        self._cleared_at = self._clock.monotonic()
         self._entries.clear()
-        self._digests_by_key.clear()
+        self._digest_of_key.clear()
+
+
+class _Silent(Exception):
+    """The subscription's connection answered nothing, not even a ping, for too long."""
 
 
 class InvalidationListener:
     """Follows auth's key-change announcements on Redis and drops the affected cache entries.
 
-    While Redis is unreachable the cache keeps working with its TTL as the bound; on reconnect the
-    whole cache is dropped, since announcements made meanwhile were missed.
+    Every subscription confirmation (the first, and each after the client reconnected, by itself or
+    here) tells the authenticator it is following again; an error, or a connection silent for
+    ``silence_s`` although pinged every ``probe_s``, tells it the announcements may be lost.
     """
 
-    def __init__(self, redis: Redis, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        authenticator: Authenticator,
+        *,
+        probe_s: float = 1.0,
+        silence_s: float = 3.0,
+        clock: Clock | None = None,
+    ) -> None:
         self._redis = redis
         self._authenticator = authenticator
+        self._probe_s = probe_s
+        self._silence_s = silence_s
+        self._clock: Clock = clock or SystemClock()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -146,27 +254,42 @@ class InvalidationListener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._authenticator.invalidations_lost()
 
     async def _run(self) -> None:
         failures = 0
         while True:
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(KEY_INVALIDATION_CHANNEL)
-                    if failures:
-                        log.info("key invalidations followed again; cache dropped")
-                        self._authenticator.clear()
-                    failures = 0
-                    while True:
-                        message = await pubsub.get_message(timeout=30.0)
-                        if message is not None and message.get("type") == "message":
-                            data = message["data"]
-                            self._authenticator.invalidate_key(
-                                data.decode() if isinstance(data, bytes) else str(data)
-                            )
-            except (RedisError, OSError) as exc:
+                    await self._follow(pubsub, recovering=failures > 0)
+            except (RedisError, OSError, _Silent) as exc:
+                self._authenticator.invalidations_lost()
                 if failures == 0:
-                    log.warning("cannot follow key invalidations: %s", exc)
+                    log.warning("cannot follow key invalidations; trusting cached keys briefly: %s", exc)
                 failures += 1
-                self._authenticator.clear()
                 await asyncio.sleep(min(1.0, 0.1 * failures))
+
+    async def _follow(self, pubsub: PubSub, *, recovering: bool) -> None:
+        heard_at = self._clock.monotonic()
+        while True:
+            message = await pubsub.get_message(timeout=self._probe_s)
+            now = self._clock.monotonic()
+            if message is not None:
+                heard_at = now
+                kind = message.get("type")
+                if kind == "message":
+                    data = message["data"]
+                    self._authenticator.invalidate_key(
+                        data.decode() if isinstance(data, bytes) else str(data)
+                    )
+                elif kind == "subscribe":
+                    self._authenticator.invalidations_followed()
+                    if recovering:
+                        log.info("key invalidations followed again; cache dropped")
+                        recovering = False
+            elif now - heard_at >= self._silence_s:
+                raise _Silent(f"no answer from Redis for {now - heard_at:.1f} s")
+            else:
+                # A dead connection can look like a quiet channel; only an answer tells them apart.
+                await pubsub.ping()
