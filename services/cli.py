@@ -54,7 +54,7 @@ def _admin_key(state_dir: Path) -> tuple[str, bool]:
 # What `up` keeps in its data directory (the broker keeps its log in kafka/); only these are tightened,
 # so a data directory that holds other files (`--data-dir .`) keeps their modes.
 _OWN_FILES = ("relaygate.db", "relaygate.db-wal", "relaygate.db-shm", "relaygate.db-journal", "admin-key")
-_OWN_DIRS = ("logs", "spool", "kafka")
+_OWN_DIRS = ("logs", "spool", "kafka", "tls")
 
 
 def _private(state_dir: Path) -> None:
@@ -224,6 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if new_admin_key
             else f"  admin key:  in {state_dir / 'admin-key'}",
             f"  logs:       {stack.log_dir}",
+            f"  internal:   gRPC over mutual TLS, certificates in {state_dir / 'tls'}",
         ]
         if args.demo:
             upstream, upstream_url = _start_fake_upstream(stack.log_dir)

@@ -8,6 +8,10 @@ When no Kafka bootstrap server is given, an Apache Kafka broker is started too (
 although it would save about 2 s per start (measured: 1.5 s vs 3.7 s to a ready stack): the relay's
 producer is idempotent, which Tansu cannot serve to aiokafka, and a broker that loses its log on a
 restart loses usage records, which settlement will ride.
+
+The services talk over mutual TLS: each process gets its identity's certificate from ``certs`` (issued
+under ``log_dir``'s parent when none is given, see :mod:`services.stack_certs`), unless the shared
+environment sets ``RELAYGATE_GRPC_TLS=off``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from devinfra.kafka import KafkaBroker, fetch
 from devinfra.processes import ManagedProcess, free_port, free_ports
+from services.stack_certs import Certificates, ensure_certificates
 from services.stack_secrets import StackSecrets
 
 SERVICES = ("auth", "quota", "logger", "relay")
@@ -30,6 +35,7 @@ class LocalStack:
     """Starts and stops the services; ``env`` is the shared configuration (database, Redis, Kafka).
 
     ``secrets`` reach the auth process only; by default they are fresh random ones for this stack.
+    ``certs``: the certificates every process presents (see the module docstring).
     """
 
     env: dict[str, str]
@@ -38,6 +44,7 @@ class LocalStack:
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     secrets: StackSecrets = field(default_factory=StackSecrets.generate)
     kafka_dir: Path | None = None
+    certs: Certificates | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     broker: KafkaBroker | None = None
 
@@ -50,6 +57,8 @@ class LocalStack:
 
     def start(self, *, timeout: float = 60.0) -> LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.certs is None:
+            self.certs = ensure_certificates(self.log_dir.parent / "tls")
         try:
             if not self.env.get("RELAYGATE_KAFKA_BOOTSTRAP"):
                 self._start_broker(timeout)
@@ -69,10 +78,9 @@ class LocalStack:
             )
             for name in SERVICES:
                 port = self.relay_port if name == "relay" else ports[name]
-                extra = self.extra_env.get(name, {})
-                if name == "auth":
-                    extra = {**self.secrets.env(), **extra}
-                self._spawn(name, [sys.executable, "-m", f"services.{name}"], port, extra)
+                self._spawn(
+                    name, [sys.executable, "-m", f"services.{name}"], port, self.extra_env.get(name, {})
+                )
             for name in SERVICES:
                 self._wait_port(name, timeout)
         except BaseException:
@@ -84,7 +92,8 @@ class LocalStack:
         """Start one more relay process on the same services (relays are stateless); returns its URL."""
         port = free_port()
         name = f"relay-{len(self.processes)}"
-        self._spawn(name, [sys.executable, "-m", "services.relay"], port, {"RELAYGATE_RELAY_PORT": str(port)})
+        argv = [sys.executable, "-m", "services.relay"]
+        self._spawn(name, argv, port, {"RELAYGATE_RELAY_PORT": str(port)}, service="relay")
         self._wait_port(name, timeout)
         return f"http://127.0.0.1:{port}"
 
@@ -98,8 +107,18 @@ class LocalStack:
         self.broker.start(max(timeout, 90.0))
         self.env["RELAYGATE_KAFKA_BOOTSTRAP"] = self.broker.bootstrap
 
-    def _spawn(self, name: str, argv: list[str], port: int, extra: dict[str, str]) -> None:
-        env = {**os.environ, **self.env, **extra}
+    def process_env(self, service: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of one more process of ``service`` (auth, quota, logger or relay): the shared
+        settings, its certificate, auth's secrets for auth, then ``extra``."""
+        own = self.certs.env(service) if self.certs is not None else {}
+        if service == "auth":
+            own.update(self.secrets.env())
+        return {**os.environ, **self.env, **own, **(extra or {})}
+
+    def _spawn(
+        self, name: str, argv: list[str], port: int, extra: dict[str, str], *, service: str = ""
+    ) -> None:
+        env = self.process_env(service or name, extra)
         self.processes.append(ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env, port=port))
 
     def _wait_port(self, name: str, timeout: float) -> None:

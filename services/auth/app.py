@@ -18,6 +18,8 @@ from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.common.redis import redis_client
+from services.common.rpc_auth import ServerSecurity
+from services.common.tls import load_tls
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ async def run(
 ) -> None:
     """Serve AuthService until SIGTERM/SIGINT (or ``stop``); every resource is closed on the way out."""
     clock: Clock = SystemClock()
+    tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
         db = Database(settings)
         await db.start()
@@ -65,10 +68,17 @@ async def run(
             store=store, cache=cache, pepper=settings.key_pepper, tokens=tokens, clock=clock
         )
         log.info("auth starting", extra={"listen": settings.auth_listen, "cache": cache.name})
+
+        async def check_admin_token(token: str, scope: str, client_ip: str) -> None:
+            await servicer.admin_claims(token, required_scope=scope, client_ip=client_ip)
+
         await serve(
             [Registration(SERVICE_NAME, servicer, auth_pb2_grpc.add_AuthServiceServicer_to_server)],
             listen=settings.auth_listen,
             drain_seconds=settings.grpc_drain_seconds,
+            security=ServerSecurity(
+                tls, admin_tokens=check_admin_token, health_listen=settings.grpc_health_listen
+            ),
             stop=stop,
             on_started=on_started,
         )

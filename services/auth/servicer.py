@@ -257,7 +257,13 @@ class AuthServicer(AuthServiceServicer):
     ) -> pb.AdminTokenClaims:
         """A valid signature is not enough: the token's key is read back (on the primary, no cache; the
         admin API is not a hot path) so that revoking, disabling or rotating it ends its tokens at once."""
-        claims = self._tokens.verify(request.token, required_scope=request.required_scope, now=self._now())
+        return await self.admin_claims(
+            request.token, required_scope=request.required_scope, client_ip=request.client_ip
+        )
+
+    async def admin_claims(self, token: str, *, required_scope: str, client_ip: str) -> pb.AdminTokenClaims:
+        """:meth:`VerifyAdminToken` for auth's own gRPC server, which takes admin tokens too."""
+        claims = self._tokens.verify(token, required_scope=required_scope, now=self._now())
         credential = await self._store.credential_by_key_id(claims.key_id)
         if (
             credential is None
@@ -272,7 +278,7 @@ class AuthServicer(AuthServiceServicer):
         _admin_key_usable(
             expires_at=credential.key.expires_at,
             allowed_cidrs=list(credential.key.allowed_cidrs),
-            client_ip=request.client_ip,
+            client_ip=client_ip,
             now=self._clock.time(),
         )
         if not credential.user.admin:

@@ -9,13 +9,16 @@ from services.auth.keys import parse
 from services.common.config import (
     BaseServiceSettings,
     DatabaseSettings,
+    GrpcSecuritySettings,
     GrpcServerSettings,
     RedisSettings,
     check_secrets,
 )
 
 
-class AuthSettings(BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings):
+class AuthSettings(
+    BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings, GrpcSecuritySettings
+):
     # Validation errors must never echo the pepper or the bootstrap key back into logs.
     model_config = SettingsConfigDict(
         env_prefix="RELAYGATE_", extra="ignore", frozen=True, hide_input_in_errors=True

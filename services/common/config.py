@@ -211,3 +211,26 @@ def check_secrets(environment: Environment, **secrets: str) -> None:
             )
         if len(set(value)) < MIN_SECRET_DISTINCT:
             raise ValueError(f"{variable} looks like a pattern, not a random value; generate one")
+
+
+class GrpcTlsSettings(BaseSettings):
+    """Mutual TLS on internal gRPC, for servers and clients alike (see ``services.common.tls``)."""
+
+    model_config = SettingsConfigDict(env_prefix="RELAYGATE_", extra="ignore", frozen=True)
+
+    # false (RELAYGATE_GRPC_TLS=off) only for local development: plaintext, every caller trusted;
+    # refused with RELAYGATE_ENVIRONMENT=prod.
+    grpc_tls: bool = True
+    # This process's certificate: a directory holding tls.crt, tls.key and ca.crt (cert-manager's names).
+    grpc_tls_dir: str = ""
+
+
+class GrpcSecuritySettings(GrpcTlsSettings):
+    """What a gRPC server adds: the kubelet's probe port and how admin tokens are checked."""
+
+    # host:port of a plaintext port serving only grpc.health.v1, for probes that present no client
+    # certificate (Kubernetes' grpc probe); empty: none.
+    grpc_health_listen: str = ""
+    # How long an admin token auth accepted is trusted again without asking (0: ask every call).
+    # Revoking the token's key takes effect on the internal APIs within this long.
+    admin_token_cache_s: float = Field(default=2.0, ge=0, le=60)

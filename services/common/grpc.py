@@ -1,6 +1,8 @@
 """gRPC plumbing written once: the server loop every service runs, and the client-side call helper.
 
-Servers run on ``grpc.aio`` with the standard health service. On SIGTERM/SIGINT health flips to
+Servers run on ``grpc.aio`` with the standard health and reflection services, behind mutual TLS and the
+permission check of :mod:`services.common.rpc_auth` (plaintext only when explicitly chosen for local
+development); clients present their own certificate (:func:`channel`). On SIGTERM/SIGINT health flips to
 NOT_SERVING first (so load balancers stop routing), then in-flight RPCs get ``grpc_drain_seconds`` to
 finish. :class:`GatewayError` raised by a handler becomes a status plus trailing metadata in
 :class:`ErrorInterceptor`, and so does a database outage (:func:`services.common.db.errors.unavailable`:
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from services.common.db.errors import unavailable
 from services.common.errors import (
@@ -30,7 +34,9 @@ from services.common.errors import (
     from_wire,
     to_wire,
 )
+from services.common.rpc_auth import RpcAuthInterceptor, ServerSecurity
 from services.common.telemetry import METRICS
+from services.common.tls import Tls, server_name
 
 log = logging.getLogger(__name__)
 
@@ -133,26 +139,44 @@ async def serve(
     *,
     listen: str,
     drain_seconds: float,
+    security: ServerSecurity,
     stop: asyncio.Event | None = None,
     on_started: Callable[[int], None] | None = None,
 ) -> None:
     """Run a gRPC server until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
-    ``on_started`` receives the bound port (useful with ``:0``).
+    ``on_started`` receives the bound port (useful with ``:0``). A server whose services have an RPC
+    without a permission rule refuses to start.
     """
     registrations = list(registrations)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    names = [reg.service_name for reg in registrations]
+    interceptors: list[_ServerInterceptor] = [ErrorInterceptor()]
+    if security.tls is None:
+        log.warning("grpc is plaintext (RELAYGATE_GRPC_TLS=off): callers are not authenticated")
+    else:
+        _check_rules(names, security)
+        interceptors.insert(0, RpcAuthInterceptor(security.rules, security.admin_tokens))
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for reg in registrations:
         reg.add_to_server(reg.servicer, server)
-    port = server.add_insecure_port(listen)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    if security.tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, security.tls.server_credentials())
     if port == 0:
         raise RuntimeError(f"could not listen on {listen}")
+    probes = _probe_server(health_servicer, security.health_listen)
     await server.start()
-    for name in ["", *(reg.service_name for reg in registrations)]:
+    if probes is not None:
+        await probes.start()
+    for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("grpc listening", extra={"listen": listen, "port": port})
+    log.info("grpc listening", extra={"listen": listen, "port": port, "tls": security.tls is not None})
     if on_started is not None:
         on_started(port)
 
@@ -168,12 +192,46 @@ async def serve(
         log.info("draining", extra={"drain_seconds": drain_seconds})
         await health_servicer.enter_graceful_shutdown()
         await server.stop(drain_seconds)
+        if probes is not None:
+            await probes.stop(None)
 
 
-def channel(addr: str) -> grpc.aio.Channel:
-    """A client channel to ``host:port``, re-resolved by DNS so new replicas join the rotation."""
+def _check_rules(service_names: list[str], security: ServerSecurity) -> None:
+    pool = descriptor_pool.Default()
+    missing = [
+        f"/{name}/{method.name}"
+        for name in service_names
+        for method in pool.FindServiceByName(name).methods
+        if f"/{name}/{method.name}" not in security.rules
+    ]
+    if missing:
+        raise RuntimeError(f"RPCs without a permission rule (services.common.rpc_policy): {missing}")
+
+
+def _probe_server(health: HealthServicer, listen: str) -> grpc.aio.Server | None:
+    """A plaintext server answering only grpc.health.v1 on ``listen``: the kubelet's grpc probe
+    presents no client certificate, and health states nothing a caller could use."""
+    if not listen:
+        return None
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(listen) == 0:
+        raise RuntimeError(f"could not listen on {listen}")
+    return server
+
+
+def channel(addr: str, *, tls: Tls | None, peer: str) -> grpc.aio.Channel:
+    """A client channel to ``host:port``, re-resolved by DNS so new replicas join the rotation.
+
+    With ``tls`` it presents this process's certificate and accepts only a server whose certificate
+    names ``peer`` (the identity of the service at ``addr``); ``tls=None`` is plaintext (local
+    development only).
+    """
     target = addr if "://" in addr or addr.startswith("dns:") else f"dns:///{addr}"
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name(peer))]
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
 
 
 async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float) -> Resp:
@@ -187,6 +245,9 @@ async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req
         raise ServiceUnavailable("A gateway component is shutting down.") from exc
 
 
+_REFUSED_CALLER = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
 def rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     """The :class:`GatewayError` for a failed call: the peer's own error when it sent one, else a
     503 with ``Retry-After`` for a peer that is down, draining or restarting (never a 500)."""
@@ -194,4 +255,9 @@ def rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     metadata = {str(k): str(v) for k, v in (exc.trailing_metadata() or ())}  # type: ignore[misc,has-type]
     if code in PEER_UNAVAILABLE and ERROR_CODE_KEY not in metadata:
         return ServiceUnavailable(f"A gateway component is unavailable ({code.name.lower()}).")
+    if code in _REFUSED_CALLER and ERROR_CODE_KEY not in metadata:
+        # This process's own certificate was refused (services.common.rpc_auth): a deployment error,
+        # never its client's fault.
+        log.error("internal call refused: %s", exc.details())
+        return GatewayError(f"An internal call was refused ({code.name.lower()}).")
     return from_wire(code, exc.details() or "", metadata)

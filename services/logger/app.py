@@ -14,10 +14,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from services.common.admin_tokens import checked_by_auth
+from services.common.clock import SystemClock
 from services.common.db import Database
 from services.common.events import ensure_topics
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
+from services.common.tls import load_tls
 from services.logger.consumer import LogConsumer, kafka_consumer
 from services.logger.dlq import DeadLetters, dead_letter_producer
 from services.logger.partitions import PartitionMaintenance
@@ -35,6 +38,7 @@ async def run(
 ) -> None:
     """Serve the log and usage queries and ingest usage events until stopped; see the module docstring."""
     stop = stop or asyncio.Event()
+    tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
         db = Database(settings)
         await db.start()
@@ -66,6 +70,16 @@ async def run(
         maintaining = asyncio.create_task(maintenance.run(stop), name="logger-partitions")
         consuming = asyncio.create_task(consumer.run(stop), name="logger-consumer")
         consuming.add_done_callback(lambda task: _consumer_done(task, stop))
+        security = await stack.enter_async_context(
+            checked_by_auth(
+                tls,
+                auth_addr=settings.auth_addr,
+                rpc_timeout_s=settings.rpc_timeout_s,
+                cache_s=settings.admin_token_cache_s,
+                health_listen=settings.grpc_health_listen,
+                clock=SystemClock(),
+            )
+        )
         try:
             await serve(
                 [
@@ -75,6 +89,7 @@ async def run(
                 ],
                 listen=settings.logger_listen,
                 drain_seconds=settings.grpc_drain_seconds,
+                security=security,
                 stop=stop,
                 on_started=on_started,
             )

@@ -8,13 +8,23 @@ from services.common.batch import BatchPolicy
 from services.common.config import (
     BaseServiceSettings,
     DatabaseSettings,
+    GrpcSecuritySettings,
     GrpcServerSettings,
     KafkaConsumerSettings,
+    ServiceAddresses,
 )
 from services.logger.partitions import PartitionPolicy
 
 
-class LoggerSettings(BaseServiceSettings, DatabaseSettings, KafkaConsumerSettings, GrpcServerSettings):
+class LoggerSettings(
+    BaseServiceSettings,
+    DatabaseSettings,
+    KafkaConsumerSettings,
+    GrpcServerSettings,
+    # Admin tokens presented to the logger are checked by auth, at RELAYGATE_AUTH_ADDR.
+    GrpcSecuritySettings,
+    ServiceAddresses,
+):
     """Everything the logger process needs; built once in ``main()`` and passed down.
 
     On shutdown the gRPC server drains for ``grpc_drain_seconds`` while the consumer writes its last

@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 from services.catalog.servicer import registration as catalog_registration
 from services.catalog.store import Catalog
+from services.common.admin_tokens import checked_by_auth
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.common.redis import redis_client
+from services.common.tls import load_tls
 from services.quota.budgets import Budgets, Calendar
 from services.quota.leasing import CreditStore
 from services.quota.ledger import BatchPolicy, Ledger
@@ -42,6 +44,7 @@ async def run(
     ``on_started`` receives the bound port; ``clock`` replaces the system clock (tests).
     """
     clock = clock or SystemClock()
+    tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
         db = Database(settings)
         stack.push_async_callback(db.close)
@@ -101,6 +104,16 @@ async def run(
             await stack.enter_async_context(settling(settings, credit, ledger))
 
         servicer = QuotaServicer(ledger=ledger, prices=prices, budgets=budgets, credit=credit)
+        security = await stack.enter_async_context(
+            checked_by_auth(
+                tls,
+                auth_addr=settings.auth_addr,
+                rpc_timeout_s=settings.rpc_timeout_s,
+                cache_s=settings.admin_token_cache_s,
+                health_listen=settings.grpc_health_listen,
+                clock=clock,
+            )
+        )
         await serve(
             [
                 Registration(SERVICE_NAME, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server),
@@ -110,6 +123,7 @@ async def run(
             ],
             listen=settings.quota_listen,
             drain_seconds=settings.grpc_drain_seconds,
+            security=security,
             stop=stop,
             on_started=on_started,
         )

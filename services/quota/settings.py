@@ -11,14 +11,24 @@ from services.common.config import (
     BaseServiceSettings,
     CreditSettings,
     DatabaseSettings,
+    GrpcSecuritySettings,
     GrpcServerSettings,
     RedisSettings,
+    ServiceAddresses,
 )
 from services.quota.settling import SettlingSettings
 
 
 class QuotaSettings(
-    BaseServiceSettings, DatabaseSettings, RedisSettings, GrpcServerSettings, CreditSettings, SettlingSettings
+    BaseServiceSettings,
+    DatabaseSettings,
+    RedisSettings,
+    GrpcServerSettings,
+    CreditSettings,
+    SettlingSettings,
+    # Admin tokens presented to quota are checked by auth, at RELAYGATE_AUTH_ADDR.
+    GrpcSecuritySettings,
+    ServiceAddresses,
 ):
     quota_listen: str = "127.0.0.1:50052"
     # A hold nobody settles (the relay died mid-request) is released after this long, charging

@@ -14,15 +14,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import InvalidRequest
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2 as pb
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2_grpc
 from services.common.pb.relaygate.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from services.relay.app import open_gateway
 from services.relay.settings import RelaySettings
 from tests.db_fixtures import DbUrls
+from tests.tls import client, tls_dir
 
 TIMEOUT = 5.0
 
@@ -35,6 +37,7 @@ async def quota_process(urls: DbUrls) -> AsyncIterator[tuple[grpc.aio.Channel, s
             "database_url": urls.primary,
             "database_replica_urls": [urls.replica],
             "quota_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("quota"),
             "grpc_drain_seconds": 0.5,
         }
     )
@@ -47,7 +50,7 @@ async def quota_process(urls: DbUrls) -> AsyncIterator[tuple[grpc.aio.Channel, s
         if server in done:
             server.result()  # surfaces a startup failure
         address = f"127.0.0.1:{await port}"
-        async with channel(address) as chan:
+        async with client(address, QUOTA) as chan:
             yield chan, address
     finally:
         stop.set()
@@ -119,6 +122,7 @@ async def test_the_relay_reads_channels_from_the_catalog_address(migrated_db: Db
             events_enabled=False,
             redis_url="",
             event_spool_dir=str(tmp_path),
+            grpc_tls_dir=tls_dir("relay"),
         )
         async with open_gateway(settings) as gateway:
             await gateway.channels.refresh(consistent=True)

@@ -17,6 +17,8 @@ import pytest
 from services.common import grpc as rg_grpc
 from services.common.errors import GatewayError, ServiceUnavailable
 from services.common.pb.relaygate.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.common.tls import QUOTA
+from tests.tls import client, server_security
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -42,10 +44,15 @@ async def peer() -> AsyncIterator[tuple[QuotaServiceAsyncStub, asyncio.Event, gr
     )
     server = asyncio.create_task(
         rg_grpc.serve(
-            [registration], listen="127.0.0.1:0", drain_seconds=0.2, stop=stop, on_started=port.set_result
+            [registration],
+            listen="127.0.0.1:0",
+            drain_seconds=0.2,
+            security=server_security(QUOTA),
+            stop=stop,
+            on_started=port.set_result,
         )
     )
-    chan = rg_grpc.channel(f"127.0.0.1:{await port}")
+    chan = client(f"127.0.0.1:{await port}", QUOTA)
     try:
         yield quota_pb2_grpc.QuotaServiceStub(chan), stop, chan
     finally:

@@ -17,15 +17,17 @@ import grpc
 import pytest
 
 from services.common.errors import ServiceUnavailable
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
+from tests.tls import client, tls_dir
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
@@ -40,6 +42,7 @@ async def serving(database_url: str) -> AsyncIterator[tuple[Stub, CatalogService
         {
             "database_url": database_url,
             "quota_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("quota"),
             "grpc_drain_seconds": 0.5,
             # Every price read goes to the database, so the outage is seen by pricing too.
             "price_cache_ttl_s": 0,
@@ -52,7 +55,7 @@ async def serving(database_url: str) -> AsyncIterator[tuple[Stub, CatalogService
         done, _ = await asyncio.wait({server, port}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if server in done:
             server.result()
-        async with channel(f"127.0.0.1:{await port}") as chan:
+        async with client(f"127.0.0.1:{await port}", QUOTA) as chan:
             # The catalog is hosted on quota's port and reads the same database.
             yield quota_pb2_grpc.QuotaServiceStub(chan), catalog_pb2_grpc.CatalogServiceStub(chan)
     finally:

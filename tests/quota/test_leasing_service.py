@@ -14,6 +14,7 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.quota.settings import QuotaSettings
 from tests.db_fixtures import DbUrls
 from tests.quota.test_service import serving
+from tests.tls import tls_dir
 
 TIMEOUT = 5.0
 
@@ -24,6 +25,7 @@ def _settings(urls: DbUrls) -> QuotaSettings:
             "database_url": urls.primary,
             "database_replica_urls": [urls.replica],
             "quota_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("quota"),
             "grpc_drain_seconds": 0.5,
             "credit_sync_interval_ms": 500,
         }

@@ -13,14 +13,16 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.errors import BudgetExceeded, InsufficientQuota, InvalidRequest, ModelNotFound, NotFound
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.common.v1 import types_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from tests.db_fixtures import DbUrls
+from tests.tls import client, tls_dir
 
 TIMEOUT = 5.0
 
@@ -30,6 +32,7 @@ def _settings(urls: DbUrls, **overrides: object) -> QuotaSettings:
         "database_url": urls.primary,
         "database_replica_urls": [urls.replica],
         "quota_listen": "127.0.0.1:0",
+        "grpc_tls_dir": tls_dir("quota"),
         "grpc_drain_seconds": 0.5,
         **overrides,
     }
@@ -47,7 +50,7 @@ async def serving(settings: QuotaSettings) -> AsyncIterator[quota_pb2_grpc.Quota
         done, _ = await asyncio.wait(started, timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if server in done:
             server.result()  # surfaces a startup failure
-        async with channel(f"127.0.0.1:{await port}") as chan:
+        async with client(f"127.0.0.1:{await port}", QUOTA) as chan:
             yield quota_pb2_grpc.QuotaServiceStub(chan)
     finally:
         stop.set()

@@ -1,0 +1,114 @@
+"""Who may call which internal RPC: one table for every gRPC service relaygate serves.
+
+Each RPC's full name maps to the identities (``services.common.tls``) allowed to call it on their own
+and, for admin-level RPCs, the admin-token scope that lets an ``admin`` caller through. An RPC that is
+not in the table is refused (deny by default), a server refuses to start while one of its RPCs has no
+rule, and ``tests/security`` checks the table against the service descriptors.
+
+The relay is allowed every admin-level RPC without a token: it fronts the admin API, which has already
+checked the caller's admin token and scope before it calls. Channel listings carry provider credentials
+in clear, so only relays read them; people see them masked through the admin API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.common.tls import IDENTITIES, LOGGER, QUOTA, RELAY
+
+__all__ = ["READ", "RULES", "WRITE", "Rule", "method_name"]
+
+# The admin-token scopes auth issues (services.auth.tokens), the same ones the HTTP admin API checks.
+READ = "admin:read"
+WRITE = "admin:write"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``callers`` may call on their own; an ``admin`` caller also may when ``admin_scope`` is set and it
+    presents an admin token with that scope."""
+
+    callers: frozenset[str]
+    admin_scope: str = ""
+
+
+def method_name(service: str, method: str) -> str:
+    """The full name gRPC routes on: ``/package.Service/Method``."""
+    return f"/{service}/{method}"
+
+
+def _relay() -> Rule:
+    return Rule(frozenset({RELAY}))
+
+
+def _admin(scope: str) -> Rule:
+    return Rule(frozenset({RELAY}), admin_scope=scope)
+
+
+def _service(name: str, rules: Mapping[str, Rule]) -> dict[str, Rule]:
+    return {method_name(name, method): rule for method, rule in rules.items()}
+
+
+RULES: Mapping[str, Rule] = {
+    **_service(
+        "relaygate.auth.v1.AuthService",
+        {
+            "VerifyKey": _relay(),
+            "CreateUser": _admin(WRITE),
+            "ListUsers": _admin(READ),
+            "CreateKey": _admin(WRITE),
+            "ListKeys": _admin(READ),
+            "RevokeKey": _admin(WRITE),
+            "UpdateKey": _admin(WRITE),
+            "RotateKey": _admin(WRITE),
+            # Exchanges an admin API key for a token, checking the key's CIDRs against the client
+            # address the relay saw: admins get tokens from the relay's POST /admin/v1/tokens.
+            "IssueAdminToken": _relay(),
+            # Services that accept admin tokens on their own RPCs ask auth whether one is still good.
+            "VerifyAdminToken": Rule(frozenset({RELAY, QUOTA, LOGGER})),
+        },
+    ),
+    **_service(
+        "relaygate.quota.v1.QuotaService",
+        {
+            "Reserve": _relay(),
+            "Settle": _relay(),
+            "Release": _relay(),
+            "Sync": _relay(),
+            "GetBalance": _admin(READ),
+            "TopUp": _admin(WRITE),
+            "SetBudget": _admin(WRITE),
+            "GetBudgets": _admin(READ),
+            "ListReservations": _admin(READ),
+            "Reconcile": _admin(READ),
+            "SetPrice": _admin(WRITE),
+            "ListPrices": _admin(READ),
+        },
+    ),
+    **_service(
+        "relaygate.catalog.v1.CatalogService",
+        {
+            "UpsertChannel": _admin(WRITE),
+            "DeleteChannel": _admin(WRITE),
+            "ListChannels": _relay(),
+        },
+    ),
+    **_service(
+        "relaygate.logger.v1.LoggerService",
+        {
+            "ListRequestLogs": _admin(READ),
+            "GetUsageSummary": _admin(READ),
+        },
+    ),
+    # Every certificate holder may check health and browse the schema (grpcurl, probes with a
+    # certificate); the plaintext probe port serves health alone (see services.common.grpc).
+    **_service(
+        "grpc.health.v1.Health",
+        {name: Rule(frozenset(IDENTITIES)) for name in ("Check", "List", "Watch")},
+    ),
+    **_service(
+        "grpc.reflection.v1alpha.ServerReflection",
+        {"ServerReflectionInfo": Rule(frozenset(IDENTITIES))},
+    ),
+}
