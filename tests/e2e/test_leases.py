@@ -1,7 +1,7 @@
 """Credit leases through the whole deployment: a funded key's first request is reserved exactly, the
 ones after it are admitted on the relay's lease with no quota RPC, each usage event carries the cost
-the ledger charges, a key with an RPM limit stays exact, and a relay stopped with SIGTERM gives its
-lease back.
+the ledger charges, a key with an RPM limit stays exact, fifty keys of one user used once or twice
+each share one lease, and a relay stopped with SIGTERM gives its lease back.
 
 Which path admitted a request shows in its answer: only an exact reservation tells the caller the
 available balance (``x-relaygate-available-micros``).
@@ -98,6 +98,47 @@ def test_after_the_first_request_a_funded_key_is_admitted_on_one_lease(deploymen
     [lease] = [hold for rid, hold in found.items() if rid not in exact_ids]
     assert lease["state"] == "held"
     assert not {r.headers["x-request-id"] for r in leased} & set(found)
+
+
+def exact_admissions(url: str) -> float:
+    """The relay's count of requests it sent quota a Reserve for."""
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    found = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("relaygate_relay_credit_admissions_total{") and 'path="exact"' in line
+    ]
+    return sum(found)
+
+
+def test_fifty_keys_of_one_user_used_once_or_twice_share_one_lease(deployment: Deployment) -> None:
+    user_id, first_key = fund_user(deployment, 50_000_000)
+    with deployment.admin() as admin:
+        keys = [first_key] + [
+            str(ok(admin.post("/admin/v1/keys", json={"user_id": user_id, "name": f"rot-{n}"}))["api_key"])
+            for n in range(49)
+        ]
+    exact_before = exact_admissions(deployment.relay_url)
+    responses: list[httpx.Response] = []
+    for index, key in enumerate(keys):
+        responses.append(chat(deployment.relay_url, key))
+        if index % 2:
+            responses.append(chat(deployment.relay_url, key))
+    exact = [r for r in responses if AVAILABLE in r.headers]
+    leased = [r for r in responses if AVAILABLE not in r.headers]
+    # The user's first requests go exact while its shared lease is asked for (one sync, 200 ms);
+    # every key after that, each new to the relay, is admitted on it.
+    assert len(exact) <= 10, f"{len(exact)} of {len(responses)} requests were reserved exactly"
+    assert responses.index(leased[0]) == len(exact), "a request went exact after the lease opened"
+    # Reserve RPCs, counted by the relay and by quota's own records (each Reserve here held a row).
+    assert exact_admissions(deployment.relay_url) - exact_before == len(exact)
+    found = holds(deployment, user_id)
+    exact_ids = {r.headers["x-request-id"] for r in exact}
+    assert exact_ids <= set(found)
+    # One lease for all 50 keys' leased requests: the user's, with no key of its own.
+    [lease] = [hold for rid, hold in found.items() if rid not in exact_ids]
+    assert lease["state"] == "held" and not lease.get("key_id"), lease
+    assert len(found) == len(exact) + 1
 
 
 def test_a_key_with_an_rpm_limit_stays_exact(deployment: Deployment) -> None:
