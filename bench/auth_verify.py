@@ -15,7 +15,6 @@ from bench.env import MODEL
 from bench.procstat import CpuWindow
 from bench.report import Measurement, Metric, ScenarioResult, percentile
 from bench.scenarios import Bench, _closed_loop, _runs
-from services.common.grpc import channel
 from services.common.pb.relaygate.auth.v1.auth_pb2 import VerifyKeyRequest
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.relay.principals import Authenticator
@@ -49,7 +48,7 @@ def auth_verify(bench: Bench) -> ScenarioResult:
 
 async def _auth_run(bench: Bench) -> list[Measurement]:
     settings = bench.settings
-    grpc_channel = channel(bench.env.auth_addr)
+    grpc_channel = bench.env.stack.client("auth")
     auth = AuthServiceStub(grpc_channel)
     health = health_pb2_grpc.HealthStub(grpc_channel)
     keys = bench.env.keys

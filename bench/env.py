@@ -26,7 +26,7 @@ import httpx
 from bench.procstat import Tracked, pid_listening_on
 from devinfra.backing import BackingServices
 from services.auth.keys import generate
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.fake_upstream.process import FakeUpstreamProcess
@@ -264,7 +264,7 @@ class BenchEnv:
 
     async def create_keys(self, count: int, *, concurrency: int = 32, timeout_s: float = 600) -> list[str]:
         """``count`` new keys spread over the funded users, created through auth's gRPC API."""
-        grpc_channel = channel(self.auth_addr)
+        grpc_channel = self.stack.client("auth")
         stub = AuthServiceStub(grpc_channel)
         created: list[str] = []
         queue = iter(range(count))

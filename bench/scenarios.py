@@ -28,7 +28,6 @@ from bench.load import WrkResult, run_wrk
 from bench.procstat import CpuWindow, Tracked, memory_mb
 from bench.report import Measurement, Metric, ScenarioResult, percentile
 from services.common.events import encode
-from services.common.grpc import channel
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pb.relaygate.quota.v1 import quota_pb2
@@ -689,7 +688,7 @@ def quota_pairs(bench: Bench) -> ScenarioResult:
 
 async def _quota_run(bench: Bench) -> list[Measurement]:
     settings = bench.settings
-    grpc_channel = channel(bench.env.quota_addr)
+    grpc_channel = bench.env.stack.client("quota")
     quota = QuotaServiceStub(grpc_channel)
     health = health_pb2_grpc.HealthStub(grpc_channel)
     users = bench.env.users

@@ -22,8 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from devinfra.kafka import KafkaBroker, fetch
 from devinfra.processes import ManagedProcess, free_port, free_ports
+from services.common.grpc import channel
+from services.common.tls import RELAY
 from services.stack_certs import Certificates, ensure_certificates
 from services.stack_secrets import StackSecrets
 
@@ -87,6 +91,13 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def client(self, service: str, *, identity: str = RELAY) -> grpc.aio.Channel:
+        """A channel to the stack's ``service`` (auth, quota or logger), presenting ``identity``'s
+        certificate (the relay's by default: it may call almost every RPC)."""
+        plaintext = self.env.get("RELAYGATE_GRPC_TLS", "").lower() in ("off", "false", "0", "no")
+        tls = None if plaintext or self.certs is None else self.certs.tls(identity)
+        return channel(f"127.0.0.1:{self.port_of(service)}", tls=tls, peer=service)
 
     def add_relay(self, *, timeout: float = 60.0) -> str:
         """Start one more relay process on the same services (relays are stateless); returns its URL."""

@@ -16,11 +16,14 @@ from services.auth.app import run
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
 from services.common.db import Database
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
+from services.common.tls import AUTH
 from tests.db_fixtures import DbUrls
 from tests.in_process import in_process
+from tests.tls import client as tls_client
+from tests.tls import tls_dir
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
@@ -37,6 +40,7 @@ def auth_settings(urls: DbUrls, **overrides: Any) -> AuthSettings:
         "database_replica_urls": [urls.replica],
         "replica_check_interval_s": 0.2,
         "auth_listen": "127.0.0.1:0",
+        "grpc_tls_dir": tls_dir("auth"),
         "key_pepper": PEPPER,
         "admin_token_secret": TOKEN_SECRET,
         "grpc_drain_seconds": 1.0,
@@ -71,7 +75,7 @@ async def serving(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
     """Run ``services.auth.app.run`` on a free port until the block exits, then stop it and wait."""
     async with in_process(run, settings) as port:
         address = f"127.0.0.1:{port}"
-        client: grpc.aio.Channel = channel(address)
+        client: grpc.aio.Channel = tls_client(address, AUTH)
         try:
             yield RunningAuth(settings, address, AuthServiceStub(client))
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 import uuid
@@ -20,6 +19,7 @@ from services.auth.keys import generate
 from services.fake_upstream.server import FakeUpstream
 from services.stack import LocalStack
 from tests.db_fixtures import DbUrls
+from tests.tls import certificates
 
 MODEL = "gpt-e2e"
 PRICE = {"input_per_mtok": 2_000_000, "output_per_mtok": 8_000_000, "default_max_output_tokens": 512}
@@ -106,6 +106,7 @@ def deploy(
         env=env,
         log_dir=log_dir,
         extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}, "relay": dict(relay_env or {})},
+        certs=certificates(),
     )
     try:
         stack.start()
@@ -176,7 +177,7 @@ def _start(stack: LocalStack, name: str, service: str, port: int, **env: str) ->
         name,
         [sys.executable, "-m", f"services.{service}"],
         stack.log_dir / f"{name}.log",
-        env={**os.environ, **stack.env, **env},
+        env=stack.process_env(service, env),
         port=port,
     )
 

@@ -4,7 +4,6 @@ and no plaintext key in any service log."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -259,7 +258,7 @@ def test_a_key_whose_budget_cannot_be_stored_is_revoked(deployment: Deployment) 
             assert capped.status_code == 503, capped.text
             assert "PUT /admin/v1/budgets/user/" in capped.json()["error"]["message"]
     finally:
-        env = {**os.environ, **stack.env, **stack.extra_env.get("quota", {})}
+        env = stack.process_env("quota", stack.extra_env.get("quota", {}))
         new = ManagedProcess(
             "quota", [sys.executable, "-m", "services.quota"], old.log_path, env=env, port=old.port
         )

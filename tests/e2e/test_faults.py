@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
 import sys
 import threading
@@ -152,10 +151,7 @@ class Faults:
         old = next(p for p in stack.processes if p.name == service)
         old.send(sig, timeout=30)
         time.sleep(0.5)
-        env = {**os.environ, **stack.env}
-        if service == "auth":
-            env.update(stack.secrets.env())
-        env.update(stack.extra_env.get(service, {}))
+        env = stack.process_env(service, stack.extra_env.get(service, {}))
         new = ManagedProcess(
             service, [sys.executable, "-m", f"services.{service}"], old.log_path, env=env, port=old.port
         )

@@ -12,6 +12,7 @@ from devinfra.backing import BackingServices
 from services.logger.settings import LoggerSettings
 from tests.db_fixtures import DbUrls, database, migrated_db  # noqa: F401
 from tests.logger.factories import unique
+from tests.tls import tls_dir
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ def logger_settings(
             "kafka_topic_prefix": prefix,
             "logger_group_id": group,
             "logger_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("logger"),
             # Short, so a killed member is evicted quickly, but not 1 s: the broker then evicted a
             # consumer whose loop was busy writing a 5,000-row batch on two loaded cores.
             "kafka_session_timeout_ms": 3000,

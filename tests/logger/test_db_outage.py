@@ -10,13 +10,15 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from services.common.errors import ServiceUnavailable
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.pb.relaygate.logger.v1 import logger_pb2 as pb
 from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
+from services.common.tls import LOGGER
 from services.logger.settings import LoggerSettings
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
 from tests.logger.running import running_logger
+from tests.tls import client
 
 TIMEOUT = 5.0
 
@@ -28,7 +30,7 @@ async def test_log_and_usage_queries_answer_503_while_the_database_is_unreachabl
     await gate.open()
     settings = logger_settings(database_url=gate.url(migrated_db.primary), database_replica_urls=[])
     try:
-        async with running_logger(settings) as port, channel(f"127.0.0.1:{port}") as chan:
+        async with running_logger(settings) as port, client(f"127.0.0.1:{port}", LOGGER) as chan:
             stub = logger_pb2_grpc.LoggerServiceStub(chan)
 
             def queries() -> list[Awaitable[object]]:

@@ -12,15 +12,17 @@ import pytest
 
 from services.common.db import Database
 from services.common.errors import InvalidRequest
-from services.common.grpc import Registration, call, channel, serve
+from services.common.grpc import Registration, call, serve
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
 from services.common.pb.relaygate.logger.v1.logger_pb2 import ListRequestLogsRequest, ListRequestLogsResponse
+from services.common.tls import LOGGER
 from services.logger.query import encode_cursor
 from services.logger.servicer import SERVICE_NAME, LoggerServicer
 from services.logger.writer import write
 from tests.db_fixtures import DbUrls
 from tests.logger.factories import BASE_MS, eventually, make_event, stored_ids, unique
+from tests.tls import client, server_security
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ async def logs(migrated_db: DbUrls) -> AsyncIterator[Logs]:
             ],
             listen="127.0.0.1:0",
             drain_seconds=0.5,
+            security=server_security(LOGGER),
             stop=stop,
             on_started=started.set_result,
         )
@@ -82,7 +85,7 @@ async def logs(migrated_db: DbUrls) -> AsyncIterator[Logs]:
             return len(await stored_ids(db, run_id, replica=True)) == len(events)
 
         await eventually(replicated, timeout=2.0, what="the rows on the replica")
-        async with channel(f"127.0.0.1:{await asyncio.wait_for(started, 10)}") as ch:
+        async with client(f"127.0.0.1:{await asyncio.wait_for(started, 10)}", LOGGER) as ch:
             yield Logs(logger_pb2_grpc.LoggerServiceStub(ch), events)
     finally:
         stop.set()

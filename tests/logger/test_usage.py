@@ -13,7 +13,7 @@ import pytest
 
 from services.common.db import Database
 from services.common.errors import InvalidRequest
-from services.common.grpc import Registration, call, channel, serve
+from services.common.grpc import Registration, call, serve
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pb.relaygate.logger.v1 import logger_pb2, logger_pb2_grpc
 from services.common.pb.relaygate.logger.v1.logger_pb2 import (
@@ -21,12 +21,14 @@ from services.common.pb.relaygate.logger.v1.logger_pb2 import (
     GetUsageSummaryResponse,
     UsageBucket,
 )
+from services.common.tls import LOGGER
 from services.logger.models import DAY_MS, HOUR_MS
 from services.logger.servicer import SERVICE_NAME, LoggerServicer
 from services.logger.usage import widen
 from services.logger.writer import write
 from tests.db_fixtures import DbUrls
 from tests.logger.factories import eventually, make_event, stored_rollups, unique
+from tests.tls import client, server_security
 
 KEY, USER, MODEL = (
     logger_pb2.USAGE_GROUP_BY_KEY,
@@ -146,6 +148,7 @@ async def usage(migrated_db: DbUrls) -> AsyncIterator[Usage]:
             ],
             listen="127.0.0.1:0",
             drain_seconds=0.5,
+            security=server_security(LOGGER),
             stop=stop,
             on_started=started.set_result,
         )
@@ -155,7 +158,7 @@ async def usage(migrated_db: DbUrls) -> AsyncIterator[Usage]:
         assert await write(db, events[:1800]) == 1800
         assert await write(db, events[1800:]) == 1200
         assert await write(db, events[:300]) == 0
-        async with channel(f"127.0.0.1:{await asyncio.wait_for(started, 10)}") as ch:
+        async with client(f"127.0.0.1:{await asyncio.wait_for(started, 10)}", LOGGER) as ch:
             result = Usage(logger_pb2_grpc.LoggerServiceStub(ch), events, run_id)
             expected_total = result.expected()
 

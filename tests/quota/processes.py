@@ -12,9 +12,10 @@ from pathlib import Path
 
 from devinfra.backing import BackingServices
 from devinfra.processes import ManagedProcess, free_port
-from services.common.grpc import channel
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.tls import QUOTA
 from tests.db_fixtures import DbUrls
+from tests.tls import client, tls_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,6 +68,7 @@ def quota_env(backing: BackingServices, db: DbUrls, **overrides: str) -> dict[st
         "RELAYGATE_LOG_FORMAT": "json",
         "RELAYGATE_LOG_LEVEL": "INFO",
         "RELAYGATE_GRPC_DRAIN_SECONDS": "1",
+        **tls_env(QUOTA),
         **overrides,
     }
 
@@ -88,6 +90,6 @@ async def stubs(*processes: QuotaProcess) -> AsyncIterator[list[quota_pb2_grpc.Q
     async with contextlib.AsyncExitStack() as stack:
         found: list[quota_pb2_grpc.QuotaServiceAsyncStub] = []
         for process in processes:
-            chan = await stack.enter_async_context(channel(process.address))
+            chan = await stack.enter_async_context(client(process.address, QUOTA))
             found.append(quota_pb2_grpc.QuotaServiceStub(chan))
         yield found

@@ -43,6 +43,8 @@ from tests.db_fixtures import DbUrls
 from tests.in_process import in_process
 from tests.logger.factories import eventually
 from tests.quota.factories import funded_user, priced_model
+from tests.quota.fixtures import TTL_S
+from tests.tls import tls_dir
 
 TERMS = CreditTerms()
 WAIT_S = 20.0
@@ -447,6 +449,7 @@ async def test_the_quota_service_settles_leases_while_it_serves(
             **settle_settings.model_dump(),
             "database_url": migrated_db.primary,
             "quota_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("quota"),
             "grpc_drain_seconds": 0.5,
         }
     )

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
 from services.common.errors import ServiceUnavailable
-from services.common.grpc import call, channel
+from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
 from services.relay.accounting import Exchange, Meter, SettleRetry
@@ -34,6 +35,7 @@ from services.relay.publisher import EventPublisher
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
 from tests.relay.usage_topic import read_usage
+from tests.tls import client, tls_dir
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -51,6 +53,7 @@ async def quota(urls: DbUrls, **overrides: object) -> AsyncIterator[tuple[QuotaS
         {
             "database_url": urls.primary,
             "quota_listen": "127.0.0.1:0",
+            "grpc_tls_dir": tls_dir("quota"),
             "grpc_drain_seconds": 0.5,
             "expiry_sweep_interval_s": 0.1,
             **overrides,
@@ -65,7 +68,7 @@ async def quota(urls: DbUrls, **overrides: object) -> AsyncIterator[tuple[QuotaS
     gate = TcpGate("127.0.0.1", await port)
     await gate.open()
     try:
-        async with channel(f"127.0.0.1:{gate.port}") as chan:
+        async with client(f"127.0.0.1:{gate.port}", QUOTA) as chan:
             yield quota_pb2_grpc.QuotaServiceStub(chan), gate
     finally:
         await gate.close()
