@@ -206,13 +206,14 @@ class Metrics:
             "relaygate_quota_settle_batch_write_seconds", "Charge batch time", buckets=_LATENCY_BUCKETS
         )
         # Counter: usage records read by settling, by result: charged (on a lease), settled (an exact
-        # reservation), unchanged (already charged or finished, or a zero cost), no_hold (neither a
-        # lease nor a reservation), undecodable, invalid.
+        # reservation), late (an exact reservation charged after it expired or was released),
+        # unchanged (already charged or finished, or a zero cost), no_hold (neither a lease nor a
+        # reservation), undecodable, invalid.
         self.quota_settle_records = Counter(
             "relaygate_quota_settle_records", "Usage records read by settling", ["result"]
         )
-        # Counter: micro-units of charges that arrived after their lease was given back and that what
-        # was free could not cover (on the books as cost, not taken from any balance).
+        # Counter: micro-units of charges that arrived after their lease or reservation was given back
+        # and that what was free could not cover (on the books as cost, not taken from any balance).
         self.quota_written_off_micros = Counter(
             "relaygate_quota_written_off_micros", "Late charges written off, in micro-units"
         )

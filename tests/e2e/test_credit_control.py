@@ -6,8 +6,10 @@ What must hold across all of them:
 
 * exactly 150 of 200 concurrent requests get through when the balance, a daily budget or an RPM limit
   allows 150, whichever relay they reach, after both relays hold leases of the key, and every refusal
-  is the exact path's 429 (a request that met a recall waited for the leases to come back); a
-  concurrency limit of 5 admits 5 of 20 long streams and never has more than 5 at the upstream;
+  is the exact path's 429 (a request that met a recall waited for the leases to come back); the same
+  when the 200 rotate over 20 keys of the user sharing its leases, and a key with a budget of its own
+  stops at it while its user's other keys share a lease; a concurrency limit of 5 admits 5 of 20 long
+  streams and never has more than 5 at the upstream;
 * quota stopped (SIGSTOP) for 10 s under load fails no request of a leased key, and a key never used
   before gets a clean 503 with ``Retry-After``;
 * a relay SIGKILLed with requests in flight charges nothing for them, and its leases expire and give
@@ -225,11 +227,26 @@ def client(connections: int = 250) -> httpx.AsyncClient:
     )
 
 
-async def burst(deployment: Deployment, key: str, count: int, **fields: Any) -> list[Reply]:
-    """``count`` requests at once, alternating between the relays."""
+async def burst(deployment: Deployment, key: str | list[str], count: int, **fields: Any) -> list[Reply]:
+    """``count`` requests at once, alternating between the relays (and between ``key``'s keys)."""
     urls = deployment.relay_urls
+    keys = [key] if isinstance(key, str) else key
     async with client() as http:
-        return await asyncio.gather(*(chat(http, urls[i % len(urls)], key, **fields) for i in range(count)))
+        return await asyncio.gather(
+            *(chat(http, urls[i % len(urls)], keys[i % len(keys)], **fields) for i in range(count))
+        )
+
+
+def more_keys(
+    deployment: Deployment, user_id: str, count: int, **key_fields: object
+) -> list[tuple[str, str]]:
+    """``count`` more keys of ``user_id``: (key id, plaintext key)."""
+    with deployment.admin() as admin:
+        created = [
+            ok(admin.post("/admin/v1/keys", json={"user_id": user_id, "name": f"more-{n}", **key_fields}))
+            for n in range(count)
+        ]
+    return [(str(c["key"]["key_id"]), str(c["api_key"])) for c in created]
 
 
 def outcomes(replies: list[Reply]) -> collections.Counter[tuple[int, str]]:
@@ -346,6 +363,13 @@ class Books:
             if (lease.state, lease.phase) == ("held", "open")
         }
 
+    async def lease_keys(self, user_id: str) -> set[str]:
+        """The key ids of the user's leases, whatever their state (empty: the user's shared lease)."""
+        rows = await self.rows(
+            "SELECT key_id FROM reservations WHERE user_id = :user AND kind = 'lease'", user=user_id
+        )
+        return {str(r[0]) for r in rows}
+
     async def lease_ids(self, request_ids: list[str]) -> list[str]:
         """The lease each request was admitted on, as logged (empty: the exact path)."""
         rows = await self.rows(
@@ -428,6 +452,65 @@ async def test_a_balance_worth_150_admits_exactly_150_of_200_across_relays(
     charged = await books.charges([user_id])
     assert sorted(charged.values()) == [UNIT] * 150
     assert {r.request_id for r in replies if r.status == 200} <= set(charged)
+
+
+async def test_a_balance_worth_150_admits_exactly_150_of_200_over_20_keys_sharing_the_users_leases(
+    deployment: Deployment, books: Books
+) -> None:
+    user_id, _, key = account(deployment, 150 * UNIT)
+    keys = [key] + [plain for _, plain in more_keys(deployment, user_id, 19)]
+    await hold_leases_everywhere(deployment, books, key, user_id)
+    # One lease per relay, the user's: no key of its own.
+    leases = [lease for lease in await books.leases(user_id) if lease.state == "held"]
+    assert len(leases) == len(deployment.relay_urls), leases
+    assert await books.lease_keys(user_id) == {""}
+
+    replies = await burst(deployment, keys, 200)
+
+    await assert_exactly_served(
+        replies,
+        150,
+        "insufficient_quota",
+        lambda: f"balance and held afterwards: {balance_of(deployment, user_id)}",
+    )
+    await settled_to(deployment, user_id, (0, 0))
+    await books_agree(books, deployment, [user_id])
+    assert sorted((await books.charges([user_id])).values()) == [UNIT] * 150
+
+
+async def test_a_key_with_a_budget_of_its_own_stops_at_it_beside_its_users_shared_leases(
+    deployment: Deployment, books: Books
+) -> None:
+    user_id, _, key = account(deployment, 1_000 * UNIT)
+    plain = [key] + [k for _, k in more_keys(deployment, user_id, 4)]
+    await hold_leases_everywhere(deployment, books, key, user_id)
+    assert await books.lease_keys(user_id) == {""}
+    cap = 30 * UNIT
+    [(budget_key_id, budget_key)] = more_keys(deployment, user_id, 1, limits={"daily_budget_micros": cap})
+    # Relays learn the budgeted keys with their syncs (quota reads its list at most every half
+    # interval): a budget set on a key applies to the shared leases within two intervals.
+    await asyncio.sleep(4 * int(CREDIT_ENV["RELAYGATE_CREDIT_SYNC_INTERVAL_MS"]) / 1000)
+
+    # 50 requests of the budgeted key among 250 of the user's other keys, over both relays.
+    keys = [budget_key, *plain]
+    replies = await burst(deployment, keys, 300)
+
+    budgeted = replies[0 :: len(keys)]
+    others = [r for i, r in enumerate(replies) if i % len(keys)]
+    assert outcomes(others) == {(200, ""): 250}, outcomes(others)
+    await assert_exactly_served(
+        budgeted, 30, "budget_exceeded", lambda: f"day window afterwards: {day_of(deployment, budget_key_id)}"
+    )
+    # Whatever the budgeted key got, it got on holds counting against its budget.
+    assert await books.lease_keys(user_id) <= {"", budget_key_id}
+    await settled_to(deployment, user_id, (720 * UNIT, 0))
+
+    async def day_window() -> str:
+        found = day_of(deployment, budget_key_id)
+        return "" if found == (cap, 0) else f"day window spent and held {found}"
+
+    await eventually(day_window, "the key's daily budget did not settle", timeout=30)
+    await books_agree(books, deployment, [user_id])
 
 
 @pytest.mark.parametrize("source", ["key limits", "budgets route"])
