@@ -5,8 +5,9 @@ Invariants, at every commit, whatever the concurrency and however many quota pro
 * ``accounts.balance_micros >= accounts.reserved_micros >= 0`` (also a CHECK in the schema): a balance
   never goes below zero and never below what is held;
 * ``accounts.balance_micros == sum(ledger_entries.amount_micros)`` per user: top-ups are positive,
-  adjustments signed, and each settled or expired reservation has exactly one ``charge`` entry
-  (its negated charge, possibly 0); a released one has none;
+  adjustments signed, and each settled reservation has exactly one ``charge`` entry (its negated
+  charge, possibly 0); a released or expired one has none unless its usage event charged it late,
+  then exactly one (flag ``late``, with what it wrote off);
 * ``accounts.reserved_micros == sum(reservations.reserved_micros where state = 'held')`` per user;
 * every budget window: ``spent + held <= cap`` at each hold, and its ``spent`` and ``reserved`` equal
   the charges and holds of the reservations counted in it.
@@ -16,8 +17,9 @@ limiter, :mod:`services.quota.limits`), then holds the worst-case cost against t
 budget window (:mod:`services.quota.holding`); a refusal there gives the limiter's share back. Settle,
 release and expiry finish a reservation after locking it, so exactly one caller finishes it and every
 other gets the stored outcome (:mod:`services.quota.settlement`); its concurrency slot is freed after
-the commit. Concurrent reserves and finishes share one transaction on the primary
-(:mod:`services.quota.posting`, batched by :mod:`services.quota.group_commit`).
+the commit. A usage event that arrives after its reservation was finished without a charge is charged
+late (:mod:`services.quota.late_charges`). Concurrent reserves and finishes share one transaction on
+the primary (:mod:`services.quota.posting`, batched by :mod:`services.quota.group_commit`).
 :mod:`services.quota.reconcile` checks the invariants after the fact.
 """
 
@@ -51,13 +53,14 @@ from services.quota import models
 from services.quota.budgets import Calendar
 from services.quota.group_commit import GroupCommit
 from services.quota.holding import Hold, HoldRequest
+from services.quota.late_charges import LATE_STATES, LateCharges
 from services.quota.leasing import CreditStore
 from services.quota.limits import NO_LIMITS, Limiter, LimitRequest, Limits, LocalLimiter, Ticket, lease_names
 from services.quota.models import EXPIRED, HELD, RELEASED, SETTLED, STATES
 from services.quota.posting import Operation, Posting, Result
 from services.quota.pricing import MAX_CHOICES, MAX_IMAGES, MAX_TOKENS, PriceBook, Usage, worst_case
 from services.quota.reconcile import Discrepancy, reconcile
-from services.quota.settlement import FinishRequest, Outcome
+from services.quota.settlement import FLAG_LATE, FinishRequest, Outcome
 
 __all__ = [
     "EXPIRED",
@@ -221,6 +224,7 @@ class Ledger:
         self._replica_wait_s = replica_wait_s
         batching = batching or BatchPolicy()
         posting = Posting(db, prices, self._calendar, allow_overage=allow_overage)
+        self._late = LateCharges(db, allow_overage=allow_overage)
         # Reserves and finishes share transactions: one commit for both, one update per account.
         self._posting = GroupCommit[Operation, Result](
             "ledger", posting.execute, max_batch=batching.max_batch, concurrency=batching.concurrency
@@ -371,15 +375,20 @@ class Ledger:
         the hold's price and logged) under the rules of :meth:`settle`, and free its concurrency slots.
 
         Idempotent with :meth:`settle`, :meth:`release` and expiry: whichever finishes the hold first
-        decides, every later one gets the stored outcome (``repeated=True``).
+        decides. When that was expiry or a release (nothing charged), the event is charged late
+        (:mod:`services.quota.late_charges`: from what is free, the rest written off; flag ``late``)
+        and the answer has ``repeated=False``. Every later call gets the stored outcome
+        (``repeated=True``).
         """
         _require("reservation_id", reservation_id, 64)
         usage.validate()
         if cost_micros < 0:
             raise InvalidRequest(f"cost_micros must not be negative (got {cost_micros})", param="cost_micros")
-        return await self._finish(
-            FinishRequest(reservation_id, SETTLED, int(self._clock.time()), usage, cost_micros)
-        )
+        now = int(self._clock.time())
+        outcome = await self._finish(FinishRequest(reservation_id, SETTLED, now, usage, cost_micros))
+        if not outcome.repeated or outcome.state not in LATE_STATES or FLAG_LATE in outcome.flags:
+            return outcome
+        return await self._late.charge(reservation_id, usage, cost_micros, now)
 
     async def release(self, reservation_id: str, reason: str = "") -> Outcome:
         """Return the whole hold; nothing is charged and no ledger entry is written.
@@ -411,8 +420,9 @@ class Ledger:
             await self._limiter.release(outcome.reservation_id, names)
 
     async def expire_due(self, now: float | None = None) -> int:
-        """Close every hold whose TTL has passed, charging nothing (state and flag ``expired``; see
-        :mod:`services.quota.settlement` for why), and free its concurrency slot.
+        """Close every hold whose TTL has passed, charging nothing (state and flag ``expired``, no
+        ledger entry; see :mod:`services.quota.settlement` for why and for the usage event that may
+        still charge it late), and free its concurrency slot.
 
         Works through the backlog ``expiry_batch_size`` reservations at a time. Safe to run in
         several quota processes at once: the reservation lock decides which one charges. Returns

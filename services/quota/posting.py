@@ -11,7 +11,7 @@ Per batch:
 4. decide each operation in arrival order against those rows as changed by the operations before it
    (:class:`Books`): holds in :mod:`services.quota.holding`, finishes in :mod:`services.quota.settlement`;
 5. write everything with one statement per table: new reservations, finished reservations, the net
-   change of each account and window, and one ``charge`` ledger entry per settled or expired hold.
+   change of each account and window, and one ``charge`` ledger entry per settled hold.
 
 Every transaction takes its locks in the order reservations < accounts < budget windows, each set
 sorted, so concurrent batches in any number of processes cannot deadlock. Decisions are made on
@@ -418,7 +418,8 @@ class Posting:
                 "created_at": c.op.now,
             }
             for c in charges
-            if c.op.target != models.RELEASED
+            # Release and expiry charge nothing and leave the request's entry to a late usage event.
+            if c.op.target == models.SETTLED
         ]
         if entries:
             await conn.execute(self._insert_entries, entries)

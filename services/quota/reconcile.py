@@ -1,14 +1,18 @@
 """Reconciliation: prove that the stored totals are what the ledger and the reservations add up to.
 
-Three checks, each a discrepancy ``kind``:
+Four checks, each a discrepancy ``kind``:
 
 * ``balance`` - per user, ``balance == sum(ledger entries)`` and ``reserved == sum(held reservations)``
   (entries of a user without an account must sum to zero: only free requests do that);
-* ``charge`` - every settled or expired reservation has exactly one charge entry of exactly its
-  charge, and a held or released one has none; the charge entries of a lease (one per request) sum
-  to exactly its ``charged_micros``, in whatever state;
+* ``charge`` - every settled reservation has exactly one charge entry of exactly its charge, a held
+  one has none, and a released or expired one has at most one (its late charge) of exactly its
+  charge; the charge entries of a lease (one per request) sum to exactly its ``charged_micros``, in
+  whatever state;
 * ``budget`` - every budget window's ``spent`` and ``reserved`` equal the charges and holds of the
-  reservations and leases counted in it.
+  reservations and leases counted in it;
+* ``write_off`` - what a charge wrote off is never negative and only a late charge writes anything
+  off (a charge on time is covered by its hold), so every write-off is a cost on the books that the
+  balance never paid, and nothing else is.
 
 Reading a replica is fine: its snapshot is an older commit, and the invariants hold at every commit.
 ``python -m services.quota reconcile`` prints the discrepancies and exits non-zero when there are any.
@@ -24,6 +28,7 @@ from sqlalchemy import Table, case, func, literal, select, union_all
 from services.common.db import Database
 from services.quota import models
 from services.quota.budgets import PERIODS, SCOPES, window_bit
+from services.quota.settlement import FLAG_LATE
 
 __all__ = ["Discrepancy", "reconcile"]
 
@@ -36,24 +41,29 @@ _RESERVATIONS = cast(Table, models.Reservation.__table__)
 _ENTRIES = cast(Table, models.LedgerEntry.__table__)
 _USAGE = cast(Table, models.BudgetUsage.__table__)
 
-_FINISHED_WITH_CHARGE = (models.SETTLED, models.EXPIRED)
-
 
 @dataclass(frozen=True, slots=True)
 class Discrepancy:
     """One thing the books disagree on: what is stored against what it should be."""
 
-    # balance | charge | budget
+    # balance | charge | budget | write_off
     kind: str
-    # The user id, the reservation id, or "<scope>:<scope_id>:<period>:<window_start>".
+    # The user id, the reservation id, "<scope>:<scope_id>:<period>:<window_start>", or the ledger
+    # entry id.
     subject: str
     stored_micros: int
     expected_micros: int
-    # balance, budget: what is held; charge: how many charge entries there are and should be.
+    # balance, budget: what is held; charge: how many charge entries there are and should be;
+    # write_off: stored is the write-off, expected what it may be (0 unless the charge is late).
     stored_reserved_micros: int = 0
     expected_reserved_micros: int = 0
 
     def describe(self) -> str:
+        if self.kind == "write_off":
+            return (
+                f"write_off entry {self.subject}: writes off {self.stored_micros}, "
+                f"{self.expected_micros} expected (only a late charge writes anything off)"
+            )
         if self.kind == "charge":
             return (
                 f"charge {self.subject}: the ledger charges {self.stored_micros} in "
@@ -110,12 +120,22 @@ def _charges() -> object:
     count = func.coalesce(entries.c.n, 0)
     total = func.coalesce(entries.c.total, 0)
     lease = _R.kind == models.LEASE
-    charged = lease | _R.state.in_(_FINISHED_WITH_CHARGE)
-    exact_wrong = (charged & ((count != 1) | (total != -_R.charged_micros))) | (~charged & (count != 0))
+    # How many entries an exact reservation has: settled, its charge; held, none; released or
+    # expired, none or its late charge.
+    least = case((_R.state == models.SETTLED, 1), else_=0)
+    most = case((_R.state == models.HELD, 0), else_=1)
+    exact_wrong = (count < least) | (count > most) | (total != -_R.charged_micros)
     return (
-        select(_R.id, total, _R.charged_micros, count, charged, lease)
+        select(_R.id, total, _R.charged_micros, count, least, most, lease)
         .outerjoin(entries, entries.c.hid == _R.id)
         .where(case((lease, total != -_R.charged_micros), else_=exact_wrong))
+    )
+
+
+def _write_offs() -> object:
+    late = (literal(",") + _L.flags + literal(",")).like(f"%,{FLAG_LATE},%")
+    return select(_L.id, _L.written_off_micros).where(
+        (_L.written_off_micros < 0) | ((_L.written_off_micros != 0) & ((_L.kind != "charge") | ~late))
     )
 
 
@@ -129,11 +149,12 @@ def _window_sums() -> object:
                     (_R.key_id if scope == "key" else _R.user_id).label("scope_id"),
                     literal(period).label("period"),
                     (_R.day_start if period == "day" else _R.month_start).label("window_start"),
-                    # A lease's charges are spent as they arrive; a reservation's when it finishes.
+                    # A lease's charges are spent as they arrive; a reservation's when it finishes
+                    # (settled, or charged late after its expiry or release).
                     case(
                         (_R.kind == models.LEASE, _R.charged_micros),
-                        (_R.state.in_(_FINISHED_WITH_CHARGE), _R.charged_micros),
-                        else_=0,
+                        (_R.state == models.HELD, 0),
+                        else_=_R.charged_micros,
                     ).label("spent"),
                     case((_R.state == models.HELD, _R.reserved_micros), else_=0).label("held"),
                 ).where(_R.budget_windows.op("&")(window_bit(scope, period)) != 0)
@@ -160,12 +181,12 @@ async def reconcile(db: Database, *, consistent: bool = False) -> list[Discrepan
         for r in await conn.execute(_balances()):  # type: ignore[call-overload]
             found.append(Discrepancy("balance", str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])))
         for r in await conn.execute(_charges()):  # type: ignore[call-overload]
-            should = bool(r[4])
+            count = int(r[3])
             # A lease has one entry per request charged: only the sum is checked.
-            entries = int(r[3]) if r[5] else int(should)
-            found.append(
-                Discrepancy("charge", str(r[0]), -int(r[1]), int(r[2]) if should else 0, int(r[3]), entries)
-            )
+            entries = count if r[6] else min(max(count, int(r[4])), int(r[5]))
+            found.append(Discrepancy("charge", str(r[0]), -int(r[1]), int(r[2]), count, entries))
+        for r in await conn.execute(_write_offs()):  # type: ignore[call-overload]
+            found.append(Discrepancy("write_off", str(r[0]), int(r[1]), 0))
         stored = {
             (str(r[0]), str(r[1]), str(r[2]), int(r[3])): (int(r[4]), int(r[5]))
             for r in await conn.execute(

@@ -3,15 +3,23 @@ expiry (charge nothing, flagged ``expired``), decided against the locked books o
 
 Why expiry charges nothing: a hold that nobody settled within its TTL belongs to a relay that died
 (or lost quota for longer than its settle retries last). Quota has no evidence that such a request
-ever reached an upstream, and the usage event a relay publishes for it carries what the ledger
-charged, so charging the worst case here would bill requests that never ran and make the ledger
-disagree with the request logs. What this costs the operator when a relay dies is bounded by that
-relay's in-flight requests (README, failure policy). A settle arriving after the expiry finds the
-reservation finished and gets the stored outcome (charged 0): nothing is charged twice. That holds
-for a usage event too (``Ledger.settle_charged``), whose cost the request logs still show: an event
-that reaches quota after its hold's TTL (a Kafka outage or a consumer lag that long) is a
-disagreement between ledger and logs, so the TTL must outlast the longest outage events are meant to
-survive (leases have late charges for this; exact reservations do not yet).
+ever reached an upstream, and charging the worst case here would bill requests that never ran and
+make the ledger disagree with the request logs. What this costs the operator when a relay dies is
+bounded by that relay's in-flight requests (README, failure policy). A Settle arriving after the
+expiry finds the reservation finished and gets the stored outcome: nothing is charged twice.
+
+The usage event is the exception, because it is the evidence: its relay logged the cost. An event
+that reaches quota after its reservation was finished without a charge (expired: a Kafka outage or a
+consumer lag longer than the TTL; or released, as if nothing had been delivered) is charged *late*
+(:mod:`services.quota.late_charges`) by the rule lease charges follow: from what the balance and the
+reservation's budget windows still have free, the rest written off and recorded next to the charge.
+So the ledger holds one entry per charged request id whose charge plus write-off is the logged cost,
+on time or late; the TTL only decides whether a late event may find the balance spent meanwhile.
+
+Ledger entries: a settled reservation has exactly one ``charge`` entry (its negated charge, possibly
+0); a released or expired one has none, unless its event charged it late, then exactly one (flag
+``late``). Reservations that expired before late charges existed keep the zero entry their expiry
+wrote, and a late event finds it and charges nothing.
 
 Only an operation that finds its reservation ``held`` finishes it; every other one (a retry, a settle
 racing a release, two sweepers, in one batch or across processes) gets the stored outcome with
@@ -33,10 +41,13 @@ if TYPE_CHECKING:
     from services.quota.posting import Books
 
 __all__ = [
+    "FLAG_BEYOND_HOLD",
     "FLAG_CAPPED",
     "FLAG_ESTIMATED",
     "FLAG_EXPIRED",
+    "FLAG_LATE",
     "FLAG_OVERAGE",
+    "FLAG_WRITTEN_OFF",
     "Charge",
     "FinishRequest",
     "Outcome",
@@ -50,6 +61,11 @@ FLAG_CAPPED = "capped"
 FLAG_OVERAGE = "overage"
 FLAG_ESTIMATED = "estimated"
 FLAG_EXPIRED = "expired"
+# A late charge (the names lease charges use too): charged after its hold was given up, taken from
+# what was free, and what that could not cover written off.
+FLAG_LATE = "late"
+FLAG_BEYOND_HOLD = "beyond_hold"
+FLAG_WRITTEN_OFF = "written_off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,8 @@ class Outcome:
     user_id: str = ""
     key_id: str = ""
     leases: int = 0
+    # What a late charge could not take from the balance (on the books, never collected).
+    written_off_micros: int = 0
 
 
 def windows_of(row: Any) -> list[WindowKey]:
@@ -169,6 +187,10 @@ def repeated(done: Outcome | None, row: Any) -> Outcome:
             key_id=done.key_id,
             leases=done.leases,
         )
+    flags = tuple(flag for flag in (row.flags or "").split(",") if flag)
+    if row.state == models.EXPIRED and FLAG_EXPIRED not in flags:
+        # Expiry writes no ledger entry (whose flags the row is read with); its state says it.
+        flags = (FLAG_EXPIRED, *flags)
     return Outcome(
         reservation_id=str(row.id),
         state=str(row.state),
@@ -176,7 +198,7 @@ def repeated(done: Outcome | None, row: Any) -> Outcome:
         reserved_micros=int(row.reserved_micros),
         price_id=int(row.price_id),
         repeated=True,
-        flags=tuple(flag for flag in (row.flags or "").split(",") if flag),
+        flags=flags,
         user_id=str(row.user_id),
         key_id=str(row.key_id),
         leases=int(row.leases),

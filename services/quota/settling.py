@@ -7,7 +7,11 @@ agree per request by construction. An exact reservation is settled by its event 
 would settle it (``Ledger.settle_charged``: charged, the rest of its hold released, its concurrency
 slots freed); a Settle or Release from an older relay and the event are idempotent with each other
 (whichever finishes the hold first decides). A request whose event never comes is released by
-expiry. This consumer reads the topic in quota's own group (``RELAYGATE_SETTLE_GROUP_ID``, default
+expiry. An event that comes after its reservation was expired or released (a Kafka outage or a lag
+longer than the reservation TTL) is still charged, *late*, by the rule late lease charges follow
+(:mod:`services.quota.late_charges`): from what the balance and budget windows have free, the rest
+written off next to the charge; so ledger and logs agree per request id however late the event is.
+This consumer reads the topic in quota's own group (``RELAYGATE_SETTLE_GROUP_ID``, default
 ``relaygate-quota``) and applies each batch's lease charges in one transaction with
 :meth:`services.quota.leasing.CreditStore.charge` and its exact settlements through the ledger's
 group commit::
@@ -26,6 +30,10 @@ batch before the partitions go, or leaves it uncommitted for their next owner). 
 idempotent by request id, so every replay (a retry, a restart, two members during a rebalance) posts
 nothing twice; that is also why the logger's and quota's groups can read the same events
 independently.
+
+Counted by result (``relaygate_quota_settle_records``): ``charged`` (lease charges), ``settled``
+(exact reservations), ``late`` (exact reservations charged late), ``unchanged`` (replays, zero costs);
+what late charges of either kind wrote off is ``relaygate_quota_written_off_micros``, with a log line.
 
 Passed over, with a counter (``relaygate_quota_settle_records``) and, for the two last kinds, a log
 line: events without a hold (refusals carry no account), undecodable records (the logger
@@ -61,7 +69,7 @@ from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pricing import Usage
 from services.common.telemetry import METRICS
 from services.quota.credit import Posted
-from services.quota.settlement import Outcome
+from services.quota.settlement import FLAG_LATE, Outcome
 
 __all__ = [
     "ChargeBook",
@@ -126,8 +134,8 @@ class ReservationBook(Protocol):
     """Where exact reservations are settled: :class:`services.quota.ledger.Ledger`."""
 
     async def settle_charged(self, reservation_id: str, usage: Usage, cost_micros: int) -> Outcome:
-        """Settle a reservation at its event's cost, idempotent with Settle, Release and expiry.
-        Raises :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
+        """Settle a reservation at its event's cost, idempotent with Settle, Release and expiry (after
+        which it is charged late, flag ``late``, with ``written_off_micros``). Raises :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
         ...
 
     async def release(self, reservation_id: str, reason: str = "") -> Outcome:
@@ -255,7 +263,7 @@ class SettlingConsumer(BatchConsumer[_Usage]):
         exact = [item.charge for item in items if isinstance(item.charge, ExactSettlement)]
         # The ledger's group commit puts concurrent settlements in shared transactions; every one is
         # idempotent, so a failure retries the whole batch safely.
-        settled = await asyncio.gather(*(self._settle(s) for s in exact))
+        outcomes = [o for o in await asyncio.gather(*(self._settle(s) for s in exact)) if o is not None]
         posted: list[Posted] = []
         if charges:
             try:
@@ -265,14 +273,13 @@ class SettlingConsumer(BatchConsumer[_Usage]):
                 # repeat of those already posted changes nothing) and pass over the refused.
                 posted = await self._charge_each(charges)
         _count(len(charges), posted)
-        METRICS.quota_settle_records.labels(result="settled").inc(sum(settled))
-        METRICS.quota_settle_records.labels(result="unchanged").inc(len(exact) - sum(settled))
+        _count_exact(outcomes)
         now_ms = self._clock.time() * 1000
         for item in items:
             METRICS.quota_settle_end_to_end.observe(max(0.0, now_ms - item.occurred_at_ms) / 1000)
 
-    async def _settle(self, exact: ExactSettlement) -> bool:
-        """Settle one exact reservation; False when it was finished already (or cannot be)."""
+    async def _settle(self, exact: ExactSettlement) -> Outcome | None:
+        """Settle one exact reservation (or charge it late); None when it cannot be."""
         try:
             if exact.usage is None:
                 outcome = await self._reservations.release(exact.reservation_id, exact.reason)
@@ -286,8 +293,8 @@ class SettlingConsumer(BatchConsumer[_Usage]):
                 "usage event refused as a settlement; passed over",
                 extra={"reservation_id": exact.reservation_id, "reason": str(exc)},
             )
-            return False
-        return not outcome.repeated
+            return None
+        return outcome
 
     async def _charge_each(self, charges: list[Charge]) -> list[Posted]:
         posted: list[Posted] = []
@@ -320,12 +327,26 @@ def _count(offered: int, posted: list[Posted]) -> None:
     METRICS.quota_settle_records.labels(result="charged").inc(len(posted))
     # Already charged (a replay), or a zero cost.
     METRICS.quota_settle_records.labels(result="unchanged").inc(max(0, offered - len(posted)))
-    written_off = sum(p.written_off for p in posted)
+    _written_off("leases", [p.written_off for p in posted])
+
+
+def _count_exact(outcomes: list[Outcome]) -> None:
+    done = [o for o in outcomes if not o.repeated]
+    late = sum(1 for o in done if FLAG_LATE in o.flags)
+    METRICS.quota_settle_records.labels(result="settled").inc(len(done) - late)
+    METRICS.quota_settle_records.labels(result="late").inc(late)
+    # Finished already (a replay, a Settle first), or charged late already.
+    METRICS.quota_settle_records.labels(result="unchanged").inc(len(outcomes) - len(done))
+    _written_off("reservations", [o.written_off_micros for o in done])
+
+
+def _written_off(holds: str, amounts: list[int]) -> None:
+    written_off = sum(amounts)
     if written_off:
         METRICS.quota_written_off_micros.inc(written_off)
         log.warning(
-            "late charges written off: their leases were given back and the balance could not cover them",
-            extra={"micros": written_off, "charges": sum(1 for p in posted if p.written_off)},
+            f"late charges written off: their {holds} were given back and the balance could not cover them",
+            extra={"micros": written_off, "charges": sum(1 for amount in amounts if amount)},
         )
 
 

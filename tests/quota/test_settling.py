@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from prometheus_client import REGISTRY
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 
 from devinfra.backing import BackingServices
 from services.common.clock import ManualClock
+from services.common.config import DatabaseSettings
 from services.common.credit import Charge, CreditTerms, LeaseAsk, SyncRequest
 from services.common.db import Database
 from services.common.errors import ConcurrencyLimited
@@ -29,13 +31,14 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.pricing import Usage as PricedUsage
+from services.migrations import upgrade
 from services.quota import models
 from services.quota.app import run
-from services.quota.budgets import Calendar
+from services.quota.budgets import Budgets, Calendar
 from services.quota.leasing import CreditStore
 from services.quota.ledger import Hold, Ledger
 from services.quota.limits import Limits
-from services.quota.pricing import PriceBook
+from services.quota.pricing import Price, PriceBook
 from services.quota.settings import QuotaSettings
 from services.quota.settling import ExactSettlement, SettlingSettings, charge_of, settlement_of, settling
 from tests.common.tcp_gate import TcpGate
@@ -594,3 +597,321 @@ async def test_duplicate_events_and_an_older_relays_settle_charge_an_exact_reser
     assert (late.repeated, late.charged_micros) == (True, 180)
     assert await entries_of(database, twice) == [-180]
     await clean(ledger)
+
+
+# --- late charges: events that reach quota after their reservation expired or was released ----------------
+
+# 1 unit/Mtok in, 2 out: 100 prompt + 100 output tokens hold 300, and the relay logged 250.
+COST = 250
+
+
+async def reserve(ledger: Ledger, price: Price, user: str, key: str, *, max_output_tokens: int = 100) -> Hold:
+    return await ledger.reserve(
+        reservation_id=new_id("req"),
+        user_id=user,
+        key_id=key,
+        model=price.model,
+        prompt_tokens=100,
+        max_output_tokens=max_output_tokens,
+    )
+
+
+async def expired(ledger: Ledger, clock: ManualClock, database: Database, hold: Hold) -> None:
+    """Let the sweeper expire ``hold`` (its event has not come)."""
+    clock.advance(TTL_S)
+    await ledger.expire_due()
+    row = await reservation(database, hold)
+    assert (row.state, row.charged_micros) == (models.EXPIRED, 0)
+
+
+async def reservation(db: Database, hold: Hold) -> models.Reservation:
+    async with db.reader(consistent=True) as session:
+        row = await session.get(models.Reservation, hold.reservation_id)
+    assert row is not None
+    return row
+
+
+async def ledger_rows(db: Database, hold: Hold) -> list[tuple[int, int, str]]:
+    """(amount, written off, flags) of every ledger entry of the request."""
+    async with db.reader(consistent=True) as session:
+        rows = await session.execute(
+            select(
+                models.LedgerEntry.amount_micros,
+                models.LedgerEntry.written_off_micros,
+                models.LedgerEntry.flags,
+            ).where(models.LedgerEntry.reservation_id == hold.reservation_id)
+        )
+        return [(int(a), int(w), str(f)) for a, w, f in rows.all()]
+
+
+async def settled_late(
+    settings: SettlingSettings, store: CreditStore, ledger: Ledger, database: Database, *events: UsageEvent
+) -> None:
+    """Produce ``events`` (twice: a replay) and wait until each request has its ledger entry and the
+    group has committed every offset."""
+    topic = UsageTopic(settings)
+    async with settling(settings, store, ledger):
+        await topic.produce(events)
+        await topic.produce(events)
+
+        async def charged() -> bool:
+            async with database.reader(consistent=True) as session:
+                found = await session.scalars(
+                    select(models.LedgerEntry.reservation_id).where(
+                        models.LedgerEntry.reservation_id.in_([e.reservation_id for e in events])
+                    )
+                )
+                return len(found.all()) == len(events)
+
+        await eventually(charged, timeout=WAIT_S, what="the late events to be charged")
+        await committed_all(topic)
+
+
+def written_off_total() -> float:
+    return REGISTRY.get_sample_value("relaygate_quota_written_off_micros_total") or 0.0
+
+
+async def test_an_event_after_the_sweeper_expired_its_reservation_is_charged_once_from_the_free_balance(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+    clock: ManualClock,
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 10_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+    # Expiry charges nothing and leaves the request's ledger entry to its event.
+    assert await ledger_rows(database, hold) == []
+    late = records("late")
+
+    await settled_late(settle_settings, store, ledger, database, exact_event(hold, key, COST))
+
+    assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
+    row = await reservation(database, hold)
+    assert (row.state, row.charged_micros, row.usage["completion_tokens"]) == (models.EXPIRED, COST, 50)
+    balance = await ledger.balance(user, consistent=True)
+    assert (balance.balance_micros, balance.reserved_micros) == (10_000 - COST, 0)
+    # The replay in the same topic changed nothing; a Settle arriving now gets what the event charged.
+    assert records("late") == late + 1
+    settle = await ledger.settle(hold.reservation_id, PricedUsage(prompt_tokens=100, completion_tokens=100))
+    assert (settle.repeated, settle.state, settle.charged_micros) == (True, models.EXPIRED, COST)
+    assert settle.flags == ("expired", "late", "beyond_hold")
+    assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
+    await clean(ledger)
+
+
+async def test_a_late_event_the_free_balance_cannot_cover_is_charged_in_part_and_the_rest_written_off(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+    clock: ManualClock,
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 1_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+    # Meanwhile another request holds 900 of the 1000: 100 are free when the late event comes.
+    other = await reserve(ledger, price, user, key, max_output_tokens=400)
+    assert other.reserved_micros == 900
+    written_off = written_off_total()
+
+    await settled_late(settle_settings, store, ledger, database, exact_event(hold, key, COST))
+
+    assert await ledger_rows(database, hold) == [(-100, COST - 100, "late,beyond_hold,written_off")]
+    assert (await reservation(database, hold)).charged_micros == 100
+    # The other hold is untouched: a late charge never takes what is held for someone else.
+    balance = await ledger.balance(user, consistent=True)
+    assert (balance.balance_micros, balance.reserved_micros) == (900, 900)
+    assert written_off_total() == written_off + COST - 100
+    await clean(ledger)
+    await ledger.release(other.reservation_id)
+    await clean(ledger)
+
+
+async def test_a_late_charge_counts_against_the_budget_windows_of_its_reservation(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+    clock: ManualClock,
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 100_000)
+    key = new_id("k")
+    await Budgets(database, clock=clock, calendar=Calendar()).set_budget(
+        scope="key", scope_id=key, period="day", limit_micros=1_000
+    )
+    # Both in one day's window: the second is held within the TTL of the first's expiry.
+    clock.now = 1_700_006_400.0
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+    other = await reserve(ledger, price, user, key, max_output_tokens=400)
+    day_start = Calendar().windows(clock.time())[0]
+
+    await settled_late(settle_settings, store, ledger, database, exact_event(hold, key, COST))
+
+    # The balance could pay it all; the key's daily budget has 1000 - 900 held = 100 left.
+    assert await ledger_rows(database, hold) == [(-100, COST - 100, "late,beyond_hold,written_off")]
+    async with database.reader(consistent=True) as session:
+        window = await session.get(models.BudgetUsage, ("key", key, "day", day_start))
+        assert window is not None
+        assert (window.spent_micros, window.reserved_micros) == (100, 900)
+    await ledger.release(other.reservation_id)
+    await clean(ledger)
+
+
+async def test_an_event_with_usage_for_a_released_reservation_is_charged_late(
+    settle_settings: SettlingSettings,
+    store: CreditStore,
+    ledger: Ledger,
+    prices: PriceBook,
+    database: Database,
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 10_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    # Released as if nothing had been delivered; the event says something was: it is the truth.
+    await ledger.release(hold.reservation_id, "client went away")
+    assert await ledger_rows(database, hold) == []
+
+    await settled_late(settle_settings, store, ledger, database, exact_event(hold, key, COST))
+
+    assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
+    row = await reservation(database, hold)
+    assert (row.state, row.charged_micros) == (models.RELEASED, COST)
+    assert (await ledger.balance(user, consistent=True)).balance_micros == 10_000 - COST
+    await clean(ledger)
+
+
+async def test_concurrent_late_events_and_settles_of_one_request_charge_it_once(
+    ledger: Ledger, prices: PriceBook, database: Database, clock: ManualClock
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 10_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+    usage = PricedUsage(prompt_tokens=100, completion_tokens=50)
+
+    # Two consumers replaying the event during a rebalance, and an older relay's Settle.
+    outcomes = await asyncio.gather(
+        *(ledger.settle_charged(hold.reservation_id, usage, COST) for _ in range(6)),
+        ledger.settle(hold.reservation_id, usage),
+    )
+
+    assert sum(1 for o in outcomes if not o.repeated) == 1
+    assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
+    assert (await ledger.balance(user, consistent=True)).balance_micros == 10_000 - COST
+    await clean(ledger)
+
+
+async def test_a_late_event_without_usage_or_cost_charges_nothing(
+    ledger: Ledger, prices: PriceBook, database: Database, clock: ManualClock
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 10_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+
+    nothing = await ledger.release(hold.reservation_id, "nothing delivered")
+    free = await ledger.settle_charged(hold.reservation_id, PricedUsage(prompt_tokens=1), 0)
+
+    assert (nothing.repeated, free.repeated, free.charged_micros) == (True, True, 0)
+    assert await ledger_rows(database, hold) == []
+    await clean(ledger)
+
+
+async def test_a_reservation_expired_with_a_zero_entry_before_late_charges_stays_uncharged(
+    ledger: Ledger, prices: PriceBook, database: Database, clock: ManualClock
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 10_000)
+    key = new_id("k")
+    hold = await reserve(ledger, price, user, key)
+    await expired(ledger, clock, database, hold)
+    # What expiry wrote before late charges existed: the request's one entry, charging 0.
+    async with database.transaction() as session:
+        await session.execute(
+            insert(models.LedgerEntry).values(
+                user_id=user,
+                kind="charge",
+                amount_micros=0,
+                reservation_id=hold.reservation_id,
+                hold_id=hold.reservation_id,
+                price_id=hold.price.price_id,
+                flags="expired",
+                created_at=int(clock.time()),
+            )
+        )
+
+    outcome = await ledger.settle_charged(hold.reservation_id, PricedUsage(prompt_tokens=100), COST)
+
+    assert (outcome.repeated, outcome.charged_micros, outcome.flags) == (True, 0, ("expired",))
+    assert await ledger_rows(database, hold) == [(0, 0, "expired")]
+    await clean(ledger)
+
+
+async def test_reconcile_reports_a_write_off_that_is_no_late_charge(
+    ledger: Ledger, database: Database
+) -> None:
+    user = await funded_user(ledger, 1_000)
+    bad = {
+        "user_id": user,
+        "kind": "charge",
+        "amount_micros": 0,
+        "reservation_id": new_id("req"),
+        "hold_id": None,
+        "flags": "",
+        "created_at": 1,
+        "written_off_micros": 70,
+    }
+    async with database.transaction() as session:
+        entry_id = (
+            await session.execute(insert(models.LedgerEntry).values(bad).returning(models.LedgerEntry.id))
+        ).scalar_one()
+    try:
+        found = await ledger.reconcile(consistent=True)
+        assert [(d.kind, d.subject, d.stored_micros, d.expected_micros) for d in found] == [
+            ("write_off", str(entry_id), 70, 0)
+        ]
+    finally:
+        async with database.transaction() as session:
+            await session.execute(delete(models.LedgerEntry).where(models.LedgerEntry.id == entry_id))
+    await clean(ledger)
+
+
+async def test_late_charges_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'relaygate.db'}"
+    await upgrade(url)
+    db = Database(DatabaseSettings(database_url=url))
+    await db.start()
+    try:
+        clock = ManualClock()
+        prices = PriceBook(db, clock=clock, cache_ttl_s=2.0)
+        ledger = Ledger(db, prices, clock=clock, reservation_ttl_s=TTL_S)
+        price = await priced_model(prices)
+        user = await funded_user(ledger, 1_000)
+        hold = await reserve(ledger, price, user, new_id("k"))
+        await expired(ledger, clock, db, hold)
+        await reserve(ledger, price, user, new_id("k"), max_output_tokens=400)
+
+        outcome = await ledger.settle_charged(hold.reservation_id, PricedUsage(prompt_tokens=100), COST)
+        again = await ledger.settle_charged(hold.reservation_id, PricedUsage(prompt_tokens=100), COST)
+
+        assert (outcome.repeated, outcome.charged_micros, outcome.written_off_micros) == (False, 100, 150)
+        assert (again.repeated, again.charged_micros) == (True, 100)
+        assert await ledger_rows(db, hold) == [(-100, 150, "late,beyond_hold,written_off")]
+        assert await ledger.reconcile(consistent=True) == []
+        await ledger.close()
+    finally:
+        await db.close()
