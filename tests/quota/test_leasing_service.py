@@ -113,3 +113,57 @@ async def test_the_sweeper_expires_a_lease_whose_relay_stopped_syncing(migrated_
                 stub.GetBalance, pb.GetBalanceRequest(user_id=user, consistent=True), timeout=TIMEOUT
             )
         assert balance.reserved_micros == 0
+
+
+async def test_sync_over_grpc_carries_scopes_and_the_budgeted_keys(migrated_db: DbUrls) -> None:
+    user, budgeted = new_id("u"), new_id("k")
+    async with serving(_settings(migrated_db)) as stub:
+        await call(stub.TopUp, pb.TopUpRequest(user_id=user, amount_micros=1_000_000), timeout=TIMEOUT)
+        await call(
+            stub.SetBudget,
+            pb.SetBudgetRequest(scope="key", scope_id=budgeted, period="day", limit_micros=50_000),
+            timeout=TIMEOUT,
+        )
+        listed = await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=1), timeout=TIMEOUT)
+        assert listed.HasField("budgeted_keys") and listed.budgeted_keys.complete
+        assert budgeted in listed.budgeted_keys.key_ids
+        version = listed.budgeted_keys.version
+
+        shared = pb.LeaseAsk(
+            lease_id=new_id("lse"),
+            key_id=new_id("k"),
+            user_id=user,
+            want_micros=100_000,
+            min_micros=1_000,
+            scope="user",
+        )
+        refused = pb.LeaseAsk(
+            lease_id=new_id("lse"),
+            key_id=budgeted,
+            user_id=user,
+            want_micros=100_000,
+            min_micros=1_000,
+            scope="user",
+        )
+        answer = await call(
+            stub.Sync,
+            pb.SyncRequest(relay_id="relay-a", seq=2, asks=[shared, refused], budgeted_keys_version=version),
+            timeout=TIMEOUT,
+        )
+        # The relay's list is current: it is not sent again.
+        assert not answer.HasField("budgeted_keys")
+        assert {g.lease_id: g.state for g in answer.grants} == {
+            shared.lease_id: "open",
+            refused.lease_id: "rescope",
+        }
+        listing = await call(
+            stub.ListReservations,
+            pb.ListReservationsRequest(user_id=user, consistent=True),
+            timeout=TIMEOUT,
+        )
+        assert [(r.reservation_id, r.key_id) for r in listing.reservations] == [(shared.lease_id, "")]
+        with pytest.raises(InvalidRequest):
+            bad = pb.LeaseAsk(
+                lease_id=new_id("lse"), key_id="k", user_id=user, want_micros=5, min_micros=1, scope="x"
+            )
+            await call(stub.Sync, pb.SyncRequest(relay_id="relay-a", seq=3, asks=[bad]), timeout=TIMEOUT)
