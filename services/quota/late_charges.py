@@ -24,7 +24,6 @@ rare (they need an outage longer than the TTL), so they do not share the group c
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, cast
 
 from sqlalchemy import JSON, Table, bindparam, insert, select, update
@@ -200,8 +199,8 @@ class LateCharges:
         books = CreditBooks(
             terms=_TERMS,
             windows_of=_no_windows,
-            accounts={uid: dataclasses.replace(account) for uid, account in accounts.items()},
-            windows={wid: dataclasses.replace(window) for wid, window in windows.items()},
+            accounts=accounts,
+            windows=windows,
             holds={hold.hold_id: hold},
         )
         return books, {wid: keys[wid] for wid in windows}
