@@ -65,6 +65,9 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "migrations": DatabaseSettings,
 }
 GRPC_SERVICES = ("auth", "quota", "logger")
+# Every service's certificate for mutual TLS: a Secret with cert-manager's keys, mounted read-only.
+TLS_KEYS = ("tls.crt", "tls.key", "ca.crt")
+TLS_MOUNT = "/etc/relaygate/tls"
 RELAYGATE_USER = 10001  # the Dockerfile's USER
 
 # Settings whose values are credentials (DSNs carry passwords): they may only come from a secretKeyRef.
@@ -92,6 +95,12 @@ EXAMPLE_SECRETS: dict[tuple[str, str], str] = {
     ("relaygate-auth", "key-pepper"): "3f9a0c7e5b21d846" * 4,
     ("relaygate-auth", "admin-token-secret"): "7c4e1b9d06a3f582" * 4,
     ("relaygate-auth", "bootstrap-admin-key"): "rg-" + "a1" * 6 + "-" + "b2" * 16,
+    # PEM files cert-manager writes (the settings only read their directory).
+    **{
+        (f"relaygate-{service}-tls", key): "-----BEGIN ...-----"
+        for service in ("relay", *GRPC_SERVICES)
+        for key in TLS_KEYS
+    },
 }
 
 
@@ -277,9 +286,11 @@ def secret_refs(rendered: Rendered) -> set[tuple[str, str]]:
         for container in pod.containers():
             refs |= set(environment(rendered, container).secrets.values())
         for volume in pod.spec.get("volumes", []):
-            assert "secret" not in volume, (
-                f"{pod.name}: Secret volumes are not checked here; use secretKeyRef"
-            )
+            if "secret" in volume:
+                # Only certificates come as files, and with exactly cert-manager's keys.
+                assert volume["secret"]["secretName"].endswith("-tls"), f"{pod.name}: use secretKeyRef"
+                assert "items" not in volume["secret"], f"{pod.name}: mount the whole certificate Secret"
+                refs |= {(volume["secret"]["secretName"], key) for key in TLS_KEYS}
     return refs
 
 
@@ -459,9 +470,11 @@ def test_grpc_services_use_native_grpc_probes_and_the_relay_http_probes(target: 
     rendered = render(target)
     for service in GRPC_SERVICES:
         _, container = relaygate_pod(rendered, service)
-        grpc_port = named_port(container, "grpc")
+        # The kubelet presents no client certificate: it probes the plaintext health-only port.
+        probe_port = named_port(container, "probe")
+        assert probe_port != named_port(container, "grpc")
         for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert container[kind]["grpc"]["port"] == grpc_port, (service, kind)
+            assert container[kind]["grpc"]["port"] == probe_port, (service, kind)
             assert container[kind]["grpc"].get("service", "") == ""  # the overall status the server sets
     _, relay = relaygate_pod(rendered, "relay")
     assert relay["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -621,12 +634,34 @@ def test_listen_addresses_match_container_ports(target: str) -> None:
         _, container = relaygate_pod(rendered, service)
         env = environment(rendered, container).values
         assert listen_port(env[f"RELAYGATE_{service.upper()}_LISTEN"]) == named_port(container, "grpc")
+        assert listen_port(env["RELAYGATE_GRPC_HEALTH_LISTEN"]) == named_port(container, "probe")
         assert listen_port(env["RELAYGATE_METRICS_LISTEN"]) == named_port(container, "metrics")
     _, relay = relaygate_pod(rendered, "relay")
     env = environment(rendered, relay).values
     assert listen_port(f"{env['RELAYGATE_RELAY_HOST']}:{env['RELAYGATE_RELAY_PORT']}") == named_port(
         relay, "http"
     )
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_every_service_mounts_its_certificate_where_its_settings_read_it(target: str) -> None:
+    rendered = render(target)
+    for service in ("relay", *GRPC_SERVICES):
+        pod, container = relaygate_pod(rendered, service)
+        env = environment(rendered, container).values
+        assert env.get("RELAYGATE_GRPC_TLS", "true").lower() not in ("off", "false", "0", "no"), pod.name
+        assert env["RELAYGATE_GRPC_TLS_DIR"] == TLS_MOUNT, pod.name
+        [mount] = [m for m in container.get("volumeMounts", []) if m["mountPath"] == TLS_MOUNT]
+        assert mount.get("readOnly") is True, pod.name
+        [volume] = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == f"relaygate-{service}-tls", pod.name
+        # Readable by the service's group (fsGroup), never by others.
+        assert volume["secret"]["defaultMode"] == 0o440, pod.name
+    auth_grpc = named_port(relaygate_pod(rendered, "auth")[1], "grpc")
+    for service in ("quota", "logger"):
+        # Where they ask auth about admin tokens.
+        _, container = relaygate_pod(rendered, service)
+        assert resolve(rendered, environment(rendered, container).values["RELAYGATE_AUTH_ADDR"]) == auth_grpc
 
 
 def services_matching(rendered: Rendered, service: Doc) -> list[Pod]:
@@ -898,6 +933,8 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
             for other in (*servers, migrate, "internet", "intruder", "prometheus")
         }
         expected |= {("internet", server, "metrics"): False, ("intruder", server, "metrics"): False}
+    # Quota and the logger ask auth about admin tokens presented to them.
+    expected |= {(quota, auth, "grpc"): True, (logger, auth, "grpc"): True}
     expected |= {(s, "internet", 443): False for s in (*servers, migrate)}
     if target == "dev":
         primary, replica = "postgres-primary", "postgres-replica"
