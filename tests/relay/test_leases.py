@@ -285,3 +285,59 @@ def test_a_sync_may_outlast_its_interval_but_not_half_of_what_a_grant_admits() -
     # Never shorter than one interval.
     tight = CreditTerms(sync_interval_ms=1_000, valid_for_ms=2_500, margin_ms=2_000)
     assert sync_deadline_s(tight, rpc_timeout_s=4.0) == 1.0
+
+
+async def test_rotating_keys_of_one_user_share_its_lease_and_a_budgeted_key_gets_its_own(
+    migrated_db: DbUrls, backing: BackingServices, tmp_path: Path
+) -> None:
+    async with (
+        quota(migrated_db, **QUOTA_CREDIT) as (stub, _gate),
+        publishing(backing, tmp_path) as publisher,
+        leasing_meter(stub, publisher) as (meter, leasing),
+    ):
+        price, user = await funded_model(stub, 10_000_000)
+        budgeted = Principal(key_id=new_id("key"), user_id=user)
+        await call(
+            stub.SetBudget,
+            pb.SetBudgetRequest(scope="key", scope_id=budgeted.key_id, period="day", limit_micros=5_000),
+            timeout=TIMEOUT,
+        )
+        await until(
+            lambda: (listed := leasing.book.budgeted) is not None and budgeted.key_id in listed.key_ids,
+            "quota's list of budgeted keys",
+        )
+        first = Principal(key_id=new_id("key"), user_id=user)
+        await leased_key(meter, leasing, first, price.model)
+        [shared] = leasing.book.leases()
+        assert shared.scope == f"user:{user}"
+
+        # Twenty keys, each new to the relay, admitted on the user's lease without a Reserve (but for
+        # a request that finds the lease low while its sync asks for more: it follows the user's rate).
+        rotating = [
+            exchange_for(Principal(key_id=new_id("key"), user_id=user), price.model) for _ in range(20)
+        ]
+        for exchange in rotating:
+            await served(meter, exchange)
+            await asyncio.sleep(SYNC_MS / 4000)
+        leased = [e for e in rotating if e.lease_id]
+        assert {e.lease_id for e in leased} == {shared.lease_id}
+        assert len(leased) >= 16 and rotating[-1] in leased, [bool(e.lease_id) for e in rotating]
+        # The usage event names the lease; the request keeps its own key.
+        event = (await published(publisher.settings, rotating[-1].request_id))[0]
+        assert rotating[-1].principal is not None
+        assert (event.lease_id, event.key_id) == (shared.lease_id, rotating[-1].principal.key_id)
+
+        # The budgeted key never rides the shared lease: exact, then (asked on its own rate) its own.
+        mine = [exchange_for(budgeted, price.model) for _ in range(2)]
+        for exchange in mine:
+            await served(meter, exchange)
+            assert exchange.lease_id != shared.lease_id
+        await until(
+            lambda: any(
+                (lease.scope, lease.state) == (budgeted.key_id, "open") for lease in leasing.book.leases()
+            ),
+            "the budgeted key's own lease",
+        )
+        found = await holds(stub, user)
+        opened = [lease for lease in leasing.book.leases() if lease.state == "open"]
+        assert {found[lease.lease_id].key_id for lease in opened} == {"", budgeted.key_id}
