@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging
 from services.relay.app import create_app
 from services.relay.http_protocol import ConnectionLimits, guarded_protocol
@@ -35,7 +36,10 @@ def main() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # Everything imported and built so far lives as long as the process: out of every collection.
+    freeze_startup_heap()
+    server.run()
 
 
 if __name__ == "__main__":
