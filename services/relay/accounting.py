@@ -2,8 +2,9 @@
 and the usage event that records the request.
 
 **On a lease** (:mod:`services.relay.leasing`): a key without RPM/TPM/concurrency limits whose model's
-price this relay knows is admitted locally against its lease, for the request's worst case computed
-with the same function and inputs as quota's Reserve (:func:`services.common.pricing.worst_case`). No
+price this relay knows is admitted locally against a lease (the key's own when it has a budget of its
+own, else the one its user's keys share), for the request's worst case computed with the same function
+and inputs as quota's Reserve (:func:`services.common.pricing.worst_case`). No
 RPC is made, before or after: at the end the relay computes the cost itself (at the price it admitted
 with, capped at the admitted worst case) and the usage event carrying that cost, the price id and the
 lease id *is* the charge, applied by quota's consumer of the usage topic, idempotent by request id. The
@@ -246,7 +247,8 @@ class Meter:
     async def reserve(
         self, exchange: Exchange, *, prompt_tokens: int, max_output_tokens: int, images: int = 0
     ) -> None:
-        """Hold the request's worst case: on its key's lease when it can, else with a Reserve RPC."""
+        """Hold the request's worst case: on a lease when it can (its key's, or its user's shared one),
+        else with a Reserve RPC."""
         principal = exchange.principal
         assert principal is not None, "reserve needs an authenticated exchange"
         if self._admit(exchange, principal, prompt_tokens, max_output_tokens, images):

@@ -1,8 +1,10 @@
 """The relay process's credit leases: the :class:`~services.relay.credit.LeaseBook` and its sync loop.
 
-Requests are admitted on a key's lease without an RPC (:meth:`Leasing.admit`); a background task checks
-every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does, sends
-quota one ``Sync`` with every lease's report and the new asks, then applies the answer.
+Requests are admitted on a lease without an RPC (:meth:`Leasing.admit`; the key's own, or the one its
+user's keys without budgets of their own share, see :mod:`services.relay.credit`); a background task
+checks every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does,
+sends quota one ``Sync`` with every lease's report and the new asks, then applies the answer (and
+quota's list of budgeted keys when the relay's copy was out of date).
 
 A sync's deadline (:func:`sync_deadline_s`) is longer than one interval: an answer is applied relative
 to when its sync was *sent*, so a late one is still safe, and under load (a burst of exact reserves, a
