@@ -65,7 +65,8 @@ __all__ = ["MAX_BUDGETED_KEYS", "MAX_ITEMS", "CreditStore", "budgeted_keys"]
 
 log = logging.getLogger(__name__)
 
-# Reports or asks in one sync: a relay process holds one lease per key it serves.
+# Reports or asks in one sync: a relay process holds one lease per scope it serves (a budgeted key, or
+# a user whose keys share one).
 MAX_ITEMS = 10_000
 MAX_AMOUNT_MICROS = 10**15
 # Budgeted keys sent to relays at most: about 2 MB of key ids in one answer. Past it every key keeps a
@@ -286,7 +287,7 @@ class CreditStore:
             known = {str(row.id) for row in rows}
             fresh = [ask for ask in request.asks if ask.lease_id not in known]
             ask_windows = await self._ask_windows(conn, fresh, now_ms)
-            loaded = await self._load(conn, rows, users, ask_windows, now_ms)
+            loaded = await self._load(conn, rows, users, ask_windows.values(), now_ms)
             windows_by_holder = {
                 holder: tuple(_window_id(k) for k, _ in found) for holder, found in ask_windows.items()
             }
@@ -353,7 +354,7 @@ class CreditStore:
             leases = [row for row in rows if row.kind == models.LEASE]
             known = {str(row.id): row for row in leases}
             users = {str(known[c.hold_id].user_id) if c.hold_id in known else c.user_id for c in wanted}
-            loaded = await self._load(conn, leases, users, {}, now_ms)
+            loaded = await self._load(conn, leases, users, (), now_ms)
             posted: list[Posted] = []
             seen: set[str] = set()
             for charge in wanted:
@@ -378,7 +379,7 @@ class CreditStore:
                 break
             async with self._db.primary.begin() as conn:
                 rows = list(await conn.execute(self._lock_named, {"ids": sorted(due)}))
-                loaded = await self._load(conn, rows, {str(r.user_id) for r in rows}, {}, now_ms)
+                loaded = await self._load(conn, rows, {str(r.user_id) for r in rows}, (), now_ms)
                 expired = len(loaded.books.expire(now_ms))
                 await self._write(conn, loaded, now_ms)
             changed += expired
@@ -410,9 +411,7 @@ class CreditStore:
                 for r in await conn.execute(self._locks.stored_budgets, {"sids": sids})
             }
             windows = budget_windows(request, stored)
-            loaded = await self._load(
-                conn, rows, {request.user_id}, {request.reservation_id: windows}, now_ms
-            )
+            loaded = await self._load(conn, rows, {request.user_id}, [windows], now_ms)
             wanted = tuple(_window_id(key) for key, _ in windows)
             loaded.books.windows_of = lambda _key, _user: wanted
             answer = loaded.books.reserve(
@@ -435,7 +434,7 @@ class CreditStore:
         conn: AsyncConnection,
         rows: Sequence[Any],
         users: Iterable[str],
-        new_windows: Mapping[Any, Sequence[tuple[WindowKey, int]]],
+        new_windows: Iterable[Sequence[tuple[WindowKey, int]]],
         now_ms: int,
     ) -> _Loaded:
         """Lock the accounts, then the budget windows (creating the new ones), and build the books."""
@@ -452,7 +451,7 @@ class CreditStore:
             for key in windows_of(row):
                 keys[_window_id(key)] = key
         caps: dict[str, int] = {}
-        for found in new_windows.values():
+        for found in new_windows:
             for key, cap in found:
                 keys[_window_id(key)] = key
                 caps[_window_id(key)] = cap
