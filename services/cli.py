@@ -217,6 +217,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         stack.start()
+        internal = ", ".join(
+            f"{name} 127.0.0.1:{stack.port_of(name)}" for name in ("auth", "quota", "logger")
+        )
         lines = [
             f"relaygate is up in {time.monotonic() - started:.1f}s",
             f"  relay:      {stack.relay_url}/v1   (OpenAI-compatible base URL)",
@@ -224,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if new_admin_key
             else f"  admin key:  in {state_dir / 'admin-key'}",
             f"  logs:       {stack.log_dir}",
-            f"  internal:   gRPC over mutual TLS, certificates in {state_dir / 'tls'}",
+            f"  internal:   {internal} (gRPC, mutual TLS; certificates in {state_dir / 'tls'})",
         ]
         if args.demo:
             upstream, upstream_url = _start_fake_upstream(stack.log_dir)
