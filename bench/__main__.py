@@ -39,6 +39,7 @@ QUICK = {
     "ingest_burst": 2000,
     "growth_keys": 200,
     "growth_channels": 5,
+    "auth_keys": 100,
 }
 
 

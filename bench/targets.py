@@ -162,17 +162,23 @@ def evaluate(
         )
     )
 
-    # Growth, scenario 7.
+    # Growth, scenario 7: judged on the warm many-keys row (every key verified within the relay's auth
+    # cache TTL, a deployment's steady state); the first use of each key is shown, not judged.
     few_name, many_name = rows.extra(7, "few_keys_row"), rows.extra(7, "many_keys_row")
     few, many = rows.get(7, few_name), rows.get(7, many_name)
+    cold = rows.get(7, rows.extra(7, "cold_keys_row"))
     few_cpu = few.deployment_cpu_per_unit() if few is not None else None
     many_cpu = many.deployment_cpu_per_unit() if many is not None else None
+    cold_cpu = cold.deployment_cpu_per_unit() if cold is not None else None
+    measured = f"{many_name or 'many keys'} (warm) {_ms(many_cpu)}, {few_name or 'few keys'} {_ms(few_cpu)}"
+    if (cold_ratio := _ratio(cold_cpu, few_cpu)) is not None:
+        measured += f"; first use of each key (cold, not judged) {_ms(cold_cpu)}, {cold_ratio:.2f}x"
     checks.append(
         _ratio_check(
             "Growth: deployment CPU per request, rotating many keys vs 10 keys",
             GROWTH_CPU_RATIO,
             _ratio(many_cpu, few_cpu),
-            f"{many_name or 'many keys'} {_ms(many_cpu)}, {few_name or 'few keys'} {_ms(few_cpu)}",
+            measured,
             at_least=False,
             why="needs scenario 7",
         )

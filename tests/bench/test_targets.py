@@ -88,6 +88,25 @@ def test_growth_reads_the_rows_the_scenario_named() -> None:
     assert check.value is not None and abs(check.value - 1.5) < 1e-9 and check.met is False
 
 
+def test_growth_judges_the_warm_row_and_only_shows_the_first_use() -> None:
+    growth = scenario(
+        7,
+        [
+            row("10 keys, 1 channel", 1000, {"relay": 1000}, "relaygate"),
+            row("10,000 keys, 1 channel, first use", 1000, {"relay": 1000, "auth": 2000}, "relaygate"),
+            row("10,000 keys, 1 channel", 1000, {"relay": 1100}, "relaygate"),
+        ],
+        few_keys_row="10 keys, 1 channel",
+        many_keys_row="10,000 keys, 1 channel",
+        cold_keys_row="10,000 keys, 1 channel, first use",
+    )
+    check = checks_by_name([growth])["Growth: deployment CPU per request, rotating many keys vs 10 keys"]
+
+    assert check.value is not None and abs(check.value - 1.1) < 1e-9 and check.met is True
+    assert "(warm) 1.100 ms" in check.measured
+    assert "first use of each key (cold, not judged) 3.000 ms, 3.00x" in check.measured
+
+
 def test_a_target_without_its_rows_is_not_measured_never_met() -> None:
     checks = evaluate([], peer="portkey")
 
