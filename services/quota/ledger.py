@@ -224,7 +224,12 @@ class Ledger:
         self._replica_wait_s = replica_wait_s
         batching = batching or BatchPolicy()
         posting = Posting(db, prices, self._calendar, allow_overage=allow_overage)
-        self._late = LateCharges(db, allow_overage=allow_overage)
+        self._late = LateCharges(
+            db,
+            allow_overage=allow_overage,
+            max_batch=batching.max_batch,
+            concurrency=batching.concurrency,
+        )
         # Reserves and finishes share transactions: one commit for both, one update per account.
         self._posting = GroupCommit[Operation, Result](
             "ledger", posting.execute, max_batch=batching.max_batch, concurrency=batching.concurrency
@@ -233,6 +238,7 @@ class Ledger:
     async def close(self) -> None:
         """Wait for the batches in flight; call after the server stopped taking requests."""
         await self._posting.close()
+        await self._late.close()
 
     @contextlib.asynccontextmanager
     async def _reading(self, *, consistent: bool) -> AsyncIterator[AsyncConnection]:

@@ -135,7 +135,8 @@ class ReservationBook(Protocol):
 
     async def settle_charged(self, reservation_id: str, usage: Usage, cost_micros: int) -> Outcome:
         """Settle a reservation at its event's cost, idempotent with Settle, Release and expiry (after
-        which it is charged late, flag ``late``, with ``written_off_micros``). Raises :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
+        which it is charged late, flag ``late``, with ``written_off_micros``). Raises
+        :class:`NotFound` for an unknown reservation, :class:`InvalidRequest` for a malformed one."""
         ...
 
     async def release(self, reservation_id: str, reason: str = "") -> Outcome:

@@ -35,6 +35,7 @@ from services.migrations import upgrade
 from services.quota import models
 from services.quota.app import run
 from services.quota.budgets import Budgets, Calendar
+from services.quota.late_charges import LateCharges
 from services.quota.leasing import CreditStore
 from services.quota.ledger import Hold, Ledger
 from services.quota.limits import Limits
@@ -811,6 +812,59 @@ async def test_concurrent_late_events_and_settles_of_one_request_charge_it_once(
     assert sum(1 for o in outcomes if not o.repeated) == 1
     assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
     assert (await ledger.balance(user, consistent=True)).balance_micros == 10_000 - COST
+    await clean(ledger)
+
+
+async def test_late_charges_of_one_user_in_one_batch_share_what_is_free_and_charge_a_repeat_once(
+    ledger: Ledger, prices: PriceBook, database: Database, clock: ManualClock
+) -> None:
+    price = await priced_model(prices)
+    user = await funded_user(ledger, 700)
+    other_user = await funded_user(ledger, 10_000)
+    first = await reserve(ledger, price, user, new_id("k"))
+    second = await reserve(ledger, price, other_user, new_id("k"))
+    clock.advance(TTL_S)
+    await ledger.expire_due()
+    third = await reserve(ledger, price, other_user, new_id("k"))
+    await ledger.release(third.reservation_id)
+    late = LateCharges(database, allow_overage=False)
+    usage = PricedUsage(prompt_tokens=100, completion_tokens=50)
+
+    # The first call runs alone; the rest queue behind it and share the next transaction, the
+    # second event twice.
+    outcomes = await asyncio.gather(
+        late.charge(first.reservation_id, usage, COST, int(clock.time())),
+        late.charge(second.reservation_id, usage, COST, int(clock.time())),
+        late.charge(second.reservation_id, usage, COST, int(clock.time())),
+        late.charge(third.reservation_id, usage, COST, int(clock.time())),
+    )
+    await late.close()
+
+    assert [(o.repeated, o.charged_micros, o.written_off_micros) for o in outcomes] == [
+        (False, COST, 0),
+        (False, COST, 0),
+        (True, COST, 0),
+        (False, COST, 0),
+    ]
+    for hold in (first, second, third):
+        assert await ledger_rows(database, hold) == [(-COST, 0, "late,beyond_hold")]
+    assert (await ledger.balance(other_user, consistent=True)).balance_micros == 10_000 - 2 * COST
+    # Of the 450 left to the first user, another request holds 300: the 150 free cover part of
+    # another late event, once.
+    fourth = await reserve(ledger, price, user, new_id("k"))
+    await ledger.release(fourth.reservation_id)
+    blocker = await reserve(ledger, price, user, new_id("k"))
+    again = await asyncio.gather(
+        *(ledger.settle_charged(fourth.reservation_id, usage, COST) for _ in range(3))
+    )
+    assert sorted((o.repeated, o.charged_micros, o.written_off_micros) for o in again) == [
+        (False, 150, COST - 150),
+        (True, 150, 0),
+        (True, 150, 0),
+    ]
+    balance = await ledger.balance(user, consistent=True)
+    assert (balance.balance_micros, balance.reserved_micros) == (300, 300)
+    await ledger.release(blocker.reservation_id)
     await clean(ledger)
 
 
