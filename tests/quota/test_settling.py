@@ -1,5 +1,6 @@
 """Settlement from the usage stream: quota's consumer of the usage topic charges leases and settles exact
-reservations from usage events.
+reservations from usage events, and charges late the events of reservations that expired or were
+released before their event came.
 
 Real Apache Kafka and PostgreSQL (primary + replica): events are produced to a topic of this test's
 own, consumed in a group of its own by :func:`services.quota.settling.settling` (as quota's lifespan
