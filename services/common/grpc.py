@@ -150,11 +150,11 @@ async def serve(
     """
     registrations = list(registrations)
     names = [reg.service_name for reg in registrations]
+    _check_rules(names, security)
     interceptors: list[_ServerInterceptor] = [ErrorInterceptor()]
     if security.tls is None:
         log.warning("grpc is plaintext (RELAYGATE_GRPC_TLS=off): callers are not authenticated")
     else:
-        _check_rules(names, security)
         interceptors.insert(0, RpcAuthInterceptor(security.rules, security.admin_tokens))
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = HealthServicer()

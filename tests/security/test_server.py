@@ -26,22 +26,20 @@ from tests.tls import certificates
 QUOTA_SERVICE = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 
 
-def registration() -> Registration:
-    # The generated base servicer answers UNIMPLEMENTED: enough to see whether a call gets through.
-    return Registration(
-        QUOTA_SERVICE,
-        quota_pb2_grpc.QuotaServiceServicer(),
-        quota_pb2_grpc.add_QuotaServiceServicer_to_server,
-    )
+def registration(servicer: quota_pb2_grpc.QuotaServiceServicer) -> Registration:
+    return Registration(QUOTA_SERVICE, servicer, quota_pb2_grpc.add_QuotaServiceServicer_to_server)
 
 
 @asynccontextmanager
-async def running(security: ServerSecurity) -> AsyncIterator[int]:
+async def running(
+    security: ServerSecurity, *, servicer: quota_pb2_grpc.QuotaServiceServicer | None = None
+) -> AsyncIterator[int]:
+    """``serve`` on a free port; the servicer defaults to the generated base one (UNIMPLEMENTED)."""
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(
         serve(
-            [registration()],
+            [registration(servicer or quota_pb2_grpc.QuotaServiceServicer())],
             listen="127.0.0.1:0",
             drain_seconds=0.2,
             security=security,
@@ -113,3 +111,23 @@ def test_a_refused_certificate_is_not_the_callers_fault() -> None:
     # A service's own refusal (it carries the metadata) keeps its meaning.
     own = rpc_error(refusal(grpc.StatusCode.UNAUTHENTICATED, ((ERROR_CODE_KEY, "invalid_api_key"),)))
     assert isinstance(own, AuthenticationError)
+
+
+async def test_a_plaintext_server_is_reached_without_a_certificate() -> None:
+    # RELAYGATE_GRPC_TLS=off, local development only: the call reaches the handler, where a TLS
+    # server's handshake would have refused it.
+    probe = f"127.0.0.1:{free_port()}"
+    security = ServerSecurity(None, health_listen=probe)
+    request = quota_pb2.TopUpRequest(user_id="usr_local")
+    async with running(security, servicer=Answering()) as port:
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        try:
+            answer = await quota_pb2_grpc.QuotaServiceStub(chan).TopUp(request, timeout=5)
+        finally:
+            await chan.close(None)
+    assert answer.user_id == "usr_local"
+
+
+class Answering(quota_pb2_grpc.QuotaServiceServicer):
+    async def TopUp(self, request: quota_pb2.TopUpRequest, context: object) -> quota_pb2.Balance:
+        return quota_pb2.Balance(user_id=request.user_id)
