@@ -23,6 +23,8 @@ def test_invariants_hold_under_faults(seed: int) -> None:
     simulation.run(STEPS)
     summary = simulation.summary()
     assert summary["leased"] > summary["requests"] // 4, summary
+    # Keys without budgets of their own rode their users' shared leases.
+    assert summary["on_shared"] > summary["requests"] // 10, summary
     assert summary["charges"] > 1_000, summary
 
 
@@ -104,3 +106,20 @@ def test_leased_keys_ride_out_a_quota_outage() -> None:
     failed = {r.request_id: r.state for r in simulation.requests.values() if r.state != "finished"}
     assert not failed
     assert all("-L" in r.hold_id for r in during), "requests during the outage went through quota"
+
+
+def test_rotating_keys_ride_their_users_shared_lease() -> None:
+    # 200 keys of one user, each seen once every 200 requests (far apart for any one key): after the
+    # user's first requests, every key is admitted on the relay's one lease of the user.
+    simulation = Simulation(
+        13, relays=1, users=1, keys_per_user=200, faults=Faults.none(), background_traffic=False
+    )
+    simulation.caps.clear()
+    simulation.user_caps.clear()
+    for index in range(2_000):
+        simulation.submit(1_000 + index * 10, 0, f"k0.{index % 200}", 5 * UNIT, 2 * UNIT)
+    simulation.run_until(30_000)
+    simulation.settle_down()
+    summary = simulation.summary()
+    assert summary["finished"] == 2_000, summary
+    assert summary["on_shared"] >= 1_990 and summary["leases"] == summary["shared_leases"] == 1, summary

@@ -509,8 +509,10 @@ class Simulation:
             self.charged[posted.user_id] = self.charged.get(posted.user_id, 0) + posted.charged
             self.key_charged[request.key_id] = self.key_charged.get(request.key_id, 0) + posted.charged
             hold = self.db.holds.get(event.hold_id)
-            if self.caps.get(request.key_id) and posted.charged and (
-                hold is None or f"day:{request.key_id}" not in hold.windows
+            if (
+                self.caps.get(request.key_id)
+                and posted.charged
+                and (hold is None or f"day:{request.key_id}" not in hold.windows)
             ):
                 self._fail(
                     f"charge for {event.request_id} of budgeted key {request.key_id} went to hold "
