@@ -250,7 +250,8 @@ _REFUSED_CALLER = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PE
 
 def rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     """The :class:`GatewayError` for a failed call: the peer's own error when it sent one, else a
-    503 with ``Retry-After`` for a peer that is down, draining or restarting (never a 500)."""
+    503 with ``Retry-After`` for a peer that is down, draining or restarting, and a 500 when the peer
+    refused this process's certificate (a deployment error, never the client's fault)."""
     code = exc.code()
     metadata = {str(k): str(v) for k, v in (exc.trailing_metadata() or ())}  # type: ignore[misc,has-type]
     if code in PEER_UNAVAILABLE and ERROR_CODE_KEY not in metadata:
