@@ -6,6 +6,7 @@ import asyncio
 
 from services.auth.app import run
 from services.auth.settings import AuthSettings
+from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging, start_metrics_server
 
 
@@ -13,6 +14,7 @@ def main() -> None:
     settings = AuthSettings()
     setup_logging("auth", level=settings.log_level, fmt=settings.log_format)
     start_metrics_server(settings.metrics_listen)
+    freeze_startup_heap()
     asyncio.run(run(settings))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging, start_metrics_server
 from services.logger.app import run
 from services.logger.settings import LoggerSettings
@@ -17,6 +18,7 @@ def main() -> None:
     setup_logging("logger", level=settings.log_level, fmt=settings.log_format)
     start_metrics_server(settings.metrics_listen)
     try:
+        freeze_startup_heap()
         asyncio.run(run(settings))
     except Exception:
         log.exception("logger stopped on an error")

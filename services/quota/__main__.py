@@ -12,6 +12,7 @@ import asyncio
 import sys
 
 from services.common.db import Database
+from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging, start_metrics_server
 from services.quota.app import run
 from services.quota.reconcile import reconcile
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "reconcile":
         sys.exit(asyncio.run(_reconcile(settings, consistent=args.consistent)))
     start_metrics_server(settings.metrics_listen)
+    freeze_startup_heap()
     asyncio.run(run(settings))
 
 
