@@ -212,7 +212,7 @@ class Http1Connection:
 class _Body:
     """The body of one response, as httpcore's stream interface: iterate once, then ``aclose``."""
 
-    __slots__ = ("_connection", "_ended", "_response", "_timeouts", "_until_eof")
+    __slots__ = ("_closed", "_connection", "_ended", "_response", "_timeouts", "_until_eof")
 
     def __init__(
         self,
@@ -227,6 +227,7 @@ class _Body:
         self._timeouts = timeouts
         self._until_eof = until_eof
         self._ended = False
+        self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         response = self._response
@@ -243,6 +244,9 @@ class _Body:
         self._ended = True
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         connection = self._connection
         response = self._response
         if self._ended and not self._until_eof and not response.body:
@@ -250,5 +254,8 @@ class _Body:
         else:
             # Unread, cut short, or delimited by the connection's end: nothing more can follow on it.
             connection._finished(response, reusable=False)
+        # The parser and its callbacks refer to each other: unlinked, reference counting frees both
+        # now rather than the cycle collector later.
+        del response.parser
         if connection.is_closed():
             await connection._stream.aclose()

@@ -216,3 +216,24 @@ async def test_the_read_timeout_lowered_after_the_head_applies_to_the_body() -> 
         assert parts == [b"data: 1\n\n"]
         assert transport.stats().connections == 0
         await transport.aclose()
+
+
+async def test_closing_a_body_twice_leaves_the_pooled_connection_alone() -> None:
+    answer = [OK_HEAD + b"content-length: 2\r\n\r\nok"]
+    async with ScriptedServer([answer, answer]).running() as server:
+        transport = pool(server)
+        request = httpcore.Request(
+            b"POST",
+            transport.url(b"/v1/x"),
+            headers=[(b"host", b"upstream"), (b"content-length", b"0")],
+            content=b"",
+        )
+        response, stream = await transport.open(request)
+        first = response.stream
+        assert [part async for part in stream] == [b"ok"]
+        await stream.aclose()
+        await first.aclose()  # type: ignore[union-attr]
+        assert transport.stats().idle == 1
+        assert await post(transport) == (200, [b"ok"])
+        assert server.connections == 1
+        await transport.aclose()
