@@ -258,10 +258,11 @@ class CreditStore:
         same transaction). Raises :class:`InvalidRequest` for a malformed request.
         """
         _check_sync(request)
+        # Read first: a failure to read it fails the sync before its transaction commits anything.
+        current = await self._budgeted_keys()
         answer = SyncAnswer()
         if request.reports or request.asks:
             answer = await _retrying_races(lambda: self._sync(request))
-        current = await self._budgeted_keys()
         if current.version != request.budgeted_version:
             answer = dataclasses.replace(answer, budgeted=current)
         return answer
