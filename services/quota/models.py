@@ -153,8 +153,9 @@ class Reservation(Base):
 
 
 class LedgerEntry(Base):
-    """Append-only: top-ups and adjustments (signed), one charge per settled reservation, and one per
-    request charged on a lease (``reservation_id`` = the request id, ``hold_id`` = the lease)."""
+    """Append-only: top-ups and adjustments (signed), one charge per settled reservation (or per expired
+    or released one its usage event charged late), and one per request charged on a lease
+    (``reservation_id`` = the request id, ``hold_id`` = the lease)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -172,7 +173,8 @@ class LedgerEntry(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     actor: Mapped[str] = mapped_column(String(200), default="")
     reason: Mapped[str] = mapped_column(String(500), default="")
-    # Charges flagged as settled by expiry or from an estimate.
+    # How a charge was decided: capped, overage, estimated; late (after its hold was given up),
+    # beyond_hold, written_off.
     flags: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[int]
     # The reservation or lease a charge is against (its ``reservations.id``).
