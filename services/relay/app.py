@@ -20,6 +20,7 @@ from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServ
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
+from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
 from services.relay import admin, openai_errors
 from services.relay.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.breaker import BreakerPolicy, Breakers
@@ -53,14 +54,16 @@ def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
 @contextlib.asynccontextmanager
 async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
     async with contextlib.AsyncExitStack() as stack:
-        auth_channel = channel(settings.auth_addr)
+        tls = load_tls(settings, environment=settings.environment)
+        auth_channel = channel(settings.auth_addr, tls=tls, peer=AUTH)
         stack.push_async_callback(auth_channel.close, None)
-        quota_channel = channel(settings.quota_addr)
+        quota_channel = channel(settings.quota_addr, tls=tls, peer=QUOTA)
         stack.push_async_callback(quota_channel.close, None)
-        # Its own channel even at quota's address: moving the catalog elsewhere is then a setting.
-        catalog_channel = channel(settings.catalog_address)
+        # Its own channel even at quota's address: moving the catalog elsewhere is then a setting
+        # (and the certificate it is checked against, today quota's that hosts it).
+        catalog_channel = channel(settings.catalog_address, tls=tls, peer=QUOTA)
         stack.push_async_callback(catalog_channel.close, None)
-        logger_channel = channel(settings.logger_addr)
+        logger_channel = channel(settings.logger_addr, tls=tls, peer=LOGGER)
         stack.push_async_callback(logger_channel.close, None)
 
         publisher: EventPublisher | None = None

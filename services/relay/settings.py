@@ -10,13 +10,16 @@ from pydantic import Field, model_validator
 from services.common.config import (
     BaseServiceSettings,
     CreditSettings,
+    GrpcTlsSettings,
     KafkaSettings,
     RedisSettings,
     ServiceAddresses,
 )
 
 
-class RelaySettings(BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses, CreditSettings):
+class RelaySettings(
+    BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses, CreditSettings, GrpcTlsSettings
+):
     relay_host: str = "127.0.0.1"
     relay_port: int = Field(default=8080, ge=0, le=65535)
     # Request bodies above this are refused with 413 before they are parsed.
