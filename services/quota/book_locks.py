@@ -15,22 +15,22 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     String,
-    Table,
     any_,
     bindparam,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from services.quota import models
 from services.quota.budgets import WindowKey
+from services.quota.models import ACCOUNTS, BUDGETS, ENTRIES, RESERVATION, RESERVATIONS, USAGE
 
 __all__ = ["BookLocks", "member_of", "window_row"]
 
-_A = cast(Table, models.Account.__table__).c
-_B = cast(Table, models.Budget.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_USAGE = cast(Table, models.BudgetUsage.__table__)
+_A = ACCOUNTS.c
+_B = BUDGETS.c
+_L = ENTRIES.c
+_R = RESERVATIONS.c
+_U = USAGE.c
 
 
 def member_of(column: Any, name: str, *, postgres: bool, integer: bool = False) -> ColumnElement[bool]:
@@ -57,10 +57,37 @@ def window_row(key: WindowKey, now_s: int) -> dict[str, Any]:
 
 
 class BookLocks:
-    """Operator budgets (bound as ``sids``), accounts (``users``) and budget windows (``sids`` and
-    ``starts``), read and locked in the shared order; one set per database dialect."""
+    """Exact reservations (bound as ``ids``), operator budgets (``sids``), accounts (``users``) and
+    budget windows (``sids`` and ``starts``), read and locked in the shared order; one set per
+    database dialect."""
 
     def __init__(self, *, postgres: bool) -> None:
+        # With the charge already written for each (its entry id and flags), so a repeated settle or
+        # a late event finds it under the lock. A lease is finished by its relay's sync or by quota,
+        # never through these.
+        self.lock_reservations = (
+            select(
+                _R.id,
+                _R.user_id,
+                _R.key_id,
+                _R.model,
+                _R.state,
+                _R.price_id,
+                _R.reserved_micros,
+                _R.charged_micros,
+                _R.expires_at,
+                _R.budget_windows,
+                _R.day_start,
+                _R.month_start,
+                _R.leases,
+                _L.id.label("entry_id"),
+                _L.flags,
+            )
+            .select_from(RESERVATIONS.outerjoin(ENTRIES, _L.reservation_id == _R.id))
+            .where(member_of(_R.id, "ids", postgres=postgres), _R.kind == RESERVATION)
+            .order_by(_R.id)
+            .with_for_update(of=RESERVATIONS)
+        )
         self.stored_budgets = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
             member_of(_B.scope_id, "sids", postgres=postgres)
         )
@@ -68,7 +95,7 @@ class BookLocks:
             member_of(_A.user_id, "users", postgres=postgres)
         )
         self.lock_accounts = self.accounts.order_by(_A.user_id).with_for_update()
-        self.new_windows = (postgresql.insert if postgres else sqlite.insert)(_USAGE).on_conflict_do_nothing(
+        self.new_windows = (postgresql.insert if postgres else sqlite.insert)(USAGE).on_conflict_do_nothing(
             index_elements=["scope", "scope_id", "period", "window_start"]
         )
         self.lock_windows = (

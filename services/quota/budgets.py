@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Table, and_, bindparam, delete, or_, select
+from sqlalchemy import and_, bindparam, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.clock import Clock
 from services.common.db import Database
 from services.common.errors import InvalidRequest
-from services.quota import models
+from services.quota.models import BUDGETS, USAGE
 
 __all__ = [
     "KEY_DAY",
@@ -56,9 +55,8 @@ _BITS = {
 
 MAX_BUDGET_MICROS = 10**15
 
-_B = cast(Table, models.Budget.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_BUDGETS = cast(Table, models.Budget.__table__)
+_B = BUDGETS.c
+_U = USAGE.c
 
 # Budgets of the keys and users of a batch of reservations, read in the reserve transaction.
 STORED_BUDGETS = select(_B.scope, _B.scope_id, _B.period, _B.limit_micros).where(
@@ -78,7 +76,7 @@ _USAGE_OF = select(_U.period, _U.window_start, _U.spent_micros, _U.reserved_micr
         and_(_U.period == "month", _U.window_start == bindparam("month")),
     ),
 )
-_DELETE_BUDGET = delete(_BUDGETS).where(
+_DELETE_BUDGET = delete(BUDGETS).where(
     _B.scope == bindparam("scope"), _B.scope_id == bindparam("sid"), _B.period == bindparam("per")
 )
 
@@ -207,7 +205,7 @@ class Budgets:
                     "updated_at": now,
                 }
                 dialect = postgresql if self._db.dialect == "postgresql" else sqlite
-                upsert = dialect.insert(_BUDGETS).values(values)
+                upsert = dialect.insert(BUDGETS).values(values)
                 await conn.execute(
                     upsert.on_conflict_do_update(
                         index_elements=["scope", "scope_id", "period"],

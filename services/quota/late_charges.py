@@ -29,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import JSON, Table, bindparam, insert, select, update
+from sqlalchemy import JSON, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.common.credit import RESERVATION, Charge, CreditTerms
@@ -39,10 +39,11 @@ from services.common.db import Database
 from services.common.errors import NotFound
 from services.common.pricing import Usage
 from services.quota import models
-from services.quota.book_locks import BookLocks, member_of
+from services.quota.book_locks import BookLocks
 from services.quota.budgets import WindowKey
 from services.quota.credit import CLOSED, Account, CreditBooks, Hold, Posted, Window
 from services.quota.group_commit import GroupCommit
+from services.quota.models import ACCOUNTS, ENTRIES, RESERVATIONS, USAGE
 from services.quota.settlement import (
     FLAG_BEYOND_HOLD,
     FLAG_CAPPED,
@@ -58,14 +59,10 @@ __all__ = ["LATE_STATES", "LateCharge", "LateCharges"]
 # The finished states whose reservation charged nothing, so that its event may still charge it.
 LATE_STATES = (models.EXPIRED, models.RELEASED)
 
-_A = cast(Table, models.Account.__table__).c
-_R = cast(Table, models.Reservation.__table__).c
-_L = cast(Table, models.LedgerEntry.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_ACCOUNTS = cast(Table, models.Account.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
-_ENTRIES = cast(Table, models.LedgerEntry.__table__)
-_USAGE = cast(Table, models.BudgetUsage.__table__)
+_A = ACCOUNTS.c
+_R = RESERVATIONS.c
+_L = ENTRIES.c
+_U = USAGE.c
 
 # The credit books only need terms for leases; a charge reads none of them.
 _TERMS = CreditTerms()
@@ -106,34 +103,13 @@ class LateCharges:
         self._allow_overage = allow_overage
         pg = db.dialect == "postgresql"
         self._locks = BookLocks(postgres=pg)
-        self._lock_reservations = (
-            select(
-                _R.id,
-                _R.user_id,
-                _R.key_id,
-                _R.state,
-                _R.price_id,
-                _R.reserved_micros,
-                _R.charged_micros,
-                _R.budget_windows,
-                _R.day_start,
-                _R.month_start,
-                _R.leases,
-                _L.id.label("entry_id"),
-                _L.flags,
-            )
-            .select_from(_RESERVATIONS.outerjoin(_ENTRIES, _L.reservation_id == _R.id))
-            .where(member_of(_R.id, "ids", postgres=pg), _R.kind == models.RESERVATION)
-            .order_by(_R.id)
-            .with_for_update(of=_RESERVATIONS)
-        )
         self._set_balances = (
-            update(_ACCOUNTS)
+            update(ACCOUNTS)
             .where(_A.user_id == bindparam("uid"))
             .values(balance_micros=bindparam("balance"), updated_at=bindparam("now"))
         )
         self._set_spent = (
-            update(_USAGE)
+            update(USAGE)
             .where(
                 _U.scope == bindparam("w_scope"),
                 _U.scope_id == bindparam("w_sid"),
@@ -143,11 +119,11 @@ class LateCharges:
             .values(spent_micros=bindparam("spent"), updated_at=bindparam("now"))
         )
         self._charge_reservations = (
-            update(_RESERVATIONS)
+            update(RESERVATIONS)
             .where(_R.id == bindparam("rid"))
             .values(charged_micros=bindparam("charged"), usage=bindparam("usage_json", type_=JSON()))
         )
-        self._insert_entries = insert(_ENTRIES)
+        self._insert_entries = insert(ENTRIES)
         self._commit = GroupCommit[LateCharge, Outcome](
             "late_charges", self._execute, max_batch=max_batch, concurrency=concurrency
         )
@@ -170,7 +146,9 @@ class LateCharges:
         now = max(op.now for op in batch)
         async with self._db.primary.begin() as conn:
             ids = sorted({op.reservation_id for op in batch})
-            rows = {str(row.id): row for row in await conn.execute(self._lock_reservations, {"ids": ids})}
+            rows = {
+                str(row.id): row for row in await conn.execute(self._locks.lock_reservations, {"ids": ids})
+            }
             # Per operation: a planned charge, the index of the one it repeats, or a stored answer.
             plans: list[_Planned | int | Outcome | BaseException] = []
             first: dict[str, int] = {}

@@ -31,9 +31,9 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import ARRAY, Select, String, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ARRAY, Select, String, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -59,6 +59,7 @@ from services.quota.book_locks import BookLocks, member_of, window_row
 from services.quota.budgets import Calendar, WindowKey, window_bit
 from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Posted, Window
 from services.quota.holding import HoldRequest, budget_windows, windows_for
+from services.quota.models import ACCOUNTS, BUDGETS, ENTRIES, RESERVATIONS, USAGE
 from services.quota.settlement import windows_of
 
 __all__ = ["MAX_BUDGETED_KEYS", "MAX_ITEMS", "CreditStore", "budgeted_keys"]
@@ -79,15 +80,11 @@ _ATTEMPTS = 3
 
 _T = TypeVar("_T")
 
-_A = cast(Table, models.Account.__table__).c
-_R = cast(Table, models.Reservation.__table__).c
-_L = cast(Table, models.LedgerEntry.__table__).c
-_B = cast(Table, models.Budget.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_ACCOUNTS = cast(Table, models.Account.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
-_ENTRIES = cast(Table, models.LedgerEntry.__table__)
-_USAGE = cast(Table, models.BudgetUsage.__table__)
+_A = ACCOUNTS.c
+_R = RESERVATIONS.c
+_L = ENTRIES.c
+_B = BUDGETS.c
+_U = USAGE.c
 
 _HOLD_COLUMNS = (
     _R.id,
@@ -177,15 +174,15 @@ class CreditStore:
                 .render_derived("asked")
             )
             self._charged_already = select(_L.reservation_id).select_from(
-                rids.join(_ENTRIES, _L.reservation_id == rids.c.rid)
+                rids.join(ENTRIES, _L.reservation_id == rids.c.rid)
             )
         else:
             self._charged_already = select(_L.reservation_id).where(
                 member_of(_L.reservation_id, "rids", postgres=False)
             )
-        self._insert_holds = insert(_RESERVATIONS)
+        self._insert_holds = insert(RESERVATIONS)
         self._update_holds = (
-            update(_RESERVATIONS)
+            update(RESERVATIONS)
             .where(_R.id == bindparam("h_id"))
             .values(
                 state=bindparam("h_state"),
@@ -206,7 +203,7 @@ class CreditStore:
             )
         )
         self._update_accounts = (
-            update(_ACCOUNTS)
+            update(ACCOUNTS)
             .where(_A.user_id == bindparam("a_uid"))
             .values(
                 balance_micros=bindparam("a_balance"),
@@ -215,7 +212,7 @@ class CreditStore:
             )
         )
         self._update_windows = (
-            update(_USAGE)
+            update(USAGE)
             .where(
                 _U.scope == bindparam("w_scope"),
                 _U.scope_id == bindparam("w_sid"),
@@ -229,7 +226,7 @@ class CreditStore:
                 updated_at=bindparam("w_now"),
             )
         )
-        self._insert_entries = insert(_ENTRIES)
+        self._insert_entries = insert(ENTRIES)
         self._budgeted_ids = (
             select(_B.scope_id)
             .where(_B.scope == "key")

@@ -31,9 +31,9 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -56,7 +56,7 @@ from services.quota.holding import Hold, HoldRequest
 from services.quota.late_charges import LATE_STATES, LateCharges
 from services.quota.leasing import CreditStore
 from services.quota.limits import NO_LIMITS, Limiter, LimitRequest, Limits, LocalLimiter, Ticket, lease_names
-from services.quota.models import EXPIRED, HELD, RELEASED, SETTLED, STATES
+from services.quota.models import ACCOUNTS, ENTRIES, EXPIRED, HELD, RELEASED, RESERVATIONS, SETTLED, STATES
 from services.quota.posting import Operation, Posting, Result
 from services.quota.pricing import MAX_CHOICES, MAX_IMAGES, MAX_TOKENS, PriceBook, Usage, worst_case
 from services.quota.reconcile import Discrepancy, reconcile
@@ -83,16 +83,13 @@ log = logging.getLogger(__name__)
 MAX_TOP_UP_MICROS = 10**15
 MAX_PAGE = 500
 
-_A = cast(Table, models.Account.__table__).c
-_R = cast(Table, models.Reservation.__table__).c
-_L = cast(Table, models.LedgerEntry.__table__).c
-_ACCOUNTS = cast(Table, models.Account.__table__)
-_ENTRIES = cast(Table, models.LedgerEntry.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
+_A = ACCOUNTS.c
+_R = RESERVATIONS.c
+_L = ENTRIES.c
 
 _BALANCE = select(_A.balance_micros, _A.reserved_micros).where(_A.user_id == bindparam("uid"))
 _CREDIT = (
-    update(_ACCOUNTS)
+    update(ACCOUNTS)
     .where(_A.user_id == bindparam("uid"))
     .values(balance_micros=_A.balance_micros + bindparam("amount"), updated_at=bindparam("now"))
     .returning(_A.balance_micros, _A.reserved_micros)
@@ -106,7 +103,7 @@ _DUE = (
     .order_by(_R.expires_at)
     .limit(bindparam("batch"))
 )
-_INSERT_ENTRY = insert(_ENTRIES)
+_INSERT_ENTRY = insert(ENTRIES)
 _ENTRY_OWNER = select(_L.user_id).where(_L.idempotency_key == bindparam("key"))
 _PAGE = (
     select(
@@ -552,7 +549,7 @@ class Ledger:
             "updated_at": now,
         }
         dialect = postgresql if self._db.dialect == "postgresql" else sqlite
-        return dialect.insert(_ACCOUNTS).values(values).on_conflict_do_nothing(index_elements=["user_id"])
+        return dialect.insert(ACCOUNTS).values(values).on_conflict_do_nothing(index_elements=["user_id"])
 
     async def balance(self, user_id: str, *, consistent: bool = False, min_lsn: int = 0) -> BalanceView:
         """A user's balance (zeros without an account).

@@ -8,9 +8,9 @@ reservations that name its window (``services.quota.reconcile`` checks all of it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, UniqueConstraint, false
+from sqlalchemy import JSON, Boolean, CheckConstraint, Index, String, Table, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.common.db import Base
@@ -181,3 +181,12 @@ class LedgerEntry(Base):
     hold_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     # What a late charge could not take from the balance: on the books, never collected.
     written_off_micros: Mapped[int] = mapped_column(default=0, server_default="0")
+
+
+# The tables as SQLAlchemy Core sees them: the money path locks and posts with Core statements (no
+# identity map to fill for rows it reads once).
+ACCOUNTS = cast(Table, Account.__table__)
+RESERVATIONS = cast(Table, Reservation.__table__)
+ENTRIES = cast(Table, LedgerEntry.__table__)
+BUDGETS = cast(Table, Budget.__table__)
+USAGE = cast(Table, BudgetUsage.__table__)

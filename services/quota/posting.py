@@ -29,11 +29,9 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Table,
     bindparam,
     case,
     insert,
-    select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -42,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.common.db import Database
 from services.common.errors import NotFound
 from services.quota import models
-from services.quota.book_locks import BookLocks, member_of, window_row
+from services.quota.book_locks import BookLocks, window_row
 from services.quota.budgets import Calendar, WindowKey
 from services.quota.holding import (
     Hold,
@@ -53,6 +51,7 @@ from services.quota.holding import (
     repeat,
     reservation_row,
 )
+from services.quota.models import ACCOUNTS, BUDGETS, ENTRIES, RESERVATIONS, USAGE
 from services.quota.pricing import PriceBook
 from services.quota.settlement import Charge, FinishRequest, Outcome, charge_for, repeated, windows_of
 
@@ -62,15 +61,11 @@ Operation = HoldRequest | FinishRequest
 # A finish answers None when it is an expiry that did not happen (finished already, or not due).
 Result = Hold | Outcome | None | BaseException
 
-_A = cast(Table, models.Account.__table__).c
-_R = cast(Table, models.Reservation.__table__).c
-_B = cast(Table, models.Budget.__table__).c
-_L = cast(Table, models.LedgerEntry.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_ACCOUNTS = cast(Table, models.Account.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
-_ENTRIES = cast(Table, models.LedgerEntry.__table__)
-_USAGE = cast(Table, models.BudgetUsage.__table__)
+_A = ACCOUNTS.c
+_R = RESERVATIONS.c
+_B = BUDGETS.c
+_L = ENTRIES.c
+_U = USAGE.c
 
 
 class Books:
@@ -149,32 +144,9 @@ class Posting:
         self._allow_overage = allow_overage
         pg = db.dialect == "postgresql"
         self._locks = BookLocks(postgres=pg)
-        self._lock_reservations = (
-            select(
-                _R.id,
-                _R.user_id,
-                _R.key_id,
-                _R.model,
-                _R.state,
-                _R.price_id,
-                _R.reserved_micros,
-                _R.charged_micros,
-                _R.expires_at,
-                _R.budget_windows,
-                _R.day_start,
-                _R.month_start,
-                _R.leases,
-                _L.flags,
-            )
-            .select_from(_RESERVATIONS.outerjoin(_ENTRIES, _L.reservation_id == _R.id))
-            # A lease is finished by its relay's sync or by quota, never by Settle or Release.
-            .where(member_of(_R.id, "ids", postgres=pg), _R.kind == models.RESERVATION)
-            .order_by(_R.id)
-            .with_for_update(of=_RESERVATIONS)
-        )
-        self._insert_reservations = insert(_RESERVATIONS)
+        self._insert_reservations = insert(RESERVATIONS)
         self._finish_reservations = (
-            update(_RESERVATIONS)
+            update(RESERVATIONS)
             .where(_R.id == bindparam("rid"))
             .values(
                 state=bindparam("new_state"),
@@ -184,7 +156,7 @@ class Posting:
             )
         )
         self._change_accounts = (
-            update(_ACCOUNTS)
+            update(ACCOUNTS)
             .where(_A.user_id == bindparam("uid"))
             .values(
                 balance_micros=_A.balance_micros - bindparam("charged"),
@@ -194,7 +166,7 @@ class Posting:
         )
         cap = bindparam("cap", type_=BigInteger())
         self._change_windows = (
-            update(_USAGE)
+            update(USAGE)
             .where(
                 _U.scope == bindparam("w_scope"),
                 _U.scope_id == bindparam("w_sid"),
@@ -209,7 +181,7 @@ class Posting:
                 updated_at=bindparam("now"),
             )
         )
-        self._insert_entries = insert(_ENTRIES)
+        self._insert_entries = insert(ENTRIES)
 
     async def execute(self, batch: Sequence[Operation]) -> list[Result]:
         """One result per operation, in order: a :class:`Hold` or an :class:`Outcome`, ``None`` for an
@@ -225,7 +197,9 @@ class Posting:
         """This reserve lost a race with another of the same id: answer with the one that won."""
         async with self._db.reader(consistent=True) as session:
             conn = await session.connection()
-            row = (await conn.execute(self._lock_reservations, {"ids": [op.reservation_id]})).one_or_none()
+            row = (
+                await conn.execute(self._locks.lock_reservations, {"ids": [op.reservation_id]})
+            ).one_or_none()
             if row is None:
                 raise LookupError(f"reservation {op.reservation_id!r} vanished after a duplicate insert")
             accounts = {
@@ -241,7 +215,7 @@ class Posting:
         # A Core connection straight from the engine: an ORM session would only add bookkeeping.
         async with self._db.primary.begin() as conn:
             ids = sorted({op.reservation_id for op in batch})
-            rows = {row.id: row for row in await conn.execute(self._lock_reservations, {"ids": ids})}
+            rows = {row.id: row for row in await conn.execute(self._locks.lock_reservations, {"ids": ids})}
             first_hold: dict[str, int] = {}
             fresh: list[HoldRequest] = []
             for i, op in enumerate(batch):

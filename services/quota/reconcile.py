@@ -21,25 +21,21 @@ Reading a replica is fine: its snapshot is an older commit, and the invariants h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
-from sqlalchemy import Table, case, func, literal, select, union_all
+from sqlalchemy import case, func, literal, select, union_all
 
 from services.common.db import Database
 from services.quota import models
 from services.quota.budgets import PERIODS, SCOPES, window_bit
+from services.quota.models import ACCOUNTS, ENTRIES, RESERVATIONS, USAGE
 from services.quota.settlement import FLAG_LATE
 
 __all__ = ["Discrepancy", "reconcile"]
 
-_A = cast(Table, models.Account.__table__).c
-_R = cast(Table, models.Reservation.__table__).c
-_L = cast(Table, models.LedgerEntry.__table__).c
-_U = cast(Table, models.BudgetUsage.__table__).c
-_ACCOUNTS = cast(Table, models.Account.__table__)
-_RESERVATIONS = cast(Table, models.Reservation.__table__)
-_ENTRIES = cast(Table, models.LedgerEntry.__table__)
-_USAGE = cast(Table, models.BudgetUsage.__table__)
+_A = ACCOUNTS.c
+_R = RESERVATIONS.c
+_L = ENTRIES.c
+_U = USAGE.c
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +95,7 @@ def _balances() -> object:
     )
     orphans = (
         select(sums.c.user_id, literal(0), sums.c.total, literal(0), literal(0))
-        .outerjoin(_ACCOUNTS, _A.user_id == sums.c.user_id)
+        .outerjoin(ACCOUNTS, _A.user_id == sums.c.user_id)
         .where(_A.user_id.is_(None), sums.c.total != 0)
     )
     return accounts.union_all(orphans)
