@@ -600,9 +600,11 @@ class Discrepancy(_message.Message):
     STORED_RESERVED_MICROS_FIELD_NUMBER: _builtins.int
     EXPECTED_RESERVED_MICROS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """balance | budget"""
+    """balance | charge | budget | write_off (services/quota/reconcile.py says what each checks)"""
     subject: _builtins.str
-    """The user (balance) or "<scope>:<scope_id>:<period>:<window_start>" (budget)."""
+    """The user (balance), the reservation or lease (charge), the ledger entry (write_off) or
+    "<scope>:<scope_id>:<period>:<window_start>" (budget).
+    """
     stored_micros: _builtins.int
     """What is stored and what the ledger / reservations add up to."""
     expected_micros: _builtins.int
