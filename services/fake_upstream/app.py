@@ -1,12 +1,14 @@
 """The fake upstream as a plain ASGI application (no framework on the hot path).
 
-Request flow for inference paths (everything under ``/v1``):
+Inference paths belong to a provider :class:`.Dialect`: OpenAI (``/v1/...``), Azure OpenAI
+(``/openai/deployments/...``), Anthropic (``/v1/messages``) and Gemini (``/v1beta/models/...``).
+Request flow, the same for each:
 
-1. route by exact path (404 ``unknown_url``) and method (405 with ``allow``);
+1. route by path (404 ``unknown_url``) and method (405 with ``allow``);
 2. read the body, parse it with orjson, record it in :class:`.Stats`;
-3. check the bearer token when ``api_key`` is set (401 ``invalid_api_key``);
+3. check credentials and required headers the dialect's way (its 401/403/400/404);
 4. wait ``latency_ms``;
-5. inject the failure chosen by :meth:`.Behaviour.take_failure`, if any;
+5. inject the failure chosen by :meth:`.Behaviour.take_failure`, if any (in the dialect's shape);
 6. answer 400 for a body that is not a JSON object, else run the endpoint handler.
 
 Dropping a connection needs the TCP transport, which ASGI does not expose: the runner in
@@ -34,9 +36,10 @@ from typing import Any
 
 import orjson
 
-from . import endpoints, payloads
+from . import anthropic_api, azure_api, gemini_api, openai_api
 from .behaviour import Behaviour, BehaviourError, Failure
-from .endpoints import Handler, JsonReply, RequestError, StreamReply
+from .dialect import Call, Dialect, Route, Streams, headers_of, query_of
+from .endpoints import SSE_HEADERS, JsonReply, RequestError, StreamReply
 from .pacing import Pacer, ShuttingDown
 from .stats import Stats, StatsSnapshot
 
@@ -50,21 +53,20 @@ TRANSPORT_EXTENSION = "relaygate.fake_upstream.transport"
 
 CONTROL_PREFIX = "/_fake/"
 
-_SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
+_DIALECTS: tuple[Dialect, ...] = (
+    openai_api.DIALECT,
+    anthropic_api.DIALECT,
+    azure_api.DIALECT,
+    gemini_api.DIALECT,
 )
 
-# Inference routes: path -> (the one allowed method, handler).
-_INFERENCE: dict[str, tuple[str, Handler]] = {
-    "/v1/chat/completions": ("POST", endpoints.chat_completions),
-    "/v1/completions": ("POST", endpoints.completions),
-    "/v1/embeddings": ("POST", endpoints.embeddings),
-    "/v1/images/generations": ("POST", endpoints.image_generations),
-    "/v1/models": ("GET", endpoints.list_models),
-}
 
-_STREAMING_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
+def _route(path: str) -> tuple[Dialect, Route] | None:
+    for dialect in _DIALECTS:
+        route = dialect.match(path)
+        if route is not None:
+            return dialect, route
+    return None
 
 
 class FakeUpstreamApp:
@@ -129,26 +131,26 @@ class FakeUpstreamApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        route = _INFERENCE.get(path)
-        if route is not None:
-            allowed, handler = route
-            if method != allowed:
-                await _send_json(send, _method_not_allowed(method, path), ((b"allow", allowed.encode()),))
+        routed = _route(path)
+        if routed is not None:
+            dialect, route = routed
+            if method != route.method:
+                allow = ((b"allow", route.method.encode()),)
+                await _send_json(send, dialect.error(_method_not_allowed(method, path)), allow)
                 return
             try:
-                await self._inference(scope, receive, send, path, handler)
+                await self._inference(scope, receive, send, dialect, route)
             except ShuttingDown:
                 await _drop(scope, receive, send)
             return
         control = self._control.get(path)
         if control is None:
-            reply = RequestError(404, f"Invalid URL ({method} {path})", code="unknown_url").reply()
-            await _send_json(send, reply)
+            await _send_json(send, _unknown_url(method, path).reply())
             return
         action = control.get(method)
         if action is None:
-            allow = ", ".join(control).encode()
-            await _send_json(send, _method_not_allowed(method, path), ((b"allow", allow),))
+            allowed = ", ".join(control).encode()
+            await _send_json(send, _method_not_allowed(method, path).reply(), ((b"allow", allowed),))
             return
         raw = await _read_body(receive)
         if raw is None:
@@ -158,12 +160,12 @@ class FakeUpstreamApp:
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                await _send_json(send, _invalid_json())
+                await _send_json(send, _invalid_json().reply())
                 return
         await _send_json(send, action(body))
 
     async def _inference(
-        self, scope: Scope, receive: Receive, send: Send, path: str, handler: Handler
+        self, scope: Scope, receive: Receive, send: Send, dialect: Dialect, route: Route
     ) -> None:
         raw = await _read_body(receive)
         if raw is None:
@@ -177,11 +179,13 @@ class FakeUpstreamApp:
                 valid = False
             else:
                 valid = isinstance(body, dict)
-        self.stats.record(scope["method"], path, scope["headers"], body)
+        self.stats.record(scope["method"], scope["path"], scope["headers"], body)
 
         behaviour = self.behaviour
-        if behaviour.api_key is not None and not _authorised(scope["headers"], behaviour.api_key):
-            await _send_json(send, _unauthorised())
+        call = Call(body, route.params, query_of(scope["query_string"]), headers_of(scope["headers"]))
+        refusal = dialect.refuse(call, behaviour)
+        if refusal is not None:
+            await _send_json(send, refusal)
             return
         if behaviour.latency_ms > 0:
             await self.pacer.sleep(behaviour.latency_ms / 1000)
@@ -189,7 +193,9 @@ class FakeUpstreamApp:
 
         failure: Failure | None = None
         if behaviour.failing:
-            streaming = valid and path in _STREAMING_PATHS and body.get("stream") is True
+            streaming = route.streams is Streams.ALWAYS or (
+                route.streams is Streams.ON_REQUEST and valid and body.get("stream") is True
+            )
             failure = behaviour.take_failure(streaming=streaming)
             if failure is not None:
                 self.stats.injected_failures += 1
@@ -200,16 +206,16 @@ class FakeUpstreamApp:
                     await self.pacer.wait_for(_until_disconnect(receive))
                     return
                 if failure is Failure.STATUS:
-                    await _send_json(send, *_injected_status(behaviour))
+                    await _send_json(send, dialect.injected(behaviour.fail_status or 500, behaviour))
                     return
 
         if not valid:
-            await _send_json(send, _invalid_json())
+            await _send_json(send, dialect.error(_invalid_json()))
             return
         try:
-            reply = handler(body, behaviour)
+            reply = route.handler(call, behaviour)
         except RequestError as error:
-            reply = error.reply()
+            reply = dialect.error(error)
         if isinstance(reply, StreamReply):
             drop_after = behaviour.drop_after_chunks if failure is Failure.DROP_MID_STREAM else None
             await self._stream(scope, receive, send, reply, behaviour.chunk_interval_ms / 1000, drop_after)
@@ -232,7 +238,7 @@ class FakeUpstreamApp:
         stats.open_streams += 1
         completed = False
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": reply.headers})
             if interval <= 0 and drop_after is None:
                 # Nothing to pace: one write is much cheaper than one per event, and SSE framing
                 # does not depend on how the bytes are split.
@@ -294,36 +300,20 @@ def _get_health(_body: Any) -> JsonReply:
     return _HEALTH
 
 
-def _method_not_allowed(method: str, path: str) -> JsonReply:
-    return RequestError(405, f"Method {method} not allowed for {path}", code="method_not_allowed").reply()
+def _unknown_url(method: str, path: str) -> RequestError:
+    return RequestError(404, f"Invalid URL ({method} {path})", code="unknown_url")
 
 
-def _invalid_json() -> JsonReply:
+def _method_not_allowed(method: str, path: str) -> RequestError:
+    return RequestError(405, f"Method {method} not allowed for {path}", code="method_not_allowed")
+
+
+def _invalid_json() -> RequestError:
     return RequestError(
         400,
         "We could not parse the JSON body of your request: it must be a JSON object.",
         code="invalid_json",
-    ).reply()
-
-
-def _unauthorised() -> JsonReply:
-    return RequestError(401, "Incorrect API key provided.", code="invalid_api_key").reply()
-
-
-def _injected_status(behaviour: Behaviour) -> tuple[JsonReply, tuple[tuple[bytes, bytes], ...]]:
-    status = behaviour.fail_status or 500
-    extra: tuple[tuple[bytes, bytes], ...] = ()
-    if status == 429:
-        extra = ((b"retry-after", str(behaviour.retry_after).encode()),)
-    return JsonReply(payloads.injected_error(status), status), extra
-
-
-def _authorised(headers: Sequence[tuple[bytes, bytes]], api_key: str) -> bool:
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return scheme.lower() == b"bearer" and token.strip() == api_key.encode()
-    return False
+    )
 
 
 async def _send_json(send: Send, reply: JsonReply, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -374,7 +364,7 @@ async def _drop(scope: Scope, receive: Receive, send: Send) -> None:
     transport = _transport(scope)
     if transport is None:
         with contextlib.suppress(RuntimeError):  # the response may have started already
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         raise _DroppedConnection("connection dropped on purpose")
     transport.close()
     # Returning before the server has seen the connection go would make it complain about (or try

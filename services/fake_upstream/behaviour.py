@@ -51,10 +51,21 @@ class Behaviour:
         omit_usage: never report usage, neither in streams nor in non-streaming bodies (wins over the
             two fields above).
         embedding_dim: vector length of embeddings when the request gives no ``dimensions``.
+        tool_call: when the request offers tools (Anthropic ``tools``, Gemini
+            ``functionDeclarations``), end the reply with a call of the first one (or the one the
+            request's tool choice names); see :mod:`.tokens` for its arguments and tokens.
+        cached_tokens: prompt tokens reported as read from the provider's prompt cache (Anthropic
+            ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``), capped by the prompt.
+        cache_write_tokens: prompt tokens reported as written to the cache (Anthropic
+            ``cache_creation_input_tokens``), capped by what the cached ones leave of the prompt.
+        reasoning_tokens: output tokens spent on reasoning (Anthropic
+            ``output_tokens_details.thinking_tokens``, Gemini ``thoughtsTokenCount``).
 
     Failures (see the module docstring for precedence and ``fail_count``):
-        fail_status: answer with this HTTP status and an OpenAI error body.
-        retry_after: seconds sent in the ``retry-after`` header of injected 429 responses.
+        fail_status: answer with this HTTP status and the provider's error body (OpenAI's on the
+            OpenAI and Azure paths, Anthropic's, Google's).
+        retry_after: seconds until an injected 429 may be retried, as the provider says it
+            (``retry-after`` header; Gemini's ``RetryInfo`` detail).
         fail_count: how many upcoming requests fail; ``-1`` means every request.
         hang: read the request, then never answer until the client gives up.
         drop_connection: read the request, then close the TCP connection without any response.
@@ -81,6 +92,10 @@ class Behaviour:
     usage_in_every_chunk: bool = False
     omit_usage: bool = False
     embedding_dim: int = 8
+    tool_call: bool = False
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     fail_status: int | None = None
     retry_after: int = 1
     fail_count: int = -1
@@ -296,6 +311,10 @@ FIELDS: dict[str, _FieldSpec] = {
     "usage_in_every_chunk": _FLAG,
     "omit_usage": _FLAG,
     "embedding_dim": _FieldSpec(_int_at_least(1), _int_text),
+    "tool_call": _FLAG,
+    "cached_tokens": _COUNT,
+    "cache_write_tokens": _COUNT,
+    "reasoning_tokens": _COUNT,
     "fail_status": _FieldSpec(_status, _optional_int_text),
     "retry_after": _COUNT,
     "fail_count": _FieldSpec(_int_at_least(-1), _int_text),

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,10 @@ MAX_EMBEDDING_DIMENSIONS = 8192
 MAX_IMAGES = 10
 
 JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
+SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+)
 
 
 @dataclass(slots=True)
@@ -37,11 +41,14 @@ class JsonReply:
 
 @dataclass(slots=True)
 class StreamReply:
-    """A server-sent-events response: ``events`` in order, the ``content`` ones paced by
-    ``chunk_interval_ms``."""
+    """A streamed response: ``events`` in order, the ``content`` ones paced by ``chunk_interval_ms``.
+
+    Server-sent events unless ``headers`` say otherwise (Gemini's JSON-array stream).
+    """
 
     events: list[bytes]
-    content: range = field(default_factory=lambda: range(0))
+    content: Container[int] = field(default_factory=frozenset)
+    headers: tuple[tuple[bytes, bytes], ...] = SSE_HEADERS
 
 
 Reply = JsonReply | StreamReply
@@ -71,21 +78,23 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 
 
-def _new_id(kind: str) -> str:
-    return f"{kind}-fake{_ID_PREFIX}{next(_ids):08x}"
-
-
 # The fixed ``created`` of deterministic replies (2023-11-14T22:13:20Z).
 FIXED_CREATED = 1_700_000_000
 
 
-def _identity(kind: str, body: dict[str, Any], behaviour: Behaviour) -> tuple[str, int]:
+def identity(kind: str, body: dict[str, Any], behaviour: Behaviour) -> tuple[str, int]:
     """A reply's id and ``created``: fresh ones, or derived from model and prompt when deterministic."""
-    if not behaviour.deterministic:
-        return _new_id(kind), int(time.time())
     prompt = [body.get("model"), body.get("messages"), body.get("prompt"), body.get("n")]
-    seed = orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS)
-    return f"{kind}-{hashlib.sha256(seed).hexdigest()[:24]}", FIXED_CREATED
+    return identity_of(kind, prompt, behaviour)
+
+
+def identity_of(kind: str, seed: Any, behaviour: Behaviour, separator: str = "-") -> tuple[str, int]:
+    """An id (``kind`` + ``separator`` + suffix) and ``created``: fresh ones, or derived from
+    ``seed`` (JSON-serialisable) when the behaviour is deterministic."""
+    if not behaviour.deterministic:
+        return f"{kind}{separator}fake{_ID_PREFIX}{next(_ids):08x}", int(time.time())
+    digest = hashlib.sha256(orjson.dumps(seed, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
+    return f"{kind}{separator}{digest}", FIXED_CREATED
 
 
 def _model(body: dict[str, Any], behaviour: Behaviour) -> str:
@@ -132,7 +141,7 @@ def _generate(
     body: dict[str, Any], behaviour: Behaviour, *, chat: bool, model: str, prompt_tokens: int
 ) -> Reply:
     count, finish_reason = _completion_length(body, behaviour)
-    reply_id, created = _identity("chatcmpl" if chat else "cmpl", body, behaviour)
+    reply_id, created = identity("chatcmpl" if chat else "cmpl", body, behaviour)
     report = not behaviour.omit_usage
     if body.get("stream") is True:
         asked = _include_usage(body)
@@ -218,7 +227,7 @@ def image_generations(body: Any, behaviour: Behaviour) -> Reply:
         raise RequestError(
             400, "response_format must be 'url' or 'b64_json'.", param="response_format", code="invalid_value"
         )
-    image_id, created = _identity("img", body, behaviour)
+    image_id, created = identity("img", body, behaviour)
     return JsonReply(payloads.images(image_id, created, count, response_format))
 
 
