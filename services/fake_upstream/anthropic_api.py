@@ -24,8 +24,9 @@ Shapes follow Anthropic's public API documentation:
   (``anthropic`` 2.10 sends ``2026-10-21``), so any ``YYYY-MM-DD`` date from 2023 on is accepted
   and anything else refused.
 
-The key goes in ``x-api-key`` (or ``Authorization: Bearer`` as OAuth clients send it); when the
-behaviour sets no ``api_key`` any non-empty key is accepted, but one must be sent.
+The key goes in ``x-api-key`` (curl, older SDKs) or ``Authorization: Bearer`` (the ``anthropic``
+SDK 2.x sends its API key so); when the behaviour sets no ``api_key`` any non-empty key is
+accepted, but one must be sent.
 """
 
 from __future__ import annotations
