@@ -1,4 +1,7 @@
-"""A fake OpenAI-compatible upstream ("LLM provider") on loopback, for tests, demos and benchmarks.
+"""A fake LLM provider on loopback, for tests, demos and benchmarks.
+
+It speaks OpenAI's API (``/v1/...``), Azure OpenAI's deployment paths, Anthropic's Messages API
+and Gemini's ``generateContent``, each in its own wire format (see the ``*_api`` modules).
 
 * :class:`FakeUpstream` - run it in a background thread of the current process;
 * :class:`FakeUpstreamProcess` - run it as ``python -m services.fake_upstream`` in a child process;

@@ -28,7 +28,10 @@ DEFAULT_PORT = 8099
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.fake_upstream",
-        description="Fake OpenAI-compatible upstream for tests, demos and benchmarks (loopback only).",
+        description=(
+            "Fake LLM provider (OpenAI, Azure OpenAI, Anthropic, Gemini formats) for tests, demos and "
+            "benchmarks (loopback only)."
+        ),
     )
     parser.add_argument("--host", default=None, help="loopback address to listen on (default 127.0.0.1)")
     parser.add_argument(

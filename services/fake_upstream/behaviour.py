@@ -49,7 +49,7 @@ class Behaviour:
             with ``stream_options.include_usage``.
         usage_in_every_chunk: every stream chunk carries the cumulative usage so far.
         omit_usage: never report usage, neither in streams nor in non-streaming bodies (wins over the
-            two fields above).
+            two fields above); OpenAI, Azure and Gemini shapes (Anthropic's always carry usage).
         embedding_dim: vector length of embeddings when the request gives no ``dimensions``.
         tool_call: when the request offers tools (Anthropic ``tools``, Gemini
             ``functionDeclarations``), end the reply with a call of the first one (or the one the
@@ -76,8 +76,11 @@ class Behaviour:
         models: ids listed by ``GET /v1/models``.
         strict_models: reject models not in ``models`` with 404 ``model_not_found``; otherwise any
             model name is served.
-        api_key: when set, inference paths require ``Authorization: Bearer <api_key>`` and answer
-            401 ``invalid_api_key`` otherwise. Control paths never require it.
+        api_key: when set, inference paths require this key where their provider takes it
+            (OpenAI ``Authorization: Bearer``, Azure ``api-key``, Anthropic ``x-api-key``, Gemini
+            ``key`` / ``x-goog-api-key``) and refuse others as that provider does. Unset, OpenAI
+            paths take any request and the other providers any non-empty key. Control paths never
+            require it.
 
     Reproducibility:
         deterministic: reply ids and ``created`` timestamps are derived from the model and the

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible inference endpoints: request validation and the reply each one produces.
+"""The OpenAI inference endpoints: request validation and the reply each one produces.
 
 Handlers are pure functions of (parsed JSON body, behaviour): they never touch the transport, sleep
 or count anything, which keeps them trivially testable and lets :mod:`.app` own timing and failures.
@@ -56,7 +56,8 @@ Handler = Callable[[Any, Behaviour], Reply]
 
 
 class RequestError(Exception):
-    """A request the fake upstream refuses, answered as an OpenAI error with ``status``."""
+    """A request the fake upstream refuses with ``status``: an OpenAI error here, each dialect
+    rendering it in its own provider's shape."""
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None

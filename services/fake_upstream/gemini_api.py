@@ -228,7 +228,8 @@ def _stream(
     if sse:
         events = [b"data: " + orjson.dumps(payload) + b"\r\n\r\n" for payload in payloads]
         return StreamReply(events, range(len(events)))
-    # The JSON-array framing Google sends: elements separated by ",\r\n", the closing bracket last.
+    # The JSON-array framing: Google pretty-prints its elements, compact ones are the same JSON
+    # (a client must parse the array, not its lines).
     events = [
         (b"[" if index == 0 else b",\r\n") + orjson.dumps(payload) for index, payload in enumerate(payloads)
     ]

@@ -30,7 +30,7 @@ class StatsSnapshot(TypedDict):
     """Requests per path."""
     open_streams: int
     completed_streams: int
-    """Streams that sent ``[DONE]``."""
+    """Streams sent to their end (OpenAI's ``[DONE]``, Anthropic's ``message_stop``, ...)."""
     aborted_streams: int
     """Streams cut short: ``drop_after_chunks``, client disconnects, server shutdown."""
     injected_failures: int
