@@ -273,7 +273,7 @@ def _stream(
         events.append(
             _block_start(index, {"type": "tool_use", "id": tool_id, "name": reply.tool.name, "input": {}})
         )
-        for piece in _json_pieces(reply.tool.arguments):
+        for piece in reply.tool.pieces:
             content.add(len(events))
             events.append(_block_delta(index, {"type": "input_json_delta", "partial_json": piece}))
         events.append(_block_stop(index))
@@ -281,18 +281,6 @@ def _stream(
     events.append(_event("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage}))
     events.append(_event("message_stop", {"type": "message_stop"}))
     return StreamReply(events, frozenset(content))
-
-
-def _json_pieces(arguments: dict[str, Any]) -> list[str]:
-    """``arguments`` as JSON text split after each member: ``{"a": 1``, ``, "b": 2``, ``}``."""
-    if not arguments:
-        return ["{}"]
-    pieces = []
-    for position, (name, value) in enumerate(arguments.items()):
-        lead = "{" if position == 0 else ", "
-        pieces.append(lead + orjson.dumps(name).decode() + ": " + orjson.dumps(value).decode())
-    pieces.append("}")
-    return pieces
 
 
 def count_tokens(call: Call, behaviour: Behaviour) -> Reply:

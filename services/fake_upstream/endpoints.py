@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from . import payloads, tokens
+from . import generation, payloads, tokens
 from .behaviour import Behaviour
 
 MAX_EMBEDDING_DIMENSIONS = 8192
@@ -123,14 +123,35 @@ def _optional_int(body: dict[str, Any], name: str, minimum: int, maximum: int | 
     return value
 
 
-def _completion_length(body: dict[str, Any], behaviour: Behaviour) -> tuple[int, str]:
-    """Words to generate and the finish reason: ``length`` when a token cap cut the reply short."""
-    words = behaviour.chunks
-    for name in ("max_tokens", "max_completion_tokens"):
-        cap = _optional_int(body, name, 1)
-        if cap is not None and cap < words:
-            words = cap
-    return words, "stop" if words == behaviour.chunks else "length"
+def _completion_cap(body: dict[str, Any]) -> int | None:
+    """The smaller of ``max_tokens`` and ``max_completion_tokens``, if either is given."""
+    caps = [cap for name in ("max_tokens", "max_completion_tokens") if (cap := _optional_int(body, name, 1))]
+    return min(caps) if caps else None
+
+
+def _chat_tools(body: dict[str, Any]) -> tuple[list[tuple[str, Any]], str | None, bool]:
+    """The offered functions (name, parameters schema), the one ``tool_choice`` forces, and whether
+    some call is required; ``tool_choice: "none"`` offers nothing."""
+    tools: list[tuple[str, Any]] = []
+    for tool in body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(400, "Each tool needs a function name.", param="tools", code="invalid_value")
+        tools.append((function["name"], function.get("parameters")))
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return [], None, False
+    if choice == "required":
+        return tools, None, True
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if name not in dict(tools):
+            raise RequestError(
+                400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice"
+            )
+        return tools, name, True
+    return tools, None, False
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -141,8 +162,21 @@ def _include_usage(body: dict[str, Any]) -> bool:
 def _generate(
     body: dict[str, Any], behaviour: Behaviour, *, chat: bool, model: str, prompt_tokens: int
 ) -> Reply:
-    count, finish_reason = _completion_length(body, behaviour)
+    tools, chosen, required = _chat_tools(body) if chat else ([], None, False)
+    reply = generation.plan(behaviour, _completion_cap(body), tools, chosen=chosen, required=required)
+    finish_reason = "length" if reply.capped else "tool_calls" if reply.tool is not None else "stop"
     reply_id, created = identity("chatcmpl" if chat else "cmpl", body, behaviour)
+    call = None
+    if reply.tool is not None:
+        call = payloads.FunctionCall(
+            "call_" + reply_id.removeprefix("chatcmpl-"),
+            reply.tool.name,
+            reply.tool.pieces,
+            reply.tool.tokens,
+        )
+    counts = payloads.TokenCounts(
+        prompt_tokens, min(behaviour.cached_tokens, prompt_tokens), behaviour.reasoning_tokens
+    )
     report = not behaviour.omit_usage
     if body.get("stream") is True:
         asked = _include_usage(body)
@@ -151,18 +185,22 @@ def _generate(
             reply_id=reply_id,
             created=created,
             model=model,
-            words=tokens.completion_words(count),
+            words=reply.words,
+            call=call,
             finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens,
+            counts=counts,
             usage_chunk=report and (asked or behaviour.include_usage_always),
             usage_null=report and asked,
             usage_every_chunk=report and behaviour.usage_in_every_chunk,
         )
         return StreamReply(events, content)
-    token_usage = payloads.usage(prompt_tokens, count) if report else None
-    build = payloads.chat_completion if chat else payloads.text_completion
+    token_usage = counts.usage(reply.visible_tokens) if report else None
+    if chat:
+        return JsonReply(
+            payloads.chat_completion(reply_id, created, model, reply.text, finish_reason, token_usage, call)
+        )
     return JsonReply(
-        build(reply_id, created, model, tokens.completion_text(count), finish_reason, token_usage)
+        payloads.text_completion(reply_id, created, model, reply.text, finish_reason, token_usage)
     )
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from . import tokens
 from .behaviour import Behaviour
 
@@ -24,6 +26,24 @@ class ToolCall:
     @property
     def tokens(self) -> int:
         return tokens.tool_call_tokens(self.arguments)
+
+    @property
+    def pieces(self) -> list[str]:
+        """The arguments as JSON text split after each member, as streams send them:
+        ``{"a": 1``, ``, "b": 2``, ``}`` (``{}`` whole when there are none)."""
+        if not self.arguments:
+            return ["{}"]
+        pieces = []
+        for position, (name, value) in enumerate(self.arguments.items()):
+            lead = "{" if position == 0 else ", "
+            pieces.append(lead + orjson.dumps(name).decode() + ": " + orjson.dumps(value).decode())
+        pieces.append("}")
+        return pieces
+
+    @property
+    def json(self) -> str:
+        """The arguments as one JSON text (OpenAI's ``function.arguments``)."""
+        return "".join(self.pieces)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -30,6 +31,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """What a reply's ``usage`` is made of besides its visible output."""
+
+    prompt: int
+    cached: int
+    """Prompt tokens read from the cache (``prompt_tokens_details.cached_tokens``), within ``prompt``."""
+    reasoning: int
+    """Output tokens spent reasoning (``completion_tokens_details.reasoning_tokens``), counted in
+    ``completion_tokens`` as OpenAI does."""
+
+    def usage(self, visible: int) -> dict[str, Any]:
+        """The ``usage`` object after ``visible`` output tokens; the details objects appear only when
+        their count is set, so replies without them are what they always were."""
+        body: dict[str, Any] = usage(self.prompt, visible + self.reasoning)
+        if self.cached:
+            body["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        if self.reasoning:
+            body["completion_tokens_details"] = {"reasoning_tokens": self.reasoning}
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A tool call of a chat reply: its id, function name, arguments as streamed JSON pieces, and
+    the output tokens it costs (see :func:`.tokens.tool_call_tokens`)."""
+
+    call_id: str
+    name: str
+    pieces: list[str]
+    tokens: int
+
+    def whole(self) -> dict[str, Any]:
+        arguments = "".join(self.pieces)
+        return {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": arguments},
+        }
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -75,22 +117,23 @@ def chat_completion(
     model: str,
     content: str,
     finish_reason: str,
-    token_usage: dict[str, int] | None,
+    token_usage: dict[str, Any] | None,
+    call: FunctionCall | None = None,
 ) -> bytes:
-    """A non-streaming ``chat.completion`` body; ``usage`` is omitted when ``token_usage`` is None."""
+    """A non-streaming ``chat.completion`` body; ``usage`` is omitted when ``token_usage`` is None.
+
+    With a ``call``, the message carries ``tool_calls`` and its content is null unless there are
+    words before the call."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if call is not None:
+        message["content"] = content or None
+        message["tool_calls"] = [call.whole()]
     body: dict[str, Any] = {
         "id": reply_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
     }
     if token_usage is not None:
         body["usage"] = token_usage
@@ -103,7 +146,7 @@ def text_completion(
     model: str,
     text: str,
     finish_reason: str,
-    token_usage: dict[str, int] | None,
+    token_usage: dict[str, Any] | None,
 ) -> bytes:
     """A non-streaming legacy ``text_completion`` body."""
     body: dict[str, Any] = {
@@ -130,8 +173,9 @@ def stream_events(
     created: int,
     model: str,
     words: Sequence[str],
+    call: FunctionCall | None = None,
     finish_reason: str,
-    prompt_tokens: int,
+    counts: TokenCounts,
     usage_chunk: bool,
     usage_null: bool,
     usage_every_chunk: bool,
@@ -144,6 +188,11 @@ def stream_events(
     OpenAI's final ``"choices": []`` chunk with the usage; ``usage_null`` puts ``"usage": null`` in the
     other chunks, as OpenAI does when usage was requested; ``usage_every_chunk`` puts the cumulative
     usage in every chunk instead. ``[DONE]`` always ends the list.
+
+    A ``call`` follows the words as OpenAI streams tool calls: a chunk with its id, type and name
+    (``arguments: ""``), then one chunk per argument piece; these are content chunks too, and the
+    last one carries ``finish_reason``. Cumulative usage counts the name with the first and one
+    argument per piece after it.
     """
     obj = "chat.completion.chunk" if chat else "text_completion"
     events: list[bytes] = []
@@ -157,10 +206,13 @@ def stream_events(
             "choices": choices,
         }
         if usage_every_chunk:
-            payload["usage"] = usage(prompt_tokens, completion_tokens)
+            payload["usage"] = counts.usage(completion_tokens)
         elif usage_null:
             payload["usage"] = None
         return payload
+
+    def tool_choice(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": finish}
 
     def choice(text: str, finish: str | None) -> dict[str, Any]:
         if chat:
@@ -176,11 +228,25 @@ def stream_events(
         }
         events.append(event(chunk([role], 0)))
     first_content = len(events)
-    last = len(words) - 1
+    last = len(words) - 1 if call is None else -1
     for index, word in enumerate(words):
         events.append(event(chunk([choice(word, finish_reason if index == last else None)], index + 1)))
+    if call is not None:
+        opening = {
+            "index": 0,
+            "id": call.call_id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        said = len(words) + 1
+        events.append(event(chunk([tool_choice(opening, None)], said)))
+        for index, piece in enumerate(call.pieces):
+            finish = finish_reason if index == len(call.pieces) - 1 else None
+            fragment = {"index": 0, "function": {"arguments": piece}}
+            spent = said + min(index + 1, call.tokens - 1)
+            events.append(event(chunk([tool_choice(fragment, finish)], spent)))
     content = range(first_content, len(events))
-    if not words:
+    if not words and call is None:
         closing = (
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
             if chat
@@ -189,7 +255,7 @@ def stream_events(
         events.append(event(chunk([closing], 0)))
     if usage_chunk:
         final = {"id": reply_id, "object": obj, "created": created, "model": model, "choices": []}
-        final["usage"] = usage(prompt_tokens, len(words))
+        final["usage"] = counts.usage(len(words) + (0 if call is None else call.tokens))
         events.append(event(final))
     events.append(DONE_EVENT)
     return events, content
