@@ -51,14 +51,18 @@ class Behaviour:
         omit_usage: never report usage, neither in streams nor in non-streaming bodies (wins over the
             two fields above); OpenAI, Azure and Gemini shapes (Anthropic's always carry usage).
         embedding_dim: vector length of embeddings when the request gives no ``dimensions``.
-        tool_call: when the request offers tools (Anthropic ``tools``, Gemini
-            ``functionDeclarations``), end the reply with a call of the first one (or the one the
-            request's tool choice names); see :mod:`.tokens` for its arguments and tokens.
-        cached_tokens: prompt tokens reported as read from the provider's prompt cache (Anthropic
-            ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``), capped by the prompt.
+        tool_call: when the request offers tools (OpenAI / Azure chat and Anthropic ``tools``,
+            Gemini ``functionDeclarations``), end the reply with a call of the first one; a tool
+            choice that names one or requires a call gets it even when this is off. See
+            :mod:`.tokens` for the call's arguments and tokens.
+        cached_tokens: prompt tokens reported as read from the provider's prompt cache (OpenAI
+            ``prompt_tokens_details.cached_tokens``, Anthropic ``cache_read_input_tokens``, Gemini
+            ``cachedContentTokenCount``), capped by the prompt.
         cache_write_tokens: prompt tokens reported as written to the cache (Anthropic
-            ``cache_creation_input_tokens``), capped by what the cached ones leave of the prompt.
-        reasoning_tokens: output tokens spent on reasoning (Anthropic
+            ``cache_creation_input_tokens``; the others report none), capped by what the cached
+            ones leave of the prompt.
+        reasoning_tokens: output tokens spent on reasoning (OpenAI
+            ``completion_tokens_details.reasoning_tokens``, Anthropic
             ``output_tokens_details.thinking_tokens``, Gemini ``thoughtsTokenCount``).
 
     Failures (see the module docstring for precedence and ``fail_count``):

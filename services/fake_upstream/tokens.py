@@ -14,7 +14,10 @@ Completion tokens:
     the number of generated words. The reply is ``tok0 tok1 ... tok{n-1} `` (every word followed by
     one space), where ``n`` is the configured chunk count capped by ``max_tokens`` /
     ``max_completion_tokens`` (the smaller when both are given). In a stream each content chunk
-    carries exactly one word, so completion tokens == number of content chunks.
+    carries exactly one word, so completion tokens == number of content chunks, unless a chat
+    reply ends with a tool call (adding :func:`tool_call_tokens`) or ``reasoning_tokens`` are set
+    (added to ``completion_tokens`` and reported in ``completion_tokens_details``; cached prompt
+    tokens stay inside ``prompt_tokens``, reported in ``prompt_tokens_details``).
 
 Anthropic and Gemini (see :func:`count_anthropic_prompt`, :func:`count_gemini_prompt`):
     the same words-plus-one-per-message rule over their own request shapes, the system prompt
