@@ -16,13 +16,12 @@ Shapes follow the Azure OpenAI REST reference
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import orjson
 
 from . import endpoints
 from .behaviour import Behaviour
-from .dialect import Call, Dialect, Route, Streams, bearer_token
+from .dialect import Call, Dialect, ProviderHandler, Route, Streams, bearer_token
 from .endpoints import JSON_HEADERS, Handler, JsonReply, Reply, RequestError
 
 _PATH = re.compile(r"/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)")
@@ -76,7 +75,7 @@ def _injected(status: int, behaviour: Behaviour) -> JsonReply:
     return JsonReply(error_body("429", message), 429, headers)
 
 
-def _deployment_handler(handler: Handler) -> Any:
+def _deployment_handler(handler: Handler) -> ProviderHandler:
     def handle(call: Call, behaviour: Behaviour) -> Reply:
         body = call.body
         if not body.get("model"):

@@ -7,11 +7,9 @@ completions, legacy completions, embeddings, images, models, and the error objec
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from . import endpoints, payloads
 from .behaviour import Behaviour
-from .dialect import Call, Dialect, Route, Streams, bearer_token
+from .dialect import Call, Dialect, ProviderHandler, Route, Streams, bearer_token
 from .endpoints import JSON_HEADERS, Handler, JsonReply, Reply, RequestError
 
 _ROUTES: dict[str, tuple[str, Handler, Streams]] = {
@@ -23,7 +21,7 @@ _ROUTES: dict[str, tuple[str, Handler, Streams]] = {
 }
 
 
-def _body_only(handler: Handler) -> Callable[[Call, Behaviour], Reply]:
+def _body_only(handler: Handler) -> ProviderHandler:
     def handle(call: Call, behaviour: Behaviour) -> Reply:
         return handler(call.body, behaviour)
 
