@@ -173,12 +173,14 @@ def stream_events(
     created: int,
     model: str,
     words: Sequence[str],
-    call: FunctionCall | None = None,
     finish_reason: str,
-    counts: TokenCounts,
+    prompt_tokens: int,
     usage_chunk: bool,
     usage_null: bool,
     usage_every_chunk: bool,
+    call: FunctionCall | None = None,
+    cached_tokens: int = 0,
+    reasoning_tokens: int = 0,
 ) -> tuple[list[bytes], range]:
     """All SSE events of a stream and the index range of its content chunks.
 
@@ -192,8 +194,10 @@ def stream_events(
     A ``call`` follows the words as OpenAI streams tool calls: a chunk with its id, type and name
     (``arguments: ""``), then one chunk per argument piece; these are content chunks too, and the
     last one carries ``finish_reason``. Cumulative usage counts the name with the first and one
-    argument per piece after it.
+    argument per piece after it. ``cached_tokens`` and ``reasoning_tokens`` go into the usage as
+    :class:`TokenCounts` puts them.
     """
+    counts = TokenCounts(prompt_tokens, cached_tokens, reasoning_tokens)
     obj = "chat.completion.chunk" if chat else "text_completion"
     events: list[bytes] = []
 
