@@ -213,7 +213,7 @@ def test_stream_is_paced_per_delta(client: anthropic.Anthropic, upstream: FakeUp
     upstream.configure(chunks=2, tool_call=True, chunk_interval_ms=60)
     began = time.monotonic()
     message = streamed(client, tools=[WEATHER_TOOL])
-    assert time.monotonic() - began >= 0.29
+    assert time.monotonic() - began >= 0.25  # timers may fire a little early; unpaced it takes ~10 ms
     assert message.stop_reason == "tool_use"
 
 
