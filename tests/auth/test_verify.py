@@ -26,6 +26,15 @@ async def new_key(auth: RunningAuth, **fields: object) -> pb.CreateKeyResponse:
     return await auth.create_key(user.user_id, **fields)
 
 
+async def change_behind_auth(database: Database, key_id: str, **values: object) -> None:
+    """Change a key's row directly on the primary, then wait for the replica to replay it (auth reads
+    keys there, and waits the same way after its own key changes)."""
+    async with database.transaction() as session:
+        await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(**values))
+    lsn = await database.primary_lsn()
+    assert lsn is None or await database.wait_replica_caught_up(lsn, timeout=10), "the replica did not replay"
+
+
 def assert_denied(response: pb.VerifyKeyResponse, reason: int, *secrets: str) -> None:
     assert response.deny_reason == reason, DenyReason.Name(response.deny_reason)
     assert not response.HasField("principal")
@@ -168,16 +177,14 @@ async def test_revoked_key_is_refused_at_once_even_after_being_cached(auth: Runn
 
 async def test_expired_key(auth: RunningAuth, database: Database) -> None:
     created = await new_key(auth)
-    async with database.transaction() as session:
-        await session.execute(update(ApiKey).where(ApiKey.id == created.key.key_id).values(expires_at=1000))
+    await change_behind_auth(database, created.key.key_id, expires_at=1000)
 
     assert_denied(await auth.verify(created.api_key), DenyReason.DENY_REASON_EXPIRED, created.api_key)
 
 
 async def test_disabled_key(auth: RunningAuth, database: Database) -> None:
     created = await new_key(auth)
-    async with database.transaction() as session:
-        await session.execute(update(ApiKey).where(ApiKey.id == created.key.key_id).values(enabled=False))
+    await change_behind_auth(database, created.key.key_id, enabled=False)
 
     assert_denied(await auth.verify(created.api_key), DenyReason.DENY_REASON_DISABLED, created.api_key)
 
