@@ -21,7 +21,7 @@ from bench.report import Measurement, Metric, ScenarioResult, percentile
 from bench.scenarios import Bench, _closed_loop, _runs
 from services.common.pb.relaygate.auth.v1.auth_pb2 import VerifyKeyRequest
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
-from services.relay.principals import Authenticator
+from services.relay.pipeline.principals import Authenticator
 
 
 def auth_verify(bench: Bench) -> ScenarioResult:

@@ -22,7 +22,7 @@ key has no lease. Its single usage event settles it and returns the rest.
 
 These are the protocol's messages in plain form; the gRPC adapters translate them to and from
 ``relaygate.quota.v1``. The decisions live in ``services.quota.credit`` (quota's books) and
-``services.relay.credit`` (the relay's lease book), both pure, so the protocol is simulated
+``services.relay.meter.credit`` (the relay's lease book), both pure, so the protocol is simulated
 deterministically (``tests/credit_sim``) with the same code the services run.
 """
 

@@ -2,7 +2,7 @@
 
 Events are ``relaygate.events.v1.UsageEvent`` protobufs on ``<prefix>usage``, keyed by API key id so
 that one partition orders one key's events; undecodable ones go to ``<prefix>usage.dlq``. The relay's
-publisher (memory queue, on-disk spool, replay) is :mod:`services.relay.publisher`; the logger consumes.
+publisher (memory queue, on-disk spool, replay) is :mod:`services.relay.meter.publisher`; the logger consumes.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import uvicorn
 
 from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging
-from services.relay.app import create_app
-from services.relay.http_protocol import ConnectionLimits, guarded_protocol
+from services.relay.edge.http.app import create_app
+from services.relay.edge.http.http_protocol import ConnectionLimits, guarded_protocol
 from services.relay.settings import RelaySettings
 
 

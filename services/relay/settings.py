@@ -44,10 +44,10 @@ class RelaySettings(
     # Streams one key may hold open at once on this relay process (quota's own concurrency limit of
     # the key still applies across relays); beyond it, 429 with Retry-After.
     max_streams_per_key: int = Field(default=64, ge=1)
-    # The verified-key cache (services/relay/principals.py). While the relay follows auth's key changes
-    # on Redis, a verified key is trusted for auth_cache_ttl_s (every change drops it at once; the TTL
-    # only bounds changes made outside auth); without Redis, or while its subscription is down, for
-    # auth_cache_fallback_ttl_s. At most auth_cache_max_entries keys, least recently used evicted.
+    # The verified-key cache (services/relay/pipeline/principals.py). While the relay follows auth's key
+    # changes on Redis, a verified key is trusted for auth_cache_ttl_s (every change drops it at once;
+    # the TTL only bounds changes made outside auth); without Redis, or while its subscription is down,
+    # for auth_cache_fallback_ttl_s. At most auth_cache_max_entries keys, least recently used evicted.
     auth_cache_ttl_s: float = Field(default=300.0, ge=0, le=3600)
     auth_cache_fallback_ttl_s: float = Field(default=5.0, ge=0, le=300)
     auth_cache_max_entries: int = Field(default=100_000, ge=1, le=10_000_000)

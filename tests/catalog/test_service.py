@@ -21,7 +21,7 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
-from services.relay.app import open_gateway
+from services.relay.edge.http.app import open_gateway
 from services.relay.settings import RelaySettings
 from tests.db_fixtures import DbUrls
 from tests.tls import client, tls_dir

@@ -11,7 +11,7 @@ import orjson
 # service's.
 _PROBE = """
 import gc, orjson
-import services.relay.app  # what the relay imports before serving
+import services.relay.edge.http.app  # what the relay imports before serving
 from services.common.heap import YOUNG_THRESHOLD, freeze_startup_heap
 before = len(gc.get_objects())
 freeze_startup_heap()

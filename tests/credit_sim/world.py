@@ -2,7 +2,7 @@
 
 Everything runs in one thread on a virtual clock, driven by one seeded ``random.Random``; the same seed
 replays the same run step for step (no wall clock, no hash-ordered iteration). The code under test is the
-services' own: :class:`services.relay.credit.LeaseBook` in every relay and
+services' own: :class:`services.relay.meter.credit.LeaseBook` in every relay and
 :class:`services.quota.credit.CreditBooks` as the database every quota process shares. Around them the
 world plays what the real deployment does:
 
@@ -45,14 +45,14 @@ from services.common.credit import (
 )
 from services.quota.credit import OPEN, CreditBooks
 from services.quota.leasing import budgeted_keys
-from services.relay.credit import Admission, LeaseBook, recall_wait_ms
+from services.relay.meter.credit import Admission, LeaseBook, recall_wait_ms
 
 __all__ = ["Faults", "Simulation", "SimulationFailure"]
 
 _T = TypeVar("_T")
 
 UNIT = 1_000
-# A relay's sync deadline (services.relay.leasing.sync_deadline_s with the default RPC timeout): how
+# A relay's sync deadline (services.relay.meter.leasing.sync_deadline_s with the default RPC timeout): how
 # long an exact reserve waits for recalled leases follows from it.
 SYNC_DEADLINE_MS = 2_000
 
@@ -322,7 +322,7 @@ class Simulation:
     def _reserve(
         self, relay: Relay, incarnation: int, request: Request, *, attempt: int, give_up: int | None
     ) -> None:
-        """The exact path as the relay runs it (services.relay.accounting): a Reserve with a deadline,
+        """The exact path as the relay runs it (services.relay.meter.accounting): a Reserve with a deadline,
         tried again after each "retry" until ``recall_wait_ms`` after the first one."""
         ask = ReserveAsk(request.hold_id, request.key_id, request.user_id, request.bound)
         answered = [False]

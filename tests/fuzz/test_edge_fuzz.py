@@ -13,8 +13,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.relay.app import create_app
-from services.relay.front import ServedRoute
+from services.relay.edge.http.app import create_app
+from services.relay.edge.http.front import ServedRoute
 from services.relay.settings import RelaySettings
 from tests.fuzz import strategies as hostile
 from tests.fuzz.conftest import FUNDS, Target, examples

@@ -17,7 +17,7 @@ from devinfra.backing import BackingServices
 from services.common.db import Database
 from services.common.events import ensure_topics
 from services.logger.settings import LoggerSettings
-from services.relay.publisher import EventPublisher
+from services.relay.meter.publisher import EventPublisher
 from tests.logger.factories import assert_landed_exactly_once, burst_event, eventually, unique
 from tests.logger.running import running_logger
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from services.common.errors import InvalidRequest
-from services.relay.admin_budgets import show_budgets, take_budgets
+from services.relay.edge.http.admin_budgets import show_budgets, take_budgets
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.clock import ManualClock
-from services.relay.breaker import Breaker, BreakerPolicy, Breakers, Outcome, State
+from services.relay.upstream.breaker import Breaker, BreakerPolicy, Breakers, Outcome, State
 
 POLICY = BreakerPolicy(
     window_s=10.0, min_requests=4, failure_ratio=0.5, open_s=2.0, max_open_s=8.0, throttle_s=1.0

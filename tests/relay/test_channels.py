@@ -10,10 +10,10 @@ import pytest
 
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
 from services.fake_upstream import FakeUpstream
-from services.relay.breaker import BreakerPolicy, Breakers, Outcome
-from services.relay.channels import Channel, ChannelTable
-from services.relay.pools import ChannelPools, PoolLimits
-from services.relay.proxy import Upstreams
+from services.relay.upstream.breaker import BreakerPolicy, Breakers, Outcome
+from services.relay.upstream.channels import Channel, ChannelTable
+from services.relay.upstream.pools import ChannelPools, PoolLimits
+from services.relay.upstream.proxy import Upstreams
 
 
 def channel(channel_id: str, *, priority: int = 0, weight: int = 1, **fields: object) -> Channel:

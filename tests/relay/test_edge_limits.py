@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import AuthenticationError, ConcurrencyLimited, InvalidRequest
-from services.relay.requests import (
+from services.relay.edge.http.requests import (
     MAX_API_KEY_CHARS,
     bounded_credential,
     optional_array,
@@ -16,7 +16,7 @@ from services.relay.requests import (
     require_model,
     require_text_or_array,
 )
-from services.relay.slots import StreamSlots
+from services.relay.meter.slots import StreamSlots
 
 
 def nested(depth: int) -> bytes:

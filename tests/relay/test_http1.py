@@ -11,7 +11,7 @@ import httpcore
 import httpx
 import pytest
 
-from services.relay.transport import ChannelTransport
+from services.relay.upstream.transport import ChannelTransport
 
 OK_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
 

@@ -12,7 +12,7 @@ from services.common.credit import (
     Grant,
     SyncAnswer,
 )
-from services.relay.credit import OPEN, LeaseBook, recall_wait_ms, user_scope
+from services.relay.meter.credit import OPEN, LeaseBook, recall_wait_ms, user_scope
 
 TERMS = CreditTerms()
 BOUND = 1_000

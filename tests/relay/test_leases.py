@@ -23,15 +23,15 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits, Usage
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
-from services.relay.accounting import Exchange, LeaseAdmission, Meter
-from services.relay.leasing import Leasing, sync_deadline_s
-from services.relay.prices import PriceCache
+from services.relay.meter.accounting import Exchange, LeaseAdmission, Meter
+from services.relay.meter.leasing import Leasing, sync_deadline_s
+from services.relay.meter.prices import PriceCache
 from tests.db_fixtures import DbUrls
 from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota, settling_from
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
-    from services.relay.publisher import EventPublisher
+    from services.relay.meter.publisher import EventPublisher
 
 # One micro-unit per token, so costs read as token counts.
 RATES = {"input_per_mtok": 1_000_000, "output_per_mtok": 1_000_000}

@@ -20,7 +20,7 @@ from services.common.errors import AuthenticationError, PermissionDenied
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
 from services.common.redis import redis_client
-from services.relay.principals import Authenticator, InvalidationListener
+from services.relay.pipeline.principals import Authenticator, InvalidationListener
 from tests.auth.harness import TIMEOUT, RunningAuth, auth_settings, serving
 from tests.db_fixtures import DbUrls
 

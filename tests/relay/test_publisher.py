@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
-from services.relay.publisher import EventPublisher
+from services.relay.meter.publisher import EventPublisher
 from tests.relay.usage_topic import read_usage
 
 

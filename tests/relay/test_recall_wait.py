@@ -19,16 +19,16 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
-from services.relay.accounting import LeaseAdmission, Meter
-from services.relay.leasing import Leasing
-from services.relay.prices import PriceCache
+from services.relay.meter.accounting import LeaseAdmission, Meter
+from services.relay.meter.leasing import Leasing
+from services.relay.meter.prices import PriceCache
 from tests.db_fixtures import DbUrls
 from tests.relay.test_leases import QUOTA_CREDIT, TERMS, exchange_for, funded_model, leased_key, served
 from tests.relay.test_settle_retry import TIMEOUT, publishing, quota
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
-    from services.relay.publisher import EventPublisher
+    from services.relay.meter.publisher import EventPublisher
 
 SLOW_POLL_S = 0.8
 

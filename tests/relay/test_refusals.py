@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
-from services.relay.refusals import RefusalLog
+from services.relay.meter.refusals import RefusalLog
 
 SECOND_MS = 1_800_000_000_000
 

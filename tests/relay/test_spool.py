@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from services.relay.spool import Spool
+from services.relay.meter.spool import Spool
 
 
 def records(start: int, count: int) -> list[tuple[bytes, bytes]]:

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from services.fake_upstream import payloads
-from services.relay.sse import StreamScanner
+from services.relay.stream.sse import StreamScanner
 
 
 def stream(*, usage_chunk: bool = True, usage_null: bool = True, every: bool = False) -> list[bytes]:

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from services.fake_upstream import FakeUpstream
-from services.relay.transport import ChannelTransport
+from services.relay.upstream.transport import ChannelTransport
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

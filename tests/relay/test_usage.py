@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from services.common.pb.relaygate.quota.v1.quota_pb2 import RateLimitWindow, ReserveResponse
-from services.relay.headers import ratelimit_headers, reset_text
-from services.relay.usage import (
+from services.relay.edge.http.headers import ratelimit_headers, reset_text
+from services.relay.meter.usage import (
     estimate_answer,
     estimate_chat_prompt,
     estimate_text_prompt,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import orjson
 
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
-from services.relay.usage import from_openai
+from services.relay.meter.usage import from_openai
 
 __all__ = ["StreamScanner"]
 

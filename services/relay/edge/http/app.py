@@ -21,22 +21,22 @@ from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerService
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
 from services.common.redis import redis_client
 from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
-from services.relay import admin, openai_errors
-from services.relay.accounting import LeaseAdmission, Meter, SettleRetry
-from services.relay.breaker import BreakerPolicy, Breakers
-from services.relay.cache import ResponseCache
-from services.relay.channels import ChannelDirectory, ChannelTable
-from services.relay.deps import Gateway
-from services.relay.front import Front
-from services.relay.leasing import Leasing
-from services.relay.pools import ChannelPools, PoolLimits
-from services.relay.prices import PriceCache
-from services.relay.principals import Authenticator, InvalidationListener
-from services.relay.proxy import Upstreams
-from services.relay.publisher import EventPublisher
+from services.relay.edge.http import admin, openai_errors
+from services.relay.edge.http.front import Front
+from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
+from services.relay.meter.leasing import Leasing
+from services.relay.meter.prices import PriceCache
+from services.relay.meter.publisher import EventPublisher
+from services.relay.meter.slots import StreamSlots
+from services.relay.pipeline.cache import ResponseCache
+from services.relay.pipeline.gateway import Gateway
+from services.relay.pipeline.principals import Authenticator, InvalidationListener
 from services.relay.settings import RelaySettings
-from services.relay.slots import StreamSlots
-from services.relay.streaming import StreamPolicy, Streams
+from services.relay.stream.streaming import StreamPolicy, Streams
+from services.relay.upstream.breaker import BreakerPolicy, Breakers
+from services.relay.upstream.channels import ChannelDirectory, ChannelTable
+from services.relay.upstream.pools import ChannelPools, PoolLimits
+from services.relay.upstream.proxy import Upstreams
 
 
 def breaker_policy(settings: RelaySettings) -> BreakerPolicy:

@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
-from services.relay.accounting import metric
+from services.relay.meter.accounting import metric
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ settled when the upstream stream is over, whatever ended it.
 Two tasks per stream, the detached-drain design: a *pump* reads the upstream into a bounded buffer
 and owns the settlement; the request's own task *writes* that buffer to the client. So:
 
-* **usage** is read from the stream as it passes (:class:`~services.relay.sse.StreamScanner`); the
+* **usage** is read from the stream as it passes (:class:`~services.relay.stream.sse.StreamScanner`); the
   upstream is always asked for ``stream_options.include_usage``, and the extra usage-only chunk is
   removed again when the caller did not ask for it. Nothing else is parsed or rewritten;
 * **keep-alive**: while the upstream is silent the writer sends an SSE comment every
@@ -18,7 +18,8 @@ and owns the settlement; the request's own task *writes* that buffer to the clie
   seen), ``upstream_eof`` (ended without it), ``upstream_error``, ``timeout``, ``client_gone``.
 
 Once the first byte is out the HTTP status is committed, so failures after it are sent in-band as an
-OpenAI error event; failover to another channel happens only before (see :mod:`.proxy`).
+OpenAI error event; failover to another channel happens only before (see
+:mod:`services.relay.upstream.proxy`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,13 +37,12 @@ import orjson
 from services.common.errors import GatewayError, UpstreamError, UpstreamTimeout
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
-from services.relay.accounting import Exchange, Meter, metric
-from services.relay.breaker import Outcome
-from services.relay.channels import Channel
-from services.relay.connections import wait
-from services.relay.openai_errors import sse_error
-from services.relay.proxy import OpenStream, PayloadFor
-from services.relay.sse import StreamScanner
+from services.relay.meter.accounting import Exchange, Meter, metric
+from services.relay.stream.sse import StreamScanner
+from services.relay.upstream.breaker import Outcome
+from services.relay.upstream.channels import Channel
+from services.relay.upstream.connections import wait
+from services.relay.upstream.proxy import OpenStream, PayloadFor
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class StreamRelay:
         opened: OpenStream,
         scanner: StreamScanner,
         prompt_tokens: int,
+        error_event: Callable[[GatewayError], bytes],
     ) -> None:
         self._streams = streams
         self._meter = meter
@@ -138,6 +140,8 @@ class StreamRelay:
         self._opened = opened
         self._scanner = scanner
         self._prompt_tokens = prompt_tokens
+        # How the front writes an error in-band once the stream has started (its own wire format).
+        self._error_event = error_event
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._finished = False
@@ -282,7 +286,7 @@ class StreamRelay:
                 # the cause, so it counts against the channel only once several keys see it.
                 key = exchange.principal.key_id if exchange.principal is not None else ""
                 opened.breaker.record(Outcome.FAILURE, answered_by_status=key)
-                self._push(sse_error(error))
+                self._push(self._error_event(error))
         exchange.end_reason = reason
         exchange.upstream_s = exchange.elapsed_s()
         scanner = self._scanner

@@ -2,9 +2,9 @@
 check the input → authenticate → pick channels → (cache) → admit on a lease or reserve → call upstream
 → settle → publish.
 
-Handlers are plain ASGI functions dispatched by :mod:`services.relay.front`; they answer every failure
-themselves, in OpenAI's error shape, and only reach an upstream or a balance once the request passed
-every check.
+Handlers are plain ASGI functions dispatched by :mod:`services.relay.edge.http.front`; they answer
+every failure themselves, in OpenAI's error shape, and only reach an upstream or a balance once the
+request passed every check.
 """
 
 from __future__ import annotations
@@ -24,14 +24,9 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.scopes import model_allowed
 from services.common.telemetry import request_id_var
-from services.relay.accounting import Exchange
-from services.relay.cache import cache_requested
-from services.relay.channels import Channel
-from services.relay.deps import Gateway
-from services.relay.headers import JSON, STREAM_HEADERS, gateway_headers
-from services.relay.openai_errors import error_body
-from services.relay.principals import extract_api_key
-from services.relay.requests import (
+from services.relay.edge.http.headers import JSON, STREAM_HEADERS, gateway_headers
+from services.relay.edge.http.openai_errors import error_body, sse_error
+from services.relay.edge.http.requests import (
     MAX_API_KEY_CHARS,
     MAX_N,
     MAX_TOKENS,
@@ -49,10 +44,8 @@ from services.relay.requests import (
     require_model,
     require_text_or_array,
 )
-from services.relay.settings import RelaySettings
-from services.relay.sse import StreamScanner
-from services.relay.streaming import StreamRelay, stream_payload
-from services.relay.usage import (
+from services.relay.meter.accounting import Exchange
+from services.relay.meter.usage import (
     count_images,
     estimate_answer,
     estimate_chat_prompt,
@@ -61,6 +54,13 @@ from services.relay.usage import (
     requested_choices,
     requested_max_output,
 )
+from services.relay.pipeline.cache import cache_requested
+from services.relay.pipeline.gateway import Gateway
+from services.relay.pipeline.principals import extract_api_key
+from services.relay.settings import RelaySettings
+from services.relay.stream.sse import StreamScanner
+from services.relay.stream.streaming import StreamRelay, stream_payload
+from services.relay.upstream.channels import Channel
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,7 @@ async def _open_and_relay_stream(
         opened=opened,
         scanner=StreamScanner(strip_usage_chunk=not wants_usage),
         prompt_tokens=plan.prompt_tokens,
+        error_event=sse_error,
     )
     await relay.run(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)])
 

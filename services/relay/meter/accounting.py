@@ -1,7 +1,7 @@
 """The relay's side of the money: admit or reserve before the upstream call, settle or release after,
 and the usage event that records the request.
 
-**On a lease** (:mod:`services.relay.leasing`): a key without RPM/TPM/concurrency limits whose model's
+**On a lease** (:mod:`services.relay.meter.leasing`): a key without RPM/TPM/concurrency limits whose model's
 price this relay knows is admitted locally against a lease (the key's own when it has a budget of its
 own, else the one its user's keys share), for the request's worst case computed with the same function
 and inputs as quota's Reserve (:func:`services.common.pricing.worst_case`). No
@@ -15,7 +15,7 @@ logs read the same number.
 worst case; when quota answers that it has just recalled the user's leases to cover it
 (:class:`~services.common.errors.CreditRecalled`), the reserve is tried again after each retry-after
 for as long as quota keeps answering so, up to the longest a live relay takes to give a recalled lease
-back (:func:`~services.relay.credit.recall_wait_ms`): quota answers "recalled" only while the unused
+back (:func:`~services.relay.meter.credit.recall_wait_ms`): quota answers "recalled" only while the unused
 credit of open leases would cover the request, so the wait ends as soon as the leases closed (held,
 or the exact refusal), and only a relay failing its syncs makes the caller see ``credit_recalled``.
 
@@ -65,11 +65,11 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
     SettleResponse,
 )
 from services.common.telemetry import METRICS
-from services.relay.credit import Admission
-from services.relay.leasing import Leasing, leasable
-from services.relay.prices import PriceCache, price_from_message
-from services.relay.publisher import EventPublisher
-from services.relay.refusals import RefusalLog
+from services.relay.meter.credit import Admission
+from services.relay.meter.leasing import Leasing, leasable
+from services.relay.meter.prices import PriceCache, price_from_message
+from services.relay.meter.publisher import EventPublisher
+from services.relay.meter.refusals import RefusalLog
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -364,7 +364,7 @@ class Meter:
     def abandon(self, exchange: Exchange) -> None:
         """A request task cancelled before it finished: its admission on a lease charges nothing and
         publishes no event, like an exact hold left to expire. A stream that reached its upstream is
-        finished by its pump instead (:mod:`services.relay.streaming`)."""
+        finished by its pump instead (:mod:`services.relay.stream.streaming`)."""
         if exchange.stream and exchange.status_code:
             return
         if exchange.admission is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from services.common.errors import InvalidRequest
 from services.common.grpc import call
 from services.common.pb.relaygate.quota.v1 import quota_pb2
-from services.relay.deps import Gateway
+from services.relay.pipeline.gateway import Gateway
 
 __all__ = ["BUDGET_FIELDS", "read_budgets", "show_budgets", "take_budgets", "write_budgets"]
 

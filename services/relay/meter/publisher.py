@@ -33,7 +33,7 @@ from services.common.config import KafkaSettings
 from services.common.events import create_missing_topics, encode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from services.common.telemetry import METRICS
-from services.relay.spool import Record, Spool
+from services.relay.meter.spool import Record, Spool
 
 __all__ = ["EventPublisher"]
 

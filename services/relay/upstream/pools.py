@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 
 from services.common.telemetry import METRICS
-from services.relay.channels import Channel, ChannelTable
-from services.relay.transport import ChannelTransport, PoolStats
+from services.relay.upstream.channels import Channel, ChannelTable
+from services.relay.upstream.transport import ChannelTransport, PoolStats
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from services.common.errors import GatewayError, InvalidRequest
-from services.relay.requests import ClientGone
+from services.relay.edge.http.requests import ClientGone
 
 log = logging.getLogger(__name__)
 

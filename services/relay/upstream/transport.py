@@ -13,10 +13,10 @@ transport's httpx interface 210 µs; :meth:`open` 150 µs. The stock figure come
 and on response close): a readability ``poll()`` per idle connection through anyio's attribute
 machinery, plus an O(n²) idle count. Here idle connections sit on a LIFO stack: acquiring pops one
 and checks only that one, releasing pushes it back, and a request waiting for a free slot is woken by
-the release. Each connection is a :class:`~services.relay.http1.Http1Connection` (llhttp parses the
+the release. Each connection is a :class:`~services.relay.upstream.http1.Http1Connection` (llhttp parses the
 responses; httpcore's h11 state machine cost ~15-30 µs per streamed chunk), used directly (no
 ``AsyncHTTPConnection`` lock, one event-loop turn less per request); the network backend is
-:class:`~services.relay.connections.AsyncioBackend`.
+:class:`~services.relay.upstream.connections.AsyncioBackend`.
 
 HTTP/2 channels keep httpcore's stock pool (on the same backend): a few multiplexed connections make
 its scan cheap.
@@ -36,8 +36,8 @@ from typing import Any, Protocol
 import httpcore
 import httpx
 
-from services.relay.connections import AsyncioBackend, wait
-from services.relay.http1 import Http1Connection
+from services.relay.upstream.connections import AsyncioBackend, wait
+from services.relay.upstream.http1 import Http1Connection
 
 __all__ = ["ChannelTransport", "PoolStats", "UpstreamBody"]
 

@@ -1,7 +1,7 @@
-"""The relay process's credit leases: the :class:`~services.relay.credit.LeaseBook` and its sync loop.
+"""The relay process's credit leases: the :class:`~services.relay.meter.credit.LeaseBook` and its sync loop.
 
 Requests are admitted on a lease without an RPC (:meth:`Leasing.admit`; the key's own, or the one its
-user's keys without budgets of their own share, see :mod:`services.relay.credit`); a background task
+user's keys without budgets of their own share, see :mod:`services.relay.meter.credit`); a background task
 checks every ``poll_s`` whether the book wants a sync (:meth:`LeaseBook.sync_due`) and, when it does,
 sends quota one ``Sync`` with every lease's report and the new asks, then applies the answer (and
 quota's list of budgeted keys when the relay's copy was out of date).
@@ -11,7 +11,7 @@ to when its sync was *sent*, so a late one is still safe, and under load (a burs
 recall) a deadline of one short interval fails every sync exactly when the recalls and closing reports
 they carry are needed. It stays under half of what a grant lets the relay admit, so one stalled sync
 cannot keep the next from renewing the leases. A failed sync changes nothing in the book (its leases
-keep admitting until their validity ends, see :mod:`services.relay.credit`) and is tried again at the
+keep admitting until their validity ends, see :mod:`services.relay.meter.credit`) and is tried again at the
 next interval.
 
 The relay id is fresh per process start, so quota tells a restarted relay from the one before it and
@@ -38,7 +38,7 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.telemetry import METRICS
-from services.relay.credit import Admission, LeaseBook, recall_wait_ms
+from services.relay.meter.credit import Admission, LeaseBook, recall_wait_ms
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub

@@ -18,10 +18,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.common.errors import GatewayError
-from services.relay import routes
-from services.relay.deps import gateway_of
-from services.relay.openai_errors import MethodNotAllowed
-from services.relay.routes import Call, respond_error
+from services.relay.edge.http import routes
+from services.relay.edge.http.deps import gateway_of
+from services.relay.edge.http.openai_errors import MethodNotAllowed
+from services.relay.edge.http.routes import Call, respond_error
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,12 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.errors import GatewayError, InvalidRequest
-from services.relay.openai_errors import HeadersTooLarge, MethodNotAllowed, RequestTimeout, error_body
+from services.relay.edge.http.openai_errors import (
+    HeadersTooLarge,
+    MethodNotAllowed,
+    RequestTimeout,
+    error_body,
+)
 
 __all__ = ["ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_protocol"]
 

@@ -33,11 +33,11 @@ from services.common.errors import (
     UpstreamTimeout,
 )
 from services.common.telemetry import METRICS
-from services.relay.accounting import Exchange, metric
-from services.relay.breaker import Breaker, Breakers, Outcome
-from services.relay.channels import Channel, Timeouts
-from services.relay.pools import ChannelPools
-from services.relay.transport import ChannelTransport, UpstreamBody
+from services.relay.meter.accounting import Exchange, metric
+from services.relay.upstream.breaker import Breaker, Breakers, Outcome
+from services.relay.upstream.channels import Channel, Timeouts
+from services.relay.upstream.pools import ChannelPools
+from services.relay.upstream.transport import ChannelTransport, UpstreamBody
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
-from services.relay.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
-from services.relay.deps import Gateway, GatewayDep
-from services.relay.requests import (
+from services.relay.edge.http.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
+from services.relay.edge.http.deps import GatewayDep
+from services.relay.edge.http.requests import (
     MAX_ADMIN_TOKEN_CHARS,
     MAX_API_KEY_CHARS,
     Incoming,
@@ -40,6 +40,7 @@ from services.relay.requests import (
     read_json,
     refuse_nul,
 )
+from services.relay.pipeline.gateway import Gateway
 
 
 async def _no_nul_in_url(request: Request) -> None:
@@ -152,7 +153,7 @@ async def issue_token(request: Request, gateway: GatewayDep) -> Response:
 @router.post("/users")
 async def create_user(request: Request, gateway: GatewayDep) -> Response:
     """``limits.daily_budget_micros`` / ``monthly_budget_micros`` become the user's quota budgets
-    (``services.relay.admin_budgets``)."""
+    (``services.relay.edge.http.admin_budgets``)."""
     actor = await require_admin(request, gateway, WRITE)
     body = await read_body(request, gateway)
     budgets = take_budgets(body)
@@ -183,7 +184,7 @@ async def list_users(request: Request, gateway: GatewayDep, limit: Int32 = 100, 
 @router.post("/keys")
 async def create_key(request: Request, gateway: GatewayDep) -> Response:
     """``limits.daily_budget_micros`` / ``monthly_budget_micros`` become the key's quota budgets
-    (``services.relay.admin_budgets``)."""
+    (``services.relay.edge.http.admin_budgets``)."""
     actor = await require_admin(request, gateway, WRITE)
     body = await read_body(request, gateway)
     budgets = take_budgets(body)
