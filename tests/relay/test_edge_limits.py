@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import AuthenticationError, ConcurrencyLimited, InvalidRequest
-from services.relay.edge.http.requests import (
+from services.relay.meter.slots import StreamSlots
+from services.relay.pipeline.checks import (
     MAX_API_KEY_CHARS,
     bounded_credential,
     optional_array,
@@ -16,7 +17,6 @@ from services.relay.edge.http.requests import (
     require_model,
     require_text_or_array,
 )
-from services.relay.meter.slots import StreamSlots
 
 
 def nested(depth: int) -> bytes:

@@ -23,9 +23,10 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits, Usage
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
-from services.relay.meter.accounting import Exchange, LeaseAdmission, Meter
+from services.relay.meter.accounting import LeaseAdmission, Meter
 from services.relay.meter.leasing import Leasing, sync_deadline_s
 from services.relay.meter.prices import PriceCache
+from services.relay.meter.record import Exchange
 from tests.db_fixtures import DbUrls
 from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota, settling_from
 

@@ -30,8 +30,9 @@ from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.common.tls import QUOTA
 from services.quota.app import run
 from services.quota.settings import QuotaSettings
-from services.relay.meter.accounting import Exchange, Meter, SettleRetry
+from services.relay.meter.accounting import Meter, SettleRetry
 from services.relay.meter.publisher import EventPublisher
+from services.relay.meter.record import Exchange
 from tests.common.tcp_gate import TcpGate
 from tests.db_fixtures import DbUrls
 from tests.relay.usage_topic import read_usage

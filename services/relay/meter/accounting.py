@@ -1,5 +1,5 @@
 """The relay's side of the money: admit or reserve before the upstream call, settle or release after,
-and the usage event that records the request.
+and publication of the usage event that records the request (built by :mod:`services.relay.meter.record`).
 
 **On a lease** (:mod:`services.relay.meter.leasing`): a key without RPM/TPM/concurrency limits whose model's
 price this relay knows is admitted locally against a lease (the key's own when it has a budget of its
@@ -46,9 +46,8 @@ import asyncio
 import functools
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.common import pricing
@@ -65,10 +64,10 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
     SettleResponse,
 )
 from services.common.telemetry import METRICS
-from services.relay.meter.credit import Admission
 from services.relay.meter.leasing import Leasing, leasable
 from services.relay.meter.prices import PriceCache, price_from_message
 from services.relay.meter.publisher import EventPublisher
+from services.relay.meter.record import Exchange
 from services.relay.meter.refusals import RefusalLog
 
 if TYPE_CHECKING:
@@ -81,93 +80,6 @@ log = logging.getLogger(__name__)
 def metric(series: Any, *labels: str) -> Any:
     """The child of a labelled series, looked up once per label combination (labels are bounded)."""
     return series.labels(*labels)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the relay learned about one request, from arrival to the usage event."""
-
-    request_id: str
-    endpoint: str
-    client_ip: str
-    started: float = field(default_factory=time.perf_counter)
-    occurred_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
-    principal: Principal | None = None
-    model: str = ""
-    stream: bool = False
-    # Completions asked for (OpenAI's n): the reservation holds the output cap once per choice.
-    choices: int = 1
-    reservation: ReserveResponse | None = None
-    settlement: SettleResponse | None = None
-    # Admitted on a lease instead of a reservation: the admission (None again once it is over). On a
-    # lease or a reservation settled by its event: the price it was held at and what the event charges.
-    admission: Admission | None = None
-    price: pricing.Price | None = None
-    lease_id: str = ""
-    charged_micros: int = 0
-    channel_id: str = ""
-    upstream_model: str = ""
-    status_code: int = 0
-    usage: Usage | None = None
-    upstream_s: float = 0.0
-    ttfb_s: float = 0.0
-    attempts: int = 0
-    end_reason: str = ""
-    error: GatewayError | None = None
-    cached: bool = False
-    # The caller's own x-request-id, kept for correlation only (ours is the idempotency key).
-    client_request_id: str = ""
-
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
-
-    def fail(self, error: GatewayError, *, status: int | None = None) -> None:
-        """Record the failure that ends this request (the last one wins)."""
-        self.error = error
-        self.status_code = status if status is not None else error.status
-        if not self.end_reason:
-            self.end_reason = "refused" if not self.held else "upstream_error"
-
-    @property
-    def held(self) -> bool:
-        """Credit was held for this request: a reservation, or an admission on a lease."""
-        return self.reservation is not None or bool(self.lease_id)
-
-    def to_event(self) -> UsageEvent:
-        principal = self.principal or Principal()
-        settlement = self.settlement or SettleResponse()
-        cost_micros, price_id = settlement.charged_micros, settlement.price_id
-        if self.price is not None:
-            cost_micros, price_id = self.charged_micros, self.price.price_id
-        # A reservation's event without usage releases its hold (nothing was delivered).
-        usage = self.usage if self.usage is not None or self.reservation is not None else Usage()
-        error = self.error
-        return UsageEvent(
-            event_id=self.request_id,
-            occurred_at_ms=self.occurred_at_ms,
-            key_id=principal.key_id,
-            user_id=principal.user_id,
-            model=self.model,
-            upstream_model=self.upstream_model,
-            channel_id=self.channel_id,
-            endpoint=self.endpoint,
-            stream=self.stream,
-            status_code=self.status_code,
-            usage=usage,
-            cost_micros=cost_micros,
-            price_id=price_id,
-            reservation_id=self.reservation.reservation_id if self.reservation else "",
-            lease_id=self.lease_id,
-            latency_ms=int(self.elapsed_s() * 1000),
-            ttfb_ms=int(self.ttfb_s * 1000),
-            upstream_ms=int(self.upstream_s * 1000),
-            end_reason=self.end_reason,
-            error_type=error.fault if error else "",
-            error_code=error.code if error else "",
-            attempts=self.attempts,
-            client_ip=self.client_ip,
-            cached=self.cached,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from services.common.ids import new_id
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
+from services.relay.meter.record import refusals_summary
 
 __all__ = ["RefusalLog"]
 
@@ -57,18 +58,7 @@ class RefusalLog:
         if last is None or not held:
             return
         self._last, self._held = None, 0
-        summary = UsageEvent(
-            event_id=f"refusals-{self._relay_id}-{self._second}",
-            occurred_at_ms=self._second * 1000,
-            model=last.model,
-            endpoint=last.endpoint,
-            stream=last.stream,
-            status_code=last.status_code,
-            end_reason=last.end_reason,
-            error_type=last.error_type,
-            error_code=last.error_code,
-            client_ip=last.client_ip,
-            latency_ms=last.latency_ms,
-            aggregated=held,
+        summary = refusals_summary(
+            last, event_id=f"refusals-{self._relay_id}-{self._second}", second=self._second, count=held
         )
         self._publish(summary)

@@ -37,7 +37,8 @@ import orjson
 from services.common.errors import GatewayError, UpstreamError, UpstreamTimeout
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
-from services.relay.meter.accounting import Exchange, Meter, metric
+from services.relay.meter.accounting import Meter, metric
+from services.relay.meter.record import Exchange
 from services.relay.stream.sse import StreamScanner
 from services.relay.upstream.breaker import Outcome
 from services.relay.upstream.channels import Channel

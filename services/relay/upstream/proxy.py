@@ -33,7 +33,8 @@ from services.common.errors import (
     UpstreamTimeout,
 )
 from services.common.telemetry import METRICS
-from services.relay.meter.accounting import Exchange, metric
+from services.relay.meter.accounting import metric
+from services.relay.meter.record import Exchange
 from services.relay.upstream.breaker import Breaker, Breakers, Outcome
 from services.relay.upstream.channels import Channel, Timeouts
 from services.relay.upstream.pools import ChannelPools

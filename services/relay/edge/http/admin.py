@@ -32,12 +32,11 @@ from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
 from services.relay.edge.http.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
 from services.relay.edge.http.deps import GatewayDep
-from services.relay.edge.http.requests import (
+from services.relay.edge.http.requests import Incoming, read_json
+from services.relay.pipeline.checks import (
     MAX_ADMIN_TOKEN_CHARS,
     MAX_API_KEY_CHARS,
-    Incoming,
     bounded_credential,
-    read_json,
     refuse_nul,
 )
 from services.relay.pipeline.gateway import Gateway

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from services.common.pb.relaygate.quota.v1.quota_pb2 import RateLimitWindow, ReserveResponse
-from services.relay.meter.accounting import Exchange
+from services.relay.meter.record import Exchange
 
 RawHeaders = list[tuple[bytes, bytes]]
 
