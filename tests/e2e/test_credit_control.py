@@ -740,7 +740,8 @@ async def test_a_killed_relay_charges_nothing_in_flight_and_its_leases_expire(
             exact = UNIT * len(await books.reservations_held([user_id]))
             if at_upstream == 2 and on_lease > 0 and on_lease + exact == len(in_flight) * UNIT:
                 return ""
-            return f"{at_upstream} at the upstream, {on_lease} in flight on the lease, {exact} held exactly"
+            leases = await books.leases(user_id)
+            return f"{at_upstream} at the upstream, {on_lease} on the lease, {exact} held exactly; {leases}"
 
         await eventually(not_admitted, "the requests were not admitted", timeout=15)
         assert deployment.process(victim).kill() == -signal.SIGKILL
