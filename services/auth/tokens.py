@@ -15,9 +15,10 @@ import jwt
 
 from services.common.errors import AuthenticationError, InvalidRequest, PermissionDenied
 from services.common.ids import new_id
+from services.common.scopes import ADMIN_READ, ADMIN_WRITE
 
-READ = "admin:read"
-WRITE = "admin:write"
+READ = ADMIN_READ
+WRITE = ADMIN_WRITE
 SCOPES = (READ, WRITE)
 ISSUER = "relaygate-auth"
 _ALGORITHM = "HS256"

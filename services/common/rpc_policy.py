@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.common.scopes import ADMIN_READ, ADMIN_WRITE
 from services.common.tls import IDENTITIES, LOGGER, QUOTA, RELAY
 
 __all__ = ["READ", "RULES", "WRITE", "Rule", "method_name"]
 
-# The admin-token scopes auth issues (services.auth.tokens), the same ones the HTTP admin API checks.
-READ = "admin:read"
-WRITE = "admin:write"
+READ = ADMIN_READ
+WRITE = ADMIN_WRITE
 
 
 @dataclass(frozen=True)

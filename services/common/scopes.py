@@ -1,4 +1,5 @@
-"""Key scopes, evaluated the same way by auth (on lookup) and by the relay (on a cache hit)."""
+"""Key scopes, evaluated the same way by auth (on lookup) and by the relay (on a cache hit), and the
+admin-token scopes auth issues, which the HTTP admin API and the internal RPC policy check alike."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import ipaddress
 from functools import lru_cache
 
 from services.common.pb.relaygate.auth.v1.auth_pb2 import DenyReason, Principal
+
+ADMIN_READ = "admin:read"
+ADMIN_WRITE = "admin:write"
 
 
 @lru_cache(maxsize=4096)

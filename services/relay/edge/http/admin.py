@@ -30,6 +30,7 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2
 from services.common.pb.relaygate.quota.v1 import quota_pb2
+from services.common.scopes import ADMIN_READ, ADMIN_WRITE
 from services.relay.edge.http.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
 from services.relay.edge.http.deps import GatewayDep
 from services.relay.edge.http.requests import Incoming, read_json
@@ -55,8 +56,8 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_no_nul_in_url)])
 M = TypeVar("M", bound=Message)
 
 
-READ = "admin:read"
-WRITE = "admin:write"
+READ = ADMIN_READ
+WRITE = ADMIN_WRITE
 
 # Query integers are bounded by the protobuf field they fill (FastAPI answers 400 outside the range),
 # so no value can fail the message's construction.
