@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -34,6 +34,7 @@ from services.common.errors import (
     from_wire,
     to_wire,
 )
+from services.common.interceptors import MethodInterceptor
 from services.common.rpc_auth import RpcAuthInterceptor, ServerSecurity
 from services.common.telemetry import METRICS
 from services.common.tls import Tls, server_name
@@ -73,37 +74,17 @@ class Registration:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
 
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # generic only in the type stubs
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class ErrorInterceptor(_ServerInterceptor):
+class ErrorInterceptor(MethodInterceptor):
     """Maps :class:`GatewayError` to status + metadata, and records per-method metrics."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler.unary_unary is None:
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
+        return grpc.unary_unary_rpc_method_handler(
             _mapped(method.rsplit("/", 1)[-1], handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
-        self._wrapped[method] = wrapped
-        return wrapped
 
 
 def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
@@ -151,7 +132,7 @@ async def serve(
     registrations = list(registrations)
     names = [reg.service_name for reg in registrations]
     _check_rules(names, security)
-    interceptors: list[_ServerInterceptor] = [ErrorInterceptor()]
+    interceptors: list[MethodInterceptor] = [ErrorInterceptor()]
     if security.tls is None:
         log.warning("grpc is plaintext (RELAYGATE_GRPC_TLS=off): callers are not authenticated")
     else:

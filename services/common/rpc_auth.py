@@ -18,11 +18,12 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from services.common.errors import GatewayError, to_wire
+from services.common.interceptors import MethodInterceptor
 from services.common.rpc_policy import RULES, Rule
 from services.common.tls import ADMIN, Tls, peer_identity
 
@@ -34,11 +35,6 @@ log = logging.getLogger(__name__)
 AdminTokenCheck = Callable[[str, str, str], Awaitable[None]]
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # generic only in the type stubs
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 @dataclass(frozen=True)
@@ -79,27 +75,15 @@ def peer_address(context: Context) -> str:
     return ""
 
 
-class RpcAuthInterceptor(_ServerInterceptor):
+class RpcAuthInterceptor(MethodInterceptor):
     """Checks each call against ``rules`` before the handler runs (see the module docstring)."""
 
     def __init__(self, rules: Mapping[str, Rule], admin_tokens: AdminTokenCheck | None) -> None:
+        super().__init__()
         self._rules = rules
         self._admin_tokens = admin_tokens
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
-        if handler is None:
-            # No such method here: gRPC answers UNIMPLEMENTED.
-            return None  # type: ignore[return-value]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         rule = self._rules.get(method)
 
         async def admit(context: Context) -> None:
@@ -117,9 +101,7 @@ class RpcAuthInterceptor(_ServerInterceptor):
                 )
                 await context.abort(exc.grpc_status, exc.message, trailing_metadata=to_wire(exc))
 
-        wrapped = _guarded(handler, admit)
-        self._wrapped[method] = wrapped
-        return wrapped
+        return _guarded(handler, admit)
 
     async def _admit(self, method: str, rule: Rule | None, context: Context) -> None:
         if rule is None:
