@@ -41,6 +41,8 @@ class RequestLog(Base):
     completion_tokens: Mapped[int] = mapped_column(default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(default=0)
     images: Mapped[int] = mapped_column(default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(default=0)
     usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     cost_micros: Mapped[int] = mapped_column(default=0)
     price_id: Mapped[int] = mapped_column(default=0)
@@ -58,6 +60,10 @@ class RequestLog(Base):
     aggregated: Mapped[int] = mapped_column(default=0)
     # The credit lease the request was admitted on ('' when it held an exact reservation, or none).
     lease_id: Mapped[str] = mapped_column(String(64), default="")
+    # http | grpc
+    front: Mapped[str] = mapped_column(String(16), default="")
+    # W3C trace id, '' when tracing was off.
+    trace_id: Mapped[str] = mapped_column(String(32), default="")
     logged_at_ms: Mapped[int] = mapped_column(default=0)
 
 
@@ -88,6 +94,8 @@ class UsageHourly(Base):
     completion_tokens: Mapped[int] = mapped_column(default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(default=0)
     images: Mapped[int] = mapped_column(default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(default=0)
     cost_micros: Mapped[int] = mapped_column(default=0)
     # Sum of the requests' latencies: divided by ``requests`` it is the mean.
     latency_ms: Mapped[int] = mapped_column(default=0)
@@ -101,6 +109,8 @@ ROLLUP_COUNTERS: tuple[str, ...] = (
     "completion_tokens",
     "cached_prompt_tokens",
     "images",
+    "cache_write_tokens",
+    "reasoning_tokens",
     "cost_micros",
     "latency_ms",
 )

@@ -2,7 +2,8 @@
 
 This module owns the mapping between events and rows, both ways. Every ``UsageEvent`` field is a
 column of the same name, except ``usage``, whose parts become ``prompt_tokens``,
-``completion_tokens``, ``cached_prompt_tokens``, ``images`` and ``usage_estimated``. Redelivered
+``completion_tokens``, ``cached_prompt_tokens``, ``images``, ``cache_write_tokens``,
+``reasoning_tokens`` and ``usage_estimated``. Redelivered
 events carry the same ``(occurred_at_ms, event_id)``, and ``ON CONFLICT DO NOTHING`` on that key makes
 a second write of the same event a no-op: the first stored version wins.
 
@@ -42,13 +43,19 @@ _SYSTEM_CLOCK = SystemClock()
 
 # Event fields stored under their own name: all of them but the nested usage message.
 SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields if f.name != "usage")
-_USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "images", "usage_estimated")
+_USAGE_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_prompt_tokens",
+    "images",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+_USAGE_COLUMNS = (*_USAGE_FIELDS, "usage_estimated")
 # A row is a tuple in this column order.
 COLUMNS: tuple[str, ...] = (*SCALAR_FIELDS, *_USAGE_COLUMNS, "logged_at_ms")
 _SCALARS = operator.attrgetter(*SCALAR_FIELDS)
-_USAGE = operator.attrgetter(
-    "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "images", "estimated"
-)
+_USAGE = operator.attrgetter(*_USAGE_FIELDS, "estimated")
 _AT = {name: index for index, name in enumerate(COLUMNS)}
 _PRIMARY_KEY = operator.itemgetter(_AT["occurred_at_ms"], _AT["event_id"])
 
@@ -105,13 +112,7 @@ def to_row(event: UsageEvent, *, logged_at_ms: int) -> tuple[Any, ...]:
 
 def to_event(row: RequestLog) -> UsageEvent:
     """The event a stored row was written from (``logged_at_ms`` is not part of it)."""
-    usage = Usage(
-        prompt_tokens=row.prompt_tokens,
-        completion_tokens=row.completion_tokens,
-        cached_prompt_tokens=row.cached_prompt_tokens,
-        images=row.images,
-        estimated=row.usage_estimated,
-    )
+    usage = Usage(estimated=row.usage_estimated, **{name: getattr(row, name) for name in _USAGE_FIELDS})
     return UsageEvent(usage=usage, **{name: getattr(row, name) for name in SCALAR_FIELDS})
 
 

@@ -27,6 +27,8 @@ def test_every_event_field_has_a_column() -> None:
         "completion_tokens",
         "cached_prompt_tokens",
         "images",
+        "cache_write_tokens",
+        "reasoning_tokens",
         "usage_estimated",
     }
     assert columns == set(SCALAR_FIELDS) | usage_columns | {"logged_at_ms"}

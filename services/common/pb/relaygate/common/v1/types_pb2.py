@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frelaygate/common/v1/types.proto\x12\x13relaygate.common.v1\"z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06images\x18\x04 \x01(\x03\x12\x11\n\testimated\x18\x05 \x01(\x08\"s\n\x06Limits\x12\x0b\n\x03rpm\x18\x01 \x01(\x03\x12\x0b\n\x03tpm\x18\x02 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\x13\x64\x61ily_budget_microsR\x15monthly_budget_microsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frelaygate/common/v1/types.proto\x12\x13relaygate.common.v1\"\xb0\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06images\x18\x04 \x01(\x03\x12\x11\n\testimated\x18\x05 \x01(\x08\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\x06 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x07 \x01(\x03\"s\n\x06Limits\x12\x0b\n\x03rpm\x18\x01 \x01(\x03\x12\x0b\n\x03tpm\x18\x02 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\x13\x64\x61ily_budget_microsR\x15monthly_budget_microsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relaygate.common.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGE']._serialized_start=56
-  _globals['_USAGE']._serialized_end=178
-  _globals['_LIMITS']._serialized_start=180
-  _globals['_LIMITS']._serialized_end=295
+  _globals['_USAGE']._serialized_start=57
+  _globals['_USAGE']._serialized_end=233
+  _globals['_LIMITS']._serialized_start=235
+  _globals['_LIMITS']._serialized_end=350
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,8 @@ class Usage(_message.Message):
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     completion_tokens: _builtins.int
     cached_prompt_tokens: _builtins.int
@@ -37,6 +39,12 @@ class Usage(_message.Message):
     """Images produced (image generation endpoints bill per image)."""
     estimated: _builtins.bool
     """True when the provider reported nothing and the gateway billed its own bounded estimate."""
+    cache_write_tokens: _builtins.int
+    """Prompt tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens);
+    not part of prompt_tokens, billed at the cache-write price.
+    """
+    reasoning_tokens: _builtins.int
+    """Part of completion_tokens the model spent reasoning (billed at the output price unless priced apart)."""
     def __init__(
         self,
         *,
@@ -45,10 +53,12 @@ class Usage(_message.Message):
         cached_prompt_tokens: _builtins.int = ...,
         images: _builtins.int = ...,
         estimated: _builtins.bool = ...,
+        cache_write_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "estimated", b"estimated", "images", b"images", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "estimated", b"estimated", "images", b"images", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,6 +54,8 @@ class UsageEvent(_message.Message):
     CACHED_FIELD_NUMBER: _builtins.int
     AGGREGATED_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    FRONT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     occurred_at_ms: _builtins.int
     key_id: _builtins.str
@@ -86,6 +88,10 @@ class UsageEvent(_message.Message):
     """Set when the request was admitted on a credit lease (and reservation_id is empty): this event is
     the charge, applied to the lease by quota's consumer of the topic, idempotent by event_id.
     """
+    front: _builtins.str
+    """Which front the caller used: http | grpc."""
+    trace_id: _builtins.str
+    """The W3C trace id of the request (32 hex digits), empty when tracing is off."""
     @_builtins.property
     def usage(self) -> _types_pb2.Usage: ...
     def __init__(
@@ -116,10 +122,12 @@ class UsageEvent(_message.Message):
         cached: _builtins.bool = ...,
         aggregated: _builtins.int = ...,
         lease_id: _builtins.str = ...,
+        front: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregated", b"aggregated", "attempts", b"attempts", "cached", b"cached", "channel_id", b"channel_id", "client_ip", b"client_ip", "cost_micros", b"cost_micros", "end_reason", b"end_reason", "endpoint", b"endpoint", "error_code", b"error_code", "error_type", b"error_type", "event_id", b"event_id", "key_id", b"key_id", "latency_ms", b"latency_ms", "lease_id", b"lease_id", "model", b"model", "occurred_at_ms", b"occurred_at_ms", "price_id", b"price_id", "reservation_id", b"reservation_id", "status_code", b"status_code", "stream", b"stream", "ttfb_ms", b"ttfb_ms", "upstream_model", b"upstream_model", "upstream_ms", b"upstream_ms", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregated", b"aggregated", "attempts", b"attempts", "cached", b"cached", "channel_id", b"channel_id", "client_ip", b"client_ip", "cost_micros", b"cost_micros", "end_reason", b"end_reason", "endpoint", b"endpoint", "error_code", b"error_code", "error_type", b"error_type", "event_id", b"event_id", "front", b"front", "key_id", b"key_id", "latency_ms", b"latency_ms", "lease_id", b"lease_id", "model", b"model", "occurred_at_ms", b"occurred_at_ms", "price_id", b"price_id", "reservation_id", b"reservation_id", "status_code", b"status_code", "stream", b"stream", "trace_id", b"trace_id", "ttfb_ms", b"ttfb_ms", "upstream_model", b"upstream_model", "upstream_ms", b"upstream_ms", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

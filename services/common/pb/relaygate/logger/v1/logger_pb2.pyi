@@ -193,6 +193,8 @@ class UsageBucket(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     bucket_start_ms: _builtins.int
     """Start of the hour or UTC day, unix milliseconds."""
     key_id: _builtins.str
@@ -210,6 +212,8 @@ class UsageBucket(_message.Message):
     """Micro-units of the account currency."""
     latency_ms: _builtins.int
     """Sum of the requests' latencies; divided by requests it is the mean."""
+    cache_write_tokens: _builtins.int
+    reasoning_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -225,10 +229,12 @@ class UsageBucket(_message.Message):
         images: _builtins.int = ...,
         cost_micros: _builtins.int = ...,
         latency_ms: _builtins.int = ...,
+        cache_write_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_ms", b"bucket_start_ms", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_micros", b"cost_micros", "failed_requests", b"failed_requests", "images", b"images", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_ms", b"bucket_start_ms", "cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_micros", b"cost_micros", "failed_requests", b"failed_requests", "images", b"images", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "requests", b"requests", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
