@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"relaygate/catalog/v1/catalog.proto\x12\x14relaygate.catalog.v1\"\xdd\x03\n\x07\x43hannel\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12>\n\tmodel_map\x18\x06 \x03(\x0b\x32+.relaygate.catalog.v1.Channel.ModelMapEntry\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x0e\n\x06weight\x18\x08 \x01(\x05\x12;\n\x07headers\x18\t \x03(\x0b\x32*.relaygate.catalog.v1.Channel.HeadersEntry\x12\x1a\n\x12\x63onnect_timeout_ms\x18\n \x01(\x05\x12\x1d\n\x15\x66irst_byte_timeout_ms\x18\x0b \x01(\x05\x12\x18\n\x10total_timeout_ms\x18\x0c \x01(\x05\x12\x17\n\x0fmax_connections\x18\r \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x0e \x01(\x08\x1a/\n\rModelMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteChannelRequest\x12\x12\n\nchannel_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteChannelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"A\n\x13ListChannelsRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x03\x12\x12\n\nconsistent\x18\x02 \x01(\x08\"c\n\x0b\x43hannelList\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12/\n\x08\x63hannels\x18\x03 \x03(\x0b\x32\x1d.relaygate.catalog.v1.Channel2\xa7\x02\n\x0e\x43\x61talogService\x12M\n\rUpsertChannel\x12\x1d.relaygate.catalog.v1.Channel\x1a\x1d.relaygate.catalog.v1.Channel\x12h\n\rDeleteChannel\x12*.relaygate.catalog.v1.DeleteChannelRequest\x1a+.relaygate.catalog.v1.DeleteChannelResponse\x12\\\n\x0cListChannels\x12).relaygate.catalog.v1.ListChannelsRequest\x1a!.relaygate.catalog.v1.ChannelListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"relaygate/catalog/v1/catalog.proto\x12\x14relaygate.catalog.v1\"\x80\x04\n\x07\x43hannel\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12>\n\tmodel_map\x18\x06 \x03(\x0b\x32+.relaygate.catalog.v1.Channel.ModelMapEntry\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x0e\n\x06weight\x18\x08 \x01(\x05\x12;\n\x07headers\x18\t \x03(\x0b\x32*.relaygate.catalog.v1.Channel.HeadersEntry\x12\x1a\n\x12\x63onnect_timeout_ms\x18\n \x01(\x05\x12\x1d\n\x15\x66irst_byte_timeout_ms\x18\x0b \x01(\x05\x12\x18\n\x10total_timeout_ms\x18\x0c \x01(\x05\x12\x17\n\x0fmax_connections\x18\r \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x0e \x01(\x08\x12\x0c\n\x04type\x18\x0f \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x10 \x01(\t\x1a/\n\rModelMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x14\x44\x65leteChannelRequest\x12\x12\n\nchannel_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteChannelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"A\n\x13ListChannelsRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\x03\x12\x12\n\nconsistent\x18\x02 \x01(\x08\"c\n\x0b\x43hannelList\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12/\n\x08\x63hannels\x18\x03 \x03(\x0b\x32\x1d.relaygate.catalog.v1.Channel2\xa7\x02\n\x0e\x43\x61talogService\x12M\n\rUpsertChannel\x12\x1d.relaygate.catalog.v1.Channel\x1a\x1d.relaygate.catalog.v1.Channel\x12h\n\rDeleteChannel\x12*.relaygate.catalog.v1.DeleteChannelRequest\x1a+.relaygate.catalog.v1.DeleteChannelResponse\x12\\\n\x0cListChannels\x12).relaygate.catalog.v1.ListChannelsRequest\x1a!.relaygate.catalog.v1.ChannelListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHANNEL_HEADERSENTRY']._loaded_options = None
   _globals['_CHANNEL_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CHANNEL']._serialized_start=61
-  _globals['_CHANNEL']._serialized_end=538
-  _globals['_CHANNEL_MODELMAPENTRY']._serialized_start=443
-  _globals['_CHANNEL_MODELMAPENTRY']._serialized_end=490
-  _globals['_CHANNEL_HEADERSENTRY']._serialized_start=492
-  _globals['_CHANNEL_HEADERSENTRY']._serialized_end=538
-  _globals['_DELETECHANNELREQUEST']._serialized_start=540
-  _globals['_DELETECHANNELREQUEST']._serialized_end=582
-  _globals['_DELETECHANNELRESPONSE']._serialized_start=584
-  _globals['_DELETECHANNELRESPONSE']._serialized_end=624
-  _globals['_LISTCHANNELSREQUEST']._serialized_start=626
-  _globals['_LISTCHANNELSREQUEST']._serialized_end=691
-  _globals['_CHANNELLIST']._serialized_start=693
-  _globals['_CHANNELLIST']._serialized_end=792
-  _globals['_CATALOGSERVICE']._serialized_start=795
-  _globals['_CATALOGSERVICE']._serialized_end=1090
+  _globals['_CHANNEL']._serialized_end=573
+  _globals['_CHANNEL_MODELMAPENTRY']._serialized_start=478
+  _globals['_CHANNEL_MODELMAPENTRY']._serialized_end=525
+  _globals['_CHANNEL_HEADERSENTRY']._serialized_start=527
+  _globals['_CHANNEL_HEADERSENTRY']._serialized_end=573
+  _globals['_DELETECHANNELREQUEST']._serialized_start=575
+  _globals['_DELETECHANNELREQUEST']._serialized_end=617
+  _globals['_DELETECHANNELRESPONSE']._serialized_start=619
+  _globals['_DELETECHANNELRESPONSE']._serialized_end=659
+  _globals['_LISTCHANNELSREQUEST']._serialized_start=661
+  _globals['_LISTCHANNELSREQUEST']._serialized_end=726
+  _globals['_CHANNELLIST']._serialized_start=728
+  _globals['_CHANNELLIST']._serialized_end=827
+  _globals['_CATALOGSERVICE']._serialized_start=830
+  _globals['_CATALOGSERVICE']._serialized_end=1125
 # @@protoc_insertion_point(module_scope)

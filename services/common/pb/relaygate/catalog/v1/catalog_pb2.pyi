@@ -81,10 +81,12 @@ class Channel(_message.Message):
     TOTAL_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.str
     name: _builtins.str
     base_url: _builtins.str
-    """OpenAI-compatible base URL, including /v1."""
+    """The provider's base URL: OpenAI-compatible ones include /v1 (see `type` for the others)."""
     api_key: _builtins.str
     priority: _builtins.int
     weight: _builtins.int
@@ -93,6 +95,12 @@ class Channel(_message.Message):
     total_timeout_ms: _builtins.int
     max_connections: _builtins.int
     enabled: _builtins.bool
+    type: _builtins.str
+    """The provider's wire format: "openai" (the default, sent as is), "azure-openai", "anthropic" or
+    "gemini"; the relay converts requests, answers, streams and usage for the last three.
+    """
+    api_version: _builtins.str
+    """Azure OpenAI's api-version query parameter (azure-openai channels only)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -118,10 +126,12 @@ class Channel(_message.Message):
         total_timeout_ms: _builtins.int = ...,
         max_connections: _builtins.int = ...,
         enabled: _builtins.bool = ...,
+        type: _builtins.str = ...,
+        api_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "base_url", b"base_url", "channel_id", b"channel_id", "connect_timeout_ms", b"connect_timeout_ms", "enabled", b"enabled", "first_byte_timeout_ms", b"first_byte_timeout_ms", "headers", b"headers", "max_connections", b"max_connections", "model_map", b"model_map", "models", b"models", "name", b"name", "priority", b"priority", "total_timeout_ms", b"total_timeout_ms", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_version", b"api_version", "base_url", b"base_url", "channel_id", b"channel_id", "connect_timeout_ms", b"connect_timeout_ms", "enabled", b"enabled", "first_byte_timeout_ms", b"first_byte_timeout_ms", "headers", b"headers", "max_connections", b"max_connections", "model_map", b"model_map", "models", b"models", "name", b"name", "priority", b"priority", "total_timeout_ms", b"total_timeout_ms", "type", b"type", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

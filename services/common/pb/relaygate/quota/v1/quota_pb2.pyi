@@ -36,6 +36,8 @@ class Price(_message.Message):
     PER_IMAGE_FIELD_NUMBER: _builtins.int
     DEFAULT_MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     PRICE_ID_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_PER_MTOK_FIELD_NUMBER: _builtins.int
+    REASONING_PER_MTOK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     input_per_mtok: _builtins.int
     output_per_mtok: _builtins.int
@@ -46,6 +48,10 @@ class Price(_message.Message):
     """Output tokens reserved when the request sets no max_tokens."""
     price_id: _builtins.int
     """Version of this price row; recorded on every charge so history is never rewritten."""
+    cache_write_per_mtok: _builtins.int
+    """Prompt tokens written to the provider's prompt cache (Usage.cache_write_tokens); 0 = input price."""
+    reasoning_per_mtok: _builtins.int
+    """Reasoning tokens (Usage.reasoning_tokens, part of the output); 0 = output price."""
     def __init__(
         self,
         *,
@@ -57,10 +63,12 @@ class Price(_message.Message):
         per_image: _builtins.int = ...,
         default_max_output_tokens: _builtins.int = ...,
         price_id: _builtins.int = ...,
+        cache_write_per_mtok: _builtins.int = ...,
+        reasoning_per_mtok: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_per_mtok", b"cached_input_per_mtok", "default_max_output_tokens", b"default_max_output_tokens", "input_per_mtok", b"input_per_mtok", "model", b"model", "output_per_mtok", b"output_per_mtok", "per_image", b"per_image", "per_request", b"per_request", "price_id", b"price_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_per_mtok", b"cache_write_per_mtok", "cached_input_per_mtok", b"cached_input_per_mtok", "default_max_output_tokens", b"default_max_output_tokens", "input_per_mtok", b"input_per_mtok", "model", b"model", "output_per_mtok", b"output_per_mtok", "per_image", b"per_image", "per_request", b"per_request", "price_id", b"price_id", "reasoning_per_mtok", b"reasoning_per_mtok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
