@@ -7,8 +7,10 @@ and owns the settlement; the request's own task *writes* that buffer to the clie
 * **usage** is read from the stream as it passes (:class:`~services.relay.stream.sse.StreamScanner`); the
   upstream is always asked for ``stream_options.include_usage``, and the extra usage-only chunk is
   removed again when the caller did not ask for it. Nothing else is parsed or rewritten;
-* **keep-alive**: while the upstream is silent the writer sends an SSE comment every
-  ``stream_keepalive_s``, so idle proxies and load balancers keep the connection;
+* **the front's sink** (:class:`~services.relay.stream.sink.StreamSink`) receives OpenAI's SSE bytes and
+  puts them on the front's wire, converting them if the front speaks something else;
+* **keep-alive**: while the upstream is silent the writer asks the sink for a sign of life every
+  ``stream_keepalive_s`` (on HTTP an SSE comment), so idle proxies and load balancers keep the connection;
 * **idle timeout**: the gap allowed between two upstream chunks (``stream_idle_timeout_s``), and the
   channel's total timeout for the whole stream; either ends it with an in-band error event;
 * **client gone**: the pump keeps reading for at most ``stream_drain_s`` (no more than
@@ -39,6 +41,7 @@ from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
 from services.relay.meter.accounting import Meter, metric
 from services.relay.meter.record import Exchange
+from services.relay.stream.sink import StreamSink
 from services.relay.stream.sse import StreamScanner
 from services.relay.upstream.breaker import Outcome
 from services.relay.upstream.channels import Channel
@@ -49,12 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StreamPolicy", "StreamRelay", "Streams", "stream_payload"]
 
-KEEPALIVE = b": keep-alive\n\n"
 # The pump stops reading while this much is waiting for a slow client.
 _BUFFER_LIMIT = 1024 * 1024
-
-Send = Any
-Receive = Any
 
 
 def stream_payload(body: dict[str, Any], raw: bytes) -> tuple[PayloadFor, bool]:
@@ -154,23 +153,23 @@ class StreamRelay:
         self._drain_until: float | None = None
         self._draining = False
 
-    async def run(self, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the response (status 200, ``headers``) and relay the stream until it ends or the
-        client leaves; the pump may go on draining after this returns."""
+    async def run(self, sink: StreamSink) -> None:
+        """Start the front's response and relay the stream into ``sink`` until it ends or the client
+        leaves; the pump may go on draining after this returns."""
         loop = asyncio.get_running_loop()
         pump = loop.create_task(self._pump(), name=f"stream-{self._exchange.request_id}")
         self._streams.track(pump)
-        watcher = loop.create_task(self._watch(receive))
+        watcher = loop.create_task(self._watch(sink))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await self._write(send)
+            await sink.start()
+            await self._write(sink)
         finally:
             watcher.cancel()
             if not self._finished:
                 # The writer stopped early (client gone, or this task was cancelled): drain instead.
                 self._leave()
 
-    async def _write(self, send: Send) -> None:
+    async def _write(self, sink: StreamSink) -> None:
         queue = self._queue
         first = True
         keepalive = self._streams.policy.keepalive_s
@@ -180,7 +179,7 @@ class StreamRelay:
                 queue.clear()
                 self._queued = 0
                 self._wake_pump()
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await sink.write(data)
                 if first:
                     first = False
                     exchange = self._exchange
@@ -193,19 +192,16 @@ class StreamRelay:
             try:
                 await wait(waiter, keepalive)
             except TimeoutError:
-                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                await sink.keepalive()
             finally:
                 self._writer_waiter = None
         if not self._client_gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await sink.finish()
 
-    async def _watch(self, receive: Receive) -> None:
-        """Notice the client going away (the only other message on a request whose body was read)."""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._leave()
-                return
+    async def _watch(self, sink: StreamSink) -> None:
+        """Notice the client going away."""
+        await sink.closed()
+        self._leave()
 
     def _leave(self) -> None:
         """The client is gone: bound the rest of the pump's work to the drain window."""

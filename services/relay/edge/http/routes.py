@@ -23,6 +23,7 @@ from services.common.errors import GatewayError, ModelNotFound
 from services.relay.edge.http.headers import JSON, STREAM_HEADERS, gateway_headers
 from services.relay.edge.http.openai_errors import error_body, sse_error
 from services.relay.edge.http.requests import ClientGone, Incoming, read_body
+from services.relay.edge.http.sse_sink import HttpSink
 from services.relay.meter.record import Exchange
 from services.relay.pipeline import relay as pipeline
 from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential
@@ -129,7 +130,7 @@ async def _relay_json(call: Call, exchange: Exchange, request: pipeline.Admitted
 
 async def _relay_stream(call: Call, exchange: Exchange, request: pipeline.Admitted) -> None:
     async def deliver(relay: StreamRelay) -> None:
-        await relay.run(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)])
+        await relay.run(HttpSink(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)]))
 
     await pipeline.relay_stream(call.gateway, exchange, request, error_event=sse_error, deliver=deliver)
 
