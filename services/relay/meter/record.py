@@ -64,9 +64,13 @@ class Exchange:
     cached: bool = False
     # The caller's own x-request-id, kept for correlation only (ours is the idempotency key).
     client_request_id: str = ""
+    # Which front the caller used: "http" or "grpc".
+    front: str = ""
 
     @classmethod
-    def begin(cls, *, endpoint: str, client_ip: str, client_request_id: str = "") -> Exchange:
+    def begin(
+        cls, *, endpoint: str, client_ip: str, client_request_id: str = "", front: str = "http"
+    ) -> Exchange:
         """The record of a request that has just arrived, under a new request id (also the id of
         the log lines written while it is served)."""
         request_id = new_id("req")
@@ -76,6 +80,7 @@ class Exchange:
             endpoint=endpoint,
             client_ip=client_ip,
             client_request_id=client_request_id[:_CLIENT_REQUEST_ID_CHARS],
+            front=front,
         )
 
     def answered(self, *, channel_id: str, upstream_model: str, status: int) -> None:
@@ -133,6 +138,7 @@ class Exchange:
             attempts=self.attempts,
             client_ip=self.client_ip,
             cached=self.cached,
+            front=self.front,
         )
 
 

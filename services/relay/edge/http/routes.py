@@ -80,6 +80,7 @@ def begin(call: Call, endpoint: str) -> Exchange:
             call.scope, trust_forwarded_for=call.gateway.settings.trust_forwarded_for
         ),
         client_request_id=incoming.client_request_id or "",
+        front="http",
     )
 
 
