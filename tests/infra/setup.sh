@@ -27,6 +27,8 @@ command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 # Apache Kafka runs on the JVM (4.x needs Java 17+); Maven fetches its jars once.
 command -v java >/dev/null 2>&1 || packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || packages+=(maven)
+# The console's browser tests (tests/console) drive Debian's chromium through Playwright.
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 
 if ((${#packages[@]})); then
   if [ "$(id -u)" != 0 ]; then
@@ -40,7 +42,7 @@ if ((${#packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   log "installed ${packages[*]}"
 else
-  log "redis-server, postgresql, wrk, java and maven already installed"
+  log "redis-server, postgresql, wrk, java, maven and chromium already installed"
 fi
 
 # --- virtualenv -------------------------------------------------------------------------------------
