@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.common.errors import GatewayError
+from services.console import PREFIX as CONSOLE_PREFIX
+from services.console import Console
 from services.relay.edge.http import routes
 from services.relay.edge.http.deps import gateway_of
 from services.relay.edge.http.openai_errors import MethodNotAllowed
@@ -56,6 +58,7 @@ class Front:
 
     def __init__(self, app: FastAPI) -> None:
         self._app = app
+        self._console = Console(app)
 
     def routes(self) -> list[ServedRoute]:
         """Every route served, the front's own and the app's (from its OpenAPI description, which
@@ -92,6 +95,10 @@ class Front:
                     MethodNotAllowed(f"Method {scope['method']} is not allowed for {path}; use {allowed}."),
                     allow=allowed,
                 )
+                return
+            # Only paths that missed the table above get here: the API routes pay nothing for it.
+            if path.startswith(CONSOLE_PREFIX):
+                await self._console(scope, receive, send)
                 return
         await self._app(scope, receive, send)
 
