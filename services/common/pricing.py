@@ -1,12 +1,18 @@
 """Cost arithmetic in integer micro-units, shared by quota (holds, charges) and relays (lease
 admissions, the cost a usage event carries), so both sides compute a request's cost with one function.
 
-Prices are per million tokens (input, cached input, output) plus flat per-request and per-image
-amounts. A cost is computed exactly once, with integer arithmetic, and rounded *up* to the next
-micro-unit: a fraction of a micro-unit is never given away, and no float ever touches money::
+Prices are per million tokens of each kind (input, cached input, cache write, output, reasoning)
+plus flat per-request and per-image amounts. A cost is computed exactly once, with integer
+arithmetic, and rounded *up* to the next micro-unit: a fraction of a micro-unit is never given away,
+and no float ever touches money::
 
-    cost = ceil(((prompt - cached) * input + cached * cached_input + completion * output) / 1_000_000)
+    cost = ceil(((prompt - cached) * input + cached * cached_input + cache_write * cache_write_rate
+                 + (completion - reasoning) * output + reasoning * reasoning_rate) / 1_000_000)
            + per_request + images * per_image
+
+A kind without a price of its own (0) is billed at its parent's rate: cached input and cache writes at
+the input price, reasoning at the output price. Cache writes are prompt tokens *outside*
+``prompt_tokens`` (Anthropic reports them apart); reasoning tokens are *inside* ``completion_tokens``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,19 @@ class Price:
     default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     price_id: int = 0
     created_at: int = 0
+    # 0 means "the input price" (cache writes) and "the output price" (reasoning tokens).
+    cache_write_per_mtok: int = 0
+    reasoning_per_mtok: int = 0
+
+    @property
+    def prompt_rate_ceiling(self) -> int:
+        """The dearest rate any prompt token can be billed at (what a hold must assume)."""
+        return max(self.input_per_mtok, self.cached_input_per_mtok, self.cache_write_per_mtok)
+
+    @property
+    def output_rate_ceiling(self) -> int:
+        """The dearest rate any output token can be billed at."""
+        return max(self.output_per_mtok, self.reasoning_per_mtok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +85,10 @@ class Usage:
     images: int = 0
     # The provider reported nothing; the gateway billed its own estimate (never above the hold).
     estimated: bool = False
+    # Prompt tokens written to the provider's cache, outside ``prompt_tokens``.
+    cache_write_tokens: int = 0
+    # The part of ``completion_tokens`` spent reasoning.
+    reasoning_tokens: int = 0
 
     @classmethod
     def reported(
@@ -75,16 +98,22 @@ class Usage:
         cached_prompt_tokens: int,
         images: int,
         estimated: bool,
+        *,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
     ) -> Usage:
         """A provider's report with each count within the bounds :meth:`validate` accepts: an absurd
         report is capped at the admitted worst case anyway, and must not make the request unbillable."""
         prompt = min(max(prompt_tokens, 0), MAX_TOKENS)
+        completion = min(max(completion_tokens, 0), MAX_TOKENS)
         return cls(
             prompt_tokens=prompt,
-            completion_tokens=min(max(completion_tokens, 0), MAX_TOKENS),
+            completion_tokens=completion,
             cached_prompt_tokens=min(max(cached_prompt_tokens, 0), prompt),
             images=min(max(images, 0), MAX_IMAGES),
             estimated=estimated,
+            cache_write_tokens=min(max(cache_write_tokens, 0), MAX_TOKENS),
+            reasoning_tokens=min(max(reasoning_tokens, 0), completion),
         )
 
     def validate(self) -> None:
@@ -93,11 +122,19 @@ class Usage:
         _check_count("completion_tokens", self.completion_tokens, MAX_TOKENS)
         _check_count("cached_prompt_tokens", self.cached_prompt_tokens, MAX_TOKENS)
         _check_count("images", self.images, MAX_IMAGES)
+        _check_count("cache_write_tokens", self.cache_write_tokens, MAX_TOKENS)
+        _check_count("reasoning_tokens", self.reasoning_tokens, MAX_TOKENS)
         if self.cached_prompt_tokens > self.prompt_tokens:
             raise InvalidRequest(
                 f"cached_prompt_tokens ({self.cached_prompt_tokens}) cannot exceed "
                 f"prompt_tokens ({self.prompt_tokens})",
                 param="usage.cached_prompt_tokens",
+            )
+        if self.reasoning_tokens > self.completion_tokens:
+            raise InvalidRequest(
+                f"reasoning_tokens ({self.reasoning_tokens}) cannot exceed "
+                f"completion_tokens ({self.completion_tokens})",
+                param="usage.reasoning_tokens",
             )
 
     def as_json(self) -> dict[str, int | bool]:
@@ -107,6 +144,8 @@ class Usage:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "images": self.images,
             "estimated": self.estimated,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
         }
 
 
@@ -124,11 +163,13 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 def cost(price: Price, usage: Usage) -> int:
     """What ``usage`` costs at ``price``, in micro-units, rounded up. Call ``usage.validate()`` first."""
     cached = usage.cached_prompt_tokens
-    cached_rate = price.cached_input_per_mtok or price.input_per_mtok
+    reasoning = usage.reasoning_tokens
     tokens = (
         (usage.prompt_tokens - cached) * price.input_per_mtok
-        + cached * cached_rate
-        + usage.completion_tokens * price.output_per_mtok
+        + cached * (price.cached_input_per_mtok or price.input_per_mtok)
+        + usage.cache_write_tokens * (price.cache_write_per_mtok or price.input_per_mtok)
+        + (usage.completion_tokens - reasoning) * price.output_per_mtok
+        + reasoning * (price.reasoning_per_mtok or price.output_per_mtok)
     )
     return _ceil_div(tokens, MICROS_PER_MTOK) + price.per_request + usage.images * price.per_image
 
@@ -139,9 +180,18 @@ def worst_case(
     """The hold for a request: its prompt estimate plus its output cap (the model's default cap when
     0) for each of its ``choices`` (a provider bills every completion it generates, the prompt once).
 
-    The prompt is priced entirely at the input rate, since the cached share is unknown before the call.
+    How the prompt splits into uncached, cached and cache-written tokens, and how much of the output
+    is reasoning, is unknown before the call: each is priced at the dearest rate of its kind, so a
+    cache write or a reasoning token priced above the plain rate never exceeds the hold.
     """
     output = (max_output_tokens or price.default_max_output_tokens) * max(1, choices)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=output, images=images)
     usage.validate()
-    return cost(price, usage)
+    ceiling = Price(
+        model=price.model,
+        input_per_mtok=price.prompt_rate_ceiling,
+        output_per_mtok=price.output_rate_ceiling,
+        per_request=price.per_request,
+        per_image=price.per_image,
+    )
+    return cost(ceiling, usage)

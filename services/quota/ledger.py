@@ -628,6 +628,8 @@ def _reservation_view(row: Any) -> ReservationView:
             cached_prompt_tokens=int(usage.get("cached_prompt_tokens", 0)),
             images=int(usage.get("images", 0)),
             estimated=bool(usage.get("estimated", False)),
+            cache_write_tokens=int(usage.get("cache_write_tokens", 0)),
+            reasoning_tokens=int(usage.get("reasoning_tokens", 0)),
         ),
         created_at=int(row[9]),
         expires_at=int(row[10]),

@@ -37,6 +37,8 @@ class Price(Base):
     input_per_mtok: Mapped[int] = mapped_column(default=0)
     output_per_mtok: Mapped[int] = mapped_column(default=0)
     cached_input_per_mtok: Mapped[int] = mapped_column(default=0)
+    cache_write_per_mtok: Mapped[int] = mapped_column(default=0)
+    reasoning_per_mtok: Mapped[int] = mapped_column(default=0)
     per_request: Mapped[int] = mapped_column(default=0)
     per_image: Mapped[int] = mapped_column(default=0)
     default_max_output_tokens: Mapped[int] = mapped_column(default=4096)

@@ -53,7 +53,15 @@ def validate_price(price: Price) -> Price:
         raise InvalidRequest("a price needs a model name", param="model")
     if len(model) > _MODEL_NAME_MAX:
         raise InvalidRequest(f"model name longer than {_MODEL_NAME_MAX} characters", param="model")
-    for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "per_request", "per_image"):
+    for name in (
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "cache_write_per_mtok",
+        "reasoning_per_mtok",
+        "per_request",
+        "per_image",
+    ):
         value: int = getattr(price, name)
         if not 0 <= value <= MAX_PRICE_MICROS:
             raise InvalidRequest(f"{name} must be between 0 and {MAX_PRICE_MICROS} (got {value})", param=name)
@@ -68,6 +76,8 @@ def validate_price(price: Price) -> Price:
         input_per_mtok=price.input_per_mtok,
         output_per_mtok=price.output_per_mtok,
         cached_input_per_mtok=price.cached_input_per_mtok,
+        cache_write_per_mtok=price.cache_write_per_mtok,
+        reasoning_per_mtok=price.reasoning_per_mtok,
         per_request=price.per_request,
         per_image=price.per_image,
         # 0 is what an omitted protobuf field reads as; a zero cap would reserve nothing for the output.
@@ -81,6 +91,8 @@ def _from_row(row: models.Price) -> Price:
         input_per_mtok=row.input_per_mtok,
         output_per_mtok=row.output_per_mtok,
         cached_input_per_mtok=row.cached_input_per_mtok,
+        cache_write_per_mtok=row.cache_write_per_mtok,
+        reasoning_per_mtok=row.reasoning_per_mtok,
         per_request=row.per_request,
         per_image=row.per_image,
         default_max_output_tokens=row.default_max_output_tokens,
@@ -161,6 +173,8 @@ class PriceBook:
                     input_per_mtok=price.input_per_mtok,
                     output_per_mtok=price.output_per_mtok,
                     cached_input_per_mtok=price.cached_input_per_mtok,
+                    cache_write_per_mtok=price.cache_write_per_mtok,
+                    reasoning_per_mtok=price.reasoning_per_mtok,
                     per_request=price.per_request,
                     per_image=price.per_image,
                     default_max_output_tokens=price.default_max_output_tokens,

@@ -34,6 +34,8 @@ def price_to_pb(price: Price) -> pb.Price:
         input_per_mtok=price.input_per_mtok,
         output_per_mtok=price.output_per_mtok,
         cached_input_per_mtok=price.cached_input_per_mtok,
+        cache_write_per_mtok=price.cache_write_per_mtok,
+        reasoning_per_mtok=price.reasoning_per_mtok,
         per_request=price.per_request,
         per_image=price.per_image,
         default_max_output_tokens=price.default_max_output_tokens,
@@ -47,6 +49,8 @@ def price_from_pb(message: pb.Price) -> Price:
         input_per_mtok=message.input_per_mtok,
         output_per_mtok=message.output_per_mtok,
         cached_input_per_mtok=message.cached_input_per_mtok,
+        cache_write_per_mtok=message.cache_write_per_mtok,
+        reasoning_per_mtok=message.reasoning_per_mtok,
         per_request=message.per_request,
         per_image=message.per_image,
         default_max_output_tokens=message.default_max_output_tokens,
@@ -88,6 +92,8 @@ def _usage_to_pb(usage: Usage) -> types_pb2.Usage:
         cached_prompt_tokens=usage.cached_prompt_tokens,
         images=usage.images,
         estimated=usage.estimated,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
     )
 
 
@@ -228,6 +234,8 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             cached_prompt_tokens=request.usage.cached_prompt_tokens,
             images=request.usage.images,
             estimated=request.usage.estimated,
+            cache_write_tokens=request.usage.cache_write_tokens,
+            reasoning_tokens=request.usage.reasoning_tokens,
         )
         return _outcome_to_pb(await self._ledger.settle(request.reservation_id, usage))
 

@@ -176,7 +176,13 @@ def settlement_of(event: UsageEvent) -> ExactSettlement | None:
         return ExactSettlement(event.reservation_id, None, 0, event.end_reason)
     u = event.usage
     usage = Usage.reported(
-        u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, u.images, u.estimated
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_prompt_tokens,
+        u.images,
+        u.estimated,
+        cache_write_tokens=u.cache_write_tokens,
+        reasoning_tokens=u.reasoning_tokens,
     )
     return ExactSettlement(event.reservation_id, usage, event.cost_micros)
 

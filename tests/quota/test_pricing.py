@@ -59,6 +59,49 @@ GPT = Price(model="m", input_per_mtok=2_500_000, output_per_mtok=10_000_000)
             id="per image + per request",
         ),
         pytest.param(
+            Price("m", input_per_mtok=3_000_000, cache_write_per_mtok=3_750_000),
+            Usage(prompt_tokens=100, cache_write_tokens=1000),
+            300 + 3_750,
+            id="cache writes (outside the prompt count) at the cache-write price",
+        ),
+        pytest.param(
+            Price("m", input_per_mtok=3_000_000),
+            Usage(prompt_tokens=100, cache_write_tokens=1000),
+            3_300,
+            id="no cache-write price: cache writes at the input price",
+        ),
+        pytest.param(
+            Price("m", output_per_mtok=10_000_000, reasoning_per_mtok=20_000_000),
+            Usage(completion_tokens=1000, reasoning_tokens=400),
+            6_000 + 8_000,
+            id="reasoning (inside the output count) at the reasoning price",
+        ),
+        pytest.param(
+            Price("m", output_per_mtok=10_000_000),
+            Usage(completion_tokens=1000, reasoning_tokens=400),
+            10_000,
+            id="no reasoning price: reasoning at the output price",
+        ),
+        pytest.param(
+            Price(
+                "m",
+                input_per_mtok=1,
+                cached_input_per_mtok=1,
+                cache_write_per_mtok=1,
+                output_per_mtok=1,
+                reasoning_per_mtok=1,
+            ),
+            Usage(
+                prompt_tokens=2,
+                cached_prompt_tokens=1,
+                cache_write_tokens=1,
+                completion_tokens=2,
+                reasoning_tokens=1,
+            ),
+            1,
+            id="every kind shares the one ceiling",
+        ),
+        pytest.param(
             Price("m", input_per_mtok=10**12, output_per_mtok=10**12),
             Usage(prompt_tokens=10**10, completion_tokens=10**10),
             2 * 10**16,
@@ -78,9 +121,34 @@ def test_worst_case_uses_default_output_cap_when_max_output_is_zero() -> None:
     assert worst_case(price, prompt_tokens=10, max_output_tokens=7, images=0) == 10 + 14
 
 
+def test_worst_case_prices_each_kind_at_its_dearest_rate() -> None:
+    """The split of the prompt (uncached, cached, written) and of the output (reasoning or not) is
+    unknown when the hold is taken: a dearer cache write or reasoning price must not exceed it."""
+    price = Price(
+        "m",
+        input_per_mtok=1_000_000,
+        cache_write_per_mtok=1_250_000,
+        output_per_mtok=2_000_000,
+        reasoning_per_mtok=3_000_000,
+    )
+    bound = worst_case(price, prompt_tokens=1000, max_output_tokens=100, images=0)
+    assert bound == 1_250 + 300
+    # The dearest usage those estimates allow (every prompt token written, every output one reasoning).
+    dearest = Usage(cache_write_tokens=1000, completion_tokens=100, reasoning_tokens=100)
+    assert cost(price, dearest) == bound
+
+
+def test_reported_usage_keeps_reasoning_within_the_output() -> None:
+    usage = Usage.reported(10, 5, 0, 0, False, cache_write_tokens=-3, reasoning_tokens=9)
+    usage.validate()
+    assert (usage.cache_write_tokens, usage.reasoning_tokens) == (0, 5)
+
+
 @pytest.mark.parametrize(
     "usage",
     [
+        pytest.param(Usage(completion_tokens=1, reasoning_tokens=2), id="more reasoning than output"),
+        pytest.param(Usage(cache_write_tokens=-1), id="negative cache writes"),
         pytest.param(Usage(prompt_tokens=-1), id="negative prompt"),
         pytest.param(Usage(completion_tokens=-5), id="negative completion"),
         pytest.param(Usage(prompt_tokens=5, cached_prompt_tokens=6), id="more cached than prompt"),
@@ -97,7 +165,10 @@ async def test_set_price_versions_rows_and_keeps_old_ones(prices: PriceBook) -> 
     assert first.price_id > 0
     assert first.default_max_output_tokens == DEFAULT_MAX_OUTPUT_TOKENS
 
-    second = await prices.set_price(Price(first.model, input_per_mtok=5, output_per_mtok=6))
+    second = await prices.set_price(
+        Price(first.model, input_per_mtok=5, output_per_mtok=6, cache_write_per_mtok=7, reasoning_per_mtok=8)
+    )
+    assert (second.cache_write_per_mtok, second.reasoning_per_mtok) == (7, 8)
 
     assert second.price_id > first.price_id
     assert await prices.current(first.model) == second
@@ -117,6 +188,7 @@ async def test_unpriced_model_is_model_not_found(prices: PriceBook) -> None:
     [
         pytest.param(Price(""), id="no model"),
         pytest.param(Price("m", input_per_mtok=-1), id="negative price"),
+        pytest.param(Price("m", cache_write_per_mtok=-1), id="negative cache-write price"),
         pytest.param(Price("m", default_max_output_tokens=-1), id="negative output cap"),
     ],
 )

@@ -122,7 +122,13 @@ def _cost(price: pricing.Price, usage: Usage | None, bound: int) -> int:
     if usage is None:
         return 0
     counted = pricing.Usage.reported(
-        usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens, usage.images, False
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_prompt_tokens,
+        usage.images,
+        False,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
     )
     return min(pricing.cost(price, counted), bound)
 

@@ -41,6 +41,8 @@ def price_from_message(message: PriceMessage) -> Price:
         input_per_mtok=message.input_per_mtok,
         output_per_mtok=message.output_per_mtok,
         cached_input_per_mtok=message.cached_input_per_mtok,
+        cache_write_per_mtok=message.cache_write_per_mtok,
+        reasoning_per_mtok=message.reasoning_per_mtok,
         per_request=message.per_request,
         per_image=message.per_image,
         default_max_output_tokens=message.default_max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS,
