@@ -130,6 +130,8 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
                     "input_per_mtok": args.input,
                     "output_per_mtok": args.output,
                     "cached_input_per_mtok": args.cached_input,
+                    "cache_write_per_mtok": args.cache_write,
+                    "reasoning_per_mtok": args.reasoning,
                     "per_request": args.per_request,
                     "per_image": args.per_image,
                     "default_max_output_tokens": args.default_max_output,
@@ -141,11 +143,15 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
             return client.post(
                 "/admin/v1/channels",
                 {
+                    "channel_id": args.channel_id or "",
                     "name": args.name,
                     "base_url": args.base_url,
                     "api_key": args.api_key or "",
                     "headers": _headers(args.header),
                     "models": _csv(args.models),
+                    "model_map": _headers(args.model_map),
+                    "type": args.type,
+                    "api_version": args.api_version,
                     "priority": args.priority,
                     "weight": args.weight,
                     "enabled": True,
@@ -223,6 +229,8 @@ def add_parser(commands: Any) -> None:
     setting.add_argument("--input", type=int, required=True)
     setting.add_argument("--output", type=int, required=True)
     setting.add_argument("--cached-input", type=int, default=0)
+    setting.add_argument("--cache-write", type=int, default=0, help="cache writes (0: input price)")
+    setting.add_argument("--reasoning", type=int, default=0, help="reasoning tokens (0: the output price)")
     setting.add_argument("--per-request", type=int, default=0)
     setting.add_argument("--per-image", type=int, default=0)
     setting.add_argument("--default-max-output", type=int, default=0)
@@ -231,7 +239,22 @@ def add_parser(commands: Any) -> None:
     channels = resources.add_parser("channels").add_subparsers(dest="action", required=True)
     add = channels.add_parser("add")
     add.add_argument("--name", required=True)
-    add.add_argument("--base-url", required=True, help="OpenAI-compatible base URL, including /v1")
+    add.add_argument(
+        "--base-url",
+        required=True,
+        help="with /v1 (openai, anthropic) or /v1beta (gemini); azure-openai: the resource root",
+    )
+    add.add_argument(
+        "--type", default="openai", choices=("openai", "azure-openai", "anthropic", "gemini"), help="provider"
+    )
+    add.add_argument("--channel-id", help="replace this channel (every field) instead of adding one")
+    add.add_argument("--api-version", default="", help="azure-openai channels: the api-version to send")
+    add.add_argument(
+        "--model-map",
+        action="append",
+        metavar="MODEL=UPSTREAM",
+        help="public model name to the provider's (azure-openai: the deployment); repeatable",
+    )
     add.add_argument("--models", required=True)
     add.add_argument("--api-key", help="stored write-only: answers and listings show it masked")
     add.add_argument(

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from services.common import credentials
 from services.common.errors import InvalidRequest
 
-__all__ = ["Channel", "restore_credentials", "validate_channel"]
+__all__ = ["CHANNEL_TYPES", "Channel", "restore_credentials", "validate_channel"]
+
+# The provider wire formats a channel may speak; "openai" is sent as is, the others are converted.
+CHANNEL_TYPES = ("openai", "azure-openai", "anthropic", "gemini")
 
 DEFAULT_CONNECT_MS = 5_000
 DEFAULT_FIRST_BYTE_MS = 60_000
@@ -31,7 +34,8 @@ class Channel:
 
     channel_id: str = ""
     name: str = ""
-    # OpenAI-compatible base URL, including /v1.
+    # The provider's base URL: OpenAI-compatible ones (and Anthropic's, Gemini's) include the API
+    # version path (/v1, /v1beta); Azure's is the resource's root (https://NAME.openai.azure.com).
     base_url: str = ""
     api_key: str = ""
     models: tuple[str, ...] = ()
@@ -45,6 +49,10 @@ class Channel:
     total_timeout_ms: int = 0
     max_connections: int = 0
     enabled: bool = True
+    # One of CHANNEL_TYPES; empty means "openai".
+    type: str = ""
+    # Azure OpenAI's api-version query parameter; required for azure-openai channels only.
+    api_version: str = ""
 
 
 def _invalid(message: str, param: str) -> InvalidRequest:
@@ -136,6 +144,14 @@ def validate_channel(channel: Channel) -> Channel:
         raise _invalid(
             "total_timeout_ms must not be shorter than the connect or first-byte timeout", "total_timeout_ms"
         )
+    kind = channel.type.strip() or "openai"
+    if kind not in CHANNEL_TYPES:
+        raise _invalid(f"type must be one of {', '.join(CHANNEL_TYPES)} (got {kind!r})", "type")
+    api_version = _text("api_version", channel.api_version, 64, required=kind == "azure-openai")
+    if api_version and kind != "azure-openai":
+        raise _invalid("api_version applies to azure-openai channels only", "api_version")
+    if any(not (c.isalnum() or c in "-_.") for c in api_version):
+        raise _invalid(f"api_version must look like 2024-10-21 (got {api_version!r})", "api_version")
     return Channel(
         channel_id=channel_id,
         name=_text("name", channel.name, 200, required=True),
@@ -151,4 +167,6 @@ def validate_channel(channel: Channel) -> Channel:
         total_timeout_ms=total,
         max_connections=max_connections,
         enabled=channel.enabled,
+        type=kind,
+        api_version=api_version,
     )

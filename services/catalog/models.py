@@ -31,6 +31,8 @@ class Channel(Base):
     total_timeout_ms: Mapped[int] = mapped_column(default=600_000)
     max_connections: Mapped[int] = mapped_column(default=200)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    type: Mapped[str] = mapped_column(String(32), default="openai")
+    api_version: Mapped[str] = mapped_column(String(64), default="")
     updated_at: Mapped[int]
 
 

@@ -39,6 +39,8 @@ def channel_to_pb(channel: Channel) -> pb.Channel:
         total_timeout_ms=channel.total_timeout_ms,
         max_connections=channel.max_connections,
         enabled=channel.enabled,
+        type=channel.type,
+        api_version=channel.api_version,
     )
 
 
@@ -58,6 +60,8 @@ def channel_from_pb(message: pb.Channel) -> Channel:
         total_timeout_ms=message.total_timeout_ms,
         max_connections=message.max_connections,
         enabled=message.enabled,
+        type=message.type,
+        api_version=message.api_version,
     )
 
 

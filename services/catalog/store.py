@@ -52,6 +52,8 @@ def _from_row(row: models.Channel) -> Channel:
         total_timeout_ms=row.total_timeout_ms,
         max_connections=row.max_connections,
         enabled=row.enabled,
+        type=row.type,
+        api_version=row.api_version,
     )
 
 
@@ -89,6 +91,8 @@ class Catalog:
             "total_timeout_ms": channel.total_timeout_ms,
             "max_connections": channel.max_connections,
             "enabled": channel.enabled,
+            "type": channel.type,
+            "api_version": channel.api_version,
             "updated_at": int(self._clock.time()),
         }
         async with self._db.transaction() as session:

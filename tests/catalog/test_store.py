@@ -109,6 +109,10 @@ async def test_upsert_with_an_explicit_id_creates_then_replaces(catalog: Catalog
         pytest.param({"first_byte_timeout_ms": 10_000, "total_timeout_ms": 5_000}, id="total < first byte"),
         pytest.param({"headers": {"X-Evil": "a\r\nHost: other"}}, id="header injection"),
         pytest.param({"models": ("",)}, id="empty model name"),
+        pytest.param({"type": "cohere"}, id="unknown channel type"),
+        pytest.param({"type": "azure-openai"}, id="azure without api_version"),
+        pytest.param({"api_version": "2024-10-21"}, id="api_version on an openai channel"),
+        pytest.param({"type": "azure-openai", "api_version": "2024&x=1"}, id="api_version with a query"),
     ],
 )
 async def test_invalid_channels_are_refused(catalog: Catalog, changes: dict[str, object]) -> None:
@@ -118,3 +122,20 @@ async def test_invalid_channels_are_refused(catalog: Catalog, changes: dict[str,
         await catalog.upsert_channel(dataclasses.replace(OPENAI, **changes))  # type: ignore[arg-type]
 
     assert await catalog.revision(consistent=True) == before
+
+
+async def test_a_channel_keeps_its_type_and_api_version(catalog: Catalog) -> None:
+    created = await catalog.upsert_channel(OPENAI)
+    assert created.type == "openai"  # the default: OpenAI-compatible, sent as is
+
+    azure = dataclasses.replace(
+        OPENAI, base_url="https://res.openai.azure.com", type="azure-openai", api_version="2024-10-21"
+    )
+    stored = await catalog.upsert_channel(azure)
+    listed = {c.channel_id: c for c in (await catalog.list_channels(0, consistent=True)).channels}
+    assert (listed[stored.channel_id].type, listed[stored.channel_id].api_version) == (
+        "azure-openai",
+        "2024-10-21",
+    )
+    anthropic = await catalog.upsert_channel(dataclasses.replace(OPENAI, type=" anthropic "))
+    assert anthropic.type == "anthropic"
