@@ -1,0 +1,335 @@
+"""Anthropic's Messages API (https://docs.anthropic.com/en/api/messages) over the chat pipeline: the
+caller's request as an OpenAI chat body, and the chat answer as a Messages answer.
+
+Request (each field checked, a 400 naming it otherwise):
+
+* ``model``, ``max_tokens`` (required), ``temperature``, ``top_p``, ``stop_sequences`` (→ ``stop``),
+  ``metadata.user_id`` (→ ``user``), ``stream``;
+* ``system`` as a string or text blocks (→ one system message);
+* ``messages`` with string or block content: ``text``; ``image`` from ``base64`` or ``url`` sources
+  (→ ``image_url`` parts); ``tool_use`` in assistant turns (→ ``tool_calls``); ``tool_result`` in user
+  turns (→ ``tool`` messages, placed before the turn's other blocks as OpenAI requires; images in a
+  result follow as a user message, since tool messages carry text only); ``thinking`` and
+  ``redacted_thinking`` blocks are dropped (a chat channel cannot take them back);
+* ``tools`` (custom tools: name, description, input_schema → function tools) and ``tool_choice``
+  (``auto``, ``any`` → ``required``, ``tool`` → the named function, ``none``;
+  ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``).
+
+Accepted and not forwarded: ``top_k`` (chat has no such parameter), ``thinking``, ``cache_control``
+marks, ``service_tier``. Refused: server tools (web search, code execution, ...), ``document`` and
+other block types, ``mcp_servers``, ``container``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from services.common.errors import InvalidRequest
+from services.relay.formats.common import ChatUsage, chat_usage, obj, read_answer, refuse
+from services.relay.pipeline.checks import (
+    MAX_TOKENS,
+    optional_array,
+    optional_bool,
+    optional_number,
+    optional_object,
+    optional_positive_int,
+    require_model,
+)
+from services.relay.settings import RelaySettings
+
+__all__ = ["STOP_REASONS", "message_id", "to_anthropic", "to_chat", "usage_of"]
+
+# OpenAI finish_reason → Anthropic stop_reason.
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+_REFUSED_FIELDS = ("mcp_servers", "container")
+_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _text_of(value: Any, param: str) -> str:
+    """A string, or the texts of an array of text blocks joined by newlines."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for block in value:
+            if (
+                not isinstance(block, dict)
+                or block.get("type") != "text"
+                or not isinstance(block.get("text"), str)
+            ):
+                raise refuse(f"'{param}' blocks must be text blocks with a string 'text'.", param)
+            texts.append(block["text"])
+        return "\n".join(texts)
+    raise refuse(f"'{param}' must be a string or an array of text blocks.", param)
+
+
+def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise refuse(f"'{param}.source' must be an object.", param)
+    kind = source.get("type")
+    if kind == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if not isinstance(media_type, str) or not isinstance(data, str):
+            raise refuse(f"'{param}.source' needs string 'media_type' and 'data'.", param)
+        url = f"data:{media_type};base64,{data}"
+    elif kind == "url":
+        given = source.get("url")
+        if not isinstance(given, str):
+            raise refuse(f"'{param}.source.url' must be a string.", param)
+        url = given
+    else:
+        raise refuse(f"'{param}.source.type' must be 'base64' or 'url'.", param)
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool_call(block: dict[str, Any], param: str) -> dict[str, Any]:
+    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, dict):
+        raise refuse(f"'{param}' needs a string 'id' and 'name' and an object 'input'.", param)
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": orjson.dumps(arguments).decode()},
+    }
+
+
+def _tool_results(block: dict[str, Any], param: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The tool message of a ``tool_result`` block, and the images it carried."""
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str):
+        raise refuse(f"'{param}.tool_use_id' must be a string.", param)
+    content = block.get("content", "")
+    images: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            where = f"{param}.content[{index}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image":
+                images.append(_image(part, where))
+            else:
+                raise refuse(f"'{where}' must be a text or image block.", param)
+        text = "\n".join(texts)
+    else:
+        raise refuse(f"'{param}.content' must be a string or an array of blocks.", param)
+    if block.get("is_error") is True:
+        text = f"Error: {text}" if text else "Error"
+    return {"role": "tool", "tool_call_id": call_id, "content": text}, images
+
+
+def _turn(message: Any, index: int) -> list[dict[str, Any]]:
+    """The chat messages of one Messages turn."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise refuse(f"'{param}' must be an object.", "messages")
+    role = message.get("role")
+    if role not in ("user", "assistant"):
+        raise refuse(f"'{param}.role' must be 'user' or 'assistant'.", "messages")
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise refuse(f"'{param}.content' must be a string or an array of blocks.", "messages")
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    result_images: list[dict[str, Any]] = []
+    for position, block in enumerate(content):
+        where = f"{param}.content[{position}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise refuse(f"'{where}.text' must be a string.", "messages")
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append(_image(block, where))
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(_tool_call(block, where))
+        elif kind == "tool_result" and role == "user":
+            result, images = _tool_results(block, where)
+            results.append(result)
+            result_images.extend(images)
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue
+        else:
+            raise refuse(f"'{where}': a {role} turn cannot carry a {kind!r} block here.", "messages")
+    turns: list[dict[str, Any]] = [*results]
+    if result_images:
+        turns.append({"role": "user", "content": result_images})
+    if role == "assistant":
+        text = "".join(p["text"] for p in parts)
+        if calls or text or not turns:
+            turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                turn["tool_calls"] = calls
+            turns.append(turn)
+    elif parts or not turns:
+        turns.append({"role": "user", "content": parts})
+    return turns
+
+
+def _tools(body: dict[str, Any], limits: RelaySettings) -> list[dict[str, Any]] | None:
+    optional_array(body, "tools", limits.max_tools)
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    converted = []
+    for index, tool in enumerate(tools):
+        param = f"tools[{index}]"
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise refuse(f"'{param}' must be an object with a string 'name'.", "tools")
+        if tool.get("type") not in (None, "custom"):
+            raise refuse(f"'{param}': server tools ({tool['type']!r}) are not supported.", "tools")
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict):
+            raise refuse(f"'{param}.input_schema' must be an object.", "tools")
+        function: dict[str, Any] = {"name": tool["name"], "parameters": schema}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def _tool_choice(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    optional_object(body, "tool_choice")
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    kind = choice.get("type")
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise refuse("'tool_choice.name' must be a string.", "tool_choice")
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    elif kind in _CHOICES:
+        chat["tool_choice"] = _CHOICES[kind]
+    else:
+        raise refuse("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'.", "tool_choice")
+    if choice.get("disable_parallel_tool_use") is True and "tools" in chat:
+        chat["parallel_tool_calls"] = False
+
+
+def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
+    """The OpenAI chat body for the Messages request ``body``; raises a 400 naming the bad field."""
+    model = require_model(body)
+    if body.get("max_tokens") is None:
+        raise InvalidRequest("'max_tokens' is required.", param="max_tokens")
+    max_tokens = optional_positive_int(body, "max_tokens", MAX_TOKENS)
+    for field in _REFUSED_FIELDS:
+        if body.get(field) is not None:
+            raise refuse(f"'{field}' is not supported by this gateway.", field)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise refuse("'messages' must be a non-empty array.", "messages")
+    if len(messages) > limits.max_messages:
+        raise refuse(f"'messages' has more than {limits.max_messages} items.", "messages")
+    chat_messages: list[dict[str, Any]] = []
+    if body.get("system") is not None:
+        chat_messages.append({"role": "system", "content": _text_of(body["system"], "system")})
+    for index, message in enumerate(messages):
+        chat_messages.extend(_turn(message, index))
+    chat: dict[str, Any] = {"model": model, "messages": chat_messages, "max_tokens": max_tokens}
+    for field in ("temperature", "top_p", "top_k"):
+        optional_number(body, field)
+    for field in ("temperature", "top_p"):
+        if body.get(field) is not None:
+            chat[field] = body[field]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise refuse("'stop_sequences' must be an array of strings.", "stop_sequences")
+        if stops:
+            chat["stop"] = stops
+    optional_object(body, "metadata")
+    user = (body.get("metadata") or {}).get("user_id")
+    if user is not None:
+        if not isinstance(user, str):
+            raise refuse("'metadata.user_id' must be a string.", "metadata")
+        chat["user"] = user
+    tools = _tools(body, limits)
+    if tools:
+        chat["tools"] = tools
+    _tool_choice(body, chat)
+    if optional_bool(body, "stream"):
+        # The usage chunk is what message_delta reports, so it is asked for in every case.
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def message_id(chat_id: Any) -> str:
+    """An Anthropic-looking id for the chat answer ``chat_id``."""
+    text = chat_id if isinstance(chat_id, str) and chat_id else "unknown"
+    return text if text.startswith("msg_") else "msg_" + text.removeprefix("chatcmpl-")
+
+
+def usage_of(usage: ChatUsage | None) -> dict[str, int]:
+    """Anthropic's usage object: ``input_tokens`` excludes the tokens read from or written to the cache."""
+    usage = usage or ChatUsage()
+    return {
+        "input_tokens": usage.uncached_prompt,
+        "output_tokens": usage.output,
+        "cache_read_input_tokens": usage.cache_read,
+        "cache_creation_input_tokens": usage.cache_write,
+    }
+
+
+def tool_input(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments as the object Anthropic's ``input`` must be (``{}`` if unreadable)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str) and arguments:
+        try:
+            parsed = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
+
+
+def to_anthropic(answer: bytes, model: str) -> bytes:
+    """The Messages answer for the chat answer ``answer`` (its first choice)."""
+    parsed = read_answer(answer)
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = obj(choice.get("message"))
+    content: list[dict[str, Any]] = []
+    text = message.get("content")
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call.get("id") or "",
+                    "name": function.get("name") or "",
+                    "input": tool_input(function.get("arguments")),
+                }
+            )
+    reason = choice.get("finish_reason")
+    return orjson.dumps(
+        {
+            "id": message_id(parsed.get("id")),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": STOP_REASONS.get(reason, "end_turn") if reason else "end_turn",
+            "stop_sequence": None,
+            "usage": usage_of(chat_usage(parsed.get("usage"))),
+        }
+    )
