@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common import tracing
 from services.common.db.errors import unavailable
 from services.common.errors import (
     ERROR_CODE_KEY,
@@ -98,6 +99,10 @@ def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[
         except GatewayError as exc:
             served["error"].inc()
             await context.abort(exc.grpc_status, exc.message, trailing_metadata=to_wire(exc))
+        except grpc.aio.AbortError:
+            # The handler ended the call itself, with its own status and details.
+            served["error"].inc()
+            raise
         except Exception as exc:
             outage = unavailable(exc)
             if outage is None:
@@ -123,11 +128,13 @@ async def serve(
     security: ServerSecurity,
     stop: asyncio.Event | None = None,
     on_started: Callable[[int], None] | None = None,
+    signals: bool = True,
 ) -> None:
     """Run a gRPC server until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
     ``on_started`` receives the bound port (useful with ``:0``). A server whose services have an RPC
-    without a permission rule refuses to start.
+    without a permission rule refuses to start. ``signals=False`` leaves SIGTERM/SIGINT to whoever
+    owns them in this process (the relay's uvicorn), which then sets ``stop``.
     """
     registrations = list(registrations)
     names = [reg.service_name for reg in registrations]
@@ -137,6 +144,8 @@ async def serve(
         log.warning("grpc is plaintext (RELAYGATE_GRPC_TLS=off): callers are not authenticated")
     else:
         interceptors.insert(0, RpcAuthInterceptor(security.rules, security.admin_tokens))
+    # Outermost, so that a refused call is in its trace too.
+    interceptors[:0] = tracing.server_interceptors()
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -148,7 +157,8 @@ async def serve(
     if security.tls is None:
         port = server.add_insecure_port(listen)
     else:
-        port = server.add_secure_port(listen, security.tls.server_credentials())
+        credentials = security.tls.server_credentials(require_client_auth=security.client_certificates)
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise RuntimeError(f"could not listen on {listen}")
     probes = _probe_server(health_servicer, security.health_listen)
@@ -163,12 +173,13 @@ async def serve(
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handled = (signal.SIGTERM, signal.SIGINT) if signals else ()
+    for sig in handled:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             loop.remove_signal_handler(sig)
         log.info("draining", extra={"drain_seconds": drain_seconds})
         await health_servicer.enter_graceful_shutdown()
@@ -209,10 +220,13 @@ def channel(addr: str, *, tls: Tls | None, peer: str) -> grpc.aio.Channel:
     development only).
     """
     target = addr if "://" in addr or addr.startswith("dns:") else f"dns:///{addr}"
+    interceptors = tracing.client_interceptors() or None
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
     options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name(peer))]
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
+    return grpc.aio.secure_channel(
+        target, tls.channel_credentials(), options=options, interceptors=interceptors
+    )
 
 
 async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float) -> Resp:

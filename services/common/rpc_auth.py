@@ -40,12 +40,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 @dataclass(frozen=True)
 class ServerSecurity:
     """How a gRPC server authenticates: its certificate (None: plaintext, local development only), who
-    checks admin tokens, the permission table and the plaintext probe port (empty: none)."""
+    checks admin tokens, the permission table, the plaintext probe port (empty: none) and whether the
+    TLS handshake demands a client certificate (not on the relay's inference port, whose callers
+    present API keys)."""
 
     tls: Tls | None
     admin_tokens: AdminTokenCheck | None = None
     rules: Mapping[str, Rule] = field(default_factory=lambda: RULES)
     health_listen: str = ""
+    client_certificates: bool = True
 
 
 class _Refused(Exception):
@@ -106,6 +109,8 @@ class RpcAuthInterceptor(MethodInterceptor):
     async def _admit(self, method: str, rule: Rule | None, context: Context) -> None:
         if rule is None:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no permission rule; refused")
+        if rule.any_caller:
+            return
         identity = peer_identity(context)
         if identity is None:
             raise _Refused(

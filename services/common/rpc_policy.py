@@ -5,6 +5,12 @@ and, for admin-level RPCs, the admin-token scope that lets an ``admin`` caller t
 not in the table is refused (deny by default), a server refuses to start while one of its RPCs has no
 rule, and ``tests/security`` checks the table against the service descriptors.
 
+The relay's inference port has its own table, :data:`FRONT_RULES`: its callers are applications holding a
+relaygate API key, not services holding a certificate of the deployment, so every rule there admits
+any caller (``any_caller``) and the handlers authenticate the key in the ``authorization`` metadata
+exactly as the HTTP front does (refusing with UNAUTHENTICATED). TLS still proves the relay to them.
+Health and reflection on that port answer whoever reaches it, like the relay's HTTP ``/healthz``.
+
 The relay is allowed every admin-level RPC without a token: it fronts the admin API, which has already
 checked the caller's admin token and scope before it calls. Channel listings carry provider credentials
 in clear, so only relays read them; people see them masked through the admin API.
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from services.common.scopes import ADMIN_READ, ADMIN_WRITE
 from services.common.tls import IDENTITIES, LOGGER, QUOTA, RELAY
 
-__all__ = ["READ", "RULES", "WRITE", "Rule", "method_name"]
+__all__ = ["FRONT_RULES", "INFERENCE_SERVICE", "READ", "RULES", "WRITE", "Rule", "method_name"]
 
 READ = ADMIN_READ
 WRITE = ADMIN_WRITE
@@ -27,10 +33,12 @@ WRITE = ADMIN_WRITE
 @dataclass(frozen=True)
 class Rule:
     """``callers`` may call on their own; an ``admin`` caller also may when ``admin_scope`` is set and it
-    presents an admin token with that scope."""
+    presents an admin token with that scope; with ``any_caller`` no certificate is asked for (the
+    handler authenticates its caller itself, see the module docstring)."""
 
     callers: frozenset[str]
     admin_scope: str = ""
+    any_caller: bool = False
 
 
 def method_name(service: str, method: str) -> str:
@@ -111,4 +119,21 @@ RULES: Mapping[str, Rule] = {
         "grpc.reflection.v1alpha.ServerReflection",
         {"ServerReflectionInfo": Rule(frozenset(IDENTITIES))},
     ),
+}
+
+INFERENCE_SERVICE = "relaygate.relay.v1.InferenceService"
+_KEY_HOLDER = Rule(frozenset(), any_caller=True)
+
+_INFERENCE_RPCS = (
+    "CreateChatCompletion",
+    "StreamChatCompletion",
+    "CreateCompletion",
+    "CreateEmbedding",
+    "ListModels",
+)
+
+FRONT_RULES: Mapping[str, Rule] = {
+    **_service(INFERENCE_SERVICE, dict.fromkeys(_INFERENCE_RPCS, _KEY_HOLDER)),
+    **_service("grpc.health.v1.Health", dict.fromkeys(("Check", "List", "Watch"), _KEY_HOLDER)),
+    **_service("grpc.reflection.v1alpha.ServerReflection", {"ServerReflectionInfo": _KEY_HOLDER}),
 }

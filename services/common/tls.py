@@ -93,10 +93,13 @@ class Tls:
         except OSError as exc:
             raise TlsSetupError(f"cannot read the certificate files in {directory}: {exc}") from exc
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        # No handshake completes without a certificate signed by the deployment's CA.
+    def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        # No handshake completes without a certificate signed by the deployment's CA, except on a port
+        # whose callers authenticate otherwise (the relay's inference port: API keys).
         return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate)], root_certificates=self.ca, require_client_auth=True
+            [(self.private_key, self.certificate)],
+            root_certificates=self.ca,
+            require_client_auth=require_client_auth,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

@@ -28,7 +28,8 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.common.pb.relaygate.catalog.v1 import catalog_pb2
 from services.common.pb.relaygate.logger.v1 import logger_pb2, logger_pb2_grpc
 from services.common.pb.relaygate.quota.v1 import quota_pb2, quota_pb2_grpc
-from services.common.rpc_policy import READ, RULES, WRITE, method_name
+from services.common.pb.relaygate.relay.v1 import inference_pb2
+from services.common.rpc_policy import FRONT_RULES, INFERENCE_SERVICE, READ, RULES, WRITE, method_name
 from services.common.tls import ADMIN, CA_FILE, IDENTITIES, RELAY, Tls, server_name
 from services.stack_certs import CA_KEY_FILE, ensure_certificates
 from tests.e2e.stack import Deployment, ok
@@ -115,6 +116,23 @@ def test_every_rpc_has_exactly_one_rule() -> None:
     assert not [r.name for r in every_rpc() if r.method.client_streaming or r.method.server_streaming]
     # The scopes are the ones auth issues.
     assert (READ, WRITE) == (tokens.READ, tokens.WRITE)
+
+
+def test_the_inference_port_has_a_rule_for_every_rpc_and_no_internal_one() -> None:
+    """The relay's inference port answers API-key holders (tests/relay/grpc calls every RPC without a
+    key); none of the internal services' RPCs is reachable through its table."""
+    inference = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
+    assert inference.full_name == INFERENCE_SERVICE
+    described = {method_name(inference.full_name, m.name) for m in inference.methods}
+    probes = {
+        method_name(service.full_name, method.name)
+        for module in (health_pb2, reflection_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert set(FRONT_RULES) == described | probes
+    assert all(rule.any_caller and not rule.callers for rule in FRONT_RULES.values())
+    assert not [name for name, rule in RULES.items() if rule.any_caller]
 
 
 async def test_a_call_without_a_client_certificate_is_refused(deployment: Deployment) -> None:
