@@ -13,6 +13,7 @@ from services.auth.servicer import AuthServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
 from services.auth.tokens import TokenAuthority
+from services.common import tracing
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
@@ -39,6 +40,7 @@ async def run(
     clock: Clock = SystemClock()
     tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(tracing.traced("auth"))
         db = Database(settings)
         await db.start()
         stack.push_async_callback(db.close)

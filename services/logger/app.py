@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from services.common import tracing
 from services.common.admin_tokens import checked_by_auth
 from services.common.clock import SystemClock
 from services.common.db import Database
@@ -40,6 +41,7 @@ async def run(
     stop = stop or asyncio.Event()
     tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(tracing.traced("logger"))
         db = Database(settings)
         await db.start()
         stack.push_async_callback(db.close)

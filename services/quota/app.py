@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from services.catalog.servicer import registration as catalog_registration
 from services.catalog.store import Catalog
+from services.common import tracing
 from services.common.admin_tokens import checked_by_auth
 from services.common.clock import Clock, SystemClock
 from services.common.db import Database
@@ -46,6 +47,7 @@ async def run(
     clock = clock or SystemClock()
     tls = load_tls(settings, environment=settings.environment)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(tracing.traced("quota"))
         db = Database(settings)
         stack.push_async_callback(db.close)
         await db.start()

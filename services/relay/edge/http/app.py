@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.common.grpc import channel
+from services.common import tracing
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceStub
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
@@ -58,6 +59,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         auth_channel = channel(settings.auth_addr, tls=tls, peer=AUTH)
         stack.push_async_callback(auth_channel.close, None)
         quota_channel = channel(settings.quota_addr, tls=tls, peer=QUOTA)
+        stack.enter_context(tracing.traced("relay"))
         stack.push_async_callback(quota_channel.close, None)
         # Its own channel even at quota's address: moving the catalog elsewhere is then a setting
         # (and the certificate it is checked against, today quota's that hosts it).
