@@ -65,6 +65,7 @@ from services.common.pb.relaygate.quota.v1.quota_pb2 import (
 )
 from services.common.telemetry import METRICS
 from services.relay.meter.leasing import Leasing, leasable
+from services.relay.meter.perf import PerfRecorder
 from services.relay.meter.prices import PriceCache, price_from_message
 from services.relay.meter.publisher import EventPublisher
 from services.relay.meter.record import Exchange
@@ -144,6 +145,7 @@ class Meter:
         rpc_timeout_s: float,
         retry: SettleRetry | None = None,
         leases: LeaseAdmission | None = None,
+        perf: PerfRecorder | None = None,
     ) -> None:
         self._stub = stub
         self._publisher = publisher
@@ -156,6 +158,7 @@ class Meter:
         self._exact = METRICS.relay_credit_admissions.labels(path="exact")
         self._pending: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(publisher.publish) if publisher is not None else None
+        self._perf = perf
 
     @property
     def pending(self) -> int:
@@ -250,6 +253,8 @@ class Meter:
         Never raises. Without a usage topic, a reservation is settled (usage known) or released by
         RPC instead, waiting for one attempt only: the retries go on in the background."""
         self.observe(exchange)
+        if self._perf is not None:
+            self._perf.finished(exchange)
         if exchange.lease_id:
             if self._finish_admission(exchange):
                 self._emit(exchange.to_event(), known=True)

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -78,6 +79,8 @@ class EventPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Told each acknowledged batch's produce latency (the performance view's windows).
+        self.on_produced: Callable[[float], None] | None = None
         # The batch being sent and whether it came from the memory queue (not the spool).
         self._inflight: list[Record] = []
         self._inflight_from_queue = False
@@ -223,7 +226,10 @@ class EventPublisher:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
         self._inflight = []
         METRICS.events_produced.labels(result="sent").inc(len(batch))
-        METRICS.events_produce_latency.observe(time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        METRICS.events_produce_latency.observe(latency)
+        if self.on_produced is not None:
+            self.on_produced(latency)
         if self._outage:
             self._outage = False
             log.info("Kafka reachable again; spooled events are being replayed")

@@ -58,6 +58,8 @@ class Exchange:
     usage: Usage | None = None
     upstream_s: float = 0.0
     ttfb_s: float = 0.0
+    # Seconds from arrival to the first byte written to a streaming client (0 until then).
+    first_byte_s: float = 0.0
     attempts: int = 0
     end_reason: str = ""
     error: GatewayError | None = None

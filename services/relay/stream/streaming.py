@@ -183,7 +183,8 @@ class StreamRelay:
                 if first:
                     first = False
                     exchange = self._exchange
-                    metric(METRICS.stream_ttfb, exchange.endpoint).observe(exchange.elapsed_s())
+                    exchange.first_byte_s = exchange.elapsed_s()
+                    metric(METRICS.stream_ttfb, exchange.endpoint).observe(exchange.first_byte_s)
                 continue
             if self._finished or self._client_gone:
                 break
