@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.common.perfboard import Board
 from services.relay.meter.accounting import Meter
 from services.relay.meter.slots import StreamSlots
 from services.relay.pipeline.cache import ResponseCache
@@ -40,3 +41,5 @@ class Gateway:
     quota: QuotaServiceAsyncStub
     catalog: CatalogServiceAsyncStub
     logger: LoggerServiceAsyncStub
+    # The performance board this relay posts its snapshot to and reads every process's from.
+    performance: Board | None = None

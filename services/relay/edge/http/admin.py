@@ -41,6 +41,7 @@ from services.relay.pipeline.checks import (
     refuse_nul,
 )
 from services.relay.pipeline.gateway import Gateway
+from services.relay.pipeline.performance import view as performance_view
 
 
 async def _no_nul_in_url(request: Request) -> None:
@@ -374,6 +375,16 @@ async def channel_status(request: Request, gateway: GatewayDep) -> Response:
     await require_admin(request, gateway, READ)
     status = gateway.upstreams.status(gateway.channels.table.channels)
     return Response(orjson.dumps({"channels": status}), media_type="application/json")
+
+
+@router.get("/performance")
+async def performance(request: Request, gateway: GatewayDep) -> Response:
+    """Live figures over the last 1 min, 5 min and 1 h, merged across every relay (and the logger,
+    quota and auth processes) that posted a snapshot in the last seconds; README "Performance view"."""
+    await require_admin(request, gateway, READ)
+    if gateway.performance is None:
+        raise ServiceUnavailable("This relay keeps no performance windows.")
+    return render_dict(performance_view(await gateway.performance.read()))
 
 
 @router.post("/channels/{channel_id}/breaker/reset")

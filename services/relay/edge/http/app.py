@@ -13,24 +13,28 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
-from services.common.grpc import channel
 from services.common import tracing
+from services.common.grpc import channel
 from services.common.pb.relaygate.auth.v1.auth_pb2_grpc import AuthServiceStub
 from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceStub
 from services.common.pb.relaygate.logger.v1.logger_pb2_grpc import LoggerServiceStub
 from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
+from services.common.perfboard import Board, instance_name
 from services.common.redis import redis_client
 from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
 from services.relay.edge.http import admin, openai_errors
 from services.relay.edge.http.front import Front
 from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.meter.leasing import Leasing
+from services.relay.meter.perf import PerfRecorder
 from services.relay.meter.prices import PriceCache
 from services.relay.meter.publisher import EventPublisher
 from services.relay.meter.slots import StreamSlots
 from services.relay.pipeline.cache import ResponseCache
 from services.relay.pipeline.gateway import Gateway
+from services.relay.pipeline.performance import RelaySnapshot
 from services.relay.pipeline.principals import Authenticator, InvalidationListener
 from services.relay.settings import RelaySettings
 from services.relay.stream.streaming import StreamPolicy, Streams
@@ -55,11 +59,11 @@ def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
 @contextlib.asynccontextmanager
 async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(tracing.traced("relay"))
         tls = load_tls(settings, environment=settings.environment)
         auth_channel = channel(settings.auth_addr, tls=tls, peer=AUTH)
         stack.push_async_callback(auth_channel.close, None)
         quota_channel = channel(settings.quota_addr, tls=tls, peer=QUOTA)
-        stack.enter_context(tracing.traced("relay"))
         stack.push_async_callback(quota_channel.close, None)
         # Its own channel even at quota's address: moving the catalog elsewhere is then a setting
         # (and the certificate it is checked against, today quota's that hosts it).
@@ -68,6 +72,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         logger_channel = channel(settings.logger_addr, tls=tls, peer=LOGGER)
         stack.push_async_callback(logger_channel.close, None)
 
+        perf = PerfRecorder()
         publisher: EventPublisher | None = None
         if settings.events_enabled:
             publisher = EventPublisher(
@@ -78,6 +83,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
                 retain_s=settings.event_retain_s,
                 shutdown_timeout_s=settings.event_shutdown_timeout_s,
             )
+            publisher.on_produced = perf.produced
             await publisher.start()
             stack.push_async_callback(publisher.close)
 
@@ -89,6 +95,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             rpc_timeout_s=settings.rpc_timeout_s,
         )
         cache: ResponseCache | None = None
+        redis: Redis | None = None
         if settings.redis_url:
             redis = redis_client(settings.redis_url)
             stack.push_async_callback(redis.aclose)
@@ -151,6 +158,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             rpc_timeout_s=settings.rpc_timeout_s,
             retry=SettleRetry(window_s=settings.settle_retry_s),
             leases=leases,
+            perf=perf,
         )
         # Runs after the streams (below) settle, and before quota's channel and the publisher close.
         stack.push_async_callback(meter.close, timeout=settings.settle_shutdown_s)
@@ -164,12 +172,20 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         )
         # Runs first on the way out: streams still draining settle while quota and Kafka are there.
         stack.push_async_callback(streams.close, timeout=settings.stream_drain_s + 5.0)
+        upstreams = Upstreams(pools, breakers, max_attempts=settings.max_attempts)
+
+        snapshot = RelaySnapshot(
+            instance_name("relay"), perf, streams=streams, upstreams=upstreams, channels=directory
+        )
+        board = Board(redis, snapshot.instance, snapshot)
+        board.start()
+        stack.push_async_callback(board.close)
 
         yield Gateway(
             settings=settings,
             authenticator=authenticator,
             channels=directory,
-            upstreams=Upstreams(pools, breakers, max_attempts=settings.max_attempts),
+            upstreams=upstreams,
             streams=streams,
             stream_slots=StreamSlots(settings.max_streams_per_key),
             meter=meter,
@@ -178,6 +194,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             quota=quota,
             catalog=catalog,
             logger=LoggerServiceStub(logger_channel),
+            performance=board,
         )
 
 
