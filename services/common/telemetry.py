@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.tracing import current_trace_id
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -312,6 +314,9 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             payload["request_id"] = request_id
+        trace_id = current_trace_id()
+        if trace_id:
+            payload["trace_id"] = trace_id
         payload.update(_extras(record, _RESERVED))
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
@@ -333,6 +338,9 @@ class TextFormatter(logging.Formatter):
         record.asctime = self.formatTime(record, self.datefmt)
         request_id = request_id_var.get()
         fields = {"request_id": request_id} if request_id else {}
+        trace_id = current_trace_id()
+        if trace_id:
+            fields["trace_id"] = trace_id
         fields.update(_extras(record, _RESERVED))
         line = self.formatMessage(record) + "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
         if record.exc_info:
