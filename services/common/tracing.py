@@ -224,13 +224,15 @@ def current_trace_id() -> str:
 # --- the HTTP front ---------------------------------------------------------------------------------
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+# Polled by probes and scrapers every few seconds: traces of them would bury the requests'.
+_PROBES: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def http_request(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[Span]:
     """The server span of one ASGI HTTP request, a child of the caller's own trace when its
     ``traceparent`` header names one."""
     tracer = _CURRENT.tracer
-    if tracer is None:
+    if tracer is None or scope["path"] in _PROBES:
         return _OFF
     carrier = {
         key.decode("latin-1"): value.decode("latin-1")

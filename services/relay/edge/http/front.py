@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from services.common import tracing
 from services.common.errors import GatewayError
 from services.console import PREFIX as CONSOLE_PREFIX
 from services.console import Console
@@ -109,10 +110,11 @@ class Front:
         receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
         send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
     ) -> None:
-        call = Call(gateway_of(scope), scope, receive, send)
-        try:
-            await handler(call)
-        except Exception:
-            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if not call.started:
-                await respond_error(send, GatewayError())
+        with tracing.http_request(scope) as request_span:
+            call = Call(gateway_of(scope), scope, receive, tracing.status_into(request_span, send))
+            try:
+                await handler(call)
+            except Exception:
+                log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+                if not call.started:
+                    await respond_error(send, GatewayError())
