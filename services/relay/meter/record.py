@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from services.common import pricing
+from services.common import pricing, tracing
 from services.common.errors import GatewayError
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
@@ -68,6 +68,8 @@ class Exchange:
     client_request_id: str = ""
     # Which front the caller used: "http" or "grpc".
     front: str = ""
+    # The trace the front opened for the request ("" while tracing is off).
+    trace_id: str = ""
 
     @classmethod
     def begin(
@@ -77,12 +79,14 @@ class Exchange:
         the log lines written while it is served)."""
         request_id = new_id("req")
         request_id_var.set(request_id)
+        tracing.annotate("relaygate.request_id", request_id)
         return cls(
             request_id=request_id,
             endpoint=endpoint,
             client_ip=client_ip,
             client_request_id=client_request_id[:_CLIENT_REQUEST_ID_CHARS],
             front=front,
+            trace_id=tracing.current_trace_id(),
         )
 
     def answered(self, *, channel_id: str, upstream_model: str, status: int) -> None:
@@ -141,6 +145,7 @@ class Exchange:
             client_ip=self.client_ip,
             cached=self.cached,
             front=self.front,
+            trace_id=self.trace_id,
         )
 
 
