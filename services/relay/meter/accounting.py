@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.common import pricing
+from services.common import pricing, tracing
 from services.common.errors import CreditRecalled, GatewayError, InvalidRequest
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
@@ -172,23 +172,26 @@ class Meter:
         else with a Reserve RPC."""
         principal = exchange.principal
         assert principal is not None, "reserve needs an authenticated exchange"
-        if self._admit(exchange, principal, prompt_tokens, max_output_tokens, images):
-            self._on_lease.inc()
-            return
-        self._exact.inc()
-        request = ReserveRequest(
-            reservation_id=exchange.request_id,
-            key_id=principal.key_id,
-            user_id=principal.user_id,
-            model=exchange.model,
-            prompt_tokens=prompt_tokens,
-            max_output_tokens=max_output_tokens,
-            images=images,
-            choices=exchange.choices,
-            key_limits=principal.key_limits,
-            user_limits=principal.user_limits,
-        )
-        exchange.reservation = await self._reserve_exact(request)
+        with tracing.span("relay.credit") as credit_span:
+            if self._admit(exchange, principal, prompt_tokens, max_output_tokens, images):
+                self._on_lease.inc()
+                credit_span.set_attribute("relaygate.credit.held_on", "lease")
+                return
+            self._exact.inc()
+            credit_span.set_attribute("relaygate.credit.held_on", "reservation")
+            request = ReserveRequest(
+                reservation_id=exchange.request_id,
+                key_id=principal.key_id,
+                user_id=principal.user_id,
+                model=exchange.model,
+                prompt_tokens=prompt_tokens,
+                max_output_tokens=max_output_tokens,
+                images=images,
+                choices=exchange.choices,
+                key_limits=principal.key_limits,
+                user_limits=principal.user_limits,
+            )
+            exchange.reservation = await self._reserve_exact(request)
 
     def _admit(
         self,

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from services.common import tracing
 from services.common.errors import GatewayError, InvalidRequest, ModelNotFound
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.scopes import model_allowed
@@ -202,9 +203,10 @@ async def admit(
     plan = endpoint.plan(body, settings)
     exchange.stream = plan.stream
     exchange.choices = plan.choices
-    exchange.principal = await gateway.authenticator.authenticate(
-        api_key, model=exchange.model, client_ip=exchange.client_ip
-    )
+    with tracing.span("relay.verify_key"):
+        exchange.principal = await gateway.authenticator.authenticate(
+            api_key, model=exchange.model, client_ip=exchange.client_ip
+        )
     candidates = gateway.channels.table.candidates(exchange.model)
     if not candidates:
         raise ModelNotFound(
