@@ -9,8 +9,8 @@ chunk of its own, then ``[DONE]``. So a block is opened by its first delta and c
 kind of delta or the finish reason comes; the message is closed at ``[DONE]``, when the usage is known.
 
 Nothing is held back: each call of :meth:`MessagesStream.convert` returns the events for the chunks it
-was given. Events the gateway writes itself (``event: error``) pass unchanged; a keep-alive comment
-becomes a ``ping``.
+was given. Events the gateway writes itself (``event: error``) pass unchanged; keep-alives are
+``ping`` events.
 """
 
 from __future__ import annotations
@@ -62,12 +62,15 @@ class MessagesStream:
                 continue
             payload = data_of(block)
             if not payload:
-                out.append(_PING)
-            elif payload == _DONE:
+                continue
+            if payload == _DONE:
                 self._close_message(out)
             elif not self._ended:
                 self._chunk(payload, out)
         return b"".join(out)
+
+    def keepalive(self) -> bytes:
+        return _PING
 
     def finish(self) -> bytes:
         """What closes a stream that ended without ``[DONE]``: the message when its end was seen,

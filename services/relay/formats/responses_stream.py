@@ -28,6 +28,7 @@ from services.relay.formats.responses import (
     message_item,
     response_object,
 )
+from services.relay.stream.sink import KEEPALIVE
 
 __all__ = ["ResponsesStream"]
 
@@ -90,13 +91,16 @@ class ResponsesStream:
                 continue
             payload = data_of(block)
             if not payload:
-                # A keep-alive comment stays one; the SDK skips comments.
-                out.append(block + b"\n\n")
-            elif payload == _DONE:
+                continue
+            if payload == _DONE:
                 self._complete(out)
             elif not self._ended:
                 self._chunk(payload, out)
         return b"".join(out)
+
+    def keepalive(self) -> bytes:
+        # A comment: the SDKs skip it, and a Responses stream has no event for it.
+        return KEEPALIVE
 
     def finish(self) -> bytes:
         """What closes a stream that ended without ``[DONE]``."""
