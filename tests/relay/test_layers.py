@@ -20,7 +20,9 @@ PACKAGE = "services.relay"
 
 # What each layer may import from the relay, besides itself and the shared top-level modules.
 ALLOWED: dict[str, frozenset[str]] = {
-    "edge": frozenset({"pipeline", "stream", "upstream", "meter"}),
+    "edge": frozenset({"formats", "pipeline", "stream", "upstream", "meter"}),
+    # The inbound formats convert around the pipeline; the edge wires them to it.
+    "formats": frozenset({"pipeline", "stream", "meter"}),
     "pipeline": frozenset({"stream", "upstream", "meter"}),
     "stream": frozenset({"upstream", "meter"}),
     "upstream": frozenset({"meter"}),

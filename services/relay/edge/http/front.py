@@ -21,7 +21,7 @@ from services.common import tracing
 from services.common.errors import GatewayError
 from services.console import PREFIX as CONSOLE_PREFIX
 from services.console import Console
-from services.relay.edge.http import routes
+from services.relay.edge.http import messages, responses, routes
 from services.relay.edge.http.deps import gateway_of
 from services.relay.edge.http.openai_errors import MethodNotAllowed
 from services.relay.edge.http.routes import Call, respond_error
@@ -35,6 +35,8 @@ _ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/completions"): routes.completions,
     ("POST", "/v1/embeddings"): routes.embeddings,
     ("POST", "/v1/images/generations"): routes.image_generations,
+    ("POST", "/v1/messages"): messages.messages,
+    ("POST", "/v1/responses"): responses.responses,
     ("GET", "/v1/models"): routes.models,
     ("GET", "/healthz"): routes.healthz,
     ("GET", "/readyz"): routes.readyz,
