@@ -51,6 +51,7 @@ from services.common.interceptors import MethodInterceptor
 __all__ = [
     "Carrier",
     "annotate",
+    "attempt",
     "attempt_answered",
     "attempt_failed",
     "batch_span",
@@ -266,6 +267,22 @@ def status_into(request_span: Span, send: Send) -> Send:
 
 
 # --- upstream attempts -----------------------------------------------------------------------------
+
+
+def attempt(channel_id: str, channel_name: str, number: int) -> contextlib.AbstractContextManager[Span]:
+    """The span of one upstream attempt, current while it runs."""
+    tracer = _CURRENT.tracer
+    if tracer is None:
+        return _OFF
+    return tracer.start_as_current_span(
+        "upstream.attempt",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "relaygate.channel.id": channel_id,
+            "relaygate.channel.name": channel_name,
+            "relaygate.upstream.attempt": number,
+        },
+    )
 
 
 def attempt_answered(status: int, ttfb_s: float) -> None:

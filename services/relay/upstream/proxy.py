@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpcore
 import httpx
 
+from services.common import tracing
 from services.common.errors import (
     GatewayError,
     InvalidRequest,
@@ -195,7 +196,9 @@ class Upstreams:
             tried += 1
             exchange.attempts += 1
             exchange.channel_id = channel.id
-            yield channel, breaker
+            # The attempt's span is current while the caller's loop body runs for this channel.
+            with tracing.attempt(channel.id, channel.name, exchange.attempts):
+                yield channel, breaker
         if not tried:
             raise NoUpstreamAvailable(
                 f"Every channel serving '{exchange.model}' is unavailable right now; retry shortly.",
@@ -252,6 +255,7 @@ class Upstreams:
             if 200 <= status < 300:
                 return Reply(channel, status, header(response.headers, b"content-type") or b"", content)
             last = status_error(status, content)
+            tracing.attempt_answered(status, exchange.ttfb_s)
             if status not in RETRYABLE_STATUS:
                 raise last
         assert last is not None
@@ -307,6 +311,7 @@ class Upstreams:
             ).inc()
             if 200 <= status < 300:
                 timeouts["read"] = idle_timeout_s
+            tracing.attempt_answered(status, exchange.ttfb_s)
                 return OpenStream(channel, breaker, response, body, timeouts)
             try:
                 with map_upstream_errors(channel):
@@ -356,3 +361,4 @@ class Upstreams:
             "upstream attempt failed",
             extra={"channel": channel.name, "error": exc.message, "fault": exc.fault},
         )
+        tracing.attempt_failed(outcome, exc.message)
