@@ -38,6 +38,7 @@ import orjson
 
 from services.common.errors import GatewayError, UpstreamError, UpstreamTimeout
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
+from services.common import tracing
 from services.common.telemetry import METRICS
 from services.relay.meter.accounting import Meter, metric
 from services.relay.meter.record import Exchange
@@ -157,7 +158,10 @@ class StreamRelay:
         """Start the front's response and relay the stream into ``sink`` until it ends or the client
         leaves; the pump may go on draining after this returns."""
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(self._pump(), name=f"stream-{self._exchange.request_id}")
+        pump = loop.create_task(
+            tracing.in_span("relay.stream", self._pump(), self._span_attributes),
+            name=f"stream-{self._exchange.request_id}",
+        )
         self._streams.track(pump)
         watcher = loop.create_task(self._watch(sink))
         try:
@@ -213,6 +217,15 @@ class StreamRelay:
         self._wake_writer()
         self._wake_pump()
         if self._finished:
+    def _span_attributes(self) -> dict[str, str | int | float]:
+        """What the stream's span ends with (it spans the pump: the drain and the settlement too)."""
+        exchange = self._exchange
+        return {
+            "relaygate.stream.end_reason": exchange.end_reason,
+            "relaygate.stream.chunks": self._scanner.events,
+            "relaygate.stream.first_byte_ms": round(exchange.first_byte_s * 1000, 3),
+        }
+
             return
         streams = self._streams
         drain_s = streams.policy.drain_s if streams.draining < streams.policy.max_drains else 0.0
