@@ -18,6 +18,7 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.common.perfboard import service_board
 from services.common.redis import redis_client
 from services.common.rpc_auth import ServerSecurity
 from services.common.tls import load_tls
@@ -50,6 +51,7 @@ async def run(
             redis = redis_client(settings.redis_url)
             stack.push_async_callback(redis.aclose)
             cache = RedisPrincipalCache(redis, ttl_s=settings.cache_ttl_s, clock=clock)
+            stack.push_async_callback(service_board(redis, "auth").close)
         else:
             cache = MemoryPrincipalCache(ttl_s=settings.cache_ttl_s, clock=clock)
 

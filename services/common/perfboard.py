@@ -208,3 +208,11 @@ class ServiceSnapshot:
                 },
             },
         }
+
+
+def service_board(redis: Redis, service: str) -> Board:
+    """A started board posting this logger, quota or auth process's snapshot (close it on the way out)."""
+    snapshot = ServiceSnapshot(service, instance_name(service))
+    board = Board(redis, snapshot.instance, snapshot)
+    board.start()
+    return board

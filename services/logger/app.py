@@ -21,6 +21,8 @@ from services.common.db import Database
 from services.common.events import ensure_topics
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.logger.v1 import logger_pb2_grpc
+from services.common.perfboard import service_board
+from services.common.redis import redis_client
 from services.common.tls import load_tls
 from services.logger.consumer import LogConsumer, kafka_consumer
 from services.logger.dlq import DeadLetters, dead_letter_producer
@@ -45,6 +47,11 @@ async def run(
         db = Database(settings)
         await db.start()
         stack.push_async_callback(db.close)
+        if settings.redis_url:
+            # Only for the performance view: the logger keeps no state in Redis.
+            redis = redis_client(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+            stack.push_async_callback(service_board(redis, "logger").close)
 
         await ensure_topics(settings)
         producer = dead_letter_producer(settings)

@@ -11,6 +11,7 @@ from services.common.config import (
     GrpcSecuritySettings,
     GrpcServerSettings,
     KafkaConsumerSettings,
+    RedisSettings,
     ServiceAddresses,
 )
 from services.logger.partitions import PartitionPolicy
@@ -24,6 +25,8 @@ class LoggerSettings(
     # Admin tokens presented to the logger are checked by auth, at RELAYGATE_AUTH_ADDR.
     GrpcSecuritySettings,
     ServiceAddresses,
+    # Optional: where the logger posts its performance snapshot (lag, batches) for the admin view.
+    RedisSettings,
 ):
     """Everything the logger process needs; built once in ``main()`` and passed down.
 

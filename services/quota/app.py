@@ -15,6 +15,7 @@ from services.common.clock import Clock, SystemClock
 from services.common.db import Database
 from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
+from services.common.perfboard import service_board
 from services.common.redis import redis_client
 from services.common.tls import load_tls
 from services.quota.budgets import Budgets, Calendar
@@ -56,6 +57,7 @@ async def run(
         if settings.redis_url:
             redis = redis_client(settings.redis_url)
             stack.push_async_callback(redis.aclose)
+            stack.push_async_callback(service_board(redis, "quota").close)
             shared = RedisLimiter(redis, clock=clock)
             stack.push_async_callback(shared.close)
             limiter = GuardedLimiter(
