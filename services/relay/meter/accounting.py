@@ -250,6 +250,13 @@ class Meter:
                 wait = max(least_s, exc.retry_after or 0.0)
                 await asyncio.sleep(min(wait, give_up - now))
 
+    def first_byte(self, exchange: Exchange) -> None:
+        """The first byte of a stream reached the client (the stream may be metered as finished
+        already: a short upstream stream can end before the client's writer first runs)."""
+        exchange.first_byte_s = exchange.elapsed_s()
+        if self._perf is not None:
+            self._perf.first_byte(exchange.first_byte_s)
+
     async def finish(self, exchange: Exchange) -> None:
         """Publish the event that settles the request (or records it), record metrics.
 

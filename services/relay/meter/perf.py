@@ -29,8 +29,10 @@ class PerfRecorder:
         elapsed = exchange.elapsed_s()
         rolling.observe(LATENCY, elapsed)
         rolling.observe(OVERHEAD, max(0.0, elapsed - exchange.upstream_s))
-        if exchange.first_byte_s > 0.0:
-            rolling.observe(STREAM_TTFB, exchange.first_byte_s)
+
+    def first_byte(self, seconds: float) -> None:
+        """A stream's first byte reached the client ``seconds`` after the request arrived."""
+        self.rolling.observe(STREAM_TTFB, seconds)
 
     def produced(self, seconds: float) -> None:
         """One batch of usage events was acknowledged by Kafka after ``seconds``."""

@@ -6,7 +6,9 @@ and owns the settlement; the request's own task *writes* that buffer to the clie
 
 * **usage** is read from the stream as it passes (:class:`~services.relay.stream.sse.StreamScanner`); the
   upstream is always asked for ``stream_options.include_usage``, and the extra usage-only chunk is
-  removed again when the caller did not ask for it. Nothing else is parsed or rewritten;
+  removed again when the caller did not ask for it. Nothing else is parsed or rewritten (a channel
+  speaking another provider's format is decoded into OpenAI's chunks by its adapter instead, see
+  :mod:`services.relay.providers`);
 * **the front's sink** (:class:`~services.relay.stream.sink.StreamSink`) receives OpenAI's SSE bytes and
   puts them on the front's wire, converting them if the front speaks something else;
 * **keep-alive**: while the upstream is silent the writer asks the sink for a sign of life every
@@ -36,14 +38,14 @@ from typing import Any
 import httpx
 import orjson
 
+from services.common import tracing
 from services.common.errors import GatewayError, UpstreamError, UpstreamTimeout
 from services.common.pb.relaygate.common.v1.types_pb2 import Usage
-from services.common import tracing
 from services.common.telemetry import METRICS
 from services.relay.meter.accounting import Meter, metric
 from services.relay.meter.record import Exchange
+from services.relay.providers import StreamDecoder
 from services.relay.stream.sink import StreamSink
-from services.relay.stream.sse import StreamScanner
 from services.relay.upstream.breaker import Outcome
 from services.relay.upstream.channels import Channel
 from services.relay.upstream.connections import wait
@@ -57,11 +59,15 @@ __all__ = ["StreamPolicy", "StreamRelay", "Streams", "stream_payload"]
 _BUFFER_LIMIT = 1024 * 1024
 
 
-def stream_payload(body: dict[str, Any], raw: bytes) -> tuple[PayloadFor, bool]:
+def stream_payload(
+    body: dict[str, Any], raw: bytes, *, max_output_tokens: int = 0
+) -> tuple[PayloadFor, bool]:
     """What to send each channel, and whether the caller asked for the usage chunk itself.
 
     The caller's bytes go out unchanged when they already ask for usage and the channel keeps the
-    model name; otherwise the body is re-serialized once per distinct upstream model.
+    model name; otherwise the body is re-serialized once per distinct upstream model. A channel of
+    another format gets its provider's request (capped at ``max_output_tokens`` when the caller set
+    no cap).
     """
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -71,6 +77,9 @@ def stream_payload(body: dict[str, Any], raw: bytes) -> tuple[PayloadFor, bool]:
 
     def payload_for(channel: Channel) -> bytes:
         upstream_model = channel.upstream_model(str(model))
+        provider = channel.provider
+        if provider is not None and provider.converts:
+            return provider.request(body, upstream_model, stream=True, max_output_tokens=max_output_tokens)
         if wants_usage and upstream_model == model:
             return raw
         payload = built.get(upstream_model)
@@ -131,7 +140,7 @@ class StreamRelay:
         meter: Meter,
         exchange: Exchange,
         opened: OpenStream,
-        scanner: StreamScanner,
+        scanner: StreamDecoder,
         prompt_tokens: int,
         error_event: Callable[[GatewayError], bytes],
     ) -> None:
@@ -187,7 +196,7 @@ class StreamRelay:
                 if first:
                     first = False
                     exchange = self._exchange
-                    exchange.first_byte_s = exchange.elapsed_s()
+                    self._meter.first_byte(exchange)
                     metric(METRICS.stream_ttfb, exchange.endpoint).observe(exchange.first_byte_s)
                 continue
             if self._finished or self._client_gone:
@@ -208,15 +217,6 @@ class StreamRelay:
         await sink.closed()
         self._leave()
 
-    def _leave(self) -> None:
-        """The client is gone: bound the rest of the pump's work to the drain window."""
-        if self._client_gone:
-            return
-        self._client_gone = True
-        self._queue.clear()
-        self._wake_writer()
-        self._wake_pump()
-        if self._finished:
     def _span_attributes(self) -> dict[str, str | int | float]:
         """What the stream's span ends with (it spans the pump: the drain and the settlement too)."""
         exchange = self._exchange
@@ -226,6 +226,15 @@ class StreamRelay:
             "relaygate.stream.first_byte_ms": round(exchange.first_byte_s * 1000, 3),
         }
 
+    def _leave(self) -> None:
+        """The client is gone: bound the rest of the pump's work to the drain window."""
+        if self._client_gone:
+            return
+        self._client_gone = True
+        self._queue.clear()
+        self._wake_writer()
+        self._wake_pump()
+        if self._finished:
             return
         streams = self._streams
         drain_s = streams.policy.drain_s if streams.draining < streams.policy.max_drains else 0.0
