@@ -22,10 +22,12 @@ PACKAGE = "services.relay"
 ALLOWED: dict[str, frozenset[str]] = {
     "edge": frozenset({"formats", "pipeline", "stream", "upstream", "meter"}),
     # The inbound formats convert around the pipeline; the edge wires them to it.
-    "formats": frozenset({"pipeline", "stream", "meter"}),
-    "pipeline": frozenset({"stream", "upstream", "meter"}),
-    "stream": frozenset({"upstream", "meter"}),
-    "upstream": frozenset({"meter"}),
+    "formats": frozenset({"pipeline", "stream", "providers", "meter"}),
+    "pipeline": frozenset({"stream", "upstream", "providers", "meter"}),
+    "stream": frozenset({"upstream", "providers", "meter"}),
+    "upstream": frozenset({"providers", "meter"}),
+    # The provider adapters convert bodies and streams; they know nothing of requests in flight.
+    "providers": frozenset(),
     "meter": frozenset(),
 }
 # Top-level modules every layer may use; they import no layer themselves.

@@ -92,11 +92,18 @@ def from_openai(usage: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    details = usage.get("completion_tokens_details")
+    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     if "completion_tokens" not in usage and "total_tokens" in usage:
         completion = max(0, _int(usage.get("total_tokens")) - prompt)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=min(cached, prompt))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_prompt_tokens=min(cached, prompt),
+        reasoning_tokens=min(reasoning, completion),
+    )
 
 
 # The top-level "usage" object of a JSON answer; one level of nesting (the *_tokens_details objects).

@@ -45,10 +45,12 @@ from services.relay.pipeline.checks import (
     require_text_or_array,
 )
 from services.relay.pipeline.gateway import Gateway
+from services.relay.providers import StreamDecoder
 from services.relay.settings import RelaySettings
 from services.relay.stream.sse import StreamScanner
 from services.relay.stream.streaming import StreamRelay, stream_payload
 from services.relay.upstream.channels import Channel
+from services.relay.upstream.proxy import Reply
 
 __all__ = [
     "CHAT",
@@ -153,16 +155,49 @@ EMBEDDINGS = Endpoint("embeddings", b"/embeddings", plan_embedding)
 IMAGES = Endpoint("images.generations", b"/images/generations", plan_image)
 
 
-def payload_for(body: dict[str, Any], raw: bytes, model: str) -> Callable[[Channel], bytes]:
-    """The bytes to send to a channel: the caller's own bytes unless the channel renames the model."""
+def payload_for(
+    body: dict[str, Any], raw: bytes, model: str, *, max_output_tokens: int = 0
+) -> Callable[[Channel], bytes]:
+    """The bytes to send to a channel: the caller's own bytes unless the channel renames the model
+    or speaks another format (built by its provider, capped at ``max_output_tokens`` when the caller
+    set no cap)."""
 
     def build(channel: Channel) -> bytes:
         upstream_model = channel.upstream_model(model)
+        provider = channel.provider
+        if provider is not None and provider.converts:
+            return provider.request(body, upstream_model, stream=False, max_output_tokens=max_output_tokens)
         if upstream_model == model:
             return raw
         return orjson.dumps({**body, "model": upstream_model})
 
     return build
+
+
+def _servable(candidates: list[Channel], endpoint: Endpoint, model: str) -> list[Channel]:
+    """The candidates whose channel type can serve ``endpoint``; refuses the request when none can."""
+    if all(channel.provider is None for channel in candidates):
+        return candidates
+    served = [channel for channel in candidates if channel.serves(endpoint.upstream_path)]
+    if not served:
+        kinds = sorted({channel.provider.kind for channel in candidates if channel.provider is not None})
+        raise InvalidRequest(
+            f"The model '{model}' is served by {', '.join(kinds)} channels only, which relaygate "
+            f"sends chat completions to, not {endpoint.name}.",
+            param="model",
+        )
+    return served
+
+
+def _held_output(exchange: Exchange, plan: Plan) -> int:
+    """The output cap the request was held for: the caller's, else the price book's default."""
+    if plan.max_output_tokens:
+        return plan.max_output_tokens
+    if exchange.price is not None:
+        return exchange.price.default_max_output_tokens
+    if exchange.reservation is not None:
+        return exchange.reservation.price.default_max_output_tokens
+    return 0
 
 
 # --- the path of a request ------------------------------------------------------------------------
@@ -212,7 +247,7 @@ async def admit(
         raise ModelNotFound(
             f"The model '{exchange.model}' does not exist or you do not have access to it.", param="model"
         )
-    return Admitted(endpoint, body, raw, plan, candidates)
+    return Admitted(endpoint, body, raw, plan, _servable(candidates, endpoint, exchange.model))
 
 
 async def allowed_models(gateway: Gateway, api_key: str, *, client_ip: str) -> list[str]:
@@ -270,7 +305,9 @@ async def answer_json(
         exchange,
         request.candidates,
         request.endpoint.upstream_path,
-        payload_for(request.body, request.raw, exchange.model),
+        payload_for(
+            request.body, request.raw, exchange.model, max_output_tokens=_held_output(exchange, plan)
+        ),
     )
     exchange.answered(
         channel_id=reply.channel.id,
@@ -278,7 +315,12 @@ async def answer_json(
         status=reply.status,
     )
     exchange.end_reason = "done"
-    exchange.usage = from_body(reply.body)
+    provider = reply.channel.provider
+    if provider is not None and provider.converts:
+        body, exchange.usage = provider.answer(reply.body, exchange.model)
+        reply = Reply(reply.channel, reply.status, _JSON_TYPE, body)
+    else:
+        exchange.usage = from_body(reply.body)
     if plan.images:
         images = count_images(reply.body)
         exchange.usage = exchange.usage or Usage()
@@ -320,7 +362,9 @@ async def relay_stream(
         await gateway.meter.reserve(
             exchange, prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_output_tokens
         )
-        build, wants_usage = stream_payload(request.body, request.raw)
+        build, wants_usage = stream_payload(
+            request.body, request.raw, max_output_tokens=_held_output(exchange, plan)
+        )
         opened = await gateway.upstreams.open_stream(
             exchange,
             request.candidates,
@@ -333,12 +377,18 @@ async def relay_stream(
             upstream_model=opened.channel.upstream_model(exchange.model),
             status=opened.response.status,
         )
+        provider = opened.channel.provider
+        scanner: StreamDecoder
+        if provider is not None and provider.converts:
+            scanner = provider.decoder(exchange.model, include_usage=wants_usage)
+        else:
+            scanner = StreamScanner(strip_usage_chunk=not wants_usage)
         relay = StreamRelay(
             streams=gateway.streams,
             meter=gateway.meter,
             exchange=exchange,
             opened=opened,
-            scanner=StreamScanner(strip_usage_chunk=not wants_usage),
+            scanner=scanner,
             prompt_tokens=plan.prompt_tokens,
             error_event=error_event,
         )

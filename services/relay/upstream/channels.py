@@ -25,6 +25,7 @@ from services.common.errors import GatewayError
 from services.common.grpc import call
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import ListChannelsRequest
+from services.relay.providers import Provider, provider_for
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
@@ -56,14 +57,22 @@ class Channel:
     path_prefix: bytes
     # Headers of every request to this channel, Host included (the caller's are never forwarded).
     raw_headers: tuple[tuple[bytes, bytes], ...]
+    # The channel type's adapter; None for "openai" channels, whose traffic passes through unchanged.
+    provider: Provider | None = None
+    api_version: str = ""
 
     @classmethod
     def from_message(cls, m: ChannelMessage) -> Channel:
         base_url = m.base_url.rstrip("/")
         url = httpx.URL(base_url)
+        provider = provider_for(m.type)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if m.api_key:
-            headers["authorization"] = f"Bearer {m.api_key}"
+            headers.update(
+                provider.auth_headers(m.api_key)
+                if provider is not None
+                else {"authorization": f"Bearer {m.api_key}"}
+            )
         headers.update({name.lower(): value for name, value in m.headers.items()})
         headers.pop("host", None)
         host = url.raw_host + (b":%d" % url.port if url.port else b"")
@@ -83,7 +92,22 @@ class Channel:
             max_connections=m.max_connections or 200,
             path_prefix=url.raw_path.rstrip(b"/"),
             raw_headers=((b"host", host), *((k.encode(), v.encode()) for k, v in headers.items())),
+            provider=provider,
+            api_version=m.api_version,
         )
+
+    def target(self, path: bytes, model: str, *, stream: bool) -> bytes:
+        """The request target for the OpenAI endpoint ``path`` and the public ``model``."""
+        provider = self.provider
+        if provider is None:
+            return self.path_prefix + path
+        return provider.target(
+            self.path_prefix, path, self.upstream_model(model), stream=stream, api_version=self.api_version
+        )
+
+    def serves(self, path: bytes) -> bool:
+        """Whether this channel's type can serve the OpenAI endpoint ``path``."""
+        return self.provider is None or self.provider.serves(path)
 
     def upstream_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -175,7 +199,15 @@ class ChannelDirectory:
         )
         if listing.unchanged:
             return
-        channels = [Channel.from_message(m) for m in listing.channels if m.enabled]
+        channels = []
+        for message in listing.channels:
+            if not message.enabled:
+                continue
+            try:
+                channels.append(Channel.from_message(message))
+            except ValueError as exc:
+                # A channel type this relay does not know (a newer catalog): never sent a wrong format.
+                log.error("channel skipped: %s", exc, extra={"channel": message.name})
         self.table = ChannelTable(channels, listing.revision)
         for listener in self._listeners:
             listener(self.table)

@@ -124,8 +124,11 @@ def caller_of(exchange: Exchange, status: int) -> str | None:
     return principal.key_id if principal is not None else ""
 
 
-def status_error(status: int, body: bytes) -> GatewayError:
-    """The error for a final non-2xx answer: not retryable, or out of channels to retry on."""
+def status_error(channel: Channel, status: int, body: bytes) -> GatewayError:
+    """The error for a final non-2xx answer: not retryable, or out of channels to retry on. A
+    converting channel's error body is put in OpenAI's shape here, once."""
+    if channel.provider is not None and channel.provider.converts:
+        status, body = channel.provider.error(status, body)
     if status in _CREDENTIALS_STATUS:
         # Passing a 401 through would tell the caller their own (valid) key is wrong.
         return UpstreamError(f"The upstream refused the channel's credentials (status {status}).")
@@ -164,12 +167,12 @@ class Upstreams:
         self.max_attempts = max_attempts
 
     def _request(
-        self, channel: Channel, path: bytes, payload: bytes, request_id: bytes, timeouts: Timeouts
+        self, channel: Channel, target: bytes, payload: bytes, request_id: bytes, timeouts: Timeouts
     ) -> tuple[ChannelTransport, httpcore.Request]:
         transport = self.pools.get(channel)
         request = httpcore.Request(
             b"POST",
-            transport.url(channel.path_prefix + path),
+            transport.url(target),
             headers=[
                 *channel.raw_headers,
                 (b"content-length", b"%d" % len(payload)),
@@ -226,7 +229,11 @@ class Upstreams:
                     with map_upstream_errors(channel):
                         async with asyncio.timeout(channel.total_timeout_s):
                             transport, request = self._request(
-                                channel, path, payload_for(channel), request_id, channel.timeouts()
+                                channel,
+                                channel.target(path, exchange.model, stream=False),
+                                payload_for(channel),
+                                request_id,
+                                channel.timeouts(),
                             )
                             response, body = await transport.open(request)
                             exchange.ttfb_s = time.perf_counter() - started
@@ -248,14 +255,14 @@ class Upstreams:
                 exchange.upstream_s += time.perf_counter() - started
                 breaker.record(verdict, retry_after=retry_after, answered_by_status=answered_by)
             status = response.status
+            tracing.attempt_answered(status, exchange.ttfb_s)
             metric(METRICS.upstream_ttfb, channel.name).observe(exchange.ttfb_s)
             metric(
                 METRICS.upstream_attempts, channel.name, "ok" if status < 300 else f"status_{status}"
             ).inc()
             if 200 <= status < 300:
                 return Reply(channel, status, header(response.headers, b"content-type") or b"", content)
-            last = status_error(status, content)
-            tracing.attempt_answered(status, exchange.ttfb_s)
+            last = status_error(channel, status, content)
             if status not in RETRYABLE_STATUS:
                 raise last
         assert last is not None
@@ -285,7 +292,11 @@ class Upstreams:
                 with map_upstream_errors(channel):
                     async with asyncio.timeout(channel.total_timeout_s):
                         transport, request = self._request(
-                            channel, path, payload_for(channel), request_id, timeouts
+                            channel,
+                            channel.target(path, exchange.model, stream=True),
+                            payload_for(channel),
+                            request_id,
+                            timeouts,
                         )
                         response, body = await transport.open(request)
             except (UpstreamError, PoolExhausted) as exc:
@@ -300,6 +311,7 @@ class Upstreams:
             exchange.ttfb_s = time.perf_counter() - started
             metric(METRICS.upstream_ttfb, channel.name).observe(exchange.ttfb_s)
             status = response.status
+            tracing.attempt_answered(status, exchange.ttfb_s)
             outcome = classify(status, response.headers)
             breaker.record(
                 outcome,
@@ -311,7 +323,6 @@ class Upstreams:
             ).inc()
             if 200 <= status < 300:
                 timeouts["read"] = idle_timeout_s
-            tracing.attempt_answered(status, exchange.ttfb_s)
                 return OpenStream(channel, breaker, response, body, timeouts)
             try:
                 with map_upstream_errors(channel):
@@ -321,7 +332,7 @@ class Upstreams:
             finally:
                 await body.aclose()
                 exchange.upstream_s += time.perf_counter() - started
-            error = status_error(status, content)
+            error = status_error(channel, status, content)
             if status not in RETRYABLE_STATUS:
                 raise error
             last = error
@@ -357,8 +368,8 @@ class Upstreams:
         else:
             outcome = "transport"
         metric(METRICS.upstream_attempts, channel.name, outcome).inc()
+        tracing.attempt_failed(outcome, exc.message)
         log.warning(
             "upstream attempt failed",
             extra={"channel": channel.name, "error": exc.message, "fault": exc.fault},
         )
-        tracing.attempt_failed(outcome, exc.message)
