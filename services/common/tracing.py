@@ -62,6 +62,7 @@ __all__ = [
     "http_request",
     "in_span",
     "link_from",
+    "producing",
     "server_interceptors",
     "span",
     "status_into",
@@ -315,6 +316,18 @@ def traceparent() -> Carrier | None:
     if not found:
         return None
     return [(key, value.encode()) for key, value in found.items()]
+
+
+def producing(topic: str) -> contextlib.AbstractContextManager[Span]:
+    """The span of handing one record for ``topic`` to the producer (what its consumers link to)."""
+    tracer = _CURRENT.tracer
+    if tracer is None:
+        return _OFF
+    return tracer.start_as_current_span(
+        f"publish {topic}",
+        kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
+    )
 
 
 def _context_of(headers: Iterable[tuple[str, bytes]] | None) -> otel_context.Context | None:

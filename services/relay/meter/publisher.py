@@ -30,6 +30,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from services.common import tracing
 from services.common.config import KafkaSettings
 from services.common.events import create_missing_topics, encode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 # Acknowledged events kept for a broker that loses them, at most (memory bound under load).
 _MAX_RETAINED = 20_000
+
+# A record on its way to Kafka: key, encoded event, and the trace context of the request it records
+# (record headers; None while tracing is off). The spool keeps key and event only: an event replayed
+# after an outage still names its trace (UsageEvent.trace_id), its consumers just do not link to it.
+Outgoing = tuple[bytes, bytes, tracing.Carrier | None]
 
 
 class BrokerUnavailable(Exception):
@@ -70,7 +76,7 @@ class EventPublisher:
         self.settings = settings
         self._topic = settings.usage_topic
         self._spool = Spool(spool_dir, max_bytes=spool_max_bytes) if spool_dir is not None else None
-        self._queue: collections.deque[Record] = collections.deque()
+        self._queue: collections.deque[Outgoing] = collections.deque()
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._retain_s = retain_s
@@ -82,10 +88,10 @@ class EventPublisher:
         # Told each acknowledged batch's produce latency (the performance view's windows).
         self.on_produced: Callable[[float], None] | None = None
         # The batch being sent and whether it came from the memory queue (not the spool).
-        self._inflight: list[Record] = []
+        self._inflight: list[Outgoing] = []
         self._inflight_from_queue = False
         # Acknowledged records kept for a broker that loses them: (monotonic time, record).
-        self._acked: collections.deque[tuple[float, Record]] = collections.deque()
+        self._acked: collections.deque[tuple[float, Outgoing]] = collections.deque()
         self._high_offsets: dict[int, int] = {}
         self._outage = False
 
@@ -120,14 +126,15 @@ class EventPublisher:
 
         Records are keyed by user id: one partition holds all of a user's events in order, so each
         consumer of the topic that settles money owns a disjoint set of accounts."""
-        self._accept((event.user_id.encode(), encode(event)))
+        with tracing.producing(self._topic):
+            self._accept((event.user_id.encode(), encode(event), tracing.traceparent()))
 
-    def _accept(self, record: Record) -> None:
+    def _accept(self, record: Outgoing) -> None:
         spool = self._spool
         if spool is not None and (
             spool.records or self._producer is None or len(self._queue) >= self._max_queue
         ):
-            if spool.append([record]):
+            if spool.append([_stored(record)]):
                 self._wakeup.set()
                 return
             self._dropped(1)
@@ -162,7 +169,7 @@ class EventPublisher:
         self._inflight, self._queue = [], collections.deque()
         if leftover:
             if self._spool is not None:
-                kept = self._spool.append(leftover)
+                kept = self._spool.append([_stored(record) for record in leftover])
                 if kept < len(leftover):
                     self._dropped(len(leftover) - kept)
                 log.info("usage events spooled at shutdown", extra={"records": kept})
@@ -192,7 +199,9 @@ class EventPublisher:
             spool = self._spool
             try:
                 if spool is not None and spool.records:
-                    batch = spool.peek(self._max_batch)
+                    batch: list[Outgoing] = [
+                        (key, payload, None) for key, payload in spool.peek(self._max_batch)
+                    ]
                     await self._send(batch, from_queue=False)
                     spool.commit(len(batch))
                 elif self._queue:
@@ -212,14 +221,17 @@ class EventPublisher:
                 await self._disconnect()
                 self._spill()
 
-    async def _send(self, batch: list[Record], *, from_queue: bool) -> None:
+    async def _send(self, batch: list[Outgoing], *, from_queue: bool) -> None:
         producer = self._producer
         assert producer is not None
         self._inflight, self._inflight_from_queue = batch, from_queue
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._send_timeout_s):
-                futures = [await producer.send(self._topic, payload, key=key) for key, payload in batch]
+                futures = [
+                    await producer.send(self._topic, payload, key=key, headers=headers)
+                    for key, payload, headers in batch
+                ]
                 acks = await asyncio.gather(*futures)
         except Exception as exc:
             METRICS.events_produced.labels(result="failed").inc(len(batch))
@@ -244,7 +256,7 @@ class EventPublisher:
             self._high_offsets[ack.partition] = max(ack.offset, self._high_offsets.get(ack.partition, -1))
         self._retain(batch)
 
-    def _retain(self, batch: list[Record]) -> None:
+    def _retain(self, batch: list[Outgoing]) -> None:
         if self._retain_s <= 0:
             return
         now = time.monotonic()
@@ -254,7 +266,7 @@ class EventPublisher:
         while acked and (acked[0][0] < horizon or len(acked) > _MAX_RETAINED):
             acked.popleft()
 
-    def _resend(self, records: list[Record]) -> None:
+    def _resend(self, records: list[Outgoing]) -> None:
         if not records:
             return
         log.warning(
@@ -268,7 +280,7 @@ class EventPublisher:
         """Move the memory queue to the spool (the broker is away; keep order, free memory)."""
         if self._spool is None or not self._queue:
             return
-        records = list(self._queue)
+        records = [_stored(record) for record in self._queue]
         self._queue.clear()
         kept = self._spool.append(records)
         if kept < len(records):
@@ -315,3 +327,8 @@ class EventPublisher:
                 await producer._sender.close()
             with contextlib.suppress(Exception):
                 await producer.client.close()
+
+
+def _stored(record: Outgoing) -> Record:
+    """What the spool keeps of a record (see :data:`Outgoing`)."""
+    return record[0], record[1]
