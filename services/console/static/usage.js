@@ -1,0 +1,64 @@
+// Usage: spend and tokens per hour or day, by key, user or model (chart, table, CSV export).
+import { act, api, csv, download, field, fmt, h, table } from "./lib.js";
+import { timeChart, update } from "./charts.js";
+
+const RANGES = { "24h": 24 * 3600_000, "7d": 7 * 86400_000, "30d": 30 * 86400_000 };
+const TOP_SERIES = 6;
+
+export async function usage({ main }) {
+  const granularity = h("select", { id: "usage-granularity" }, h("option", { value: "hour" }, "hour"), h("option", { value: "day" }, "day"));
+  const groupBy = h("select", { id: "usage-group" }, ["model", "key", "user"].map((g) => h("option", { value: g }, g)));
+  const range = h("select", { id: "usage-range" }, Object.keys(RANGES).map((r) => h("option", { value: r }, `last ${r}`)));
+  const measure = h("select", { id: "usage-measure" }, h("option", { value: "cost" }, "spend"), h("option", { value: "tokens" }, "tokens"), h("option", { value: "requests" }, "requests"));
+  const exportButton = h("button", { type: "button", id: "usage-export" }, "Export CSV");
+  const form = h("form", { class: "filters", "aria-label": "Usage filters" }, field("Per", granularity), field("By", groupBy), field("Range", range), field("Chart", measure), h("button", { type: "submit", class: "primary" }, "Show"), exportButton);
+  const chartBox = h("div", { class: "chart", id: "usage-chart" });
+  const tableBox = h("div", { id: "usage-table" });
+  main.append(form, h("section", {}, h("h2", {}, "Over time"), chartBox), h("section", {}, h("h2", {}, "Buckets"), tableBox));
+
+  let rows = [];
+  const columns = [
+    { label: "Start", cell: (b) => fmt.time(b.bucket_start_ms), raw: (b) => new Date(Number(b.bucket_start_ms)).toISOString() },
+    { label: "Group", cell: (b) => b.group, raw: (b) => b.group },
+    { label: "Requests", num: true, cell: (b) => fmt.int(b.requests), raw: (b) => b.requests },
+    { label: "Failed", num: true, cell: (b) => fmt.int(b.failed_requests), raw: (b) => b.failed_requests },
+    { label: "Prompt tokens", num: true, cell: (b) => fmt.int(b.prompt_tokens), raw: (b) => b.prompt_tokens },
+    { label: "Completion tokens", num: true, cell: (b) => fmt.int(b.completion_tokens), raw: (b) => b.completion_tokens },
+    { label: "Spend", num: true, cell: (b) => fmt.money(b.cost_micros), raw: (b) => (Number(b.cost_micros) / 1e6).toFixed(6) },
+  ];
+  exportButton.addEventListener("click", () => download(`usage-${groupBy.value}-${granularity.value}.csv`, csv(rows, columns)));
+
+  async function load() {
+    const now = Date.now();
+    const dim = groupBy.value;
+    const answer = await api.get("usage", { group_by: dim, granularity: granularity.value, since_ms: now - RANGES[range.value], until_ms: now + 3600_000, limit: 10000 });
+    rows = (answer.buckets || []).map((b) => ({ ...b, group: b[`${dim}_id`] ?? b[dim] ?? "" }));
+    rows.sort((a, b) => Number(a.bucket_start_ms) - Number(b.bucket_start_ms) || a.group.localeCompare(b.group));
+    tableBox.replaceChildren(table(columns, rows, { caption: `Usage per ${granularity.value} by ${dim}`, empty: "No usage in this range." }));
+    const value = {
+      cost: (b) => Number(b.cost_micros) / 1e6,
+      tokens: (b) => Number(b.prompt_tokens) + Number(b.completion_tokens),
+      requests: (b) => Number(b.requests),
+    }[measure.value];
+    const totals = new Map();
+    for (const b of rows) totals.set(b.group, (totals.get(b.group) || 0) + value(b));
+    const groups = [...totals.entries()].sort((a, b) => b[1] - a[1]).slice(0, TOP_SERIES).map(([g]) => g);
+    const x = [...new Set(rows.map((b) => Number(b.bucket_start_ms)))].sort((a, b) => a - b);
+    const index = new Map(x.map((t, i) => [t, i]));
+    const series = groups.map((g) => {
+      const values = x.map(() => 0);
+      for (const b of rows) if (b.group === g) values[index.get(Number(b.bucket_start_ms))] += value(b);
+      return values;
+    });
+    const yLabel = { cost: "spend (units)", tokens: "tokens", requests: "requests" }[measure.value];
+    const chart = timeChart(chartBox, { series: groups.map((g) => ({ label: g || "(none)" })), yLabel });
+    update(chart, x, series);
+    chartBox.dataset.points = String(x.length);
+  }
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    act(load);
+  });
+  await load();
+}
