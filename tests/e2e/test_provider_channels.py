@@ -1,0 +1,241 @@
+"""The ``openai`` SDK's chat routed to Anthropic, Gemini and Azure OpenAI channels of the fake upstream
+through the whole stack: content, tool calls, stop reasons, and the exact charge of the provider's
+usage (cached input, cache writes and reasoning tokens each at their own price)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.stack import Deployment, fund_user, ok, settled_balance
+
+KEY = "provider-test-key"
+SYSTEM = "be brief"  # 2 words
+QUESTION = "what is the weather"  # 4 words
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+# The fake's call of WEATHER (tokens.tool_arguments): 1 token for the name plus 1 per argument.
+ARGUMENTS = {"city": "tok0", "days": 1}
+TOOL_TOKENS = 3
+CACHED, CACHE_WRITE, REASONING = 2, 3, 5
+PRICE = {
+    "input_per_mtok": 3_000_000,
+    "cached_input_per_mtok": 300_000,
+    "cache_write_per_mtok": 3_750_000,
+    "output_per_mtok": 15_000_000,
+    "reasoning_per_mtok": 20_000_000,
+    "default_max_output_tokens": 64,
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A channel type, and the usage the fake reports for the test's prompt."""
+
+    model: str
+    channel: dict[str, Any]
+    # Tokens of the prompt as the record keeps them: (prompt, cached, cache writes).
+    prompt: tuple[int, int, int]
+
+
+def kinds(upstream_url: str) -> list[Kind]:
+    return [
+        Kind(
+            "claude-e2e",
+            {"type": "anthropic", "base_url": f"{upstream_url}/v1"},
+            # 7 prompt tokens: 2 read from the cache, 3 written to it (outside the prompt count), 2 plain.
+            (4, CACHED, CACHE_WRITE),
+        ),
+        Kind("gemini-e2e", {"type": "gemini", "base_url": f"{upstream_url}/v1beta"}, (7, CACHED, 0)),
+        Kind(
+            "azure-e2e",
+            {
+                "type": "azure-openai",
+                "base_url": upstream_url,
+                "api_version": "2024-10-21",
+                "model_map": {"azure-e2e": "gpt-deployment"},
+            },
+            # OpenAI's rule: 1 per message plus the words.
+            (8, CACHED, 0),
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def relay_env() -> dict[str, str]:
+    # Exact reservations: each request's charge is settled alone, so the balance shows it.
+    return {"RELAYGATE_CREDIT_LEASES": "false"}
+
+
+@pytest.fixture(scope="module")
+def channels(deployment: Deployment) -> list[Kind]:
+    found = kinds(deployment.upstream.url)
+    with deployment.admin() as admin:
+        for kind in found:
+            ok(
+                admin.post(
+                    "/admin/v1/channels",
+                    json={
+                        "name": kind.model,
+                        "api_key": KEY,
+                        "models": [kind.model],
+                        "enabled": True,
+                        **kind.channel,
+                    },
+                )
+            )
+            ok(admin.put(f"/admin/v1/prices/{kind.model}", json=PRICE))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _upstream(deployment: Deployment) -> Iterator[None]:
+    deployment.upstream.reset()
+    deployment.upstream.configure(
+        chunks=4,
+        cached_tokens=CACHED,
+        cache_write_tokens=CACHE_WRITE,
+        reasoning_tokens=REASONING,
+        api_key=KEY,
+    )
+    yield
+
+
+def expected_charge(kind: Kind, completion: int) -> int:
+    prompt, cached, written = kind.prompt
+    micros = (
+        (prompt - cached) * PRICE["input_per_mtok"]
+        + cached * PRICE["cached_input_per_mtok"]
+        + written * PRICE["cache_write_per_mtok"]
+        + (completion - REASONING) * PRICE["output_per_mtok"]
+        + REASONING * PRICE["reasoning_per_mtok"]
+    )
+    return math.ceil(micros / 1_000_000)
+
+
+def messages() -> list[dict[str, Any]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+
+
+def charged(deployment: Deployment, user_id: str, funded: int) -> int:
+    after = settled_balance(deployment, user_id)
+    assert after["reserved_micros"] == 0
+    return funded - after["balance_micros"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["anthropic", "gemini", "azure-openai"])
+def test_chat_answer_and_stream(deployment: Deployment, channels: list[Kind], index: int) -> None:
+    kind = channels[index]
+    funded = 10_000_000
+    user_id, key = fund_user(deployment, funded)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+
+    answer = client.chat.completions.create(model=kind.model, messages=messages(), max_tokens=3)  # type: ignore[arg-type]
+    assert (answer.choices[0].message.content or "").split() == ["tok0", "tok1", "tok2"]
+    assert answer.choices[0].finish_reason == "length"
+    usage = answer.usage
+    assert usage is not None
+    prompt, cached, written = kind.prompt
+    assert usage.prompt_tokens == prompt + written
+    assert usage.completion_tokens == 3 + REASONING
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == cached
+    assert usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == REASONING
+    assert charged(deployment, user_id, funded) == expected_charge(kind, 3 + REASONING)
+
+    funded -= expected_charge(kind, 3 + REASONING)
+    chunks = list(
+        client.chat.completions.create(
+            model=kind.model,
+            messages=messages(),  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == ["tok0", "tok1", "tok2", "tok3"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4 + REASONING
+    assert charged(deployment, user_id, funded) == expected_charge(kind, 4 + REASONING)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["anthropic", "gemini", "azure-openai"])
+def test_tool_calls_answer_and_stream(deployment: Deployment, channels: list[Kind], index: int) -> None:
+    kind = channels[index]
+    funded = 10_000_000
+    user_id, key = fund_user(deployment, funded)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    request: dict[str, Any] = {
+        "model": kind.model,
+        "messages": messages(),
+        "tools": [WEATHER],
+        "tool_choice": "required",
+    }
+
+    answer = client.chat.completions.create(**request)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "weather" and call.id
+    assert json.loads(call.function.arguments) == ARGUMENTS
+    completion = 4 + TOOL_TOKENS + REASONING
+    assert answer.usage is not None and answer.usage.completion_tokens == completion
+    spent = expected_charge(kind, completion)
+    assert charged(deployment, user_id, funded) == spent
+
+    funded -= spent
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [tool for delta in deltas for tool in delta.tool_calls or []]
+    assert calls[0].id and calls[0].function is not None and calls[0].function.name == "weather"
+    assert {tool.index for tool in calls} == {0}
+    arguments = "".join((tool.function.arguments or "") for tool in calls if tool.function is not None)
+    assert json.loads(arguments) == ARGUMENTS
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    # The caller did not ask for the usage chunk: none is sent, the charge is still exact.
+    assert all(c.choices for c in chunks)
+    assert charged(deployment, user_id, funded) == spent
+
+
+def test_embeddings_are_refused_for_a_converted_channel_type(
+    deployment: Deployment, channels: list[Kind]
+) -> None:
+    _, key = fund_user(deployment, 1_000_000)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    with pytest.raises(openai.BadRequestError, match="chat completions"):
+        client.embeddings.create(model=channels[0].model, input="hello")
+    # Azure serves embeddings as OpenAI does, under its deployment path.
+    assert len(client.embeddings.create(model=channels[2].model, input="hello").data) == 1
+    assert deployment.upstream.stats()["requests_total"] == 1
+
+
+def test_a_provider_error_reaches_the_caller_in_openai_shape(
+    deployment: Deployment, channels: list[Kind]
+) -> None:
+    _, key = fund_user(deployment, 1_000_000)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    deployment.upstream.configure(fail_status=400, fail_count=1)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=channels[0].model, messages=messages())  # type: ignore[arg-type]
+    body = raised.value.body
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
