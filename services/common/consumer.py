@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import TopicPartition
 
+from services.common import tracing
 from services.common.batch import Batch, BatchPolicy
 from services.common.clock import Clock, SystemClock
 from services.common.config import KafkaConsumerSettings
@@ -117,6 +118,8 @@ class BatchConsumer(ABC, Generic[T]):
         self._write_timeout_s = write_timeout_s
         self._shutdown_timeout_s = shutdown_timeout_s
         self._batch: Batch[T] = Batch(policy, clock)
+        # The requests whose records the batch holds, for its write span (empty while tracing is off).
+        self._links: list[tracing.Link] = []
         # Held while the batch changes (taking, writing); the revocation callback runs in the client's
         # coordination task and must not interleave with either.
         self._lock = asyncio.Lock()
@@ -188,11 +191,15 @@ class BatchConsumer(ABC, Generic[T]):
                     # Revoked while these were in flight: the new owner reads them from the committed offset.
                     continue
                 for record in records:
-                    item = await self._take(record, stop)
+                    with tracing.consumed(self._topic, record.headers, tp.partition, record.offset):
+                        item = await self._take(record, stop)
                     if item is None:
                         self._batch.skip(tp, record.offset)
                     else:
                         self._batch.add(tp, record.offset, item)
+                        link = tracing.link_from(record.headers)
+                        if link is not None:
+                            self._links.append(link)
 
     def _wait_ms(self) -> int:
         if self._retry_at is not None:
@@ -241,7 +248,8 @@ class BatchConsumer(ABC, Generic[T]):
         batch = self._batch
         if batch.items:
             started = time.perf_counter()
-            await self._write(batch.items)
+            with tracing.batch_span(f"{type(self).__name__}.write", self._links, len(batch)):
+                await self._write(batch.items)
             self._metrics.batch_write.observe(time.perf_counter() - started)
             self._metrics.batch_rows.observe(len(batch))
         try:
@@ -256,6 +264,7 @@ class BatchConsumer(ABC, Generic[T]):
                 extra={"rows": len(batch), "error": repr(exc)},
             )
         self._batch = Batch(self._policy, self._clock)
+        self._links = []
 
     async def _try_flush(self) -> None:
         """One attempt at :meth:`_flush`; a failure pauses every partition until the retry is due."""
@@ -334,6 +343,7 @@ class BatchConsumer(ABC, Generic[T]):
                         extra={"rows": len(self._batch)},
                     )
                     self._batch = Batch(self._policy, self._clock)
+                    self._links = []
             # Pausing is per assignment; the next one starts unpaused.
             self._reset_retry()
             for tp in revoked:

@@ -42,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import Link, Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -50,6 +50,7 @@ from services.common.interceptors import MethodInterceptor
 
 __all__ = [
     "Carrier",
+    "Link",
     "annotate",
     "attempt",
     "attempt_answered",
@@ -79,6 +80,8 @@ TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
 # Kafka headers as aiokafka takes and gives them.
 Carrier = Sequence[tuple[str, bytes]]
+# What a consumer's batch span points back to, one per request (see :func:`link_from`).
+Link = trace.Link
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
@@ -351,16 +354,27 @@ def link_from(headers: Iterable[tuple[str, bytes]] | None) -> Link | None:
 
 
 def consumed(
-    name: str, headers: Iterable[tuple[str, bytes]] | None, attributes: Mapping[str, AttributeValue]
+    topic: str, headers: Iterable[tuple[str, bytes]] | None, partition: int, offset: int
 ) -> contextlib.AbstractContextManager[Span]:
-    """A consumer's span for one record, a child of the span that produced it (when it said which)."""
+    """A consumer's span for taking one record, a child of the span that produced it (a no-op for a
+    record that carries no trace context)."""
     tracer = _CURRENT.tracer
     if tracer is None:
         return _OFF
     parent = _context_of(headers)
     if parent is None:
         return _OFF
-    return tracer.start_as_current_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+    return tracer.start_as_current_span(
+        f"process {topic}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": str(partition),
+            "messaging.kafka.offset": offset,
+        },
+    )
 
 
 def batch_span(name: str, links: Sequence[Link], size: int) -> contextlib.AbstractContextManager[Span]:
