@@ -60,6 +60,7 @@ __all__ = [
     "consumed",
     "current_trace_id",
     "enabled",
+    "grpc_request",
     "http_request",
     "in_span",
     "link_from",
@@ -251,6 +252,25 @@ def http_request(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[
         context=_PROPAGATOR.extract(carrier) if carrier else None,
         kind=SpanKind.SERVER,
         attributes={"http.request.method": method, "url.path": path},
+    )
+
+
+def grpc_request(
+    method: str, metadata: Iterable[tuple[str, Any]] | None
+) -> contextlib.AbstractContextManager[Span]:
+    """The server span of one call on a public gRPC front (``method``: ``/package.Service/Method``),
+    a child of the caller's trace when its metadata carries a ``traceparent``. Unlike
+    :class:`ServerTracing` (internal calls, traced only as part of a request) it always starts one."""
+    tracer = _CURRENT.tracer
+    if tracer is None:
+        return _OFF
+    carrier = {str(key): str(value) for key, value in metadata or () if key in (TRACEPARENT, TRACESTATE)}
+    service, _, name = method.lstrip("/").rpartition("/")
+    return tracer.start_as_current_span(
+        method.lstrip("/"),
+        context=_PROPAGATOR.extract(carrier) if carrier else None,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
     )
 
 
