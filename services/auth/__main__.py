@@ -13,7 +13,7 @@ from services.common.telemetry import setup_logging, start_metrics_server
 def main() -> None:
     settings = AuthSettings()
     setup_logging("auth", level=settings.log_level, fmt=settings.log_format)
-    start_metrics_server(settings.metrics_listen)
+    start_metrics_server(settings.metrics_listen, "auth")
     freeze_startup_heap()
     asyncio.run(run(settings))
 

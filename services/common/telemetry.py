@@ -1,12 +1,18 @@
-"""Structured logs and the one registry of metric names.
+"""Structured logs and the one declaration of metric names.
 
 Every metric any service exports is declared here, once, with its kind and meaning, so a typo is a
 type error rather than a silent new series. Labels are bounded: no key ids, user ids or request ids.
+
+Each series also names the services that export it (:data:`OWNERS`): a service's ``/metrics`` serves
+its own :func:`service_registry`, which holds only those series (and the process and runtime ones), so
+no service lists another's series, empty. The collectors stay in prometheus_client's default registry
+too, where in-process tests read them.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import sys
 import time
@@ -14,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 from services.common.tracing import current_trace_id
 
@@ -263,6 +277,102 @@ class Metrics:
 
 METRICS = Metrics()
 
+SERVICES = ("auth", "quota", "logger", "relay")
+_RELAY = frozenset({"relay"})
+_QUOTA = frozenset({"quota"})
+_LOGGER = frozenset({"logger"})
+# Served over gRPC by services/common/grpc (the relay too, with its gRPC front) and reading the
+# database through services/common/db/routing.
+_GRPC = frozenset({"auth", "quota", "logger", "relay"})
+_DATABASE = frozenset({"auth", "quota", "logger"})
+
+# Attribute of :data:`METRICS` -> the services that export it. Every series is listed (checked below).
+OWNERS: dict[str, frozenset[str]] = {
+    "http_requests": _RELAY,
+    "http_latency": _RELAY,
+    "gateway_overhead": _RELAY,
+    "upstream_ttfb": _RELAY,
+    "upstream_attempts": _RELAY,
+    "rpc_served": _GRPC,
+    "rpc_latency": _GRPC,
+    "db_reads": _DATABASE,
+    "db_replica_healthy": _DATABASE,
+    "db_replica_lag_bytes": _DATABASE,
+    "quota_rejections": _QUOTA,
+    "quota_finished": _QUOTA,
+    # auth verifies keys; the relay counts the verifications its own cache answered.
+    "auth_verify": frozenset({"auth", "relay"}),
+    "events_produced": _RELAY,
+    "events_queued": _RELAY,
+    "events_produce_latency": _RELAY,
+    "logger_batch_rows": _LOGGER,
+    "logger_batch_write": _LOGGER,
+    "logger_end_to_end": _LOGGER,
+    "logger_write_failures": _LOGGER,
+    "logger_paused": _LOGGER,
+    "logger_dead_letters": _LOGGER,
+    "upstream_pool_connections": _RELAY,
+    "upstream_pool_waiting": _RELAY,
+    "upstream_connect": _RELAY,
+    "breaker_state": _RELAY,
+    "breaker_transitions": _RELAY,
+    "stream_ttfb": _RELAY,
+    "stream_duration": _RELAY,
+    "stream_end": _RELAY,
+    "stream_drains": _RELAY,
+    "response_cache": _RELAY,
+    "relay_failures": _RELAY,
+    "relay_settle_retries": _RELAY,
+    "relay_credit_admissions": _RELAY,
+    "relay_credit_syncs": _RELAY,
+    "events_spooled": _RELAY,
+    "events_spool_bytes": _RELAY,
+    "events_dropped": _RELAY,
+    "events_resent": _RELAY,
+    "quota_limits_unchecked": _QUOTA,
+    "quota_limits_degraded": _QUOTA,
+    "quota_batch_size": _QUOTA,
+    "quota_read_your_writes": _QUOTA,
+    "quota_settle_lag": _QUOTA,
+    "quota_settle_paused": _QUOTA,
+    "quota_settle_write_failures": _QUOTA,
+    "quota_settle_batch_rows": _QUOTA,
+    "quota_settle_batch_write": _QUOTA,
+    "quota_settle_records": _QUOTA,
+    "quota_written_off_micros": _QUOTA,
+    "quota_settle_end_to_end": _QUOTA,
+    "logger_consumer_lag": _LOGGER,
+    "logger_rows": _LOGGER,
+    "logger_partitions": _LOGGER,
+    "logger_maintenance_failures": _LOGGER,
+    "relay_auth_cache_entries": _RELAY,
+    "relay_key_invalidations_followed": _RELAY,
+}
+
+
+def _collectors() -> dict[str, Counter | Gauge | Histogram]:
+    return {
+        name: value for name, value in vars(METRICS).items() if isinstance(value, Counter | Gauge | Histogram)
+    }
+
+
+if set(_collectors()) != set(OWNERS):
+    raise RuntimeError(f"series without an owner: {sorted(set(_collectors()) ^ set(OWNERS))}")
+
+
+@functools.cache
+def service_registry(service: str) -> CollectorRegistry:
+    """What ``service``'s ``/metrics`` serves: its own series, the process's and the runtime's."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}")
+    registry = CollectorRegistry(auto_describe=True)
+    for runtime in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(runtime)
+    for name, series in _collectors().items():
+        if service in OWNERS[name]:
+            registry.register(series)
+    return registry
+
 
 # Characters that must never reach a log file raw: C0 and C1 controls and DEL (line breaks, terminal escape
 # sequences), the Unicode line and paragraph separators, and the bidirectional overrides that can make a
@@ -369,11 +479,11 @@ def setup_logging(service: str, *, level: str = "INFO", fmt: str = "json") -> No
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def start_metrics_server(listen: str) -> None:
-    """Serve ``/metrics`` for a gRPC service on ``host:port`` (a daemon thread); empty = disabled."""
+def start_metrics_server(listen: str, service: str) -> None:
+    """Serve ``service``'s ``/metrics`` on ``host:port`` (a daemon thread); empty = disabled."""
     if not listen:
         return
     from prometheus_client import start_http_server
 
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=service_registry(service))

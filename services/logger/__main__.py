@@ -16,7 +16,7 @@ log = logging.getLogger("services.logger")
 def main() -> None:
     settings = LoggerSettings()
     setup_logging("logger", level=settings.log_level, fmt=settings.log_format)
-    start_metrics_server(settings.metrics_listen)
+    start_metrics_server(settings.metrics_listen, "logger")
     try:
         freeze_startup_heap()
         asyncio.run(run(settings))

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("quota", level=settings.log_level, fmt=settings.log_format)
     if args.command == "reconcile":
         sys.exit(asyncio.run(_reconcile(settings, consistent=args.consistent)))
-    start_metrics_server(settings.metrics_listen)
+    start_metrics_server(settings.metrics_listen, "quota")
     freeze_startup_heap()
     asyncio.run(run(settings))
 

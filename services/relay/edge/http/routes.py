@@ -20,6 +20,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.errors import GatewayError, ModelNotFound
+from services.common.telemetry import service_registry
 from services.relay.edge.http.headers import JSON, STREAM_HEADERS, gateway_headers
 from services.relay.edge.http.openai_errors import error_body, sse_error
 from services.relay.edge.http.requests import ClientGone, Incoming, read_body
@@ -211,4 +212,9 @@ async def readyz(call: Call) -> None:
 
 async def metrics(call: Call) -> None:
     call.gateway.upstreams.pools.export_metrics()
-    await respond(call.send, 200, generate_latest(), [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+    await respond(
+        call.send,
+        200,
+        generate_latest(service_registry("relay")),
+        [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+    )
