@@ -3,8 +3,9 @@ caller's request as an OpenAI chat body, and the chat answer as a Messages answe
 
 Request (each field checked, a 400 naming it otherwise):
 
-* ``model``, ``max_tokens`` (required), ``temperature``, ``top_p``, ``stop_sequences`` (→ ``stop``),
-  ``metadata.user_id`` (→ ``user``), ``stream``;
+* ``model``, ``max_tokens`` (required), ``temperature``, ``top_p`` (which older SDKs send),
+  ``stop_sequences`` (→ ``stop``), ``metadata.user_id`` (→ ``user``), ``stream``,
+  ``output_config.format`` (a JSON schema → ``response_format``);
 * ``system`` as a string or text blocks (→ one system message);
 * ``messages`` with string or block content: ``text``; ``image`` from ``base64`` or ``url`` sources
   (→ ``image_url`` parts); ``tool_use`` in assistant turns (→ ``tool_calls``); ``tool_result`` in user
@@ -15,9 +16,10 @@ Request (each field checked, a 400 naming it otherwise):
   (``auto``, ``any`` → ``required``, ``tool`` → the named function, ``none``;
   ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``).
 
-Accepted and not forwarded: ``top_k`` (chat has no such parameter), ``thinking``, ``cache_control``
-marks, ``service_tier``. Refused: server tools (web search, code execution, ...), ``document`` and
-other block types, ``mcp_servers``, ``container``.
+Accepted and not forwarded: ``top_k`` (chat has no such parameter), ``thinking``,
+``output_config.effort``, ``cache_control`` marks, ``service_tier``, ``speed``, ``inference_geo``.
+Refused: server tools (web search, code execution, ...), ``document`` and other block types,
+``mcp_servers``, ``container``.
 """
 
 from __future__ import annotations
@@ -221,6 +223,26 @@ def _tool_choice(body: dict[str, Any], chat: dict[str, Any]) -> None:
         chat["parallel_tool_calls"] = False
 
 
+def _output_format(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    """``output_config.format`` (a JSON schema the answer must follow) as chat's ``response_format``."""
+    optional_object(body, "output_config")
+    fmt = (body.get("output_config") or {}).get("format")
+    if fmt is None:
+        return
+    if (
+        not isinstance(fmt, dict)
+        or fmt.get("type") != "json_schema"
+        or not isinstance(fmt.get("schema"), dict)
+    ):
+        raise refuse(
+            "'output_config.format' must be a json_schema format with an object 'schema'.", "output_config"
+        )
+    chat["response_format"] = {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": fmt["schema"]},
+    }
+
+
 def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
     """The OpenAI chat body for the Messages request ``body``; raises a 400 naming the bad field."""
     model = require_model(body)
@@ -262,6 +284,7 @@ def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
     if tools:
         chat["tools"] = tools
     _tool_choice(body, chat)
+    _output_format(body, chat)
     if optional_bool(body, "stream"):
         # The usage chunk is what message_delta reports, so it is asked for in every case.
         chat["stream"] = True
@@ -275,15 +298,19 @@ def message_id(chat_id: Any) -> str:
     return text if text.startswith("msg_") else "msg_" + text.removeprefix("chatcmpl-")
 
 
-def usage_of(usage: ChatUsage | None) -> dict[str, int]:
-    """Anthropic's usage object: ``input_tokens`` excludes the tokens read from or written to the cache."""
+def usage_of(usage: ChatUsage | None) -> dict[str, Any]:
+    """Anthropic's usage object: ``input_tokens`` excludes the tokens read from or written to the
+    cache; ``output_tokens`` includes thinking, which ``output_tokens_details`` reports apart."""
     usage = usage or ChatUsage()
-    return {
+    found: dict[str, Any] = {
         "input_tokens": usage.uncached_prompt,
         "output_tokens": usage.output,
         "cache_read_input_tokens": usage.cache_read,
         "cache_creation_input_tokens": usage.cache_write,
     }
+    if usage.reasoning:
+        found["output_tokens_details"] = {"thinking_tokens": usage.reasoning}
+    return found
 
 
 def tool_input(arguments: Any) -> dict[str, Any]:

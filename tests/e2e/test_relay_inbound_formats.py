@@ -1,0 +1,398 @@
+"""Anthropic's Messages API and OpenAI's Responses API on the relay, through the official SDKs and the
+whole stack, routed to an OpenAI-type channel (the fake upstream's chat endpoint): content, tool calls,
+stop reasons, usage, and the exact charge in the request log and the balance. Errors in each format's
+own shape, and nothing charged for a refused request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from services.common.pricing import Price, Usage, cost
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, ok
+
+# Cached and reasoning tokens priced apart, so a charge that ignored them would differ.
+PRICES = {**PRICE, "cached_input_per_mtok": 500_000, "reasoning_per_mtok": 16_000_000}
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city"],
+    },
+}
+WEATHER_FUNCTION = {
+    "type": "function",
+    "name": WEATHER["name"],
+    "description": WEATHER["description"],
+    "parameters": WEATHER["input_schema"],
+}
+
+
+@pytest.fixture(scope="module")
+def relay_env() -> dict[str, str]:
+    # Each test reads its request's charge once nothing is held: exact reservations only.
+    return {"RELAYGATE_CREDIT_LEASES": "false"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prices(deployment: Deployment) -> None:
+    with deployment.admin() as admin:
+        ok(admin.put(f"/admin/v1/prices/{MODEL}", json=PRICES))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(deployment: Deployment) -> None:
+    deployment.upstream.reset()
+
+
+def claude(deployment: Deployment, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=deployment.relay_url, api_key=key, max_retries=0, timeout=10)
+
+
+def responses_sdk(deployment: Deployment, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+def expected_cost(prompt: int, completion: int, *, cached: int = 0, reasoning: int = 0) -> int:
+    price = Price(
+        model=MODEL,
+        input_per_mtok=PRICES["input_per_mtok"],
+        output_per_mtok=PRICES["output_per_mtok"],
+        cached_input_per_mtok=PRICES["cached_input_per_mtok"],
+        reasoning_per_mtok=PRICES["reasoning_per_mtok"],
+    )
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_prompt_tokens=cached,
+        reasoning_tokens=reasoning,
+    )
+    return cost(price, usage)
+
+
+def only_log_row(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with deployment.admin() as admin:
+        while True:
+            rows = admin.get("/admin/v1/logs", params={"user_id": user_id}).json().get("logs", [])
+            if rows:
+                assert len(rows) == 1, rows
+                row: dict[str, Any] = rows[0]
+                return row
+            assert time.monotonic() < deadline, "no request log row"
+            time.sleep(0.1)
+
+
+def charged(deployment: Deployment, user_id: str, funded: int, timeout: float = 15.0) -> int:
+    """What the user was charged once nothing is held any more."""
+    deadline = time.monotonic() + timeout
+    while (now := balance(deployment, user_id))["reserved_micros"]:
+        assert time.monotonic() < deadline, f"still held: {now}"
+        time.sleep(0.1)
+    return funded - now["balance_micros"]
+
+
+def assert_billed(deployment: Deployment, user_id: str, funded: int, endpoint: str, micros: int) -> None:
+    row = only_log_row(deployment, user_id)
+    assert row["endpoint"] == endpoint
+    assert int(row["cost_micros"]) == micros
+    assert charged(deployment, user_id, funded) == micros
+
+
+FUNDS = 10_000_000
+
+
+# --- Anthropic Messages ---------------------------------------------------------------------------
+
+
+def test_messages_create_text_and_usage(deployment: Deployment) -> None:
+    deployment.upstream.configure(chunks=6, cached_tokens=2, reasoning_tokens=3)
+    user_id, key = fund_user(deployment, FUNDS)
+    message = claude(deployment, key).messages.create(
+        model=MODEL,
+        max_tokens=100,
+        system="You are terse.",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "say six words"}]}],
+        stop_sequences=["never"],
+        # SDK 2.x no longer offers the sampling parameters; older callers still send them.
+        extra_body={"temperature": 0.5},
+    )
+    assert message.type == "message" and message.role == "assistant" and message.model == MODEL
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].type == "text"
+    assert message.content[0].text.split() == [f"tok{i}" for i in range(6)]
+    assert message.stop_reason == "end_turn"
+    # The fake's chat prompt: 2 messages (system, user) + 3 + 3 words = 8 tokens, 2 of them cached,
+    # which Anthropic reports apart from input_tokens; 6 words + 3 reasoning tokens of output.
+    assert message.usage.input_tokens == 6
+    assert message.usage.cache_read_input_tokens == 2
+    assert message.usage.output_tokens == 9
+    assert message.usage.output_tokens_details is not None
+    assert message.usage.output_tokens_details.thinking_tokens == 3
+    # The chat body the channel got: system first, the stop sequence and the sampling kept.
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert sent["stop"] == ["never"] and sent["temperature"] == 0.5 and sent["max_tokens"] == 100
+    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(8, 9, cached=2, reasoning=3))
+
+
+def test_messages_max_tokens_stop_reason(deployment: Deployment) -> None:
+    _, key = fund_user(deployment, FUNDS)
+    message = claude(deployment, key).messages.create(
+        model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "go on"}]
+    )
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 3
+
+
+def test_messages_tool_use_round_trip(deployment: Deployment) -> None:
+    user_id, key = fund_user(deployment, FUNDS)
+    client = claude(deployment, key)
+    question: anthropic.types.MessageParam = {"role": "user", "content": "weather in Paris?"}
+    first = client.messages.create(
+        model=MODEL,
+        max_tokens=50,
+        messages=[question],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    assert first.stop_reason == "tool_use"
+    call = first.content[-1]
+    assert call.type == "tool_use" and call.name == "get_weather"
+    assert isinstance(call.input, dict) and isinstance(call.input["city"], str)
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["tools"][0]["function"]["parameters"] == WEATHER["input_schema"]
+
+    second = client.messages.create(
+        model=MODEL,
+        max_tokens=4,
+        messages=[
+            question,
+            {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}],
+            },
+        ],
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    assert second.stop_reason == "max_tokens"
+    assert second.content[0].type == "text" and second.content[0].text.split() == [
+        "tok0",
+        "tok1",
+        "tok2",
+        "tok3",
+    ]
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == call.id
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    with deployment.admin() as admin:
+        deadline = time.monotonic() + 15
+        while len(rows := admin.get("/admin/v1/logs", params={"user_id": user_id}).json()["logs"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    first_cost = expected_cost(first.usage.input_tokens, first.usage.output_tokens)
+    second_cost = expected_cost(second.usage.input_tokens, second.usage.output_tokens)
+    assert sorted(int(r["cost_micros"]) for r in rows) == sorted([first_cost, second_cost])
+    assert charged(deployment, user_id, FUNDS) == first_cost + second_cost
+
+
+def test_messages_stream_text_and_tool_use(deployment: Deployment) -> None:
+    deployment.upstream.configure(chunks=5, tool_call=True)
+    user_id, key = fund_user(deployment, FUNDS)
+    with claude(deployment, key).messages.stream(
+        model=MODEL,
+        max_tokens=50,
+        messages=[{"role": "user", "content": "think, then call"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "input_json" in kinds and "text" in kinds
+    assert [block.type for block in final.content] == ["text", "tool_use"]
+    assert final.content[0].type == "text" and final.content[0].text.split() == [f"tok{i}" for i in range(5)]
+    tool = final.content[1]
+    assert tool.type == "tool_use" and tool.name == "get_weather" and isinstance(tool.input["city"], str)
+    assert final.stop_reason == "tool_use"
+    # 1 message + 3 words of prompt; the output is the 5 words and the call's tokens.
+    assert final.usage.input_tokens == 4
+    assert final.usage.output_tokens > 5
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(4, final.usage.output_tokens))
+
+
+def test_messages_stream_events_arrive_as_chunks_do(deployment: Deployment) -> None:
+    # Chunks 300 ms apart: each text delta reaches the caller long before the stream ends.
+    deployment.upstream.configure(chunks=3, chunk_interval_ms=300)
+    _, key = fund_user(deployment, FUNDS)
+    arrivals: list[float] = []
+    with claude(deployment, key).messages.stream(
+        model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "slowly"}]
+    ) as stream:
+        for event in stream:
+            if event.type == "content_block_delta":
+                arrivals.append(time.monotonic())
+        end = time.monotonic()
+    assert len(arrivals) == 3
+    assert end - arrivals[0] > 0.4
+
+
+# --- Responses API --------------------------------------------------------------------------------
+
+
+def test_responses_create_text_and_usage(deployment: Deployment) -> None:
+    deployment.upstream.configure(chunks=4, cached_tokens=1, reasoning_tokens=2)
+    user_id, key = fund_user(deployment, FUNDS)
+    response = responses_sdk(deployment, key).responses.create(
+        model=MODEL, instructions="Be brief.", input="four words please", max_output_tokens=20, store=False
+    )
+    assert response.status == "completed" and response.model == MODEL
+    assert response.output_text.split() == ["tok0", "tok1", "tok2", "tok3"]
+    assert response.id.startswith("resp_")
+    usage = response.usage
+    assert usage is not None
+    # system + user messages: 2 + 2 + 3 words.
+    assert (usage.input_tokens, usage.input_tokens_details.cached_tokens) == (7, 1)
+    assert (usage.output_tokens, usage.output_tokens_details.reasoning_tokens) == (6, 2)
+    assert_billed(deployment, user_id, FUNDS, "responses", expected_cost(7, 6, cached=1, reasoning=2))
+
+
+def test_responses_function_calling_round_trip(deployment: Deployment) -> None:
+    _, key = fund_user(deployment, FUNDS)
+    client = responses_sdk(deployment, key)
+    first = client.responses.create(
+        model=MODEL,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "weather in Oslo"}]}],
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        tool_choice="required",
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    second = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "weather in Oslo"},
+            {
+                "type": "function_call",
+                "call_id": calls[0].call_id,
+                "name": "get_weather",
+                "arguments": calls[0].arguments,
+            },
+            {"type": "function_call_output", "call_id": calls[0].call_id, "output": "rain"},
+        ],
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        max_output_tokens=2,
+    )
+    assert second.status == "incomplete" and second.incomplete_details is not None
+    assert second.incomplete_details.reason == "max_output_tokens"
+    assert second.output_text.split() == ["tok0", "tok1"]
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "rain"}
+
+
+def test_responses_stream_with_function_call(deployment: Deployment) -> None:
+    deployment.upstream.configure(chunks=3, tool_call=True)
+    user_id, key = fund_user(deployment, FUNDS)
+    with responses_sdk(deployment, key).responses.stream(
+        model=MODEL,
+        input="call it",
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.function_call_arguments.delta" in kinds
+    assert final.output_text.split() == ["tok0", "tok1", "tok2"]
+    call = final.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather" and '"city"' in call.arguments
+    assert final.usage is not None and final.usage.input_tokens == 3
+    assert_billed(deployment, user_id, FUNDS, "responses", expected_cost(3, final.usage.output_tokens))
+
+
+# --- errors in each format's shape, nothing charged -----------------------------------------------
+
+
+def test_anthropic_error_shapes(deployment: Deployment) -> None:
+    with pytest.raises(anthropic.AuthenticationError) as bad_key:
+        claude(deployment, "rg-" + "A" * 40).messages.create(
+            model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    assert bad_key.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": bad_key.value.body["error"]["message"]},  # type: ignore[index]
+    }
+    user_id, key = fund_user(deployment, FUNDS)
+    with pytest.raises(anthropic.BadRequestError) as bad_body:
+        claude(deployment, key).messages.create(
+            model=MODEL,
+            max_tokens=5,
+            messages=[{"role": "user", "content": [{"type": "document", "source": {}}]}],  # type: ignore[list-item]
+        )
+    assert bad_body.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    response = httpx.post(
+        f"{deployment.relay_url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "no cap"}]},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "'max_tokens' is required.",
+    }
+    for hostile in (
+        b"[",
+        b"\xff\xfe",
+        b"{" * 200 + b"}" * 200,
+        b'{"model": "x", "max_tokens": 1, "messages": 5}',
+    ):
+        response = httpx.post(
+            f"{deployment.relay_url}/v1/messages", headers={"x-api-key": key}, content=hostile
+        )
+        assert response.status_code == 400, hostile
+        assert response.json()["type"] == "error"
+    poor_id, poor = fund_user(deployment, 1)
+    with pytest.raises(anthropic.RateLimitError) as spent:
+        claude(deployment, poor).messages.create(
+            model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+    assert spent.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert charged(deployment, user_id, FUNDS) == 0
+    assert charged(deployment, poor_id, 1) == 0
+    assert deployment.upstream.stats()["requests_total"] == 0
+
+
+def test_responses_error_shapes(deployment: Deployment) -> None:
+    with pytest.raises(openai.AuthenticationError) as bad_key:
+        responses_sdk(deployment, "rg-" + "A" * 40).responses.create(model=MODEL, input="x")
+    assert bad_key.value.code == "invalid_api_key"
+    user_id, key = fund_user(deployment, FUNDS)
+    client = responses_sdk(deployment, key)
+    with pytest.raises(openai.BadRequestError) as stateful:
+        client.responses.create(model=MODEL, input="x", previous_response_id="resp_123")
+    assert stateful.value.param == "previous_response_id" and "store=false" in stateful.value.message
+    with pytest.raises(openai.BadRequestError) as stored:
+        client.responses.create(model=MODEL, input="x", store=True)
+    assert stored.value.param == "store"
+    with pytest.raises(openai.BadRequestError) as builtin:
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
+    assert builtin.value.param == "tools"
+    poor_id, poor = fund_user(deployment, 1)
+    with pytest.raises(openai.RateLimitError) as spent:
+        responses_sdk(deployment, poor).responses.create(model=MODEL, input="x")
+    assert spent.value.code == "insufficient_quota"
+    assert charged(deployment, user_id, FUNDS) == 0
+    assert charged(deployment, poor_id, 1) == 0
+    assert deployment.upstream.stats()["requests_total"] == 0
