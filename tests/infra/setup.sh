@@ -29,6 +29,8 @@ command -v java >/dev/null 2>&1 || packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || packages+=(maven)
 # The console's browser tests (tests/console) drive Debian's chromium through Playwright.
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+# The monitoring component's rules are checked and unit-tested with promtool (Debian's prometheus).
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 
 if ((${#packages[@]})); then
   if [ "$(id -u)" != 0 ]; then
@@ -42,7 +44,7 @@ if ((${#packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   log "installed ${packages[*]}"
 else
-  log "redis-server, postgresql, wrk, java, maven and chromium already installed"
+  log "redis-server, postgresql, wrk, java, maven, chromium and promtool already installed"
 fi
 
 # --- virtualenv -------------------------------------------------------------------------------------
