@@ -259,6 +259,11 @@ class Metrics:
         self.logger_maintenance_failures = Counter(
             "relaygate_logger_maintenance_failures", "Failed partition maintenance passes"
         )
+        # Counter: micro-units charged by the request-log rows written (each event once), by model: the
+        # spend per model (only priced models are ever charged, so the label is bounded by the price book).
+        self.logger_spend_micros = Counter(
+            "relaygate_logger_spend_micros", "Charged micro-units in written request logs", ["model"]
+        )
         self.logger_consumer = ConsumerMetrics(
             lag=self.logger_consumer_lag,
             paused=self.logger_paused,
@@ -345,6 +350,7 @@ OWNERS: dict[str, frozenset[str]] = {
     "logger_rows": _LOGGER,
     "logger_partitions": _LOGGER,
     "logger_maintenance_failures": _LOGGER,
+    "logger_spend_micros": _LOGGER,
     "relay_auth_cache_entries": _RELAY,
     "relay_key_invalidations_followed": _RELAY,
 }

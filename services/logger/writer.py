@@ -232,4 +232,11 @@ async def write(db: Database, events: Sequence[UsageEvent], *, clock: Clock = _S
             await session.execute(_rollup_statement(db.dialect), rollups(new_rows))
     METRICS.logger_rows.labels(result="inserted").inc(len(new_rows))
     METRICS.logger_rows.labels(result="duplicate").inc(len(events) - len(new_rows))
+    spend: dict[str, int] = {}
+    model_i, cost_i = _AT["model"], _AT["cost_micros"]
+    for row in new_rows:
+        if row[cost_i] > 0:
+            spend[row[model_i]] = spend.get(row[model_i], 0) + row[cost_i]
+    for model, micros in spend.items():
+        METRICS.logger_spend_micros.labels(model=model).inc(micros)
     return len(new_rows)
