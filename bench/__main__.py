@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.conversions import run as conversions
 from bench.env import BenchEnv, ToolMissing, ensure_tool
 from bench.peer import PEER_NAMES, Peer, parse_peers, start_peer
 from bench.report import ScenarioResult, machine_description, write_outputs
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--growth-keys", type=int, default=10_000, help="scenario 7 key count (10000)")
     parser.add_argument("--no-install", action="store_true", help="fail instead of apt-installing wrk")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (service logs)")
+    parser.add_argument(
+        "--conversions",
+        action="store_true",
+        help="only the CPU per streamed chunk of each provider conversion (no services started)",
+    )
     return parser
 
 
@@ -116,6 +122,9 @@ def git_revision() -> str:
 def main(argv: Sequence[str] | None = None, *, backing: BackingServices | None = None) -> int:
     """Run the benchmark; ``backing`` lends already running backing services (the test suite's)."""
     args = build_parser().parse_args(argv)
+    if args.conversions:
+        print(conversions())
+        return 0
     numbers = parse_scenarios(args.scenarios)
     peer_names = parse_peers(args.peer)
     try:
