@@ -74,6 +74,28 @@ def _headers(pairs: list[str] | None) -> dict[str, str]:
     return headers
 
 
+def _updated_channel(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]:
+    """The channel as listed with the options given changed. Its credentials come back masked, which
+    the catalog reads as "keep the stored value", so an update never needs the secret again."""
+    listed = client.get("/admin/v1/channels").get("channels", [])
+    channel = next((c for c in listed if c.get("channel_id") == args.channel_id), None)
+    if channel is None:
+        raise AdminError(f"no channel {args.channel_id!r}")
+    changes = {
+        "name": args.name,
+        "base_url": args.base_url,
+        "type": args.type,
+        "api_version": args.api_version,
+        "models": _csv(args.models) if args.models is not None else None,
+        "model_map": _headers(args.model_map) if args.model_map is not None else None,
+        "api_key": args.api_key,
+        "priority": args.priority,
+        "weight": args.weight,
+        "enabled": args.enabled == "true" if args.enabled is not None else None,
+    }
+    return {**channel, **{name: value for name, value in changes.items() if value is not None}}
+
+
 def _limits(args: argparse.Namespace) -> dict[str, int]:
     names = ("rpm", "tpm", "max_concurrency", "daily_budget_micros", "monthly_budget_micros")
     return {name: getattr(args, name) for name in names if getattr(args, name, None)}
@@ -143,7 +165,6 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
             return client.post(
                 "/admin/v1/channels",
                 {
-                    "channel_id": args.channel_id or "",
                     "name": args.name,
                     "base_url": args.base_url,
                     "api_key": args.api_key or "",
@@ -157,6 +178,8 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
                     "enabled": True,
                 },
             )
+        case ("channels", "update"):
+            return client.post("/admin/v1/channels", _updated_channel(client, args))
         case ("channels", "list"):
             return client.get("/admin/v1/channels")
         case ("channels", "delete"):
@@ -247,7 +270,6 @@ def add_parser(commands: Any) -> None:
     add.add_argument(
         "--type", default="openai", choices=("openai", "azure-openai", "anthropic", "gemini"), help="provider"
     )
-    add.add_argument("--channel-id", help="replace this channel (every field) instead of adding one")
     add.add_argument("--api-version", default="", help="azure-openai channels: the api-version to send")
     add.add_argument(
         "--model-map",
@@ -265,6 +287,18 @@ def add_parser(commands: Any) -> None:
     )
     add.add_argument("--priority", type=int, default=0)
     add.add_argument("--weight", type=int, default=1)
+    update = channels.add_parser("update", help="change the given fields of a channel, keep the rest")
+    update.add_argument("channel_id")
+    update.add_argument("--name")
+    update.add_argument("--base-url")
+    update.add_argument("--type", choices=("openai", "azure-openai", "anthropic", "gemini"))
+    update.add_argument("--api-version")
+    update.add_argument("--models", help="comma-separated; replaces the list")
+    update.add_argument("--model-map", action="append", metavar="MODEL=UPSTREAM", help="replaces the map")
+    update.add_argument("--api-key")
+    update.add_argument("--priority", type=int)
+    update.add_argument("--weight", type=int)
+    update.add_argument("--enabled", choices=("true", "false"))
     channels.add_parser("list")
     channels.add_parser("delete").add_argument("channel_id")
 

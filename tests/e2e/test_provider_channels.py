@@ -4,6 +4,7 @@ usage (cached input, cache writes and reasoning tokens each at their own price).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 
+from services import admin_client
 from tests.e2e.stack import Deployment, fund_user, ok, settled_balance
 
 KEY = "provider-test-key"
@@ -239,3 +241,52 @@ def test_a_provider_error_reaches_the_caller_in_openai_shape(
         client.chat.completions.create(model=channels[0].model, messages=messages())  # type: ignore[arg-type]
     body = raised.value.body
     assert isinstance(body, dict) and body["type"] == "invalid_request_error"
+
+
+def _admin(deployment: Deployment, *argv: str) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    admin_client.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["admin", *argv])
+    with admin_client.AdminClient(deployment.relay_url, deployment.admin_key) as client:
+        return admin_client.run_command(client, args)
+
+
+def test_the_command_line_sets_channel_types_and_price_kinds(deployment: Deployment) -> None:
+    added = _admin(
+        deployment,
+        *("channels", "add", "--name", "cli-azure", "--type", "azure-openai", "--api-version", "2024-10-21"),
+        *("--base-url", deployment.upstream.url, "--models", "cli-model", "--api-key", "secret-azure-key"),
+        *("--model-map", "cli-model=cli-deployment"),
+    )
+    assert (added["type"], added["api_version"], added["model_map"]) == (
+        "azure-openai",
+        "2024-10-21",
+        {"cli-model": "cli-deployment"},
+    )
+    updated = _admin(
+        deployment,
+        *("channels", "update", added["channel_id"], "--type", "anthropic", "--api-version", ""),
+        *("--base-url", f"{deployment.upstream.url}/v1"),
+    )
+    # Only what was given changed; the (masked) key was kept without being sent again.
+    assert (updated["type"], updated["name"], updated["models"]) == ("anthropic", "cli-azure", ["cli-model"])
+    assert updated["api_key"] == added["api_key"] != "secret-azure-key"
+    _admin(deployment, "channels", "delete", added["channel_id"])
+
+    price = _admin(
+        deployment,
+        *(
+            "prices",
+            "set",
+            "cli-model",
+            "--input",
+            "3",
+            "--output",
+            "15",
+            "--cache-write",
+            "4",
+            "--reasoning",
+            "20",
+        ),
+    )
+    assert (price["cache_write_per_mtok"], price["reasoning_per_mtok"]) == ("4", "20")
