@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from services.common.errors import InvalidRequest
-from services.relay.formats.common import ChatUsage, chat_usage, obj, read_answer, refuse
+from services.relay.formats.common import ChatUsage, chat_usage, items, obj, read_answer, refuse
 from services.relay.pipeline.checks import (
     MAX_TOKENS,
     optional_array,
@@ -215,7 +215,7 @@ def _tool_choice(body: dict[str, Any], chat: dict[str, Any]) -> None:
         if not isinstance(choice.get("name"), str):
             raise refuse("'tool_choice.name' must be a string.", "tool_choice")
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
-    elif kind in _CHOICES:
+    elif isinstance(kind, str) and kind in _CHOICES:
         chat["tool_choice"] = _CHOICES[kind]
     else:
         raise refuse("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'.", "tool_choice")
@@ -336,7 +336,7 @@ def to_anthropic(answer: bytes, model: str) -> bytes:
     text = message.get("content")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or ():
+    for call in items(message.get("tool_calls")):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             content.append(
@@ -355,7 +355,7 @@ def to_anthropic(answer: bytes, model: str) -> bytes:
             "role": "assistant",
             "model": model,
             "content": content,
-            "stop_reason": STOP_REASONS.get(reason, "end_turn") if reason else "end_turn",
+            "stop_reason": STOP_REASONS.get(reason, "end_turn") if isinstance(reason, str) else "end_turn",
             "stop_sequence": None,
             "usage": usage_of(chat_usage(parsed.get("usage"))),
         }

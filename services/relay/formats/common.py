@@ -15,6 +15,7 @@ __all__ = [
     "chat_usage",
     "data_of",
     "event",
+    "items",
     "obj",
     "passthrough_message",
     "read_answer",
@@ -78,6 +79,11 @@ def chat_usage(usage: Any) -> ChatUsage | None:
 def obj(value: Any) -> dict[str, Any]:
     """``value`` when it is a JSON object, else an empty one (for reading optional members)."""
     return value if isinstance(value, dict) else {}
+
+
+def items(value: Any) -> list[Any]:
+    """``value`` when it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
 
 
 def event(name: bytes, payload: dict[str, Any]) -> bytes:

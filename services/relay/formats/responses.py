@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from services.relay.formats.common import ChatUsage, chat_usage, obj, read_answer, refuse
+from services.relay.formats.common import ChatUsage, chat_usage, items, obj, read_answer, refuse
 from services.relay.pipeline.checks import (
     MAX_TOKENS,
     optional_array,
@@ -128,7 +128,7 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     for index, part in enumerate(content):
         where = f"{param}.content[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in _TEXT_PARTS:
+        if isinstance(kind, str) and kind in _TEXT_PARTS:
             text = part.get("text", part.get("refusal"))
             if not isinstance(text, str):
                 raise refuse(f"'{where}.text' must be a string.", "input")
@@ -152,7 +152,8 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]]) -> None:
         raise refuse(f"'{param}' must be an object.", "input")
     kind = item.get("type", "message")
     if kind == "message":
-        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        given = item.get("role")
+        role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise refuse(f"'{param}.role' must be user, assistant, system or developer.", "input")
         content = _content(item.get("content"), param)
@@ -361,7 +362,7 @@ def to_response(answer: bytes, shape: ResponseShape) -> bytes:
     text = message.get("content")
     if isinstance(text, str) and text:
         output.append(message_item(f"msg_{suffix}", text, status="completed"))
-    for index, call in enumerate(message.get("tool_calls") or ()):
+    for index, call in enumerate(items(message.get("tool_calls"))):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             arguments = function.get("arguments")
