@@ -145,12 +145,12 @@ def _exporter() -> SpanExporter:
 
 
 @contextlib.contextmanager
-def traced(service: str, *, environ: Mapping[str, str] | None = None) -> Iterator[bool]:
+def traced(service: str) -> Iterator[bool]:
     """Trace this process as ``service`` (``OTEL_SERVICE_NAME`` overrides it) while the block runs,
     when the environment asks for it; yields whether it does. Spans still queued are exported on the
     way out. In a process already traced (several services started in one test process) the first
     service's tracer serves them all."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     if _CURRENT.tracer is not None or not endpoint_configured(env):
         yield _CURRENT.tracer is not None
         return
