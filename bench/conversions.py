@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import orjson
 
+from bench.inbound_conversions import INBOUND, measure_inbound
 from services.relay.providers.anthropic import ANTHROPIC
 from services.relay.providers.base import StreamDecoder
 from services.relay.providers.gemini import GEMINI
@@ -114,4 +115,8 @@ def run() -> str:
     lines = ["| conversion | CPU µs / chunk |", "|---|---:|"]
     for name, (new_decoder, stream) in CONVERSIONS.items():
         lines.append(f"| {name} | {measure(new_decoder, stream()):.2f} |")
+    for name, new_converter in INBOUND.items():
+        events = _openai_stream()
+        figure = measure_inbound(new_converter, events, chunks=CHUNKS, streams=STREAMS, rounds=ROUNDS)
+        lines.append(f"| {name} | {figure:.2f} |")
     return "\n".join(lines)
