@@ -223,6 +223,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         lines = [
             f"relaygate is up in {time.monotonic() - started:.1f}s",
             f"  relay:      {stack.relay_url}/v1   (OpenAI-compatible base URL)",
+            f"  relay gRPC: {stack.relay_grpc_address}   (relaygate.relay.v1.InferenceService; TLS as "
+            f"relay.relaygate.internal under {state_dir / 'tls' / 'ca.crt'}; see README)",
             f"  admin key:  {admin_key}   (shown once; kept in {state_dir / 'admin-key'})"
             if new_admin_key
             else f"  admin key:  in {state_dir / 'admin-key'}",

@@ -45,6 +45,8 @@ class LocalStack:
     env: dict[str, str]
     log_dir: Path
     relay_port: int = 0
+    # The relay's gRPC front (InferenceService); chosen at start when 0.
+    relay_grpc_port: int = 0
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     secrets: StackSecrets = field(default_factory=StackSecrets.generate)
     kafka_dir: Path | None = None
@@ -56,6 +58,10 @@ class LocalStack:
     def relay_url(self) -> str:
         return f"http://127.0.0.1:{self.relay_port}"
 
+    @property
+    def relay_grpc_address(self) -> str:
+        return f"127.0.0.1:{self.relay_grpc_port}"
+
     def port_of(self, name: str) -> int:
         return next(p.port for p in self.processes if p.name == name)
 
@@ -66,10 +72,11 @@ class LocalStack:
         try:
             if not self.env.get("RELAYGATE_KAFKA_BOOTSTRAP"):
                 self._start_broker(timeout)
-            taken = {self.relay_port, *(p.port for p in self.processes)}
+            taken = {self.relay_port, self.relay_grpc_port, *(p.port for p in self.processes)}
             candidates = [p for p in free_ports(8) if p not in taken]
             ports = dict(zip(("auth", "quota", "logger"), candidates, strict=False))
             self.relay_port = self.relay_port or candidates[3]
+            self.relay_grpc_port = self.relay_grpc_port or candidates[4]
             self.env.update(
                 RELAYGATE_AUTH_LISTEN=f"127.0.0.1:{ports['auth']}",
                 RELAYGATE_AUTH_ADDR=f"127.0.0.1:{ports['auth']}",
@@ -80,11 +87,12 @@ class LocalStack:
                 RELAYGATE_RELAY_HOST="127.0.0.1",
                 RELAYGATE_RELAY_PORT=str(self.relay_port),
             )
+            # The gRPC front's port is this relay's own: relays started later get none of it.
+            own = {"relay": {"RELAYGATE_RELAY_GRPC_LISTEN": self.relay_grpc_address}}
             for name in SERVICES:
                 port = self.relay_port if name == "relay" else ports[name]
-                self._spawn(
-                    name, [sys.executable, "-m", f"services.{name}"], port, self.extra_env.get(name, {})
-                )
+                extra = {**own.get(name, {}), **self.extra_env.get(name, {})}
+                self._spawn(name, [sys.executable, "-m", f"services.{name}"], port, extra)
             for name in SERVICES:
                 self._wait_port(name, timeout)
         except BaseException:

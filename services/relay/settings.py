@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from services.common.config import (
     BaseServiceSettings,
     CreditSettings,
+    GrpcServerSettings,
     GrpcTlsSettings,
     KafkaSettings,
     RedisSettings,
@@ -18,10 +19,19 @@ from services.common.config import (
 
 
 class RelaySettings(
-    BaseServiceSettings, KafkaSettings, RedisSettings, ServiceAddresses, CreditSettings, GrpcTlsSettings
+    BaseServiceSettings,
+    KafkaSettings,
+    RedisSettings,
+    ServiceAddresses,
+    CreditSettings,
+    GrpcTlsSettings,
+    GrpcServerSettings,
 ):
     relay_host: str = "127.0.0.1"
     relay_port: int = Field(default=8080, ge=0, le=65535)
+    # host:port of the gRPC front (relaygate.relay.v1.InferenceService, services/relay/edge/grpc);
+    # empty: HTTP only. Its in-flight calls get grpc_drain_seconds on SIGTERM.
+    relay_grpc_listen: str = ""
     # Request bodies above this are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Bounds of everything a client controls, checked at the edge before any RPC (see README "Errors").

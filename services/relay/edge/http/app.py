@@ -24,6 +24,7 @@ from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStu
 from services.common.perfboard import Board, instance_name
 from services.common.redis import redis_client
 from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
+from services.relay.edge.grpc.server import grpc_front
 from services.relay.edge.http import admin, openai_errors
 from services.relay.edge.http.front import Front
 from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
@@ -201,7 +202,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
 def create_app(settings: RelaySettings) -> Front:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
-        async with open_gateway(settings) as gateway:
+        async with open_gateway(settings) as gateway, grpc_front(gateway):
             yield {"gateway": gateway}
 
     # No slash redirects: they would send clients to whatever the Host header names; an unknown path
