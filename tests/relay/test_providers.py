@@ -9,12 +9,14 @@ import orjson
 import pytest
 
 from services.common.errors import InvalidRequest
+from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
 from services.relay.providers import provider_for
 from services.relay.providers.anthropic import ANTHROPIC
 from services.relay.providers.base import StreamDecoder
 from services.relay.providers.content import parse_data_url
 from services.relay.providers.events import EventReader
 from services.relay.providers.gemini import GEMINI
+from services.relay.upstream.channels import Channel
 
 
 def _event(kind: str, payload: dict[str, Any]) -> bytes:
@@ -395,3 +397,32 @@ def test_what_is_refused() -> None:
     with pytest.raises(ValueError):
         provider_for("cohere")
     assert provider_for("openai") is None and provider_for("") is None
+
+
+def test_a_channel_types_target_and_headers() -> None:
+    def channel(kind: str, base_url: str, **fields: Any) -> Channel:
+        return Channel.from_message(
+            ChannelMessage(
+                channel_id="ch_1", name="c", base_url=base_url, api_key="k", models=["m"], type=kind, **fields
+            )
+        )
+
+    openai = channel("", "https://api.example.com/v1")
+    assert openai.target(b"/chat/completions", "m", stream=True) == b"/v1/chat/completions"
+    assert (b"authorization", b"Bearer k") in openai.raw_headers
+
+    azure = channel(
+        "azure-openai", "https://r.openai.azure.com", api_version="2024-10-21", model_map={"m": "dep 1"}
+    )
+    assert azure.target(b"/embeddings", "m", stream=False) == (
+        b"/openai/deployments/dep%201/embeddings?api-version=2024-10-21"
+    )
+    assert (b"api-key", b"k") in azure.raw_headers and azure.serves(b"/embeddings")
+
+    claude = channel("anthropic", "https://api.anthropic.com/v1", headers={"anthropic-version": "2026-01-01"})
+    assert claude.target(b"/chat/completions", "m", stream=True) == b"/v1/messages"
+    # The channel's own headers win (a newer API version), the key goes where Anthropic reads it.
+    assert (b"anthropic-version", b"2026-01-01") in claude.raw_headers
+    assert (b"x-api-key", b"k") in claude.raw_headers
+    assert not any(name == b"authorization" for name, _ in claude.raw_headers)
+    assert not claude.serves(b"/embeddings")

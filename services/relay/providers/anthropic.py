@@ -183,7 +183,10 @@ class AnthropicProvider(Provider):
     kind = "anthropic"
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
-        return {"x-api-key": api_key, "anthropic-version": API_VERSION}
+        headers = {"anthropic-version": API_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
 
     def target(self, prefix: bytes, path: bytes, model: str, *, stream: bool, api_version: str) -> bytes:
         return prefix + b"/messages"

@@ -20,7 +20,7 @@ class AzureProvider(Provider):
     converts = False
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
-        return {"api-key": api_key}
+        return {"api-key": api_key} if api_key else {}
 
     def target(self, prefix: bytes, path: bytes, model: str, *, stream: bool, api_version: str) -> bytes:
         deployment = urllib.parse.quote(model, safe="-._~").encode()

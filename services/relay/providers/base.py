@@ -64,7 +64,8 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def auth_headers(self, api_key: str) -> dict[str, str]:
-        """The headers carrying the channel's key (and whatever else the provider requires)."""
+        """The headers carrying the channel's key, when it has one, and whatever else the provider
+        requires."""
 
     @abc.abstractmethod
     def target(self, prefix: bytes, path: bytes, model: str, *, stream: bool, api_version: str) -> bytes:

@@ -6,8 +6,8 @@ images as ``inlineData`` from base64 data URLs or ``fileData`` from other URLs, 
 ``functionCall`` parts); tool messages become ``functionResponse`` parts named after the call they
 answer. ``tools`` -> ``functionDeclarations`` (``parametersJsonSchema``), ``tool_choice`` ->
 ``toolConfig.functionCallingConfig`` (AUTO, NONE, ANY with ``allowedFunctionNames``), the caps,
-``temperature``, ``top_p``, ``stop``, ``n`` (``candidateCount``), ``seed`` and JSON
-``response_format`` -> ``generationConfig``.
+``temperature``, ``top_p``, ``stop``, ``n`` (``candidateCount``), ``seed``, the presence and
+frequency penalties and JSON ``response_format`` -> ``generationConfig``.
 
 Answer and stream: each candidate is a choice; ``functionCall`` parts become ``tool_calls`` (Gemini
 sends a call whole, so its arguments arrive as one delta) and turn a ``STOP`` into ``tool_calls``;
@@ -127,6 +127,8 @@ def _generation_config(body: dict[str, Any], max_output_tokens: int) -> dict[str
         ("top_p", "topP"),
         ("seed", "seed"),
         ("n", "candidateCount"),
+        ("presence_penalty", "presencePenalty"),
+        ("frequency_penalty", "frequencyPenalty"),
     ):
         value = body.get(source)
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -201,7 +203,7 @@ class GeminiProvider(Provider):
     kind = "gemini"
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
-        return {"x-goog-api-key": api_key}
+        return {"x-goog-api-key": api_key} if api_key else {}
 
     def target(self, prefix: bytes, path: bytes, model: str, *, stream: bool, api_version: str) -> bytes:
         name = urllib.parse.quote(model.removeprefix("models/"), safe="-._~@").encode()

@@ -67,12 +67,10 @@ class Channel:
         url = httpx.URL(base_url)
         provider = provider_for(m.type)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        if m.api_key:
-            headers.update(
-                provider.auth_headers(m.api_key)
-                if provider is not None
-                else {"authorization": f"Bearer {m.api_key}"}
-            )
+        if provider is not None:
+            headers.update(provider.auth_headers(m.api_key))
+        elif m.api_key:
+            headers["authorization"] = f"Bearer {m.api_key}"
         headers.update({name.lower(): value for name, value in m.headers.items()})
         headers.pop("host", None)
         host = url.raw_host + (b":%d" % url.port if url.port else b"")
