@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,17 @@ def messages() -> list[dict[str, Any]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
 
 
+def logged(deployment: Deployment, user_id: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The user's request-log rows, newest first, once the logger wrote ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    with deployment.admin() as admin:
+        while True:
+            rows: list[dict[str, Any]] = ok(admin.get("/admin/v1/logs", params={"user_id": user_id}))["logs"]
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+
+
 def charged(deployment: Deployment, user_id: str, funded: int) -> int:
     after = settled_balance(deployment, user_id)
     assert after["reserved_micros"] == 0
@@ -177,6 +189,20 @@ def test_chat_answer_and_stream(deployment: Deployment, channels: list[Kind], in
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 4 + REASONING
     assert charged(deployment, user_id, funded) == expected_charge(kind, 4 + REASONING)
+
+    # The request log keeps every token kind the charge was computed from.
+    streamed, answered = logged(deployment, user_id, 2)
+    for row, completion in ((answered, 3 + REASONING), (streamed, 4 + REASONING)):
+        usage = {name: int(value) for name, value in row["usage"].items() if name != "estimated"}
+        assert usage == {
+            "prompt_tokens": prompt,
+            "cached_prompt_tokens": cached,
+            "cache_write_tokens": written,
+            "completion_tokens": completion,
+            "reasoning_tokens": REASONING,
+            "images": 0,
+        }
+        assert int(row["cost_micros"]) == expected_charge(kind, completion)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["anthropic", "gemini", "azure-openai"])
