@@ -1,6 +1,6 @@
-// Overview: live figures (the performance view when the relay has it, else figures computed from the
-// recent request logs), spend today, and traffic per minute. Refreshes every 5 s.
-import { api, fmt, h, percentile, table, ApiError } from "./lib.js";
+// Overview: live figures (the relay's performance view; from the recent request logs on a relay that
+// keeps no performance windows), spend today, and traffic per minute. Refreshes every 5 s.
+import { api, field, fmt, h, percentile, table, ApiError } from "./lib.js";
 import { timeChart, update } from "./charts.js";
 
 const WINDOW_MS = 30 * 60 * 1000;
@@ -36,27 +36,20 @@ function figuresFromLogs(logs, now) {
   };
 }
 
-function num(v) {
-  return v === undefined || v === null ? NaN : Number(v);
-}
-
-// The relay's performance view (GET /admin/v1/performance), read leniently: figures it lacks show "–".
-function figuresFromPerformance(perf) {
-  const group = (g) => ({ p50: num(g?.p50 ?? g?.p50_ms), p95: num(g?.p95 ?? g?.p95_ms), p99: num(g?.p99 ?? g?.p99_ms) });
-  const errors = perf.errors_by_fault ?? perf.error_rate_by_fault ?? perf.errors ?? {};
-  const requests = num(perf.requests ?? perf.requests_total);
-  const byFault = {};
-  for (const f of FAULTS) byFault[f] = num(errors[f] ?? 0);
+// The relay's performance view (GET /admin/v1/performance; its shape is in the README, "Performance
+// view"): one window of it, merged across every relay.
+function figuresFromPerformance(perf, windowName) {
+  const w = perf.windows[windowName];
+  const group = (g) => (g && g.count ? { p50: g.p50, p95: g.p95, p99: g.p99 } : { p50: NaN, p95: NaN, p99: NaN });
   return {
-    source: "the relay's performance view",
-    rps: num(perf.rps ?? perf.requests_per_second),
-    requests,
-    byFault,
-    faultsAreRates: perf.errors_by_fault === undefined && perf.errors === undefined,
-    latency: group(perf.latency_ms ?? perf.latency),
-    overhead: group(perf.overhead_ms ?? perf.overhead),
-    ttfb: group(perf.ttfb_ms ?? perf.ttfb),
-    activeStreams: num(perf.active_streams ?? perf.streams_active),
+    source: `the performance view (last ${windowName}, ${perf.now.relays} relay${perf.now.relays === 1 ? "" : "s"})`,
+    rps: w.requests_per_s,
+    requests: w.requests,
+    byFault: Object.fromEntries(FAULTS.map((f) => [f, w.errors.by_fault[f]?.count ?? 0])),
+    latency: group(w.latency_ms),
+    overhead: group(w.overhead_ms),
+    ttfb: group(w.stream_ttfb_ms),
+    activeStreams: perf.now.active_streams,
   };
 }
 
@@ -65,6 +58,7 @@ export async function overview({ main }) {
   const faults = h("div", { id: "faults" });
   const pcts = h("div", { id: "percentiles" });
   const source = h("p", { class: "hint", id: "overview-source" });
+  const windowSelect = h("select", { id: "overview-window" }, ["1m", "5m", "1h"].map((w) => h("option", { value: w }, `last ${w}`)));
   main.append(
     h(
       "section",
@@ -74,11 +68,12 @@ export async function overview({ main }) {
       tile("Active streams", "ov-streams"),
       tile("Spend today", "ov-spend"),
     ),
-    source,
+    h("div", { class: "filters" }, field("Window", windowSelect), source),
     h("div", { class: "grid2" }, h("section", {}, h("h2", {}, "Errors by fault class"), faults), h("section", {}, h("h2", {}, "Latency percentiles"), pcts)),
     h("section", {}, h("h2", {}, "Traffic per minute, last 30 minutes"), chartBox),
   );
-  const chart = timeChart(chartBox, { series: [{ label: "requests" }, { label: "errors" }], yLabel: "per minute" });
+  const opened = Date.now();
+  const chart = timeChart(chartBox, { series: [{ label: "requests" }, { label: "errors" }], yLabel: "per minute", fromMs: opened - WINDOW_MS, toMs: opened, format: fmt.num });
   let usePerformance = true;
 
   async function refresh() {
@@ -90,15 +85,16 @@ export async function overview({ main }) {
       api.get("usage", { granularity: "hour", since_ms: midnight.getTime(), until_ms: now + 3600_000 }),
       usePerformance
         ? api.get("performance").catch((err) => {
-            if (err instanceof ApiError && err.status === 404) usePerformance = false;
+            // 404: a relay older than the view; 503: one that keeps no performance windows.
+            if (err instanceof ApiError && (err.status === 404 || err.status === 503)) usePerformance = false;
             return null;
           })
         : null,
     ]);
     const logs = logsPage.logs || [];
-    const figures = perf ? figuresFromPerformance(perf) : figuresFromLogs(logs, now);
+    const figures = perf ? figuresFromPerformance(perf, windowSelect.value) : figuresFromLogs(logs, now);
     const errorsTotal = Object.values(figures.byFault).reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
-    const rate = figures.faultsAreRates ? errorsTotal : figures.requests ? errorsTotal / figures.requests : 0;
+    const rate = figures.requests ? errorsTotal / figures.requests : 0;
     document.getElementById("ov-rps").textContent = fmt.num(figures.rps);
     document.getElementById("ov-error-rate").textContent = fmt.pct(rate);
     document.getElementById("ov-streams").textContent = Number.isFinite(figures.activeStreams) ? fmt.int(figures.activeStreams) : "–";
@@ -109,8 +105,8 @@ export async function overview({ main }) {
       table(
         [
           { label: "Fault class", cell: (r) => r },
-          { label: figures.faultsAreRates ? "Rate" : "Requests", num: true, cell: (r) => (figures.faultsAreRates ? fmt.pct(figures.byFault[r]) : fmt.int(figures.byFault[r])) },
-          { label: "Share", num: true, cell: (r) => (figures.faultsAreRates ? "–" : fmt.pct(figures.requests ? figures.byFault[r] / figures.requests : 0)) },
+          { label: "Requests", num: true, cell: (r) => fmt.int(figures.byFault[r]) },
+          { label: "Error rate", num: true, cell: (r) => fmt.pct(figures.requests ? figures.byFault[r] / figures.requests : 0) },
         ],
         FAULTS,
       ),
@@ -137,9 +133,10 @@ export async function overview({ main }) {
       req[i] += count(l);
       if (l.error_type) err[i] += count(l);
     }
-    update(chart, x, [req, err]);
+    update(chart, x, [req, err], now - WINDOW_MS, now);
   }
 
+  windowSelect.addEventListener("change", () => refresh().catch(() => {}));
   await refresh();
   const timer = setInterval(() => refresh().catch(() => {}), REFRESH_MS);
   return () => clearInterval(timer);

@@ -51,7 +51,15 @@ export async function usage({ main }) {
       return values;
     });
     const yLabel = { cost: "spend (units)", tokens: "tokens", requests: "requests" }[measure.value];
-    const chart = timeChart(chartBox, { series: groups.map((g) => ({ label: g || "(none)" })), yLabel });
+    const format = measure.value === "cost" ? (v) => fmt.money(v * 1e6) : fmt.int;
+    const step = granularity.value === "day" ? 86400_000 : 3600_000;
+    const chart = timeChart(chartBox, {
+      series: groups.map((g) => ({ label: g || "(none)" })),
+      yLabel,
+      format,
+      fromMs: Math.floor((now - RANGES[range.value]) / step) * step,
+      toMs: now,
+    });
     update(chart, x, series);
     chartBox.dataset.points = String(x.length);
   }

@@ -1,0 +1,243 @@
+"""The admin console in real headless Chromium against one deployment: an operator's day (sign in,
+create a user and a key, top up, requests through the relay seen in the logs and usage, revoke the key
+and see the relay refuse it, disable a channel); then who may use it and what leaks: a wrong or
+non-admin key cannot sign in, a read-only session cannot write (the admin API refuses it even when the
+page is bypassed), writes need the CSRF token, and neither the admin key nor the admin token appears in
+the page or the relay's log."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from playwright.async_api import BrowserContext, Locator, Page, expect
+
+from tests.console.browser import open_page, screenshot, sign_in
+from tests.e2e.stack import MODEL, Deployment, fund_user, ok
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello console"}], "max_tokens": 16}
+
+
+async def chat(deployment: Deployment, key: str) -> int:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            f"{deployment.relay_url}/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": f"Bearer {key}"},
+        )
+    return response.status_code
+
+
+async def eventually(check: Locator, page: Page, *, refresh: str, timeout_s: float = 15.0) -> None:
+    """Wait for ``check`` to be visible, pressing the ``refresh`` button between tries (request logs
+    and usage rollups arrive through Kafka a moment after the request)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await expect(check).to_be_visible(timeout=1000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await page.get_by_role("button", name=refresh, exact=True).click()
+
+
+async def test_operator_day(console_page: Page, deployment: Deployment, screenshots: Path) -> None:
+    page = console_page
+    await sign_in(page, deployment.relay_url, deployment.admin_key)
+    await page.wait_for_selector("main[data-page=overview][data-ready]")
+    await expect(page.locator("#whoami")).to_contain_text("read and write")
+
+    # A user and a key for them; the key's plaintext is shown once.
+    await open_page(page, "keys")
+    user_name = f"alice-{uuid.uuid4().hex[:6]}"
+    await page.locator("#new-user-name").fill(user_name)
+    await page.locator("#new-user-email").fill(f"{user_name}@example.com")
+    await page.get_by_role("button", name="Create user").click()
+    user_row = page.locator("#users tr", has_text=user_name)
+    await expect(user_row).to_be_visible()
+    user_id = await page.locator("#new-key-user option", has_text=user_name).get_attribute("value")
+    assert user_id
+    await page.locator("#new-key-user").select_option(user_id)
+    await page.locator("#new-key-name").fill("laptop")
+    await page.get_by_role("button", name="Create key").click()
+    secret = page.locator("#new-key-plaintext")
+    await expect(secret).to_have_text(re.compile(r"^rg-"))
+    api_key = await secret.inner_text()
+    await screenshot(page, screenshots, "keys-created")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    await expect(page.locator("dialog")).to_have_count(0)
+    assert api_key not in await page.content()
+
+    # Credit, shown in units with thousands separators (the browser's en-US locale).
+    await user_row.click()
+    await page.locator("#topup-amount").fill("12345.5")
+    await page.locator("#topup-reason").fill("first credit")
+    await page.get_by_role("button", name="Top up", exact=True).click()
+    await expect(page.locator("#user-balance")).to_have_text("12,345.50")
+    await screenshot(page, screenshots, "keys-and-users")
+
+    for _ in range(3):
+        assert await chat(deployment, api_key) == 200
+    with deployment.admin() as admin:
+        keys = ok(admin.get("/admin/v1/keys", params={"limit": 1000}))["keys"]
+    key_id = next(k["key_id"] for k in keys if k["name"] == "laptop" and not k["revoked"])
+
+    # The three requests in the logs, times in the viewer's zone (Europe/Berlin in December: GMT+1).
+    await open_page(page, "logs")
+    await page.locator("#logs-key").fill(key_id)
+    await page.get_by_role("button", name="Filter").click()
+    rows = page.locator("#logs-table tbody tr.clickable")
+    await eventually(rows.nth(2), page, refresh="Filter")
+    await expect(rows).to_have_count(3)
+    await expect(rows.first).to_contain_text("GMT+1")
+    await rows.first.click()
+    await expect(page.locator("#log-detail")).to_contain_text(key_id)
+    await screenshot(page, screenshots, "request-log-detail")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    await screenshot(page, screenshots, "request-logs")
+
+    # Usage by key: table, chart and CSV.
+    await open_page(page, "usage")
+    await page.locator("#usage-group").select_option("key")
+    await page.get_by_role("button", name="Show").click()
+    await eventually(page.locator("#usage-table tr", has_text=key_id), page, refresh="Show")
+    await expect(page.locator("#usage-chart canvas")).to_be_visible()
+    assert int(await page.locator("#usage-chart").get_attribute("data-points") or 0) >= 1
+    async with page.expect_download() as download:
+        await page.get_by_role("button", name="Export CSV").click()
+    exported = Path(await (await download.value).path()).read_text()
+    assert exported.startswith("Start,Group,Requests") and key_id in exported
+    await screenshot(page, screenshots, "usage")
+
+    await open_page(page, "overview")
+    await expect(page.locator("#ov-spend")).not_to_have_text("0.00")
+    # Live figures from the relay's performance view: the three requests are in its 1-minute window.
+    await expect(page.locator("#overview-source")).to_contain_text("performance view")
+    await expect(page.locator("#percentiles tr", has_text="Latency").first).not_to_contain_text("\N{EN DASH}")
+    await screenshot(page, screenshots, "overview")
+
+    # Revoked in the console, refused by the relay.
+    await open_page(page, "keys")
+    key_row = page.locator("#keys tr", has_text="laptop").filter(has_text=user_name)
+    await key_row.get_by_role("button", name="Revoke").click()
+    await expect(key_row).to_contain_text("revoked")
+    deadline = time.monotonic() + 5
+    while (status := await chat(deployment, api_key)) == 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert status == 401
+
+    await open_page(page, "prices")
+    await expect(page.locator("#prices-table")).to_contain_text(MODEL)
+    await screenshot(page, screenshots, "prices")
+
+    await open_page(page, "channels")
+    channel_row = page.locator("#channels-table tbody tr", has_text="fake")
+    await channel_row.get_by_role("button", name="Disable").click()
+    await expect(channel_row).to_contain_text("disabled")
+    with deployment.admin() as admin:
+        listed = ok(admin.get("/admin/v1/channels"))["channels"]
+    assert [c["enabled"] for c in listed if c["name"] == "fake"] == [False]
+    await screenshot(page, screenshots, "channels")
+
+
+async def test_wrong_key_cannot_sign_in(
+    console_page: Page, context: BrowserContext, deployment: Deployment
+) -> None:
+    await sign_in(console_page, deployment.relay_url, "rg-notakey_" + "x" * 40)
+    await expect(console_page.locator("#signin-error")).not_to_be_empty()
+    await expect(console_page.locator("#shell")).to_be_hidden()
+    assert await context.cookies() == []
+
+
+async def test_non_admin_key_cannot_sign_in(
+    console_page: Page, context: BrowserContext, deployment: Deployment
+) -> None:
+    _, user_key = fund_user(deployment, 1_000_000)
+    await sign_in(console_page, deployment.relay_url, user_key)
+    await expect(console_page.locator("#signin-error")).to_contain_text("admin")
+    await expect(console_page.locator("#shell")).to_be_hidden()
+    assert await context.cookies() == []
+
+
+async def test_read_only_session_cannot_write(
+    console_page: Page, deployment: Deployment, screenshots: Path
+) -> None:
+    page = console_page
+    await sign_in(page, deployment.relay_url, deployment.admin_key, read_only=True)
+    await expect(page.locator("#whoami")).to_contain_text("read only")
+    await open_page(page, "keys")
+    await expect(page.get_by_role("button", name="Create user")).to_be_hidden()
+    await expect(page.locator("#users table")).to_be_visible()
+    await screenshot(page, screenshots, "keys-read-only")
+    # Past the page: the admin API itself refuses the write for the token's scopes.
+    status = await page.evaluate(
+        """async () => {
+            const csrf = document.cookie.split("; ")
+                .find((c) => c.startsWith("rg_console_csrf=")).split("=")[1];
+            const r = await fetch("api/users", {method: "POST", headers: {"content-type": "application/json",
+                "x-console-csrf": csrf}, body: JSON.stringify({name: "should-not-exist"})});
+            return r.status;
+        }"""
+    )
+    assert status == 403
+    with deployment.admin() as admin:
+        names = [u["name"] for u in admin.get("/admin/v1/users", params={"limit": 1000}).json()["users"]]
+    assert "should-not-exist" not in names
+
+
+async def test_no_secret_in_page_or_log(
+    console_page: Page, context: BrowserContext, deployment: Deployment
+) -> None:
+    page = console_page
+    await sign_in(page, deployment.relay_url, deployment.admin_key)
+    await page.wait_for_selector("main[data-page=overview][data-ready]")
+    for name in ("keys", "channels", "logs"):
+        await open_page(page, name)
+    token = next(c for c in await context.cookies() if c["name"] == "rg_console_token")
+    assert token["httpOnly"] and token["sameSite"] == "Strict" and token["path"] == "/console/"
+    seen = await page.content() + await page.evaluate(
+        "() => document.cookie + JSON.stringify(localStorage) + JSON.stringify(sessionStorage)"
+    )
+    assert token["value"] not in seen
+    assert deployment.admin_key not in seen
+    logs = "".join(p.read_text(errors="replace") for p in deployment.stack.log_dir.glob("*.log"))
+    assert token["value"] not in logs
+    assert deployment.admin_key not in logs
+
+    # Signing out ends the session: the cookies go, the API calls are refused.
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("#signin")).to_be_visible()
+    assert [c["name"] for c in await context.cookies()] == []
+
+
+def test_writes_need_the_csrf_token_and_the_same_origin(deployment: Deployment) -> None:
+    with httpx.Client(base_url=deployment.relay_url, timeout=10) as client:
+        signed_in = client.post("/console/session", json={"key": deployment.admin_key})
+        assert signed_in.status_code == 200, signed_in.text
+        assert "token" not in signed_in.json()
+        csrf = client.cookies["rg_console_csrf"]
+        body = {"name": "csrf-probe"}
+        assert client.post("/console/api/users", json=body).status_code == 403
+        assert (
+            client.post("/console/api/users", json=body, headers={"x-console-csrf": "wrong"}).status_code
+            == 403
+        )
+        foreign = {"x-console-csrf": csrf, "origin": "https://evil.example"}
+        assert client.post("/console/api/users", json=body, headers=foreign).status_code == 403
+        # A sign-in posted from another site is refused too.
+        assert (
+            client.post("/console/session", json={"key": deployment.admin_key}, headers=foreign).status_code
+            == 403
+        )
+        assert client.get("/console/api/users").status_code == 200
+        created = client.post("/console/api/users", json=body, headers={"x-console-csrf": csrf})
+        assert created.status_code == 201, created.text
+        # The console forwards to the admin API only, never to the token exchange.
+        assert client.post("/console/api/tokens", headers={"x-console-csrf": csrf}).status_code == 404
+        client.cookies.clear()
+        assert client.get("/console/api/users").status_code == 401
