@@ -89,10 +89,12 @@ def deploy(
     relay_env: dict[str, str] | None = None,
     upstream: FakeUpstream | None = None,
     service_env: Mapping[str, str] | None = None,
+    own_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Iterator[Deployment]:
     """The four services on ``db`` and the session's Redis and Kafka, one fake upstream channel serving
     :data:`MODEL` at :data:`PRICE`; ``relay_env`` adds ``RELAYGATE_*`` settings for the relay,
-    ``service_env`` for every service (and every process started later from the stack's settings).
+    ``service_env`` for every service (and every process started later from the stack's settings),
+    ``own_env`` for one service's first process only (by service name).
 
     The relay's event spool lives under ``log_dir`` (never in the working directory)."""
     admin_key = generate()[0]
@@ -105,7 +107,7 @@ def deploy(
     stack = LocalStack(
         env=env,
         log_dir=log_dir,
-        extra_env={"auth": {"RELAYGATE_BOOTSTRAP_ADMIN_KEY": admin_key}, "relay": dict(relay_env or {})},
+        extra_env=_own_env(admin_key, relay_env, own_env),
         certs=certificates(),
     )
     try:
@@ -169,6 +171,15 @@ def deploy_pairs(
             process.wait_listening(timeout=timeout)
         deployment.more_relays["relay-b"] = f"http://127.0.0.1:{relay_port}"
         yield deployment
+
+
+def _own_env(
+    admin_key: str, relay_env: Mapping[str, str] | None, own_env: Mapping[str, Mapping[str, str]] | None
+) -> dict[str, dict[str, str]]:
+    extra: dict[str, dict[str, str]] = {name: dict(env) for name, env in (own_env or {}).items()}
+    extra.setdefault("auth", {})["RELAYGATE_BOOTSTRAP_ADMIN_KEY"] = admin_key
+    extra.setdefault("relay", {}).update(relay_env or {})
+    return extra
 
 
 def _start(stack: LocalStack, name: str, service: str, port: int, **env: str) -> ManagedProcess:

@@ -1,15 +1,24 @@
 """Operations end to end on one deployment with two relays: the live performance view merges both
-relays' windows (and hears the logger, quota and auth processes)."""
+relays' windows (and hears the logger, quota and auth processes); each service's /metrics lists its own
+series and no other's; the dashboard and the rules read only series the running services export."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
-from tests.e2e.stack import MODEL, Deployment, fund_user
+from devinfra.backing import BackingServices
+from devinfra.processes import free_ports
+from services.common.telemetry import SERVICES, service_registry
+from tests.db_fixtures import DbUrls
+from tests.e2e.stack import MODEL, Deployment, deploy, fund_user
+from tests.monitoring import dashboard_exprs, offered, referenced, rule_exprs
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +86,78 @@ def test_performance_view_merges_every_relay(deployment: Deployment, relays: lis
 def test_performance_view_needs_admin_read(deployment: Deployment) -> None:
     response = httpx.get(f"{deployment.relay_url}/admin/v1/performance", timeout=10)
     assert response.status_code == 401
+
+
+@pytest.fixture(scope="module")
+def metrics_ports() -> dict[str, int]:
+    """Where auth, quota and the logger serve /metrics (the relay serves its own on its HTTP port)."""
+    return dict(zip(("auth", "quota", "logger"), free_ports(3), strict=True))
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    backing: BackingServices,
+    migrated_db: DbUrls,
+    metrics_ports: dict[str, int],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
+    """The module's deployment, with a metrics listener on each gRPC service."""
+    own_env = {s: {"RELAYGATE_METRICS_LISTEN": f"127.0.0.1:{port}"} for s, port in metrics_ports.items()}
+    with deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"), own_env=own_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def metrics_urls(deployment: Deployment, metrics_ports: dict[str, int]) -> dict[str, str]:
+    urls = {"relay": f"{deployment.relay_url}/metrics"}
+    urls.update({s: f"http://127.0.0.1:{port}/metrics" for s, port in metrics_ports.items()})
+    return urls
+
+
+def ours(names: set[str]) -> set[str]:
+    return {n for n in names if n.startswith("relaygate_") and not n.endswith("_created")}
+
+
+def scrape(url: str) -> str:
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def test_each_service_lists_its_own_series_only(metrics_urls: dict[str, str]) -> None:
+    exported = {service: ours(offered(scrape(url))) for service, url in metrics_urls.items()}
+    for service in SERVICES:
+        declared = ours(offered(generate_latest(service_registry(service)).decode()))
+        assert exported[service] == declared, (service, sorted(exported[service] ^ declared))
+    # What is one service's own is absent from the others.
+    assert "relaygate_http_requests_total" not in exported["quota"] | exported["auth"] | exported["logger"]
+    assert "relaygate_logger_rows_total" not in exported["relay"] | exported["quota"]
+    assert "relaygate_quota_rejections_total" not in exported["relay"] | exported["logger"]
+
+
+def test_dashboard_and_rules_read_series_the_stack_exports(
+    deployment: Deployment, metrics_urls: dict[str, str]
+) -> None:
+    _, key = fund_user(deployment, 50_000_000)
+    chat(deployment.relay_url, key)
+    chat(deployment.relay_url, key, stream=True)
+    exported: set[str] = set()
+    for url in metrics_urls.values():
+        exported |= offered(scrape(url))
+    wanted = referenced(dashboard_exprs()) | referenced(rule_exprs())
+    assert wanted <= exported, sorted(wanted - exported)
+
+
+def test_spend_per_model_counts_what_the_logger_wrote(
+    deployment: Deployment, metrics_urls: dict[str, str]
+) -> None:
+    _, key = fund_user(deployment, 50_000_000)
+    chat(deployment.relay_url, key)
+    pattern = re.compile(rf'^relaygate_logger_spend_micros_total{{model="{re.escape(MODEL)}"}} (\S+)$', re.M)
+    deadline = time.monotonic() + 20
+    while True:
+        found = pattern.search(scrape(metrics_urls["logger"]))
+        if (found and float(found.group(1)) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert found is not None and float(found.group(1)) > 0
