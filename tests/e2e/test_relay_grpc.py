@@ -277,7 +277,7 @@ async def test_an_exhausted_balance_is_resource_exhausted_with_a_quota_failure(
 async def test_an_upstream_that_is_down_is_unavailable_with_retry_info(
     deployment: Deployment, stub: pb_grpc.InferenceServiceStub
 ) -> None:
-    deployment.upstream.configure(drop_connection=True, fail_count=-1)
+    deployment.upstream.configure(fail_status=503, fail_count=-1)
     user_id, key = fund_user(deployment, 10_000_000)
     for call in (
         stub.CreateChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT),
@@ -357,3 +357,21 @@ async def test_a_malformed_request_is_invalid_argument_and_moves_no_balance(
     assert found["ErrorInfo"].metadata["param"] == field
     after = balance(deployment, user_id)
     assert (after["balance_micros"], after["reserved_micros"]) == (10_000_000, 0)
+
+
+async def test_a_stream_the_upstream_breaks_ends_with_a_status_after_its_chunks(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    deployment.upstream.configure(chunks=10, drop_after_chunks=3)
+    user_id, key = fund_user(deployment, 10_000_000)
+    received: list[pb.ChatCompletionChunk] = []
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        async for chunk in stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT):
+            received.append(chunk)
+    # What arrived before the break was delivered (and is billed); the break is the call's status.
+    assert len(received) == 3
+    assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(broken.value)["ErrorInfo"].reason == "UPSTREAM_ERROR"
+    settled(deployment, user_id)
+    rows = log_rows(deployment, user_id)
+    assert (rows[0]["end_reason"], rows[0]["error_type"]) == ("upstream_error", "provider")
