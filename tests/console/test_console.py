@@ -241,3 +241,23 @@ def test_writes_need_the_csrf_token_and_the_same_origin(deployment: Deployment) 
         assert client.post("/console/api/tokens", headers={"x-console-csrf": csrf}).status_code == 404
         client.cookies.clear()
         assert client.get("/console/api/users").status_code == 401
+
+
+def test_pages_and_files(deployment: Deployment) -> None:
+    with httpx.Client(base_url=deployment.relay_url, timeout=10) as client:
+        moved = client.get("/console")
+        assert moved.status_code == 308 and moved.headers["location"] == "/console/"
+        index = client.get("/console/")
+        assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in index.headers["content-security-policy"]
+        assert index.headers["x-frame-options"] == "DENY"
+        # Every file the page names is served from the package, none from elsewhere.
+        for src in re.findall(r'(?:src|href)="(static/[^"]+)"', index.text):
+            assert client.get(f"/console/{src}").status_code == 200, src
+        assert "http" not in "".join(re.findall(r'(?:src|href)="([^"]+)"', index.text))
+        head = client.head("/console/static/app.js")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+        assert client.get("/console/static/vendor/uPlot.LICENSE").text.startswith("The MIT License")
+        for missing in ("/console/static/nothing.js", "/console/static/../__init__.py", "/console/elsewhere"):
+            assert client.get(missing).status_code == 404, missing
+        assert client.post("/console/").status_code == 404
