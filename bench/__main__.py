@@ -24,7 +24,7 @@ from bench.conversions import run as conversions
 from bench.env import BenchEnv, ToolMissing, ensure_tool
 from bench.peer import PEER_NAMES, Peer, parse_peers, start_peer
 from bench.report import ScenarioResult, machine_description, write_outputs
-from bench.scenarios import SCENARIOS, Bench, Settings, Target
+from bench.scenarios import OPT_IN, SCENARIOS, Bench, Settings, Target
 from bench.targets import evaluate
 from devinfra.backing import BackingServices
 
@@ -47,7 +47,9 @@ QUICK = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--scenarios", default=",".join(map(str, SCENARIOS)), help="comma-separated numbers (default: all)"
+        "--scenarios",
+        default=",".join(str(n) for n in SCENARIOS if n not in OPT_IN),
+        help=f"comma-separated numbers (default: all but {sorted(OPT_IN)}, which run only when named)",
     )
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement (default 15)")
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported (3)")

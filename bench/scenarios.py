@@ -916,13 +916,19 @@ SCENARIOS: dict[int, Callable[[Bench], ScenarioResult]] = {
 }
 
 
+# Run only when named in --scenarios: 10 restarts the services twice per run.
+OPT_IN: frozenset[int] = frozenset({10})
+
+
 def _register_more() -> None:
-    # Scenarios 8 and 9 live in modules of their own, which import the helpers above.
+    # Scenarios 8, 9 and 10 live in modules of their own, which import the helpers above.
     from bench.auth_verify import auth_verify
     from bench.paced import paced_streams
+    from bench.tracing_overhead import tracing_overhead
 
     SCENARIOS[8] = auth_verify
     SCENARIOS[9] = paced_streams
+    SCENARIOS[10] = tracing_overhead
 
 
 _register_more()
