@@ -510,7 +510,8 @@ def test_termination_grace_outlasts_prestop_and_drain(target: str) -> None:
             continue
         env = environment(rendered, container).values
         if service == "relay":
-            shutdown = float(uvicorn_shutdown_seconds())
+            # HTTP drains first, then the lifespan stops the gRPC front, which drains its calls.
+            shutdown = float(uvicorn_shutdown_seconds()) + float(setting(env, service, "grpc_drain_seconds"))
         else:
             shutdown = float(setting(env, service, "grpc_drain_seconds"))
             if service == "logger":
@@ -641,6 +642,20 @@ def test_listen_addresses_match_container_ports(target: str) -> None:
     assert listen_port(f"{env['RELAYGATE_RELAY_HOST']}:{env['RELAYGATE_RELAY_PORT']}") == named_port(
         relay, "http"
     )
+    assert listen_port(env["RELAYGATE_RELAY_GRPC_LISTEN"]) == named_port(relay, "grpc")
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_the_relay_service_exposes_the_grpc_front(target: str) -> None:
+    rendered = render(target)
+    _, relay = relaygate_pod(rendered, "relay")
+    service = rendered.named("Service", "relaygate-relay")
+    assert service is not None
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert resolve(rendered, f"relaygate-relay:{port['port']}") == named_port(relay, "grpc")
+    # Internal clients verify the relay's certificate: the front serves TLS from its Secret.
+    env = environment(rendered, relay).values
+    assert env["RELAYGATE_GRPC_TLS_DIR"] == TLS_MOUNT
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS)
@@ -807,6 +822,10 @@ def test_replica_routing_reaches_every_database_user(target: str) -> None:
 # ======================================================================================================
 
 
+# The label that admits a pod to the relay's gRPC front (components/network-policies).
+INTERNAL_CLIENT = ("relaygate.io/internal-client", "true")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
@@ -843,6 +862,9 @@ def endpoints(rendered: Rendered) -> dict[str, Endpoint]:
         "intruder": Endpoint(
             "intruder", rendered.namespace, (("app.kubernetes.io/name", "intruder"),), egress_checked=False
         ),
+        # Internal services calling the relay's gRPC front, in the namespace and in another one.
+        "internal-client": Endpoint("internal-client", rendered.namespace, (INTERNAL_CLIENT,)),
+        "internal-client-elsewhere": Endpoint("internal-client-elsewhere", "billing", (INTERNAL_CLIENT,)),
     }
     for pod in pods(rendered):
         labels = tuple(sorted(pod.labels.items()))
@@ -935,6 +957,14 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
         expected |= {("internet", server, "metrics"): False, ("intruder", server, "metrics"): False}
     # Quota and the logger ask auth about admin tokens presented to them.
     expected |= {(quota, auth, "grpc"): True, (logger, auth, "grpc"): True}
+    # The relay's gRPC front admits internal clients only, and they reach nothing else.
+    clients = ("internal-client", "internal-client-elsewhere")
+    expected |= {(c, relay, "grpc"): True for c in clients}
+    expected |= {
+        (other, relay, "grpc"): False for other in (*servers, migrate, "internet", "intruder", "prometheus")
+    }
+    expected |= {("internal-client", dst, "grpc"): False for dst in servers}
+    expected |= {("internal-client", relay, "http"): False, ("internal-client", "internet", 443): False}
     expected |= {(s, "internet", 443): False for s in (*servers, migrate)}
     if target == "dev":
         primary, replica = "postgres-primary", "postgres-replica"
