@@ -25,7 +25,7 @@ from services.common.perfboard import Board, instance_name
 from services.common.redis import redis_client
 from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
 from services.relay.edge.grpc.server import grpc_front
-from services.relay.edge.http import admin, openai_errors
+from services.relay.edge.http import admin, admin_docs, openai_errors
 from services.relay.edge.http.front import Front
 from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.meter.leasing import Leasing
@@ -210,11 +210,12 @@ def create_app(settings: RelaySettings) -> Front:
     app = FastAPI(
         title="relaygate",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=admin_docs.DOCS_URL,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=admin_docs.OPENAPI_URL,
         redirect_slashes=False,
     )
     openai_errors.install(app)
     app.include_router(admin.router)
+    admin_docs.install(app)
     return Front(app)
