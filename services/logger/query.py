@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import get_args
 
 from sqlalchemy import BigInteger, String, bindparam, select, tuple_
 
 from services.common.db import Database
-from services.common.errors import InvalidRequest
+from services.common.errors import Fault, InvalidRequest
 from services.logger.models import RequestLog
+
+FAULTS: tuple[str, ...] = get_args(Fault)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -33,6 +36,8 @@ class LogQuery:
     user_id: str = ""
     model: str = ""
     status_code: int = 0
+    # A fault class (services.common.errors.Fault): only the failures that were its fault.
+    error_type: str = ""
     # Unix milliseconds: since inclusive, until exclusive.
     since_ms: int = 0
     until_ms: int = 0
@@ -71,6 +76,8 @@ def _check(query: LogQuery) -> None:
         raise InvalidRequest("limit must not be negative", param="limit")
     if query.status_code < 0:
         raise InvalidRequest("status_code must not be negative", param="status_code")
+    if query.error_type and query.error_type not in FAULTS:
+        raise InvalidRequest(f"error_type is one of {', '.join(FAULTS)}", param="error_type")
     for name in ("since_ms", "until_ms"):
         if not 0 <= getattr(query, name) <= _MAX_MS:
             raise InvalidRequest(f"{name} must be unix milliseconds", param=name)
@@ -91,6 +98,8 @@ async def list_request_logs(db: Database, query: LogQuery) -> LogPage:
         statement = statement.where(RequestLog.model == query.model)
     if query.status_code:
         statement = statement.where(RequestLog.status_code == query.status_code)
+    if query.error_type:
+        statement = statement.where(RequestLog.error_type == query.error_type)
     if query.since_ms:
         statement = statement.where(RequestLog.occurred_at_ms >= query.since_ms)
     if query.until_ms:

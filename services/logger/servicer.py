@@ -43,6 +43,7 @@ class LoggerServicer(logger_pb2_grpc.LoggerServiceServicer):
                 user_id=request.user_id,
                 model=request.model,
                 status_code=request.status_code,
+                error_type=request.error_type,
                 since_ms=request.since_ms,
                 until_ms=request.until_ms,
                 limit=request.limit,

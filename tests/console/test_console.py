@@ -22,11 +22,11 @@ from tests.e2e.stack import MODEL, Deployment, fund_user, ok
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello console"}], "max_tokens": 16}
 
 
-async def chat(deployment: Deployment, key: str) -> int:
+async def chat(deployment: Deployment, key: str, model: str = MODEL) -> int:
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.post(
             f"{deployment.relay_url}/v1/chat/completions",
-            json=CHAT,
+            json={**CHAT, "model": model},
             headers={"authorization": f"Bearer {key}"},
         )
     return response.status_code
@@ -83,17 +83,27 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
 
     for _ in range(3):
         assert await chat(deployment, api_key) == 200
+    # And one the caller got wrong: a model nobody serves.
+    assert await chat(deployment, api_key, model="no-such-model") == 404
     with deployment.admin() as admin:
         keys = ok(admin.get("/admin/v1/keys", params={"limit": 1000}))["keys"]
     key_id = next(k["key_id"] for k in keys if k["name"] == "laptop" and not k["revoked"])
 
-    # The three requests in the logs, times in the viewer's zone (Europe/Berlin in December: GMT+1).
+    # The four requests in the logs (the caller's mistake found by its fault class), times in the
+    # viewer's zone (Europe/Berlin in December: GMT+1).
     await open_page(page, "logs")
     await page.locator("#logs-key").fill(key_id)
     await page.get_by_role("button", name="Filter").click()
     rows = page.locator("#logs-table tbody tr.clickable")
-    await eventually(rows.nth(2), page, refresh="Filter")
-    await expect(rows).to_have_count(3)
+    await eventually(rows.nth(3), page, refresh="Filter")
+    await expect(rows).to_have_count(4)
+    await page.locator("#logs-fault").select_option("caller")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("no-such-model")
+    await page.locator("#logs-fault").select_option("")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(rows).to_have_count(4)
     await expect(rows.first).to_contain_text("GMT+1")
     await rows.first.click()
     await expect(page.locator("#log-detail")).to_contain_text(key_id)
@@ -116,7 +126,7 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
 
     await open_page(page, "overview")
     await expect(page.locator("#ov-spend")).not_to_have_text("0.00")
-    # Live figures from the relay's performance view: the three requests are in its 1-minute window.
+    # Live figures from the relay's performance view: the requests are in its 1-minute window.
     await expect(page.locator("#overview-source")).to_contain_text("performance view")
     await expect(page.locator("#percentiles tr", has_text="Latency").first).not_to_contain_text("\N{EN DASH}")
     await screenshot(page, screenshots, "overview")

@@ -139,6 +139,7 @@ async def test_limit_defaults_to_50_and_is_capped_at_1000(logs: Logs) -> None:
         pytest.param({"user_id": "usr_1"}, lambda e: e.user_id == "usr_1", id="user"),
         pytest.param({"model": "gpt-4o"}, lambda e: e.model == "gpt-4o", id="model"),
         pytest.param({"status_code": 429}, lambda e: e.status_code == 429, id="status"),
+        pytest.param({"error_type": "policy"}, lambda e: e.error_type == "policy", id="fault class"),
         pytest.param(
             {"since_ms": BASE_MS + 50, "until_ms": BASE_MS + 120},
             lambda e: BASE_MS + 50 <= e.occurred_at_ms < BASE_MS + 120,
@@ -180,6 +181,7 @@ async def test_logs_carry_the_whole_event(logs: Logs) -> None:
         pytest.param({"cursor": "LTU6ZXZ0"}, "cursor", id="negative time in cursor"),
         pytest.param({"limit": -1}, "limit", id="negative limit"),
         pytest.param({"status_code": -200}, "status_code", id="negative status"),
+        pytest.param({"error_type": "upstream"}, "error_type", id="unknown fault class"),
         pytest.param({"since_ms": 200, "until_ms": 100}, "until_ms", id="empty range"),
         pytest.param({"since_ms": -1}, "since_ms", id="negative time"),
     ],

@@ -427,13 +427,16 @@ async def request_logs(
     until_ms: Int64 = 0,
     limit: Int32 = 50,
     cursor: str = "",
+    error_type: str = "",
 ) -> Response:
+    """``error_type``: the fault class of the failures to list (caller, policy, provider, gateway)."""
     await require_admin(request, gateway, READ)
     message = logger_pb2.ListRequestLogsRequest(
         key_id=key_id,
         user_id=user_id,
         model=model,
         status_code=status_code,
+        error_type=error_type,
         since_ms=since_ms,
         until_ms=until_ms,
         limit=limit,

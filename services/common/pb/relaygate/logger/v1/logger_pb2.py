@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from services.common.pb.relaygate.events.v1 import events_pb2 as relaygate_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n relaygate/logger/v1/logger.proto\x12\x13relaygate.logger.v1\x1a relaygate/events/v1/events.proto\"\xa0\x01\n\x16ListRequestLogsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x10\n\x08since_ms\x18\x05 \x01(\x03\x12\x10\n\x08until_ms\x18\x06 \x01(\x03\x12\r\n\x05limit\x18\x07 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x08 \x01(\t\"]\n\x17ListRequestLogsResponse\x12-\n\x04logs\x18\x01 \x03(\x0b\x32\x1f.relaygate.events.v1.UsageEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xfc\x01\n\x16GetUsageSummaryRequest\x12\x33\n\x08group_by\x18\x01 \x03(\x0e\x32!.relaygate.logger.v1.UsageGroupBy\x12:\n\x0bgranularity\x18\x02 \x01(\x0e\x32%.relaygate.logger.v1.UsageGranularity\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08since_ms\x18\x06 \x01(\x03\x12\x10\n\x08until_ms\x18\x07 \x01(\x03\x12\r\n\x05limit\x18\x08 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\t \x01(\t\"\xc0\x02\n\x0bUsageBucket\x12\x17\n\x0f\x62ucket_start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x17\n\x0f\x66\x61iled_requests\x18\x06 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x03\x12\x0e\n\x06images\x18\n \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x12\n\nlatency_ms\x18\x0c \x01(\x03\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\r \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x0e \x01(\x03\"\x85\x01\n\x17GetUsageSummaryResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .relaygate.logger.v1.UsageBucket\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x10\n\x08since_ms\x18\x03 \x01(\x03\x12\x10\n\x08until_ms\x18\x04 \x01(\x03*y\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUP_BY_KEY\x10\x01\x12\x17\n\x13USAGE_GROUP_BY_USER\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_MODEL\x10\x03*l\n\x10UsageGranularity\x12!\n\x1dUSAGE_GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GRANULARITY_HOUR\x10\x01\x12\x19\n\x15USAGE_GRANULARITY_DAY\x10\x02\x32\xeb\x01\n\rLoggerService\x12l\n\x0fListRequestLogs\x12+.relaygate.logger.v1.ListRequestLogsRequest\x1a,.relaygate.logger.v1.ListRequestLogsResponse\x12l\n\x0fGetUsageSummary\x12+.relaygate.logger.v1.GetUsageSummaryRequest\x1a,.relaygate.logger.v1.GetUsageSummaryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n relaygate/logger/v1/logger.proto\x12\x13relaygate.logger.v1\x1a relaygate/events/v1/events.proto\"\xb4\x01\n\x16ListRequestLogsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x10\n\x08since_ms\x18\x05 \x01(\x03\x12\x10\n\x08until_ms\x18\x06 \x01(\x03\x12\r\n\x05limit\x18\x07 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x08 \x01(\t\x12\x12\n\nerror_type\x18\t \x01(\t\"]\n\x17ListRequestLogsResponse\x12-\n\x04logs\x18\x01 \x03(\x0b\x32\x1f.relaygate.events.v1.UsageEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xfc\x01\n\x16GetUsageSummaryRequest\x12\x33\n\x08group_by\x18\x01 \x03(\x0e\x32!.relaygate.logger.v1.UsageGroupBy\x12:\n\x0bgranularity\x18\x02 \x01(\x0e\x32%.relaygate.logger.v1.UsageGranularity\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08since_ms\x18\x06 \x01(\x03\x12\x10\n\x08until_ms\x18\x07 \x01(\x03\x12\r\n\x05limit\x18\x08 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\t \x01(\t\"\xc0\x02\n\x0bUsageBucket\x12\x17\n\x0f\x62ucket_start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x17\n\x0f\x66\x61iled_requests\x18\x06 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x03\x12\x0e\n\x06images\x18\n \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x12\n\nlatency_ms\x18\x0c \x01(\x03\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\r \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x0e \x01(\x03\"\x85\x01\n\x17GetUsageSummaryResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .relaygate.logger.v1.UsageBucket\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x10\n\x08since_ms\x18\x03 \x01(\x03\x12\x10\n\x08until_ms\x18\x04 \x01(\x03*y\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUP_BY_KEY\x10\x01\x12\x17\n\x13USAGE_GROUP_BY_USER\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_MODEL\x10\x03*l\n\x10UsageGranularity\x12!\n\x1dUSAGE_GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GRANULARITY_HOUR\x10\x01\x12\x19\n\x15USAGE_GRANULARITY_DAY\x10\x02\x32\xeb\x01\n\rLoggerService\x12l\n\x0fListRequestLogs\x12+.relaygate.logger.v1.ListRequestLogsRequest\x1a,.relaygate.logger.v1.ListRequestLogsResponse\x12l\n\x0fGetUsageSummary\x12+.relaygate.logger.v1.GetUsageSummaryRequest\x1a,.relaygate.logger.v1.GetUsageSummaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relaygate.logger.v1.logger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGEGROUPBY']._serialized_start=1063
-  _globals['_USAGEGROUPBY']._serialized_end=1184
-  _globals['_USAGEGRANULARITY']._serialized_start=1186
-  _globals['_USAGEGRANULARITY']._serialized_end=1294
+  _globals['_USAGEGROUPBY']._serialized_start=1083
+  _globals['_USAGEGROUPBY']._serialized_end=1204
+  _globals['_USAGEGRANULARITY']._serialized_start=1206
+  _globals['_USAGEGRANULARITY']._serialized_end=1314
   _globals['_LISTREQUESTLOGSREQUEST']._serialized_start=92
-  _globals['_LISTREQUESTLOGSREQUEST']._serialized_end=252
-  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_start=254
-  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_end=347
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=350
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=602
-  _globals['_USAGEBUCKET']._serialized_start=605
-  _globals['_USAGEBUCKET']._serialized_end=925
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=928
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=1061
-  _globals['_LOGGERSERVICE']._serialized_start=1297
-  _globals['_LOGGERSERVICE']._serialized_end=1532
+  _globals['_LISTREQUESTLOGSREQUEST']._serialized_end=272
+  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_start=274
+  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_end=367
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=370
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=622
+  _globals['_USAGEBUCKET']._serialized_start=625
+  _globals['_USAGEBUCKET']._serialized_end=945
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=948
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=1081
+  _globals['_LOGGERSERVICE']._serialized_start=1317
+  _globals['_LOGGERSERVICE']._serialized_end=1552
 # @@protoc_insertion_point(module_scope)

@@ -72,6 +72,7 @@ class ListRequestLogsRequest(_message.Message):
     UNTIL_MS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     user_id: _builtins.str
     model: _builtins.str
@@ -82,6 +83,8 @@ class ListRequestLogsRequest(_message.Message):
     limit: _builtins.int
     cursor: _builtins.str
     """Opaque; from the previous page."""
+    error_type: _builtins.str
+    """Whose fault a failure was (UsageEvent.error_type): caller | policy | provider | gateway; empty = any."""
     def __init__(
         self,
         *,
@@ -93,10 +96,11 @@ class ListRequestLogsRequest(_message.Message):
         until_ms: _builtins.int = ...,
         limit: _builtins.int = ...,
         cursor: _builtins.str = ...,
+        error_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "key_id", b"key_id", "limit", b"limit", "model", b"model", "since_ms", b"since_ms", "status_code", b"status_code", "until_ms", b"until_ms", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "error_type", b"error_type", "key_id", b"key_id", "limit", b"limit", "model", b"model", "since_ms", b"since_ms", "status_code", b"status_code", "until_ms", b"until_ms", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
