@@ -149,17 +149,21 @@ def _loads_or_none(value: bytes) -> object:
         return "invalid"
 
 
-COMMON_POISONS: list[st.SearchStrategy[Field]] = [
+# Defects every format refuses, the inbound formats (Anthropic Messages, Responses) included.
+NEUTRAL_POISONS: list[st.SearchStrategy[Field]] = [
     st.tuples(field_names, deep_values()),
     # A field the relay does not read would be forwarded untouched: only the depth check stops it.
     st.tuples(texts.filter(lambda name: name not in KNOWN_FIELDS), deep_values()),
     st.tuples(field_names, st.sampled_from(BAD_STRINGS)),
     st.tuples(st.just("model"), raw_values.filter(lambda v: not (v.startswith(b'"') and len(v) > 2))),
     st.tuples(st.just("model"), st.integers(201, 5000).map(lambda n: b'"' + b"m" * n + b'"')),
-    st.tuples(st.sampled_from(["max_tokens", "max_completion_tokens"]), not_a_positive_int(2**31 - 1)),
-    st.tuples(st.just("n"), not_a_positive_int(128)),
     st.tuples(st.sampled_from(["temperature", "top_p"]), not_a_number),
     st.tuples(st.just("stream"), not_a_bool),
+]
+COMMON_POISONS: list[st.SearchStrategy[Field]] = [
+    *NEUTRAL_POISONS,
+    st.tuples(st.sampled_from(["max_tokens", "max_completion_tokens"]), not_a_positive_int(2**31 - 1)),
+    st.tuples(st.just("n"), not_a_positive_int(128)),
     st.tuples(st.just("stream_options"), not_an_object),
 ]
 ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
@@ -210,8 +214,49 @@ ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
         st.tuples(st.just("prompt"), st.sampled_from([b"null", b'""', b"5", b"[]", b'["cat"]'])),
         st.just(("stream", b"true")),
     ],
+    # The inbound formats build the chat body from the fields they know, so an OpenAI-only field is
+    # dropped rather than forwarded: their poisons are their own fields.
+    "/v1/messages": [
+        deep_values(arrays_only=True).map(
+            lambda deep: ("messages", array([obj([("role", b'"user"'), ("content", deep)])]))
+        ),
+        st.tuples(
+            st.just("messages"),
+            st.one_of(
+                st.sampled_from([b"null", b"[]", b'"hi"', b"[1]", b'[{"role":"system","content":"x"}]']),
+                st.just(b'[{"role":"user","content":[{"type":"document"}]}]'),
+                st.just(b'[{"role":"user","content":[{"type":"image","source":5}]}]'),
+                st.just(array([MESSAGE] * 2049)),
+            ),
+        ),
+        st.tuples(st.just("max_tokens"), not_a_positive_int(2**31 - 1)),
+        st.tuples(st.just("system"), st.sampled_from([b"5", b"[1]", b'[{"type":"image"}]'])),
+        st.tuples(
+            st.just("tools"), st.sampled_from([b"5", b"[{}]", b'[{"type":"web_search_20250305","name":"w"}]'])
+        ),
+        st.tuples(st.just("tool_choice"), st.sampled_from([b"5", b'{"type":"sometimes"}', b'{"type":[]}'])),
+        st.tuples(st.just("stop_sequences"), st.sampled_from([b'"x"', b"[1]"])),
+    ],
+    "/v1/responses": [
+        st.tuples(st.just("input"), deep_values(arrays_only=True)),
+        st.tuples(
+            st.just("input"),
+            st.one_of(
+                st.sampled_from(
+                    [b"null", b"[]", b"5", b'[{"type":"item_reference","id":"x"}]', b'[{"role":[]}]']
+                ),
+                st.just(array([MESSAGE] * 2049)),
+            ),
+        ),
+        st.tuples(st.sampled_from(["previous_response_id", "conversation"]), st.just(b'"x"')),
+        st.tuples(st.sampled_from(["store", "background"]), st.just(b"true")),
+        st.tuples(st.just("max_output_tokens"), not_a_positive_int(2**31 - 1)),
+        st.tuples(st.just("tools"), st.sampled_from([b"5", b'[{"type":"web_search"}]'])),
+    ],
 }
-STREAMING = frozenset({"/v1/chat/completions", "/v1/completions"})
+STREAMING = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
+# Served by converting to chat: only the format-neutral common poisons apply.
+INBOUND_FORMATS = frozenset({"/v1/messages", "/v1/responses"})
 WHOLE_BODY_POISONS = st.one_of(
     st.sampled_from([b"", b"[]", b"null", b"1", b'"text"', b"{", b'{"model":', b"\xff\xfe\xfd", b"{}}"]),
     st.binary(max_size=200).filter(lambda raw: _loads_or_none(raw) == "invalid"),
@@ -243,6 +288,10 @@ VALID_FIELDS: dict[str, st.SearchStrategy[list[Field]]] = {
     "/v1/completions": st.tuples(st.just("prompt"), prompts).map(lambda f: [f]),
     "/v1/embeddings": st.tuples(st.just("input"), prompts).map(lambda f: [f]),
     "/v1/images/generations": st.tuples(st.just("prompt"), texts.filter(bool).map(_text)).map(lambda f: [f]),
+    "/v1/messages": st.tuples(st.just("messages"), messages.filter(lambda m: b'"system"' not in m)).map(
+        lambda f: [f, ("max_tokens", b"16")]
+    ),
+    "/v1/responses": st.tuples(st.just("input"), messages).map(lambda f: [f]),
 }
 optional_fields = st.lists(
     st.one_of(
@@ -264,7 +313,8 @@ def poisoned_bodies(draw: st.DrawFn, path: str) -> bytes:
     plus exactly one defect (or, sometimes, random known fields around it too)."""
     if draw(st.integers(0, 9)) == 0:
         return draw(WHOLE_BODY_POISONS)
-    name, poison = draw(st.one_of(*COMMON_POISONS, *ROUTE_POISONS[path]))
+    common = NEUTRAL_POISONS if path in INBOUND_FORMATS else COMMON_POISONS
+    name, poison = draw(st.one_of(*common, *ROUTE_POISONS[path]))
     fields: list[Field] = [("model", _text(MODEL)), *draw(VALID_FIELDS[path]), *draw(optional_fields)]
     if draw(st.integers(0, 3)) == 0:
         fields += draw(st.lists(st.tuples(field_names, raw_values), max_size=3))

@@ -42,15 +42,33 @@ def check(target: Target, request: bytes, *, method: bytes = b"") -> Reply:
     if 400 <= reply.status < 500 and method != b"HEAD":
         assert reply.headers.get("content-type", "").startswith("application/json"), reply.headers
         try:
-            error = orjson.loads(reply.body)["error"]
+            body = orjson.loads(reply.body)
+            error = body["error"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise AssertionError(f"not an OpenAI error: {reply}") from None
-        assert set(error) == {"message", "type", "param", "code"}, error
+            raise AssertionError(f"not an error object: {reply}") from None
+        if _anthropic_route(request, method) and "x-request-id" in reply.headers:
+            # Answered by the Messages route (which names the request): Anthropic's error shape.
+            # The HTTP protocol layer refuses a malformed head before any route, in OpenAI's.
+            assert body["type"] == "error" and set(error) == {"type", "message"}, body
+        else:
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert isinstance(error["code"], str)
         assert isinstance(error["message"], str) and error["message"]
-        assert isinstance(error["type"], str) and isinstance(error["code"], str)
+        assert isinstance(error["type"], str)
     assert target.deployment.upstream.stats()["requests_total"] == calls_before
     assert target.balance() == (FUNDS, 0)
     return reply
+
+
+def _anthropic_route(request: bytes, method: bytes) -> bool:
+    """Whether ``request`` is a POST that the Messages route answers (in Anthropic's error shape)."""
+    parts = request.split(b"\r\n", 1)[0].split(b" ")
+    return (
+        len(parts) == 3
+        and parts[0] == b"POST"
+        and method in (b"", b"POST")
+        and parts[1].split(b"?", 1)[0] == b"/v1/messages"
+    )
 
 
 def target_of(route: ServedRoute, segment: bytes, query: bytes) -> bytes:
