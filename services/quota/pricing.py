@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 _MODEL_NAME_MAX = 200
+# Versions of one model's price listed at most (an operator's price changes: a handful a year).
+HISTORY_LIMIT = 1000
 
 
 def validate_price(price: Price) -> Price:
@@ -147,6 +149,13 @@ class PriceBook:
         """The current price of every priced model, sorted by model name."""
         book = await self._book()
         return [book[name] for name in sorted(book)]
+
+    async def history(self, model: str) -> list[Price]:
+        """Every version of ``model``'s price, newest first (none for a model never priced)."""
+        statement = select(models.Price).where(models.Price.model == model).order_by(models.Price.id.desc())
+        async with self._db.reader(consistent=True) as session:
+            rows = (await session.scalars(statement.limit(HISTORY_LIMIT))).all()
+        return [_from_row(row) for row in rows]
 
     async def by_id(self, price_id: int) -> Price:
         """A price version by id (rows are immutable, so a hit is never stale)."""

@@ -40,6 +40,7 @@ def price_to_pb(price: Price) -> pb.Price:
         per_image=price.per_image,
         default_max_output_tokens=price.default_max_output_tokens,
         price_id=price.price_id,
+        created_at=price.created_at,
     )
 
 
@@ -311,4 +312,5 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         return price_to_pb(await self._prices.set_price(price_from_pb(request)))
 
     async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
-        return pb.ListPricesResponse(prices=[price_to_pb(p) for p in await self._prices.list_current()])
+        listed = await (self._prices.history(request.model) if request.model else self._prices.list_current())
+        return pb.ListPricesResponse(prices=[price_to_pb(p) for p in listed])

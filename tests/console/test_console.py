@@ -141,8 +141,16 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
         await asyncio.sleep(0.1)
     assert status == 401
 
+    # A new version of the price, and the model's history with both, newest first.
     await open_page(page, "prices")
-    await expect(page.locator("#prices-table")).to_contain_text(MODEL)
+    await page.locator("#prices-table tbody tr", has_text=MODEL).click()
+    history = page.locator("#price-history tbody tr")
+    await expect(history).to_have_count(1)
+    await page.locator("#price-input").fill("3.5")
+    await page.get_by_role("button", name="Save price").click()
+    await expect(history).to_have_count(2)
+    await expect(history.first).to_contain_text("3.50")
+    await expect(history.nth(1)).to_contain_text("2.00")
     await screenshot(page, screenshots, "prices")
 
     await open_page(page, "channels")

@@ -176,6 +176,10 @@ async def test_set_price_versions_rows_and_keeps_old_ones(prices: PriceBook) -> 
     assert await prices.by_id(first.price_id) == first
     listed = {p.model: p for p in await prices.list_current()}
     assert listed[first.model] == second
+    # The history has every version, newest first, each with when it was set.
+    assert await prices.history(first.model) == [second, first]
+    assert first.created_at > 0
+    assert await prices.history("never-priced-model") == []
 
 
 async def test_unpriced_model_is_model_not_found(prices: PriceBook) -> None:

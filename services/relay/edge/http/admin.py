@@ -341,11 +341,11 @@ async def set_price(model: str, request: Request, gateway: GatewayDep) -> Respon
 
 
 @router.get("/prices")
-async def list_prices(request: Request, gateway: GatewayDep) -> Response:
+async def list_prices(request: Request, gateway: GatewayDep, model: str = "") -> Response:
+    """The current price of every model; with ``model``, every version of its price, newest first."""
     await require_admin(request, gateway, READ)
-    return render(
-        await call(gateway.quota.ListPrices, quota_pb2.ListPricesRequest(), timeout=timeout(gateway))
-    )
+    message = quota_pb2.ListPricesRequest(model=model)
+    return render(await call(gateway.quota.ListPrices, message, timeout=timeout(gateway)))
 
 
 @router.post("/channels")

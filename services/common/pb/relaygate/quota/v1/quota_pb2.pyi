@@ -38,6 +38,7 @@ class Price(_message.Message):
     PRICE_ID_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_PER_MTOK_FIELD_NUMBER: _builtins.int
     REASONING_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     input_per_mtok: _builtins.int
     output_per_mtok: _builtins.int
@@ -52,6 +53,8 @@ class Price(_message.Message):
     """Prompt tokens written to the provider's prompt cache (Usage.cache_write_tokens); 0 = input price."""
     reasoning_per_mtok: _builtins.int
     """Reasoning tokens (Usage.reasoning_tokens, part of the output); 0 = output price."""
+    created_at: _builtins.int
+    """Unix seconds when this version was set (ignored by SetPrice, which stamps it)."""
     def __init__(
         self,
         *,
@@ -65,10 +68,11 @@ class Price(_message.Message):
         price_id: _builtins.int = ...,
         cache_write_per_mtok: _builtins.int = ...,
         reasoning_per_mtok: _builtins.int = ...,
+        created_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_per_mtok", b"cache_write_per_mtok", "cached_input_per_mtok", b"cached_input_per_mtok", "default_max_output_tokens", b"default_max_output_tokens", "input_per_mtok", b"input_per_mtok", "model", b"model", "output_per_mtok", b"output_per_mtok", "per_image", b"per_image", "per_request", b"per_request", "price_id", b"price_id", "reasoning_per_mtok", b"reasoning_per_mtok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_per_mtok", b"cache_write_per_mtok", "cached_input_per_mtok", b"cached_input_per_mtok", "created_at", b"created_at", "default_max_output_tokens", b"default_max_output_tokens", "input_per_mtok", b"input_per_mtok", "model", b"model", "output_per_mtok", b"output_per_mtok", "per_image", b"per_image", "per_request", b"per_request", "price_id", b"price_id", "reasoning_per_mtok", b"reasoning_per_mtok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,12 +697,17 @@ Global___TopUpRequest: _TypeAlias = TopUpRequest  # noqa: Y015
 class ListPricesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Empty: the current price of every model. A model: every version of its price, newest first."""
     def __init__(
         self,
+        *,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
