@@ -11,6 +11,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from services.common.pricing import Price, Usage, cost
@@ -396,3 +397,156 @@ def test_responses_error_shapes(deployment: Deployment) -> None:
     assert charged(deployment, user_id, FUNDS) == 0
     assert charged(deployment, poor_id, 1) == 0
     assert deployment.upstream.stats()["requests_total"] == 0
+
+
+# --- routed to an Anthropic-type channel ----------------------------------------------------------
+
+CLAUDE = "claude-inbound"
+CLAUDE_KEY = "anthropic-channel-key"
+CLAUDE_PRICE = {
+    "input_per_mtok": 3_000_000,
+    "cached_input_per_mtok": 300_000,
+    "cache_write_per_mtok": 3_750_000,
+    "output_per_mtok": 15_000_000,
+    "reasoning_per_mtok": 20_000_000,
+    "default_max_output_tokens": 64,
+}
+# "please tell me what the weather is like": 8 words + 1 message = 9 prompt tokens by the fake's
+# Anthropic rule, of which 2 are read from the cache and 3 written to it; 4 are neither.
+QUESTION = "please tell me what the weather is like"
+UNCACHED, CACHED, WRITTEN, REASONING = 4, 2, 3, 5
+# 4 words, then the call of WEATHER (1 token for the name, 1 per argument), plus the thinking tokens.
+OUTPUT = 4 + 3 + REASONING
+
+
+def claude_charge() -> int:
+    price = Price(
+        model=CLAUDE,
+        input_per_mtok=CLAUDE_PRICE["input_per_mtok"],
+        cached_input_per_mtok=CLAUDE_PRICE["cached_input_per_mtok"],
+        cache_write_per_mtok=CLAUDE_PRICE["cache_write_per_mtok"],
+        output_per_mtok=CLAUDE_PRICE["output_per_mtok"],
+        reasoning_per_mtok=CLAUDE_PRICE["reasoning_per_mtok"],
+    )
+    # The record keeps cache writes apart from the prompt (see the channel types in README).
+    usage = Usage(
+        prompt_tokens=UNCACHED + CACHED,
+        cached_prompt_tokens=CACHED,
+        cache_write_tokens=WRITTEN,
+        completion_tokens=OUTPUT,
+        reasoning_tokens=REASONING,
+    )
+    return cost(price, usage)
+
+
+@pytest.fixture(scope="module")
+def anthropic_channel(deployment: Deployment) -> str:
+    with deployment.admin() as admin:
+        ok(
+            admin.post(
+                "/admin/v1/channels",
+                json={
+                    "name": CLAUDE,
+                    "type": "anthropic",
+                    "base_url": f"{deployment.upstream.url}/v1",
+                    "api_key": CLAUDE_KEY,
+                    "models": [CLAUDE],
+                    "enabled": True,
+                },
+            )
+        )
+        ok(admin.put(f"/admin/v1/prices/{CLAUDE}", json=CLAUDE_PRICE))
+    return CLAUDE
+
+
+def configure_claude(deployment: Deployment) -> None:
+    deployment.upstream.configure(
+        chunks=4,
+        tool_call=True,
+        cached_tokens=CACHED,
+        cache_write_tokens=WRITTEN,
+        reasoning_tokens=REASONING,
+        api_key=CLAUDE_KEY,
+    )
+
+
+def anthropic_request_seen(deployment: Deployment) -> dict[str, Any]:
+    last = deployment.upstream.stats()["last_request"]
+    assert last is not None and last["path"].endswith("/messages"), last
+    body: dict[str, Any] = last["body"]
+    return body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_messages_routed_to_an_anthropic_channel(
+    deployment: Deployment, anthropic_channel: str, stream: bool
+) -> None:
+    configure_claude(deployment)
+    user_id, key = fund_user(deployment, FUNDS)
+    request: dict[str, Any] = {
+        "model": anthropic_channel,
+        "max_tokens": 40,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "tools": [WEATHER],
+    }
+    client = claude(deployment, key)
+    if stream:
+        with client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[0].type == "text" and message.content[0].text.split() == [
+        "tok0",
+        "tok1",
+        "tok2",
+        "tok3",
+    ]
+    call = message.content[1]
+    assert (
+        call.type == "tool_use" and call.name == "get_weather" and call.input == {"city": "tok0", "days": 1}
+    )
+    assert message.stop_reason == "tool_use"
+    usage = message.usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (
+        UNCACHED,
+        CACHED,
+        WRITTEN,
+    )
+    assert usage.output_tokens == OUTPUT
+    # The channel got the Messages API from the chat body in between: the same turn and tool.
+    seen = anthropic_request_seen(deployment)
+    assert seen["messages"] == [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]
+    assert seen["tools"][0]["name"] == "get_weather" and seen["max_tokens"] == 40
+    assert_billed(deployment, user_id, FUNDS, "messages", claude_charge())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_responses_routed_to_an_anthropic_channel(
+    deployment: Deployment, anthropic_channel: str, stream: bool
+) -> None:
+    configure_claude(deployment)
+    user_id, key = fund_user(deployment, FUNDS)
+    client = responses_sdk(deployment, key)
+    request: dict[str, Any] = {"model": anthropic_channel, "input": QUESTION, "tools": [WEATHER_FUNCTION]}
+    if stream:
+        with client.responses.stream(**request) as events:
+            kinds = [event.type for event in events]
+            response = events.get_final_response()
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert "response.function_call_arguments.delta" in kinds
+    else:
+        response = client.responses.create(**request)
+    assert response.status == "completed"
+    assert response.output_text.split() == ["tok0", "tok1", "tok2", "tok3"]
+    call = response.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert orjson.loads(call.arguments) == {"city": "tok0", "days": 1}
+    usage = response.usage
+    assert usage is not None
+    # The Responses API counts cache reads and writes inside input_tokens.
+    assert usage.input_tokens == UNCACHED + CACHED + WRITTEN
+    assert usage.input_tokens_details.cached_tokens == CACHED
+    assert (usage.output_tokens, usage.output_tokens_details.reasoning_tokens) == (OUTPUT, REASONING)
+    assert anthropic_request_seen(deployment)["tools"][0]["name"] == "get_weather"
+    assert_billed(deployment, user_id, FUNDS, "responses", claude_charge())
