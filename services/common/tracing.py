@@ -176,6 +176,19 @@ def enabled() -> bool:
 # --- spans -----------------------------------------------------------------------------------------
 
 
+def _child_tracer() -> Tracer | None:
+    """The tracer for a child of the current span: None while off, and inside a trace the sampler
+    left out, whose children would only be made to be dropped (what sampling saves is then most of
+    the cost of tracing, not just the export)."""
+    tracer = _CURRENT.tracer
+    if tracer is None:
+        return None
+    current = trace.get_current_span()
+    if current.get_span_context().is_valid and not current.is_recording():
+        return None
+    return tracer
+
+
 def span(
     name: str,
     attributes: Mapping[str, AttributeValue] | None = None,
@@ -183,7 +196,7 @@ def span(
     kind: SpanKind = SpanKind.INTERNAL,
 ) -> contextlib.AbstractContextManager[Span]:
     """A child of the current span, current while the block runs (a shared no-op while off)."""
-    tracer = _CURRENT.tracer
+    tracer = _child_tracer()
     if tracer is None:
         return _OFF
     return tracer.start_as_current_span(name, kind=kind, attributes=attributes)
@@ -200,7 +213,7 @@ def in_span(
 ) -> Coroutine[Any, Any, T]:
     """``work`` run inside a span named ``name`` that ends with ``attributes()`` set (for a task that
     outlives the block that started it, such as a stream's pump); ``work`` itself while off."""
-    tracer = _CURRENT.tracer
+    tracer = _child_tracer()
     if tracer is None:
         return work
     return _run_in_span(tracer, name, work, attributes)
@@ -220,11 +233,12 @@ async def _run_in_span(
 
 
 def current_trace_id() -> str:
-    """The current trace's id in hex, "" outside a traced request."""
+    """The current trace's id in hex, "" outside a traced request (and in one the sampler left out:
+    no backend has it)."""
     if _CURRENT.tracer is None:
         return ""
     found = trace.get_current_span().get_span_context()
-    return trace.format_trace_id(found.trace_id) if found.is_valid else ""
+    return trace.format_trace_id(found.trace_id) if found.trace_flags.sampled else ""
 
 
 # --- the HTTP front ---------------------------------------------------------------------------------
@@ -276,7 +290,7 @@ def grpc_request(
 
 def status_into(request_span: Span, send: Send) -> Send:
     """``send``, noting the response's status on ``request_span`` (``send`` itself while off)."""
-    if _CURRENT.tracer is None:
+    if _CURRENT.tracer is None or not request_span.is_recording():
         return send
 
     async def sending(message: MutableMapping[str, Any]) -> None:
@@ -295,7 +309,7 @@ def status_into(request_span: Span, send: Send) -> Send:
 
 def attempt(channel_id: str, channel_name: str, number: int) -> contextlib.AbstractContextManager[Span]:
     """The span of one upstream attempt, current while it runs."""
-    tracer = _CURRENT.tracer
+    tracer = _child_tracer()
     if tracer is None:
         return _OFF
     return tracer.start_as_current_span(
@@ -331,8 +345,9 @@ def attempt_failed(outcome: str, message: str) -> None:
 
 
 def traceparent() -> Carrier | None:
-    """The current span's context as Kafka record headers, None when there is none to send."""
-    if _CURRENT.tracer is None:
+    """The current span's context as Kafka record headers, None when there is none to send (none
+    either for a trace the sampler left out: its consumers would make spans only to drop them)."""
+    if _CURRENT.tracer is None or not trace.get_current_span().is_recording():
         return None
     found: dict[str, str] = {}
     _PROPAGATOR.inject(found)
@@ -343,7 +358,7 @@ def traceparent() -> Carrier | None:
 
 def producing(topic: str) -> contextlib.AbstractContextManager[Span]:
     """The span of handing one record for ``topic`` to the producer (what its consumers link to)."""
-    tracer = _CURRENT.tracer
+    tracer = _child_tracer()
     if tracer is None:
         return _OFF
     return tracer.start_as_current_span(
@@ -415,7 +430,7 @@ def batch_span(name: str, links: Sequence[Link], size: int) -> contextlib.Abstra
 
 
 class _ClientTracing(_UnaryClientInterceptor):
-    """Sends the current trace context with each unary call (nothing when no span is current)."""
+    """Sends the current trace context with each unary call (nothing when no recorded span is current)."""
 
     async def intercept_unary_unary(
         self,
@@ -424,7 +439,9 @@ class _ClientTracing(_UnaryClientInterceptor):
         request: Any,
     ) -> Any:
         found: dict[str, str] = {}
-        _PROPAGATOR.inject(found)
+        # A trace the sampler left out goes no further: the peer would only make spans to drop them.
+        if trace.get_current_span().is_recording():
+            _PROPAGATOR.inject(found)
         if found:
             metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
             for key, value in found.items():

@@ -86,6 +86,25 @@ def test_disabled_sdk_exports_nothing(collector: Collector, monkeypatch: pytest.
     assert collector.requests == 0 and collector.spans() == []
 
 
+def test_a_trace_the_sampler_leaves_out_makes_no_children_and_sends_no_context(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    with tracing.traced("relay") as on:
+        assert on
+        with tracing.http_request(_SCOPE) as request:
+            assert not request.is_recording()
+            # Children, the stream's task, log and event trace ids, Kafka headers: all skipped.
+            assert tracing.span("relay.credit") is tracing.attempt("ch", "fake", 1) is tracing.producing("u")
+            work = asyncio.sleep(0)
+            assert tracing.in_span("relay.stream", work, dict) is work
+            work.close()
+            assert tracing.current_trace_id() == ""
+            assert tracing.traceparent() is None
+    assert collector.spans() == []
+
+
 def test_on_spans_reach_the_receiver_when_the_service_closes(
     collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
