@@ -921,14 +921,16 @@ OPT_IN: frozenset[int] = frozenset({10})
 
 
 def _register_more() -> None:
-    # Scenarios 8, 9 and 10 live in modules of their own, which import the helpers above.
+    # Scenarios 8 to 11 live in modules of their own, which import the helpers above.
     from bench.auth_verify import auth_verify
+    from bench.grpc_front import grpc_front
     from bench.paced import paced_streams
     from bench.tracing_overhead import tracing_overhead
 
     SCENARIOS[8] = auth_verify
     SCENARIOS[9] = paced_streams
     SCENARIOS[10] = tracing_overhead
+    SCENARIOS[11] = grpc_front
 
 
 _register_more()

@@ -47,7 +47,7 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     [json_path] = tmp_path.glob("*.json")
     [md_path] = tmp_path.glob("*.md")
     scenarios = {s["number"]: s for s in json.loads(json_path.read_text())["scenarios"]}
-    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(scenarios) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
     markdown = md_path.read_text()
     for scenario in scenarios.values():
         assert f"### {scenario['number']}. {scenario['title']}" in markdown
@@ -111,6 +111,18 @@ def test_every_scenario_produces_numbers(backing: BackingServices, tmp_path: Pat
     for name in ("VerifyKey over gRPC, cold (database)", "VerifyKey over gRPC", "relay cache hit"):
         assert verification[name]["figures"]["ops_per_s"] > 0, name
         assert verification[name]["figures"]["errors"] == 0, name
+
+    fronts = rows(scenarios[11])
+    assert fronts.keys() == {
+        "relaygate http",
+        "relaygate grpc",
+        "relaygate http stream",
+        "relaygate grpc stream",
+    }
+    for target, row in fronts.items():
+        assert row["units"] > 0 and few_errors(row), (target, row["figures"])
+    assert fronts["relaygate grpc"]["cpu_ms_per_unit"]["relay"] > 0
+    assert fronts["relaygate grpc stream"]["figures"]["ttfb_p50_ms"] > 0
 
 
 def test_portkey_peer_relays_and_is_measured(backing: BackingServices, tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ async def channel(deployment: Deployment) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
+def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceAsyncStub:
     return pb_grpc.InferenceServiceStub(channel)
 
 
@@ -116,7 +116,7 @@ def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
 
 
 async def test_a_chat_completion_is_billed_once_and_logged_with_front_grpc(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     user_id, key = fund_user(deployment, 10_000_000)
     call = stub.CreateChatCompletion(chat(max_tokens=8), metadata=bearer(key), timeout=TIMEOUT)
@@ -150,7 +150,7 @@ async def test_a_chat_completion_is_billed_once_and_logged_with_front_grpc(
 
 
 async def test_completions_embeddings_and_models(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     _, key = fund_user(deployment, 10_000_000)
     completion = await stub.CreateCompletion(
@@ -189,7 +189,7 @@ def http_chunks(deployment: Deployment, key: str, body: dict[str, Any]) -> list[
 
 @pytest.mark.parametrize("include_usage", [True, False], ids=["with-usage-chunk", "without"])
 async def test_stream_chunks_are_the_http_streams_and_billed_once(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub, include_usage: bool
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub, include_usage: bool
 ) -> None:
     deployment.upstream.configure(deterministic=True, chunks=6)
     user_id, key = fund_user(deployment, 10_000_000)
@@ -257,7 +257,7 @@ async def test_every_rpc_refuses_a_missing_or_invalid_key(
 
 
 async def test_an_exhausted_balance_is_resource_exhausted_with_a_quota_failure(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     # One micro-dollar: not enough for any request.
     user_id, key = fund_user(deployment, 1)
@@ -275,7 +275,7 @@ async def test_an_exhausted_balance_is_resource_exhausted_with_a_quota_failure(
 
 
 async def test_an_upstream_that_is_down_is_unavailable_with_retry_info(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     deployment.upstream.configure(fail_status=503, fail_count=-1)
     user_id, key = fund_user(deployment, 10_000_000)
@@ -297,7 +297,7 @@ async def test_an_upstream_that_is_down_is_unavailable_with_retry_info(
 
 
 async def test_a_call_cancelled_mid_stream_is_settled_like_an_http_disconnect(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     deployment.upstream.configure(chunks=15, chunk_interval_ms=100)
     user_id, key = fund_user(deployment, 10_000_000)
@@ -346,7 +346,10 @@ async def test_a_call_cancelled_mid_stream_is_settled_like_an_http_disconnect(
     ],
 )
 async def test_a_malformed_request_is_invalid_argument_and_moves_no_balance(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub, request_: pb.ChatCompletionRequest, field: str
+    deployment: Deployment,
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    request_: pb.ChatCompletionRequest,
+    field: str,
 ) -> None:
     user_id, key = fund_user(deployment, 10_000_000)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -360,7 +363,7 @@ async def test_a_malformed_request_is_invalid_argument_and_moves_no_balance(
 
 
 async def test_a_stream_the_upstream_breaks_ends_with_a_status_after_its_chunks(
-    deployment: Deployment, stub: pb_grpc.InferenceServiceStub
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
     deployment.upstream.configure(chunks=10, drop_after_chunks=3)
     user_id, key = fund_user(deployment, 10_000_000)
