@@ -119,9 +119,16 @@ class ResponseCache:
         meta_end = value.find(b"\n")
         try:
             meta = orjson.loads(value[:meta_end])
-            prompt, completion, cached, images = meta["u"]
+            # Entries stored before the cache-write and reasoning counts have four numbers.
+            prompt, completion, cached, images, *kinds = meta["u"]
+            cache_write, reasoning = kinds or (0, 0)
             usage = Usage(
-                prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached, images=images
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_prompt_tokens=cached,
+                images=images,
+                cache_write_tokens=cache_write,
+                reasoning_tokens=reasoning,
             )
             reply = CachedReply(meta["ct"].encode(), value[meta_end + 1 :], usage)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
@@ -136,7 +143,14 @@ class ResponseCache:
         meta = orjson.dumps(
             {
                 "ct": content_type.decode("latin-1"),
-                "u": [usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens, usage.images],
+                "u": [
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_prompt_tokens,
+                    usage.images,
+                    usage.cache_write_tokens,
+                    usage.reasoning_tokens,
+                ],
             }
         )
         try:
