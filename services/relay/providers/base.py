@@ -42,9 +42,11 @@ class StreamDecoder(Protocol):
     as the provider ends a complete answer, ``events`` the content-bearing events seen (for an
     estimate when no usage comes)."""
 
-    usage: Usage | None
     done: bool
     events: int
+
+    @property
+    def usage(self) -> Usage | None: ...
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send now for ``data`` (possibly empty)."""

@@ -292,9 +292,14 @@ class GeminiStream:
         # Tool calls sent so far, per choice.
         self._calls: dict[int, int] = {}
         self._finished = False
-        self.usage: Usage | None = None
+        # The last usageMetadata: every chunk repeats the counts so far, read once when asked for.
+        self._report: Any = None
         self.done = False
         self.events = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return _usage(self._report)
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -329,9 +334,9 @@ class GeminiStream:
                 + b"\n\n"
             )
             return
-        usage = _usage(chunk.get("usageMetadata"))
-        if usage is not None:
-            self.usage = usage
+        report = chunk.get("usageMetadata")
+        if report is not None:
+            self._report = report
         for position, candidate in enumerate(chunk.get("candidates") or ()):
             if not isinstance(candidate, dict):
                 continue
