@@ -11,7 +11,9 @@ headers, timeout and compression, the span limits.
 
 Off, the hooks the request path calls (:func:`span`, :func:`annotate`, :func:`traceparent`,
 :func:`current_trace_id`, ...) read one attribute and return: no span, context or dict is made, and
-no gRPC interceptor is installed (:func:`client_interceptors` is empty).
+no gRPC interceptor is installed (:func:`client_interceptors` is empty). On, inside a trace the
+sampler left out, they do the same past the request's root span: no child spans, no context sent on
+to auth, quota or Kafka, no trace id in logs or usage events.
 
 Propagation is W3C trace context: ``traceparent`` (and ``tracestate``) in gRPC metadata, so auth's and
 quota's server spans join the caller's trace, and in Kafka record headers, so the consumers of usage
