@@ -81,6 +81,19 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
     await expect(page.locator("#user-balance")).to_have_text("12,345.50")
     await screenshot(page, screenshots, "keys-and-users")
 
+    # The key's limits and budget, edited; the budget in force is read back from quota.
+    key_row = page.locator("#keys tr", has_text="laptop").filter(has_text=user_name)
+    await key_row.get_by_role("button", name="Edit").click()
+    editing = page.get_by_role("dialog")
+    await editing.get_by_label("Requests per minute").fill("1200")
+    await editing.get_by_label("Daily budget (units)").fill("10")
+    await editing.get_by_role("button", name="Save").click()
+    await expect(key_row).to_contain_text("1,200")
+    await key_row.get_by_role("button", name="Edit").click()
+    await expect(page.get_by_role("dialog").locator("table")).to_contain_text("10.00")
+    await screenshot(page, screenshots, "key-edit")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
+
     for _ in range(3):
         assert await chat(deployment, api_key) == 200
     # And one the caller got wrong: a model nobody serves.
@@ -133,7 +146,6 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
 
     # Revoked in the console, refused by the relay.
     await open_page(page, "keys")
-    key_row = page.locator("#keys tr", has_text="laptop").filter(has_text=user_name)
     await key_row.get_by_role("button", name="Revoke").click()
     await expect(key_row).to_contain_text("revoked")
     deadline = time.monotonic() + 5

@@ -139,6 +139,7 @@ async function userPanel(user, ctx, refresh) {
 function editKey(key, budgets, done) {
   const name = input({ value: key.name });
   const models = input({ value: (key.allowed_models || []).join(", ") });
+  const cidrs = input({ value: (key.allowed_cidrs || []).join(", ") });
   const enabled = h("input", { type: "checkbox", checked: key.enabled });
   const byPeriod = Object.fromEntries(budgets.map((b) => [b.period, Number(b.limit_micros)]));
   const { fields, read } = limitsForm(key.limits || {}, byPeriod);
@@ -147,8 +148,11 @@ function editKey(key, budgets, done) {
     { class: "stack" },
     field("Name", name),
     field("Allowed models", models, "Comma-separated names or patterns (gpt-4o*); empty: every model."),
+    field("Allowed addresses", cidrs, "Comma-separated CIDRs (10.0.0.0/8); empty: any address."),
     h("label", { class: "check" }, enabled, " Enabled"),
     fields,
+    h("h3", {}, "Budgets in force"),
+    budgetTable(budgets),
     h("button", { type: "submit", class: "primary" }, "Save"),
   );
   const box = dialog(`Edit key ${key.name}`, form);
@@ -158,6 +162,7 @@ function editKey(key, budgets, done) {
       await api.patch(`keys/${key.key_id}`, {
         name: name.value,
         allowed_models: list(models.value),
+        allowed_cidrs: list(cidrs.value),
         enabled: enabled.checked,
         limits: read(),
       });
