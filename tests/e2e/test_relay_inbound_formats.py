@@ -249,6 +249,34 @@ def test_messages_stream_events_arrive_as_chunks_do(deployment: Deployment) -> N
     assert end - arrivals[0] > 0.4
 
 
+def test_stream_cut_mid_answer_ends_with_an_error_event(deployment: Deployment) -> None:
+    # The role chunk and two words, then the connection drops: the words arrive, then the error.
+    deployment.upstream.configure(chunks=6, drop_after_chunks=3)
+    user_id, key = fund_user(deployment, FUNDS)
+    texts: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as cut,
+        claude(deployment, key).messages.stream(
+            model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "then drop"}]
+        ) as stream,
+    ):
+        texts.extend(stream.text_stream)
+    assert "".join(texts).split() == ["tok0", "tok1"]
+    assert cut.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": cut.value.body["error"]["message"]},  # type: ignore[index]
+    }
+
+    deployment.upstream.configure(chunks=6, drop_after_chunks=3)
+    with responses_sdk(deployment, key).responses.stream(model=MODEL, input="then drop") as events:
+        found = list(events)
+    assert [e.delta for e in found if e.type == "response.output_text.delta"] == ["tok0 ", "tok1 "]
+    assert found[-1].type == "error"
+    assert [e.sequence_number for e in found] == list(range(len(found)))
+    # Both settled, nothing held: what was delivered before the cut is billed (a marked estimate).
+    assert charged(deployment, user_id, FUNDS) > 0
+
+
 # --- Responses API --------------------------------------------------------------------------------
 
 

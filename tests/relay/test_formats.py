@@ -317,13 +317,12 @@ def test_messages_stream_keepalive_error_and_early_end() -> None:
     stream = MessagesStream("m")
     assert events(stream.convert(sse(delta(content="hi"), done=False)))[0][0] == "message_start"
     assert events(stream.keepalive()) == [("ping", {"type": "ping"})]
-    error = stream.error_event(UpstreamError("gone quiet"))
-    # The gateway's own in-band event passes through unchanged; nothing comes after it.
-    assert stream.convert(error) == error
+    error = stream.convert(stream.error_event(UpstreamError("gone quiet")))
     assert events(error) == [
         ("error", {"type": "error", "error": {"type": "api_error", "message": "gone quiet"}})
     ]
-    assert stream.finish() == b""
+    # Nothing comes after it.
+    assert stream.convert(sse(delta(content="late"))) == b"" and stream.finish() == b""
 
     cut = MessagesStream("m")
     cut.convert(sse(delta(content="hi"), done=False))
@@ -335,6 +334,23 @@ def test_messages_stream_keepalive_error_and_early_end() -> None:
     tail = events(unfinished.finish())
     assert [name for name, _ in tail] == ["message_delta", "message_stop"]
     assert tail[0][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+@pytest.mark.parametrize("kind", ["messages", "responses"])
+def test_an_error_comes_after_the_chunks_queued_before_it(kind: str) -> None:
+    """The pump queues the error while earlier chunks still wait for the writer: they are converted
+    first, the error last (the error used to end the conversion at once, dropping them)."""
+    shape = ResponseShape.of({"model": "m"}, "resp_5")
+    stream: MessagesStream | ResponsesStream = (
+        MessagesStream("m") if kind == "messages" else ResponsesStream(shape)
+    )
+    queued = sse(delta(content="one"), delta(content="two"), done=False)
+    marker = stream.error_event(UpstreamError("cut"))
+    found = events(stream.convert(queued + marker))
+    deltas = [p["delta"] for _, p in found if "delta" in p]
+    assert [d["text"] if isinstance(d, dict) else d for d in deltas] == ["one", "two"]
+    assert found[-1][0] == "error"
+    assert stream.finish() == b""
 
 
 def test_messages_stream_upstream_error_chunk() -> None:
@@ -538,7 +554,7 @@ def test_responses_stream_cut_by_the_output_cap_and_errors() -> None:
 
     broken = ResponsesStream(ResponseShape.of({"model": "m"}, "resp_3"))
     broken.convert(sse(delta(content="a"), done=False))
-    error = events(broken.error_event(UpstreamError("cut")))
+    error = events(broken.convert(broken.error_event(UpstreamError("cut"))))
     assert error[0][0] == "error" and error[0][1]["message"] == "cut"
     RESPONSES_EVENT.validate_python(error[0][1])
     assert broken.finish() == b""

@@ -9,8 +9,8 @@ chunk of its own, then ``[DONE]``. So a block is opened by its first delta and c
 kind of delta or the finish reason comes; the message is closed at ``[DONE]``, when the usage is known.
 
 Nothing is held back: each call of :meth:`MessagesStream.convert` returns the events for the chunks it
-was given. Events the gateway writes itself (``event: error``) pass unchanged; keep-alives are
-``ping`` events.
+was given. Keep-alives are ``ping`` events; the gateway's own in-band errors are rendered where they
+come in the stream (:meth:`MessagesStream.error_event`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import orjson
 from services.common.errors import GatewayError, UpstreamError
 from services.relay.formats.anthropic_errors import anthropic_error_event, error_type
 from services.relay.formats.anthropic_messages import STOP_REASONS, message_id, usage_of
-from services.relay.formats.common import ChatUsage, chat_usage, data_of, event, obj, split_events
+from services.relay.formats.common import ERROR_MARK, ChatUsage, chat_usage, data_of, event, obj, split_events
 
 __all__ = ["MessagesStream"]
 
@@ -34,12 +34,24 @@ _BLOCK_STOP = b"content_block_stop"
 class MessagesStream:
     """The conversion state of one stream; ``model`` is the name the caller asked for."""
 
-    __slots__ = ("_block", "_blocks", "_ended", "_model", "_started", "_stop_reason", "_tools", "_usage")
+    __slots__ = (
+        "_block",
+        "_blocks",
+        "_ended",
+        "_error",
+        "_model",
+        "_started",
+        "_stop_reason",
+        "_tools",
+        "_usage",
+    )
 
     def __init__(self, model: str) -> None:
         self._model = model
         self._started = False
         self._ended = False
+        # The gateway's in-band error, rendered where its marker comes in the stream.
+        self._error: GatewayError | None = None
         # The index of the open content block (-1: none) and how many were opened.
         self._block = -1
         self._blocks = 0
@@ -57,8 +69,9 @@ class MessagesStream:
         """The Anthropic events for ``data``: complete chat SSE events as the relay forwards them."""
         out: list[bytes] = []
         for block in split_events(data):
-            if block.startswith(b"event:"):
-                out.append(block + b"\n\n")
+            if block == ERROR_MARK:
+                if self._error is not None and not self._ended:
+                    out.append(self._fail(self._error))
                 continue
             payload = data_of(block)
             if not payload:
@@ -80,12 +93,16 @@ class MessagesStream:
             if self._stop_reason is not None:
                 self._close_message(out)
             else:
-                out.append(
-                    self.error_event(UpstreamError("The upstream stream ended before the message did."))
-                )
+                out.append(self._fail(UpstreamError("The upstream stream ended before the message did.")))
         return b"".join(out)
 
     def error_event(self, exc: GatewayError) -> bytes:
+        """A marker for ``exc``: the relay queues it after the chunks still to be written, and it is
+        rendered when it comes through :meth:`convert`, in its place in the stream."""
+        self._error = exc
+        return ERROR_MARK + b"\n\n"
+
+    def _fail(self, exc: GatewayError) -> bytes:
         """``exc`` in-band; nothing follows it."""
         self._ended = True
         return anthropic_error_event(exc)

@@ -11,6 +11,7 @@ import orjson
 from services.common.errors import GatewayError, InvalidRequest, UpstreamError
 
 __all__ = [
+    "ERROR_MARK",
     "ChatUsage",
     "chat_usage",
     "data_of",
@@ -22,6 +23,11 @@ __all__ = [
     "refuse",
     "split_events",
 ]
+
+
+# What a converter's ``error_event`` hands the relay instead of the rendered error: an SSE comment, so
+# the error is rendered in order, after the chunks queued before it (see the stream converters).
+ERROR_MARK = b": relaygate-error"
 
 
 def refuse(message: str, param: str | None = None) -> InvalidRequest:

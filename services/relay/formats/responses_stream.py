@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from services.common.errors import GatewayError, UpstreamError
-from services.relay.formats.common import ChatUsage, chat_usage, data_of, event, obj, split_events
+from services.relay.formats.common import ERROR_MARK, ChatUsage, chat_usage, data_of, event, obj, split_events
 from services.relay.formats.responses import (
     ResponseShape,
     function_call_item,
@@ -63,13 +63,26 @@ class _Item:
 class ResponsesStream:
     """The conversion state of one stream."""
 
-    __slots__ = ("_calls", "_done", "_ended", "_finish", "_open", "_sequence", "_shape", "_started", "_usage")
+    __slots__ = (
+        "_calls",
+        "_done",
+        "_ended",
+        "_error",
+        "_finish",
+        "_open",
+        "_sequence",
+        "_shape",
+        "_started",
+        "_usage",
+    )
 
     def __init__(self, shape: ResponseShape) -> None:
         self._shape = shape
         self._sequence = 0
         self._started = False
         self._ended = False
+        # The gateway's in-band error, rendered where its marker comes in the stream.
+        self._error: GatewayError | None = None
         self._open: _Item | None = None
         # Finished output items, in order, for the final Response.
         self._done: list[dict[str, Any]] = []
@@ -86,8 +99,9 @@ class ResponsesStream:
         """The Responses events for ``data``: complete chat SSE events as the relay forwards them."""
         out: list[bytes] = []
         for block in split_events(data):
-            if block.startswith(b"event:"):
-                out.append(block + b"\n\n")
+            if block == ERROR_MARK:
+                if self._error is not None and not self._ended:
+                    out.append(self._fail(self._error))
                 continue
             payload = data_of(block)
             if not payload:
@@ -109,12 +123,16 @@ class ResponsesStream:
             if self._finish is not None:
                 self._complete(out)
             else:
-                out.append(
-                    self.error_event(UpstreamError("The upstream stream ended before the response did."))
-                )
+                out.append(self._fail(UpstreamError("The upstream stream ended before the response did.")))
         return b"".join(out)
 
     def error_event(self, exc: GatewayError) -> bytes:
+        """A marker for ``exc``: the relay queues it after the chunks still to be written, and it is
+        rendered when it comes through :meth:`convert`, in its place in the stream."""
+        self._error = exc
+        return ERROR_MARK + b"\n\n"
+
+    def _fail(self, exc: GatewayError) -> bytes:
         """``exc`` in-band (the ``error`` event); nothing follows it."""
         self._ended = True
         return self._event("error", {"code": exc.code, "message": exc.message, "param": exc.param})
