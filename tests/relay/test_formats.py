@@ -315,6 +315,7 @@ def test_messages_stream_events(seed: int) -> None:
 
 def test_messages_stream_keepalive_error_and_early_end() -> None:
     stream = MessagesStream("m")
+    assert stream.keepalive() == b": keep-alive\n\n"
     assert events(stream.convert(sse(delta(content="hi"), done=False)))[0][0] == "message_start"
     assert events(stream.keepalive()) == [("ping", {"type": "ping"})]
     error = stream.convert(stream.error_event(UpstreamError("gone quiet")))

@@ -23,6 +23,7 @@ from services.common.errors import GatewayError, UpstreamError
 from services.relay.formats.anthropic_errors import anthropic_error_event, error_type
 from services.relay.formats.anthropic_messages import STOP_REASONS, message_id, usage_of
 from services.relay.formats.common import ERROR_MARK, ChatUsage, chat_usage, data_of, event, obj, split_events
+from services.relay.stream.sink import KEEPALIVE
 
 __all__ = ["MessagesStream"]
 
@@ -83,7 +84,8 @@ class MessagesStream:
         return b"".join(out)
 
     def keepalive(self) -> bytes:
-        return _PING
+        # Anthropic's pings follow message_start; before it, an SSE comment (every client skips it).
+        return _PING if self._started else KEEPALIVE
 
     def finish(self) -> bytes:
         """What closes a stream that ended without ``[DONE]``: the message when its end was seen,
