@@ -29,6 +29,8 @@ _SESSION_PATH = f"{PREFIX}/session"
 _MAX_SIGN_IN_BYTES = 4096
 # Headers the page sends that the admin API must not see (the token goes as the bearer credential).
 _DROPPED = frozenset({b"cookie", b"authorization", session.CSRF_HEADER})
+# Also replaced when the console makes a call of its own (the sign-in's token exchange).
+_BODY_HEADERS = frozenset({b"content-type", b"content-length", b"transfer-encoding"})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,7 +89,7 @@ class Console:
 
     async def _session(self, method: str, scope: Scope, receive: Receive, send: Send) -> None:
         headers: session.Headers = scope["headers"]
-        secure = scope.get("scheme") == "https"
+        secure = _over_https(scope)
         jar = session.cookies(headers)
         if method == "GET":
             info = session.session_info(jar.get(session.TOKEN_COOKIE, ""))
@@ -109,9 +111,7 @@ class Console:
         form = _sign_in_form(await _read_body(receive, _MAX_SIGN_IN_BYTES))
         key, read_only = form
         body = orjson.dumps({"scopes": [ADMIN_READ]}) if read_only else b""
-        status, answer = await self._call_admin(
-            scope, "POST", "tokens", [(b"authorization", b"Bearer " + key.encode())], body
-        )
+        status, answer = await self._call_admin(scope, "POST", "tokens", key, body)
         if status != 201:
             # The admin API's own refusal (wrong key, not an admin, address not allowed), as it said it.
             await _respond(send, status, answer, b"application/json")
@@ -135,8 +135,7 @@ class Console:
             raise AuthenticationError("Not signed in.")
         if not session.csrf_ok(scope["method"], headers, jar):
             raise PermissionDenied("The request lacks the console's CSRF token.")
-        forwarded = [(k, v) for k, v in headers if k.lower() not in _DROPPED]
-        forwarded.append((b"authorization", b"Bearer " + token.encode("latin-1")))
+        forwarded = _with_bearer(headers, token, drop=_DROPPED)
         path = _ADMIN_PREFIX + route
         inner = dict(scope, path=path, raw_path=path.encode(), headers=forwarded, root_path="")
 
@@ -150,19 +149,15 @@ class Console:
         await self._admin(inner, receive, no_store)
 
     async def _call_admin(
-        self, scope: Scope, method: str, route: str, headers: session.Headers, body: bytes
+        self, scope: Scope, method: str, route: str, credential: str, body: bytes
     ) -> tuple[int, bytes]:
-        """One admin API call made by the console itself; its status and body."""
+        """One admin API call made by the console itself, with the caller's own headers (the admin
+        API decides the client's address from them as for any call); its status and body."""
         path = _ADMIN_PREFIX + route
-        headers = [
-            *headers,
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        inner = dict(
-            scope, method=method, path=path, raw_path=path.encode(), headers=headers, query_string=b""
-        )
-        inner["root_path"] = ""
+        headers = _with_bearer(scope["headers"], credential, drop=_DROPPED | _BODY_HEADERS)
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        inner = dict(scope, method=method, path=path, raw_path=path.encode(), headers=headers)
+        inner.update(query_string=b"", root_path="")
         sent = False
 
         async def receive() -> Message:
@@ -186,6 +181,19 @@ class Console:
         return status, b"".join(chunks)
 
 
+def _with_bearer(headers: session.Headers, credential: str, *, drop: frozenset[bytes]) -> session.Headers:
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
+    kept.append((b"authorization", b"Bearer " + credential.encode("latin-1")))
+    return kept
+
+
+def _over_https(scope: Scope) -> bool:
+    """Whether the browser reached us over HTTPS: our own scheme, or the origin the browser names (TLS
+    usually ends at an ingress in front of the relay, which then sees plain HTTP)."""
+    origin = session.header(scope["headers"], b"origin") or b""
+    return scope.get("scheme") == "https" or origin.startswith(b"https://")
+
+
 def _same_origin(headers: session.Headers) -> bool:
     origin = session.header(headers, b"origin")
     if origin is None:
@@ -202,6 +210,8 @@ def _sign_in_form(raw: bytes) -> tuple[str, bool]:
     key = form.get("key") if isinstance(form, dict) else None
     if not isinstance(key, str) or not key.strip():
         raise InvalidRequest("An admin key is required.", param="key")
+    if not (key.isascii() and key.strip().isprintable()):
+        raise InvalidRequest("That is not an API key.", param="key")
     return key.strip(), bool(form.get("read_only", False))
 
 

@@ -14,10 +14,18 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from playwright.async_api import BrowserContext, Locator, Page, expect
 
 from tests.console.browser import open_page, screenshot, sign_in
 from tests.e2e.stack import MODEL, Deployment, fund_user, ok
+
+
+@pytest.fixture(scope="module")
+def relay_env() -> dict[str, str]:
+    """Behind a proxy that sets X-Forwarded-For: the console's sign-in must pass the caller's address on."""
+    return {"RELAYGATE_TRUST_FORWARDED_FOR": "true"}
+
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello console"}], "max_tokens": 16}
 
@@ -291,3 +299,38 @@ def test_pages_and_files(deployment: Deployment) -> None:
         for missing in ("/console/static/nothing.js", "/console/static/../__init__.py", "/console/elsewhere"):
             assert client.get(missing).status_code == 404, missing
         assert client.post("/console/").status_code == 404
+
+
+def test_sign_in_over_https_sets_secure_cookies(deployment: Deployment) -> None:
+    """TLS usually ends at an ingress: the browser's https origin is what tells the console."""
+    with httpx.Client(base_url=deployment.relay_url, timeout=10) as client:
+        host = httpx.URL(deployment.relay_url).netloc.decode()
+        signed_in = client.post(
+            "/console/session", json={"key": deployment.admin_key}, headers={"origin": f"https://{host}"}
+        )
+        assert signed_in.status_code == 200, signed_in.text
+        cookies = signed_in.headers.get_list("set-cookie")
+        assert len(cookies) == 2 and all("; Secure" in c for c in cookies)
+        plain = client.post("/console/session", json={"key": deployment.admin_key})
+        assert not any("Secure" in c for c in plain.headers.get_list("set-cookie"))
+        assert client.post("/console/session", json={"key": "rg-\u00e9t\u00e9"}).status_code == 400
+
+
+def test_sign_in_passes_the_callers_address_on(deployment: Deployment) -> None:
+    """An admin key limited to some addresses signs in from them only (X-Forwarded-For, trusted here)."""
+    with deployment.admin() as admin:
+        user_id = ok(admin.post("/admin/v1/users", json={"name": "netadmin", "admin": True}))["user_id"]
+        created = admin.post(
+            "/admin/v1/keys", json={"user_id": user_id, "name": "office", "allowed_cidrs": ["203.0.113.0/24"]}
+        )
+        key = ok(created)["api_key"]
+    with httpx.Client(base_url=deployment.relay_url, timeout=10) as client:
+        inside = client.post(
+            "/console/session", json={"key": key}, headers={"x-forwarded-for": "203.0.113.7"}
+        )
+        assert inside.status_code == 200, inside.text
+        outside = client.post(
+            "/console/session", json={"key": key}, headers={"x-forwarded-for": "198.51.100.7"}
+        )
+        assert outside.status_code == 403, outside.text
+        assert "set-cookie" not in outside.headers
