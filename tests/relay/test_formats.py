@@ -229,6 +229,17 @@ def test_messages_refusals_name_the_field(change: dict[str, Any], param: str) ->
     assert refused.value.param == param
 
 
+def test_an_assistant_turn_of_thinking_only_stays_a_turn() -> None:
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"}]},
+        {"role": "user", "content": "b"},
+    ]
+    chat = anthropic_messages.to_chat({"model": "m", "max_tokens": 1, "messages": turns}, LIMITS)
+    # Chat refuses an assistant message with neither content nor tool calls: it gets empty text.
+    assert chat["messages"][1] == {"role": "assistant", "content": ""}
+
+
 def test_messages_answer_from_chat() -> None:
     answer = {
         "id": "chatcmpl-xyz",

@@ -174,7 +174,7 @@ def _turn(message: Any, index: int) -> list[dict[str, Any]]:
     if role == "assistant":
         text = "".join(p["text"] for p in parts)
         if calls or text or not turns:
-            turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+            turn: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
             if calls:
                 turn["tool_calls"] = calls
             turns.append(turn)
