@@ -2,7 +2,8 @@
 
 Credentials: ``--url`` (or ``RELAYGATE_ADMIN_URL``, default ``http://127.0.0.1:8080``) and an admin key
 (``--key``, ``RELAYGATE_ADMIN_KEY``, or the ``admin-key`` file that ``relaygate up`` keeps in its data
-directory). The key is exchanged for a short-lived admin token before each command. Output is JSON.
+directory). The key is exchanged for a short-lived admin token before each command. Answers print as
+tables (:mod:`services.admin_tables`), or as the API's JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from services.admin_tables import render
 
 
 class AdminError(Exception):
@@ -192,92 +195,138 @@ def run_command(client: AdminClient, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    for flag in ("rpm", "tpm", "max-concurrency"):
-        parser.add_argument(f"--{flag}", type=int, default=0)
+    parser.add_argument("--rpm", type=int, default=0, help="requests per minute (0: no limit)")
+    parser.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: no limit)")
+    parser.add_argument("--max-concurrency", type=int, default=0, help="requests at once (0: no limit)")
     # Written as quota budgets by the admin API, like `budgets set`.
-    for flag in ("daily-budget-micros", "monthly-budget-micros"):
-        parser.add_argument(f"--{flag}", type=int, default=0, help="a budget (same as `budgets set`)")
+    for period in ("daily", "monthly"):
+        parser.add_argument(
+            f"--{period}-budget-micros",
+            type=int,
+            default=0,
+            help=f"a {period} spending cap in micro-units (same as `budgets set`)",
+        )
+
+
+def _add_channel_type_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    types = ("openai", "azure-openai", "anthropic", "gemini")
+    parser.add_argument(
+        "--type", default=None if update else "openai", choices=types, help="the provider's API"
+    )
+    parser.add_argument(
+        "--api-version", default=None if update else "", help="azure-openai channels: the api-version to send"
+    )
+    parser.add_argument(
+        "--model-map",
+        action="append",
+        metavar="MODEL=UPSTREAM",
+        help="public model name to the provider's (azure-openai: the deployment); repeatable"
+        + ("; replaces the map" if update else ""),
+    )
 
 
 def add_parser(commands: Any) -> None:
     """Register ``admin`` and its sub-commands on the top-level ``relaygate`` parser."""
-    admin = commands.add_parser("admin", help="manage users, keys, credit, prices and channels")
-    admin.add_argument("--url", default=os.environ.get("RELAYGATE_ADMIN_URL", "http://127.0.0.1:8080"))
-    admin.add_argument("--key", default=os.environ.get("RELAYGATE_ADMIN_KEY", ""), help="an admin API key")
+    admin = commands.add_parser(
+        "admin",
+        help="manage users, keys, credit, prices and channels",
+        description="The admin HTTP API from the shell. Answers print as tables (money in units and "
+        "micro-units); --json prints them as the API sent them.",
+    )
+    admin.add_argument(
+        "--url",
+        default=os.environ.get("RELAYGATE_ADMIN_URL", "http://127.0.0.1:8080"),
+        help="the relay's base URL (RELAYGATE_ADMIN_URL; default http://127.0.0.1:8080)",
+    )
+    admin.add_argument(
+        "--key",
+        default=os.environ.get("RELAYGATE_ADMIN_KEY", ""),
+        help="an admin API key (RELAYGATE_ADMIN_KEY; default: the key file in --data-dir)",
+    )
     admin.add_argument("--data-dir", default=".relaygate", help="where `relaygate up` keeps the admin key")
-    resources = admin.add_subparsers(dest="resource", required=True)
+    admin.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
+    resources = admin.add_subparsers(dest="resource", required=True, metavar="RESOURCE")
 
-    users = resources.add_parser("users").add_subparsers(dest="action", required=True)
-    create = users.add_parser("create")
-    create.add_argument("--name", required=True)
-    create.add_argument("--email")
-    create.add_argument("--admin", action="store_true")
+    users = resources.add_parser("users", help="create and list users").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = users.add_parser("create", help="create a user (with limits and budgets)")
+    create.add_argument("--name", required=True, help="display name")
+    create.add_argument("--email", help="contact address")
+    create.add_argument("--admin", action="store_true", help="may use the admin API")
     _add_limit_flags(create)
-    users.add_parser("list").add_argument("--limit", type=int, default=100)
+    users.add_parser("list", help="list users").add_argument(
+        "--limit", type=int, default=100, help="at most this many (default 100)"
+    )
 
-    keys = resources.add_parser("keys").add_subparsers(dest="action", required=True)
-    create = keys.add_parser("create", help="prints the new key once")
-    create.add_argument("--user", required=True)
-    create.add_argument("--name")
-    create.add_argument("--models", help="comma-separated names or patterns")
-    create.add_argument("--cidrs", help="comma-separated addresses or CIDR blocks")
-    create.add_argument("--expires-at", type=int, default=0, help="unix seconds")
+    keys = resources.add_parser("keys", help="create, list, revoke and rotate API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--user", required=True, help="the owning user's id")
+    create.add_argument("--name", help="a label for the key")
+    create.add_argument("--models", help="comma-separated names or patterns (default: all)")
+    create.add_argument("--cidrs", help="comma-separated addresses or CIDR blocks (default: anywhere)")
+    create.add_argument("--expires-at", type=int, default=0, help="unix seconds (0: never)")
     _add_limit_flags(create)
-    listing = keys.add_parser("list")
-    listing.add_argument("--user")
-    listing.add_argument("--limit", type=int, default=100)
-    keys.add_parser("revoke").add_argument("key_id")
-    keys.add_parser("rotate", help="prints the replacement key once").add_argument("key_id")
+    listing = keys.add_parser("list", help="list keys")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    keys.add_parser("revoke", help="revoke a key at once").add_argument("key_id", help="the key's id")
+    keys.add_parser("rotate", help="new secret for a key; prints it once").add_argument(
+        "key_id", help="the key's id"
+    )
 
-    budgets = resources.add_parser("budgets").add_subparsers(dest="action", required=True)
+    budgets = resources.add_parser("budgets", help="spending caps of keys and users").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     setting = budgets.add_parser("set", help="a spending cap per calendar day or month; 0 removes it")
-    setting.add_argument("scope", choices=("key", "user"))
-    setting.add_argument("scope_id")
-    setting.add_argument("period", choices=("day", "month"))
-    setting.add_argument("limit_micros", type=int)
+    setting.add_argument("scope", choices=("key", "user"), help="a key's or a user's budget")
+    setting.add_argument("scope_id", help="the key's or user's id")
+    setting.add_argument("period", choices=("day", "month"), help="the calendar window")
+    setting.add_argument("limit_micros", type=int, help="the cap in micro-units (0 removes it)")
     showing = budgets.add_parser("show", help="caps, and the current windows' spent and held amounts")
-    showing.add_argument("scope", choices=("key", "user"))
-    showing.add_argument("scope_id")
+    showing.add_argument("scope", choices=("key", "user"), help="a key's or a user's budgets")
+    showing.add_argument("scope_id", help="the key's or user's id")
 
-    resources.add_parser("balance").add_argument("user")
+    resources.add_parser("balance", help="a user's balance, held and available credit").add_argument(
+        "user", help="the user's id"
+    )
     topup = resources.add_parser("topup", help="add credit (negative to remove)")
-    topup.add_argument("user")
-    topup.add_argument("amount_micros", type=int)
-    topup.add_argument("--reason", default="")
-    topup.add_argument("--idempotency-key", default="")
+    topup.add_argument("user", help="the user's id")
+    topup.add_argument("amount_micros", type=int, help="micro-units (1,000,000 = one unit)")
+    topup.add_argument("--reason", default="", help="recorded in the ledger")
+    topup.add_argument("--idempotency-key", default="", help="a repeat with the same key adds nothing")
 
-    prices = resources.add_parser("prices").add_subparsers(dest="action", required=True)
-    setting = prices.add_parser("set", help="micro-units per million tokens")
-    setting.add_argument("model")
-    setting.add_argument("--input", type=int, required=True)
-    setting.add_argument("--output", type=int, required=True)
-    setting.add_argument("--cached-input", type=int, default=0)
+    prices = resources.add_parser("prices", help="the price book").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    setting = prices.add_parser("set", help="set a model's price (micro-units per million tokens)")
+    setting.add_argument("model", help="the public model name")
+    setting.add_argument("--input", type=int, required=True, help="per million prompt tokens")
+    setting.add_argument("--output", type=int, required=True, help="per million completion tokens")
+    setting.add_argument("--cached-input", type=int, default=0, help="per million cached prompt tokens")
     setting.add_argument("--cache-write", type=int, default=0, help="cache writes (0: input price)")
     setting.add_argument("--reasoning", type=int, default=0, help="reasoning tokens (0: the output price)")
-    setting.add_argument("--per-request", type=int, default=0)
-    setting.add_argument("--per-image", type=int, default=0)
-    setting.add_argument("--default-max-output", type=int, default=0)
-    prices.add_parser("list")
+    setting.add_argument("--per-request", type=int, default=0, help="per request, on top of tokens")
+    setting.add_argument("--per-image", type=int, default=0, help="per generated image")
+    setting.add_argument(
+        "--default-max-output", type=int, default=0, help="output cap held when a request sets none"
+    )
+    prices.add_parser("list", help="every model's current price")
 
-    channels = resources.add_parser("channels").add_subparsers(dest="action", required=True)
-    add = channels.add_parser("add")
-    add.add_argument("--name", required=True)
+    channels = resources.add_parser("channels", help="upstream channels").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    add = channels.add_parser("add", help="register an upstream channel")
+    add.add_argument("--name", required=True, help="a unique name")
     add.add_argument(
         "--base-url",
         required=True,
         help="with /v1 (openai, anthropic) or /v1beta (gemini); azure-openai: the resource root",
     )
-    add.add_argument(
-        "--type", default="openai", choices=("openai", "azure-openai", "anthropic", "gemini"), help="provider"
-    )
-    add.add_argument("--api-version", default="", help="azure-openai channels: the api-version to send")
-    add.add_argument(
-        "--model-map",
-        action="append",
-        metavar="MODEL=UPSTREAM",
-        help="public model name to the provider's (azure-openai: the deployment); repeatable",
-    )
-    add.add_argument("--models", required=True)
+    _add_channel_type_flags(add, update=False)
+    add.add_argument("--models", required=True, help="comma-separated public model names it serves")
     add.add_argument("--api-key", help="stored write-only: answers and listings show it masked")
     add.add_argument(
         "--header",
@@ -285,28 +334,26 @@ def add_parser(commands: Any) -> None:
         metavar="NAME=VALUE",
         help="sent with every request to the channel (repeatable); secret-looking values are shown masked",
     )
-    add.add_argument("--priority", type=int, default=0)
-    add.add_argument("--weight", type=int, default=1)
+    add.add_argument("--priority", type=int, default=0, help="lower is tried first (default 0)")
+    add.add_argument("--weight", type=int, default=1, help="share among equal priorities (default 1)")
     update = channels.add_parser("update", help="change the given fields of a channel, keep the rest")
-    update.add_argument("channel_id")
-    update.add_argument("--name")
-    update.add_argument("--base-url")
-    update.add_argument("--type", choices=("openai", "azure-openai", "anthropic", "gemini"))
-    update.add_argument("--api-version")
+    update.add_argument("channel_id", help="the channel's id")
+    update.add_argument("--name", help="a new name")
+    update.add_argument("--base-url", help="a new base URL")
+    _add_channel_type_flags(update, update=True)
     update.add_argument("--models", help="comma-separated; replaces the list")
-    update.add_argument("--model-map", action="append", metavar="MODEL=UPSTREAM", help="replaces the map")
-    update.add_argument("--api-key")
-    update.add_argument("--priority", type=int)
-    update.add_argument("--weight", type=int)
-    update.add_argument("--enabled", choices=("true", "false"))
-    channels.add_parser("list")
-    channels.add_parser("delete").add_argument("channel_id")
+    update.add_argument("--api-key", help="a new credential (stored write-only)")
+    update.add_argument("--priority", type=int, help="lower is tried first")
+    update.add_argument("--weight", type=int, help="share among equal priorities")
+    update.add_argument("--enabled", choices=("true", "false"), help="take the channel in or out of use")
+    channels.add_parser("list", help="every channel (credentials masked)")
+    channels.add_parser("delete", help="remove a channel").add_argument("channel_id", help="the channel's id")
 
-    logs = resources.add_parser("logs")
-    logs.add_argument("--user")
-    logs.add_argument("--key-id")
-    logs.add_argument("--model")
-    logs.add_argument("--limit", type=int, default=20)
+    logs = resources.add_parser("logs", help="request logs, newest first")
+    logs.add_argument("--user", help="only this user's requests")
+    logs.add_argument("--key-id", help="only this key's requests")
+    logs.add_argument("--model", help="only this model's requests")
+    logs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     for parser in (resources.choices["balance"], topup, logs):
         parser.set_defaults(action="")
     admin.set_defaults(func=main)
@@ -325,7 +372,8 @@ def main(args: argparse.Namespace) -> int:
         admin_key = path.read_text().strip()
     try:
         with AdminClient(args.url, admin_key) as client:
-            print(json.dumps(run_command(client, args), indent=2))
+            answer = run_command(client, args)
+        print(json.dumps(answer, indent=2) if args.json else render(answer))
     except (AdminError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ def cli(deployment: Deployment, *args: str) -> Any:
             deployment.relay_url,
             "--key",
             deployment.admin_key,
+            "--json",
             *args,
         ],
         capture_output=True,

@@ -48,7 +48,7 @@ def cli(deployment: Deployment, *args: str) -> tuple[str, Any]:
     result = subprocess.run(
         [
             *(sys.executable, "-m", "services.cli", "admin"),
-            *("--url", deployment.relay_url, "--key", deployment.admin_key),
+            *("--url", deployment.relay_url, "--key", deployment.admin_key, "--json"),
             *args,
         ],
         capture_output=True,

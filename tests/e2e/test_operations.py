@@ -5,6 +5,8 @@ series and no other's; the dashboard and the rules read only series the running 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -161,3 +163,21 @@ def test_spend_per_model_counts_what_the_logger_wrote(
             break
         time.sleep(0.5)
     assert found is not None and float(found.group(1)) > 0
+
+
+def test_the_admin_command_line_prints_tables(deployment: Deployment) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.cli", "admin"),
+            *("--url", deployment.relay_url, "--key", deployment.admin_key, "prices", "list"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "INPUT_PER_MTOK", "OUTPUT_PER_MTOK"]
+    row = next(line for line in lines if line.startswith(MODEL))
+    assert re.search(r"\d+\.\d{6} \([\d,]+ µ\)", row), row
