@@ -280,10 +280,15 @@ def grpc_request(
     tracer = _CURRENT.tracer
     if tracer is None:
         return _OFF
+    span_name = method.lstrip("/")
+    current = trace.get_current_span()
+    if current.is_recording() and getattr(current, "name", None) == span_name:
+        # The server's own interceptor (ServerTracing) opened it: the caller sent its context.
+        return contextlib.nullcontext(current)
     carrier = {str(key): str(value) for key, value in metadata or () if key in (TRACEPARENT, TRACESTATE)}
-    service, _, name = method.lstrip("/").rpartition("/")
+    service, _, name = span_name.rpartition("/")
     return tracer.start_as_current_span(
-        method.lstrip("/"),
+        span_name,
         context=_PROPAGATOR.extract(carrier) if carrier else None,
         kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},

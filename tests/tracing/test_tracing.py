@@ -129,10 +129,22 @@ def test_on_spans_reach_the_receiver_when_the_service_closes(
         assert link is not None
         with tracing.batch_span("LogConsumer.write", [link], 1):
             pass
+        # A public gRPC front's call span: one per call, also when the server's interceptor opened it.
+        method = "/relaygate.relay.v1.InferenceService/CreateChatCompletion"
+        caller = [("traceparent", dict(headers)["traceparent"].decode())]
+        with tracing.grpc_request(method, caller) as call, tracing.grpc_request(method, ()) as again:
+            assert again is call
         assert collector.spans() == []
     assert line["trace_id"] == trace_id
     spans = {s.name: s for s in collector.spans()}
-    assert set(spans) == {"relay.credit", "publish usage", "process usage", "LogConsumer.write"}
+    assert set(spans) == {
+        "relay.credit",
+        "publish usage",
+        "process usage",
+        "LogConsumer.write",
+        method.lstrip("/"),
+    }
+    assert spans[method.lstrip("/")].parent_span_id == spans["publish usage"].span_id
     assert all(s.service == "relaygate-relay" for s in spans.values())
     publish = spans["publish usage"]
     assert publish.parent_span_id == credit.get_span_context().span_id.to_bytes(8, "big").hex()
