@@ -9,7 +9,8 @@ template engine dependency and no second rendering of the admin data.
 
 **Session.** Signing in posts an admin key to ``POST /console/session``; the console exchanges it at
 ``POST /admin/v1/tokens`` (the usual admin token, scopes and lifetime as for any caller) and keeps the
-token in an ``HttpOnly; SameSite=Strict`` cookie (``Secure`` when the request came over HTTPS), path
+token in an ``HttpOnly; SameSite=Strict`` cookie (``Secure`` when the request or the page's origin is
+HTTPS), path
 ``/console/``. The key itself is never stored. The page calls ``/console/api/<route>``, which becomes
 ``/admin/v1/<route>`` with ``Authorization: Bearer <token>``: the admin API's own scope checks decide
 every action (a read-only token cannot write; the page only hides what it cannot do).

@@ -21,7 +21,20 @@ async def open_page(page: Page, name: str) -> None:
     await page.wait_for_selector(f"main[data-page={name}][data-ready]")
 
 
+async def unlabelled_controls(page: Page) -> list[str]:
+    """The form controls of the page that have no accessible name (a label or aria-label)."""
+    found: list[str] = await page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea")]
+            .filter((el) => el.type !== "hidden" && el.offsetParent !== null)
+            .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label"))
+            .map((el) => el.id || el.name || el.outerHTML)"""
+    )
+    return found
+
+
 async def screenshot(page: Page, folder: Path, name: str) -> Path:
+    """Written for review; every page screenshotted is also checked for unlabelled controls."""
+    assert await unlabelled_controls(page) == []
     path = folder / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
     return path

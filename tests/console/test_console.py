@@ -56,6 +56,10 @@ async def eventually(check: Locator, page: Page, *, refresh: str, timeout_s: flo
 
 async def test_operator_day(console_page: Page, deployment: Deployment, screenshots: Path) -> None:
     page = console_page
+    # Script errors, and anything the Content-Security-Policy blocked, fail the test at its end.
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
     await sign_in(page, deployment.relay_url, deployment.admin_key)
     await page.wait_for_selector("main[data-page=overview][data-ready]")
     await expect(page.locator("#whoami")).to_contain_text("read and write")
@@ -81,8 +85,10 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
     await expect(page.locator("dialog")).to_have_count(0)
     assert api_key not in await page.content()
 
-    # Credit, shown in units with thousands separators (the browser's en-US locale).
-    await user_row.click()
+    # Credit, shown in units with thousands separators (the browser's en-US locale); the user is
+    # opened from the keyboard.
+    await user_row.focus()
+    await page.keyboard.press("Enter")
     await page.locator("#topup-amount").fill("12345.5")
     await page.locator("#topup-reason").fill("first credit")
     await page.get_by_role("button", name="Top up", exact=True).click()
@@ -181,6 +187,7 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
         listed = ok(admin.get("/admin/v1/channels"))["channels"]
     assert [c["enabled"] for c in listed if c["name"] == "fake"] == [False]
     await screenshot(page, screenshots, "channels")
+    assert problems == []
 
 
 async def test_wrong_key_cannot_sign_in(
