@@ -110,6 +110,7 @@ if TYPE_CHECKING:
     _UnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
 else:  # generic only in the type stubs
     _UnaryClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+
 # What the hooks return while tracing is off: one shared context manager around the API's own
 # non-recording span, whose methods do nothing.
 _OFF: Final = contextlib.nullcontext(trace.INVALID_SPAN)
