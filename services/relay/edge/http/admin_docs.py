@@ -160,7 +160,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         quota_pb2.Price.DESCRIPTOR,
     ),
     ("get", "/admin/v1/prices"): Operation(
-        ADMIN_READ, "List prices", response=quota_pb2.ListPricesResponse.DESCRIPTOR
+        ADMIN_READ,
+        "List the current prices; with `model`, every version of that model's price, newest first",
+        response=quota_pb2.ListPricesResponse.DESCRIPTOR,
     ),
     ("post", "/admin/v1/channels"): Operation(
         ADMIN_WRITE,
@@ -184,7 +186,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ADMIN_WRITE, "Delete a channel", response=catalog_pb2.DeleteChannelResponse.DESCRIPTOR
     ),
     ("get", "/admin/v1/logs"): Operation(
-        ADMIN_READ, "Request logs, newest first", response=logger_pb2.ListRequestLogsResponse.DESCRIPTOR
+        ADMIN_READ,
+        "Request logs, newest first (`error_type`: the fault class, caller, policy, provider or gateway)",
+        response=logger_pb2.ListRequestLogsResponse.DESCRIPTOR,
     ),
     ("get", "/admin/v1/usage"): Operation(
         ADMIN_READ,
