@@ -179,13 +179,18 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
     await expect(history.nth(1)).to_contain_text("2.00")
     await screenshot(page, screenshots, "prices")
 
+    # A channel edited (its key left empty: the stored one stays), then disabled.
     await open_page(page, "channels")
     channel_row = page.locator("#channels-table tbody tr", has_text="fake")
+    await channel_row.get_by_role("button", name="Edit").click()
+    await page.get_by_role("dialog").get_by_label("Weight").fill("3")
+    await page.get_by_role("dialog").get_by_role("button", name="Save").click()
+    await expect(page.locator("dialog")).to_have_count(0)
     await channel_row.get_by_role("button", name="Disable").click()
     await expect(channel_row).to_contain_text("disabled")
     with deployment.admin() as admin:
         listed = ok(admin.get("/admin/v1/channels"))["channels"]
-    assert [c["enabled"] for c in listed if c["name"] == "fake"] == [False]
+    assert [(c["enabled"], c["weight"]) for c in listed if c["name"] == "fake"] == [(False, 3)]
     await screenshot(page, screenshots, "channels")
     assert problems == []
 
