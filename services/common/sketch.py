@@ -47,17 +47,37 @@ class Sketch:
                 buckets.pop(index, None)
             self.count += sign * n
 
+    def merge_wire(self, wire: Mapping[str, int]) -> None:
+        """Add the counts of a sketch in its wire form (what the view does for every relay, every poll)."""
+        buckets = self.buckets
+        added = 0
+        for index, n in wire.items():
+            key = int(index)
+            buckets[key] = buckets.get(key, 0) + n
+            added += n
+        self.count += added
+
     def quantile(self, q: float) -> float:
         """The value at rank ``q`` (0..1); 0.0 for an empty sketch."""
+        return self.quantiles((q,))[0]
+
+    def quantiles(self, qs: tuple[float, ...]) -> list[float]:
+        """The values at ranks ``qs`` (ascending, 0..1) in one pass over the buckets."""
         if self.count <= 0:
-            return 0.0
-        rank = q * (self.count - 1)
+            return [0.0 for _ in qs]
+        found: list[float] = []
+        ranks = iter(q * (self.count - 1) for q in qs)
+        rank = next(ranks)
         seen = 0
         for index in sorted(self.buckets):
             seen += self.buckets[index]
-            if seen > rank:
-                return value_of(index)
-        return value_of(max(self.buckets))
+            while seen > rank:
+                found.append(value_of(index))
+                rank = next(ranks, -1.0)
+                if rank < 0:
+                    return found
+        top = value_of(max(self.buckets))
+        return found + [top] * (len(qs) - len(found))
 
     def to_wire(self) -> dict[str, int]:
         """Compact JSON form: bucket index (as text) to count."""
@@ -66,7 +86,7 @@ class Sketch:
     @classmethod
     def from_wire(cls, wire: Mapping[str, int]) -> Sketch:
         sketch = cls()
-        sketch.merge({int(index): int(n) for index, n in wire.items()})
+        sketch.merge_wire(wire)
         return sketch
 
 

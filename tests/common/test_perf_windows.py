@@ -26,6 +26,9 @@ def test_quantiles_are_within_the_relative_error(seed: int) -> None:
         sketch.add(value)
     for q in (0.5, 0.9, 0.95, 0.99, 0.999):
         assert sketch.quantile(q) == pytest.approx(exact(values, q), rel=RELATIVE_ERROR * 1.0001)
+    qs = (0.0, 0.5, 0.95, 0.99, 1.0)
+    for q, found in zip(qs, sketch.quantiles(qs), strict=True):
+        assert found == pytest.approx(exact(values, q), rel=RELATIVE_ERROR * 1.0001)
 
 
 def test_sketches_merge_as_if_one_and_subtract_back() -> None:

@@ -95,8 +95,8 @@ def _ms(value: float) -> float:
 
 def _percentiles(sketch: Sketch, qs: tuple[float, ...]) -> dict[str, float]:
     shown: dict[str, float] = {"count": sketch.count}
-    for q in qs:
-        shown[f"p{round(q * 100)}"] = _ms(sketch.quantile(q))
+    for q, value in zip(qs, sketch.quantiles(qs), strict=True):
+        shown[f"p{round(q * 100)}"] = _ms(value)
     return shown
 
 
@@ -110,7 +110,7 @@ def _window(name: str, relays: list[dict[str, Any]], services: list[dict[str, An
     merged: dict[str, Sketch] = {}
     for part in parts:
         for key, wire in part["sketches"].items():
-            merged.setdefault(key, Sketch()).merge(Sketch.from_wire(wire))
+            merged.setdefault(key, Sketch()).merge_wire(wire)
     seconds = max((p["seconds"] for p in parts), default=0.0)
     # Each relay's rate over the time it covered, summed: relays started at different times add up.
     rate = sum(p["counters"].get("requests", 0.0) / p["seconds"] for p in parts if p["seconds"] > 0)
