@@ -916,8 +916,8 @@ SCENARIOS: dict[int, Callable[[Bench], ScenarioResult]] = {
 }
 
 
-# Run only when named in --scenarios: 10 restarts the services twice per run.
-OPT_IN: frozenset[int] = frozenset({10})
+# Run only when named in --scenarios: 10 restarts the services twice per run; 12 idles a minute per run.
+OPT_IN: frozenset[int] = frozenset({10, 12})
 
 
 def _register_more() -> None:
@@ -925,12 +925,14 @@ def _register_more() -> None:
     from bench.auth_verify import auth_verify
     from bench.grpc_front import grpc_front
     from bench.paced import paced_streams
+    from bench.performance_view import performance_view
     from bench.tracing_overhead import tracing_overhead
 
     SCENARIOS[8] = auth_verify
     SCENARIOS[9] = paced_streams
     SCENARIOS[10] = tracing_overhead
     SCENARIOS[11] = grpc_front
+    SCENARIOS[12] = performance_view
 
 
 _register_more()
