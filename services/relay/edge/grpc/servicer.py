@@ -18,16 +18,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
+from services.common import tracing
 from services.common.errors import GatewayError
 from services.common.pb.relaygate.relay.v1 import inference_pb2 as pb
 from services.common.pb.relaygate.relay.v1 import inference_pb2_grpc as pb_grpc
 from services.common.rpc_auth import peer_address
+from services.common.rpc_policy import INFERENCE_SERVICE, method_name
 from services.relay.edge.grpc import convert
 from services.relay.edge.grpc.chunks import GrpcSink
 from services.relay.edge.grpc.status import refusal
@@ -81,6 +84,12 @@ async def _abort(context: Context, exc: GatewayError, exchange: Exchange | None 
     await context.abort(ended.code, ended.message, trailing_metadata=ended.metadata)
 
 
+def _span(context: Context, method: str) -> AbstractContextManager[Any]:
+    """The call's server span (tracing off: nothing), opened before its record so the usage event
+    carries its trace id."""
+    return tracing.grpc_request(method_name(INFERENCE_SERVICE, method), context.invocation_metadata())
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """The inference RPCs over one :class:`Gateway` (see the module docstring)."""
 
@@ -96,9 +105,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
     async def _answer(
-        self, context: Context, endpoint: pipeline.Endpoint, build: Callable[[], bytes], reply: M
+        self,
+        context: Context,
+        method: str,
+        endpoint: pipeline.Endpoint,
+        build: Callable[[], bytes],
+        reply: M,
     ) -> M:
         """Serve a unary call: ``build`` makes the OpenAI body, ``reply`` is filled from the answer."""
+        with _span(context, method):
+            return await self._answer_in_span(context, endpoint, build, reply)
+
+    async def _answer_in_span(
+        self, context: Context, endpoint: pipeline.Endpoint, build: Callable[[], bytes], reply: M
+    ) -> M:
         gateway = self._gateway
         caller = Caller.of(context)
         exchange = self._begin(context, caller, endpoint)
@@ -133,22 +153,38 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ChatCompletionRequest, context: Context
     ) -> pb.ChatCompletion:
         return await self._answer(
-            context, pipeline.CHAT, lambda: convert.chat_body(request, stream=False), pb.ChatCompletion()
+            context,
+            "CreateChatCompletion",
+            pipeline.CHAT,
+            lambda: convert.chat_body(request, stream=False),
+            pb.ChatCompletion(),
         )
 
     async def CreateCompletion(self, request: pb.CompletionRequest, context: Context) -> pb.Completion:
         return await self._answer(
-            context, pipeline.COMPLETIONS, lambda: convert.completion_body(request), pb.Completion()
+            context,
+            "CreateCompletion",
+            pipeline.COMPLETIONS,
+            lambda: convert.completion_body(request),
+            pb.Completion(),
         )
 
     async def CreateEmbedding(self, request: pb.EmbeddingRequest, context: Context) -> pb.EmbeddingResponse:
         return await self._answer(
-            context, pipeline.EMBEDDINGS, lambda: convert.embedding_body(request), pb.EmbeddingResponse()
+            context,
+            "CreateEmbedding",
+            pipeline.EMBEDDINGS,
+            lambda: convert.embedding_body(request),
+            pb.EmbeddingResponse(),
         )
 
     async def StreamChatCompletion(self, request: pb.ChatCompletionRequest, context: Context) -> None:  # type: ignore[override]
         """Chunks as the upstream sends them. Once the stream is delivered its pump settles it,
         whatever ends it (a cancelled call included, drained like an HTTP disconnect)."""
+        with _span(context, "StreamChatCompletion"):
+            await self._stream(request, context)
+
+    async def _stream(self, request: pb.ChatCompletionRequest, context: Context) -> None:
         gateway = self._gateway
         caller = Caller.of(context)
         exchange = self._begin(context, caller, pipeline.CHAT)
@@ -187,6 +223,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         """The models the caller's key may use among those the channels serve."""
+        with _span(context, "ListModels"):
+            return await self._list_models(context)
+
+    async def _list_models(self, context: Context) -> pb.ListModelsResponse:
         try:
             allowed = await pipeline.allowed_models(
                 self._gateway, Caller.of(context).api_key(), client_ip=peer_address(context)
