@@ -184,6 +184,43 @@ def test_too_many_headers_are_refused(deployment: Deployment) -> None:
     assert_openai_error(response, 431, "headers_too_large")
 
 
+def test_refusals_before_routing_speak_anthropic_on_the_messages_route(deployment: Deployment) -> None:
+    headers = [(f"x-filler-{i}", "1") for i in range(300)]
+    response = httpx.post(f"{deployment.relay_url}/v1/messages", headers=headers, timeout=10)
+    assert response.status_code == 431
+    answer = response.json()
+    assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}, answer
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
+
+
+def test_a_pipelined_request_s_wait_behind_the_one_before_counts(
+    deployment: Deployment, account: tuple[str, str]
+) -> None:
+    """A request's clock starts when its head is in, not when its handler runs: here the second of two
+    pipelined requests waits for the first one's slow answer, and its overhead says so."""
+    _, key = account
+    body = orjson.dumps(chat())
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(deployment.relay_url.rsplit(":", 1)[1])
+    deployment.upstream.configure(latency_ms=600)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head + body + head + body)
+            received = b""
+            while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+    finally:
+        deployment.upstream.reset()
+    overheads = [float(v) for v in re.findall(rb"x-relaygate-overhead-ms: ([0-9.]+)", received)]
+    assert len(overheads) == 2, received
+    assert overheads[0] < 500 <= overheads[1], overheads
+
+
 ADMIN_QUERIES = [
     ("/admin/v1/users", {"limit": str(INT64_OVERFLOW)}),
     ("/admin/v1/keys", {"limit": str(2**31)}),

@@ -73,10 +73,17 @@ class Exchange:
 
     @classmethod
     def begin(
-        cls, *, endpoint: str, client_ip: str, client_request_id: str = "", front: str = "http"
+        cls,
+        *,
+        endpoint: str,
+        client_ip: str,
+        client_request_id: str = "",
+        front: str = "http",
+        arrived: float | None = None,
     ) -> Exchange:
-        """The record of a request that has just arrived, under a new request id (also the id of
-        the log lines written while it is served)."""
+        """The record of a request that has just arrived (at ``arrived`` on ``time.perf_counter``'s
+        clock when the front knows, else now), under a new request id (also the id of the log lines
+        written while it is served)."""
         request_id = new_id("req")
         request_id_var.set(request_id)
         tracing.annotate("relaygate.request_id", request_id)
@@ -87,6 +94,7 @@ class Exchange:
             client_request_id=client_request_id[:_CLIENT_REQUEST_ID_CHARS],
             front=front,
             trace_id=tracing.current_trace_id(),
+            started=time.perf_counter() if arrived is None else arrived,
         )
 
     def answered(self, *, channel_id: str, upstream_model: str, status: int) -> None:

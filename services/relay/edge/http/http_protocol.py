@@ -9,8 +9,13 @@ get a plain-text 400. :class:`GuardedHttpToolsProtocol` adds, per connection:
   request on a kept-alive connection) and a body deadline (``body_timeout_s`` from the end of the
   head): past either, ``408`` and the connection is closed;
 * at most ``max_header_bytes`` of request line and headers and ``max_header_count`` headers: ``431``;
-* OpenAI-shaped JSON for every refusal made here, unparseable requests included (an unknown method
-  is ``405`` with ``allow``).
+* JSON in the caller's error shape for every refusal made here, unparseable requests included (an
+  unknown method is ``405`` with ``allow``): Anthropic's for ``/v1/messages``, OpenAI's elsewhere.
+
+It also starts each request's clock (:data:`ARRIVED` in the scope's state) when its head is
+complete: the time the request then waits for its handler (behind a pipelined request, or for a
+busy event loop) is the gateway's, clients wait it too, and the records and the performance view
+count it.
 
 The checks run in the protocol callbacks, before the ASGI app sees the request; nothing here touches
 an upstream or a balance.
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import http
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.common.errors import GatewayError, InvalidRequest
@@ -33,8 +40,14 @@ from services.relay.edge.http.openai_errors import (
     RequestTimeout,
     error_body,
 )
+from services.relay.formats.anthropic_errors import anthropic_error
 
-__all__ = ["ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_protocol"]
+__all__ = ["ARRIVED", "ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_protocol"]
+
+# The key, in the scope's state, of the request's arrival (``time.perf_counter()``).
+ARRIVED = "relaygate.arrived"
+# Requests under this path speak Anthropic's Messages API, refusals included.
+_ANTHROPIC_PATH = b"/v1/messages"
 
 # After a refusal the connection is half-closed and what the client still sends is read and dropped
 # for this long: closing with unread data would reset the connection, and the client could lose the
@@ -131,6 +144,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn parses the request target here (and may refuse it): until that succeeded, the
         # request is still this connection's unanswered head.
         super().on_headers_complete()
+        self.scope["state"][ARRIVED] = time.perf_counter()
         self._reading_head = False
         self._arm(self.limits.body_timeout_s, head=False)
 
@@ -182,7 +196,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not answer:
             transport.close()
             return
-        transport.write(_response(exc, allow))
+        transport.write(_response(exc, allow, anthropic=self.url.startswith(_ANTHROPIC_PATH)))
         if not transport.can_write_eof():
             transport.close()
             return
@@ -191,8 +205,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.loop.call_later(_LINGER_S, transport.close)
 
 
-def _response(exc: GatewayError, allow: str) -> bytes:
-    status, body, headers = error_body(exc)
+def _response(exc: GatewayError, allow: str, *, anthropic: bool) -> bytes:
+    if anthropic:
+        status, payload = anthropic_error(exc)
+        body, headers = orjson.dumps(payload), [(b"content-type", b"application/json")]
+    else:
+        status, body, headers = error_body(exc)
     if allow:
         headers.append((b"allow", allow.encode()))
     headers += [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.common.errors import GatewayError, ModelNotFound
 from services.common.telemetry import service_registry
 from services.relay.edge.http.headers import JSON, STREAM_HEADERS, gateway_headers
+from services.relay.edge.http.http_protocol import ARRIVED
 from services.relay.edge.http.openai_errors import error_body, sse_error
 from services.relay.edge.http.requests import ClientGone, Incoming, read_body
 from services.relay.edge.http.sse_sink import HttpSink
@@ -82,6 +83,7 @@ def begin(call: Call, endpoint: str) -> Exchange:
         ),
         client_request_id=incoming.client_request_id or "",
         front="http",
+        arrived=call.scope.get("state", {}).get(ARRIVED),
     )
 
 
