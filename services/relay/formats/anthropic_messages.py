@@ -39,18 +39,13 @@ from services.relay.pipeline.checks import (
     optional_positive_int,
     require_model,
 )
+from services.relay.providers.content import OPENAI_TO_ANTHROPIC_STOP
 from services.relay.settings import RelaySettings
 
 __all__ = ["STOP_REASONS", "message_id", "to_anthropic", "to_chat", "usage_of"]
 
-# OpenAI finish_reason → Anthropic stop_reason.
-STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
+# OpenAI finish_reason → Anthropic stop_reason (the table the Anthropic channels read the other way).
+STOP_REASONS = OPENAI_TO_ANTHROPIC_STOP
 _REFUSED_FIELDS = ("mcp_servers", "container")
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
