@@ -17,136 +17,61 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from services.common.errors import GatewayError, UpstreamError
+from services.common.errors import GatewayError
 from services.relay.formats.anthropic_errors import anthropic_error_event, error_type
 from services.relay.formats.anthropic_messages import STOP_REASONS, message_id, usage_of
-from services.relay.formats.common import ERROR_MARK, ChatUsage, chat_usage, data_of, event, obj, split_events
+from services.relay.formats.chat_stream import ChatStreamConversion
+from services.relay.formats.common import event, obj
 from services.relay.stream.sink import KEEPALIVE
 
 __all__ = ["MessagesStream"]
 
-_DONE = b"[DONE]"
 _PING = event(b"ping", {"type": "ping"})
 _BLOCK_STOP = b"content_block_stop"
 
 
-class MessagesStream:
+class MessagesStream(ChatStreamConversion):
     """The conversion state of one stream; ``model`` is the name the caller asked for."""
 
     __slots__ = (
         "_block",
         "_blocks",
-        "_ended",
-        "_error",
         "_model",
-        "_started",
         "_stop_reason",
         "_tools",
-        "_usage",
     )
 
+    WHOLE = "message"
+
     def __init__(self, model: str) -> None:
+        super().__init__()
         self._model = model
-        self._started = False
-        self._ended = False
-        # The gateway's in-band error, rendered where its marker comes in the stream.
-        self._error: GatewayError | None = None
         # The index of the open content block (-1: none) and how many were opened.
         self._block = -1
         self._blocks = 0
         # The chat tool-call index → its content block's index.
         self._tools: dict[int, int] = {}
         self._stop_reason: str | None = None
-        self._usage: ChatUsage | None = None
-
-    @property
-    def ended(self) -> bool:
-        """Whether the message was closed (``message_stop``) or ended by an error event."""
-        return self._ended
-
-    def convert(self, data: bytes) -> bytes:
-        """The Anthropic events for ``data``: complete chat SSE events as the relay forwards them."""
-        out: list[bytes] = []
-        for block in split_events(data):
-            if block == ERROR_MARK:
-                if self._error is not None and not self._ended:
-                    out.append(self._fail(self._error))
-                continue
-            payload = data_of(block)
-            if not payload:
-                continue
-            if payload == _DONE:
-                self._close_message(out)
-            elif not self._ended:
-                self._chunk(payload, out)
-        return b"".join(out)
 
     def keepalive(self) -> bytes:
         # Anthropic's pings follow message_start; before it, an SSE comment (every client skips it).
         return _PING if self._started else KEEPALIVE
-
-    def finish(self) -> bytes:
-        """What closes a stream that ended without ``[DONE]``: the message when its end was seen,
-        else an error event (the upstream stopped mid-answer)."""
-        out: list[bytes] = []
-        if not self._ended:
-            if self._stop_reason is not None:
-                self._close_message(out)
-            else:
-                out.append(self._fail(UpstreamError("The upstream stream ended before the message did.")))
-        return b"".join(out)
-
-    def error_event(self, exc: GatewayError) -> bytes:
-        """A marker for ``exc``: the relay queues it after the chunks still to be written, and it is
-        rendered when it comes through :meth:`convert`, in its place in the stream."""
-        self._error = exc
-        return ERROR_MARK + b"\n\n"
 
     def _fail(self, exc: GatewayError) -> bytes:
         """``exc`` in-band; nothing follows it."""
         self._ended = True
         return anthropic_error_event(exc)
 
-    def _chunk(self, payload: bytes, out: list[bytes]) -> None:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
-            return
-        error = chunk.get("error")
-        if isinstance(error, dict):
-            self._ended = True
-            message = error.get("message") if isinstance(error.get("message"), str) else "Upstream error."
-            out.append(
-                event(b"error", {"type": "error", "error": {"type": error_type(500), "message": message}})
-            )
-            return
-        if not self._started:
-            self._start(chunk, out)
-        usage = chat_usage(chunk.get("usage"))
-        if usage is not None:
-            self._usage = usage
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return
-        choice = choices[0]
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                self._text(text, out)
-            calls = delta.get("tool_calls")
-            if isinstance(calls, list):
-                for call in calls:
-                    if isinstance(call, dict):
-                        self._tool(call, out)
-        reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason:
-            self._close_block(out)
-            self._stop_reason = STOP_REASONS.get(reason, "end_turn")
+    @property
+    def _end_seen(self) -> bool:
+        return self._stop_reason is not None
+
+    def _upstream_error(self, error: dict[str, Any], message: str) -> bytes:
+        return event(b"error", {"type": "error", "error": {"type": error_type(500), "message": message}})
+
+    def _finished(self, reason: str, out: list[bytes]) -> None:
+        self._close_block(out)
+        self._stop_reason = STOP_REASONS.get(reason, "end_turn")
 
     def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         self._started = True
@@ -210,7 +135,7 @@ class MessagesStream:
                 event(b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
             )
 
-    def _close_message(self, out: list[bytes]) -> None:
+    def _complete(self, out: list[bytes]) -> None:
         if self._ended:
             return
         if not self._started:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from services.common.errors import GatewayError, UpstreamError
-from services.relay.formats.common import ERROR_MARK, ChatUsage, chat_usage, data_of, event, obj, split_events
+from services.common.errors import GatewayError
+from services.relay.formats.chat_stream import ChatStreamConversion
+from services.relay.formats.common import ChatUsage, event, obj
 from services.relay.formats.responses import (
     ResponseShape,
     function_call_item,
@@ -31,8 +30,6 @@ from services.relay.formats.responses import (
 from services.relay.stream.sink import KEEPALIVE
 
 __all__ = ["ResponsesStream"]
-
-_DONE = b"[DONE]"
 
 
 class _Item:
@@ -60,77 +57,34 @@ class _Item:
         return message_item(self.item_id, text, status=status)
 
 
-class ResponsesStream:
+class ResponsesStream(ChatStreamConversion):
     """The conversion state of one stream."""
 
     __slots__ = (
         "_calls",
         "_done",
-        "_ended",
-        "_error",
         "_finish",
         "_open",
         "_sequence",
         "_shape",
-        "_started",
-        "_usage",
     )
 
+    WHOLE = "response"
+
     def __init__(self, shape: ResponseShape) -> None:
+        super().__init__()
         self._shape = shape
         self._sequence = 0
-        self._started = False
-        self._ended = False
-        # The gateway's in-band error, rendered where its marker comes in the stream.
-        self._error: GatewayError | None = None
         self._open: _Item | None = None
         # Finished output items, in order, for the final Response.
         self._done: list[dict[str, Any]] = []
         # The chat tool-call index → its item.
         self._calls: dict[int, _Item] = {}
         self._finish: str | None = None
-        self._usage: ChatUsage | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def convert(self, data: bytes) -> bytes:
-        """The Responses events for ``data``: complete chat SSE events as the relay forwards them."""
-        out: list[bytes] = []
-        for block in split_events(data):
-            if block == ERROR_MARK:
-                if self._error is not None and not self._ended:
-                    out.append(self._fail(self._error))
-                continue
-            payload = data_of(block)
-            if not payload:
-                continue
-            if payload == _DONE:
-                self._complete(out)
-            elif not self._ended:
-                self._chunk(payload, out)
-        return b"".join(out)
 
     def keepalive(self) -> bytes:
         # A comment: the SDKs skip it, and a Responses stream has no event for it.
         return KEEPALIVE
-
-    def finish(self) -> bytes:
-        """What closes a stream that ended without ``[DONE]``."""
-        out: list[bytes] = []
-        if not self._ended:
-            if self._finish is not None:
-                self._complete(out)
-            else:
-                out.append(self._fail(UpstreamError("The upstream stream ended before the response did.")))
-        return b"".join(out)
-
-    def error_event(self, exc: GatewayError) -> bytes:
-        """A marker for ``exc``: the relay queues it after the chunks still to be written, and it is
-        rendered when it comes through :meth:`convert`, in its place in the stream."""
-        self._error = exc
-        return ERROR_MARK + b"\n\n"
 
     def _fail(self, exc: GatewayError) -> bytes:
         """``exc`` in-band (the ``error`` event); nothing follows it."""
@@ -142,49 +96,23 @@ class ResponsesStream:
         self._sequence += 1
         return event(kind.encode(), {"type": kind, **payload, "sequence_number": sequence})
 
-    def _chunk(self, payload: bytes, out: list[bytes]) -> None:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
-            return
-        error = chunk.get("error")
-        if isinstance(error, dict):
-            self._ended = True
-            message = error.get("message") if isinstance(error.get("message"), str) else "Upstream error."
-            out.append(self._event("error", {"code": error.get("code"), "message": message, "param": None}))
-            return
-        if not self._started:
-            self._start(out)
-        usage = chat_usage(chunk.get("usage"))
-        if usage is not None:
-            self._usage = usage
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return
-        choice = choices[0]
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                self._text(text, out)
-            calls = delta.get("tool_calls")
-            if isinstance(calls, list):
-                for call in calls:
-                    if isinstance(call, dict):
-                        self._call(call, out)
-        reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason:
-            self._close(out)
-            self._finish = reason
-
     def _response(self, status: str, *, usage: ChatUsage | None = None) -> dict[str, Any]:
         return response_object(
             self._shape, status=status, output=list(self._done), usage=usage, finish_reason=self._finish
         )
 
-    def _start(self, out: list[bytes]) -> None:
+    @property
+    def _end_seen(self) -> bool:
+        return self._finish is not None
+
+    def _upstream_error(self, error: dict[str, Any], message: str) -> bytes:
+        return self._event("error", {"code": error.get("code"), "message": message, "param": None})
+
+    def _finished(self, reason: str, out: list[bytes]) -> None:
+        self._close(out)
+        self._finish = reason
+
+    def _start(self, _chunk: dict[str, Any], out: list[bytes]) -> None:
         self._started = True
         out.append(self._event("response.created", {"response": self._response("in_progress")}))
         out.append(self._event("response.in_progress", {"response": self._response("in_progress")}))
@@ -211,7 +139,7 @@ class ResponsesStream:
         item.pieces.append(text)
         out.append(self._event("response.output_text.delta", self._where(item, delta=text, logprobs=[])))
 
-    def _call(self, call: dict[str, Any], out: list[bytes]) -> None:
+    def _tool(self, call: dict[str, Any], out: list[bytes]) -> None:
         position = call.get("index", len(self._calls))
         position = position if isinstance(position, int) else len(self._calls)
         function = obj(call.get("function"))
@@ -261,7 +189,7 @@ class ResponsesStream:
         if self._ended:
             return
         if not self._started:
-            self._start(out)
+            self._start({}, out)
         self._close(out)
         self._ended = True
         response = self._response("completed", usage=self._usage or ChatUsage())
