@@ -119,7 +119,7 @@ def passthrough_message(exc: GatewayError) -> str:
         except orjson.JSONDecodeError:
             return exc.message
         error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
+        if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
             return str(error["message"])
     return exc.message
 

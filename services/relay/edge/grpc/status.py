@@ -21,7 +21,6 @@ process calling this service rebuilds the same exception.
 from __future__ import annotations
 
 import grpc
-import orjson
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -37,6 +36,7 @@ from services.common.errors import (
     to_wire,
 )
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
+from services.relay.formats.common import passthrough_message
 
 __all__ = ["DOMAIN", "Refusal", "refusal"]
 
@@ -62,20 +62,6 @@ def _code(exc: GatewayError) -> grpc.StatusCode:
     return exc.grpc_status
 
 
-def _message(exc: GatewayError) -> str:
-    """The upstream's own message when it refused in OpenAI's shape, else the gateway's."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, bytes) and body:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return exc.message
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
-            return str(error["message"])
-    return exc.message
-
-
 def _quota_subject(exc: QuotaError, principal: Principal | None) -> str:
     if principal is None:
         return ""
@@ -87,7 +73,7 @@ def _quota_subject(exc: QuotaError, principal: Principal | None) -> str:
 def refusal(exc: GatewayError, *, request_id: str = "", principal: Principal | None = None) -> Refusal:
     """How a call refused with ``exc`` ends (see the module docstring)."""
     code = _code(exc)
-    message = _message(exc)
+    message = passthrough_message(exc)
     metadata = {"type": exc.type, "http_status": str(exc.status)}
     if request_id:
         metadata["request_id"] = request_id
