@@ -10,18 +10,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from services.common.pricing import RATE_FIELDS
+
 # Fields that hold money in micro-units besides the ``*_micros`` ones: the price book's rates.
-_MONEY_FIELDS = frozenset(
-    {
-        "input_per_mtok",
-        "output_per_mtok",
-        "cached_input_per_mtok",
-        "cache_write_per_mtok",
-        "reasoning_per_mtok",
-        "per_request",
-        "per_image",
-    }
-)
+_MONEY_FIELDS = frozenset(RATE_FIELDS)
 _EMPTY: tuple[object, ...] = (None, "", "0", 0, False, [], {})
 _MAX_CELL = 48
 # Listing fields worth a column of their own when the API answers with many; the rest stay in --json.

@@ -45,6 +45,18 @@ MAX_CHOICES = 128
 MAX_PRICE_MICROS = 1_000_000_000_000
 
 
+# The fields of a price that are amounts of money (micro-units), every one bounded by MAX_PRICE_MICROS.
+RATE_FIELDS: tuple[str, ...] = (
+    "input_per_mtok",
+    "output_per_mtok",
+    "cached_input_per_mtok",
+    "cache_write_per_mtok",
+    "reasoning_per_mtok",
+    "per_request",
+    "per_image",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """One immutable version of a model's price; ``price_id`` is 0 until stored."""

@@ -22,6 +22,7 @@ from services.common.pricing import (
     MAX_IMAGES,
     MAX_PRICE_MICROS,
     MAX_TOKENS,
+    RATE_FIELDS,
     Price,
     Usage,
     cost,
@@ -55,15 +56,7 @@ def validate_price(price: Price) -> Price:
         raise InvalidRequest("a price needs a model name", param="model")
     if len(model) > _MODEL_NAME_MAX:
         raise InvalidRequest(f"model name longer than {_MODEL_NAME_MAX} characters", param="model")
-    for name in (
-        "input_per_mtok",
-        "output_per_mtok",
-        "cached_input_per_mtok",
-        "cache_write_per_mtok",
-        "reasoning_per_mtok",
-        "per_request",
-        "per_image",
-    ):
+    for name in RATE_FIELDS:
         value: int = getattr(price, name)
         if not 0 <= value <= MAX_PRICE_MICROS:
             raise InvalidRequest(f"{name} must be between 0 and {MAX_PRICE_MICROS} (got {value})", param=name)
