@@ -36,7 +36,13 @@ from services.relay.providers.base import (
     loads_object,
     tool_call_delta,
 )
-from services.relay.providers.content import ANTHROPIC_STOP, arguments_of, parse_data_url, text_of
+from services.relay.providers.content import (
+    ANTHROPIC_STOP,
+    arguments_of,
+    chosen_function,
+    parse_data_url,
+    text_of,
+)
 from services.relay.providers.events import EventReader
 
 __all__ = ["ANTHROPIC", "AnthropicProvider"]
@@ -150,11 +156,7 @@ def _tools(body: dict[str, Any], request: dict[str, Any]) -> None:
     elif choice == "required":
         picked = {"type": "any"}
     elif isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
-            raise invalid("tool_choice must name a function.", "tool_choice")
-        picked = {"type": "tool", "name": name}
+        picked = {"type": "tool", "name": chosen_function(choice)}
     if body.get("parallel_tool_calls") is False and "tools" in request:
         picked = picked or {"type": "auto"}
         if picked["type"] != "none":

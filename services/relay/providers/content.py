@@ -19,6 +19,7 @@ __all__ = [
     "GEMINI_FINISH",
     "OPENAI_TO_ANTHROPIC_STOP",
     "arguments_of",
+    "chosen_function",
     "parse_data_url",
     "text_of",
 ]
@@ -82,6 +83,15 @@ def text_of(content: Any) -> str:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
         )
     return ""
+
+
+def chosen_function(choice: dict[str, Any]) -> str:
+    """The function an OpenAI ``tool_choice`` object names (``{"type": "function", "function": {...}}``)."""
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequest("tool_choice must name a function.", param="tool_choice")
+    return name
 
 
 def arguments_of(call: Any) -> dict[str, Any]:

@@ -37,7 +37,13 @@ from services.relay.providers.base import (
     loads_object,
     tool_call_delta,
 )
-from services.relay.providers.content import GEMINI_FINISH, arguments_of, parse_data_url, text_of
+from services.relay.providers.content import (
+    GEMINI_FINISH,
+    arguments_of,
+    chosen_function,
+    parse_data_url,
+    text_of,
+)
 from services.relay.providers.events import EventReader
 
 __all__ = ["GEMINI", "GeminiProvider"]
@@ -172,11 +178,7 @@ def _tools(body: dict[str, Any], request: dict[str, Any]) -> None:
     elif choice == "auto":
         calling = {"mode": "AUTO"}
     elif isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
-            raise invalid("tool_choice must name a function.", "tool_choice")
-        calling = {"mode": "ANY", "allowedFunctionNames": [name]}
+        calling = {"mode": "ANY", "allowedFunctionNames": [chosen_function(choice)]}
     if calling is not None:
         request["toolConfig"] = {"functionCallingConfig": calling}
 
