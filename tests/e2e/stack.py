@@ -220,6 +220,27 @@ def balance(deployment: Deployment, user_id: str) -> dict[str, int]:
         return {k: int(v) for k, v in body.items() if k != "user_id"}
 
 
+def only_log_row(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The user's one request-log row, once it is written (a second row fails)."""
+    deadline = time.monotonic() + timeout
+    with deployment.admin() as admin:
+        while True:
+            rows = admin.get("/admin/v1/logs", params={"user_id": user_id}).json().get("logs", [])
+            if rows:
+                assert len(rows) == 1, rows
+                row: dict[str, Any] = rows[0]
+                return row
+            assert time.monotonic() < deadline, "no request log row"
+            time.sleep(0.1)
+
+
+def settled(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, int]:
+    """The user's balance once nothing is held; fails when something still is after ``timeout``."""
+    current = settled_balance(deployment, user_id, timeout)
+    assert current["reserved_micros"] == 0, f"still held: {current}"
+    return current
+
+
 def settled_balance(deployment: Deployment, user_id: str, timeout: float = 20.0) -> dict[str, int]:
     """The user's balance once nothing is held: requests are settled by their usage events, which
     quota's consumer applies shortly after the response."""

@@ -21,7 +21,7 @@ from services.common.pb.relaygate.relay.v1 import inference_pb2 as pb
 from services.common.pb.relaygate.relay.v1 import inference_pb2_grpc as pb_grpc
 from services.common.rpc_policy import method_name
 from services.common.tls import RELAY, server_name
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, settled
 from tests.tls import certificates
 
 TIMEOUT = 10.0
@@ -81,16 +81,6 @@ def log_rows(deployment: Deployment, user_id: str, timeout: float = 15.0) -> lis
                 return rows
             assert time.monotonic() < deadline, "no request log row"
             time.sleep(0.1)
-
-
-def settled(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = balance(deployment, user_id)
-        if current["reserved_micros"] == 0:
-            return current
-        assert time.monotonic() < deadline, f"still held: {current}"
-        time.sleep(0.1)
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:

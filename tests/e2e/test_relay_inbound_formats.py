@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from services.common.pricing import Price, Usage, cost
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, ok
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, ok, only_log_row
 
 # Cached and reasoning tokens priced apart, so a charge that ignored them would differ.
 PRICES = {**PRICE, "cached_input_per_mtok": 500_000, "reasoning_per_mtok": 16_000_000}
@@ -76,19 +76,6 @@ def expected_cost(prompt: int, completion: int, *, cached: int = 0, reasoning: i
         reasoning_tokens=reasoning,
     )
     return cost(price, usage)
-
-
-def only_log_row(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with deployment.admin() as admin:
-        while True:
-            rows = admin.get("/admin/v1/logs", params={"user_id": user_id}).json().get("logs", [])
-            if rows:
-                assert len(rows) == 1, rows
-                row: dict[str, Any] = rows[0]
-                return row
-            assert time.monotonic() < deadline, "no request log row"
-            time.sleep(0.1)
 
 
 def charged(deployment: Deployment, user_id: str, funded: int, timeout: float = 15.0) -> int:

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
+from tests.e2e.stack import MODEL, PRICE, Deployment, fund_user, only_log_row, settled
 
 RELAY_ENV = {
     "RELAYGATE_STREAM_KEEPALIVE_S": "0.3",
@@ -49,29 +49,6 @@ def cost(usage: dict[str, Any]) -> int:
     micro = int(usage["prompt_tokens"]) * PRICE["input_per_mtok"]
     micro += int(usage.get("completion_tokens", 0)) * PRICE["output_per_mtok"]
     return -(-micro // 1_000_000)
-
-
-def log_row(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with deployment.admin() as admin:
-        while True:
-            rows = admin.get("/admin/v1/logs", params={"user_id": user_id}).json().get("logs", [])
-            if rows:
-                assert len(rows) == 1, rows
-                row: dict[str, Any] = rows[0]
-                return row
-            assert time.monotonic() < deadline, "no request log row"
-            time.sleep(0.1)
-
-
-def settled(deployment: Deployment, user_id: str, timeout: float = 15.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = balance(deployment, user_id)
-        if current["reserved_micros"] == 0:
-            return current
-        assert time.monotonic() < deadline, f"still held: {current}"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("include_usage", [True, False], ids=["caller-asks-usage", "relay-adds-usage"])
@@ -143,7 +120,7 @@ def test_an_upstream_silent_past_the_idle_timeout_ends_the_stream_in_band(deploy
     assert len(error) == 1
     assert orjson.loads(error[0][6:])["error"]["code"] == "upstream_timeout"
     assert not data.endswith(b"data: [DONE]\n\n")
-    row = log_row(deployment, user_id)
+    row = only_log_row(deployment, user_id)
     assert (row["end_reason"], row["error_type"]) == ("timeout", "provider")
     settled(deployment, user_id)
 
@@ -165,7 +142,7 @@ def test_usage_is_settled_after_the_client_disconnects(deployment: Deployment) -
                 break  # the client goes away mid-stream
 
     after = settled(deployment, user_id)
-    row = log_row(deployment, user_id)
+    row = only_log_row(deployment, user_id)
     usage = row["usage"]
     # The provider's own count, read by draining the abandoned stream: all 15 tokens, not an estimate.
     assert int(usage["completion_tokens"]) == 15
@@ -181,7 +158,7 @@ def test_a_stream_without_provider_usage_bills_a_marked_estimate(deployment: Dep
     data = raw_stream(f"{deployment.relay_url}/v1", chat_body(max_tokens=5), key)
     assert data.endswith(b"data: [DONE]\n\n")
     settled(deployment, user_id)
-    row = log_row(deployment, user_id)
+    row = only_log_row(deployment, user_id)
     assert row["usage"]["estimated"] is True
     assert row["end_reason"] == "done"
     assert int(row["cost_micros"]) > 0
