@@ -46,9 +46,9 @@ def check(target: Target, request: bytes, *, method: bytes = b"") -> Reply:
             error = body["error"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             raise AssertionError(f"not an error object: {reply}") from None
-        if _anthropic_route(request, method) and "x-request-id" in reply.headers:
-            # Answered by the Messages route (which names the request): Anthropic's error shape.
-            # The HTTP protocol layer refuses a malformed head before any route, in OpenAI's.
+        if _anthropic_route(request, method):
+            # A POST to the Messages API: Anthropic's error shape, whether the route answered or the
+            # HTTP protocol layer refused its head first.
             assert body["type"] == "error" and set(error) == {"type", "message"}, body
         else:
             assert set(error) == {"message", "type", "param", "code"}, error

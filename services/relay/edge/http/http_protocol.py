@@ -10,7 +10,8 @@ get a plain-text 400. :class:`GuardedHttpToolsProtocol` adds, per connection:
   head): past either, ``408`` and the connection is closed;
 * at most ``max_header_bytes`` of request line and headers and ``max_header_count`` headers: ``431``;
 * JSON in the caller's error shape for every refusal made here, unparseable requests included (an
-  unknown method is ``405`` with ``allow``): Anthropic's for ``/v1/messages``, OpenAI's elsewhere.
+  unknown method is ``405`` with ``allow``): Anthropic's for a POST to ``/v1/messages``, OpenAI's
+  elsewhere.
 
 It also starts each request's clock (:data:`ARRIVED` in the scope's state) when its head is
 complete: the time the request then waits for its handler (behind a pipelined request, or for a
@@ -46,7 +47,7 @@ __all__ = ["ARRIVED", "ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_p
 
 # The key, in the scope's state, of the request's arrival (``time.perf_counter()``).
 ARRIVED = "relaygate.arrived"
-# Requests under this path speak Anthropic's Messages API, refusals included.
+# POSTs to this path speak Anthropic's Messages API, refusals included.
 _ANTHROPIC_PATH = b"/v1/messages"
 
 # After a refusal the connection is half-closed and what the client still sends is read and dropped
@@ -196,13 +197,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not answer:
             transport.close()
             return
-        transport.write(_response(exc, allow, anthropic=self.url.startswith(_ANTHROPIC_PATH)))
+        transport.write(_response(exc, allow, anthropic=self._speaks_anthropic()))
         if not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
         self._lingering = True
         self.loop.call_later(_LINGER_S, transport.close)
+
+    def _speaks_anthropic(self) -> bool:
+        """Whether the refused request is a POST to the Messages API, whose callers read Anthropic's
+        errors (once the target is read, the method before it is known)."""
+        parser: httptools.HttpRequestParser | None = self.parser
+        # uvicorn sets ``url`` when a request begins: a connection idle since it opened has none.
+        url: bytes = getattr(self, "url", b"")
+        if parser is None or url.split(b"?", 1)[0] != _ANTHROPIC_PATH:
+            return False
+        return parser.get_method() == b"POST"
 
 
 def _response(exc: GatewayError, allow: str, *, anthropic: bool) -> bytes:
