@@ -8,6 +8,7 @@ end. A format (:mod:`.anthropic_stream`, :mod:`.responses_stream`) says what eac
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import orjson
@@ -20,7 +21,7 @@ __all__ = ["ChatStreamConversion"]
 _DONE = b"[DONE]"
 
 
-class ChatStreamConversion:
+class ChatStreamConversion(abc.ABC):
     """The conversion state of one stream (subclasses add theirs)."""
 
     __slots__ = ("_ended", "_error", "_started", "_usage")
@@ -115,33 +116,34 @@ class ChatStreamConversion:
     # --- what the format makes of each piece ---------------------------------------------------
 
     @property
+    @abc.abstractmethod
     def _end_seen(self) -> bool:
         """Whether the finish reason came (the answer can be closed without ``[DONE]``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         """The first chunk arrived (sets ``_started``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _text(self, text: str, out: list[bytes]) -> None:
-        raise NotImplementedError
+        """A piece of the answer's text."""
 
+    @abc.abstractmethod
     def _tool(self, call: dict[str, Any], out: list[bytes]) -> None:
         """A tool-call delta (its index, and its id, name or a piece of its arguments)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _finished(self, reason: str, out: list[bytes]) -> None:
         """The choice's finish reason."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _complete(self, out: list[bytes]) -> None:
         """Close the answer (at ``[DONE]``, or at the end of a stream whose end was seen)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _fail(self, exc: GatewayError) -> bytes:
         """``exc`` in-band; nothing follows it (sets ``_ended``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _upstream_error(self, error: dict[str, Any], message: str) -> bytes:
         """An error object the upstream sent inside the stream."""
-        raise NotImplementedError
