@@ -44,10 +44,18 @@ function editChannel(channel, done) {
         weight: Number(weight.value || 0),
         api_key: apiKey.value || channel.api_key,
       });
-      box.close();
+      // The table is reloaded before the dialog closes, so no row action can act on the old values.
       await done();
+      box.close();
     }, "Channel saved.");
   });
+}
+
+// The whole channel is written back, so it is read again first: a row rendered before another edit
+// (here or in another tab) must not put old values back.
+async function current(channel) {
+  const listing = await api.get("channels");
+  return (listing.channels || []).find((c) => c.channel_id === channel.channel_id) ?? channel;
 }
 
 export async function channels({ main, canWrite }) {
@@ -88,7 +96,7 @@ export async function channels({ main, canWrite }) {
                 ? h(
                     "span",
                     { class: "actions write" },
-                    h("button", { type: "button", dataset: { action: "toggle" }, onclick: () => act(async () => { await api.post("channels", { ...c, enabled: !c.enabled }); await load(); }, c.enabled ? "Channel disabled." : "Channel enabled.") }, c.enabled ? "Disable" : "Enable"),
+                    h("button", { type: "button", dataset: { action: "toggle" }, onclick: () => act(async () => { await api.post("channels", { ...(await current(c)), enabled: !c.enabled }); await load(); }, c.enabled ? "Channel disabled." : "Channel enabled.") }, c.enabled ? "Disable" : "Enable"),
                     h("button", { type: "button", disabled: !byId[c.channel_id] || byId[c.channel_id].breaker === "closed", onclick: () => act(async () => { await api.post(`channels/${c.channel_id}/breaker/reset`); await load(); }, "Breaker closed.") }, "Reset breaker"),
                     h("button", { type: "button", onclick: () => editChannel(c, load) }, "Edit"),
                   )
