@@ -6,8 +6,11 @@ read over two equal spans, without and then with the view polled once a second; 
 polling's cost (the snapshot each relay posts every second is in both). Then, with the view polled
 every second, the harness sends plain requests at a fixed rate below saturation, and the view read
 right after holds exactly that load in its 1-minute window: its request count, rate (over the load's
-duration) and latency percentiles are set next to the harness's. Then scenario 1's saturating load
-(wrk, closed loop) runs, and its count and rate are compared by difference.
+duration) and latency percentiles are set next to the harness's. That paced phase runs twice, each in
+a 1-minute window of its own: with the fake upstream answering at once (the relay's latency is then
+its own few milliseconds, and the loopback and the client's parsing are a large share of it) and
+answering after 20 ms (still far quicker than any model; the same absolute gap, a small share). Then
+scenario 1's saturating load (wrk, closed loop) runs, and its count and rate are compared by difference.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ PATH = "/admin/v1/performance"
 IDLE_SPAN_S = 30.0
 # Below saturation, so that the relay's own timing and the client's differ by the loopback only.
 PACED_RATE = 200.0
-PACED = f"harness @ {PACED_RATE:g}/s"
+# The fake upstream's answer delay in each paced phase, and the phase's row name.
+PACED_PHASES = {0: f"harness @ {PACED_RATE:g}/s", 20: f"harness @ {PACED_RATE:g}/s, upstream 20 ms"}
+PACED = PACED_PHASES[0]
 # The 1-minute window spans up to 60 s plus the slot in progress.
 CLEAN_WINDOW_S = 75.0
 
@@ -65,6 +70,7 @@ class Poller:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Poller]:
+        self._stop.clear()
         thread = threading.Thread(target=self._run, name="perf-poller", daemon=True)
         thread.start()
         try:
@@ -98,6 +104,12 @@ def _relay_cpu_ms(bench: Bench, seconds: float, poller: Poller | None) -> float:
     return window.cpu_ms["relay"]
 
 
+def _await_empty_window(client: httpx.Client, deadline: float) -> None:
+    """Waits until the view's 1-minute window holds no request (or ``deadline``, on a monotonic clock)."""
+    while time.monotonic() < deadline and client.get(PATH).json()["windows"]["1m"]["requests"]:
+        time.sleep(1.0)
+
+
 def _view_row(view: dict[str, Any], load: Measurement, name: str) -> Measurement:
     window = view["windows"]["1m"]
     requests = window["requests"]
@@ -128,25 +140,31 @@ def performance_view(bench: Bench) -> ScenarioResult:
             quiet_ms = _relay_cpu_ms(bench, idle_s, None)
             poller = Poller(client)
             polled_ms = _relay_cpu_ms(bench, idle_s, poller)
-            deadline = started + (0 if quick else CLEAN_WINDOW_S)
-            while time.monotonic() < deadline and client.get(PATH).json()["windows"]["1m"]["requests"]:
-                time.sleep(1.0)
+            rows: list[Measurement] = []
             under_load = Poller(client)
+            for upstream_ms, name in PACED_PHASES.items():
+                _await_empty_window(client, started + (0 if quick else CLEAN_WINDOW_S))
+                bench.env.upstream.configure(latency_ms=upstream_ms)
+                try:
+                    with under_load.running():
+                        paced = _at_rate(bench, bench.relaygate, PACED_RATE, stream=False)
+                        view = client.get(PATH).json()
+                finally:
+                    bench.env.upstream.configure(latency_ms=0)
+                paced.target, paced.compare_to = name, ""
+                rows += [paced, _view_row(view, paced, f"view: {name}")]
+                started = time.monotonic()
+            before = view["windows"]["1m"]["requests"]
             with under_load.running():
-                paced = _at_rate(bench, bench.relaygate, PACED_RATE, stream=False)
-                paced.target, paced.compare_to = PACED, ""
-                view = client.get(PATH).json()
-                before = view["windows"]["1m"]["requests"]
                 load = wrk_measure(bench, "wrk", bench.relaygate, bench.body_plain)
                 load.compare_to = ""
             after = client.get(PATH).json()
-            row = _view_row(view, paced, f"view: {PACED}")
             saturated = _view_row(after, load, "view: wrk")
             # The 1-minute window holds both loads: count and rate the saturated one by difference.
             saturated.figures["requests"] = after["windows"]["1m"]["requests"] - before
             saturated.figures["rps"] = saturated.figures["requests"] / load.wall_s if load.wall_s else 0.0
             saturated.compare_to = "wrk"
-            result.runs.append([paced, row, load, saturated])
+            result.runs.append([*rows, load, saturated])
             cost_pct = (polled_ms - quiet_ms) / (idle_s * 1000) * 100
             per_poll_ms = (polled_ms - quiet_ms) / max(1, poller.polls)
             load_relay_ms = load.cpu_ms.get("relay", 0.0)
@@ -173,7 +191,8 @@ def performance_view(bench: Bench) -> ScenarioResult:
                 }
             )
     medians = {m.target: m for m in result.medians()}
-    for theirs_name, keys in ((PACED, ("requests", "rps", "p50_ms", "p99_ms")), ("wrk", ("requests", "rps"))):
+    compared = [(name, ("requests", "rps", "p50_ms", "p99_ms")) for name in PACED_PHASES.values()]
+    for theirs_name, keys in (*compared, ("wrk", ("requests", "rps"))):
         theirs, ours = medians.get(theirs_name), medians.get(f"view: {theirs_name}")
         if theirs is None or ours is None:
             continue
@@ -190,7 +209,9 @@ def performance_view(bench: Bench) -> ScenarioResult:
         )
     result.notes.append(
         f"At {PACED_RATE:g}/s (open loop, the harness's client) the view's latency is the relay's own "
-        "timing, arrival to last byte, and the client's adds the loopback and its own parsing. Under wrk's "
+        "timing, arrival to last byte, and the client's adds the loopback and its own parsing: the same "
+        "absolute gap with the upstream answering at once or after 20 ms, a smaller share of the "
+        "latter. Under wrk's "
         "saturating closed loop the relay's event loop is the bottleneck: requests wait in the socket "
         "queue before the relay's clock starts, so only the count and the rate are compared there (its "
         "latency columns are the whole minute's, both loads). Percentiles: log buckets, 1 % relative error."
