@@ -152,6 +152,7 @@ def performance_view(bench: Bench) -> ScenarioResult:
                 finally:
                     bench.env.upstream.configure(latency_ms=0)
                 paced.target, paced.compare_to = name, ""
+                paced.figures["requests"] = paced.units
                 rows += [paced, _view_row(view, paced, f"view: {name}")]
                 started = time.monotonic()
             before = view["windows"]["1m"]["requests"]
