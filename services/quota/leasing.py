@@ -57,7 +57,17 @@ from services.common.errors import InvalidRequest
 from services.quota import models
 from services.quota.book_locks import BookLocks, member_of, window_row
 from services.quota.budgets import Calendar, WindowKey, window_bit
-from services.quota.credit import CLOSED, OPEN, Account, CreditBooks, Hold, Posted, Window
+from services.quota.credit import (
+    CLOSED,
+    CLOSING,
+    EXPIRED,
+    OPEN,
+    Account,
+    CreditBooks,
+    Hold,
+    Posted,
+    Window,
+)
 from services.quota.holding import HoldRequest, budget_windows, windows_for
 from services.quota.models import ACCOUNTS, BUDGETS, ENTRIES, RESERVATIONS, USAGE
 from services.quota.settlement import windows_of
@@ -292,6 +302,7 @@ class CreditStore:
             loaded.books.windows_of = lambda key_id, user_id: windows_by_holder.get((key_id, user_id), ())
             answer = loaded.books.sync(request, now_ms)
             await self._write(conn, loaded, now_ms)
+        _log_turns(loaded, f"sync {request.seq} of relay {request.relay_id}")
         return answer
 
     async def _ask_windows(
@@ -361,6 +372,7 @@ class CreditStore:
                 seen.add(charge.request_id)
                 posted.append(loaded.books.charge(charge))
             await self._write(conn, loaded, now_ms, posted)
+        _log_turns(loaded, "charges from the usage stream")
         return posted
 
     # --- expiry ----------------------------------------------------------------------------------
@@ -380,6 +392,7 @@ class CreditStore:
                 loaded = await self._load(conn, rows, {str(r.user_id) for r in rows}, (), now_ms)
                 expired = len(loaded.books.expire(now_ms))
                 await self._write(conn, loaded, now_ms)
+            _log_turns(loaded, "expiry: no sync of its relay renewed it")
             changed += expired
             # Nothing expired: the due rows were closed meanwhile (or by another quota process).
             if len(due) < batch or not expired:
@@ -422,7 +435,7 @@ class CreditStore:
                 return None
             # Only the recall flags are written: the hold itself is the exact path's to take.
             await self._write(conn, loaded, now_ms, holds_only=True)
-        log.info("leases recalled", extra={"user_id": request.user_id, "leases": len(rows)})
+        _log_turns(loaded, f"reservation {request.reservation_id} of {request.amount} refused")
         return answer.retry_after_ms / 1000
 
     # --- loading and writing back ----------------------------------------------------------------
@@ -596,6 +609,49 @@ async def _retrying_races(attempt: Callable[[], Awaitable[_T]]) -> _T:
                 raise
             log.info("a concurrent transaction inserted the same row first; retrying")
     raise AssertionError("unreachable")
+
+
+def _turn(before: Hold | None, hold: Hold) -> str:
+    """How a lease changed in one transaction, in words; empty when it did not turn (a lease's size
+    changes at most syncs: that is no turn)."""
+    if before is None:
+        return "granted"
+    if hold.recall and not before.recall:
+        return "recalled"
+    if hold.state == before.state:
+        return ""
+    if hold.state == CLOSING:
+        return "closing: its relay gave it back"
+    if hold.state == EXPIRED:
+        return "given up: its relay stopped syncing (reported use stays held for the horizon)"
+    if before.state == EXPIRED:
+        return "closed: expired, its reported use charged or its horizon over"
+    if hold.expired:
+        return "given up and closed: its relay stopped syncing, nothing it reported is unpaid"
+    return "closed: released by its relay, its reported use charged"
+
+
+def _log_turns(loaded: _Loaded, why: str) -> None:
+    """One line per lease that turned in a committed transaction, and what the transaction was:
+    leases turn a handful of times in their lives, never per request."""
+    for hold_id, hold in loaded.books.holds.items():
+        if hold.kind != LEASE or not (turn := _turn(loaded.holds.get(hold_id), hold)):
+            continue
+        log.info(
+            "credit lease %s",
+            turn,
+            extra={
+                "why": why,
+                "lease_id": hold_id,
+                "user_id": hold.user_id,
+                "key_id": hold.key_id,
+                "relay_id": hold.relay_id,
+                "granted": hold.granted,
+                "applied": hold.applied,
+                "used_reported": hold.used_reported,
+                "inflight_reported": hold.inflight_reported,
+            },
+        )
 
 
 def _no_windows(_key_id: str, _user_id: str) -> tuple[str, ...]:

@@ -60,11 +60,27 @@ from services.common.credit import (
     SyncRequest,
 )
 
-__all__ = ["Admission", "LeaseBook", "LocalLease", "recall_wait_ms", "user_scope"]
+__all__ = ["Admission", "LeaseBook", "LeaseTurn", "LocalLease", "recall_wait_ms", "user_scope"]
 
 PENDING = "pending"
 OPEN = "open"
 CLOSING = "closing"
+
+# Why the book turned a lease (the ``reason`` passed to the book's ``on_turn``): granted, or why it
+# stopped admitting on it (closing: reported to quota at the next sync) or forgot it.
+GRANTED = "granted"
+EXPIRED = "expired"  # its validity ran out before a sync quota answered renewed it
+IDLE = "idle"  # no admission for idle_ms
+RECALLED = "recalled"  # quota recalled it for an exact reserve of its user
+QUOTA_CLOSING = "quota closing"  # quota answered it is closing
+QUOTA_CLOSED = "quota closed"  # quota answered it is closed (the end of a closing lease, or given up)
+REFUSED = "refused"  # quota would not grant the ask
+RESCOPED = "rescoped"  # the asking key has a budget of its own
+SHUTTING_DOWN = "shutting down"
+
+# Told each turn of a lease with its reason; a lease turns a handful of times in its life, never per
+# request.
+LeaseTurn = Callable[["LocalLease", str], None]
 
 # The spend rate is smoothed over about this long, so a burst asks for more and a quiet key asks less.
 _RATE_WINDOW_MS = 5_000.0
@@ -147,11 +163,22 @@ class _Demand:
         return self.rate * max(0.0, 1.0 - max(0, now - self.at) / _RATE_WINDOW_MS)
 
 
+def _unobserved(_lease: LocalLease, _reason: str) -> None:
+    pass
+
+
 class LeaseBook:
-    def __init__(self, relay_id: str, terms: CreditTerms, new_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        relay_id: str,
+        terms: CreditTerms,
+        new_id: Callable[[], str],
+        on_turn: LeaseTurn = _unobserved,
+    ) -> None:
         self.relay_id = relay_id
         self.terms = terms
         self._new_id = new_id
+        self._on_turn = on_turn
         self._seq = 0
         # The lease each scope admits on (open) or is waiting for (pending).
         self._by_scope: dict[str, LocalLease] = {}
@@ -252,8 +279,8 @@ class LeaseBook:
                     LeaseAsk(lease.lease_id, lease.key_id, lease.user_id, want, lease.min_micros, scope)
                 )
                 continue
-            if lease.state == OPEN and self._should_close(lease, now):
-                self._close(lease)
+            if lease.state == OPEN and (why := self._close_reason(lease, now)):
+                self._close(lease, why)
             want = 0
             if lease.state == OPEN:
                 want = max(0, self._target(lease.scope, now) - lease.left)
@@ -276,27 +303,30 @@ class LeaseBook:
             if lease is None:
                 continue
             if grant.state == RESCOPE:
-                self._forget(lease)
+                self._forget(lease, RESCOPED)
                 self._rescope(lease, sent_at)
                 continue
             if grant.state in ("closed", "refused"):
-                self._forget(lease)
+                self._forget(lease, REFUSED if grant.state == "refused" else QUOTA_CLOSED)
                 if grant.state == "refused" or lease.state == PENDING:
                     self._exact_until[lease.scope] = sent_at + self.terms.exact_for_ms
                 continue
             if grant.state == CLOSING:
                 if lease.state != CLOSING:
-                    self._close(lease)
+                    self._close(lease, QUOTA_CLOSING)
                 continue
-            if lease.state == PENDING:
+            opened = lease.state == PENDING
+            if opened:
                 lease.state = OPEN
                 lease.last_admit = sent_at
             if lease.state == OPEN:
                 lease.granted = max(lease.granted, grant.granted_micros)
                 valid_until = sent_at + grant.valid_for_ms - self.terms.margin_ms
                 lease.expires_at = max(lease.expires_at, valid_until)
+                if opened:
+                    self._on_turn(lease, GRANTED)
                 if grant.recall:
-                    self._close(lease)
+                    self._close(lease, RECALLED)
                     self._exact_until[lease.scope] = sent_at + self.terms.exact_for_ms
                 else:
                     self._note_close(lease)
@@ -305,9 +335,11 @@ class LeaseBook:
         """Shutting down: admit nothing more; the next syncs give every lease back."""
         for lease in list(self._leases.values()):
             if lease.state == PENDING:
-                self._forget(lease)
-            else:
-                self._close(lease)
+                self._forget(lease, SHUTTING_DOWN)
+            elif lease.state == OPEN:
+                self._close(lease, SHUTTING_DOWN)
+        # Closing ones included: the next sync gives back whatever quota still holds.
+        self._urgent = self._urgent or bool(self._leases)
 
     # --- views -----------------------------------------------------------------------------------
 
@@ -349,16 +381,22 @@ class LeaseBook:
     def _low(self, lease: LocalLease, now: int) -> bool:
         return lease.state == OPEN and lease.left * 4 < self._target(lease.scope, now)
 
-    def _should_close(self, lease: LocalLease, now: int) -> bool:
-        return now >= lease.expires_at or now - lease.last_admit >= self.terms.idle_ms
+    def _close_reason(self, lease: LocalLease, now: int) -> str:
+        """Why an open lease closes on its own at ``now``; empty while it does not."""
+        if now >= lease.expires_at:
+            return EXPIRED
+        if now - lease.last_admit >= self.terms.idle_ms:
+            return IDLE
+        return ""
 
-    def _close(self, lease: LocalLease) -> None:
+    def _close(self, lease: LocalLease, reason: str) -> None:
         """Admit nothing more on ``lease``; the next sync (due at once) tells quota, which gives its
         unused part back to the user."""
         lease.state = CLOSING
         self._urgent = True
         if self._by_scope.get(lease.scope) is lease:
             del self._by_scope[lease.scope]
+        self._on_turn(lease, reason)
 
     def _note_close(self, lease: LocalLease) -> None:
         self._next_close = min(self._next_close, lease.expires_at, lease.last_admit + self.terms.idle_ms)
@@ -375,7 +413,8 @@ class LeaseBook:
         for key_id in [k for k, until in self._own_scope_until.items() if now >= until]:
             del self._own_scope_until[key_id]
 
-    def _forget(self, lease: LocalLease) -> None:
+    def _forget(self, lease: LocalLease, reason: str) -> None:
         self._leases.pop(lease.lease_id, None)
         if self._by_scope.get(lease.scope) is lease:
             del self._by_scope[lease.scope]
+        self._on_turn(lease, reason)

@@ -38,7 +38,7 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
 from services.common.telemetry import METRICS
-from services.relay.meter.credit import Admission, LeaseBook, recall_wait_ms
+from services.relay.meter.credit import Admission, LeaseBook, LocalLease, recall_wait_ms
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -136,7 +136,7 @@ class Leasing:
         self._shutdown_s = shutdown_s
         self._clock = clock
         self.relay_id = new_id("rly")
-        self.book = LeaseBook(self.relay_id, terms, lambda: new_id("lse"))
+        self.book = LeaseBook(self.relay_id, terms, lambda: new_id("lse"), on_turn=self._turned)
         self._task: asyncio.Task[None] | None = None
         self._warned_at = -_WARN_EVERY_MS
 
@@ -180,6 +180,27 @@ class Leasing:
                 "leases not given back at shutdown; quota expires them",
                 extra={"relay_id": self.relay_id, "leases": len(self.book.leases())},
             )
+
+    def _turned(self, lease: LocalLease, reason: str) -> None:
+        """One line per turn of a lease (granted, closing, forgotten) and why: a lease that stops
+        admitting sends its scope's requests down the exact path, and this says when and why. An ask
+        that never opened (refused, rescoped) is a debug line: a refused scope asks again every
+        ``exact_for_ms``."""
+        log.log(
+            logging.INFO if lease.granted else logging.DEBUG,
+            "credit lease %s: %s",
+            lease.state if self.book.lease(lease.lease_id) is lease else "forgotten",
+            reason,
+            extra={
+                "relay_id": self.relay_id,
+                "lease_id": lease.lease_id,
+                "scope": lease.scope,
+                "granted": lease.granted,
+                "used": lease.used,
+                "inflight": lease.inflight,
+                "admits_for_ms": lease.expires_at - self._clock() if lease.expires_at else 0,
+            },
+        )
 
     # --- syncs -----------------------------------------------------------------------------------
 
