@@ -12,6 +12,7 @@ finish. :class:`GatewayError` raised by a handler becomes a status plus trailing
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import time
@@ -79,13 +80,22 @@ class ErrorInterceptor(MethodInterceptor):
     """Maps :class:`GatewayError` to status + metadata, and records per-method metrics."""
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        if handler.unary_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _mapped(method.rsplit("/", 1)[-1], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        name = method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _mapped(name, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # A server stream written with ``context.write`` is a coroutine like a unary call (an async
+        # generator would need a generator wrapper; none of ours is one).
+        if handler.unary_stream is not None and inspect.iscoroutinefunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _mapped(name, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def _mapped(name: str, inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
