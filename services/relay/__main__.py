@@ -8,6 +8,7 @@ from services.common.heap import freeze_startup_heap
 from services.common.telemetry import setup_logging
 from services.relay.edge.http.app import create_app
 from services.relay.edge.http.http_protocol import ConnectionLimits, guarded_protocol
+from services.relay.edge.http.server import RelayServer
 from services.relay.settings import RelaySettings
 
 
@@ -36,7 +37,7 @@ def main() -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+    server = RelayServer(config, lifespan_deadline_s=45.0)
     # Everything imported and built so far lives as long as the process: out of every collection.
     freeze_startup_heap()
     server.run()

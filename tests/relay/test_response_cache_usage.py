@@ -32,3 +32,15 @@ async def test_an_entry_stored_before_the_token_kinds_is_still_a_hit(redis: Redi
     hit = await _cache(redis).get(key)
     assert hit is not None
     assert hit.usage == Usage(prompt_tokens=4, completion_tokens=8, cached_prompt_tokens=2)
+
+
+async def test_a_miss_kept_in_the_background_is_stored_by_close(redis: Redis) -> None:
+    key = f"test-cache-kinds:{uuid.uuid4().hex}"
+    cache = _cache(redis)
+    usage = Usage(prompt_tokens=1, completion_tokens=2)
+    cache.keep(key, b"application/json", b'{"kept": true}', usage)
+    # Nothing awaited yet: the store has not run, so keeping never delayed the caller.
+    assert await redis.get(key) is None
+    await cache.close()
+    hit = await _cache(redis).get(key)
+    assert hit is not None and hit.body == b'{"kept": true}' and hit.usage == usage

@@ -22,11 +22,14 @@ does not count against RPM/TPM limits either) or ``full`` (reserved and settled 
 answer, with the cached usage, and limited like one).
 
 Redis trouble never fails a request: a lookup that errors is a miss, a store that errors is skipped
-(``relaygate_response_cache{result="error"}``).
+(``relaygate_response_cache{result="error"}``). A miss is stored in the background
+(:meth:`ResponseCache.keep`), so storing never delays an answer on either front (a unary gRPC reply
+leaves only when its handler returns); stores still pending when the relay stops get a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -96,6 +99,7 @@ class ResponseCache:
         self._max_bytes = max_bytes
         self._scope = scope
         self.free_hits = billing == "free"
+        self._stores: set[asyncio.Task[None]] = set()
 
     def key_for(self, endpoint: str, body: dict[str, Any], principal: Principal) -> str | None:
         """The entry for this request, or None when it is not cacheable."""
@@ -136,6 +140,20 @@ class ResponseCache:
             return None
         metric(METRICS.response_cache, "hit").inc()
         return reply
+
+    def keep(self, key: str, content_type: bytes, body: bytes, usage: Usage) -> None:
+        """Store a miss in the background."""
+        task = asyncio.get_running_loop().create_task(self.put(key, content_type, body, usage))
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def close(self, timeout_s: float = 1.0) -> None:
+        """Give the pending stores ``timeout_s`` to finish (a lost store is only a later miss)."""
+        if not self._stores:
+            return
+        _, late = await asyncio.wait(set(self._stores), timeout=timeout_s)
+        for task in late:
+            task.cancel()
 
     async def put(self, key: str, content_type: bytes, body: bytes, usage: Usage) -> None:
         if len(body) > self._max_bytes:

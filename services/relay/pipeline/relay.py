@@ -338,11 +338,11 @@ async def answer_json(
     )
 
 
-async def keep_answer(gateway: Gateway, exchange: Exchange, answer: Answer) -> None:
-    """Remember a cache miss once the caller has it (storing never delays the answer)."""
+def keep_answer(gateway: Gateway, exchange: Exchange, answer: Answer) -> None:
+    """Remember a cache miss, in the background (storing never delays the answer)."""
     cache = gateway.cache
     if cache is not None and answer.cache_key is not None and exchange.usage is not None:
-        await cache.put(answer.cache_key, answer.content_type, answer.body, exchange.usage)
+        cache.keep(answer.cache_key, answer.content_type, answer.body, exchange.usage)
 
 
 async def relay_stream(

@@ -141,7 +141,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if answer.cache is not None:
             metadata.append(("x-relaygate-cache", answer.cache.decode()))
         await context.send_initial_metadata(tuple(metadata))
-        await pipeline.keep_answer(gateway, exchange, answer)
+        pipeline.keep_answer(gateway, exchange, answer)
         try:
             return convert.read_answer(answer.body, reply)
         except GatewayError as exc:

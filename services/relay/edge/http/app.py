@@ -9,6 +9,7 @@ lets detached stream drains settle, hands queued usage events to Kafka (or the s
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
 from services.relay.edge.grpc.server import grpc_front
 from services.relay.edge.http import admin, admin_docs, openai_errors
 from services.relay.edge.http.front import Front
+from services.relay.edge.http.shutdown import ShutdownSteps
 from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.meter.leasing import Leasing
 from services.relay.meter.perf import PerfRecorder
@@ -44,6 +46,15 @@ from services.relay.upstream.channels import ChannelDirectory, ChannelTable
 from services.relay.upstream.pools import ChannelPools, PoolLimits
 from services.relay.upstream.proxy import Upstreams
 
+# Deadlines of the shutdown steps (see services/relay/edge/http/shutdown.py), over the bounds each
+# component keeps itself: a close that only cancels a task or drops sockets, ...
+_QUICK_S = 2.0
+# ... the time a component takes to cancel what overran its own bound ...
+_CUT_S = 5.0
+# ... and the publisher's, past its event_shutdown_timeout_s: spooling what Kafka did not take, and
+# dropping a producer that cannot flush (aiokafka's stop is given 2 s).
+_SPOOL_S = 5.0
+
 
 def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
     return BreakerPolicy(
@@ -60,18 +71,19 @@ def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
 @contextlib.asynccontextmanager
 async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(tracing.traced("relay"))
+        steps = ShutdownSteps(stack)
+        steps.enter_sync("tracing", tracing.traced("relay"))
         tls = load_tls(settings, environment=settings.environment)
         auth_channel = channel(settings.auth_addr, tls=tls, peer=AUTH)
-        stack.push_async_callback(auth_channel.close, None)
+        steps.push("auth_channel", functools.partial(auth_channel.close, None), deadline_s=_QUICK_S)
         quota_channel = channel(settings.quota_addr, tls=tls, peer=QUOTA)
-        stack.push_async_callback(quota_channel.close, None)
+        steps.push("quota_channel", functools.partial(quota_channel.close, None), deadline_s=_QUICK_S)
         # Its own channel even at quota's address: moving the catalog elsewhere is then a setting
         # (and the certificate it is checked against, today quota's that hosts it).
         catalog_channel = channel(settings.catalog_address, tls=tls, peer=QUOTA)
-        stack.push_async_callback(catalog_channel.close, None)
+        steps.push("catalog_channel", functools.partial(catalog_channel.close, None), deadline_s=_QUICK_S)
         logger_channel = channel(settings.logger_addr, tls=tls, peer=LOGGER)
-        stack.push_async_callback(logger_channel.close, None)
+        steps.push("logger_channel", functools.partial(logger_channel.close, None), deadline_s=_QUICK_S)
 
         perf = PerfRecorder()
         publisher: EventPublisher | None = None
@@ -86,7 +98,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             )
             publisher.on_produced = perf.produced
             await publisher.start()
-            stack.push_async_callback(publisher.close)
+            steps.push("publisher", publisher.close, deadline_s=settings.event_shutdown_timeout_s + _SPOOL_S)
 
         authenticator = Authenticator(
             AuthServiceStub(auth_channel),
@@ -99,10 +111,10 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         redis: Redis | None = None
         if settings.redis_url:
             redis = redis_client(settings.redis_url)
-            stack.push_async_callback(redis.aclose)
+            steps.push("redis", redis.aclose, deadline_s=_QUICK_S)
             listener = InvalidationListener(redis, authenticator)
             await listener.start()
-            stack.push_async_callback(listener.close)
+            steps.push("key_invalidations", listener.close, deadline_s=_QUICK_S)
             cache = ResponseCache(
                 redis,
                 ttl_s=settings.response_cache_ttl_s,
@@ -119,7 +131,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
                 http2=settings.upstream_http2,
             )
         )
-        stack.push_async_callback(pools.aclose)
+        steps.push("upstream_pools", pools.aclose, deadline_s=_QUICK_S)
         breakers = Breakers(breaker_policy(settings))
 
         quota = QuotaServiceStub(quota_channel)
@@ -134,7 +146,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
 
         directory.on_change(follow)
         await directory.start()
-        stack.push_async_callback(directory.close)
+        steps.push("channel_directory", directory.close, deadline_s=_QUICK_S)
 
         leases: LeaseAdmission | None = None
         # On a lease the usage event is the charge: no publisher, no leases.
@@ -143,14 +155,18 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
                 quota, refresh_s=settings.price_refresh_s, rpc_timeout_s=settings.rpc_timeout_s
             )
             await prices.start()
-            stack.push_async_callback(prices.close)
+            steps.push("prices", prices.close, deadline_s=_QUICK_S)
             terms = settings.credit_terms()
             leasing = Leasing(
                 quota, terms, rpc_timeout_s=settings.rpc_timeout_s, shutdown_s=settings.credit_shutdown_s
             )
             leasing.start()
             # Runs after the meter's pending settlements (below): every admission is finished by then.
-            stack.push_async_callback(leasing.close)
+            steps.push(
+                "leases",
+                leasing.close,
+                deadline_s=settings.credit_shutdown_s + settings.rpc_timeout_s + _QUICK_S,
+            )
             leases = LeaseAdmission(leasing, prices)
 
         meter = Meter(
@@ -162,7 +178,11 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             perf=perf,
         )
         # Runs after the streams (below) settle, and before quota's channel and the publisher close.
-        stack.push_async_callback(meter.close, timeout=settings.settle_shutdown_s)
+        steps.push(
+            "settlements",
+            functools.partial(meter.close, timeout=settings.settle_shutdown_s),
+            deadline_s=settings.settle_shutdown_s + _CUT_S + _QUICK_S,
+        )
         streams = Streams(
             StreamPolicy(
                 idle_timeout_s=settings.stream_idle_timeout_s,
@@ -172,7 +192,11 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             )
         )
         # Runs first on the way out: streams still draining settle while quota and Kafka are there.
-        stack.push_async_callback(streams.close, timeout=settings.stream_drain_s + 5.0)
+        steps.push(
+            "streams",
+            functools.partial(streams.close, timeout=settings.stream_drain_s + _CUT_S),
+            deadline_s=settings.stream_drain_s + 2 * _CUT_S + _QUICK_S,
+        )
         upstreams = Upstreams(pools, breakers, max_attempts=settings.max_attempts)
 
         snapshot = RelaySnapshot(
@@ -180,7 +204,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
         )
         board = Board(redis, snapshot.instance, snapshot)
         board.start()
-        stack.push_async_callback(board.close)
+        steps.push("performance_board", board.close, deadline_s=_QUICK_S)
 
         yield Gateway(
             settings=settings,
@@ -202,7 +226,11 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
 def create_app(settings: RelaySettings) -> Front:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
-        async with open_gateway(settings) as gateway, grpc_front(gateway):
+        async with contextlib.AsyncExitStack() as stack:
+            gateway = await stack.enter_async_context(open_gateway(settings))
+            await ShutdownSteps(stack).enter_async(
+                "grpc_front", grpc_front(gateway), deadline_s=settings.grpc_drain_seconds + _CUT_S
+            )
             yield {"gateway": gateway}
 
     # No slash redirects: they would send clients to whatever the Host header names; an unknown path

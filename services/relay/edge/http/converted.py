@@ -110,7 +110,7 @@ async def _answer(
         await respond(call.send, status, error, headers)
         return
     await respond(call.send, answer.status, body, [JSON, *gateway_headers(exchange, cache=answer.cache)])
-    await pipeline.keep_answer(call.gateway, exchange, answer)
+    pipeline.keep_answer(call.gateway, exchange, answer)
 
 
 async def _stream(

@@ -129,7 +129,7 @@ async def _relay_json(call: Call, exchange: Exchange, request: pipeline.Admitted
     answer = await pipeline.answer_json(call.gateway, exchange, request, cache_hint=call.incoming.cache)
     headers = [(b"content-type", answer.content_type), *gateway_headers(exchange, cache=answer.cache)]
     await respond(call.send, answer.status, answer.body, headers)
-    await pipeline.keep_answer(call.gateway, exchange, answer)
+    pipeline.keep_answer(call.gateway, exchange, answer)
 
 
 async def _relay_stream(call: Call, exchange: Exchange, request: pipeline.Admitted) -> None:
