@@ -23,12 +23,15 @@ from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.common.v1.types_pb2 import Limits, Usage
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceStub
+from services.common.tls import QUOTA
 from services.relay.meter.accounting import LeaseAdmission, Meter
 from services.relay.meter.leasing import Leasing, sync_deadline_s
 from services.relay.meter.prices import PriceCache
 from services.relay.meter.record import Exchange
 from tests.db_fixtures import DbUrls
 from tests.relay.test_settle_retry import TIMEOUT, published, publishing, quota, settling_from
+from tests.tls import client
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -156,6 +159,54 @@ async def test_prices_are_cached_and_the_last_set_kept_while_quota_is_away(
             assert current is not None and (current.input_per_mtok, current.output_per_mtok) == (5, 7)
         finally:
             await prices.close()
+
+
+async def test_a_relay_balancing_over_quota_processes_keeps_the_newest_prices_any_of_them_listed(
+    migrated_db: DbUrls,
+) -> None:
+    """A price set through one quota process reaches another's listing only once that one's cached
+    book expires (``price_cache_ttl_s``). A relay refreshing its prices round robin over both must not
+    take the stale listing for the truth: a model it saw priced stays priced, at its newest version
+    (it flapped to the exact path, or back to the old version, every other refresh)."""
+    async with (
+        quota(migrated_db, price_cache_ttl_s=60) as (fresh, fresh_gate),
+        quota(migrated_db, price_cache_ttl_s=60) as (stale, stale_gate),
+    ):
+        changed = await call(fresh.SetPrice, pb.Price(model=new_id("changed"), **RATES), timeout=TIMEOUT)
+        # Both processes load their books now; for the next minute only ``fresh`` sees what follows.
+        for stub in (fresh, stale):
+            await call(stub.ListPrices, pb.ListPricesRequest(), timeout=TIMEOUT)
+        newer = await call(
+            fresh.SetPrice,
+            pb.Price(model=changed.model, input_per_mtok=5, output_per_mtok=7),
+            timeout=TIMEOUT,
+        )
+        priced = await call(fresh.SetPrice, pb.Price(model=new_id("priced"), **RATES), timeout=TIMEOUT)
+        listed = await call(stale.ListPrices, pb.ListPricesRequest(), timeout=TIMEOUT)
+        assert {p.model: p.price_id for p in listed.prices if p.model in (changed.model, priced.model)} == {
+            changed.model: changed.price_id
+        }, "the second quota process should still list its cached book"
+
+        both = f"ipv4:///127.0.0.1:{fresh_gate.port},127.0.0.1:{stale_gate.port}"
+        async with client(both, QUOTA) as chan:
+            prices = PriceCache(QuotaServiceStub(chan), refresh_s=0.02, rpc_timeout_s=TIMEOUT)
+            await prices.start()
+            try:
+
+                def versions() -> tuple[int, int]:
+                    """The cached version of each model (0: not priced, the exact path)."""
+                    first, second = prices.get(changed.model), prices.get(priced.model)
+                    return (first.price_id if first else 0, second.price_id if second else 0)
+
+                await until(lambda: versions() == (newer.price_id, priced.price_id), "the newest prices")
+                # Twenty more refreshes, about half of them answered by the stale process.
+                seen = set()
+                for _ in range(20):
+                    await asyncio.sleep(0.03)
+                    seen.add(versions())
+                assert seen == {(newer.price_id, priced.price_id)}
+            finally:
+                await prices.close()
 
 
 async def test_a_key_with_a_rate_limit_stays_exact(

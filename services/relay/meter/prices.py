@@ -6,8 +6,10 @@ While quota cannot answer, the last known set stays in use: a quota outage must 
 already hold a lease. A model missing from the set (priced since the last load, or never) is simply not
 admitted on a lease; its requests take the exact path, where quota prices them.
 
-A price changed in quota reaches the relay within ``refresh_s``; until then a leased request is
-billed at the version it was admitted with, and its usage event names that version (``price_id``).
+A price changed in quota reaches the relay within ``refresh_s`` of the first quota process listing it
+(each lists its own cached book); until then a leased request is billed at the version it was admitted
+with, and its usage event names that version (``price_id``). The relay keeps the newest version of each
+model any listing showed it, so it never goes back to an older one.
 """
 
 from __future__ import annotations
@@ -81,14 +83,18 @@ class PriceCache:
                 await self._task
 
     async def refresh(self) -> None:
-        """Replace the set with quota's current listing; raises :class:`GatewayError` when quota
-        cannot answer (the old set stays)."""
+        """Take in quota's current listing; raises :class:`GatewayError` when quota cannot answer
+        (the old set stays).
+
+        Merged, never replaced: price versions are only ever added (a newer one has a higher id), and
+        each quota process lists its own cached book, which lags a price set through another process
+        by up to its cache TTL. Refreshes balanced over several quota processes would otherwise flap
+        between the new price and the old one (or none: the exact path)."""
         listing = await call(self._stub.ListPrices, ListPricesRequest(), timeout=self._timeout)
-        prices: dict[str, Price] = {}
+        prices = dict(self._prices)
         for message in listing.prices:
             price = price_from_message(message)
             known = prices.get(price.model)
-            # One row per model is what quota sends; should a listing ever carry more, the newest wins.
             if known is None or price.price_id > known.price_id:
                 prices[price.model] = price
         self._prices = prices
