@@ -12,7 +12,22 @@ from services.common.credit import (
     Grant,
     SyncAnswer,
 )
-from services.relay.meter.credit import OPEN, LeaseBook, recall_wait_ms, user_scope
+from services.relay.meter.credit import (
+    CLOSING,
+    EXPIRED,
+    GRANTED,
+    IDLE,
+    OPEN,
+    PENDING,
+    QUOTA_CLOSED,
+    RECALLED,
+    REFUSED,
+    SHUTTING_DOWN,
+    LeaseBook,
+    LocalLease,
+    recall_wait_ms,
+    user_scope,
+)
 
 TERMS = CreditTerms()
 BOUND = 1_000
@@ -62,6 +77,56 @@ def test_a_lease_reaching_its_idle_time_is_given_back_then_not_an_interval_later
     assert lease_book.sync_due(idle_at)
     [report] = lease_book.sync_request(idle_at).reports
     assert (report.lease_id, report.closing) == (lease_id, True)
+
+
+def test_the_book_tells_each_turn_of_a_lease_and_why() -> None:
+    """What the relay logs: a lease granted, then closed by the relay (idle, expired, recalled,
+    shutting down) or by quota, and asks quota refused."""
+    turns: list[tuple[str, str, str]] = []
+    ids = iter(range(1_000_000))
+
+    def turned(lease: LocalLease, why: str) -> None:
+        turns.append((lease.lease_id, lease.state, why))
+
+    lease_book = LeaseBook("r1", TERMS, lambda: f"L{next(ids)}", on_turn=turned)
+
+    def granted(key_id: str, at: int) -> str:
+        lease_id = leased(lease_book, key_id, at)
+        assert turns[-1] == (lease_id, OPEN, GRANTED)
+        return lease_id
+
+    idle = granted("k1", 0)
+    # Quiet for idle_ms, renewed meanwhile: closes idle, and is forgotten once quota closed it.
+    lease_book.apply(SyncAnswer((Grant(idle, OPEN, 100 * BOUND, TERMS.valid_for_ms),)), TERMS.idle_ms - 10)
+    lease_book.sync_request(30 + TERMS.idle_ms)
+    lease_book.apply(SyncAnswer((Grant(idle, "closed"),)), 30 + TERMS.idle_ms)
+    assert turns[-2:] == [(idle, CLOSING, IDLE), (idle, CLOSING, QUOTA_CLOSED)]
+
+    at = 100_000
+    expired = granted("k2", at)
+    # No sync answered since the grant: it stops admitting margin_ms before its validity.
+    lease_book.sync_request(at + 20 + TERMS.valid_for_ms - TERMS.margin_ms)
+    assert turns[-1] == (expired, CLOSING, EXPIRED)
+
+    at = 200_000
+    recalled = granted("k3", at)
+    lease_book.apply(
+        SyncAnswer((Grant(recalled, OPEN, 100 * BOUND, TERMS.valid_for_ms, recall=True),)), at + 40
+    )
+    assert turns[-1] == (recalled, CLOSING, RECALLED)
+
+    at = 300_000
+    lease_book.admit("k4", "u1", BOUND, at)
+    lease_book.admit("k4", "u1", BOUND, at + 10)
+    [ask] = lease_book.sync_request(at + 20).asks
+    lease_book.apply(SyncAnswer((Grant(ask.lease_id, "refused"),)), at + 20)
+    assert turns[-1] == (ask.lease_id, PENDING, REFUSED)
+
+    open_at_shutdown = granted("k5", 400_000)
+    lease_book.close_all()
+    assert turns[-1] == (open_at_shutdown, CLOSING, SHUTTING_DOWN)
+    # Leases already closing are not turned again; each one turned once per reason.
+    assert len(turns) == len(set(turns))
 
 
 def test_a_key_seen_once_every_20_s_never_asks_for_a_lease() -> None:
