@@ -36,14 +36,16 @@ from services.stack import LocalStack
 from tests.db_fixtures import DbUrls
 from tests.e2e.stack import MODEL, Deployment, deploy, fund_user
 
-# Short enough that expiries happen within the test; the settle retries give up well before the TTL.
+# Short enough that expiries happen within the test (the wait for the last holds is about one TTL);
+# the settle retries give up well before the TTL, which still outlasts any request here (8 tokens, at
+# most one RPC timeout per call). Drains and shutdowns are bounded short: each SIGTERM waits for them.
 SERVICE_ENV = {
-    "RELAYGATE_RESERVATION_TTL_S": "12",
+    "RELAYGATE_RESERVATION_TTL_S": "6",
     "RELAYGATE_EXPIRY_SWEEP_INTERVAL_S": "0.5",
-    "RELAYGATE_GRPC_DRAIN_SECONDS": "2",
+    "RELAYGATE_GRPC_DRAIN_SECONDS": "1",
     "RELAYGATE_RPC_TIMEOUT_S": "1.5",
-    "RELAYGATE_SETTLE_RETRY_S": "6",
-    "RELAYGATE_SETTLE_SHUTDOWN_S": "6",
+    "RELAYGATE_SETTLE_RETRY_S": "3",
+    "RELAYGATE_SETTLE_SHUTDOWN_S": "3",
     "RELAYGATE_REPLICA_CHECK_INTERVAL_S": "0.5",
 }
 # After a service answers again, clients may still meet it being found again (gRPC reconnect
@@ -143,14 +145,14 @@ class Faults:
         started = time.monotonic()
         fault()
         self.windows.append((name, started, time.monotonic() + SETTLE_S))
-        time.sleep(1.0)  # steady traffic between faults
+        time.sleep(0.5)  # steady traffic between faults (a restart alone is seconds of it)
 
     def bounce(self, service: str, sig: signal.Signals) -> None:
         """Stop ``service`` with ``sig``, then start it again on the same port with the same settings."""
         stack = self._stack
         old = next(p for p in stack.processes if p.name == service)
         old.send(sig, timeout=30)
-        time.sleep(0.5)
+        time.sleep(0.2)
         env = stack.process_env(service, stack.extra_env.get(service, {}))
         new = ManagedProcess(
             service, [sys.executable, "-m", f"services.{service}"], old.log_path, env=env, port=old.port
@@ -229,7 +231,7 @@ async def wait_for(check: Callable[[], Awaitable[object]], what: str, timeout: f
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} after {timeout:g}s: {result}")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
 
 
 async def test_faults_do_not_make_the_books_disagree(
@@ -242,7 +244,7 @@ async def test_faults_do_not_make_the_books_disagree(
     faults = Faults(stack, backing)
 
     with Traffic(deployment.relay_url, keys) as traffic:
-        time.sleep(1.5)
+        time.sleep(1.0)
         faults.inject("quota SIGTERM", lambda: faults.bounce("quota", signal.SIGTERM))
         faults.inject("quota SIGKILL", lambda: faults.bounce("quota", signal.SIGKILL))
         faults.inject("auth SIGKILL", lambda: faults.bounce("auth", signal.SIGKILL))
