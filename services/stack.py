@@ -25,13 +25,23 @@ from pathlib import Path
 import grpc
 
 from devinfra.kafka import KafkaBroker, fetch
-from devinfra.processes import ManagedProcess, free_port, free_ports
+from devinfra.processes import STOP_GRACE_S, ManagedProcess, free_port, free_ports
 from services.common.grpc import channel
 from services.common.tls import RELAY
 from services.stack_certs import Certificates, ensure_certificates
 from services.stack_secrets import StackSecrets
 
 SERVICES = ("auth", "quota", "logger", "relay")
+
+# A relay's way out fits in the grace :meth:`LocalStack.stop` gives each process before SIGKILL, with
+# room for the process to exit: past its own timeout a relay writes its threads' stacks to its log
+# and exits, where a SIGKILL would leave nothing to say what it waited for. Its requests in flight get
+# a short drain (a production relay gets 30 s). Settings in the stack's env or the caller's override
+# these.
+RELAY_SHUTDOWN_ENV = {
+    "RELAYGATE_SHUTDOWN_TIMEOUT_S": f"{STOP_GRACE_S - 3:g}",
+    "RELAYGATE_HTTP_DRAIN_S": "5",
+}
 
 
 @dataclass
@@ -132,7 +142,8 @@ class LocalStack:
         own = self.certs.env(service) if self.certs is not None else {}
         if service == "auth":
             own.update(self.secrets.env())
-        return {**os.environ, **self.env, **own, **(extra or {})}
+        defaults = RELAY_SHUTDOWN_ENV if service == "relay" else {}
+        return {**defaults, **os.environ, **self.env, **own, **(extra or {})}
 
     def _spawn(
         self, name: str, argv: list[str], port: int, extra: dict[str, str], *, service: str = ""

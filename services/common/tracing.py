@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import (
     Awaitable,
     Callable,
@@ -87,6 +88,8 @@ Carrier = Sequence[tuple[str, bytes]]
 Link = trace.Link
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
+# How long a service on its way out waits for its last spans to be exported.
+FLUSH_S: Final = 5.0
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 
 
@@ -169,7 +172,19 @@ def traced(service: str) -> Iterator[bool]:
         yield True
     finally:
         _CURRENT.tracer = None
-        provider.shutdown()
+        _shut_down(provider, FLUSH_S)
+
+
+def _shut_down(provider: TracerProvider, timeout_s: float) -> None:
+    """Export what is queued and stop, for at most ``timeout_s``: the SDK's own shutdown waits up to
+    30 s per processor (longer with a collector that does not answer), and its caller is a service on
+    its way out."""
+    # A daemon thread: one still exporting when the process exits does not hold it up.
+    worker = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("spans not exported within %g s of shutting down were dropped", timeout_s)
 
 
 def enabled() -> bool:

@@ -1,4 +1,5 @@
-"""``python -m services.relay``: the HTTP front under uvicorn (graceful shutdown on SIGTERM)."""
+"""``python -m services.relay``: the HTTP front under uvicorn (bounded graceful shutdown on SIGTERM, see
+:mod:`services.relay.edge.http.server`)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ def main() -> None:
         # The relay reads X-Forwarded-For itself, only when told to (trust_forwarded_for); uvicorn's
         # default would rewrite the client address of any loopback peer, key IP scopes included.
         proxy_headers=False,
-        timeout_graceful_shutdown=30,
     )
-    server = RelayServer(config, lifespan_deadline_s=45.0)
+    server = RelayServer(config, drain_s=settings.http_drain_s, timeout_s=settings.shutdown_timeout_s)
     # Everything imported and built so far lives as long as the process: out of every collection.
     freeze_startup_heap()
     server.run()

@@ -130,6 +130,13 @@ class RelaySettings(
     # On SIGTERM: how long the relay keeps syncing to give its leases back (quota expires the rest).
     credit_shutdown_s: float = Field(default=2.0, ge=0, le=60)
 
+    # On SIGTERM: requests in flight get http_drain_s to finish (then their connections are closed and
+    # their handlers cancelled), and the whole way out, the lifespan's steps included, at most
+    # shutdown_timeout_s: past it the relay writes every thread's stack to its log and exits. Keep
+    # shutdown_timeout_s under the pod's grace period (after preStop) and http_drain_s well under it.
+    http_drain_s: float = Field(default=30.0, ge=0, le=600)
+    shutdown_timeout_s: float = Field(default=50.0, gt=0, le=3600)
+
     # Prefer X-Forwarded-For's first address as the client IP (only behind a trusted proxy).
     trust_forwarded_for: bool = False
 
@@ -144,4 +151,11 @@ class RelaySettings(
     def _check(self) -> RelaySettings:
         if self.breaker_max_open_s < self.breaker_open_s:
             raise ValueError("RELAYGATE_BREAKER_MAX_OPEN_S must not be below RELAYGATE_BREAKER_OPEN_S")
+        if self.http_drain_s + self.grpc_drain_seconds >= self.shutdown_timeout_s:
+            # The gRPC front drains after HTTP, and the lifespan's other steps (the spool, the leases
+            # given back) run after both.
+            raise ValueError(
+                "RELAYGATE_HTTP_DRAIN_S + RELAYGATE_GRPC_DRAIN_SECONDS must be below "
+                "RELAYGATE_SHUTDOWN_TIMEOUT_S"
+            )
         return self

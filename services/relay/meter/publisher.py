@@ -41,6 +41,8 @@ __all__ = ["EventPublisher"]
 
 log = logging.getLogger(__name__)
 
+# How long a producer may take to stop (flush), and each step of dropping one that did not.
+_STOP_S = 2.0
 # Acknowledged events kept for a broker that loses them, at most (memory bound under load).
 _MAX_RETAINED = 20_000
 
@@ -317,16 +319,19 @@ class EventPublisher:
         if producer is None:
             return
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(_STOP_S):
                 await producer.stop()
         except Exception:
             # stop() flushes first, and an idempotent producer retries a batch until the broker takes
             # it: left running, it would deliver the batches now in the spool a second time once the
-            # broker is back. aiokafka has no public abort; its sender task is cancelled here.
+            # broker is back. aiokafka has no public abort; its sender task is cancelled here. Both
+            # are bounded too: the cancelled sender still awaits its in-flight produce requests.
             with contextlib.suppress(Exception):
-                await producer._sender.close()
+                async with asyncio.timeout(_STOP_S):
+                    await producer._sender.close()
             with contextlib.suppress(Exception):
-                await producer.client.close()
+                async with asyncio.timeout(_STOP_S):
+                    await producer.client.close()
 
 
 def _stored(record: Outgoing) -> Record:

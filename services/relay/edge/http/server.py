@@ -1,17 +1,23 @@
-"""uvicorn's server with the relay's way out: the signal logged, the HTTP drain timed and bounded, the
-lifespan's shutdown bounded as a whole.
+"""uvicorn's server with the relay's way out: the signal logged, the HTTP drain and the lifespan's
+shutdown timed and bounded, and a backstop that ends the process with every thread's stack in its log.
 
 uvicorn on SIGTERM stops listening, asks every connection to close once its response is sent, waits
 for them (``timeout_graceful_shutdown``), then runs the lifespan's shutdown and waits for it without
-any deadline. Here a connection still open when the drain's deadline passes is closed (its request
-task cancelled, as uvicorn would), and the lifespan gets ``lifespan_deadline_s``: past it the process
-exits anyway, with the tasks still pending named in the log, rather than waiting for a SIGKILL that
-would tell nothing.
+any deadline: one request whose client never finishes its body, or one close that never returns,
+keeps the process alive until it is killed, and a SIGKILL leaves nothing in the log to say why.
+
+Here the drain gets ``drain_s``; the connections still open then are closed and their requests
+cancelled (a cancelled request gives its hold back, see ``routes.relay``). The whole way out gets
+``timeout_s``: the lifespan's shutdown is given what is left of it (the tasks it still waits for are
+logged when it overruns), and a watchdog thread, armed when the signal is noticed, writes every
+thread's stack to the log and ends the process at ``timeout_s`` even when the event loop itself is
+blocked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import socket
@@ -28,12 +34,19 @@ log = logging.getLogger(__name__)
 
 # How often the drain checks whether the connections are gone (uvicorn: 0.1 s).
 _POLL_S = 0.05
+# What cancelled requests get to run their cleanup (give their holds back) before the lifespan's
+# steps close what they use.
+_CANCELLED_S = 1.0
+# The lifespan's deadline comes this long before the watchdog's, so that an overrun is reported by
+# the event loop (which tasks were pending) rather than only by the watchdog (thread stacks).
+_REPORT_S = 1.0
 
 
 class RelayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, lifespan_deadline_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, *, drain_s: float, timeout_s: float) -> None:
         super().__init__(config)
-        self._lifespan_deadline_s = lifespan_deadline_s
+        self._drain_s = drain_s
+        self._timeout_s = timeout_s
         self._signal: int | None = None
         self._signalled_at: float | None = None
 
@@ -44,55 +57,70 @@ class RelayServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        started = time.perf_counter()
-        state = self.server_state
-        log.info(
-            "shutdown started",
-            extra={
-                "signal": signal.Signals(self._signal).name if self._signal is not None else "",
-                # How long the loop took to notice: a blocked event loop shows here.
-                "noticed_ms": _ms_since(self._signalled_at) if self._signalled_at is not None else 0.0,
-                "connections": len(state.connections),
-                "requests": len(state.tasks),
-            },
+        started = self._signalled_at or time.perf_counter()
+        # On a thread of its own: it fires even when the event loop never gets back to us.
+        faulthandler.dump_traceback_later(
+            max(self._timeout_s - _ms_since(started) / 1000, _REPORT_S), exit=True
         )
-        await self._drain_http(sockets)
-        if not self.force_exit:
-            with timed_step("lifespan") as found:
-                try:
-                    async with asyncio.timeout(self._lifespan_deadline_s):
-                        await self.lifespan.shutdown()
-                except TimeoutError:
-                    found["outcome"] = "timed_out"
-                    found["pending"] = _pending_tasks()
-        log.info("shutdown complete", extra={"ms": _ms_since(started)})
+        try:
+            state = self.server_state
+            log.info(
+                "shutdown started",
+                extra={
+                    "signal": signal.Signals(self._signal).name if self._signal is not None else "",
+                    # How long the loop took to notice: a blocked event loop shows here.
+                    "noticed_ms": _ms_since(started),
+                    "connections": len(state.connections),
+                    "requests": len(state.tasks),
+                    "timeout_ms": round(self._timeout_s * 1000),
+                },
+            )
+            await self._drain_http(sockets)
+            if not self.force_exit:
+                await self._stop_lifespan(self._timeout_s - _ms_since(started) / 1000 - _REPORT_S)
+            log.info("shutdown complete", extra={"ms": _ms_since(started)})
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
     async def _drain_http(self, sockets: list[socket.socket] | None) -> None:
-        """Stop listening, let in-flight requests finish (``timeout_graceful_shutdown``), then close
-        whatever is still open."""
+        """Stop listening, let in-flight requests finish (``drain_s``), then close whatever is still
+        open and cancel its requests."""
         state = self.server_state
-        with timed_step("http_drain", connections=len(state.connections)) as found:
+        with timed_step("http_drain", connections=len(state.connections), requests=len(state.tasks)) as found:
             for server in self.servers:
                 server.close()
             for sock in sockets or []:
                 sock.close()
             for connection in list(state.connections):
                 connection.shutdown()
-            deadline = time.monotonic() + float(self.config.timeout_graceful_shutdown or 0)
+            deadline = time.monotonic() + self._drain_s
             while (state.connections or state.tasks) and not self.force_exit:
                 if time.monotonic() >= deadline:
                     found["outcome"] = "timed_out"
                     break
                 await asyncio.sleep(_POLL_S)
             found["left"] = len(state.connections)
-            for task in list(state.tasks):
+            found["cancelled"] = len(state.tasks)
+            cancelled = list(state.tasks)
+            for task in cancelled:
                 task.cancel()
             for connection in list(state.connections):
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
                     transport.close()
+            if cancelled:
+                await asyncio.wait(cancelled, timeout=_CANCELLED_S)
             for server in self.servers:
                 await server.wait_closed()
+
+    async def _stop_lifespan(self, left_s: float) -> None:
+        with timed_step("lifespan", deadline_ms=round(left_s * 1000)) as found:
+            try:
+                async with asyncio.timeout(max(left_s, 0.0)):
+                    await self.lifespan.shutdown()
+            except TimeoutError:
+                found["outcome"] = "timed_out"
+                found["pending"] = _pending_tasks()
 
 
 def _ms_since(started: float) -> float:
