@@ -122,6 +122,7 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
                 scope=settings.response_cache_scope,
                 billing=settings.response_cache_billing,
             )
+            steps.push("response_cache", cache.close, deadline_s=_QUICK_S)
 
         pools = ChannelPools(
             PoolLimits(
