@@ -360,12 +360,15 @@ class Books:
         )
         return [LeaseRow(str(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), bool(r[5])) for r in rows]
 
-    async def open_lease_relays(self, user_id: str) -> set[str]:
-        return {
-            lease.relay_id
-            for lease in await self.leases(user_id)
-            if (lease.state, lease.phase) == ("held", "open")
-        }
+    async def open_leases(self, user_id: str) -> dict[str, tuple[str, int]]:
+        """The user's open leases: lease id -> (relay id, the sequence number of the last sync quota
+        applied to it: the relay's sync that asked for it, then each one reporting on it)."""
+        rows = await self.rows(
+            "SELECT id, relay_id, seq FROM reservations "
+            "WHERE user_id = :user AND kind = 'lease' AND state = 'held' AND phase = 'open'",
+            user=user_id,
+        )
+        return {str(r[0]): (str(r[1]), int(r[2])) for r in rows}
 
     async def lease_keys(self, user_id: str) -> set[str]:
         """The key ids of the user's leases, whatever their state (empty: the user's shared lease)."""
@@ -402,17 +405,35 @@ async def books_agree(books: Books, deployment: Deployment, users: list[str], *,
 async def hold_leases_everywhere(
     deployment: Deployment, books: Books, key: str, user_id: str, urls: list[str] | None = None
 ) -> None:
-    """Warm ``key`` on every relay of ``urls`` (default: all) until each holds an open lease of it.
+    """Warm ``key`` on every relay of ``urls`` (default: all) until each admits on an open lease of it.
+
+    A lease row is open once quota committed the grant, before its answer reached the relay; the relay
+    reports on a lease only once it applied the grant, so a lease whose sync sequence number rose since
+    it was first seen open is one its relay admits on (within one sync interval of the grant).
 
     The upstream fails the warm-up requests (503), and a failed request costs nothing: the balances and
     budgets the tests count on are untouched, however many requests it takes."""
     urls = urls or deployment.relay_urls
+    first_seen: dict[str, int] = {}
     deployment.upstream.configure(fail_status=503, fail_count=-1)
     try:
         async with client() as http:
             deadline = time.monotonic() + 15
-            while len(holding := await books.open_lease_relays(user_id)) < len(urls):
-                assert time.monotonic() < deadline, f"relays hold no lease of the key: open on {holding}"
+            while True:
+                opened = await books.open_leases(user_id)
+                for lease_id, (_, seq) in opened.items():
+                    first_seen.setdefault(lease_id, seq)
+                holding = {relay for relay, _ in opened.values()}
+                applied = {relay for lease, (relay, seq) in opened.items() if seq > first_seen[lease]}
+                if len(applied) >= len(urls):
+                    return
+                assert time.monotonic() < deadline, (
+                    f"relays hold no lease of the key: open on {holding}, applied on {applied}"
+                )
+                if len(holding) >= len(urls):
+                    # Granted everywhere: only the relays' next syncs are awaited.
+                    await asyncio.sleep(0.05)
+                    continue
                 for url in urls:
                     warm = await chat(http, url, key)
                     assert warm.status >= 500, (warm.status, warm.error)
