@@ -1,5 +1,9 @@
-"""`relaygate up` keeps its state private: random secrets generated once and reused, nothing group- or
-world-readable in the data directory, no control bytes from callers in its (text) logs."""
+"""`relaygate up --demo`: the embedded default (SQLite, local broker, four processes, no Redis) serves
+the documented OpenAI SDK call and stops cleanly on Ctrl-C; it keeps its state private: random secrets
+generated once and reused, nothing group- or world-readable in the data directory, no control bytes
+from callers in its (text) logs.
+
+One start serves all of it (each start is a broker and four processes), and a second start the reuse."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from devinfra.processes import free_port, port_accepts
@@ -77,13 +82,24 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def test_up_generates_private_secrets_keeps_files_private_and_escapes_logs(data_dir: Path) -> None:
+def test_up_demo_serves_the_sdk_keeps_its_state_private_and_escapes_logs(data_dir: Path) -> None:
     port = free_port()
     process = start_up(data_dir, port, "--demo")
     try:
         printed = read_until(process, r"press Ctrl-C to stop")
         admin_key, demo_key = printed["admin"], printed["demo"]
         relay = f"http://127.0.0.1:{port}"
+
+        client = openai.OpenAI(base_url=f"{relay}/v1", api_key=demo_key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="demo-model", messages=[{"role": "user", "content": "hello"}], max_tokens=3
+        )
+        assert reply.choices[0].message.content == "tok0 tok1 tok2 "
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        assert (data_dir / "relaygate.db").exists()
+        assert (data_dir / "admin-key").read_text().strip() == admin_key
+        assert oct((data_dir / "admin-key").stat().st_mode & 0o777) == "0o600"
+
         body = {"model": HOSTILE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         refused = httpx.post(
             f"{relay}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {demo_key}"}
