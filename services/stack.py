@@ -160,6 +160,15 @@ class LocalStack:
     def log_tail(self, name: str, lines: int = 30) -> str:
         return self._process(name).log_tail(lines)
 
+    def shutdown_log(self, name: str) -> str:
+        """What process ``name`` logged on its latest way out: a relay's shutdown start, each step with
+        its milliseconds and the thread stacks of an overrun, for the message of a stop that failed."""
+        output = self._process(name).output()
+        # The stacks a relay's watchdog writes when the way out overran, from its header to the end.
+        output, stacks, dump = output.partition("\nTimeout (")
+        lines = [line for line in output.splitlines() if '"shutdown' in line]
+        return "\n".join(lines) + (stacks + dump if stacks else "")
+
     def crashed(self) -> list[str]:
         crashed = [p.name for p in self.processes if not p.running]
         return crashed + (["kafka"] if self.broker is not None and not self.broker.running else [])

@@ -209,7 +209,8 @@ def test_a_relay_stopped_gives_its_lease_back(deployment: Deployment) -> None:
     used = sum(cost_of(r) for r in leased)
     assert int(held.get("reserved_micros", 0)) > used
 
-    assert stack.stop_service(name, signal.SIGTERM) in (0, -signal.SIGTERM)
+    # Its log's last lines time each shutdown step: what a relay that was killed instead waited for.
+    assert stack.stop_service(name, signal.SIGTERM) in (0, -signal.SIGTERM), stack.shutdown_log(name)
 
     # What the lease still holds plus what its events charged is what its requests cost: the unused
     # part went back to the balance (charges may still be on their way from the usage topic).
