@@ -13,6 +13,14 @@ from services.common.redis import redis_client
 
 pytest_plugins = ["tests.db_fixtures"]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shared_stack: the module runs on the session's shared e2e deployment (tests/e2e/conftest.py)",
+    )
+
+
 # ======================================================================================================
 # Backing services: PostgreSQL primary + streaming replica, Redis, Apache Kafka. See devinfra/.
 #

@@ -1,4 +1,5 @@
-"""Database fixtures: a fresh, migrated PostgreSQL database (primary + replica) per test module."""
+"""Database fixtures: a fresh, migrated PostgreSQL database (primary + replica) per test module, and one
+for the session's shared deployment (tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ async def migrated_db(backing: BackingServices, request: pytest.FixtureRequest) 
     """A new database named after the test module, migrated to head, visible on the replica."""
     name = re.sub(r"[^a-z0-9_]", "_", request.module.__name__.lower())[-50:]
     primary, replica = backing.create_database(f"t_{name}")
+    await upgrade(primary)
+    return DbUrls(primary, replica)
+
+
+@pytest.fixture(scope="session")
+async def shared_db(backing: BackingServices) -> DbUrls:
+    """One migrated database for the session: the modules that share a deployment share it too (each
+    test makes its own users, keys and channels there)."""
+    primary, replica = backing.create_database("t_shared_deployment")
     await upgrade(primary)
     return DbUrls(primary, replica)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.e2e.conftest import deployment, relay_env
+from tests.e2e.conftest import deployment, relay_env, shared_stack
 
-__all__ = ["browser", "console_page", "deployment", "relay_env", "screenshots"]
+__all__ = ["browser", "console_page", "deployment", "relay_env", "screenshots", "shared_stack"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

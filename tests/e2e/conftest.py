@@ -1,7 +1,12 @@
-"""The deployment every e2e module runs against: the four services as separate processes on a fresh
-database (primary + replica) of the module, the session's Redis and Kafka, and a fake upstream channel.
+"""The deployment every e2e module runs against: the four services as separate processes, the
+session's Redis and Kafka, and a fake upstream channel serving :data:`tests.e2e.stack.MODEL`.
 
-A module that needs relay settings of its own overrides ``relay_env``::
+A module marked ``shared_stack`` (``pytestmark = pytest.mark.shared_stack``) runs on the session's
+shared deployment (see :class:`tests.e2e.stack.SharedStack` for what such a module may change); any
+other module gets a deployment of its own on a fresh database, stopped after its last test.
+
+A module that needs relay settings of its own overrides ``relay_env`` (on the shared deployment it
+then gets a relay process with them)::
 
     @pytest.fixture(scope="module")
     def relay_env() -> dict[str, str]:
@@ -16,7 +21,7 @@ import pytest
 
 from devinfra.backing import BackingServices
 from tests.db_fixtures import DbUrls
-from tests.e2e.stack import Deployment, deploy
+from tests.e2e.stack import Deployment, SharedStack, deploy
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +30,31 @@ def relay_env() -> dict[str, str]:
     return {}
 
 
+@pytest.fixture(scope="session")
+def shared_stack(
+    backing: BackingServices, shared_db: DbUrls, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedStack]:
+    # Redis database 1: what the services keep there for the whole cluster (the performance board's
+    # members) stays apart from the deployments of their own that run while this one is up.
+    redis_url = backing.redis_url.rsplit("/", 1)[0] + "/1"
+    logs = tmp_path_factory.mktemp("shared-stack-logs")
+    with deploy(backing, shared_db, logs, service_env={"RELAYGATE_REDIS_URL": redis_url}) as running:
+        yield SharedStack(running)
+
+
 @pytest.fixture(scope="module")
 def deployment(
+    request: pytest.FixtureRequest,
     backing: BackingServices,
-    migrated_db: DbUrls,
     relay_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
-    """One deployment per module, stopped after its last test."""
+    """The session's shared deployment for a ``shared_stack`` module, else one of the module's own."""
+    if request.node.get_closest_marker("shared_stack") is not None:
+        shared: SharedStack = request.getfixturevalue("shared_stack")
+        with shared.module(relay_env) as running:
+            yield running
+        return
+    migrated_db: DbUrls = request.getfixturevalue("migrated_db")
     with deploy(backing, migrated_db, tmp_path_factory.mktemp("stack-logs"), relay_env=relay_env) as running:
         yield running

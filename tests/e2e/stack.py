@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 import uuid
@@ -33,10 +34,24 @@ class Deployment:
     db: DbUrls
     # Relay processes beyond the stack's own, by process name (see :func:`deploy_pairs`).
     more_relays: dict[str, str] = field(default_factory=dict)
+    # The process of the relay the tests call, and its gRPC front: the stack's own relay, or one with
+    # settings of its own started on a shared stack (see :class:`SharedStack`).
+    relay_name: str = "relay"
+    own_grpc_address: str = ""
 
     @property
     def relay_url(self) -> str:
-        return self.stack.relay_url
+        if self.relay_name == "relay":
+            return self.stack.relay_url
+        return f"http://127.0.0.1:{self.stack.port_of(self.relay_name)}"
+
+    @property
+    def relay_grpc_address(self) -> str:
+        return self.own_grpc_address or self.stack.relay_grpc_address
+
+    @property
+    def relay_log(self) -> Path:
+        return self.process(self.relay_name).log_path
 
     @property
     def relay_urls(self) -> list[str]:
@@ -171,6 +186,54 @@ def deploy_pairs(
             process.wait_listening(timeout=timeout)
         deployment.more_relays["relay-b"] = f"http://127.0.0.1:{relay_port}"
         yield deployment
+
+
+class SharedStack:
+    """One deployment shared by the modules marked ``shared_stack``: the services, their database and
+    the fake upstream start once per session. A module whose relay needs settings of its own gets a
+    relay process with them on the same services for its tests.
+
+    A module changes only what is its own (users, keys, channels and models it creates, budgets of its
+    users), never :data:`MODEL`'s channel or price, and puts back any service it stops; the fake
+    upstream's behaviour, the one global thing tests set, is reset at each module's start, and the
+    processes a module started (its relay, relays it added) are stopped after it."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self._deployment = deployment
+        self._started = 0
+
+    @contextlib.contextmanager
+    def module(self, relay_env: Mapping[str, str]) -> Iterator[Deployment]:
+        """The deployment one module sees: its own relay list, on a relay with ``relay_env``."""
+        shared = self._deployment
+        stack = shared.stack
+        shared.upstream.reset()
+        before = {process.name for process in stack.processes}
+        try:
+            if relay_env:
+                name, grpc_address = self._start_relay(relay_env)
+                yield dataclasses.replace(
+                    shared, more_relays={}, relay_name=name, own_grpc_address=grpc_address
+                )
+            else:
+                yield dataclasses.replace(shared, more_relays={})
+        finally:
+            for process in [p for p in stack.processes if p.name not in before]:
+                process.stop()
+                stack.processes.remove(process)
+
+    def _start_relay(self, relay_env: Mapping[str, str]) -> tuple[str, str]:
+        """A relay process with ``relay_env`` (and a gRPC front); its name and gRPC address."""
+        stack = self._deployment.stack
+        self._started += 1
+        port, grpc_port = free_ports(2)
+        name = f"relay-own-{self._started}"
+        grpc_address = f"127.0.0.1:{grpc_port}"
+        env = {"RELAYGATE_RELAY_PORT": str(port), "RELAYGATE_RELAY_GRPC_LISTEN": grpc_address}
+        process = _start(stack, name, "relay", port, **env, **relay_env)
+        stack.processes.append(process)
+        process.wait_listening(timeout=60)
+        return name, grpc_address
 
 
 def _own_env(

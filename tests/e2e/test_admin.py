@@ -10,9 +10,12 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from devinfra.processes import ManagedProcess
 from tests.e2e.stack import MODEL, Deployment
+
+pytestmark = pytest.mark.shared_stack
 
 
 def cli(deployment: Deployment, *args: str) -> Any:
@@ -236,7 +239,7 @@ def test_channel_status_and_breaker_reset(deployment: Deployment) -> None:
     headers = {"authorization": f"Bearer {deployment.admin_token()}"}
     status = httpx.get(f"{deployment.relay_url}/admin/v1/channels/status", headers=headers, timeout=10)
     assert status.status_code == 200, status.text
-    [channel] = status.json()["channels"]
+    [channel] = [c for c in status.json()["channels"] if c["name"] == "fake"]
     reset = httpx.post(
         f"{deployment.relay_url}/admin/v1/channels/{channel['channel_id']}/breaker/reset",
         headers=headers,

@@ -11,6 +11,8 @@ import pytest
 
 from tests.e2e.stack import Deployment, ok
 
+pytestmark = pytest.mark.shared_stack
+
 
 def admin_key(deployment: Deployment, **key_fields: object) -> tuple[str, str]:
     """A new admin user's key: (key id, plaintext)."""

@@ -9,8 +9,11 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.e2e.stack import PRICE, Deployment, fund_user, ok
+
+pytestmark = pytest.mark.shared_stack
 
 MODEL = "gpt-credentials"
 API_KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"

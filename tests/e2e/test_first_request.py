@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.common.config import normalize_database_url
 from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
 
+pytestmark = pytest.mark.shared_stack
+
 
 def chat(url: str, key: str | None, body: object, **headers: str) -> httpx.Response:
     if key is not None:

@@ -18,6 +18,8 @@ import pytest
 from services import admin_client
 from tests.e2e.stack import Deployment, fund_user, ok, settled_balance
 
+pytestmark = pytest.mark.shared_stack
+
 KEY = "provider-test-key"
 SYSTEM = "be brief"  # 2 words
 QUESTION = "what is the weather"  # 4 words

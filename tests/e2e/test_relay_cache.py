@@ -12,6 +12,8 @@ import pytest
 from devinfra.backing import BackingServices
 from tests.e2e.stack import MODEL, Deployment, fund_user, settled_balance
 
+pytestmark = pytest.mark.shared_stack
+
 
 @pytest.fixture(autouse=True)
 def _fresh_upstream(deployment: Deployment) -> None:

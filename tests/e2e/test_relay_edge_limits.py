@@ -17,6 +17,8 @@ import pytest
 
 from tests.e2e.stack import MODEL, Deployment, balance, fund_user, settled_balance
 
+pytestmark = pytest.mark.shared_stack
+
 FUNDS = 1_000_000
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 2.0
@@ -445,7 +447,7 @@ def test_an_admin_body_cut_off_for_slowness_is_not_a_crash(
         f"POST /admin/v1/users HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {token}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode()
-    log = deployment.stack.log_dir / "relay.log"
+    log = deployment.relay_log
     logged_before = log.read_text()
     _, received = trickle(deployment, head, body)
     assert parse_raw(received)[0] == 408

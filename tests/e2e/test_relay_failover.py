@@ -17,6 +17,8 @@ import pytest
 from services.fake_upstream import FakeUpstream
 from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok, settled_balance
 
+pytestmark = pytest.mark.shared_stack
+
 RELAY_ENV = {
     "RELAYGATE_BREAKER_MIN_REQUESTS": "3",
     "RELAYGATE_BREAKER_FAILURE_RATIO": "0.5",

@@ -42,9 +42,7 @@ async def channel(deployment: Deployment) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to the relay's gRPC port that trusts the deployment's CA and presents no certificate."""
     credentials = grpc.ssl_channel_credentials(root_certificates=certificates().tls(RELAY).ca)
     options = [("grpc.ssl_target_name_override", server_name(RELAY))]
-    async with grpc.aio.secure_channel(
-        deployment.stack.relay_grpc_address, credentials, options=options
-    ) as opened:
+    async with grpc.aio.secure_channel(deployment.relay_grpc_address, credentials, options=options) as opened:
         yield opened
 
 

@@ -15,9 +15,14 @@ import orjson
 import pytest
 
 from services.common.pricing import Price, Usage, cost
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, ok, only_log_row
+from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok, only_log_row
 
-# Cached and reasoning tokens priced apart, so a charge that ignored them would differ.
+pytestmark = pytest.mark.shared_stack
+
+# The module's own model on an OpenAI-type channel to the fake upstream (the shared deployment's model
+# keeps its price), with cached and reasoning tokens priced apart, so a charge that ignored them would
+# differ.
+MODEL = "gpt-formats"
 PRICES = {**PRICE, "cached_input_per_mtok": 500_000, "reasoning_per_mtok": 16_000_000}
 WEATHER = {
     "name": "get_weather",
@@ -43,8 +48,10 @@ def relay_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _prices(deployment: Deployment) -> None:
+def _model(deployment: Deployment) -> None:
     with deployment.admin() as admin:
+        channel = {"name": MODEL, "base_url": deployment.upstream.base_url, "models": [MODEL]}
+        ok(admin.post("/admin/v1/channels", json={**channel, "enabled": True}))
         ok(admin.put(f"/admin/v1/prices/{MODEL}", json=PRICES))
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.e2e.stack import MODEL, Deployment, balance, fund_user
 
+pytestmark = pytest.mark.shared_stack
+
 MAX_BODY = 64 * 1024
 
 

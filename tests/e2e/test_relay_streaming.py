@@ -13,6 +13,8 @@ import pytest
 
 from tests.e2e.stack import MODEL, PRICE, Deployment, fund_user, only_log_row, settled
 
+pytestmark = pytest.mark.shared_stack
+
 RELAY_ENV = {
     "RELAYGATE_STREAM_KEEPALIVE_S": "0.3",
     "RELAYGATE_STREAM_IDLE_TIMEOUT_S": "1.5",

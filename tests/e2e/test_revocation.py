@@ -11,6 +11,8 @@ import pytest
 
 from tests.e2e.stack import MODEL, Deployment, fund_user, ok
 
+pytestmark = pytest.mark.shared_stack
+
 FOLLOWED = "relaygate_relay_key_invalidations_followed"
 
 
