@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from devinfra.processes import ManagedProcess, free_ports
-from services.relay.edge.http.shutdown import ShutdownSteps
+from services.relay.edge.http.shutdown import ShutdownClock, ShutdownSteps
 
 ROOT = Path(__file__).resolve().parents[2]
 # Steps of the relay's lifespan, in the order they run (with Redis and Kafka configured; without a
@@ -234,3 +234,30 @@ async def test_a_step_that_never_returns_is_cut_and_the_next_ones_still_run(
     assert ran == ["publisher"]
     lines = [(r.step, r.outcome) for r in caplog.records if r.msg == "shutdown step"]  # type: ignore[attr-defined]
     assert lines == [("streams", "timed_out"), ("leases", "failed"), ("publisher", "done")]
+
+
+async def test_a_step_that_overruns_the_way_out_leaves_the_publisher_its_reserved_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    async def drains() -> None:
+        await asyncio.Event().wait()
+
+    async def spools() -> None:
+        await asyncio.sleep(0.3)
+        ran.append("publisher")
+
+    caplog.set_level(logging.INFO, logger="services.relay.edge.http.shutdown")
+    clock = ShutdownClock()
+    async with contextlib.AsyncExitStack() as stack:
+        steps = ShutdownSteps(stack, clock)
+        steps.push("publisher", spools, deadline_s=5.0, reserve_s=0.6)
+        steps.push("streams", drains, deadline_s=5.0)
+        clock.ends_at = time.monotonic() + 1.0
+
+    # The stream drain got what the publisher did not keep; the publisher then had its 0.3 s.
+    assert ran == ["publisher"]
+    lines = {r.step: r for r in caplog.records if r.msg == "shutdown step"}  # type: ignore[attr-defined]
+    assert lines["streams"].outcome == "timed_out" and 300 <= lines["streams"].ms < 600  # type: ignore[attr-defined]
+    assert lines["publisher"].outcome == "done"  # type: ignore[attr-defined]

@@ -154,9 +154,21 @@ class EventPublisher:
         log.error("usage events dropped: the spool is full", extra={"dropped": count})
 
     async def close(self) -> None:
-        """Hand queued events to Kafka (bounded by ``shutdown_timeout_s``), spool the rest, stop."""
+        """Hand queued events to Kafka (bounded by ``shutdown_timeout_s``), spool the rest, stop.
+
+        What Kafka has not taken is spooled even when the caller cuts this short (a shutdown whose
+        deadline passed while events were still being delivered)."""
+        try:
+            await self._deliver_queued()
+        finally:
+            self._spool_leftover()
+        await self._disconnect()
+
+    async def _deliver_queued(self) -> None:
         task = self._task
-        if task is not None:
+        if task is None:
+            return
+        try:
             deadline = time.monotonic() + self._shutdown_timeout_s
             while (
                 self._queue or (self._inflight and self._inflight_from_queue)
@@ -164,9 +176,12 @@ class EventPublisher:
                 if task.done():
                     break
                 await asyncio.sleep(0.01)
+        finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def _spool_leftover(self) -> None:
         leftover = (self._inflight if self._inflight_from_queue else []) + list(self._queue)
         self._inflight, self._queue = [], collections.deque()
         if leftover:
@@ -179,7 +194,6 @@ class EventPublisher:
                 self._dropped(len(leftover))
         if self._spool is not None:
             self._spool.close()
-        await self._disconnect()
 
     # --- the sending loop -----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from services.common.tls import AUTH, LOGGER, QUOTA, load_tls
 from services.relay.edge.grpc.server import grpc_front
 from services.relay.edge.http import admin, admin_docs, openai_errors
 from services.relay.edge.http.front import Front
-from services.relay.edge.http.shutdown import ShutdownSteps
+from services.relay.edge.http.shutdown import SHUTDOWN_CLOCK, ShutdownClock, ShutdownSteps
 from services.relay.meter.accounting import LeaseAdmission, Meter, SettleRetry
 from services.relay.meter.leasing import Leasing
 from services.relay.meter.perf import PerfRecorder
@@ -69,9 +69,11 @@ def breaker_policy(settings: RelaySettings) -> BreakerPolicy:
 
 
 @contextlib.asynccontextmanager
-async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
+async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = None) -> AsyncIterator[Gateway]:
+    """The gateway and everything it uses; on the way out each is closed in its own timed step, within
+    ``clock``'s deadline when given (see :mod:`services.relay.edge.http.shutdown`)."""
     async with contextlib.AsyncExitStack() as stack:
-        steps = ShutdownSteps(stack)
+        steps = ShutdownSteps(stack, clock)
         steps.enter_sync("tracing", tracing.traced("relay"))
         tls = load_tls(settings, environment=settings.environment)
         auth_channel = channel(settings.auth_addr, tls=tls, peer=AUTH)
@@ -98,7 +100,14 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
             )
             publisher.on_produced = perf.produced
             await publisher.start()
-            steps.push("publisher", publisher.close, deadline_s=settings.event_shutdown_timeout_s + _SPOOL_S)
+            # What it has not delivered when its time is up it spools, even cut short; the steps
+            # before it leave it the time to drop its producer too.
+            steps.push(
+                "publisher",
+                publisher.close,
+                deadline_s=settings.event_shutdown_timeout_s + _SPOOL_S,
+                reserve_s=_QUICK_S,
+            )
 
         authenticator = Authenticator(
             AuthServiceStub(auth_channel),
@@ -226,13 +235,15 @@ async def open_gateway(settings: RelaySettings) -> AsyncIterator[Gateway]:
 
 def create_app(settings: RelaySettings) -> Front:
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, object]]:
+        clock = ShutdownClock()
         async with contextlib.AsyncExitStack() as stack:
-            gateway = await stack.enter_async_context(open_gateway(settings))
-            await ShutdownSteps(stack).enter_async(
+            gateway = await stack.enter_async_context(open_gateway(settings, clock))
+            await ShutdownSteps(stack, clock).enter_async(
                 "grpc_front", grpc_front(gateway), deadline_s=settings.grpc_drain_seconds + _CUT_S
             )
-            yield {"gateway": gateway}
+            # The server sets the clock when the signal comes (services/relay/edge/http/server.py).
+            yield {"gateway": gateway, SHUTDOWN_CLOCK: clock}
 
     # No slash redirects: they would send clients to whatever the Host header names; an unknown path
     # is a 404 like any other.

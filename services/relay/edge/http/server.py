@@ -26,7 +26,7 @@ from types import FrameType
 
 import uvicorn
 
-from services.relay.edge.http.shutdown import timed_step
+from services.relay.edge.http.shutdown import SHUTDOWN_CLOCK, ShutdownClock, timed_step
 
 __all__ = ["RelayServer"]
 
@@ -75,12 +75,21 @@ class RelayServer(uvicorn.Server):
                     "timeout_ms": round(self._timeout_s * 1000),
                 },
             )
+            self._start_clock(started)
             await self._drain_http(sockets)
             if not self.force_exit:
                 await self._stop_lifespan(self._timeout_s - _ms_since(started) / 1000 - _REPORT_S)
             log.info("shutdown complete", extra={"ms": _ms_since(started)})
         finally:
             faulthandler.cancel_dump_traceback_later()
+
+    def _start_clock(self, started: float) -> None:
+        """Tell the lifespan's steps when the way out must be over (they keep to it, the publisher's
+        time reserved), a little before the lifespan's own deadline below."""
+        clock = self.lifespan.state.get(SHUTDOWN_CLOCK) if hasattr(self, "lifespan") else None
+        if isinstance(clock, ShutdownClock):
+            left_s = self._timeout_s - (time.perf_counter() - started) - 2 * _REPORT_S
+            clock.ends_at = time.monotonic() + left_s
 
     async def _drain_http(self, sockets: list[socket.socket] | None) -> None:
         """Stop listening, let in-flight requests finish (``drain_s``), then close whatever is still

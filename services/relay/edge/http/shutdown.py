@@ -11,6 +11,10 @@ given back.
 The deadlines are backstops over the bounds the components keep themselves (the publisher's
 ``event_shutdown_timeout_s``, the leases' ``credit_shutdown_s``, ...), never the bound a step is
 expected to meet.
+
+The whole way out has a deadline too (:class:`ShutdownClock`, set by the server when the signal comes).
+A step never runs past it, and a step runs only while the time that steps after it reserve is left: a
+stream drain that takes all it may still leaves the publisher its time to spool what Kafka did not take.
 """
 
 from __future__ import annotations
@@ -23,11 +27,27 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["ShutdownSteps", "timed_step"]
+__all__ = ["SHUTDOWN_CLOCK", "ShutdownClock", "ShutdownSteps", "timed_step"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The key of the lifespan's :class:`ShutdownClock` in its state (what the lifespan yields, which
+# uvicorn keeps): the server sets it when the signal comes.
+SHUTDOWN_CLOCK = "relaygate.shutdown_clock"
+
+
+class ShutdownClock:
+    """When the way out must be over (``time.monotonic()``); None until the shutdown starts."""
+
+    __slots__ = ("ends_at",)
+
+    def __init__(self) -> None:
+        self.ends_at: float | None = None
+
+    def left_s(self) -> float | None:
+        return None if self.ends_at is None else self.ends_at - time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +55,36 @@ class _Step:
     name: str
     close: Callable[[], Awaitable[object]]
     deadline_s: float
+    # Time kept for this step by the steps that run before it.
+    reserve_s: float
 
 
 class ShutdownSteps:
-    """The close steps of one lifespan, run in reverse order of :meth:`push` by its exit stack."""
+    """The close steps of one lifespan, run in reverse order of :meth:`push` by its exit stack, within
+    ``clock``'s deadline (none when not given)."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, stack: contextlib.AsyncExitStack, clock: ShutdownClock | None = None) -> None:
         self._stack = stack
+        self._clock = clock
+        self._steps: list[_Step] = []
 
-    def push(self, name: str, close: Callable[[], Awaitable[object]], *, deadline_s: float) -> None:
-        """Run ``close()`` on the way out, cancelled after ``deadline_s`` seconds."""
-        self._stack.push_async_callback(_run, _Step(name, close, deadline_s))
+    def push(
+        self, name: str, close: Callable[[], Awaitable[object]], *, deadline_s: float, reserve_s: float = 0.0
+    ) -> None:
+        """Run ``close()`` on the way out, cancelled after ``deadline_s`` seconds; the steps that run
+        before it leave it ``reserve_s`` of the way out's time."""
+        step = _Step(name, close, deadline_s, reserve_s)
+        # Pushed earlier, run later: what this step must leave is what the steps pushed before it keep.
+        keep_s = sum(earlier.reserve_s for earlier in self._steps)
+        self._steps.append(step)
+        self._stack.push_async_callback(self._run, step, keep_s)
+
+    async def _run(self, step: _Step, keep_s: float) -> None:
+        deadline_s = step.deadline_s
+        left_s = self._clock.left_s() if self._clock is not None else None
+        if left_s is not None:
+            deadline_s = max(0.0, min(deadline_s, left_s - keep_s))
+        await _run_step(step, deadline_s)
 
     async def enter_async(
         self, name: str, context: contextlib.AbstractAsyncContextManager[T], *, deadline_s: float
@@ -61,11 +100,11 @@ class ShutdownSteps:
         return self._stack.enter_context(_timed_exit(name, context))
 
 
-async def _run(step: _Step) -> None:
+async def _run_step(step: _Step, deadline_s: float) -> None:
     started = time.perf_counter()
     outcome = "done"
     try:
-        async with asyncio.timeout(step.deadline_s) as deadline:
+        async with asyncio.timeout(deadline_s) as deadline:
             await step.close()
     except TimeoutError:
         if not deadline.expired():
@@ -76,7 +115,7 @@ async def _run(step: _Step) -> None:
     except Exception:
         outcome = "failed"
         log.exception("shutdown step failed", extra={"step": step.name})
-    _report(step.name, started, outcome, step.deadline_s)
+    _report(step.name, started, outcome, deadline_s)
 
 
 @contextlib.contextmanager
