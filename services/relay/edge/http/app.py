@@ -4,6 +4,8 @@ Redis, the channel directory, running streams) and closes them in reverse order 
 
 On SIGTERM uvicorn stops accepting connections and waits for in-flight requests; then the lifespan
 lets detached stream drains settle, hands queued usage events to Kafka (or the spool), and closes.
+Each close is a timed, bounded step (:mod:`services.relay.edge.http.shutdown`), and the drain and the
+whole way out are bounded by :mod:`services.relay.edge.http.server`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ expected to meet.
 
 The whole way out has a deadline too (:class:`ShutdownClock`, set by the server when the signal comes).
 A step never runs past it, and a step runs only while the time that steps after it reserve is left: a
-stream drain that takes all it may still leaves the publisher its time to spool what Kafka did not take.
+stream drain that takes all it may still leaves the publisher its time (which spools what Kafka did
+not take even when cut short).
 """
 
 from __future__ import annotations
