@@ -3,8 +3,9 @@ and no plaintext key in any service log."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
 import sys
 import time
 from typing import Any
@@ -13,32 +14,21 @@ import httpx
 import pytest
 
 from devinfra.processes import ManagedProcess
+from services.cli import main
 from tests.e2e.stack import MODEL, Deployment
 
 pytestmark = pytest.mark.shared_stack
 
 
 def cli(deployment: Deployment, *args: str) -> Any:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "admin",
-            "--url",
-            deployment.relay_url,
-            "--key",
-            deployment.admin_key,
-            "--json",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    """``relaygate admin --json ARGS``: the command line's own entry point, called in this process (a
+    Python start per call would cost a second or more of the module's time each)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["admin", "--url", deployment.relay_url, "--key", deployment.admin_key, "--json", *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue())
 
 
 def chat_status(deployment: Deployment, key: str) -> int:
