@@ -3,14 +3,15 @@ listed in plain text, while the relay still sends the real values upstream."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 from typing import Any
 
 import httpx
 import pytest
 
+from services.cli import main
 from tests.e2e.stack import PRICE, Deployment, fund_user, ok
 
 pytestmark = pytest.mark.shared_stack
@@ -48,19 +49,14 @@ def upstream_headers(deployment: Deployment, key: str) -> dict[str, str]:
 
 
 def cli(deployment: Deployment, *args: str) -> tuple[str, Any]:
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "services.cli", "admin"),
-            *("--url", deployment.relay_url, "--key", deployment.admin_key, "--json"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout + result.stderr, json.loads(result.stdout)
+    """``relaygate admin --json ARGS`` (the command line's entry point, called in this process): all it
+    printed, and its answer."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["admin", "--url", deployment.relay_url, "--key", deployment.admin_key, "--json", *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == 0, err.getvalue()
+    return out.getvalue() + err.getvalue(), json.loads(out.getvalue())
 
 
 def test_credentials_are_masked_in_answers_and_lists_but_reach_the_upstream(deployment: Deployment) -> None:
