@@ -114,9 +114,11 @@ class RelayServer(uvicorn.Server):
             for task in cancelled:
                 task.cancel()
             for connection in list(state.connections):
+                # Abort, not close: close would first flush what a client that stopped reading never
+                # takes.
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
-                    transport.close()
+                    transport.abort()
             if cancelled:
                 await asyncio.wait(cancelled, timeout=_CANCELLED_S)
             for server in self.servers:
