@@ -32,6 +32,8 @@ _PREFIX = "relaygate:perf:"
 # A snapshot outlives a few missed posts, not a stopped process.
 TTL_S = 5
 INTERVAL_S = 1.0
+# How long a process on its way out tries to take itself off the board.
+FORGET_S = 0.5
 
 
 def instance_name(service: str) -> str:
@@ -77,15 +79,21 @@ class Board:
             self._task = asyncio.create_task(self._run(), name="perf-board")
 
     async def close(self) -> None:
+        """Stop posting and take this process off the board: one round trip, given ``FORGET_S`` (the
+        snapshot expires by itself anyway), so a Redis that stopped answering does not hold a process
+        on its way out."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # wait(), not ``await task``: the task's CancelledError is not ours, and ours (a caller's
+            # deadline) must still reach the caller.
+            await asyncio.wait([self._task])
             self._task = None
         if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.srem(_MEMBERS, self._key)
-                await self._redis.delete(self._key)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(FORGET_S), self._redis.pipeline(transaction=False) as pipe:
+                    pipe.srem(_MEMBERS, self._key)
+                    pipe.delete(self._key)
+                    await pipe.execute()
 
     async def _run(self) -> None:
         failing = False
