@@ -292,16 +292,22 @@ class Posting:
     ) -> Books:
         """Lock the accounts, then the budget windows, that decisions read; create missing windows.
 
-        Holds read their user's account and windows. Finishes only subtract from theirs, which the
-        final updates lock in the same order, unless an overage must be bounded by what is left.
+        Holds read their user's account and windows. Finishes only subtract from theirs, which a batch
+        of finishes alone locks with its final updates, in the same order (accounts, then windows, each
+        sorted). A batch that locks for its holds here locks its finishes' rows here too, in the same
+        statements: were they left to the final updates, it would lock an account after a window, or
+        one window after another it locked out of order, and a concurrent batch taking the rows in
+        the shared order would deadlock with it (seen with two quota processes under mixed load).
+        An overage, bounded by what is left, needs the finishes' rows read in any case.
         """
+        holding = any(isinstance(op, HoldRequest) for op in batch)
         finishing = (
             [
                 rows[op.reservation_id]
                 for op in batch
                 if isinstance(op, FinishRequest) and op.reservation_id in rows
             ]
-            if self._allow_overage
+            if self._allow_overage or holding
             else []
         )
         users = {op.user_id for op in batch if isinstance(op, HoldRequest)} | {
