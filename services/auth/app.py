@@ -21,6 +21,7 @@ from services.common.pb.relaygate.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.common.perfboard import service_board
 from services.common.redis import redis_client
 from services.common.rpc_auth import ServerSecurity
+from services.common.tasks import cancel_and_wait
 from services.common.tls import load_tls
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,7 @@ async def run(
 
 async def _stop_flusher(flusher: asyncio.Task[None], store: AuthStore) -> None:
     """Cancel the periodic writer, then write what the last requests left behind."""
-    flusher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await flusher
+    await cancel_and_wait(flusher)
     try:
         await store.flush_last_used()
     except Exception:

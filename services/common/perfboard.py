@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.rolling import Rolling
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,7 @@ class Board:
         snapshot expires by itself anyway), so a Redis that stopped answering does not hold a process
         on its way out."""
         if self._task is not None:
-            self._task.cancel()
-            # wait(), not ``await task``: the task's CancelledError is not ours, and ours (a caller's
-            # deadline) must still reach the caller.
-            await asyncio.wait([self._task])
+            await cancel_and_wait(self._task)
             self._task = None
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError, TimeoutError):

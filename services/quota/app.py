@@ -17,6 +17,7 @@ from services.common.grpc import Registration, serve
 from services.common.pb.relaygate.quota.v1 import quota_pb2_grpc
 from services.common.perfboard import service_board
 from services.common.redis import redis_client
+from services.common.tasks import cancel_and_wait
 from services.common.tls import load_tls
 from services.quota.budgets import Budgets, Calendar
 from services.quota.leasing import CreditStore
@@ -101,7 +102,7 @@ async def run(
         sweeper = asyncio.create_task(
             sweep_expired(ledger, credit, settings.expiry_sweep_interval_s), name="quota-expiry-sweeper"
         )
-        stack.push_async_callback(_cancel, sweeper)
+        stack.push_async_callback(cancel_and_wait, sweeper)
         if settings.kafka_bootstrap:
             # Held requests (leased or exact) are charged by their usage events; the last batch is
             # charged before the pools close.
@@ -145,9 +146,3 @@ async def sweep_expired(ledger: Ledger, credit: CreditStore, interval_s: float) 
         except Exception:
             # Typically the primary is unreachable; holds stay held (never lost) until a sweep succeeds.
             log.warning("expiry sweep failed", exc_info=True)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -22,6 +22,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from services.common.config import DatabaseSettings
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,7 @@ class Database:
 
     async def close(self) -> None:
         if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await cancel_and_wait(self._monitor)
         for replica in self._routing.replicas:
             await replica.engine.dispose()
         if self.is_sqlite:

@@ -25,7 +25,6 @@ This module is the only place that translates between the protocol's plain messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from services.common.grpc import call
 from services.common.ids import new_id
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.common.pb.relaygate.quota.v1 import quota_pb2 as pb
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 from services.relay.meter.credit import Admission, LeaseBook, LocalLease, recall_wait_ms
 
@@ -165,9 +165,7 @@ class Leasing:
         """Give every lease back: stop the loop, close them all, sync until quota forgot them (or
         ``shutdown_s``); what is left expires in quota."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         self.book.close_all()
         deadline = self._clock() + int(self._shutdown_s * 1000)

@@ -15,7 +15,6 @@ model any listing showed it, so it never goes back to an older one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from services.common.grpc import call
 from services.common.pb.relaygate.quota.v1.quota_pb2 import ListPricesRequest
 from services.common.pb.relaygate.quota.v1.quota_pb2 import Price as PriceMessage
 from services.common.pricing import DEFAULT_MAX_OUTPUT_TOKENS, Price
+from services.common.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from services.common.pb.relaygate.quota.v1.quota_pb2_grpc import QuotaServiceAsyncStub
@@ -78,9 +78,7 @@ class PriceCache:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def refresh(self) -> None:
         """Take in quota's current listing; raises :class:`GatewayError` when quota cannot answer

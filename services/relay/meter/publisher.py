@@ -34,6 +34,7 @@ from services.common import tracing
 from services.common.config import KafkaSettings
 from services.common.events import create_missing_topics, encode
 from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 from services.relay.meter.spool import Record, Spool
 
@@ -177,9 +178,7 @@ class EventPublisher:
                     break
                 await asyncio.sleep(0.01)
         finally:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await cancel_and_wait(task)
 
     def _spool_leftover(self) -> None:
         leftover = (self._inflight if self._inflight_from_queue else []) + list(self._queue)

@@ -24,7 +24,6 @@ evicts the least recently used one, so any number of quiet keys costs bounded me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -41,6 +40,7 @@ from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1.auth_pb2 import DenyReason, Principal, VerifyKeyRequest
 from services.common.redis import KEY_INVALIDATION_CHANNEL
 from services.common.scopes import check
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 
 if TYPE_CHECKING:
@@ -251,9 +251,7 @@ class InvalidationListener:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         self._authenticator.invalidations_lost()
 
     async def _run(self) -> None:

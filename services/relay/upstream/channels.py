@@ -12,7 +12,6 @@ sees one consistent version; whoever needs to follow changes (the pools, the bre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from services.common.errors import GatewayError
 from services.common.grpc import call
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import ListChannelsRequest
+from services.common.tasks import cancel_and_wait
 from services.relay.providers import Provider, provider_for
 
 if TYPE_CHECKING:
@@ -184,9 +184,7 @@ class ChannelDirectory:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def refresh(self, *, consistent: bool = False) -> None:
         """Load the catalog if it changed; ``consistent`` reads it from the primary (after an edit)."""
