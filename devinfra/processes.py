@@ -40,17 +40,30 @@ class StartError(InfraError):
     """A process exited, or did not become ready in time; the message carries the end of its log."""
 
 
+# Every port :func:`free_ports` has returned in this process (test infrastructure: one per process).
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago.
+    """``count`` distinct loopback ports that were free a moment ago, none handed out before by this
+    process.
 
     Every socket stays bound until all are chosen: the kernel may hand a port out again once its socket
-    is closed, so choosing them one at a time could return the same port twice.
+    is closed, so choosing them one at a time could return the same port twice. For the same reason a
+    port chosen by an earlier call (a test's metrics listener, say, not yet bound by its process) could
+    come back in a later one (the stack's own ports): those are skipped, their sockets kept bound
+    meanwhile so the kernel moves on.
     """
+    chosen: list[int] = []
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
+        while len(chosen) < count:
+            sock = stack.enter_context(socket.socket())
             sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+            port = int(sock.getsockname()[1])
+            if port not in _HANDED_OUT:
+                chosen.append(port)
+    _HANDED_OUT.update(chosen)
+    return chosen
 
 
 def free_port() -> int:
