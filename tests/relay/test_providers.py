@@ -210,8 +210,8 @@ def test_anthropic_stream_without_its_end_is_not_done() -> None:
     cut = ANTHROPIC_STREAM.index(b"event: message_delta")
     sse = _decode(decoder, ANTHROPIC_STREAM[:cut], [])
     assert b"[DONE]" not in sse and not decoder.done
-    # No final usage came: the relay bills its marked estimate instead.
-    assert decoder.usage is None and decoder.events == 4
+    # No final usage came: the relay bills its marked estimate instead (the thinking delta counts).
+    assert decoder.usage is None and decoder.events == 5
 
 
 @pytest.mark.parametrize("step", [1, 5, 13, 10_000])

@@ -8,12 +8,25 @@ function -> tool; ``parallel_tool_calls: false`` -> ``disable_parallel_tool_use`
 ``stop_sequences``, ``temperature`` (capped at Anthropic's 1.0), ``top_p``, ``user`` ->
 ``metadata.user_id``. ``max_tokens`` is required there: the caller's cap, else the held one.
 
+Reasoning, caching and documents (:mod:`.reasoning` reads the chat extensions): ``thinking`` as
+the caller gave it, else a budget from ``reasoning_effort`` (kept under the held cap;
+https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking); an assistant message's
+``thinking_blocks`` open its turn, signed as they came (Anthropic requires them when thinking and
+tool use continue a turn); ``cache_control`` on a part, a message (its last block) or a tool becomes
+the block's or tool's breakpoint (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching);
+a PDF ``file`` part becomes a base64 ``document`` block
+(https://docs.anthropic.com/en/docs/build-with-claude/pdf-support). A ``temperature`` set with
+thinking is sent as set: Anthropic refuses any but 1, and its 400 reaches the caller.
+
 Answer and stream (https://docs.anthropic.com/en/docs/build-with-claude/streaming): text and
 ``tool_use`` blocks become the message's content and ``tool_calls`` (streamed ``input_json_delta``
-pieces become argument deltas); ``thinking`` blocks are not passed on. Usage: ``input_tokens`` plus
-``cache_read_input_tokens`` are the prompt (the read part cached), ``cache_creation_input_tokens``
-the cache writes, ``output_tokens`` the completion (thinking included, counted apart when the
-answer reports it).
+pieces become argument deltas); ``thinking`` blocks become ``reasoning_content`` (their text
+joined) and ``thinking_blocks`` (with signatures; ``redacted_thinking`` blocks whole); in a stream
+each ``thinking_delta`` is a ``reasoning_content`` delta, and a ``signature_delta`` (the end of a
+thinking block) a ``thinking_blocks`` delta of one block with empty text and the signature.
+Usage: ``input_tokens`` plus ``cache_read_input_tokens`` are the prompt (the read part cached),
+``cache_creation_input_tokens`` the cache writes, ``output_tokens`` the completion (thinking
+included, counted apart when the answer reports it).
 """
 
 from __future__ import annotations
@@ -44,6 +57,12 @@ from services.relay.providers.content import (
     text_of,
 )
 from services.relay.providers.events import EventReader
+from services.relay.providers.reasoning import (
+    anthropic_thinking,
+    cache_control_of,
+    file_data,
+    thinking_blocks_of,
+)
 
 __all__ = ["ANTHROPIC", "AnthropicProvider"]
 
@@ -62,9 +81,11 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
+        block: dict[str, Any]
         if kind == "text":
-            if part.get("text"):
-                blocks.append({"type": "text", "text": part["text"]})
+            if not part.get("text"):
+                continue
+            block = {"type": "text", "text": part["text"]}
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -76,12 +97,40 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
                 if data is None
                 else {"type": "base64", "media_type": data[0], "data": data[1]}
             )
-            blocks.append({"type": "image", "source": source})
+            block = {"type": "image", "source": source}
+        elif kind == "file":
+            block = _document(part)
         else:
             raise invalid(
                 f"Content parts of type {kind!r} cannot be sent to an Anthropic channel.", "messages"
             )
+        control = cache_control_of(part)
+        if control is not None:
+            block["cache_control"] = control
+        blocks.append(block)
     return blocks
+
+
+def _document(part: dict[str, Any]) -> dict[str, Any]:
+    """A ``document`` block (https://docs.anthropic.com/en/docs/build-with-claude/pdf-support) for a
+    PDF file part; an image sent as a file is an image block."""
+    media_type, data, name = file_data(part)
+    source = {"type": "base64", "media_type": media_type, "data": data}
+    if media_type.startswith("image/"):
+        return {"type": "image", "source": source}
+    if media_type != "application/pdf":
+        raise invalid(f"Files of type {media_type!r} cannot be sent to an Anthropic channel.", "messages")
+    block: dict[str, Any] = {"type": "document", "source": source}
+    if name is not None:
+        block["title"] = name
+    return block
+
+
+def _mark_last(blocks: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    """A message's ``cache_control`` is a breakpoint on its last block."""
+    control = cache_control_of(message)
+    if control is not None and blocks:
+        blocks[-1]["cache_control"] = control
 
 
 def _tool_use(calls: Any) -> list[dict[str, Any]]:
@@ -108,12 +157,18 @@ def _messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str
     for message in body.get("messages") or ():
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            system.extend(_blocks(message.get("content")))
+            blocks = _blocks(message.get("content"))
+            _mark_last(blocks, message)
+            system.extend(blocks)
             continue
         if role == "user":
             blocks, as_role = _blocks(message.get("content")), "user"
         elif role == "assistant":
-            blocks = _blocks(message.get("content")) + _tool_use(message.get("tool_calls"))
+            blocks = (
+                thinking_blocks_of(message)
+                + _blocks(message.get("content"))
+                + _tool_use(message.get("tool_calls"))
+            )
             as_role = "assistant"
         elif role == "tool":
             result = {
@@ -124,6 +179,7 @@ def _messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str
             blocks, as_role = [result], "user"
         else:
             raise invalid(f"Messages of role {role!r} cannot be sent to an Anthropic channel.", "messages")
+        _mark_last(blocks, message)
         if turns and turns[-1]["role"] == as_role:
             turns[-1]["content"].extend(blocks)
         else:
@@ -145,6 +201,9 @@ def _tools(body: dict[str, Any], request: dict[str, Any]) -> None:
             }
             if function.get("description"):
                 entry["description"] = function["description"]
+            control = cache_control_of(tool)
+            if control is not None:
+                entry["cache_control"] = control
             declared.append(entry)
         request["tools"] = declared
     choice = body.get("tool_choice")
@@ -197,10 +256,18 @@ class AnthropicProvider(Provider):
         if isinstance(body.get("n"), int) and body["n"] > 1:
             raise invalid("Anthropic channels produce one choice per request (n must be 1).", "n")
         system, turns = _messages(body)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or max_output_tokens
-        request: dict[str, Any] = {"model": model, "max_tokens": cap or DEFAULT_MAX_TOKENS, "messages": turns}
+        cap = (
+            body.get("max_completion_tokens")
+            or body.get("max_tokens")
+            or max_output_tokens
+            or DEFAULT_MAX_TOKENS
+        )
+        request: dict[str, Any] = {"model": model, "max_tokens": cap, "messages": turns}
         if system:
             request["system"] = system
+        thinking = anthropic_thinking(body, cap)
+        if thinking is not None:
+            request["thinking"] = thinking
         temperature = body.get("temperature")
         if isinstance(temperature, int | float) and not isinstance(temperature, bool):
             request["temperature"] = min(float(temperature), _MAX_TEMPERATURE)
@@ -224,10 +291,21 @@ class AnthropicProvider(Provider):
             raise UpstreamError("The Anthropic channel's answer is not a JSON object.")
         text: list[str] = []
         calls: list[dict[str, Any]] = []
+        thoughts: list[dict[str, Any]] = []
         for block in message.get("content") or ():
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
                 text.append(str(block.get("text") or ""))
+            elif kind == "thinking":
+                thoughts.append(
+                    {
+                        "type": "thinking",
+                        "thinking": str(block.get("thinking") or ""),
+                        "signature": str(block.get("signature") or ""),
+                    }
+                )
+            elif kind == "redacted_thinking":
+                thoughts.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
             elif kind == "tool_use":
                 calls.append(
                     {
@@ -242,6 +320,9 @@ class AnthropicProvider(Provider):
         reply: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
         if calls:
             reply["tool_calls"] = calls
+        if thoughts:
+            reply["reasoning_content"] = "".join(b.get("thinking", "") for b in thoughts)
+            reply["thinking_blocks"] = thoughts
         finish = ANTHROPIC_STOP.get(str(message.get("stop_reason")), "stop")
         choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}
         usage = _usage(message.get("usage"))
@@ -307,15 +388,31 @@ class AnthropicStream:
                     out.append(
                         writer.delta(tool_call_delta(tool, None, None, delta.get("partial_json") or ""))
                     )
+            elif delta.get("type") == "thinking_delta":
+                self.events += 1
+                out.append(writer.delta({"reasoning_content": delta.get("thinking") or ""}))
+            elif delta.get("type") == "signature_delta":
+                # Sent just before the thinking block ends: the caller needs it to send the block back.
+                block = {"type": "thinking", "thinking": "", "signature": delta.get("signature") or ""}
+                out.append(writer.delta({"thinking_blocks": [block]}))
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
-            if block.get("type") == "tool_use" and self._writer is not None:
+            writer = self._writer
+            if writer is None:
+                return
+            started = block.get("type")
+            if started == "tool_use":
                 tool = self._tools[event.get("index", -1)] = len(self._tools)
                 out.append(
-                    self._writer.delta(
-                        tool_call_delta(tool, block.get("id") or "", block.get("name") or "", "")
-                    )
+                    writer.delta(tool_call_delta(tool, block.get("id") or "", block.get("name") or "", ""))
                 )
+            elif started == "redacted_thinking":
+                self.events += 1
+                redacted = {"type": "redacted_thinking", "data": block.get("data") or ""}
+                out.append(writer.delta({"thinking_blocks": [redacted]}))
+            elif started == "thinking" and block.get("thinking"):
+                self.events += 1
+                out.append(writer.delta({"reasoning_content": block["thinking"]}))
         elif kind == "message_start":
             message = event.get("message") or {}
             self._writer = ChunkWriter(str(message.get("id") or ""), str(message.get("model") or self._model))

@@ -7,10 +7,19 @@ images as ``inlineData`` from base64 data URLs or ``fileData`` from other URLs, 
 answer. ``tools`` -> ``functionDeclarations`` (``parametersJsonSchema``), ``tool_choice`` ->
 ``toolConfig.functionCallingConfig`` (AUTO, NONE, ANY with ``allowedFunctionNames``), the caps,
 ``temperature``, ``top_p``, ``stop``, ``n`` (``candidateCount``), ``seed``, the presence and
-frequency penalties and JSON ``response_format`` -> ``generationConfig``.
+frequency penalties and JSON ``response_format`` -> ``generationConfig``. ``thinking`` /
+``reasoning_effort`` -> ``generationConfig.thinkingConfig`` (``thinkingBudget``, ``includeThoughts``;
+https://ai.google.dev/gemini-api/docs/thinking, see :mod:`.reasoning`); a ``file`` part (a PDF) ->
+``inlineData`` (https://ai.google.dev/gemini-api/docs/document-processing). A tool call id carrying a
+``thoughtSignature`` (below) gives its ``functionCall`` part the signature back, which Gemini 3
+requires on the function calls of the current turn
+(https://ai.google.dev/gemini-api/docs/thought-signatures).
 
 Answer and stream: each candidate is a choice; ``functionCall`` parts become ``tool_calls`` (Gemini
-sends a call whole, so its arguments arrive as one delta) and turn a ``STOP`` into ``tool_calls``;
+sends a call whole, so its arguments arrive as one delta; Gemini gives no call ids, so each gets a
+random one, and the part's ``thoughtSignature`` is carried after ``__thought__`` in it, LiteLLM's
+way) and turn a ``STOP`` into ``tool_calls``; thought parts (``thought: true``) become
+``reasoning_content`` (joined in an answer, a delta each in a stream);
 ``finishReason`` maps by :data:`~services.relay.providers.content.GEMINI_FINISH`. Usage:
 ``promptTokenCount`` (cached part ``cachedContentTokenCount``) is the prompt, ``candidatesTokenCount``
 plus ``thoughtsTokenCount`` the completion, the thoughts its reasoning part. A stream has no end
@@ -19,6 +28,7 @@ marker of its own: it is complete when a finish reason came before the body ende
 
 from __future__ import annotations
 
+import secrets
 import urllib.parse
 from typing import Any
 
@@ -45,6 +55,7 @@ from services.relay.providers.content import (
     text_of,
 )
 from services.relay.providers.events import EventReader
+from services.relay.providers.reasoning import THOUGHT_SEPARATOR, file_data, gemini_thinking, split_call_id
 
 __all__ = ["GEMINI", "GeminiProvider"]
 
@@ -74,6 +85,9 @@ def _parts(content: Any) -> list[dict[str, Any]]:
                 parts.append({"fileData": {"mimeType": _guess_type(url), "fileUri": url}})
             else:
                 parts.append({"inlineData": {"mimeType": data[0], "data": data[1]}})
+        elif kind == "file":
+            media_type, encoded, _ = file_data(part)
+            parts.append({"inlineData": {"mimeType": media_type, "data": encoded}})
         else:
             raise invalid(f"Content parts of type {kind!r} cannot be sent to a Gemini channel.", "messages")
     return parts
@@ -111,10 +125,15 @@ def _contents(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str
             for call in message.get("tool_calls") or ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
-                    names[str(call.get("id") or "")] = str(function.get("name") or "")
-                    parts.append(
-                        {"functionCall": {"name": function.get("name") or "", "args": arguments_of(call)}}
-                    )
+                    call_id = str(call.get("id") or "")
+                    names[call_id] = str(function.get("name") or "")
+                    called: dict[str, Any] = {
+                        "functionCall": {"name": function.get("name") or "", "args": arguments_of(call)}
+                    }
+                    signature = split_call_id(call_id)[1]
+                    if signature is not None:
+                        called["thoughtSignature"] = signature
+                    parts.append(called)
         as_role = _ROLES[role]
         if contents and contents[-1]["role"] == as_role:
             contents[-1]["parts"].extend(parts)
@@ -144,6 +163,9 @@ def _generation_config(body: dict[str, Any], max_output_tokens: int) -> dict[str
         config["stopSequences"] = [stop]
     elif isinstance(stop, list) and stop:
         config["stopSequences"] = stop
+    thinking = gemini_thinking(body)
+    if thinking is not None:
+        config["thinkingConfig"] = thinking
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
@@ -196,6 +218,14 @@ def _usage(report: Any) -> Usage | None:
     )
 
 
+def _call_id(call: dict[str, Any], part: dict[str, Any]) -> str:
+    """The OpenAI id of a function call: Gemini's when it gives one (it mostly does not), else a
+    fresh one, unique across requests; the part's ``thoughtSignature`` rides after it."""
+    call_id = str(call.get("id") or f"call_{secrets.token_hex(12)}")
+    signature = part.get("thoughtSignature")
+    return call_id + THOUGHT_SEPARATOR + signature if isinstance(signature, str) and signature else call_id
+
+
 def _finish(reason: Any, called: bool) -> str:
     finish = GEMINI_FINISH.get(str(reason), "stop")
     return "tool_calls" if called and finish == "stop" else finish
@@ -237,17 +267,18 @@ class GeminiProvider(Provider):
                 continue
             index = candidate.get("index", position)
             text: list[str] = []
+            thoughts: list[str] = []
             calls: list[dict[str, Any]] = []
             for part in (candidate.get("content") or {}).get("parts") or ():
-                if not isinstance(part, dict) or part.get("thought"):
+                if not isinstance(part, dict):
                     continue
                 if isinstance(part.get("text"), str):
-                    text.append(part["text"])
+                    (thoughts if part.get("thought") else text).append(part["text"])
                 call = part.get("functionCall")
                 if isinstance(call, dict):
                     calls.append(
                         {
-                            "id": str(call.get("id") or f"call_{response_id}_{index}_{len(calls)}"),
+                            "id": _call_id(call, part),
                             "type": "function",
                             "function": {
                                 "name": str(call.get("name") or ""),
@@ -261,6 +292,8 @@ class GeminiProvider(Provider):
             }
             if calls:
                 message["tool_calls"] = calls
+            if thoughts:
+                message["reasoning_content"] = "".join(thoughts)
             finish = _finish(candidate.get("finishReason"), bool(calls))
             choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
         usage = _usage(reply.get("usageMetadata"))
@@ -344,18 +377,19 @@ class GeminiStream:
                 continue
             index = candidate.get("index", position)
             for part in (candidate.get("content") or {}).get("parts") or ():
-                if not isinstance(part, dict) or part.get("thought"):
+                if not isinstance(part, dict):
                     continue
                 delta: dict[str, Any]
                 call = part.get("functionCall")
                 if isinstance(call, dict):
                     number = self._calls.get(index, 0)
                     self._calls[index] = number + 1
-                    call_id = str(call.get("id") or f"call_{index}_{number}")
                     arguments = orjson.dumps(call.get("args") or {}).decode()
-                    delta = tool_call_delta(number, call_id, str(call.get("name") or ""), arguments)
+                    delta = tool_call_delta(
+                        number, _call_id(call, part), str(call.get("name") or ""), arguments
+                    )
                 elif isinstance(part.get("text"), str):
-                    delta = {"content": part["text"]}
+                    delta = {"reasoning_content" if part.get("thought") else "content": part["text"]}
                 else:
                     continue
                 if index not in self._started:
