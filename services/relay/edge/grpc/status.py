@@ -10,8 +10,8 @@ The status code is the error class's own (``services.common.errors``), except th
   (what the HTTP front answers), ``request_id`` and ``param`` when one field is at fault;
 * ``RetryInfo`` when waiting may help: the error's own retry-after (rate, concurrency, recalled
   credit, a restarting component) or, for any other UNAVAILABLE, the standard short delay;
-* ``QuotaFailure`` for every quota refusal, naming the user (balance, budgets, recalled credit) or
-  the key (rate and concurrency limits) it applies to;
+* ``QuotaFailure`` for every quota refusal, naming the user (balance, the user's budgets, recalled
+  credit) or the key (rate and concurrency limits, the key's budgets) it applies to;
 * ``BadRequest`` with the field at fault for an invalid request that names one.
 
 The ``relaygate-error`` metadata of :func:`services.common.errors.to_wire` goes along too, so a relaygate
@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 
 from services.common.errors import (
     UNAVAILABLE_RETRY_AFTER_S,
+    BudgetExceeded,
     ConcurrencyLimited,
     GatewayError,
     InvalidRequest,
@@ -43,6 +44,9 @@ __all__ = ["DOMAIN", "Refusal", "refusal"]
 DOMAIN = "relaygate.io"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+# Quota names the budget a refusal is about as the admin API does: ``budgets.<scope>.<period>``.
+_KEY_BUDGET = "budgets.key."
 
 
 class Refusal:
@@ -66,6 +70,8 @@ def _quota_subject(exc: QuotaError, principal: Principal | None) -> str:
     if principal is None:
         return ""
     if isinstance(exc, RateLimited | ConcurrencyLimited):
+        return f"key:{principal.key_id}"
+    if isinstance(exc, BudgetExceeded) and (exc.param or "").startswith(_KEY_BUDGET):
         return f"key:{principal.key_id}"
     return f"user:{principal.user_id}"
 
