@@ -42,3 +42,14 @@ class ApiKey(Base):
     key_metadata: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[int]
     last_used_at: Mapped[int] = mapped_column(default=0)
+
+
+class AdminTokenRevocation(Base):
+    """An admin token ended before its expiry (signed out). Kept until the token would have expired;
+    admin tokens are otherwise not stored."""
+
+    __tablename__ = "admin_token_revocations"
+
+    # The token's ``jti`` claim.
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    expires_at: Mapped[int] = mapped_column(index=True)

@@ -173,7 +173,9 @@ class AuthServicer(AuthServiceServicer):
         return user_message(user)
 
     async def ListUsers(self, request: pb.ListUsersRequest, context: Context) -> pb.ListUsersResponse:
-        users = await self._store.list_users(limit=request.limit, after_id=request.after_user_id)
+        users = await self._store.list_users(
+            limit=request.limit, after_id=request.after_user_id, query=request.query
+        )
         return pb.ListUsersResponse(users=[user_message(user) for user in users])
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
@@ -192,7 +194,7 @@ class AuthServicer(AuthServiceServicer):
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
         found = await self._store.list_keys(
-            user_id=request.user_id, limit=request.limit, after_id=request.after_key_id
+            user_id=request.user_id, limit=request.limit, after_id=request.after_key_id, query=request.query
         )
         return pb.ListKeysResponse(keys=[key_message(key) for key in found])
 
@@ -261,10 +263,25 @@ class AuthServicer(AuthServiceServicer):
             request.token, required_scope=request.required_scope, client_ip=request.client_ip
         )
 
+    async def RevokeAdminToken(
+        self, request: pb.RevokeAdminTokenRequest, context: Context
+    ) -> pb.RevokeAdminTokenResponse:
+        """Holding the token is the right to end it; its key's state does not matter (a token of a key
+        revoked since is refused anyway, and ending it too is harmless)."""
+        try:
+            claims = self._tokens.verify(request.token, required_scope="", now=self._now())
+        except AuthenticationError:
+            return pb.RevokeAdminTokenResponse(revoked=False)
+        await self._store.revoke_admin_token(claims.token_id, expires_at=claims.expires_at, now=self._now())
+        return pb.RevokeAdminTokenResponse(revoked=True, expires_at=claims.expires_at)
+
     async def admin_claims(self, token: str, *, required_scope: str, client_ip: str) -> pb.AdminTokenClaims:
         """:meth:`VerifyAdminToken` for auth's own gRPC server, which takes admin tokens too."""
         claims = self._tokens.verify(token, required_scope=required_scope, now=self._now())
-        credential = await self._store.credential_by_key_id(claims.key_id)
+        found = await self._store.admin_token_state(claims.key_id, token_id=claims.token_id)
+        credential, token_revoked = found if found is not None else (None, False)
+        if token_revoked:
+            raise AuthenticationError("The admin token was ended (signed out); request a new one.")
         if (
             credential is None
             or credential.user.id != claims.user_id

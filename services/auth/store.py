@@ -17,12 +17,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from services.auth.keys import KeyScope
-from services.auth.models import ApiKey, User
+from services.auth.models import AdminTokenRevocation, ApiKey, User
 from services.common.db import Database
 from services.common.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from services.common.ids import new_id
@@ -117,6 +117,12 @@ def _unavailable_on_connection_errors() -> Iterator[None]:
         raise ServiceUnavailable("The key store is unreachable; try again shortly.") from exc
 
 
+def _contains(text: str, *columns: Any) -> ColumnElement[bool]:
+    """Any of ``columns`` contains ``text``, ignoring case (LIKE's wildcards in it are literal)."""
+    needle = text.lower()
+    return or_(*(func.lower(column).contains(needle, autoescape=True) for column in columns))
+
+
 def _page_size(limit: int) -> int:
     return DEFAULT_PAGE if limit <= 0 else min(limit, MAX_PAGE)
 
@@ -155,13 +161,34 @@ class AuthStore:
     async def credential_by_key_id(self, key_id: str) -> Credential | None:
         """The key with this id and its owner, read on the primary: the state an admin token is checked
         against, so a revocation counts from its commit, not from replication."""
-        query = select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.id == key_id)
+        found = await self.admin_token_state(key_id, token_id="")
+        return None if found is None else found[0]
+
+    async def admin_token_state(self, key_id: str, *, token_id: str) -> tuple[Credential, bool] | None:
+        """:meth:`credential_by_key_id` and whether the token ``token_id`` was revoked, in one read on
+        the primary (the admin API's one read per call)."""
+        revoked = exists().where(AdminTokenRevocation.token_id == token_id).label("revoked")
+        query = select(ApiKey, User, revoked).join(User, ApiKey.user_id == User.id).where(ApiKey.id == key_id)
         with _unavailable_on_connection_errors():
             async with self._db.reader(consistent=True) as session:
                 row = (await session.execute(query)).first()
         if row is None:
             return None
-        return Credential(key=_key_record(row[0]), user=_user_record(row[1]))
+        return Credential(key=_key_record(row[0]), user=_user_record(row[1])), bool(row[2])
+
+    async def revoke_admin_token(self, token_id: str, *, expires_at: int, now: int) -> None:
+        """Record a token as ended until ``expires_at``; rows of tokens that have expired since go."""
+        insert = (postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert)(
+            AdminTokenRevocation
+        )
+        with _unavailable_on_connection_errors():
+            async with self._db.transaction() as session:
+                await session.execute(
+                    insert.values(token_id=token_id, expires_at=expires_at).on_conflict_do_nothing()
+                )
+                await session.execute(
+                    delete(AdminTokenRevocation).where(AdminTokenRevocation.expires_at <= now)
+                )
 
     async def _credential(self, public_id: str, *, consistent: bool) -> Credential | None:
         query = select(ApiKey, User).join(User, ApiKey.user_id == User.id)
@@ -200,12 +227,15 @@ class AuthStore:
             raise Conflict("A user with this email already exists.", param="email") from None
         return _user_record(row)
 
-    async def list_users(self, *, limit: int = 0, after_id: str = "") -> list[UserRecord]:
-        """Users ordered by id (creation order), starting after ``after_id``."""
-        query = select(User).where(User.id > after_id).order_by(User.id).limit(_page_size(limit))
+    async def list_users(self, *, limit: int = 0, after_id: str = "", query: str = "") -> list[UserRecord]:
+        """Users ordered by id (creation order), starting after ``after_id``; with ``query``, only those
+        whose name, email or id contains it (case-insensitive)."""
+        statement = select(User).where(User.id > after_id).order_by(User.id).limit(_page_size(limit))
+        if query:
+            statement = statement.where(_contains(query, User.name, User.email, User.id))
         with _unavailable_on_connection_errors():
             async with self._db.reader() as session:
-                rows = (await session.scalars(query)).all()
+                rows = (await session.scalars(statement)).all()
         return [_user_record(row) for row in rows]
 
     # -- keys --
@@ -239,14 +269,23 @@ class AuthStore:
                 session.add(row)
         return _key_record(row)
 
-    async def list_keys(self, *, user_id: str = "", limit: int = 0, after_id: str = "") -> list[KeyRecord]:
-        """Keys ordered by id, optionally of one user, starting after ``after_id``."""
-        query = select(ApiKey).where(ApiKey.id > after_id).order_by(ApiKey.id).limit(_page_size(limit))
+    async def list_keys(
+        self, *, user_id: str = "", limit: int = 0, after_id: str = "", query: str = ""
+    ) -> list[KeyRecord]:
+        """Keys ordered by id, optionally of one user, starting after ``after_id``; with ``query``, only
+        those whose name, id or user id contains it, or whose public id starts with it (the shown
+        prefix, ``rg-`` optional)."""
+        statement = select(ApiKey).where(ApiKey.id > after_id).order_by(ApiKey.id).limit(_page_size(limit))
         if user_id:
-            query = query.where(ApiKey.user_id == user_id)
+            statement = statement.where(ApiKey.user_id == user_id)
+        if query:
+            matches = [_contains(query, ApiKey.name, ApiKey.id, ApiKey.user_id)]
+            if prefix := query.removeprefix("rg-"):
+                matches.append(ApiKey.public_id.startswith(prefix, autoescape=True))
+            statement = statement.where(or_(*matches))
         with _unavailable_on_connection_errors():
             async with self._db.reader() as session:
-                rows = (await session.scalars(query)).all()
+                rows = (await session.scalars(statement)).all()
         return [_key_record(row) for row in rows]
 
     async def revoke_key(self, key_id: str, *, now: int) -> KeyRecord:

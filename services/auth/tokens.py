@@ -4,7 +4,9 @@ An admin exchanges an API key of an admin user for a token carrying scopes (``ad
 ``admin:write``). Tokens are not stored, but each names the key it was exchanged for (its id and
 :func:`~services.auth.keys.generation`), and the servicer checks that key's current state on every use:
 revoking, disabling, expiring or rotating the key, or taking admin away from its user, ends its tokens at
-once. Verification here checks the signature, expiry, issuer and scope.
+once. One token alone is ended by revoking its id (``jti``; signing out of the console): the id is kept
+until the token's expiry, and checked in the same read as the key. Verification here checks the
+signature, expiry, issuer and scope.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Claims:
     key_generation: str
     scopes: tuple[str, ...]
     expires_at: int
+    # The ``jti`` claim: what revoking this one token records.
+    token_id: str
 
 
 class TokenAuthority:
@@ -65,7 +69,7 @@ class TokenAuthority:
             "jti": new_id("tok"),
         }
         token = jwt.encode(payload, self._secret, algorithm=_ALGORITHM)
-        return token, Claims(user_id, key_id, key_generation, granted, expires_at)
+        return token, Claims(user_id, key_id, key_generation, granted, expires_at, str(payload["jti"]))
 
     def verify(self, token: str, *, required_scope: str, now: int) -> Claims:
         """The claims; AuthenticationError if invalid or expired, PermissionDenied if the scope is missing."""
@@ -76,7 +80,7 @@ class TokenAuthority:
                 algorithms=[_ALGORITHM],
                 issuer=ISSUER,
                 options={
-                    "require": ["exp", "iat", "sub", "iss", _KEY_CLAIM, _GENERATION_CLAIM],
+                    "require": ["exp", "iat", "sub", "iss", "jti", _KEY_CLAIM, _GENERATION_CLAIM],
                     "verify_iat": False,
                 },
                 leeway=0,
@@ -96,4 +100,5 @@ class TokenAuthority:
             key_generation=str(payload[_GENERATION_CLAIM]),
             scopes=scopes,
             expires_at=int(payload["exp"]),
+            token_id=str(payload["jti"]),
         )

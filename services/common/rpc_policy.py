@@ -75,6 +75,8 @@ RULES: Mapping[str, Rule] = {
             "IssueAdminToken": _relay(),
             # Services that accept admin tokens on their own RPCs ask auth whether one is still good.
             "VerifyAdminToken": Rule(frozenset({RELAY, QUOTA, LOGGER})),
+            # Signing out: the token is its own credential (the relay's DELETE /admin/v1/tokens).
+            "RevokeAdminToken": _relay(),
         },
     ),
     **_service(

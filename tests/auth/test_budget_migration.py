@@ -134,9 +134,9 @@ async def _check_migration(url: str) -> None:
         assert users == {"usr_both": {"rpm": 5}, "usr_rates": {"tpm": 9}, "usr_zero": {"max_concurrency": 2}}
         assert keys == {"key_smaller": {}, "key_larger": {"rpm": 1}, "key_plain": {}}
 
-        # Back to the previous version: the caps in force return to the limits (the table keeps them).
+        # Back before auth_0001 (auth_0002 first): the caps return to the limits (the table keeps them).
         async with engine.begin() as conn:
-            await conn.run_sync(lambda sync: command.downgrade(alembic_config(sync), "auth@-1"))
+            await conn.run_sync(lambda sync: command.downgrade(alembic_config(sync), "auth@-2"))
             restored, users, keys = await _state(conn)
         assert restored == budgets
         assert users["usr_both"] == {"rpm": 5, "daily_budget_micros": 7_000, "monthly_budget_micros": 90_000}

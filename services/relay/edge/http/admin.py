@@ -34,6 +34,7 @@ from services.common.scopes import ADMIN_READ, ADMIN_WRITE
 from services.relay.edge.http.admin_budgets import read_budgets, show_budgets, take_budgets, write_budgets
 from services.relay.edge.http.deps import GatewayDep
 from services.relay.edge.http.requests import Incoming, read_json
+from services.relay.pipeline.channel_probe import CHAT_PATH, probe
 from services.relay.pipeline.checks import (
     MAX_ADMIN_TOKEN_CHARS,
     MAX_API_KEY_CHARS,
@@ -42,6 +43,7 @@ from services.relay.pipeline.checks import (
 )
 from services.relay.pipeline.gateway import Gateway
 from services.relay.pipeline.performance import view as performance_view
+from services.relay.upstream.channels import Channel
 
 
 async def _no_nul_in_url(request: Request) -> None:
@@ -65,6 +67,8 @@ WRITE = ADMIN_WRITE
 Int32 = Annotated[int, Query(ge=0, le=2**31 - 1)]
 Int64 = Annotated[int, Query(ge=0, le=2**63 - 1)]
 HttpStatus = Annotated[int, Query(ge=0, le=999)]
+# A list's search text: as long as the longest name it can match.
+Search = Annotated[str, Query(max_length=320)]
 
 
 def _bearer(request: Request) -> str:
@@ -151,6 +155,14 @@ async def issue_token(request: Request, gateway: GatewayDep) -> Response:
     return render(await call(gateway.auth.IssueAdminToken, message, timeout=timeout(gateway)), 201)
 
 
+@router.delete("/tokens")
+async def revoke_token(request: Request, gateway: GatewayDep) -> Response:
+    """End the admin token that is the bearer credential (signing out): refused from then on."""
+    token = _bearer(request)
+    message = auth_pb2.RevokeAdminTokenRequest(token=token)
+    return render(await call(gateway.auth.RevokeAdminToken, message, timeout=timeout(gateway)))
+
+
 @router.post("/users")
 async def create_user(request: Request, gateway: GatewayDep) -> Response:
     """``limits.daily_budget_micros`` / ``monthly_budget_micros`` become the user's quota budgets
@@ -176,9 +188,12 @@ async def create_user(request: Request, gateway: GatewayDep) -> Response:
 
 
 @router.get("/users")
-async def list_users(request: Request, gateway: GatewayDep, limit: Int32 = 100, after: str = "") -> Response:
+async def list_users(
+    request: Request, gateway: GatewayDep, limit: Int32 = 100, after: str = "", q: Search = ""
+) -> Response:
+    """``q``: only users whose name, email or id contains it (case-insensitive)."""
     await require_admin(request, gateway, READ)
-    message = auth_pb2.ListUsersRequest(limit=limit, after_user_id=after)
+    message = auth_pb2.ListUsersRequest(limit=limit, after_user_id=after, query=q)
     return render(await call(gateway.auth.ListUsers, message, timeout=timeout(gateway)))
 
 
@@ -217,10 +232,16 @@ async def _revoke_quietly(gateway: Gateway, key_id: str) -> None:
 
 @router.get("/keys")
 async def list_keys(
-    request: Request, gateway: GatewayDep, user_id: str = "", limit: Int32 = 100, after: str = ""
+    request: Request,
+    gateway: GatewayDep,
+    user_id: str = "",
+    limit: Int32 = 100,
+    after: str = "",
+    q: Search = "",
 ) -> Response:
+    """``q``: only keys whose name, id or user id contains it, or whose shown prefix starts with it."""
     await require_admin(request, gateway, READ)
-    message = auth_pb2.ListKeysRequest(user_id=user_id, limit=limit, after_key_id=after)
+    message = auth_pb2.ListKeysRequest(user_id=user_id, limit=limit, after_key_id=after, query=q)
     return render(await call(gateway.auth.ListKeys, message, timeout=timeout(gateway)))
 
 
@@ -389,10 +410,40 @@ async def performance(request: Request, gateway: GatewayDep) -> Response:
 
 @router.post("/channels/{channel_id}/breaker/reset")
 async def reset_breaker(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
+    """Close the channel's breaker on every relay (published on Redis); ``relays``: how many took it."""
     await require_admin(request, gateway, WRITE)
-    if not gateway.upstreams.breakers.reset(channel_id):
-        raise NotFound(f"No breaker for channel {channel_id!r} on this relay.", param="channel_id")
-    return Response(b'{"reset":true}', media_type="application/json")
+    if not any(c.id == channel_id for c in gateway.channels.table.channels):
+        raise NotFound(f"No enabled channel {channel_id!r}.", param="channel_id")
+    assert gateway.breaker_resets is not None
+    relays = await gateway.breaker_resets.everywhere(channel_id)
+    return render_dict({"reset": True, "relays": relays})
+
+
+@router.post("/channels/{channel_id}/test")
+async def test_channel(channel_id: str, request: Request, gateway: GatewayDep) -> Response:
+    """One small chat request straight to the channel (``{"model": ...}``, default its first model):
+    status, latency and the upstream's error. Billed to no one, in no usage or log, past its breaker."""
+    await require_admin(request, gateway, WRITE)
+    body = await read_body(request, gateway) if request.headers.get("content-length", "0") != "0" else {}
+    listing = await call(
+        gateway.catalog.ListChannels,
+        catalog_pb2.ListChannelsRequest(consistent=True),
+        timeout=timeout(gateway),
+    )
+    found = next((c for c in listing.channels if c.channel_id == channel_id), None)
+    if found is None:
+        raise NotFound(f"No channel {channel_id!r}.", param="channel_id")
+    try:
+        channel = Channel.from_message(found)
+    except ValueError as exc:
+        raise InvalidRequest(f"Channel {channel_id!r} cannot be used: {exc}", param="channel_id") from exc
+    model = body.get("model") or (channel.models[0] if channel.models else "")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("The channel serves no model: name one as 'model'.", param="model")
+    if not channel.serves(CHAT_PATH):
+        raise InvalidRequest(f"Channel {channel.name!r} serves no chat completions.", param="channel_id")
+    result = await probe(channel, model)
+    return render_dict({"channel_id": channel_id, **result.as_dict()})
 
 
 @router.get("/channels")

@@ -70,6 +70,20 @@ _CHANNEL_STATUS = {
         }
     },
 }
+_CHANNEL_TEST = {
+    "type": "object",
+    "properties": {
+        name: {"type": kind}
+        for name, kind in (
+            ("channel_id", "string"),
+            ("ok", "boolean"),
+            ("model", "string"),
+            ("status", "integer"),
+            ("latency_ms", "number"),
+            ("error", "string"),
+        )
+    },
+}
 _PERFORMANCE = {
     "type": "object",
     "description": "See README, 'Performance view', for every field.",
@@ -81,6 +95,7 @@ _PERFORMANCE = {
             "type": "object",
             "properties": {name: {"type": "object"} for name in ("1m", "5m", "1h")},
         },
+        "minutes": {"type": "array", "items": {"type": "object"}},
         "now": {"type": "object"},
     },
 }
@@ -94,6 +109,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         auth_pb2.AdminToken.DESCRIPTOR,
         201,
     ),
+    ("delete", "/admin/v1/tokens"): Operation(
+        API_KEY,
+        "End the admin token that is the bearer credential (signing out); refused from then on",
+        response=auth_pb2.RevokeAdminTokenResponse.DESCRIPTOR,
+    ),
     ("post", "/admin/v1/users"): Operation(
         ADMIN_WRITE,
         "Create a user." + _BUDGETS,
@@ -102,7 +122,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         201,
     ),
     ("get", "/admin/v1/users"): Operation(
-        ADMIN_READ, "List users", response=auth_pb2.ListUsersResponse.DESCRIPTOR
+        ADMIN_READ,
+        "List users (`q`: name, email or id containing it; `after`: the last user id of the previous page)",
+        response=auth_pb2.ListUsersResponse.DESCRIPTOR,
     ),
     ("post", "/admin/v1/keys"): Operation(
         ADMIN_WRITE,
@@ -112,7 +134,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         201,
     ),
     ("get", "/admin/v1/keys"): Operation(
-        ADMIN_READ, "List keys", response=auth_pb2.ListKeysResponse.DESCRIPTOR
+        ADMIN_READ,
+        "List keys (`q`: name, id or user id containing it, or the shown prefix; `after`: the last key id)",
+        response=auth_pb2.ListKeysResponse.DESCRIPTOR,
     ),
     ("post", "/admin/v1/keys/{key_id}/revoke"): Operation(
         ADMIN_WRITE, "Revoke a key", response=auth_pb2.ApiKey.DESCRIPTOR
@@ -172,12 +196,24 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         201,
     ),
     ("get", "/admin/v1/channels/status"): Operation(
-        ADMIN_READ, "Pools and breakers of the relay process answering", answer=_CHANNEL_STATUS
+        ADMIN_READ,
+        "Pools and breakers of the relay process answering (the performance view has every relay's)",
+        answer=_CHANNEL_STATUS,
     ),
     ("post", "/admin/v1/channels/{channel_id}/breaker/reset"): Operation(
         ADMIN_WRITE,
-        "Close a channel's breaker on the relay process answering",
-        answer={"type": "object", "properties": {"reset": {"type": "boolean"}}},
+        "Close a channel's breaker on every relay (announced on Redis); `relays`: how many took it",
+        answer={
+            "type": "object",
+            "properties": {"reset": {"type": "boolean"}, "relays": {"type": "integer"}},
+        },
+    ),
+    ("post", "/admin/v1/channels/{channel_id}/test"): Operation(
+        ADMIN_WRITE,
+        'Send one small chat request straight to the channel (body `{"model": ...}` optional: its '
+        "first model by default) and answer its status, latency and the upstream's error; billed to no "
+        "one, in no usage or log, sent even while the channel's breaker is open",
+        answer=_CHANNEL_TEST,
     ),
     ("get", "/admin/v1/channels"): Operation(
         ADMIN_READ, "List channels (credentials masked)", response=catalog_pb2.ChannelList.DESCRIPTOR
@@ -196,7 +232,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         response=logger_pb2.GetUsageSummaryResponse.DESCRIPTOR,
     ),
     ("get", "/admin/v1/performance"): Operation(
-        ADMIN_READ, "Live figures over 1 min / 5 min / 1 h, merged across relays", answer=_PERFORMANCE
+        ADMIN_READ,
+        "Live figures over 1 min / 5 min / 1 h and the last hour per minute, merged across relays",
+        answer=_PERFORMANCE,
     ),
 }
 

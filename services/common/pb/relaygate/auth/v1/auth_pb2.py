@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from services.common.pb.relaygate.common.v1 import types_pb2 as relaygate_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaygate/auth/v1/auth.proto\x12\x11relaygate.auth.v1\x1a google/protobuf/field_mask.proto\x1a\x1frelaygate/common/v1/types.proto\"\xe2\x02\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12/\n\nkey_limits\x18\x07 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x30\n\x0buser_limits\x18\x08 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12<\n\x08metadata\x18\n \x03(\x0b\x32*.relaygate.auth.v1.Principal.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x89\x01\n\x11VerifyKeyResponse\x12\x32\n\x0b\x64\x65ny_reason\x18\x01 \x01(\x0e\x32\x1d.relaygate.auth.v1.DenyReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\tprincipal\x18\x03 \x01(\x0b\x32\x1c.relaygate.auth.v1.Principal\"\x84\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12+\n\x06limits\x18\x06 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\"l\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\"8\n\x10ListUsersRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x15\n\rafter_user_id\x18\x02 \x01(\t\";\n\x11ListUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.relaygate.auth.v1.User\"\xf7\x02\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07\x65nabled\x18\x07 \x01(\x08\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x39\n\x08metadata\x18\n \x03(\x0b\x32\'.relaygate.auth.v1.ApiKey.MetadataEntry\x12\x12\n\ncreated_at\x18\x0b \x01(\x03\x12\x14\n\x0clast_used_at\x18\x0c \x01(\x03\x12\x16\n\x0e\x64isplay_prefix\x18\r \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x02\n\x10\x43reateKeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x04 \x03(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12+\n\x06limits\x18\x06 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.relaygate.auth.v1.CreateKeyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x11\x43reateKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.relaygate.auth.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"G\n\x0fListKeysRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x66ter_key_id\x18\x03 \x01(\t\";\n\x10ListKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.relaygate.auth.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"{\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12&\n\x03key\x18\x02 \x01(\x0b\x32\x19.relaygate.auth.v1.ApiKey\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\"\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"a\n\x16IssueAdminTokenRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12\x11\n\tclient_ip\x18\x04 \x01(\t\"P\n\nAdminToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"S\n\x17VerifyAdminTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\"W\n\x10\x41\x64minTokenClaims\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0e\n\x06key_id\x18\x04 \x01(\t*\xec\x01\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45NY_REASON_MALFORMED\x10\x01\x12\x17\n\x13\x44\x45NY_REASON_UNKNOWN\x10\x02\x12\x17\n\x13\x44\x45NY_REASON_REVOKED\x10\x03\x12\x17\n\x13\x44\x45NY_REASON_EXPIRED\x10\x04\x12\x18\n\x14\x44\x45NY_REASON_DISABLED\x10\x05\x12!\n\x1d\x44\x45NY_REASON_MODEL_NOT_ALLOWED\x10\x06\x12\x1e\n\x1a\x44\x45NY_REASON_IP_NOT_ALLOWED\x10\x07\x32\xeb\x06\n\x0b\x41uthService\x12V\n\tVerifyKey\x12#.relaygate.auth.v1.VerifyKeyRequest\x1a$.relaygate.auth.v1.VerifyKeyResponse\x12K\n\nCreateUser\x12$.relaygate.auth.v1.CreateUserRequest\x1a\x17.relaygate.auth.v1.User\x12V\n\tListUsers\x12#.relaygate.auth.v1.ListUsersRequest\x1a$.relaygate.auth.v1.ListUsersResponse\x12V\n\tCreateKey\x12#.relaygate.auth.v1.CreateKeyRequest\x1a$.relaygate.auth.v1.CreateKeyResponse\x12S\n\x08ListKeys\x12\".relaygate.auth.v1.ListKeysRequest\x1a#.relaygate.auth.v1.ListKeysResponse\x12K\n\tRevokeKey\x12#.relaygate.auth.v1.RevokeKeyRequest\x1a\x19.relaygate.auth.v1.ApiKey\x12K\n\tUpdateKey\x12#.relaygate.auth.v1.UpdateKeyRequest\x1a\x19.relaygate.auth.v1.ApiKey\x12V\n\tRotateKey\x12#.relaygate.auth.v1.RotateKeyRequest\x1a$.relaygate.auth.v1.CreateKeyResponse\x12[\n\x0fIssueAdminToken\x12).relaygate.auth.v1.IssueAdminTokenRequest\x1a\x1d.relaygate.auth.v1.AdminToken\x12\x63\n\x10VerifyAdminToken\x12*.relaygate.auth.v1.VerifyAdminTokenRequest\x1a#.relaygate.auth.v1.AdminTokenClaimsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaygate/auth/v1/auth.proto\x12\x11relaygate.auth.v1\x1a google/protobuf/field_mask.proto\x1a\x1frelaygate/common/v1/types.proto\"\xe2\x02\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12/\n\nkey_limits\x18\x07 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x30\n\x0buser_limits\x18\x08 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\r\n\x05\x61\x64min\x18\t \x01(\x08\x12<\n\x08metadata\x18\n \x03(\x0b\x32*.relaygate.auth.v1.Principal.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x89\x01\n\x11VerifyKeyResponse\x12\x32\n\x0b\x64\x65ny_reason\x18\x01 \x01(\x0e\x32\x1d.relaygate.auth.v1.DenyReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\tprincipal\x18\x03 \x01(\x0b\x32\x1c.relaygate.auth.v1.Principal\"\x84\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12+\n\x06limits\x18\x06 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\"l\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\"G\n\x10ListUsersRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x15\n\rafter_user_id\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\";\n\x11ListUsersResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.relaygate.auth.v1.User\"\xf7\x02\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x05 \x03(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07\x65nabled\x18\x07 \x01(\x08\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x39\n\x08metadata\x18\n \x03(\x0b\x32\'.relaygate.auth.v1.ApiKey.MetadataEntry\x12\x12\n\ncreated_at\x18\x0b \x01(\x03\x12\x14\n\x0clast_used_at\x18\x0c \x01(\x03\x12\x16\n\x0e\x64isplay_prefix\x18\r \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x02\n\x10\x43reateKeyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12\x15\n\rallowed_cidrs\x18\x04 \x03(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12+\n\x06limits\x18\x06 \x01(\x0b\x32\x1b.relaygate.common.v1.Limits\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.relaygate.auth.v1.CreateKeyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x11\x43reateKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.relaygate.auth.v1.ApiKey\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"V\n\x0fListKeysRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x66ter_key_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\";\n\x10ListKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.relaygate.auth.v1.ApiKey\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"{\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12&\n\x03key\x18\x02 \x01(\x0b\x32\x19.relaygate.auth.v1.ApiKey\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\"\n\x10RotateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"a\n\x16IssueAdminTokenRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12\x11\n\tclient_ip\x18\x04 \x01(\t\"P\n\nAdminToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"S\n\x17VerifyAdminTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\"W\n\x10\x41\x64minTokenClaims\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"(\n\x17RevokeAdminTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\"?\n\x18RevokeAdminTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\x12\x12\n\nexpires_at\x18\x02 \x01(\x03*\xec\x01\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45NY_REASON_MALFORMED\x10\x01\x12\x17\n\x13\x44\x45NY_REASON_UNKNOWN\x10\x02\x12\x17\n\x13\x44\x45NY_REASON_REVOKED\x10\x03\x12\x17\n\x13\x44\x45NY_REASON_EXPIRED\x10\x04\x12\x18\n\x14\x44\x45NY_REASON_DISABLED\x10\x05\x12!\n\x1d\x44\x45NY_REASON_MODEL_NOT_ALLOWED\x10\x06\x12\x1e\n\x1a\x44\x45NY_REASON_IP_NOT_ALLOWED\x10\x07\x32\xd8\x07\n\x0b\x41uthService\x12V\n\tVerifyKey\x12#.relaygate.auth.v1.VerifyKeyRequest\x1a$.relaygate.auth.v1.VerifyKeyResponse\x12K\n\nCreateUser\x12$.relaygate.auth.v1.CreateUserRequest\x1a\x17.relaygate.auth.v1.User\x12V\n\tListUsers\x12#.relaygate.auth.v1.ListUsersRequest\x1a$.relaygate.auth.v1.ListUsersResponse\x12V\n\tCreateKey\x12#.relaygate.auth.v1.CreateKeyRequest\x1a$.relaygate.auth.v1.CreateKeyResponse\x12S\n\x08ListKeys\x12\".relaygate.auth.v1.ListKeysRequest\x1a#.relaygate.auth.v1.ListKeysResponse\x12K\n\tRevokeKey\x12#.relaygate.auth.v1.RevokeKeyRequest\x1a\x19.relaygate.auth.v1.ApiKey\x12K\n\tUpdateKey\x12#.relaygate.auth.v1.UpdateKeyRequest\x1a\x19.relaygate.auth.v1.ApiKey\x12V\n\tRotateKey\x12#.relaygate.auth.v1.RotateKeyRequest\x1a$.relaygate.auth.v1.CreateKeyResponse\x12[\n\x0fIssueAdminToken\x12).relaygate.auth.v1.IssueAdminTokenRequest\x1a\x1d.relaygate.auth.v1.AdminToken\x12\x63\n\x10VerifyAdminToken\x12*.relaygate.auth.v1.VerifyAdminTokenRequest\x1a#.relaygate.auth.v1.AdminTokenClaims\x12k\n\x10RevokeAdminToken\x12*.relaygate.auth.v1.RevokeAdminTokenRequest\x1a+.relaygate.auth.v1.RevokeAdminTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEY_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CREATEKEYREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_CREATEKEYREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DENYREASON']._serialized_start=2475
-  _globals['_DENYREASON']._serialized_end=2711
+  _globals['_DENYREASON']._serialized_start=2612
+  _globals['_DENYREASON']._serialized_end=2848
   _globals['_PRINCIPAL']._serialized_start=119
   _globals['_PRINCIPAL']._serialized_end=473
   _globals['_PRINCIPAL_METADATAENTRY']._serialized_start=426
@@ -54,37 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEUSERREQUEST']._serialized_start=821
   _globals['_CREATEUSERREQUEST']._serialized_end=929
   _globals['_LISTUSERSREQUEST']._serialized_start=931
-  _globals['_LISTUSERSREQUEST']._serialized_end=987
-  _globals['_LISTUSERSRESPONSE']._serialized_start=989
-  _globals['_LISTUSERSRESPONSE']._serialized_end=1048
-  _globals['_APIKEY']._serialized_start=1051
-  _globals['_APIKEY']._serialized_end=1426
+  _globals['_LISTUSERSREQUEST']._serialized_end=1002
+  _globals['_LISTUSERSRESPONSE']._serialized_start=1004
+  _globals['_LISTUSERSRESPONSE']._serialized_end=1063
+  _globals['_APIKEY']._serialized_start=1066
+  _globals['_APIKEY']._serialized_end=1441
   _globals['_APIKEY_METADATAENTRY']._serialized_start=426
   _globals['_APIKEY_METADATAENTRY']._serialized_end=473
-  _globals['_CREATEKEYREQUEST']._serialized_start=1429
-  _globals['_CREATEKEYREQUEST']._serialized_end=1708
+  _globals['_CREATEKEYREQUEST']._serialized_start=1444
+  _globals['_CREATEKEYREQUEST']._serialized_end=1723
   _globals['_CREATEKEYREQUEST_METADATAENTRY']._serialized_start=426
   _globals['_CREATEKEYREQUEST_METADATAENTRY']._serialized_end=473
-  _globals['_CREATEKEYRESPONSE']._serialized_start=1710
-  _globals['_CREATEKEYRESPONSE']._serialized_end=1786
-  _globals['_LISTKEYSREQUEST']._serialized_start=1788
-  _globals['_LISTKEYSREQUEST']._serialized_end=1859
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1861
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1920
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1922
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1956
-  _globals['_UPDATEKEYREQUEST']._serialized_start=1958
-  _globals['_UPDATEKEYREQUEST']._serialized_end=2081
-  _globals['_ROTATEKEYREQUEST']._serialized_start=2083
-  _globals['_ROTATEKEYREQUEST']._serialized_end=2117
-  _globals['_ISSUEADMINTOKENREQUEST']._serialized_start=2119
-  _globals['_ISSUEADMINTOKENREQUEST']._serialized_end=2216
-  _globals['_ADMINTOKEN']._serialized_start=2218
-  _globals['_ADMINTOKEN']._serialized_end=2298
-  _globals['_VERIFYADMINTOKENREQUEST']._serialized_start=2300
-  _globals['_VERIFYADMINTOKENREQUEST']._serialized_end=2383
-  _globals['_ADMINTOKENCLAIMS']._serialized_start=2385
-  _globals['_ADMINTOKENCLAIMS']._serialized_end=2472
-  _globals['_AUTHSERVICE']._serialized_start=2714
-  _globals['_AUTHSERVICE']._serialized_end=3589
+  _globals['_CREATEKEYRESPONSE']._serialized_start=1725
+  _globals['_CREATEKEYRESPONSE']._serialized_end=1801
+  _globals['_LISTKEYSREQUEST']._serialized_start=1803
+  _globals['_LISTKEYSREQUEST']._serialized_end=1889
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1891
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1950
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1952
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1986
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1988
+  _globals['_UPDATEKEYREQUEST']._serialized_end=2111
+  _globals['_ROTATEKEYREQUEST']._serialized_start=2113
+  _globals['_ROTATEKEYREQUEST']._serialized_end=2147
+  _globals['_ISSUEADMINTOKENREQUEST']._serialized_start=2149
+  _globals['_ISSUEADMINTOKENREQUEST']._serialized_end=2246
+  _globals['_ADMINTOKEN']._serialized_start=2248
+  _globals['_ADMINTOKEN']._serialized_end=2328
+  _globals['_VERIFYADMINTOKENREQUEST']._serialized_start=2330
+  _globals['_VERIFYADMINTOKENREQUEST']._serialized_end=2413
+  _globals['_ADMINTOKENCLAIMS']._serialized_start=2415
+  _globals['_ADMINTOKENCLAIMS']._serialized_end=2502
+  _globals['_REVOKEADMINTOKENREQUEST']._serialized_start=2504
+  _globals['_REVOKEADMINTOKENREQUEST']._serialized_end=2544
+  _globals['_REVOKEADMINTOKENRESPONSE']._serialized_start=2546
+  _globals['_REVOKEADMINTOKENRESPONSE']._serialized_end=2609
+  _globals['_AUTHSERVICE']._serialized_start=2851
+  _globals['_AUTHSERVICE']._serialized_end=3835
 # @@protoc_insertion_point(module_scope)

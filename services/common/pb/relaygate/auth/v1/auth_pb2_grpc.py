@@ -84,6 +84,11 @@ class AuthServiceStub:
                 request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.SerializeToString,
                 response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.FromString,
                 _registered_method=True)
+        self.RevokeAdminToken = channel.unary_unary(
+                '/relaygate.auth.v1.AuthService/RevokeAdminToken',
+                request_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenRequest.SerializeToString,
+                response_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -160,6 +165,14 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeAdminToken(self, request, context):
+        """Ends one admin token before its expiry (signing out): VerifyAdminToken refuses it from then on.
+        The token itself is the credential; an expired or unreadable one needs no revoking.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +225,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.VerifyAdminToken,
                     request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.FromString,
                     response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.SerializeToString,
+            ),
+            'RevokeAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdminToken,
+                    request_deserializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenRequest.FromString,
+                    response_serializer=relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +502,33 @@ class AuthService:
             '/relaygate.auth.v1.AuthService/VerifyAdminToken',
             relaygate_dot_auth_dot_v1_dot_auth__pb2.VerifyAdminTokenRequest.SerializeToString,
             relaygate_dot_auth_dot_v1_dot_auth__pb2.AdminTokenClaims.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaygate.auth.v1.AuthService/RevokeAdminToken',
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenRequest.SerializeToString,
+            relaygate_dot_auth_dot_v1_dot_auth__pb2.RevokeAdminTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class AuthServiceStub:
     issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
     client_ip inside its allowed_cidrs).
     """
+    RevokeAdminToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeAdminTokenRequest, _auth_pb2.RevokeAdminTokenResponse]
+    """Ends one admin token before its expiry (signing out): VerifyAdminToken refuses it from then on.
+    The token itself is the credential; an expired or unreadable one needs no revoking.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -84,6 +88,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
     issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
     client_ip inside its allowed_cidrs).
+    """
+    RevokeAdminToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeAdminTokenRequest, _auth_pb2.RevokeAdminTokenResponse]  # type: ignore[assignment]
+    """Ends one admin token before its expiry (signing out): VerifyAdminToken refuses it from then on.
+    The token itself is the credential; an expired or unreadable one needs no revoking.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +178,16 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Checks a token's signature, expiry and that it carries required_scope, and that the key it was
         issued for is still usable (not revoked, disabled, expired or rotated; its user still an admin;
         client_ip inside its allowed_cidrs).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeAdminToken(
+        self,
+        request: _auth_pb2.RevokeAdminTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeAdminTokenResponse, _abc.Awaitable[_auth_pb2.RevokeAdminTokenResponse]]:
+        """Ends one admin token before its expiry (signing out): VerifyAdminToken refuses it from then on.
+        The token itself is the credential; an expired or unreadable one needs no revoking.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
