@@ -4,15 +4,32 @@ Shapes follow Anthropic's public API documentation:
 
 * Messages API (https://docs.anthropic.com/en/api/messages): request ``model``, ``max_tokens``,
   ``messages``, ``system``, ``tools`` / ``tool_choice``, ``stream``; reply ``id`` (``msg_...``),
-  ``type: "message"``, ``role``, ``content`` blocks (``text``, ``tool_use``), ``stop_reason``
+  ``type: "message"``, ``role``, ``content`` blocks (``thinking``, ``redacted_thinking``, ``text``,
+  ``tool_use``), ``stop_reason``
   (``end_turn``, ``max_tokens``, ``tool_use``), ``stop_sequence``, ``usage`` (``input_tokens``,
   ``output_tokens``, ``cache_creation_input_tokens``, ``cache_read_input_tokens``, and
   ``output_tokens_details.thinking_tokens``). ``input_tokens`` excludes the cached tokens, as the API
   reports it: the whole prompt is the sum of the three input counts.
 * Streaming messages (https://docs.anthropic.com/en/docs/build-with-claude/streaming): named SSE
   events ``message_start``, ``content_block_start``, ``ping``, ``content_block_delta``
-  (``text_delta`` / ``input_json_delta``), ``content_block_stop``, ``message_delta`` (stop reason
-  and cumulative usage), ``message_stop``.
+  (``text_delta`` / ``input_json_delta`` / ``thinking_delta`` / ``signature_delta``),
+  ``content_block_stop``, ``message_delta`` (stop reason and cumulative usage), ``message_stop``.
+* Extended thinking (https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking, the
+  SDK's ``ThinkingConfigEnabledParam``: "Must be ≥1024 and less than ``max_tokens``"): ``thinking``
+  ``enabled`` (with ``budget_tokens``), ``adaptive`` or ``disabled``. A thinking reply opens with a
+  signed ``thinking`` block (``redacted_thinking`` when the behaviour says so); refused with 400 as
+  the API refuses them: a budget under 1024 or not under ``max_tokens``, ``temperature`` other than 1,
+  ``top_k``, ``top_p`` under 0.95, a ``tool_choice`` forcing a call, and a turn continued by tool
+  results whose assistant message does not start with a thinking block. A ``thinking`` block sent
+  back without its signature, or with one that is not the block's, is refused whether or not the
+  request thinks (see :mod:`.thinking`).
+* Prompt caching (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching):
+  ``cache_control`` (``ephemeral``, ``ttl`` 5m or 1h) on tools, system blocks and message blocks,
+  at most four. The cache counts stay the behaviour's ``cached_tokens`` / ``cache_write_tokens``
+  whatever the breakpoints (a fake with a real prefix cache would make every test depend on the
+  requests before it).
+* PDF support (https://docs.anthropic.com/en/docs/build-with-claude/pdf-support): ``document``
+  blocks with a base64 ``application/pdf``, URL or text source; like images they add no tokens.
 * Errors (https://docs.anthropic.com/en/api/errors): ``{"type": "error", "error": {"type",
   "message"}}`` with the type named for the status (``invalid_request_error`` 400,
   ``authentication_error`` 401, ``permission_error`` 403, ``not_found_error`` 404,
@@ -31,13 +48,15 @@ accepted, but one must be sent.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import re
 from typing import Any
 
 import orjson
 
-from . import tokens
+from . import thinking, tokens
 from .behaviour import Behaviour
 from .dialect import Call, Dialect, Route, Streams, bearer_token
 from .endpoints import JSON_HEADERS, JsonReply, Reply, RequestError, StreamReply, identity_of
@@ -150,6 +169,152 @@ def _tools(body: dict[str, Any]) -> tuple[list[tuple[str, Any]], str | None, boo
     return tools, None, kind == "any"
 
 
+_THINKING_DOCS = "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+_CACHE_TTLS = ("5m", "1h")
+_MAX_BREAKPOINTS = 4
+
+
+def _thinking(body: dict[str, Any], max_tokens: int, forced_tool: bool) -> bool:
+    """Whether the request thinks; refuses what the extended-thinking docs say thinking cannot take:
+    a budget under 1024 or not under ``max_tokens``, a ``temperature`` other than 1, ``top_k``, a
+    ``top_p`` under 0.95, and a ``tool_choice`` that forces a call."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return False
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise _invalid(
+            f"thinking.type: Input tag {kind!r} found using 'type' does not match any of the expected "
+            "tags: 'adaptive', 'disabled', 'enabled'"
+        )
+    if kind == "disabled":
+        return False
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise _invalid("thinking.enabled.budget_tokens: Field required")
+        if budget < 1024:
+            raise _invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        if budget >= max_tokens:
+            raise _invalid(
+                "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+                f"documentation at {_THINKING_DOCS}#max-tokens-and-context-window-size"
+            )
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise _invalid(
+            "`temperature` may only be set to 1 when thinking is enabled. Please consult our "
+            f"documentation at {_THINKING_DOCS}#feature-compatibility"
+        )
+    if body.get("top_k") is not None:
+        raise _invalid(f"`top_k` must be unset when thinking is enabled. See {_THINKING_DOCS}")
+    top_p = body.get("top_p")
+    if isinstance(top_p, int | float) and top_p < 0.95:
+        raise _invalid(f"`top_p` must be >= 0.95 or unset when thinking is enabled. See {_THINKING_DOCS}")
+    if forced_tool:
+        raise _invalid("Thinking may not be enabled when tool_choice forces tool use.")
+    return True
+
+
+def _check_cache_control(where: str, block: dict[str, Any], breakpoints: list[str]) -> None:
+    control = block.get("cache_control")
+    if control is None:
+        return
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        raise _invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    if control.get("ttl", "5m") not in _CACHE_TTLS:
+        raise _invalid(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+    breakpoints.append(where)
+
+
+def _check_document(where: str, block: dict[str, Any]) -> None:
+    """A ``document`` block (https://docs.anthropic.com/en/docs/build-with-claude/pdf-support): a
+    base64 PDF, a PDF URL or plain text."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source, dict):
+        if source.get("media_type") != "application/pdf":
+            raise _invalid(f"{where}.source.base64.media_type: Input should be 'application/pdf'")
+        try:
+            base64.b64decode(str(source.get("data") or ""), validate=True)
+        except binascii.Error:
+            raise _invalid(f"{where}.source.base64.data: invalid base64 data") from None
+    elif kind not in ("url", "text"):
+        raise _invalid(f"{where}.source: Input tag {kind!r} does not match any of the expected tags")
+
+
+def _check_thinking_block(where: str, block: dict[str, Any]) -> None:
+    """A thinking block sent back must carry the signature it came with, unchanged."""
+    signature = block.get("signature")
+    if not isinstance(signature, str):
+        raise _invalid(f"{where}.thinking.signature: Field required")
+    if not thinking.valid_signature(str(block.get("thinking") or ""), signature):
+        raise _invalid(f"{where}: Invalid `signature` in `thinking` block")
+
+
+def _check_content(body: dict[str, Any], conversation: list[Any], thinks: bool) -> None:
+    """Block-level checks: cache breakpoints (at most four, ephemeral), documents, the signatures of
+    thinking blocks sent back, and, when thinking, the thinking block that must open an assistant
+    turn continued by tool results."""
+    breakpoints: list[str] = []
+    for index, tool in enumerate(body.get("tools") or ()):
+        if isinstance(tool, dict):
+            _check_cache_control(f"tools.{index}", tool, breakpoints)
+    system = body.get("system")
+    for index, block in enumerate(system if isinstance(system, list) else ()):
+        if isinstance(block, dict):
+            _check_cache_control(f"system.{index}", block, breakpoints)
+    for position, message in enumerate(conversation):
+        content = message.get("content") if isinstance(message, dict) else None
+        for index, block in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(block, dict):
+                continue
+            where = f"messages.{position}.content.{index}"
+            _check_cache_control(where, block, breakpoints)
+            kind = block.get("type")
+            if kind == "document":
+                _check_document(where, block)
+            elif kind == "thinking":
+                _check_thinking_block(where, block)
+    if len(breakpoints) > _MAX_BREAKPOINTS:
+        raise _invalid(
+            f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {len(breakpoints)}."
+        )
+    if thinks:
+        _check_continued_turn(conversation)
+
+
+def _check_continued_turn(conversation: list[Any]) -> None:
+    last = conversation[-1] if conversation else None
+    content = last.get("content") if isinstance(last, dict) else None
+    if not isinstance(content, list) or not any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+    ):
+        return
+    position = len(conversation) - 2
+    turn = conversation[position] if position >= 0 else None
+    blocks = turn.get("content") if isinstance(turn, dict) and turn.get("role") == "assistant" else None
+    if not isinstance(blocks, list) or not blocks:
+        return
+    first = blocks[0].get("type") if isinstance(blocks[0], dict) else None
+    if first not in ("thinking", "redacted_thinking"):
+        raise _invalid(
+            f"messages.{position}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+            f"`{first}`. When `thinking` is enabled, a final `assistant` message must start with a "
+            "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We "
+            "recommend you include thinking blocks from previous turns. To avoid this requirement, "
+            f"disable `thinking`. Please consult our documentation at {_THINKING_DOCS}"
+        )
+
+
+def _thinking_block(behaviour: Behaviour) -> dict[str, Any]:
+    text = thinking.thinking_text(behaviour.reasoning_tokens)
+    if behaviour.redacted_thinking:
+        return {"type": "redacted_thinking", "data": thinking.redacted_data(text)}
+    return {"type": "thinking", "thinking": text, "signature": thinking.signature_of(text)}
+
+
 def _identity(body: dict[str, Any], behaviour: Behaviour) -> str:
     seed = [body.get("model"), body.get("system"), body.get("messages")]
     return identity_of("msg", seed, behaviour, separator="_")[0]
@@ -185,6 +350,8 @@ def messages(call: Call, behaviour: Behaviour) -> Reply:
         raise _invalid("max_tokens: Field required (an integer >= 1)")
     conversation = _messages(body)
     tools, chosen, required = _tools(body)
+    thinks = _thinking(body, max_tokens, required)
+    _check_content(body, conversation, thinks)
     reply = plan(behaviour, max_tokens, tools, chosen=chosen, required=required)
     prompt = tokens.count_anthropic_prompt(body.get("system"), conversation)
     message_id = _identity(body, behaviour)
@@ -192,9 +359,9 @@ def messages(call: Call, behaviour: Behaviour) -> Reply:
     output = reply.visible_tokens + behaviour.reasoning_tokens
     if body.get("stream") is True:
         return _stream(
-            message_id, tool_id, model, reply, _usage(prompt, output, behaviour), prompt, behaviour
+            message_id, tool_id, model, reply, _usage(prompt, output, behaviour), prompt, behaviour, thinks
         )
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = [_thinking_block(behaviour)] if thinks else []
     if reply.words or reply.tool is None:
         content.append({"type": "text", "text": reply.text})
     if reply.tool is not None:
@@ -243,9 +410,12 @@ def _stream(
     final_usage: dict[str, Any],
     prompt: int,
     behaviour: Behaviour,
+    thinks: bool,
 ) -> StreamReply:
-    """The event sequence of the streaming docs: one ``text_delta`` per word, the tool call's input
-    as one ``input_json_delta`` per argument (the pieces concatenate to its JSON)."""
+    """The event sequence of the streaming docs: when thinking, a ``thinking`` block first (one
+    ``thinking_delta`` per word, then its ``signature_delta``) or a ``redacted_thinking`` block
+    whole; one ``text_delta`` per word, the tool call's input as one ``input_json_delta`` per
+    argument (the pieces concatenate to its JSON)."""
     start_usage = _usage(prompt, 1, behaviour)  # the API reports a token or so before generating
     start_usage.pop("output_tokens_details", None)
     message: dict[str, Any] = {
@@ -261,6 +431,19 @@ def _stream(
     events = [_event("message_start", {"type": "message_start", "message": message})]
     content: set[int] = set()
     index = 0
+    if thinks:
+        block = _thinking_block(behaviour)
+        if block["type"] == "redacted_thinking":
+            content.add(len(events))
+            events.append(_block_start(index, block))
+        else:
+            events.append(_block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
+            for word in thinking.thinking_words(behaviour.reasoning_tokens):
+                content.add(len(events))
+                events.append(_block_delta(index, {"type": "thinking_delta", "thinking": word}))
+            events.append(_block_delta(index, {"type": "signature_delta", "signature": block["signature"]}))
+        events.append(_block_stop(index))
+        index += 1
     if reply.words or reply.tool is None:
         events.append(_block_start(index, {"type": "text", "text": ""}))
         events.append(_event("ping", {"type": "ping"}))

@@ -63,7 +63,11 @@ class Behaviour:
             ones leave of the prompt.
         reasoning_tokens: output tokens spent on reasoning (OpenAI
             ``completion_tokens_details.reasoning_tokens``, Anthropic
-            ``output_tokens_details.thinking_tokens``, Gemini ``thoughtsTokenCount``).
+            ``output_tokens_details.thinking_tokens``, Gemini ``thoughtsTokenCount``). When an
+            Anthropic request enables ``thinking`` or a Gemini one asks for ``includeThoughts``, the
+            reply also shows that many thinking words (see :mod:`.thinking`).
+        redacted_thinking: an Anthropic reply's thinking comes as a ``redacted_thinking`` block
+            (opaque ``data``) instead of a readable, signed ``thinking`` block.
 
     Failures (see the module docstring for precedence and ``fail_count``):
         fail_status: answer with this HTTP status and the provider's error body (OpenAI's on the
@@ -103,6 +107,7 @@ class Behaviour:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    redacted_thinking: bool = False
     fail_status: int | None = None
     retry_after: int = 1
     fail_count: int = -1
@@ -322,6 +327,7 @@ FIELDS: dict[str, _FieldSpec] = {
     "cached_tokens": _COUNT,
     "cache_write_tokens": _COUNT,
     "reasoning_tokens": _COUNT,
+    "redacted_thinking": _FLAG,
     "fail_status": _FieldSpec(_status, _optional_int_text),
     "retry_after": _COUNT,
     "fail_count": _FieldSpec(_int_at_least(-1), _int_text),

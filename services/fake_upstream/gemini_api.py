@@ -2,15 +2,23 @@
 
 Shapes follow the Gemini API reference (https://ai.google.dev/api/generate-content):
 
-* request ``contents`` (``role`` + ``parts``), ``systemInstruction``, ``generationConfig``
-  (``maxOutputTokens``), ``tools`` (``functionDeclarations`` with ``parameters`` or
-  ``parametersJsonSchema``) and ``toolConfig.functionCallingConfig`` (``mode`` ``AUTO`` / ``ANY`` /
-  ``NONE``, ``allowedFunctionNames``);
+* request ``contents`` (``role`` + ``parts``; ``inlineData`` of an image, audio, video, text or PDF
+  type in base64, https://ai.google.dev/gemini-api/docs/document-processing), ``systemInstruction``,
+  ``generationConfig`` (``maxOutputTokens``; ``thinkingConfig`` with ``thinkingBudget``, 0 off and -1
+  dynamic, and ``includeThoughts``, https://ai.google.dev/gemini-api/docs/thinking), ``tools``
+  (``functionDeclarations`` with ``parameters`` or ``parametersJsonSchema``) and
+  ``toolConfig.functionCallingConfig`` (``mode`` ``AUTO`` / ``ANY`` / ``NONE``,
+  ``allowedFunctionNames``);
 * reply ``candidates`` (``content.parts`` with ``text`` and ``functionCall`` parts, ``role:
   "model"``, ``finishReason`` ``STOP`` / ``MAX_TOKENS``, ``index``), ``usageMetadata``
   (``promptTokenCount``, which includes ``cachedContentTokenCount``; ``candidatesTokenCount``;
   ``thoughtsTokenCount``, outside the candidates' count; ``totalTokenCount``, the sum of prompt,
   candidates and thoughts), ``modelVersion``, ``responseId``;
+* thinking: with ``includeThoughts`` the reply's parts open with the thoughts (``text`` parts with
+  ``thought: true``); a thinking model's ``functionCall`` parts carry a ``thoughtSignature``, which
+  must come back on the function calls of the current turn (after the last user text), as Gemini 3
+  requires (https://ai.google.dev/gemini-api/docs/thought-signatures): a missing or altered one is
+  refused with 400 (see :mod:`.thinking`);
 * streaming: ``?alt=sse`` sends each ``GenerateContentResponse`` as an SSE ``data:`` event, the
   default sends them as the elements of one JSON array; every chunk carries the usage so far and
   the last one the ``finishReason``;
@@ -25,12 +33,14 @@ Both ``/v1beta`` and ``/v1`` serve the same methods.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
 import orjson
 
-from . import tokens
+from . import thinking, tokens
 from .behaviour import Behaviour
 from .dialect import Call, Dialect, Route, Streams
 from .endpoints import JsonReply, Reply, RequestError, StreamReply, identity_of
@@ -134,6 +144,80 @@ def _tools(body: dict[str, Any]) -> tuple[list[tuple[str, Any]], str | None, boo
     return tools, None, False
 
 
+_SIGNATURE_DOCS = "https://ai.google.dev/gemini-api/docs/thought-signatures"
+# inlineData types the API takes (https://ai.google.dev/gemini-api/docs/document-processing and the
+# image, audio and video pages).
+_INLINE_TYPES = ("image/", "audio/", "video/", "text/", "application/pdf")
+
+
+def _thinking(config: Any) -> tuple[bool, bool]:
+    """(whether the model thinks, whether it shows its thoughts) for ``generationConfig``.
+    A ``thinkingBudget`` of 0 turns thinking off, -1 lets the model choose."""
+    thinking = config.get("thinkingConfig") if isinstance(config, dict) else None
+    if thinking is None:
+        return False, False
+    if not isinstance(thinking, dict):
+        raise _invalid("Invalid value at 'generation_config.thinking_config'")
+    budget = thinking.get("thinkingBudget", -1)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < -1:
+        raise _invalid("Invalid value at 'generation_config.thinking_config.thinking_budget'")
+    include = thinking.get("includeThoughts", False)
+    if not isinstance(include, bool):
+        raise _invalid("Invalid value at 'generation_config.thinking_config.include_thoughts'")
+    thinks = budget != 0
+    return thinks, thinks and include
+
+
+def _check_parts(contents: list[Any], thinks: bool) -> None:
+    """``inlineData`` of a type the API takes, in base64; when thinking, every ``functionCall`` part
+    of the current turn (after the last user text) carrying the ``thoughtSignature`` it came with."""
+    turn_start = 0
+    for position, content in enumerate(contents):
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            if not isinstance(part, dict):
+                continue
+            # Google's JSON takes snake_case names too (the SDK sends the Blob's fields so).
+            inline = part.get("inlineData", part.get("inline_data"))
+            if isinstance(inline, dict):
+                mime = str(inline.get("mimeType", inline.get("mime_type")) or "")
+                if not mime.startswith(_INLINE_TYPES):
+                    raise _invalid(f"Unsupported MIME type: {mime}")
+                try:
+                    base64.b64decode(str(inline.get("data") or ""), validate=True)
+                except binascii.Error:
+                    raise _invalid(
+                        "Invalid value at 'contents.parts.inline_data.data': invalid base64"
+                    ) from None
+            if content.get("role") == "user" and "text" in part:
+                turn_start = position
+    if not thinks:
+        return
+    for position, content in enumerate(contents[turn_start:], start=turn_start):
+        if not isinstance(content, dict) or content.get("role") != "model":
+            continue
+        for part in content.get("parts") or ():
+            call = part.get("functionCall") if isinstance(part, dict) else None
+            if not isinstance(call, dict):
+                continue
+            name = str(call.get("name") or "")
+            if not thinking.signed_call(name, call.get("args") or {}, part.get("thoughtSignature")):
+                raise _invalid(
+                    "Function call is missing a thought_signature in functionCall parts. This is "
+                    "required for tools to work correctly, and missing thought_signature may lead to "
+                    f"degraded model performance. Additional data, function call `default_api:{name}` , "
+                    f"position {position + 1}. Please refer to {_SIGNATURE_DOCS} for more details."
+                )
+
+
+def _call_part(reply: Plan, thinks: bool) -> dict[str, Any]:
+    assert reply.tool is not None
+    part: dict[str, Any] = {"functionCall": {"name": reply.tool.name, "args": reply.tool.arguments}}
+    if thinks:
+        part["thoughtSignature"] = thinking.call_signature(reply.tool.name, reply.tool.arguments)
+    return part
+
+
 def _usage(prompt: int, reply_tokens: int, behaviour: Behaviour) -> dict[str, Any]:
     cached = min(behaviour.cached_tokens, prompt)
     thoughts = behaviour.reasoning_tokens
@@ -186,6 +270,8 @@ def generate(call: Call, behaviour: Behaviour) -> Reply:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise _invalid("Invalid value at 'generation_config.max_output_tokens'")
     tools, chosen, required = _tools(body)
+    thinks, shows = _thinking(config)
+    _check_parts(contents, thinks)
     reply = plan(behaviour, cap, tools, chosen=chosen, required=required)
     prompt = tokens.count_gemini_prompt(body.get("systemInstruction"), contents)
     seed = [model, body.get("systemInstruction"), contents]
@@ -194,28 +280,53 @@ def generate(call: Call, behaviour: Behaviour) -> Reply:
     report = not behaviour.omit_usage
     if call.params["method"] == "streamGenerateContent":
         return _stream(
-            reply, prompt, finish, model, response_id, behaviour, sse=call.query.get("alt") == "sse"
+            reply,
+            prompt,
+            finish,
+            model,
+            response_id,
+            behaviour,
+            sse=call.query.get("alt") == "sse",
+            thinks=thinks,
+            shows=shows,
         )
     parts: list[dict[str, Any]] = []
+    if shows:
+        parts.append({"text": thinking.thinking_text(behaviour.reasoning_tokens), "thought": True})
     if reply.words or reply.tool is None:
         parts.append({"text": reply.text})
     if reply.tool is not None:
-        parts.append({"functionCall": {"name": reply.tool.name, "args": reply.tool.arguments}})
+        parts.append(_call_part(reply, thinks))
     usage = _usage(prompt, reply.visible_tokens, behaviour) if report else None
     return JsonReply(orjson.dumps(_chunk(parts, finish, usage, model, response_id)))
 
 
 def _stream(
-    reply: Plan, prompt: int, finish: str, model: str, response_id: str, behaviour: Behaviour, *, sse: bool
+    reply: Plan,
+    prompt: int,
+    finish: str,
+    model: str,
+    response_id: str,
+    behaviour: Behaviour,
+    *,
+    sse: bool,
+    thinks: bool,
+    shows: bool,
 ) -> StreamReply:
-    """One chunk per word, then the function call whole (Gemini does not split its arguments);
-    the last chunk carries ``finishReason``. A reply of no words and no call is one empty-text chunk."""
+    """One chunk per thought word (``thought: true``, when shown), then one per word, then the
+    function call whole (Gemini does not split its arguments); the last chunk carries
+    ``finishReason``. A reply of no words and no call is one empty-text chunk."""
     report = not behaviour.omit_usage
-    # (parts, output tokens they add)
-    pieces: list[tuple[list[dict[str, Any]], int]] = [([{"text": word}], 1) for word in reply.words]
+    # (parts, output tokens they add); thoughts are counted apart, in every chunk's usage.
+    pieces: list[tuple[list[dict[str, Any]], int]] = []
+    if shows:
+        pieces += [
+            ([{"text": word, "thought": True}], 0)
+            for word in thinking.thinking_words(behaviour.reasoning_tokens)
+        ]
+    pieces += [([{"text": word}], 1) for word in reply.words]
     if reply.tool is not None:
-        call = {"functionCall": {"name": reply.tool.name, "args": reply.tool.arguments}}
-        pieces.append(([call], reply.tool.tokens))
+        pieces.append(([_call_part(reply, thinks)], reply.tool.tokens))
     if not pieces:
         pieces.append(([{"text": ""}], 0))
     payloads: list[dict[str, Any]] = []
