@@ -4,8 +4,9 @@ logger, quota and auth processes), merged.
 Each relay posts, every second, its windows (:class:`~services.relay.meter.perf.PerfRecorder`'s sketches
 plus counters read from its Prometheus series) and its gauges right now; the view adds the counters,
 merges the sketches bucket by bucket (so percentiles are over all relays' requests, within
-``sketch.RELATIVE_ERROR``) and sums or lists the gauges. The document's shape is in the README
-("Performance view").
+``sketch.RELATIVE_ERROR``) and sums or lists the gauges. Each relay also posts the last hour minute by
+minute (:class:`~services.common.minutes.Minutes`), which the view adds up the same way into one series
+of the whole deployment. The document's shape is in the README ("Performance view").
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ import time
 from typing import Any
 
 from services.common import sketch as sketches
+from services.common.minutes import KEEP, MINUTE_S
 from services.common.perfboard import CounterFeed, sum_counters, totals
 from services.common.rolling import WINDOWS
 from services.common.sketch import Sketch
 from services.common.telemetry import METRICS
-from services.relay.meter.perf import LATENCY, OVERHEAD, PRODUCE, STREAM_TTFB, PerfRecorder
+from services.relay.meter.perf import (
+    CHANNEL_PREFIX,
+    LATENCY,
+    OVERHEAD,
+    PRODUCE,
+    STREAM_TTFB,
+    PerfRecorder,
+    channel_names,
+)
 from services.relay.stream.streaming import Streams
 from services.relay.upstream.channels import ChannelDirectory
 from services.relay.upstream.proxy import Upstreams
 
 FAULTS = ("caller", "policy", "provider", "gateway")
+# What a relay posts of each channel right now.
+_CHANNEL_NOW = ("channel_id", "name", "breaker", "retry_in_s", "connections", "in_flight", "idle", "waiting")
+_POOL = ("connections", "in_flight", "idle", "waiting")
 
 
 def relay_counters() -> dict[str, float]:
@@ -72,16 +85,14 @@ class RelaySnapshot:
             "instance": self.instance,
             "at_ms": int(time.time() * 1000),
             "windows": self._recorder.rolling.snapshot(),
+            "minutes": self._recorder.minutes.snapshot(),
             "now": {
                 "active_streams": self._streams.active,
                 "draining_streams": self._streams.draining,
                 "kafka_queued": totals(METRICS.events_queued).get("", 0.0),
                 "kafka_spooled": totals(METRICS.events_spooled).get("", 0.0),
                 "kafka_spool_bytes": totals(METRICS.events_spool_bytes).get("", 0.0),
-                "channels": [
-                    {k: c[k] for k in ("name", "breaker", "connections", "in_flight", "idle", "waiting")}
-                    for c in channels
-                ],
+                "channels": [{k: c[k] for k in _CHANNEL_NOW} for c in channels],
             },
         }
 
@@ -137,7 +148,7 @@ def _window(name: str, relays: list[dict[str, Any]], services: list[dict[str, An
         },
         "latency_ms": _percentiles(merged.get(LATENCY, empty), (0.5, 0.95, 0.99)),
         "overhead_ms": _percentiles(merged.get(OVERHEAD, empty), (0.5, 0.95, 0.99)),
-        "stream_ttfb_ms": _percentiles(merged.get(STREAM_TTFB, empty), (0.5, 0.99)),
+        "stream_ttfb_ms": _percentiles(merged.get(STREAM_TTFB, empty), (0.5, 0.95, 0.99)),
         "key_cache": {
             "hits": int(key_hit),
             "misses": int(key_miss),
@@ -164,29 +175,86 @@ def _window(name: str, relays: list[dict[str, Any]], services: list[dict[str, An
             "primary_reads": int(reads_primary),
             "replica_share": _ratio(reads_replica, reads_replica + reads_primary),
         },
+        "channels": _channel_windows(counters, merged),
     }
 
 
+def _channel_windows(counters: dict[str, float], merged: dict[str, Sketch]) -> dict[str, dict[str, Any]]:
+    """Per channel id: the requests it answered last, how many failed on it, its upstream TTFB."""
+    ids = {
+        name[len(CHANNEL_PREFIX) :].rpartition(":")[0] for name in counters if name.startswith(CHANNEL_PREFIX)
+    }
+    shown: dict[str, dict[str, Any]] = {}
+    for channel_id in sorted(ids):
+        requests, errors, ttfb = channel_names(channel_id)
+        n, failed = counters.get(requests, 0.0), counters.get(errors, 0.0)
+        shown[channel_id] = {
+            "requests": int(n),
+            "errors": {"count": int(failed), "rate": _ratio(failed, n)},
+            "ttfb_ms": _percentiles(merged.get(ttfb, Sketch()), (0.5, 0.95, 0.99)),
+        }
+    return shown
+
+
 def _channels(relays: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_name: dict[str, dict[str, Any]] = {}
+    """Each channel's pools summed over the relays, and its breaker on each relay (they trip apart)."""
+    by_id: dict[str, dict[str, Any]] = {}
     for relay in relays:
         for channel in relay["now"]["channels"]:
-            shown = by_name.setdefault(
-                channel["name"],
+            # Snapshots of relays older than channel ids in them are keyed by name.
+            key = channel.get("channel_id") or channel["name"]
+            shown = by_id.setdefault(
+                key,
                 {
+                    "channel_id": channel.get("channel_id", ""),
                     "name": channel["name"],
-                    "connections": 0,
-                    "in_flight": 0,
-                    "idle": 0,
-                    "waiting": 0,
+                    **dict.fromkeys(_POOL, 0),
                     "breakers": {"closed": 0, "half_open": 0, "open": 0},
+                    "by_relay": [],
                 },
             )
-            for key in ("connections", "in_flight", "idle", "waiting"):
-                shown[key] += channel[key]
+            for name in _POOL:
+                shown[name] += channel[name]
             breakers: dict[str, int] = shown["breakers"]
             breakers[channel["breaker"]] = breakers.get(channel["breaker"], 0) + 1
-    return [by_name[name] for name in sorted(by_name)]
+            shown["by_relay"].append(
+                {
+                    "instance": relay["instance"],
+                    "breaker": channel["breaker"],
+                    "retry_in_s": channel.get("retry_in_s", 0.0),
+                }
+            )
+    return sorted(by_id.values(), key=lambda c: (c["name"], c["channel_id"]))
+
+
+def _minutes(relays: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """The last hour minute by minute, every relay's minutes added up; minutes nobody posted are 0."""
+    counters: dict[int, dict[str, float]] = {}
+    latency: dict[int, Sketch] = {}
+    for relay in relays:
+        for minute in relay.get("minutes", ()):
+            at = minute["minute_ms"]
+            mine = counters.setdefault(at, {})
+            for name, value in minute["counters"].items():
+                mine[name] = mine.get(name, 0.0) + value
+            wire = minute["sketches"].get(LATENCY)
+            if wire:
+                latency.setdefault(at, Sketch()).merge_wire(wire)
+    step = MINUTE_S * 1000
+    last = now_ms // step * step
+    series: list[dict[str, Any]] = []
+    for at in range(last - (KEEP - 1) * step, last + step, step):
+        sketch = latency.get(at, Sketch())
+        faults = {fault: int(counters.get(at, {}).get(f"fault.{fault}", 0.0)) for fault in FAULTS}
+        series.append(
+            {
+                "at_ms": at,
+                "requests": sketch.count,
+                "errors": {"count": sum(faults.values()), "by_fault": faults},
+                "latency_ms": _percentiles(sketch, (0.5, 0.99)),
+            }
+        )
+    return series
 
 
 def view(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,13 +271,15 @@ def view(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             seen = replicas.setdefault(replica, {"lag_bytes": 0.0, "healthy": 1.0})
             seen["healthy"] = min(seen["healthy"], healthy)
     loggers = [s for s in services if s.get("service") == "logger"]
+    now_ms = int(time.time() * 1000)
     return {
-        "generated_at_ms": int(time.time() * 1000),
+        "generated_at_ms": now_ms,
         "percentiles": {"sketch": "log-buckets", "relative_error": round(sketches.RELATIVE_ERROR, 4)},
         "sources": [
             {"service": s["service"], "instance": s["instance"], "at_ms": s["at_ms"]} for s in snapshots
         ],
         "windows": {name: _window(name, relays, services) for name in WINDOWS},
+        "minutes": _minutes(relays, now_ms),
         "now": {
             "relays": len(relays),
             "active_streams": sum(r["now"]["active_streams"] for r in relays),
