@@ -11,6 +11,14 @@ REDIS_TIMEOUT_S = 0.5
 
 # auth publishes a key id here whenever the key changes; every relay drops its cached principal.
 KEY_INVALIDATION_CHANNEL = "relaygate:auth:invalidate"
+# The admin API publishes a channel id here; every relay closes that channel's breaker. Named with the
+# database number: Redis delivers a publication to subscribers of every database, and a deployment's
+# shared state lives in one database (two deployments on one server must not reset each other's).
+_BREAKER_RESET_CHANNEL = "relaygate:relay:breaker-reset:{db}"
+
+
+def breaker_reset_channel(redis: Redis) -> str:
+    return _BREAKER_RESET_CHANNEL.format(db=redis.connection_pool.connection_kwargs.get("db", 0))
 
 
 def redis_client(url: str) -> Redis:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from services.common.perfboard import Board
 from services.relay.meter.accounting import Meter
 from services.relay.meter.slots import StreamSlots
+from services.relay.pipeline.breaker_resets import BreakerResets
 from services.relay.pipeline.cache import ResponseCache
 from services.relay.pipeline.principals import Authenticator
 from services.relay.settings import RelaySettings
@@ -43,3 +44,5 @@ class Gateway:
     logger: LoggerServiceAsyncStub
     # The performance board this relay posts its snapshot to and reads every process's from.
     performance: Board | None = None
+    # Closes a channel's breaker on every relay (the admin API's reset).
+    breaker_resets: BreakerResets | None = None

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from redis.asyncio import Redis
@@ -227,7 +228,9 @@ class InvalidationListener:
 
     Every subscription confirmation (the first, and each after the client reconnected, by itself or
     here) tells the authenticator it is following again; an error, or a connection silent for
-    ``silence_s`` although pinged every ``probe_s``, tells it the announcements may be lost.
+    ``silence_s`` although pinged every ``probe_s``, tells it the announcements may be lost. ``also``
+    maps more Redis channels to what to do with their messages (the admin API's breaker resets,
+    :mod:`services.relay.pipeline.breaker_resets`), followed on the same subscription.
     """
 
     def __init__(
@@ -238,8 +241,10 @@ class InvalidationListener:
         probe_s: float = 1.0,
         silence_s: float = 3.0,
         clock: Clock | None = None,
+        also: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
         self._redis = redis
+        self._also = dict(also or {})
         self._authenticator = authenticator
         self._probe_s = probe_s
         self._silence_s = silence_s
@@ -259,7 +264,7 @@ class InvalidationListener:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(KEY_INVALIDATION_CHANNEL)
+                    await pubsub.subscribe(KEY_INVALIDATION_CHANNEL, *self._also)
                     await self._follow(pubsub, recovering=failures > 0)
             except (RedisError, OSError, _Silent) as exc:
                 self._authenticator.invalidations_lost()
@@ -277,11 +282,13 @@ class InvalidationListener:
                 heard_at = now
                 kind = message.get("type")
                 if kind == "message":
-                    data = message["data"]
-                    self._authenticator.invalidate_key(
-                        data.decode() if isinstance(data, bytes) else str(data)
-                    )
-                elif kind == "subscribe":
+                    data = _text(message["data"])
+                    handler = self._also.get(_text(message["channel"]))
+                    if handler is not None:
+                        handler(data)
+                    else:
+                        self._authenticator.invalidate_key(data)
+                elif kind == "subscribe" and _text(message["channel"]) == KEY_INVALIDATION_CHANNEL:
                     self._authenticator.invalidations_followed()
                     if recovering:
                         log.info("key invalidations followed again; cache dropped")
@@ -291,3 +298,7 @@ class InvalidationListener:
             else:
                 # A dead connection can look like a quiet channel; only an answer tells them apart.
                 await pubsub.ping()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -37,6 +37,7 @@ from services.relay.meter.perf import PerfRecorder
 from services.relay.meter.prices import PriceCache
 from services.relay.meter.publisher import EventPublisher
 from services.relay.meter.slots import StreamSlots
+from services.relay.pipeline.breaker_resets import BreakerResets
 from services.relay.pipeline.cache import ResponseCache
 from services.relay.pipeline.gateway import Gateway
 from services.relay.pipeline.performance import RelaySnapshot
@@ -118,12 +119,18 @@ async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = No
             max_entries=settings.auth_cache_max_entries,
             rpc_timeout_s=settings.rpc_timeout_s,
         )
+        breakers = Breakers(breaker_policy(settings))
         cache: ResponseCache | None = None
         redis: Redis | None = None
         if settings.redis_url:
             redis = redis_client(settings.redis_url)
             steps.push("redis", redis.aclose, deadline_s=_QUICK_S)
-            listener = InvalidationListener(redis, authenticator)
+        breaker_resets = BreakerResets(redis, breakers)
+        if redis is not None:
+            # Key changes and breaker resets arrive on one subscription.
+            listener = InvalidationListener(
+                redis, authenticator, also={breaker_resets.channel: breaker_resets.heard}
+            )
             await listener.start()
             steps.push("key_invalidations", listener.close, deadline_s=_QUICK_S)
             cache = ResponseCache(
@@ -144,7 +151,6 @@ async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = No
             )
         )
         steps.push("upstream_pools", pools.aclose, deadline_s=_QUICK_S)
-        breakers = Breakers(breaker_policy(settings))
 
         quota = QuotaServiceStub(quota_channel)
         catalog = CatalogServiceStub(catalog_channel)
@@ -232,6 +238,7 @@ async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = No
             catalog=catalog,
             logger=LoggerServiceStub(logger_channel),
             performance=board,
+            breaker_resets=breaker_resets,
         )
 
 
