@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 
 @contextlib.asynccontextmanager
 async def in_process(
-    run: Callable[..., Awaitable[None]], settings: Any, *, timeout: float = 30.0
+    run: Callable[..., Coroutine[Any, Any, None]], settings: Any, *, timeout: float = 30.0
 ) -> AsyncIterator[int]:
     """Start ``run(settings, ...)`` and yield the port it reports once it serves; when the block exits,
     set its stop event and wait for it to return (its errors are raised here).

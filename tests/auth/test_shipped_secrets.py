@@ -29,7 +29,10 @@ def image_environment() -> dict[str, str]:
     env: dict[str, str] = {}
     for line in final.splitlines():
         if line.strip().startswith("ENV "):
-            env.update(pair.split("=", 1) for pair in line.split()[1:] if "=" in pair)
+            for pair in line.split()[1:]:
+                name, equals, value = pair.partition("=")
+                if equals:
+                    env[name] = value
     return env
 
 

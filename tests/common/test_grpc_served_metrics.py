@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -23,6 +23,9 @@ from services.common.rpc_policy import FRONT_RULES, INFERENCE_SERVICE
 from services.common.telemetry import METRICS
 from services.common.tls import RELAY
 from tests.tls import certificates, client
+
+if TYPE_CHECKING:
+    from services.common.pb.relaygate.relay.v1.inference_pb2_grpc import InferenceServiceAsyncStub
 
 METHOD = "StreamChatCompletion"
 
@@ -40,12 +43,16 @@ class Streams(inference_pb2_grpc.InferenceServiceServicer):
 
 
 @asynccontextmanager
-async def front() -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+async def front() -> AsyncIterator[InferenceServiceAsyncStub]:
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     security = ServerSecurity(certificates().tls(RELAY), rules=FRONT_RULES, client_certificates=False)
     registration = rg_grpc.Registration(
-        INFERENCE_SERVICE, Streams(), inference_pb2_grpc.add_InferenceServiceServicer_to_server
+        INFERENCE_SERVICE,
+        # The stubs declare every RPC abstract; the generated base answers UNIMPLEMENTED for the four
+        # this test never calls.
+        Streams(),  # type: ignore[abstract]
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server,
     )
     server = asyncio.create_task(
         rg_grpc.serve(
@@ -83,7 +90,7 @@ def timed() -> float:
     return sample(METRICS.rpc_latency, "_count", {"method": METHOD})
 
 
-async def chunks(stub: inference_pb2_grpc.InferenceServiceStub, model: str) -> list[str]:
+async def chunks(stub: InferenceServiceAsyncStub, model: str) -> list[str]:
     return [chunk.id async for chunk in stub.StreamChatCompletion(pb.ChatCompletionRequest(model=model))]
 
 

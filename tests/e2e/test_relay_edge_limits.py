@@ -58,7 +58,9 @@ def nest(depth: int, leaf: str = '"x"') -> str:
 def encode(body: object) -> bytes:
     def expand(match: re.Match[bytes]) -> bytes:
         depth = int(match.group(1))
-        return b"[" * depth + orjson.loads(b'"' + match.group(2) + b'"').encode() + b"]" * depth
+        leaf = orjson.loads(b'"' + match.group(2) + b'"')
+        assert isinstance(leaf, str)
+        return b"[" * depth + leaf.encode() + b"]" * depth
 
     return re.sub(rb'"<nest (\d+) ((?:[^"\\]|\\.)*)>"', expand, orjson.dumps(body))
 

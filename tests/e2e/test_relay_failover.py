@@ -107,7 +107,7 @@ def calls(upstream: FakeUpstream) -> int:
 
 
 def cost(usage: dict[str, Any]) -> int:
-    micro = (
+    micro: int = (
         usage["prompt_tokens"] * PRICE["input_per_mtok"]
         + usage["completion_tokens"] * PRICE["output_per_mtok"]
     )

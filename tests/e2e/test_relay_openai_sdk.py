@@ -92,6 +92,7 @@ def test_images(deployment: Deployment) -> None:
     images = sdk(deployment, key).images.generate(
         model=MODEL, prompt="a cat", n=2, response_format="b64_json"
     )
+    assert images.data is not None
     assert len(images.data) == 2
     assert base64.b64decode(images.data[0].b64_json or "").startswith(b"\x89PNG")
     assert settled_balance(deployment, user_id)["reserved_micros"] == 0

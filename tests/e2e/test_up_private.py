@@ -124,9 +124,9 @@ def test_up_demo_serves_the_sdk_keeps_its_state_private_and_escapes_logs(data_di
             b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-request-id: a\x1b[31mb\r\n"
             b"authorization: Bearer " + demo_key.encode() + b"\r\nconnection: close\r\n\r\n",
         )
-        with httpx.Client(base_url=relay, timeout=10) as client:
-            token = client.post("/admin/v1/tokens", headers={"authorization": f"Bearer {admin_key}"}).json()
-            users = client.get("/admin/v1/users", headers={"authorization": f"Bearer {token['token']}"})
+        with httpx.Client(base_url=relay, timeout=10) as admin:
+            token = admin.post("/admin/v1/tokens", headers={"authorization": f"Bearer {admin_key}"}).json()
+            users = admin.get("/admin/v1/users", headers={"authorization": f"Bearer {token['token']}"})
         admin_ids = [u["user_id"] for u in users.json()["users"] if u["admin"]]
         assert admin_ids and "usr_admin" not in admin_ids
         assert token["user_id"] == admin_ids[0]

@@ -7,6 +7,7 @@ from aiokafka.structs import TopicPartition
 
 from services.common.batch import Batch, BatchPolicy
 from services.common.clock import ManualClock
+from services.common.pb.relaygate.events.v1.events_pb2 import UsageEvent
 from tests.logger.factories import make_event
 
 TP0 = TopicPartition("relaygate.usage", 0)
@@ -41,7 +42,7 @@ def test_policy_refuses_nonsense(max_rows: int, max_seconds: float) -> None:
 )
 def test_batch_closes_by_size_or_time(rows: int, elapsed: float, closed: bool) -> None:
     clock = ManualClock()
-    batch = Batch(BatchPolicy(max_rows=3, max_seconds=1.0), clock)
+    batch: Batch[UsageEvent] = Batch(BatchPolicy(max_rows=3, max_seconds=1.0), clock)
     for i in range(rows):
         batch.add(TP0, i, make_event("b", i))
     clock.advance(elapsed)
@@ -50,7 +51,7 @@ def test_batch_closes_by_size_or_time(rows: int, elapsed: float, closed: bool) -
 
 def test_clock_starts_at_the_first_message() -> None:
     clock = ManualClock()
-    batch = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), clock)
+    batch: Batch[UsageEvent] = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), clock)
     assert batch.seconds_left() is None
     clock.advance(5.0)
     batch.add(TP0, 0, make_event("b", 0))
@@ -65,7 +66,7 @@ def test_clock_starts_at_the_first_message() -> None:
 
 
 def test_full_batch_refuses_more() -> None:
-    batch = Batch(BatchPolicy(max_rows=2, max_seconds=1.0), ManualClock())
+    batch: Batch[UsageEvent] = Batch(BatchPolicy(max_rows=2, max_seconds=1.0), ManualClock())
     batch.add(TP0, 0, make_event("b", 0))
     assert batch.room == 1
     batch.add(TP0, 1, make_event("b", 1))
@@ -76,7 +77,7 @@ def test_full_batch_refuses_more() -> None:
 
 
 def test_offsets_are_the_next_to_consume_per_partition() -> None:
-    batch = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), ManualClock())
+    batch: Batch[UsageEvent] = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), ManualClock())
     assert batch.empty
     batch.add(TP0, 41, make_event("b", 0))
     batch.add(TP0, 42, make_event("b", 1))
@@ -90,7 +91,7 @@ def test_offsets_are_the_next_to_consume_per_partition() -> None:
 
 def test_skipped_messages_are_committed_without_rows() -> None:
     clock = ManualClock()
-    batch = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), clock)
+    batch: Batch[UsageEvent] = Batch(BatchPolicy(max_rows=10, max_seconds=1.0), clock)
     batch.skip(TP1, 99)
     assert not batch.empty
     assert len(batch) == 0

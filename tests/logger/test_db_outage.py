@@ -34,10 +34,11 @@ async def test_log_and_usage_queries_answer_503_while_the_database_is_unreachabl
             stub = logger_pb2_grpc.LoggerServiceStub(chan)
 
             def queries() -> list[Awaitable[object]]:
-                return [
-                    call(stub.ListRequestLogs, pb.ListRequestLogsRequest(limit=5), timeout=TIMEOUT),
-                    call(stub.GetUsageSummary, pb.GetUsageSummaryRequest(), timeout=TIMEOUT),
-                ]
+                # Each call is typed on its own: in the list, the element type would bind the
+                # response type to object, which the (invariant) stub methods do not match.
+                logs = call(stub.ListRequestLogs, pb.ListRequestLogsRequest(limit=5), timeout=TIMEOUT)
+                usage = call(stub.GetUsageSummary, pb.GetUsageSummaryRequest(), timeout=TIMEOUT)
+                return [logs, usage]
 
             for query in queries():
                 await query

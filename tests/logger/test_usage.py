@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pytest
 
@@ -36,6 +36,8 @@ KEY, USER, MODEL = (
     logger_pb2.USAGE_GROUP_BY_MODEL,
 )
 HOUR, DAY = logger_pb2.USAGE_GRANULARITY_HOUR, logger_pb2.USAGE_GRANULARITY_DAY
+GroupBy: TypeAlias = logger_pb2.UsageGroupBy.ValueType
+Granularity: TypeAlias = logger_pb2.UsageGranularity.ValueType
 _FIELD = {KEY: "key_id", USER: "user_id", MODEL: "model"}
 _COUNTERS = (
     "requests",
@@ -86,11 +88,11 @@ class Usage:
 
     def expected(
         self,
-        group_by: Iterable[int] = (),
-        granularity: int = HOUR,
+        group_by: Iterable[GroupBy] = (),
+        granularity: Granularity = HOUR,
         since_ms: int = 0,
         until_ms: int = 0,
-        **filters: str,
+        filters: Mapping[str, str] | None = None,
     ) -> list[tuple[Any, ...]]:
         """(bucket, key, user, model, *counters) rows, in the order the API returns them."""
         width = DAY_MS if granularity == DAY else HOUR_MS
@@ -98,7 +100,7 @@ class Usage:
         fields = {_FIELD[g] for g in group_by}
         totals: dict[tuple[Any, ...], list[int]] = {}
         for e in self.events:
-            if any(getattr(e, name) != value for name, value in filters.items()):
+            if any(getattr(e, name) != value for name, value in (filters or {}).items()):
                 continue
             if (since and e.occurred_at_ms < since) or (until and e.occurred_at_ms >= until):
                 continue
@@ -180,7 +182,9 @@ async def usage(migrated_db: DbUrls) -> AsyncIterator[Usage]:
     [[], [KEY], [USER], [MODEL], [KEY, MODEL], [MODEL, USER, KEY], [USER, USER]],
     ids=["total", "key", "user", "model", "key+model", "all", "user twice"],
 )
-async def test_groupings_and_granularities(usage: Usage, group_by: list[int], granularity: int) -> None:
+async def test_groupings_and_granularities(
+    usage: Usage, group_by: list[GroupBy], granularity: Granularity
+) -> None:
     found = _flat(await usage.every(group_by=group_by, granularity=granularity, limit=10_000))
     expected = usage.expected(group_by, DAY if granularity == DAY else HOUR)
     assert found == expected
@@ -208,7 +212,7 @@ async def test_filters(usage: Usage, filters: dict[str, str]) -> None:
         name: f"{usage.run_id}_{value}" if name != "model" else value for name, value in filters.items()
     }
     found = _flat(await usage.every(group_by=[KEY, USER, MODEL], granularity=DAY, **values))
-    assert found == usage.expected([KEY, USER, MODEL], DAY, **values)
+    assert found == usage.expected([KEY, USER, MODEL], DAY, filters=values)
     assert bool(found) == (filters != {"user_id": "u0", "key_id": "k1"})
 
 
@@ -225,7 +229,7 @@ async def test_range_is_widened_to_whole_hours(usage: Usage) -> None:
 
 
 @pytest.mark.parametrize("group_by", [[], [KEY, MODEL]])
-async def test_pages_walk_every_bucket_in_order(usage: Usage, group_by: list[int]) -> None:
+async def test_pages_walk_every_bucket_in_order(usage: Usage, group_by: list[GroupBy]) -> None:
     expected = usage.expected(group_by)
     sizes: list[int] = []
     seen: list[tuple[Any, ...]] = []

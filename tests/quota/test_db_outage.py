@@ -52,7 +52,8 @@ async def serving(database_url: str) -> AsyncIterator[tuple[Stub, CatalogService
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(run(settings, stop=stop, on_started=port.set_result))
     try:
-        done, _ = await asyncio.wait({server, port}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        starting: set[asyncio.Future[Any]] = {server, port}
+        done, _ = await asyncio.wait(starting, timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if server in done:
             server.result()
         async with client(f"127.0.0.1:{await port}", QUOTA) as chan:

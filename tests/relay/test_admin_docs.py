@@ -49,6 +49,7 @@ def test_every_admin_route_is_documented_with_its_method_and_scope() -> None:
     paths = spec()["paths"]
     served: set[tuple[str, str]] = set()
     for route in admin_routes():
+        assert route.methods is not None, f"{route.path_format} has no methods"
         for method in route.methods:
             key = (method.lower(), route.path_format)
             served.add(key)

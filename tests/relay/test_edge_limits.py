@@ -62,7 +62,8 @@ def test_a_long_token_array_is_one_input_but_many_strings_are_many() -> None:
 def test_arrays_are_capped_and_typed() -> None:
     optional_array({"tools": [{}] * 128}, "tools", 128)
     optional_array({}, "tools", 128)
-    for value in ([{}] * 129, {"type": "function"}, "tools"):
+    wrong: tuple[object, ...] = ([{}] * 129, {"type": "function"}, "tools")
+    for value in wrong:
         with pytest.raises(InvalidRequest):
             optional_array({"tools": value}, "tools", 128)
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devinfra.backing import BackingServices
 from services.common.config import KafkaSettings
@@ -63,7 +63,8 @@ async def quota(urls: DbUrls, **overrides: object) -> AsyncIterator[tuple[QuotaS
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(run(settings, stop=stop, on_started=port.set_result))
-    done, _ = await asyncio.wait({server, port}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    starting: set[asyncio.Future[Any]] = {server, port}
+    done, _ = await asyncio.wait(starting, timeout=10, return_when=asyncio.FIRST_COMPLETED)
     if server in done:
         server.result()
     gate = TcpGate("127.0.0.1", await port)

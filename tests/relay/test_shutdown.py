@@ -27,6 +27,7 @@ from devinfra.processes import ManagedProcess, free_ports
 from services.common.perfboard import Board
 from services.common.redis import redis_client
 from services.relay.edge.http.shutdown import ShutdownClock, ShutdownSteps
+from tests.log_records import extra
 
 ROOT = Path(__file__).resolve().parents[2]
 # Steps of the relay's lifespan, in the order they run (with Redis and Kafka configured; without a
@@ -234,7 +235,9 @@ async def test_a_step_that_never_returns_is_cut_and_the_next_ones_still_run(
 
     assert time.monotonic() - started < 1.0
     assert ran == ["publisher"]
-    lines = [(r.step, r.outcome) for r in caplog.records if r.msg == "shutdown step"]  # type: ignore[attr-defined]
+    lines = [
+        (extra(r, "step", str), extra(r, "outcome", str)) for r in caplog.records if r.msg == "shutdown step"
+    ]
     assert lines == [("streams", "timed_out"), ("leases", "failed"), ("publisher", "done")]
 
 
@@ -260,9 +263,10 @@ async def test_a_step_that_overruns_the_way_out_leaves_the_publisher_its_reserve
 
     # The stream drain got what the publisher did not keep; the publisher then had its 0.3 s.
     assert ran == ["publisher"]
-    lines = {r.step: r for r in caplog.records if r.msg == "shutdown step"}  # type: ignore[attr-defined]
-    assert lines["streams"].outcome == "timed_out" and 300 <= lines["streams"].ms < 600  # type: ignore[attr-defined]
-    assert lines["publisher"].outcome == "done"  # type: ignore[attr-defined]
+    lines = {extra(r, "step", str): r for r in caplog.records if r.msg == "shutdown step"}
+    streams = lines["streams"]
+    assert extra(streams, "outcome", str) == "timed_out" and 300 <= extra(streams, "ms", float) < 600
+    assert extra(lines["publisher"], "outcome", str) == "done"
 
 
 async def test_the_performance_board_leaves_at_once_when_redis_never_answers() -> None:
