@@ -181,6 +181,7 @@ def test_messages_request_to_chat() -> None:
                     "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
                 }
             ],
+            "thinking_blocks": [{"type": "thinking", "thinking": "hmm", "signature": "s"}],
         },
         {"role": "tool", "tool_call_id": "t1", "content": "Error: down"},
         {
@@ -237,7 +238,11 @@ def test_an_assistant_turn_of_thinking_only_stays_a_turn() -> None:
     ]
     chat = anthropic_messages.to_chat({"model": "m", "max_tokens": 1, "messages": turns}, LIMITS)
     # Chat refuses an assistant message with neither content nor tool calls: it gets empty text.
-    assert chat["messages"][1] == {"role": "assistant", "content": ""}
+    assert chat["messages"][1] == {
+        "role": "assistant",
+        "content": "",
+        "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}],
+    }
 
 
 def test_messages_answer_from_chat() -> None:

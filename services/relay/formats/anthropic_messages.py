@@ -6,20 +6,38 @@ Request (each field checked, a 400 naming it otherwise):
 * ``model``, ``max_tokens`` (required), ``temperature``, ``top_p`` (which older SDKs send),
   ``stop_sequences`` (→ ``stop``), ``metadata.user_id`` (→ ``user``), ``stream``,
   ``output_config.format`` (a JSON schema → ``response_format``);
-* ``system`` as a string or text blocks (→ one system message);
+* ``thinking`` (enabled with ``budget_tokens``, disabled, adaptive) → chat ``thinking`` as given, and
+  ``output_config.effort`` → ``reasoning_effort`` (``xhigh`` and ``max`` as ``high``) when thinking is
+  on: alone it is not forwarded, since the Anthropic and Gemini channels read ``reasoning_effort`` as
+  a switch that turns thinking on;
+* ``system`` as a string or text blocks (→ one system message: its text joined, or its text parts
+  when a block carries ``cache_control``);
 * ``messages`` with string or block content: ``text``; ``image`` from ``base64`` or ``url`` sources
-  (→ ``image_url`` parts); ``tool_use`` in assistant turns (→ ``tool_calls``); ``tool_result`` in user
-  turns (→ ``tool`` messages, placed before the turn's other blocks as OpenAI requires; images in a
-  result follow as a user message, since tool messages carry text only); ``thinking`` and
-  ``redacted_thinking`` blocks are dropped (a chat channel cannot take them back);
+  (→ ``image_url`` parts); ``document`` from a ``base64`` PDF (→ a ``file`` part, its ``title`` as the
+  file name) or a ``text`` source (→ a text part); ``tool_use`` in assistant turns (→ ``tool_calls``);
+  ``thinking`` and ``redacted_thinking`` in assistant turns (→ the message's ``thinking_blocks``,
+  signatures kept: Anthropic needs them back when thinking and tool use continue a turn);
+  ``tool_result`` in user turns (→ ``tool`` messages, placed before the turn's other blocks as
+  OpenAI requires; images in a result follow as a user message, since tool messages carry text only);
+* ``cache_control`` on system, text, image, document and ``tool_result`` blocks and on tools → the
+  same mark on the chat part, tool message or tool; on a ``tool_use`` block → on its assistant
+  message (chat's tool calls carry none; the call is the message's last block);
 * ``tools`` (custom tools: name, description, input_schema → function tools) and ``tool_choice``
   (``auto``, ``any`` → ``required``, ``tool`` → the named function, ``none``;
   ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``).
 
-Accepted and not forwarded: ``top_k`` (chat has no such parameter), ``thinking``,
-``output_config.effort``, ``cache_control`` marks, ``service_tier``, ``speed``, ``inference_geo``.
-Refused: server tools (web search, code execution, ...), ``document`` and other block types,
-``mcp_servers``, ``container``.
+``thinking``, ``cache_control`` and ``thinking_blocks`` are the chat extensions the Anthropic and
+Gemini channels honour; a body carrying them is marked so that OpenAI and Azure channels get it
+without them (:mod:`services.relay.providers.extensions`).
+
+Answer: the chat answer's ``thinking_blocks`` open the content as ``thinking`` (with its signature)
+and ``redacted_thinking`` blocks; ``reasoning_content`` without them (a channel that signs nothing,
+as Gemini) is one thinking block with an empty signature.
+
+Accepted and not forwarded: ``top_k`` (chat has no such parameter), ``output_config.effort`` without
+thinking, ``service_tier``, ``speed``, ``inference_geo``. Refused: server tools (web search, code
+execution, ...), documents by URL or file id (the relay fetches nothing for a caller; send them as
+base64), document citations, other block types, ``mcp_servers``, ``container``.
 """
 
 from __future__ import annotations
@@ -39,33 +57,61 @@ from services.relay.pipeline.checks import (
     optional_positive_int,
     require_model,
 )
+from services.relay.providers import extensions
 from services.relay.providers.content import OPENAI_TO_ANTHROPIC_STOP
 from services.relay.settings import RelaySettings
 
-__all__ = ["STOP_REASONS", "message_id", "to_anthropic", "to_chat", "usage_of"]
+__all__ = [
+    "STOP_REASONS",
+    "message_id",
+    "thinking_block",
+    "thinking_content",
+    "to_anthropic",
+    "to_chat",
+    "usage_of",
+]
 
 # OpenAI finish_reason → Anthropic stop_reason (the table the Anthropic channels read the other way).
 STOP_REASONS = OPENAI_TO_ANTHROPIC_STOP
 _REFUSED_FIELDS = ("mcp_servers", "container")
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_THINKING = frozenset({"enabled", "disabled", "adaptive"})
+# Anthropic's output_config.effort → chat's reasoning_effort.
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
-def _text_of(value: Any, param: str) -> str:
-    """A string, or the texts of an array of text blocks joined by newlines."""
+def _marked(block: dict[str, Any], target: dict[str, Any], param: str) -> dict[str, Any]:
+    """``target`` with the ``cache_control`` mark of ``block``, when it has one."""
+    control = block.get("cache_control")
+    if control is not None:
+        if not isinstance(control, dict) or control.get("type") != "ephemeral":
+            field = param.split("[", 1)[0].split(".", 1)[0]
+            raise refuse(
+                f"'{param}.cache_control' must be {{\"type\": \"ephemeral\"}} (with a 'ttl').", field
+            )
+        target["cache_control"] = control
+    return target
+
+
+def _system(value: Any) -> str | list[dict[str, Any]]:
+    """The system message's content: the text blocks joined by newlines, or kept as text parts when
+    one carries a cache breakpoint (it must stay on its block)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        texts = []
+        parts = []
         for block in value:
             if (
                 not isinstance(block, dict)
                 or block.get("type") != "text"
                 or not isinstance(block.get("text"), str)
             ):
-                raise refuse(f"'{param}' blocks must be text blocks with a string 'text'.", param)
-            texts.append(block["text"])
-        return "\n".join(texts)
-    raise refuse(f"'{param}' must be a string or an array of text blocks.", param)
+                raise refuse("'system' blocks must be text blocks with a string 'text'.", "system")
+            parts.append(_marked(block, {"type": "text", "text": block["text"]}, "system"))
+        if any("cache_control" in part for part in parts):
+            return parts
+        return "\n".join(part["text"] for part in parts)
+    raise refuse("'system' must be a string or an array of text blocks.", "system")
 
 
 def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
@@ -86,6 +132,48 @@ def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
     else:
         raise refuse(f"'{param}.source.type' must be 'base64' or 'url'.", param)
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _document(block: dict[str, Any], param: str) -> dict[str, Any]:
+    """A ``document`` block as a chat part: a base64 PDF becomes a ``file`` part, plain text a text
+    part. PDFs by URL are refused (the relay fetches nothing on a caller's behalf; OpenAI's file
+    parts take inline data only), and so are uploaded files and citations (chat cannot carry them)."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise refuse(f"'{param}.source' must be an object.", "messages")
+    if obj(block.get("citations")).get("enabled") is True:
+        raise refuse(f"'{param}.citations': citations are not supported by this gateway.", "messages")
+    kind, data = source.get("type"), source.get("data")
+    if kind == "base64" and source.get("media_type") == "application/pdf" and isinstance(data, str):
+        title = block.get("title")
+        name = title if isinstance(title, str) and title else "document.pdf"
+        part = {
+            "type": "file",
+            "file": {"filename": name, "file_data": f"data:application/pdf;base64,{data}"},
+        }
+    elif kind == "text" and isinstance(data, str):
+        part = {"type": "text", "text": data}
+    else:
+        raise refuse(
+            f"'{param}.source' must be a base64 PDF (media_type application/pdf) or plain text; "
+            "send PDFs by URL or file id as base64.",
+            "messages",
+        )
+    return _marked(block, part, param)
+
+
+def _thinking_block(block: dict[str, Any], param: str) -> dict[str, Any]:
+    """A thinking block of an assistant turn, kept as it came (its signature is what lets Anthropic
+    continue a turn with thinking and tools)."""
+    if block["type"] == "thinking":
+        thinking, signature = block.get("thinking"), block.get("signature")
+        if not isinstance(thinking, str) or not isinstance(signature, str):
+            raise refuse(f"'{param}' needs a string 'thinking' and 'signature'.", "messages")
+        return {"type": "thinking", "thinking": thinking, "signature": signature}
+    data = block.get("data")
+    if not isinstance(data, str):
+        raise refuse(f"'{param}.data' must be a string.", "messages")
+    return {"type": "redacted_thinking", "data": data}
 
 
 def _tool_call(block: dict[str, Any], param: str) -> dict[str, Any]:
@@ -124,7 +212,8 @@ def _tool_results(block: dict[str, Any], param: str) -> tuple[dict[str, Any], li
         raise refuse(f"'{param}.content' must be a string or an array of blocks.", param)
     if block.get("is_error") is True:
         text = f"Error: {text}" if text else "Error"
-    return {"role": "tool", "tool_call_id": call_id, "content": text}, images
+    # A tool message is one block: its mark is the message's.
+    return _marked(block, {"role": "tool", "tool_call_id": call_id, "content": text}, param), images
 
 
 def _turn(message: Any, index: int) -> list[dict[str, Any]]:
@@ -142,25 +231,32 @@ def _turn(message: Any, index: int) -> list[dict[str, Any]]:
         raise refuse(f"'{param}.content' must be a string or an array of blocks.", "messages")
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     result_images: list[dict[str, Any]] = []
+    # A mark on a tool_use block: chat's tool calls carry none, so it goes on the message (whose last
+    # block the call is, as Anthropic orders them).
+    call_mark: dict[str, Any] = {}
     for position, block in enumerate(content):
         where = f"{param}.content[{position}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             if not isinstance(block.get("text"), str):
                 raise refuse(f"'{where}.text' must be a string.", "messages")
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append(_marked(block, {"type": "text", "text": block["text"]}, where))
         elif kind == "image" and role == "user":
-            parts.append(_image(block, where))
+            parts.append(_marked(block, _image(block, where), where))
+        elif kind == "document" and role == "user":
+            parts.append(_document(block, where))
         elif kind == "tool_use" and role == "assistant":
             calls.append(_tool_call(block, where))
+            _marked(block, call_mark, where)
         elif kind == "tool_result" and role == "user":
             result, images = _tool_results(block, where)
             results.append(result)
             result_images.extend(images)
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            continue
+            thinking.append(_thinking_block(block, where))
         else:
             raise refuse(f"'{where}': a {role} turn cannot carry a {kind!r} block here.", "messages")
     turns: list[dict[str, Any]] = [*results]
@@ -168,11 +264,18 @@ def _turn(message: Any, index: int) -> list[dict[str, Any]]:
         turns.append({"role": "user", "content": result_images})
     if role == "assistant":
         text = "".join(p["text"] for p in parts)
-        if calls or text or not turns:
-            turn: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls or text or thinking or not turns:
+            # Text parts stay parts only when one carries a cache breakpoint.
+            marked = any("cache_control" in p for p in parts)
+            turn: dict[str, Any] = {
+                "role": "assistant",
+                "content": parts if marked else text or (None if calls else ""),
+            }
             if calls:
                 turn["tool_calls"] = calls
-            turns.append(turn)
+            if thinking:
+                turn["thinking_blocks"] = thinking
+            turns.append({**turn, **call_mark})
     elif parts or not turns:
         turns.append({"role": "user", "content": parts})
     return turns
@@ -196,7 +299,7 @@ def _tools(body: dict[str, Any], limits: RelaySettings) -> list[dict[str, Any]] 
         function: dict[str, Any] = {"name": tool["name"], "parameters": schema}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
-        converted.append({"type": "function", "function": function})
+        converted.append(_marked(tool, {"type": "function", "function": function}, "tools"))
     return converted
 
 
@@ -238,6 +341,33 @@ def _output_format(body: dict[str, Any], chat: dict[str, Any]) -> None:
     }
 
 
+def _reasoning(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    """``thinking`` as given (the Anthropic provider judges its budget as Anthropic does), and
+    ``output_config.effort`` as ``reasoning_effort`` alongside thinking that is on.
+
+    Effort alone is not forwarded: the Anthropic and Gemini channels read ``reasoning_effort`` as a
+    switch that turns thinking on, which a caller who sent no ``thinking`` did not ask for. With
+    thinking on, ``thinking`` wins there, and an OpenAI channel gets the effort (``xhigh`` and
+    ``max``, which chat does not have, as ``high``)."""
+    optional_object(body, "thinking")
+    thinking = body.get("thinking")
+    if thinking is not None:
+        kind = thinking.get("type")
+        if not isinstance(kind, str) or kind not in _THINKING:
+            raise refuse("'thinking.type' must be 'enabled', 'disabled' or 'adaptive'.", "thinking")
+        budget = thinking.get("budget_tokens")
+        if kind == "enabled" and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise refuse("'thinking.budget_tokens' must be an integer.", "thinking")
+        chat["thinking"] = thinking
+    effort = obj(body.get("output_config")).get("effort")
+    if effort is None:
+        return
+    if not isinstance(effort, str) or effort not in _EFFORTS:
+        raise refuse("'output_config.effort' must be low, medium, high, xhigh or max.", "output_config")
+    if thinking is not None and thinking["type"] != "disabled":
+        chat["reasoning_effort"] = _EFFORTS[effort]
+
+
 def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
     """The OpenAI chat body for the Messages request ``body``; raises a 400 naming the bad field."""
     model = require_model(body)
@@ -254,7 +384,7 @@ def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
         raise refuse(f"'messages' has more than {limits.max_messages} items.", "messages")
     chat_messages: list[dict[str, Any]] = []
     if body.get("system") is not None:
-        chat_messages.append({"role": "system", "content": _text_of(body["system"], "system")})
+        chat_messages.append({"role": "system", "content": _system(body["system"])})
     for index, message in enumerate(messages):
         chat_messages.extend(_turn(message, index))
     chat: dict[str, Any] = {"model": model, "messages": chat_messages, "max_tokens": max_tokens}
@@ -280,11 +410,12 @@ def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
         chat["tools"] = tools
     _tool_choice(body, chat)
     _output_format(body, chat)
+    _reasoning(body, chat)
     if optional_bool(body, "stream"):
         # The usage chunk is what message_delta reports, so it is asked for in every case.
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return chat
+    return extensions.mark(chat)
 
 
 def message_id(chat_id: Any) -> str:
@@ -321,13 +452,40 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     return {}
 
 
+def thinking_block(block: Any) -> dict[str, Any] | None:
+    """One of chat's ``thinking_blocks`` as Anthropic's block (None for what is neither kind)."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "thinking":
+        signature = block.get("signature")
+        return {
+            "type": "thinking",
+            "thinking": str(block.get("thinking") or ""),
+            "signature": signature if isinstance(signature, str) else "",
+        }
+    if kind == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": str(block.get("data") or "")}
+    return None
+
+
+def thinking_content(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thinking blocks that open the answer's content: the answer's signed ``thinking_blocks``,
+    else its ``reasoning_content`` as one unsigned block (a channel that signs nothing, as Gemini)."""
+    blocks = [found for found in map(thinking_block, items(message.get("thinking_blocks"))) if found]
+    if blocks:
+        return blocks
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning:
+        return [{"type": "thinking", "thinking": reasoning, "signature": ""}]
+    return []
+
+
 def to_anthropic(answer: bytes, model: str) -> bytes:
     """The Messages answer for the chat answer ``answer`` (its first choice)."""
     parsed = read_answer(answer)
     choices = parsed.get("choices") if isinstance(parsed, dict) else None
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     message = obj(choice.get("message"))
-    content: list[dict[str, Any]] = []
+    content = thinking_content(message)
     text = message.get("content")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})

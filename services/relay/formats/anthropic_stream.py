@@ -1,12 +1,18 @@
 """An OpenAI chat stream as Anthropic's Messages event stream, converted chunk by chunk as it passes.
 
 Anthropic's sequence (https://docs.anthropic.com/en/api/messages-streaming): ``message_start``,
-``ping``, then per content block ``content_block_start`` / ``content_block_delta`` (``text_delta``,
-``input_json_delta``) / ``content_block_stop``, then ``message_delta`` (``stop_reason`` and usage) and
-``message_stop``. A chat stream says all of that in a different order: the text and each tool call's
-id, name and argument pieces as deltas, the finish reason on the last choice chunk, the usage in a
-chunk of its own, then ``[DONE]``. So a block is opened by its first delta and closed when another
-kind of delta or the finish reason comes; the message is closed at ``[DONE]``, when the usage is known.
+``ping``, then per content block ``content_block_start`` / ``content_block_delta`` (``thinking_delta``
+and the ``signature_delta`` that ends a thinking block, ``text_delta``, ``input_json_delta``) /
+``content_block_stop`` (a ``redacted_thinking`` block comes whole in its start), then
+``message_delta`` (``stop_reason`` and usage) and ``message_stop``
+(https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking#streaming-thinking). A chat
+stream says all of that in a different order: thinking as ``reasoning_content`` pieces and the
+``thinking_blocks`` that carry a block's signature (or a redacted block), the text and each tool
+call's id, name and argument pieces as deltas, the finish reason on the last choice chunk, the usage
+in a chunk of its own, then ``[DONE]``. So a block is opened by its first delta and closed by its
+signature, or when another kind of delta or the finish reason comes (a thinking block from a channel
+that signs nothing keeps an empty signature); the message is closed at ``[DONE]``, when the usage is
+known.
 
 Nothing is held back: each call of :meth:`MessagesStream.convert` returns the events for the chunks it
 was given. Keep-alives are ``ping`` events; the gateway's own in-band errors are rendered where they
@@ -28,6 +34,7 @@ __all__ = ["MessagesStream"]
 
 _PING = event(b"ping", {"type": "ping"})
 _BLOCK_STOP = b"content_block_stop"
+_THINKING_START = {"type": "thinking", "thinking": "", "signature": ""}
 
 
 class MessagesStream(ChatStreamConversion):
@@ -36,6 +43,7 @@ class MessagesStream(ChatStreamConversion):
     __slots__ = (
         "_block",
         "_blocks",
+        "_kind",
         "_model",
         "_stop_reason",
         "_tools",
@@ -49,6 +57,8 @@ class MessagesStream(ChatStreamConversion):
         # The index of the open content block (-1: none) and how many were opened.
         self._block = -1
         self._blocks = 0
+        # The open block's type ("" when none is open).
+        self._kind = ""
         # The chat tool-call index → its content block's index.
         self._tools: dict[int, int] = {}
         self._stop_reason: str | None = None
@@ -93,6 +103,7 @@ class MessagesStream(ChatStreamConversion):
         self._close_block(out)
         index = self._block = self._blocks
         self._blocks += 1
+        self._kind = block["type"]
         out.append(
             event(
                 b"content_block_start",
@@ -105,15 +116,37 @@ class MessagesStream(ChatStreamConversion):
         if self._block >= 0:
             out.append(event(_BLOCK_STOP, {"type": "content_block_stop", "index": self._block}))
             self._block = -1
+            self._kind = ""
+
+    def _delta(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        payload = {"type": "content_block_delta", "index": self._block, "delta": delta}
+        out.append(event(b"content_block_delta", payload))
 
     def _text(self, text: str, out: list[bytes]) -> None:
-        index = self._block
-        if index < 0 or index in self._tools.values():
-            index = self._open({"type": "text", "text": ""}, out)
-        delta = {"type": "text_delta", "text": text}
-        out.append(
-            event(b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
-        )
+        if self._kind != "text":
+            self._open({"type": "text", "text": ""}, out)
+        self._delta({"type": "text_delta", "text": text}, out)
+
+    def _reasoning(self, text: str, out: list[bytes]) -> None:
+        if self._kind != "thinking":
+            self._open(_THINKING_START, out)
+        self._delta({"type": "thinking_delta", "thinking": text}, out)
+
+    def _thinking_block(self, block: dict[str, Any], out: list[bytes]) -> None:
+        kind = block.get("type")
+        if kind == "thinking":
+            signature = block.get("signature")
+            if not isinstance(signature, str) or not signature:
+                return
+            if self._kind != "thinking":
+                self._open(_THINKING_START, out)
+            self._delta({"type": "signature_delta", "signature": signature}, out)
+            self._close_block(out)
+        elif kind == "redacted_thinking":
+            data = block.get("data")
+            # Anthropic streams a redacted block whole: its start carries the data.
+            self._open({"type": "redacted_thinking", "data": data if isinstance(data, str) else ""}, out)
+            self._close_block(out)
 
     def _tool(self, call: dict[str, Any], out: list[bytes]) -> None:
         position = call.get("index", len(self._tools))

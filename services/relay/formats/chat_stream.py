@@ -2,7 +2,8 @@
 
 The relay writes OpenAI chat SSE events (and the gateway's in-band error marker) to a format's sink;
 :class:`ChatStreamConversion` reads them as they pass: each chunk's text and tool-call deltas, its
-finish reason and usage, ``[DONE]``, the error marker in its place, and a stream that stops before its
+thinking (``reasoning_content`` pieces, the ``thinking_blocks`` that sign them), finish reason and
+usage, ``[DONE]``, the error marker in its place, and a stream that stops before its
 end. A format (:mod:`.anthropic_stream`, :mod:`.responses_stream`) says what each of those becomes.
 """
 
@@ -101,6 +102,15 @@ class ChatStreamConversion(abc.ABC):
         choice = choices[0]
         delta = choice.get("delta")
         if isinstance(delta, dict):
+            # Thinking comes before the text it leads to; a signed block ends with its signature.
+            reasoning = delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                self._reasoning(reasoning, out)
+            blocks = delta.get("thinking_blocks")
+            if isinstance(blocks, list):
+                for block in blocks:
+                    if isinstance(block, dict):
+                        self._thinking_block(block, out)
             text = delta.get("content")
             if isinstance(text, str) and text:
                 self._text(text, out)
@@ -127,6 +137,15 @@ class ChatStreamConversion(abc.ABC):
     @abc.abstractmethod
     def _text(self, text: str, out: list[bytes]) -> None:
         """A piece of the answer's text."""
+
+    @abc.abstractmethod
+    def _reasoning(self, text: str, out: list[bytes]) -> None:
+        """A piece of thinking text (``delta.reasoning_content``)."""
+
+    @abc.abstractmethod
+    def _thinking_block(self, block: dict[str, Any], out: list[bytes]) -> None:
+        """One of ``delta.thinking_blocks``: the signature that ends a thinking block
+        (``{"type": "thinking", "thinking": "", "signature": ...}``), or a whole redacted block."""
 
     @abc.abstractmethod
     def _tool(self, call: dict[str, Any], out: list[bytes]) -> None:

@@ -9,16 +9,25 @@ Request (each field checked, a 400 naming it otherwise):
 * ``input`` as a string or items: messages (roles ``user``, ``assistant``, ``system``, ``developer``,
   the last sent as ``system``) whose content is a string or ``input_text`` / ``output_text`` /
   ``refusal`` / ``input_image`` (by URL or data URL) parts; ``function_call`` items (→ assistant
-  ``tool_calls``) and ``function_call_output`` items (→ ``tool`` messages); ``reasoning`` items are
-  dropped;
+  ``tool_calls``) and ``function_call_output`` items (→ ``tool`` messages); ``reasoning`` items
+  that carry ``encrypted_content`` (as this gateway's do) → ``thinking_blocks`` of the assistant
+  message that follows them, others dropped (without it there is nothing a channel could verify);
+* ``reasoning.effort`` → ``reasoning_effort`` (OpenAI's values; ``summary`` is not forwarded);
 * ``tools`` of type ``function`` and ``tool_choice`` (``auto``, ``none``, ``required``, a named function);
 * ``text.format``: ``text``, ``json_object``, ``json_schema`` (→ ``response_format``).
 
 Refused with a 400, as they need state on the server or tools the chat pipeline cannot run:
 ``previous_response_id``, ``conversation``, ``store: true``, ``background: true``, ``prompt``
 (stored prompts), ``item_reference`` items, ``input_file`` and file ids, built-in tools (web and file
-search, computer use, code interpreter, image generation, MCP, ...). ``reasoning``, ``include``,
-``truncation``, ``metadata``, ``service_tier`` are accepted and not forwarded.
+search, computer use, code interpreter, image generation, MCP, ...). ``include``, ``truncation``,
+``metadata``, ``service_tier`` are accepted and not forwarded.
+
+Answer: a ``reasoning`` output item per thinking block of the chat answer, before the message and
+function calls, its text as the ``summary`` (one ``summary_text``, as OpenAI answers with
+``reasoning.summary`` set, whether or not it was asked for) and its signature as its
+``encrypted_content`` (a redacted block's data after ``redacted_thinking:``), so a caller that sends
+the output back as input, as store=false requires, sends the thinking back signed;
+``reasoning_content`` without signed blocks is one item without ``encrypted_content``.
 """
 
 from __future__ import annotations
@@ -39,12 +48,15 @@ from services.relay.pipeline.checks import (
     optional_positive_int,
     require_model,
 )
+from services.relay.providers import extensions
 from services.relay.settings import RelaySettings
 
 __all__ = [
     "ResponseShape",
     "function_call_item",
     "message_item",
+    "reasoning_item",
+    "reasoning_items",
     "response_object",
     "to_chat",
     "to_response",
@@ -59,6 +71,11 @@ _STATEFUL = {
 }
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+# OpenAI's reasoning efforts (chat's reasoning_effort takes the same).
+_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+# What opens a reasoning item's encrypted_content when it carries a redacted thinking block's data
+# (a signed thinking block's is its signature): ':' is in neither.
+_REDACTED = "redacted_thinking:"
 _STATELESS_HINT = "This gateway serves the Responses API without server-side state (store=false)"
 
 
@@ -146,7 +163,28 @@ def _flat(content: str | list[dict[str, Any]]) -> str:
     return "".join(part.get("text", "") for part in content)
 
 
-def _item(item: Any, index: int, messages: list[dict[str, Any]]) -> None:
+def _thinking(item: dict[str, Any], param: str) -> dict[str, Any] | None:
+    """The thinking block a ``reasoning`` input item stands for (see :func:`reasoning_item`); None
+    for an item without ``encrypted_content`` (nothing a channel could verify)."""
+    sealed = item.get("encrypted_content")
+    if sealed is None or sealed == "":
+        return None
+    if not isinstance(sealed, str):
+        raise refuse(f"'{param}.encrypted_content' must be a string.", "input")
+    if sealed.startswith(_REDACTED):
+        return {"type": "redacted_thinking", "data": sealed.removeprefix(_REDACTED)}
+    texts = []
+    for part in items(item.get("summary")):
+        text = part.get("text") if isinstance(part, dict) else None
+        if not isinstance(text, str):
+            raise refuse(f"'{param}.summary' must be an array of summary_text parts.", "input")
+        texts.append(text)
+    return {"type": "thinking", "thinking": "".join(texts), "signature": sealed}
+
+
+def _item(item: Any, index: int, messages: list[dict[str, Any]], thinking: list[dict[str, Any]]) -> None:
+    """Adds the chat messages of one input item to ``messages``; ``thinking`` holds the thinking
+    blocks of the reasoning items read since the last assistant message, which the next one takes."""
     param = f"input[{index}]"
     if not isinstance(item, dict):
         raise refuse(f"'{param}' must be an object.", "input")
@@ -159,6 +197,8 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]]) -> None:
         content = _content(item.get("content"), param)
         # Chat takes images in user turns only, and plain text elsewhere.
         messages.append({"role": role, "content": content if role == "user" else _flat(content)})
+        if role == "assistant":
+            _take_thinking(messages[-1], thinking)
     elif kind == "function_call":
         call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
         if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, str):
@@ -170,6 +210,7 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]]) -> None:
             last["tool_calls"].append(call)
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        _take_thinking(messages[-1], thinking)
     elif kind == "function_call_output":
         call_id, output = item.get("call_id"), item.get("output")
         if not isinstance(call_id, str):
@@ -178,11 +219,31 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]]) -> None:
             output = _flat(_content(output, param))
         messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
     elif kind == "reasoning":
-        return
+        block = _thinking(item, param)
+        if block is not None:
+            thinking.append(block)
     elif kind == "item_reference":
         raise refuse(f"'{param}': item references need stored items. {_STATELESS_HINT}.", "input")
     else:
         raise refuse(f"'{param}': input items of type {kind!r} are not supported.", "input")
+
+
+def _take_thinking(message: dict[str, Any], thinking: list[dict[str, Any]]) -> None:
+    if thinking:
+        message.setdefault("thinking_blocks", []).extend(thinking)
+        thinking.clear()
+
+
+def _reasoning_effort(body: dict[str, Any], chat: dict[str, Any]) -> None:
+    """``reasoning.effort`` as chat's ``reasoning_effort`` (the same values); ``summary`` is not
+    forwarded (a reasoning item's summary is whatever thinking text the channel returns)."""
+    optional_object(body, "reasoning")
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is None:
+        return
+    if not isinstance(effort, str) or effort not in _EFFORTS:
+        raise refuse(f"'reasoning.effort' must be one of {', '.join(sorted(_EFFORTS))}.", "reasoning")
+    chat["reasoning_effort"] = effort
 
 
 def _tools(body: dict[str, Any], limits: RelaySettings) -> list[dict[str, Any]]:
@@ -240,14 +301,16 @@ def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
         if not isinstance(instructions, str):
             raise refuse("'instructions' must be a string.", "instructions")
         messages.append({"role": "system", "content": instructions})
-    items = body.get("input")
-    if isinstance(items, str):
-        messages.append({"role": "user", "content": items})
-    elif isinstance(items, list) and items:
-        if len(items) > limits.max_input_items:
+    given = body.get("input")
+    if isinstance(given, str):
+        messages.append({"role": "user", "content": given})
+    elif isinstance(given, list) and given:
+        if len(given) > limits.max_input_items:
             raise refuse(f"'input' has more than {limits.max_input_items} items.", "input")
-        for index, item in enumerate(items):
-            _item(item, index, messages)
+        # Reasoning items with no assistant item after them have no turn to go back with: dropped.
+        thinking: list[dict[str, Any]] = []
+        for index, item in enumerate(given):
+            _item(item, index, messages, thinking)
     else:
         raise refuse("'input' must be a string or a non-empty array of items.", "input")
     if not messages:
@@ -275,10 +338,11 @@ def to_chat(body: dict[str, Any], limits: RelaySettings) -> dict[str, Any]:
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
+    _reasoning_effort(body, chat)
     if optional_bool(body, "stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return chat
+    return extensions.mark(chat)
 
 
 def usage_of(usage: ChatUsage | None) -> dict[str, Any]:
@@ -290,6 +354,44 @@ def usage_of(usage: ChatUsage | None) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": usage.reasoning},
         "total_tokens": usage.prompt + usage.output,
     }
+
+
+def reasoning_item(
+    item_id: str, text: str, *, status: str, signature: str | None = None, redacted: str | None = None
+) -> dict[str, Any]:
+    """A ``reasoning`` output item for one thinking block: its text as the summary, and what lets it
+    go back to a channel in a later request as its ``encrypted_content`` (the block's signature, or
+    a redacted block's data after :data:`_REDACTED`)."""
+    sealed = _REDACTED + redacted if redacted is not None else signature or None
+    summary = [{"type": "summary_text", "text": text}] if text else []
+    return {
+        "id": item_id,
+        "type": "reasoning",
+        "summary": summary,
+        "encrypted_content": sealed,
+        "status": status,
+    }
+
+
+def reasoning_items(message: dict[str, Any], suffix: str) -> list[dict[str, Any]]:
+    """The reasoning items of a chat answer's ``message``: one per thinking block, else one for its
+    ``reasoning_content`` (a channel that signs nothing)."""
+    found: list[dict[str, Any]] = []
+    for block in items(message.get("thinking_blocks")):
+        kind = block.get("type") if isinstance(block, dict) else None
+        item_id = f"rs_{suffix}_{len(found)}"
+        if kind == "thinking":
+            signature = block.get("signature")
+            text = str(block.get("thinking") or "")
+            sealed = signature if isinstance(signature, str) else None
+            found.append(reasoning_item(item_id, text, status="completed", signature=sealed))
+        elif kind == "redacted_thinking":
+            data = str(block.get("data") or "")
+            found.append(reasoning_item(item_id, "", status="completed", redacted=data))
+    reasoning = message.get("reasoning_content")
+    if not found and isinstance(reasoning, str) and reasoning:
+        found.append(reasoning_item(f"rs_{suffix}_0", reasoning, status="completed"))
+    return found
 
 
 def message_item(item_id: str, text: str, *, status: str) -> dict[str, Any]:
@@ -358,7 +460,7 @@ def to_response(answer: bytes, shape: ResponseShape) -> bytes:
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     message = obj(choice.get("message"))
     suffix = shape.response_id.removeprefix("resp_")
-    output: list[dict[str, Any]] = []
+    output = reasoning_items(message, suffix)
     text = message.get("content")
     if isinstance(text, str) and text:
         output.append(message_item(f"msg_{suffix}", text, status="completed"))

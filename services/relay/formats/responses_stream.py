@@ -1,7 +1,11 @@
 """An OpenAI chat stream as the Responses API's event stream, converted chunk by chunk as it passes.
 
 The sequence (https://platform.openai.com/docs/api-reference/responses-streaming):
-``response.created`` and ``response.in_progress`` on the first chunk; for text, an output item
+``response.created`` and ``response.in_progress`` on the first chunk; for each thinking block, an
+output item ``reasoning`` (``response.output_item.added``, ``response.reasoning_summary_part.added``,
+``response.reasoning_summary_text.delta`` per piece, ``.done``, ``response.reasoning_summary_part.done``
+and ``output_item.done`` when its signature or the text comes; a redacted block is an item added and
+done at once); for text, an output item
 ``message`` (``response.output_item.added``, ``response.content_part.added``, then
 ``response.output_text.delta`` per piece, and ``.done`` / ``content_part.done`` / ``output_item.done``
 when it ends); for each tool call an output item ``function_call`` (``added``, then
@@ -25,33 +29,48 @@ from services.relay.formats.responses import (
     ResponseShape,
     function_call_item,
     message_item,
+    reasoning_item,
     response_object,
 )
 from services.relay.stream.sink import KEEPALIVE
 
 __all__ = ["ResponsesStream"]
 
+_MESSAGE = "message"
+_CALL = "function_call"
+_REASONING = "reasoning"
+
 
 class _Item:
-    """One output item being streamed: the message's text, or a function call."""
+    """One output item being streamed: the message's text, a function call, or a reasoning item (a
+    thinking block's text as its summary)."""
 
-    __slots__ = ("arguments", "call_id", "item_id", "name", "output_index", "pieces")
+    __slots__ = ("call_id", "item_id", "kind", "name", "output_index", "pieces", "redacted", "signature")
 
-    def __init__(self, item_id: str, output_index: int, *, call_id: str = "", name: str = "") -> None:
+    def __init__(
+        self, kind: str, item_id: str, output_index: int, *, call_id: str = "", name: str = ""
+    ) -> None:
+        self.kind = kind
         self.item_id = item_id
         self.output_index = output_index
         self.call_id = call_id
         self.name = name
         self.pieces: list[str] = []
+        self.signature: str | None = None
+        self.redacted: str | None = None
 
     @property
     def is_call(self) -> bool:
-        return bool(self.call_id or self.name)
+        return self.kind == _CALL
 
     def item(self, status: str) -> dict[str, Any]:
         text = "".join(self.pieces)
-        if self.is_call:
+        if self.kind == _CALL:
             return function_call_item(self.item_id, self.call_id, self.name, text, status=status)
+        if self.kind == _REASONING:
+            return reasoning_item(
+                self.item_id, text, status=status, signature=self.signature, redacted=self.redacted
+            )
         if status == "in_progress":
             return {**message_item(self.item_id, "", status=status), "content": []}
         return message_item(self.item_id, text, status=status)
@@ -127,12 +146,46 @@ class ResponsesStream(ChatStreamConversion):
             )
         )
 
+    def _new(self, kind: str, prefix: str, out: list[bytes], **rest: str) -> _Item:
+        """A new output item (the open one is closed first: the new one follows it)."""
+        self._close(out)
+        suffix = self._shape.response_id.removeprefix("resp_")
+        return _Item(kind, f"{prefix}_{suffix}_{len(self._done)}", len(self._done), **rest)
+
+    def _reasoning(self, text: str, out: list[bytes]) -> None:
+        item = self._open
+        if item is None or item.kind != _REASONING:
+            item = self._new(_REASONING, "rs", out)
+            self._add(item, out)
+        if not item.pieces:
+            part = {"type": "summary_text", "text": ""}
+            out.append(self._event("response.reasoning_summary_part.added", self._summary(item, part=part)))
+        item.pieces.append(text)
+        out.append(self._event("response.reasoning_summary_text.delta", self._summary(item, delta=text)))
+
+    def _thinking_block(self, block: dict[str, Any], out: list[bytes]) -> None:
+        kind = block.get("type")
+        if kind == "thinking":
+            signature = block.get("signature")
+            if not isinstance(signature, str) or not signature:
+                return
+            item = self._open
+            if item is None or item.kind != _REASONING:
+                item = self._new(_REASONING, "rs", out)
+                self._add(item, out)
+            item.signature = signature
+            self._close(out)
+        elif kind == "redacted_thinking":
+            data = block.get("data")
+            item = self._new(_REASONING, "rs", out)
+            item.redacted = data if isinstance(data, str) else ""
+            self._add(item, out)
+            self._close(out)
+
     def _text(self, text: str, out: list[bytes]) -> None:
         item = self._open
-        if item is None or item.is_call:
-            self._close(out)
-            suffix = self._shape.response_id.removeprefix("resp_")
-            item = _Item(f"msg_{suffix}_{len(self._done)}", len(self._done))
+        if item is None or item.kind != _MESSAGE:
+            item = self._new(_MESSAGE, "msg", out)
             self._add(item, out)
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             out.append(self._event("response.content_part.added", self._where(item, part=part)))
@@ -145,13 +198,8 @@ class ResponsesStream(ChatStreamConversion):
         function = obj(call.get("function"))
         item = self._calls.get(position)
         if item is None:
-            self._close(out)
-            suffix = self._shape.response_id.removeprefix("resp_")
-            item = _Item(
-                f"fc_{suffix}_{len(self._done)}",
-                len(self._done),
-                call_id=str(call.get("id") or ""),
-                name=str(function.get("name") or ""),
+            item = self._new(
+                _CALL, "fc", out, call_id=str(call.get("id") or ""), name=str(function.get("name") or "")
             )
             self._calls[position] = item
             self._add(item, out)
@@ -166,15 +214,28 @@ class ResponsesStream(ChatStreamConversion):
     def _where(item: _Item, **rest: Any) -> dict[str, Any]:
         return {"item_id": item.item_id, "output_index": item.output_index, "content_index": 0, **rest}
 
+    @staticmethod
+    def _summary(item: _Item, **rest: Any) -> dict[str, Any]:
+        return {"item_id": item.item_id, "output_index": item.output_index, "summary_index": 0, **rest}
+
     def _close(self, out: list[bytes]) -> None:
         item = self._open
         if item is None:
             return
         self._open = None
         text = "".join(item.pieces)
-        if item.is_call:
+        if item.kind == _CALL:
             payload = {"item_id": item.item_id, "output_index": item.output_index, "name": item.name}
             out.append(self._event("response.function_call_arguments.done", {**payload, "arguments": text}))
+        elif item.kind == _REASONING:
+            if item.pieces:
+                summary = {"type": "summary_text", "text": text}
+                out.append(
+                    self._event("response.reasoning_summary_text.done", self._summary(item, text=text))
+                )
+                out.append(
+                    self._event("response.reasoning_summary_part.done", self._summary(item, part=summary))
+                )
         else:
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             out.append(self._event("response.output_text.done", self._where(item, text=text, logprobs=[])))

@@ -45,7 +45,7 @@ from services.relay.pipeline.checks import (
     require_text_or_array,
 )
 from services.relay.pipeline.gateway import Gateway
-from services.relay.providers import StreamDecoder
+from services.relay.providers import StreamDecoder, extensions
 from services.relay.settings import RelaySettings
 from services.relay.stream.sse import StreamScanner
 from services.relay.stream.streaming import StreamRelay, stream_payload
@@ -162,11 +162,17 @@ def payload_for(
     or speaks another format (built by its provider, capped at ``max_output_tokens`` when the caller
     set no cap)."""
 
+    # A body converted from another format with the chat extensions goes without them to the
+    # channels that pass bodies through (their APIs refuse unknown fields); the caller's bytes hold them.
+    plain = extensions.without_extensions(body) if extensions.MARK in body else None
+
     def build(channel: Channel) -> bytes:
         upstream_model = channel.upstream_model(model)
         provider = channel.provider
         if provider is not None and provider.converts:
             return provider.request(body, upstream_model, stream=False, max_output_tokens=max_output_tokens)
+        if plain is not None:
+            return orjson.dumps({**plain, "model": upstream_model})
         if upstream_model == model:
             return raw
         return orjson.dumps({**body, "model": upstream_model})
@@ -234,20 +240,21 @@ async def admit(
     channels serving it; raises the refusal otherwise."""
     settings = gateway.settings
     body = parse_json(raw, max_depth=settings.max_json_depth)
-    exchange.model = require_model(body)
+    model = require_model(body)
+    exchange.asked_for(model)
     plan = endpoint.plan(body, settings)
-    exchange.stream = plan.stream
-    exchange.choices = plan.choices
+    exchange.planned(stream=plan.stream, choices=plan.choices)
     with tracing.span("relay.verify_key"):
-        exchange.principal = await gateway.authenticator.authenticate(
-            api_key, model=exchange.model, client_ip=exchange.client_ip
+        principal = await gateway.authenticator.authenticate(
+            api_key, model=model, client_ip=exchange.client_ip
         )
-    candidates = gateway.channels.table.candidates(exchange.model)
+    exchange.authenticated(principal)
+    candidates = gateway.channels.table.candidates(model)
     if not candidates:
         raise ModelNotFound(
-            f"The model '{exchange.model}' does not exist or you do not have access to it.", param="model"
+            f"The model '{model}' does not exist or you do not have access to it.", param="model"
         )
-    return Admitted(endpoint, body, raw, plan, _servable(candidates, endpoint, exchange.model))
+    return Admitted(endpoint, body, raw, plan, _servable(candidates, endpoint, model))
 
 
 async def allowed_models(gateway: Gateway, api_key: str, *, client_ip: str) -> list[str]:
@@ -284,14 +291,12 @@ async def answer_json(
     if cache is not None and cache_key is not None:
         hit = await cache.get(cache_key)
         if hit is not None:
-            exchange.cached = True
+            exchange.from_cache()
             if not cache.free_hits:
                 await gateway.meter.reserve(
                     exchange, prompt_tokens=plan.prompt_tokens, max_output_tokens=plan.max_output_tokens
                 )
-            exchange.usage = hit.usage
-            exchange.status_code = 200
-            exchange.end_reason = "done"
+            exchange.delivered(hit.usage, status=200)
             await gateway.meter.finish(exchange)
             return Answer(200, hit.content_type, hit.body, cache=b"hit")
 
@@ -313,21 +318,23 @@ async def answer_json(
         channel_id=reply.channel.id,
         upstream_model=reply.channel.upstream_model(exchange.model),
         status=reply.status,
+        complete=True,
     )
-    exchange.end_reason = "done"
     provider = reply.channel.provider
+    usage: Usage | None
     if provider is not None and provider.converts:
-        body, exchange.usage = provider.answer(reply.body, exchange.model)
+        body, usage = provider.answer(reply.body, exchange.model)
         reply = Reply(reply.channel, reply.status, _JSON_TYPE, body)
     else:
-        exchange.usage = from_body(reply.body)
+        usage = from_body(reply.body)
     if plan.images:
         images = count_images(reply.body)
-        exchange.usage = exchange.usage or Usage()
-        exchange.usage.images = plan.images if images is None else images
-    elif exchange.usage is None:
+        usage = usage or Usage()
+        usage.images = plan.images if images is None else images
+    elif usage is None:
         # Delivered but unreported: billed as a marked estimate, never for free.
-        exchange.usage = estimate_answer(reply.body, plan.prompt_tokens)
+        usage = estimate_answer(reply.body, plan.prompt_tokens)
+    exchange.delivered(usage)
     await gateway.meter.finish(exchange)
     return Answer(
         reply.status,

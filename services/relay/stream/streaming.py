@@ -44,7 +44,7 @@ from services.common.pb.relaygate.common.v1.types_pb2 import Usage
 from services.common.telemetry import METRICS
 from services.relay.meter.accounting import Meter, metric
 from services.relay.meter.record import Exchange
-from services.relay.providers import StreamDecoder
+from services.relay.providers import StreamDecoder, extensions
 from services.relay.stream.sink import StreamSink
 from services.relay.upstream.breaker import Outcome
 from services.relay.upstream.channels import Channel
@@ -74,18 +74,21 @@ def stream_payload(
     model = body.get("model")
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     built: dict[str, bytes] = {}
+    # A body converted from another format with the chat extensions goes without them to the
+    # channels that pass bodies through (their APIs refuse unknown fields); the caller's bytes hold them.
+    plain = extensions.without_extensions(body) if extensions.MARK in body else None
 
     def payload_for(channel: Channel) -> bytes:
         upstream_model = channel.upstream_model(str(model))
         provider = channel.provider
         if provider is not None and provider.converts:
             return provider.request(body, upstream_model, stream=True, max_output_tokens=max_output_tokens)
-        if wants_usage and upstream_model == model:
+        if wants_usage and upstream_model == model and plain is None:
             return raw
         payload = built.get(upstream_model)
         if payload is None:
             payload = built[upstream_model] = orjson.dumps(
-                {**body, "model": upstream_model, "stream_options": merged}
+                {**(body if plain is None else plain), "model": upstream_model, "stream_options": merged}
             )
         return payload
 
@@ -195,9 +198,7 @@ class StreamRelay:
                 await sink.write(data)
                 if first:
                     first = False
-                    exchange = self._exchange
-                    self._meter.first_byte(exchange)
-                    metric(METRICS.stream_ttfb, exchange.endpoint).observe(exchange.first_byte_s)
+                    self._meter.first_byte(self._exchange)
                 continue
             if self._finished or self._client_gone:
                 break
@@ -307,11 +308,11 @@ class StreamRelay:
                 key = exchange.principal.key_id if exchange.principal is not None else ""
                 opened.breaker.record(Outcome.FAILURE, answered_by_status=key)
                 self._push(self._error_event(error))
-        exchange.end_reason = reason
-        exchange.upstream_s = exchange.elapsed_s()
         scanner = self._scanner
-        exchange.usage = scanner.usage or Usage(
-            prompt_tokens=self._prompt_tokens, completion_tokens=scanner.events, estimated=True
+        exchange.stream_ended(
+            reason,
+            scanner.usage
+            or Usage(prompt_tokens=self._prompt_tokens, completion_tokens=scanner.events, estimated=True),
         )
         self._finished = True
         self._wake_writer()
@@ -319,7 +320,7 @@ class StreamRelay:
             self._streams.draining -= 1
             METRICS.stream_drains.set(self._streams.draining)
         metric(METRICS.stream_end, reason).inc()
-        metric(METRICS.stream_duration, exchange.endpoint).observe(exchange.elapsed_s())
+        metric(METRICS.stream_duration, exchange.front, exchange.endpoint).observe(exchange.elapsed_s())
         await self._meter.finish(exchange)
 
     def _push(self, data: bytes) -> None:
