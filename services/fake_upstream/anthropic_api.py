@@ -19,15 +19,18 @@ Shapes follow Anthropic's public API documentation:
   ``enabled`` (with ``budget_tokens``), ``adaptive`` or ``disabled``. A thinking reply opens with a
   signed ``thinking`` block (``redacted_thinking`` when the behaviour says so); refused with 400 as
   the API refuses them: a budget under 1024 or not under ``max_tokens``, ``temperature`` other than 1,
-  ``top_k``, ``top_p`` under 0.95, a ``tool_choice`` forcing a call, and a turn continued by tool
+  ``top_k``, ``top_p`` under 0.95 (what the docs say of the models that take manual thinking; the
+  ``anthropic`` SDK 2.x has no sampling parameters at all, newer models refusing them whatever the
+  thinking), a ``tool_choice`` forcing a call, and a turn continued by tool
   results whose assistant message does not start with a thinking block. A ``thinking`` block sent
   back without its signature, or with one that is not the block's, is refused whether or not the
   request thinks (see :mod:`.thinking`).
 * Prompt caching (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching):
   ``cache_control`` (``ephemeral``, ``ttl`` 5m or 1h) on tools, system blocks and message blocks,
-  at most four. The cache counts stay the behaviour's ``cached_tokens`` / ``cache_write_tokens``
-  whatever the breakpoints (a fake with a real prefix cache would make every test depend on the
-  requests before it).
+  or at the top level (the SDK's automatic caching: the last cacheable block), at most four. The
+  cache counts stay the behaviour's ``cached_tokens`` / ``cache_write_tokens`` whatever the
+  breakpoints (a fake with a real prefix cache would make every test depend on the requests before
+  it).
 * PDF support (https://docs.anthropic.com/en/docs/build-with-claude/pdf-support): ``document``
   blocks with a base64 ``application/pdf``, URL or text source; like images they add no tokens.
 * Errors (https://docs.anthropic.com/en/api/errors): ``{"type": "error", "error": {"type",
@@ -257,6 +260,8 @@ def _check_content(body: dict[str, Any], conversation: list[Any], thinks: bool) 
     thinking blocks sent back, and, when thinking, the thinking block that must open an assistant
     turn continued by tool results."""
     breakpoints: list[str] = []
+    # The top-level one marks the last cacheable block for the caller (automatic caching).
+    _check_cache_control("request", body, breakpoints)
     for index, tool in enumerate(body.get("tools") or ()):
         if isinstance(tool, dict):
             _check_cache_control(f"tools.{index}", tool, breakpoints)

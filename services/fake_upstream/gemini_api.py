@@ -158,10 +158,11 @@ def _thinking(config: Any) -> tuple[bool, bool]:
         return False, False
     if not isinstance(thinking, dict):
         raise _invalid("Invalid value at 'generation_config.thinking_config'")
-    budget = thinking.get("thinkingBudget", -1)
+    # Google's JSON takes snake_case names too (the SDK sends the config's own fields so).
+    budget = thinking.get("thinkingBudget", thinking.get("thinking_budget", -1))
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < -1:
         raise _invalid("Invalid value at 'generation_config.thinking_config.thinking_budget'")
-    include = thinking.get("includeThoughts", False)
+    include = thinking.get("includeThoughts", thinking.get("include_thoughts", False))
     if not isinstance(include, bool):
         raise _invalid("Invalid value at 'generation_config.thinking_config.include_thoughts'")
     thinks = budget != 0
