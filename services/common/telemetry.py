@@ -57,19 +57,26 @@ class Metrics:
     """Prometheus series of all services (each process exports the ones it touches)."""
 
     def __init__(self) -> None:
-        # Counter: HTTP requests answered by the relay, by route, status and whose fault a failure was.
+        # The relay's request series are labelled with the front that took the request (``front``:
+        # http or grpc). They keep their ``http_`` names from before the gRPC front, so dashboards and
+        # alert rules that sum over the label count every request, as they did. ``status`` is the HTTP
+        # status the outcome maps to on either front (a gRPC call's own code: relaygate_rpc_served).
+        # Counter: requests answered by the relay, by front, route, status and whose fault a failure was.
         self.http_requests = Counter(
-            "relaygate_http_requests", "Relay HTTP requests", ["route", "status", "error_type"]
+            "relaygate_http_requests", "Relay requests", ["front", "route", "status", "error_type"]
         )
-        # Histogram: seconds from request start to the last byte, by route.
+        # Histogram: seconds from request start to the last byte, by front and route.
         self.http_latency = Histogram(
-            "relaygate_http_latency_seconds", "Relay request latency", ["route"], buckets=_LATENCY_BUCKETS
+            "relaygate_http_latency_seconds",
+            "Relay request latency",
+            ["front", "route"],
+            buckets=_LATENCY_BUCKETS,
         )
         # Histogram: gateway overhead = total time minus time waiting on the upstream.
         self.gateway_overhead = Histogram(
             "relaygate_gateway_overhead_seconds",
             "Time spent in the gateway",
-            ["route"],
+            ["front", "route"],
             buckets=_LATENCY_BUCKETS,
         )
         # Histogram: upstream time to first byte, by channel.
@@ -150,13 +157,20 @@ class Metrics:
         self.breaker_transitions = Counter(
             "relaygate_breaker_transitions", "Channel circuit breaker transitions", ["channel", "to"]
         )
-        # Histogram: seconds from a stream request's arrival to its first byte to the client, by route.
+        # Histogram: seconds from a stream request's arrival to its first byte to the client, by front
+        # and route.
         self.stream_ttfb = Histogram(
-            "relaygate_stream_ttfb_seconds", "Stream time to first byte", ["route"], buckets=_LATENCY_BUCKETS
+            "relaygate_stream_ttfb_seconds",
+            "Stream time to first byte",
+            ["front", "route"],
+            buckets=_LATENCY_BUCKETS,
         )
-        # Histogram: stream duration, from arrival to the end of the upstream stream, by route.
+        # Histogram: stream duration, from arrival to the end of the upstream stream, by front and route.
         self.stream_duration = Histogram(
-            "relaygate_stream_duration_seconds", "Stream duration", ["route"], buckets=_LATENCY_BUCKETS
+            "relaygate_stream_duration_seconds",
+            "Stream duration",
+            ["front", "route"],
+            buckets=_LATENCY_BUCKETS,
         )
         # Counter: streams ended, by reason (done, upstream_eof, upstream_error, timeout, client_gone).
         self.stream_end = Counter("relaygate_stream_end", "Streams ended", ["reason"])

@@ -191,7 +191,7 @@ class Meter:
                 key_limits=principal.key_limits,
                 user_limits=principal.user_limits,
             )
-            exchange.reservation = await self._reserve_exact(request)
+            exchange.reserved(await self._reserve_exact(request))
 
     def _admit(
         self,
@@ -221,9 +221,7 @@ class Meter:
         admission = leases.leasing.admit(principal, bound)
         if admission is None:
             return False
-        exchange.admission = admission
-        exchange.lease_id = admission.lease_id
-        exchange.price = price
+        exchange.admitted(admission, price)
         return True
 
     async def _reserve_exact(self, request: ReserveRequest) -> ReserveResponse:
@@ -253,9 +251,10 @@ class Meter:
     def first_byte(self, exchange: Exchange) -> None:
         """The first byte of a stream reached the client (the stream may be metered as finished
         already: a short upstream stream can end before the client's writer first runs)."""
-        exchange.first_byte_s = exchange.elapsed_s()
+        seconds = exchange.wrote_first_byte()
+        metric(METRICS.stream_ttfb, exchange.front, exchange.endpoint).observe(seconds)
         if self._perf is not None:
-            self._perf.first_byte(exchange.first_byte_s)
+            self._perf.first_byte(seconds)
 
     async def finish(self, exchange: Exchange) -> None:
         """Publish the event that settles the request (or records it), record metrics.
@@ -275,13 +274,12 @@ class Meter:
             return
         if self._publisher is not None:
             price = price_from_message(reservation.price)
-            exchange.price = price
-            exchange.charged_micros = _cost(price, exchange.usage, reservation.reserved_micros)
+            exchange.charged(price, _cost(price, exchange.usage, reservation.reserved_micros))
             self._emit(exchange.to_event(), known=True)
             return
         rpc = functools.partial(self._rpc, reservation.reservation_id, exchange.usage, exchange.end_reason)
         try:
-            exchange.settlement = await rpc()
+            exchange.settled(await rpc())
         except GatewayError as exc:
             if not isinstance(exc, InvalidRequest):
                 self._track(self._settle_later(exchange, rpc, exc), exchange.request_id)
@@ -301,7 +299,7 @@ class Meter:
         if exchange.stream and exchange.status_code:
             return
         if exchange.admission is not None:
-            exchange.usage = None
+            exchange.cancelled()
             self._finish_admission(exchange)
 
     def _finish_admission(self, exchange: Exchange) -> bool:
@@ -309,11 +307,11 @@ class Meter:
         with (nothing when nothing was delivered), capped at its worst case. False on a repeat."""
         admission = exchange.admission
         leases = self._leases
-        if admission is None or leases is None or exchange.price is None:
+        price = exchange.price
+        if admission is None or leases is None or price is None:
             return False
-        exchange.admission = None
-        amount = _cost(exchange.price, exchange.usage, admission.bound)
-        exchange.charged_micros = leases.leasing.finish(admission, amount)
+        amount = _cost(price, exchange.usage, admission.bound)
+        exchange.lease_finished(leases.leasing.finish(admission, amount))
         return True
 
     async def close(self, *, timeout: float) -> None:
@@ -351,7 +349,7 @@ class Meter:
         self, exchange: Exchange, rpc: Callable[[], Awaitable[SettleResponse]], first: GatewayError
     ) -> None:
         try:
-            exchange.settlement = await self._retrying(rpc, first, exchange.request_id)
+            exchange.settled(await self._retrying(rpc, first, exchange.request_id))
         finally:
             # Whatever happened, the event says what the ledger charged (0 without a settlement).
             self._emit(exchange.to_event(), known=True)
@@ -411,10 +409,11 @@ class Meter:
         """Metrics, and the log line of a failure, for one finished request."""
         error = exchange.error
         fault = error.fault if error is not None else ""
-        metric(METRICS.http_requests, exchange.endpoint, str(exchange.status_code), fault).inc()
+        front, route = exchange.front, exchange.endpoint
+        metric(METRICS.http_requests, front, route, str(exchange.status_code), fault).inc()
         elapsed = exchange.elapsed_s()
-        metric(METRICS.http_latency, exchange.endpoint).observe(elapsed)
-        metric(METRICS.gateway_overhead, exchange.endpoint).observe(max(0.0, elapsed - exchange.upstream_s))
+        metric(METRICS.http_latency, front, route).observe(elapsed)
+        metric(METRICS.gateway_overhead, front, route).observe(max(0.0, elapsed - exchange.upstream_s))
         if error is not None:
             metric(METRICS.relay_failures, error.fault, error.code).inc()
             log.log(

@@ -1,9 +1,13 @@
 """The record of one request, and the only place its usage event is built.
 
-A front (today the HTTP edge) opens the record with :meth:`Exchange.begin` and the layers under it
-feed it as the request goes: the pipeline (model, principal, plan), the upstream client (channel,
-attempts, time to first byte), the stream pump (end reason, usage) and the meter (hold, price,
-charge). :meth:`Exchange.to_event` turns it into the ``UsageEvent`` that settles and logs the
+A front (the HTTP edge, or the gRPC front with ``front="grpc"``) opens the record with
+:meth:`Exchange.begin`, and the layers under it tell it what happened as the request goes, each
+through a method named for the event: the pipeline (the model asked for, the plan, the principal,
+the answer delivered), the upstream client (each attempt on a channel, the time to its answer, the
+time spent upstream), the stream pump (how the stream ended and what it used) and the meter (the
+credit held, the first byte out, the charge or settlement). Only this module sets the record's
+fields (``tests/relay/test_layers.py`` checks it), so what each event means is decided here once.
+:meth:`Exchange.to_event` turns the record into the ``UsageEvent`` that settles and logs the
 request; :func:`refusals_summary` is the one other event the relay writes, standing for refusals
 held back under a flood (:mod:`services.relay.meter.refusals`). Nothing else assembles a
 ``UsageEvent``, so a field added to the event is filled here once, for every front.
@@ -97,14 +101,106 @@ class Exchange:
             started=time.perf_counter() if arrived is None else arrived,
         )
 
-    def answered(self, *, channel_id: str, upstream_model: str, status: int) -> None:
-        """The channel that answered, under which model name, and the status it answered with."""
+    # --- what the pipeline learns ---------------------------------------------------------------------
+
+    def asked_for(self, model: str) -> None:
+        """The model the caller named (known before the rest of the body is checked)."""
+        self.model = model
+
+    def planned(self, *, stream: bool, choices: int) -> None:
+        """What the checked body asks for: a stream or not, and how many completions."""
+        self.stream = stream
+        self.choices = choices
+
+    def authenticated(self, principal: Principal) -> None:
+        """The key was verified: whose request this is."""
+        self.principal = principal
+
+    def delivered(self, usage: Usage, *, status: int | None = None) -> None:
+        """A complete answer is ready for the caller, using ``usage`` (``status`` when no channel's
+        :meth:`answered` gave one: an answer from the response cache)."""
+        self.usage = usage
+        self.end_reason = "done"
+        if status is not None:
+            self.status_code = status
+
+    def from_cache(self) -> None:
+        """The response cache holds the answer: no channel is called."""
+        self.cached = True
+
+    def cancelled(self) -> None:
+        """The front's task was cancelled before the request finished: nothing counts as delivered."""
+        self.usage = None
+
+    # --- what the upstream client learns --------------------------------------------------------------
+
+    def attempt(self, channel_id: str) -> int:
+        """An attempt on ``channel_id`` begins; returns its number (1 for the first)."""
+        self.attempts += 1
+        self.channel_id = channel_id
+        return self.attempts
+
+    def upstream_responded(self, ttfb_s: float) -> None:
+        """The attempt's upstream answered (its status and headers) ``ttfb_s`` after it was sent."""
+        self.ttfb_s = ttfb_s
+
+    def waited_upstream(self, seconds: float) -> None:
+        """``seconds`` more spent on an upstream attempt (every attempt's time adds up)."""
+        self.upstream_s += seconds
+
+    def answered(self, *, channel_id: str, upstream_model: str, status: int, complete: bool = False) -> None:
+        """The channel that answered, under which model name, and the status it answered with;
+        ``complete``: its whole answer is in (not a stream still to relay), so the upstream's part
+        ended ``done`` whatever becomes of the answer here."""
         self.channel_id = channel_id
         self.upstream_model = upstream_model
         self.status_code = status
+        if complete:
+            self.end_reason = "done"
 
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
+    # --- what the stream pump learns ------------------------------------------------------------------
+
+    def stream_ended(self, reason: str, usage: Usage) -> None:
+        """The upstream stream is over (``reason``: done, upstream_eof, timeout, ...), having used
+        ``usage``; the whole stream counts as upstream time."""
+        self.end_reason = reason
+        self.upstream_s = self.elapsed_s()
+        self.usage = usage
+
+    # --- what the meter learns ------------------------------------------------------------------------
+
+    def reserved(self, reservation: ReserveResponse) -> None:
+        """Quota holds the request's worst case under ``reservation``."""
+        self.reservation = reservation
+
+    def admitted(self, admission: Admission, price: pricing.Price) -> None:
+        """The request's worst case is held on a lease, priced at ``price``."""
+        self.admission = admission
+        self.lease_id = admission.lease_id
+        self.price = price
+
+    def lease_finished(self, charged_micros: int) -> None:
+        """The lease admission is over (finished once: it is off the record now) and the usage event
+        charges ``charged_micros`` at the price it was admitted at."""
+        self.admission = None
+        self.charged_micros = charged_micros
+
+    def charged(self, price: pricing.Price, micros: int) -> None:
+        """The reservation's usage costs ``micros`` at ``price`` (the price quota held it at): what the
+        event that settles it charges."""
+        self.price = price
+        self.charged_micros = micros
+
+    def settled(self, settlement: SettleResponse | None) -> None:
+        """Quota answered the settlement (or release) RPC; None when it never did (the hold expires)."""
+        self.settlement = settlement
+
+    def wrote_first_byte(self) -> float:
+        """The first byte of a stream reached the client; returns the seconds since arrival."""
+        self.first_byte_s = seconds = self.elapsed_s()
+        return seconds
+
+    # --- how it ends, from any layer ------------------------------------------------------------------
 
     def fail(self, error: GatewayError, *, status: int | None = None) -> None:
         """Record the failure that ends this request (the last one wins)."""
@@ -112,6 +208,11 @@ class Exchange:
         self.status_code = status if status is not None else error.status
         if not self.end_reason:
             self.end_reason = "refused" if not self.held else "upstream_error"
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
 
     @property
     def held(self) -> bool:

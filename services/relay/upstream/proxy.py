@@ -197,10 +197,9 @@ class Upstreams:
                 soonest = wait if soonest is None else min(soonest, wait)
                 continue
             tried += 1
-            exchange.attempts += 1
-            exchange.channel_id = channel.id
+            attempt = exchange.attempt(channel.id)
             # The attempt's span is current while the caller's loop body runs for this channel.
-            with tracing.attempt(channel.id, channel.name, exchange.attempts):
+            with tracing.attempt(channel.id, channel.name, attempt):
                 yield channel, breaker
         if not tried:
             raise NoUpstreamAvailable(
@@ -236,7 +235,8 @@ class Upstreams:
                                 channel.timeouts(),
                             )
                             response, body = await transport.open(request)
-                            exchange.ttfb_s = time.perf_counter() - started
+                            ttfb_s = time.perf_counter() - started
+                            exchange.upstream_responded(ttfb_s)
                             try:
                                 content = b"".join([part async for part in body])
                             finally:
@@ -252,11 +252,11 @@ class Upstreams:
                     retry_after = retry_after_s(response.headers)
                 answered_by = caller_of(exchange, response.status)
             finally:
-                exchange.upstream_s += time.perf_counter() - started
+                exchange.waited_upstream(time.perf_counter() - started)
                 breaker.record(verdict, retry_after=retry_after, answered_by_status=answered_by)
             status = response.status
-            tracing.attempt_answered(status, exchange.ttfb_s)
-            metric(METRICS.upstream_ttfb, channel.name).observe(exchange.ttfb_s)
+            tracing.attempt_answered(status, ttfb_s)
+            metric(METRICS.upstream_ttfb, channel.name).observe(ttfb_s)
             metric(
                 METRICS.upstream_attempts, channel.name, "ok" if status < 300 else f"status_{status}"
             ).inc()
@@ -300,7 +300,7 @@ class Upstreams:
                         )
                         response, body = await transport.open(request)
             except (UpstreamError, PoolExhausted) as exc:
-                exchange.upstream_s += time.perf_counter() - started
+                exchange.waited_upstream(time.perf_counter() - started)
                 self._attempt_failed(channel, exc)
                 breaker.record(Outcome.ABANDONED if isinstance(exc, PoolExhausted) else Outcome.FAILURE)
                 last = exc
@@ -308,10 +308,11 @@ class Upstreams:
             except BaseException:
                 breaker.record(Outcome.ABANDONED)
                 raise
-            exchange.ttfb_s = time.perf_counter() - started
-            metric(METRICS.upstream_ttfb, channel.name).observe(exchange.ttfb_s)
+            ttfb_s = time.perf_counter() - started
+            exchange.upstream_responded(ttfb_s)
+            metric(METRICS.upstream_ttfb, channel.name).observe(ttfb_s)
             status = response.status
-            tracing.attempt_answered(status, exchange.ttfb_s)
+            tracing.attempt_answered(status, ttfb_s)
             outcome = classify(status, response.headers)
             breaker.record(
                 outcome,
@@ -331,7 +332,7 @@ class Upstreams:
                 content = b""
             finally:
                 await body.aclose()
-                exchange.upstream_s += time.perf_counter() - started
+                exchange.waited_upstream(time.perf_counter() - started)
             error = status_error(channel, status, content)
             if status not in RETRYABLE_STATUS:
                 raise error
