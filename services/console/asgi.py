@@ -103,14 +103,18 @@ class Console:
         elif method == "DELETE":
             if not session.csrf_ok(method, headers, jar):
                 raise PermissionDenied("The request lacks the console's CSRF token.")
-            await _respond(send, 204, b"", extra=session.close_session(secure=secure))
+            await self._sign_out(scope, send, jar.get(session.TOKEN_COOKIE, ""), secure=secure)
         else:
             raise NotFound(f"No console page at {method} {_SESSION_PATH}.")
 
     async def _sign_in(self, scope: Scope, receive: Receive, send: Send, *, secure: bool) -> None:
         form = _sign_in_form(await _read_body(receive, _MAX_SIGN_IN_BYTES))
         key, read_only = form
-        body = orjson.dumps({"scopes": [ADMIN_READ]}) if read_only else b""
+        # The lifetime asked for; auth grants at most its RELAYGATE_ADMIN_TOKEN_MAX_TTL_S.
+        request: dict[str, Any] = {"ttl_seconds": session.SESSION_TTL_S}
+        if read_only:
+            request["scopes"] = [ADMIN_READ]
+        body = orjson.dumps(request)
         status, answer = await self._call_admin(scope, "POST", "tokens", key, body)
         if status != 201:
             # The admin API's own refusal (wrong key, not an admin, address not allowed), as it said it.
@@ -123,6 +127,20 @@ class Console:
         lifetime = max(0, info.expires_at - int(time.time()))
         cookies = session.open_session(token, lifetime_s=lifetime, secure=secure)
         await _respond(send, 200, info.as_json(), b"application/json", extra=cookies)
+
+    async def _sign_out(self, scope: Scope, send: Send, token: str, *, secure: bool) -> None:
+        """End the session's token at auth, not only its cookies: a copy of the token (another tab, a
+        leaked cookie) is refused from then on. The cookies go whatever auth answered."""
+        cleared = session.close_session(secure=secure)
+        if not token:
+            await _respond(send, 204, b"", extra=cleared)
+            return
+        status, answer = await self._call_admin(scope, "DELETE", "tokens", token, b"")
+        if status == 200:
+            await _respond(send, 204, b"", extra=cleared)
+        else:
+            # Signed out of this browser all the same; the page says the token lives until it expires.
+            await _respond(send, status, answer, b"application/json", extra=cleared)
 
     async def _forward(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         """``/console/api/<route>`` as ``/admin/v1/<route>`` with the session's token as the bearer."""

@@ -19,6 +19,9 @@ CSRF_HEADER = b"x-console-csrf"
 # Both cookies are sent to the console's own paths only, never to the OpenAI or admin routes.
 COOKIE_PATH = "/console/"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+# The admin token lifetime a sign-in asks for: a working day, as other gateways' consoles keep their
+# sessions. Auth caps it at RELAYGATE_ADMIN_TOKEN_MAX_TTL_S (1 h by default); signing out ends the token.
+SESSION_TTL_S = 8 * 3600
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -94,6 +94,7 @@ async def test_operator_day(console_page: Page, deployment: Deployment, screensh
     await page.get_by_role("button", name="Top up", exact=True).click()
     await expect(page.locator("#user-balance")).to_have_text("12,345.50")
     await screenshot(page, screenshots, "keys-and-users")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
 
     # The key's limits and budget, edited; the budget in force is read back from quota.
     key_row = page.locator("#keys tr", has_text="laptop").filter(has_text=user_name)
@@ -259,10 +260,18 @@ async def test_no_secret_in_page_or_log(
     assert token["value"] not in logs
     assert deployment.admin_key not in logs
 
-    # Signing out ends the session: the cookies go, the API calls are refused.
-    await page.get_by_role("button", name="Sign out").click()
-    await expect(page.locator("#signin")).to_be_visible()
-    assert [c["name"] for c in await context.cookies()] == []
+    # Signing out ends the session: the cookies go, and the token itself is refused from then on (a
+    # copy of it, from another tab or a leaked cookie, is no use).
+    with httpx.Client(base_url=deployment.relay_url, timeout=10) as client:
+        bearer = {"authorization": f"Bearer {token['value']}"}
+        assert client.get("/admin/v1/users", headers=bearer).status_code == 200
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.locator("#signin")).to_be_visible()
+        assert [c["name"] for c in await context.cookies()] == []
+        refused = client.get("/admin/v1/users", headers=bearer)
+        assert refused.status_code == 401 and "signed out" in refused.text
+        cookie = {"cookie": f"rg_console_token={token['value']}"}
+        assert client.get("/console/api/users", headers=cookie).status_code == 401
 
 
 def test_writes_need_the_csrf_token_and_the_same_origin(deployment: Deployment) -> None:

@@ -10,9 +10,34 @@ import { prices } from "./prices.js";
 const PAGES = { overview, keys, usage, logs, channels, prices };
 const TITLES = { overview: "Overview", keys: "Keys & users", usage: "Usage", logs: "Request logs", channels: "Channels", prices: "Prices" };
 
-const state = { info: null, stop: null };
+const state = { info: null, stop: null, timers: [] };
+// How long before the session's end the page says so.
+const WARN_BEFORE_MS = 5 * 60_000;
+
+function clearExpiry() {
+  for (const t of state.timers) clearTimeout(t);
+  state.timers = [];
+  document.getElementById("session-note").hidden = true;
+}
+
+// The admin token ends at info.expires_at: the page says so beforehand and then asks to sign in again,
+// rather than letting the next call fail. Signing in again keeps the page (#/<page>) that was open.
+function scheduleExpiry(info) {
+  clearExpiry();
+  const endMs = info.expires_at * 1000;
+  const at = new Date(endMs).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+  const note = document.getElementById("session-note");
+  state.timers.push(
+    setTimeout(() => {
+      document.getElementById("session-note-text").textContent = `Your session ends at ${at}.`;
+      note.hidden = false;
+    }, Math.max(0, endMs - WARN_BEFORE_MS - Date.now())),
+    setTimeout(() => showSignIn(`Your session ended at ${at}. Sign in again to go on.`), Math.max(0, endMs - Date.now())),
+  );
+}
 
 function showSignIn(message) {
+  clearExpiry();
   if (state.stop) state.stop();
   state.stop = null;
   state.info = null;
@@ -28,8 +53,9 @@ function showShell(info) {
   document.getElementById("shell").hidden = false;
   const writes = info.scopes.includes("admin:write");
   document.body.classList.toggle("read-only", !writes);
-  document.getElementById("whoami").textContent =
-    `${info.user_id} · ${writes ? "read and write" : "read only"} · until ${new Date(info.expires_at * 1000).toLocaleTimeString()}`;
+  const until = new Date(info.expires_at * 1000).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+  document.getElementById("whoami").textContent = `${info.user_id} · ${writes ? "read and write" : "read only"} · session until ${until}`;
+  scheduleExpiry(info);
   route();
 }
 
@@ -71,6 +97,8 @@ document.getElementById("signin-form").addEventListener("submit", async (event) 
     showSignIn(err.message);
   }
 });
+
+document.getElementById("session-renew").addEventListener("click", () => showSignIn("Sign in again to go on where you are."));
 
 document.getElementById("signout").addEventListener("click", async () => {
   try {

@@ -1,6 +1,6 @@
 // Keys and users: list and search, create (the plaintext shown once), edit scopes and limits, rotate,
 // revoke; balances, top-ups with a reason, budgets and how much of each is used.
-import { act, api, dialog, field, fmt, h, table, toast, unitsToMicros } from "./lib.js";
+import { act, api, dialog, field, fmt, h, idPager, localInputToSeconds, secondsToLocalInput, table, toast, unitsToMicros } from "./lib.js";
 
 function input(attrs = {}) {
   return h("input", { type: "text", ...attrs });
@@ -41,8 +41,9 @@ function limitsForm(current = {}, budgets = {}) {
   const rpm = input({ inputmode: "numeric", value: current.rpm && current.rpm !== "0" ? current.rpm : "" });
   const tpm = input({ inputmode: "numeric", value: current.tpm && current.tpm !== "0" ? current.tpm : "" });
   const conc = input({ inputmode: "numeric", value: current.max_concurrency && current.max_concurrency !== "0" ? current.max_concurrency : "" });
-  const daily = input({ inputmode: "decimal", value: budgets.day ? budgets.day / 1e6 : "" });
-  const monthly = input({ inputmode: "decimal", value: budgets.month ? budgets.month / 1e6 : "" });
+  const shown = (micros) => (micros ? String(micros / 1e6) : "");
+  const daily = input({ inputmode: "decimal", value: shown(budgets.day) });
+  const monthly = input({ inputmode: "decimal", value: shown(budgets.month) });
   const fields = [
     field("Requests per minute", rpm, "Empty: no limit."),
     field("Tokens per minute", tpm),
@@ -50,14 +51,17 @@ function limitsForm(current = {}, budgets = {}) {
     field("Daily budget (units)", daily, "Empty: none."),
     field("Monthly budget (units)", monthly),
   ];
-  const read = () => ({
-    rpm: rpm.value || "0",
-    tpm: tpm.value || "0",
-    max_concurrency: conc.value || "0",
-    daily_budget_micros: daily.value ? unitsToMicros(daily.value) : 0,
-    monthly_budget_micros: monthly.value ? unitsToMicros(monthly.value) : 0,
-  });
-  return { fields, read };
+  const rates = () => ({ rpm: rpm.value || "0", tpm: tpm.value || "0", max_concurrency: conc.value || "0" });
+  // Only the budgets the operator changed: an untouched field must never overwrite (or erase) a budget
+  // set elsewhere meanwhile. Keyed as the admin API's limits fields.
+  const changedBudgets = () => {
+    const changed = {};
+    for (const [name, box, initial] of [["daily_budget_micros", daily, shown(budgets.day)], ["monthly_budget_micros", monthly, shown(budgets.month)]]) {
+      if (box.value.trim() !== initial) changed[name] = box.value.trim() ? unitsToMicros(box.value) : 0;
+    }
+    return changed;
+  };
+  return { fields, rates, changedBudgets };
 }
 
 async function budgetsOf(scope, id) {
@@ -85,8 +89,7 @@ async function userPanel(user, ctx, refresh) {
   const [balance, budgets] = await Promise.all([api.get(`users/${user.user_id}/balance`), budgetsOf("user", user.user_id)]);
   const panel = h(
     "section",
-    { class: "card", id: "user-panel", "aria-label": `User ${user.name}` },
-    h("h2", {}, `User ${user.name}`),
+    { id: "user-panel", "aria-label": `User ${user.name}` },
     h(
       "dl",
       { class: "facts" },
@@ -120,14 +123,16 @@ async function userPanel(user, ctx, refresh) {
         await refresh(user);
       }, "Credit added.");
     });
-    const { fields, read } = limitsForm();
+    const byPeriod = Object.fromEntries(budgets.map((b) => [b.period, Number(b.limit_micros)]));
+    const { fields, changedBudgets } = limitsForm({}, byPeriod);
     const budgetForm = h("form", { class: "inline write", "aria-label": "User budgets" }, h("h3", {}, "Set budgets"), fields.slice(3), h("button", { type: "submit" }, "Save budgets"));
     budgetForm.addEventListener("submit", (e) => {
       e.preventDefault();
       act(async () => {
-        const v = read();
-        await api.put(`budgets/user/${user.user_id}/day`, { limit_micros: v.daily_budget_micros });
-        await api.put(`budgets/user/${user.user_id}/month`, { limit_micros: v.monthly_budget_micros });
+        const periods = { daily_budget_micros: "day", monthly_budget_micros: "month" };
+        for (const [name, micros] of Object.entries(changedBudgets())) {
+          await api.put(`budgets/user/${user.user_id}/${periods[name]}`, { limit_micros: micros });
+        }
         await refresh(user);
       }, "Budgets saved.");
     });
@@ -141,14 +146,16 @@ function editKey(key, budgets, done) {
   const models = input({ value: (key.allowed_models || []).join(", ") });
   const cidrs = input({ value: (key.allowed_cidrs || []).join(", ") });
   const enabled = h("input", { type: "checkbox", checked: key.enabled });
+  const expires = h("input", { type: "datetime-local", value: secondsToLocalInput(key.expires_at) });
   const byPeriod = Object.fromEntries(budgets.map((b) => [b.period, Number(b.limit_micros)]));
-  const { fields, read } = limitsForm(key.limits || {}, byPeriod);
+  const { fields, rates, changedBudgets } = limitsForm(key.limits || {}, byPeriod);
   const form = h(
     "form",
     { class: "stack" },
     field("Name", name),
     field("Allowed models", models, "Comma-separated names or patterns (gpt-4o*); empty: every model."),
     field("Allowed addresses", cidrs, "Comma-separated CIDRs (10.0.0.0/8); empty: any address."),
+    field("Expires", expires, "Empty: never."),
     h("label", { class: "check" }, enabled, " Enabled"),
     fields,
     h("h3", {}, "Budgets in force"),
@@ -164,7 +171,9 @@ function editKey(key, budgets, done) {
         allowed_models: list(models.value),
         allowed_cidrs: list(cidrs.value),
         enabled: enabled.checked,
-        limits: read(),
+        limits: { ...rates(), ...changedBudgets() },
+        // Sent only when changed: an expiry already past would be refused on any other edit.
+        ...(expires.value !== secondsToLocalInput(key.expires_at) ? { expires_at: localInputToSeconds(expires.value) } : {}),
       });
       box.close();
       await done();
@@ -172,23 +181,59 @@ function editKey(key, budgets, done) {
   });
 }
 
+function listFooter(pager, noun, loadMore) {
+  const button = h("button", { type: "button", onclick: () => act(loadMore) }, `Load more ${noun}`);
+  const note = h("p", { class: "hint", role: "status" });
+  const box = h("div", { class: "list-footer" }, note, button);
+  const update = () => {
+    const query = pager.query.q ? ` matching “${pager.query.q}”` : "";
+    note.textContent = pager.partial
+      ? `Showing the first ${fmt.int(pager.rows.length)} ${noun}${query}; there may be more.`
+      : `${fmt.int(pager.rows.length)} ${noun}${query}.`;
+    button.hidden = !pager.partial;
+  };
+  return { box, update };
+}
+
+// Runs `fn` once typing has paused, so a search is one request, not one per key press.
+function debounced(fn, ms = 300) {
+  let timer;
+  return () => {
+    clearTimeout(timer);
+    timer = setTimeout(fn, ms);
+  };
+}
+
 export async function keys(ctx) {
   const { main } = ctx;
   const userSearch = input({ type: "search", id: "user-search", placeholder: "name, email or id" });
-  const keySearch = input({ type: "search", id: "key-search", placeholder: "name, prefix, user or id" });
+  const keySearch = input({ type: "search", id: "key-search", placeholder: "name, prefix (rg-…), user id or id" });
   const usersBox = h("div", { id: "users" });
   const keysBox = h("div", { id: "keys" });
-  const detail = h("div", { id: "user-detail" });
-  let users = [];
-  let allKeys = [];
+  // Users and keys are searched and paged on the server (the lists can be long).
+  const users = idPager("users", "users", "user_id");
+  const allKeys = idPager("keys", "keys", "key_id");
+  const userNames = new Map();
+  const usersFooter = listFooter(users, "users", async () => {
+    await users.more();
+    renderUsers();
+  });
+  const keysFooter = listFooter(allKeys, "keys", async () => {
+    await allKeys.more();
+    renderKeys();
+  });
 
+  // The user's panel opens over the page (a dialog), so nothing on the page moves; a refresh after a
+  // top-up or budget change replaces the open panel's content.
   async function showUser(user) {
-    detail.replaceChildren(await userPanel(user, ctx, showUser));
+    const panel = await userPanel(user, ctx, showUser);
+    const open = document.getElementById("user-panel");
+    if (open) open.replaceWith(panel);
+    else dialog(`User ${user.name}`, panel);
   }
 
   function renderUsers() {
-    const q = userSearch.value.trim().toLowerCase();
-    const rows = users.filter((u) => !q || [u.name, u.email, u.user_id].some((v) => String(v).toLowerCase().includes(q)));
+    for (const u of users.rows) userNames.set(u.user_id, u.name);
     usersBox.replaceChildren(
       table(
         [
@@ -198,25 +243,27 @@ export async function keys(ctx) {
           { label: "Admin", cell: (u) => (u.admin ? "yes" : "no") },
           { label: "Created", cell: (u) => fmt.date(u.created_at) },
         ],
-        rows,
-        { caption: "Users (select one for its balance, top-ups and budgets)", onRow: (u) => act(() => showUser(u)) },
+        users.rows,
+        { caption: "Users (select one for its balance, top-ups and budgets)", onRow: (u) => act(() => showUser(u)), empty: "No user matches." },
       ),
     );
+    usersFooter.update();
+    const chosen = userSelect.value;
+    userSelect.replaceChildren(...users.rows.map((x) => h("option", { value: x.user_id }, `${x.name} (${x.user_id})`)));
+    if (chosen && users.rows.some((x) => x.user_id === chosen)) userSelect.value = chosen;
   }
 
   function renderKeys() {
-    const q = keySearch.value.trim().toLowerCase();
-    const rows = allKeys.filter((k) => !q || [k.name, k.display_prefix, k.user_id, k.key_id].some((v) => String(v).toLowerCase().includes(q)));
-    const byUser = Object.fromEntries(users.map((u) => [u.user_id, u.name]));
     keysBox.replaceChildren(
       table(
         [
           { label: "Name", cell: (k) => k.name },
           { label: "Key", cell: (k) => h("code", {}, k.display_prefix) },
-          { label: "User", cell: (k) => byUser[k.user_id] || k.user_id },
+          { label: "User", cell: (k) => h("span", { title: k.user_id }, userNames.get(k.user_id) || k.user_id) },
           { label: "Models", cell: (k) => (k.allowed_models || []).join(", ") || "all" },
           { label: "RPM", num: true, cell: (k) => (Number(k.limits?.rpm) ? fmt.int(k.limits.rpm) : "–") },
-          { label: "State", cell: (k) => (k.revoked ? "revoked" : k.enabled ? "active" : "disabled") },
+          { label: "State", cell: (k) => (k.revoked ? "revoked" : !k.enabled ? "disabled" : Number(k.expires_at) && Number(k.expires_at) * 1000 <= Date.now() ? "expired" : "active") },
+          { label: "Expires", cell: (k) => (Number(k.expires_at) ? fmt.date(k.expires_at) : "never") },
           { label: "Last used", cell: (k) => fmt.date(k.last_used_at) },
           {
             label: "Actions",
@@ -226,7 +273,7 @@ export async function keys(ctx) {
                 : h(
                     "span",
                     { class: "write actions" },
-                    h("button", { type: "button", onclick: () => act(async () => editKey(k, await budgetsOf("key", k.key_id), load)) }, "Edit"),
+                    h("button", { type: "button", onclick: () => act(async () => editKey(k, await budgetsOf("key", k.key_id), loadKeys)) }, "Edit"),
                     h("button", {
                       type: "button",
                       onclick: () =>
@@ -234,7 +281,7 @@ export async function keys(ctx) {
                         act(async () => {
                           const rotated = await api.post(`keys/${k.key_id}/rotate`);
                           showSecret(`New secret for ${k.name}`, rotated.api_key);
-                          await load();
+                          await loadKeys();
                         }),
                     }, "Rotate"),
                     h("button", {
@@ -244,29 +291,43 @@ export async function keys(ctx) {
                         confirm(`Revoke ${k.name}? Every relay refuses it within a second.`) &&
                         act(async () => {
                           await api.post(`keys/${k.key_id}/revoke`);
-                          await load();
+                          await loadKeys();
                         }, "Key revoked."),
                     }, "Revoke"),
                   ),
           },
         ],
-        rows,
-        { caption: "API keys" },
+        allKeys.rows,
+        { caption: "API keys", empty: "No key matches." },
       ),
     );
+    keysFooter.update();
+  }
+
+  async function loadUsers() {
+    await users.load({ q: userSearch.value.trim() });
+    renderUsers();
+  }
+
+  async function loadKeys() {
+    await allKeys.load({ q: keySearch.value.trim() });
+    renderKeys();
   }
 
   async function load() {
-    const [u, k] = await Promise.all([api.get("users", { limit: 1000 }), api.get("keys", { limit: 1000 })]);
-    users = u.users || [];
-    allKeys = k.keys || [];
-    renderUsers();
-    renderKeys();
-    userSelect.replaceChildren(...users.map((x) => h("option", { value: x.user_id }, `${x.name} (${x.user_id})`)));
+    await Promise.all([loadUsers(), loadKeys()]);
   }
 
-  userSearch.addEventListener("input", renderUsers);
-  keySearch.addEventListener("input", renderKeys);
+  userSearch.addEventListener("input", debounced(() => act(loadUsers)));
+  keySearch.addEventListener("input", debounced(() => act(loadKeys)));
+  for (const [box, reload] of [[userSearch, loadUsers], [keySearch, loadKeys]]) {
+    box.addEventListener("keydown", (e) => {
+      if (e.key === "Enter") {
+        e.preventDefault();
+        act(reload);
+      }
+    });
+  }
 
   // Create forms: hidden for a read-only session (the API refuses its writes anyway).
   const newName = input({ required: true, id: "new-user-name" });
@@ -276,35 +337,60 @@ export async function keys(ctx) {
   userForm.addEventListener("submit", (e) => {
     e.preventDefault();
     act(async () => {
-      await api.post("users", { name: newName.value, email: newEmail.value, admin: newAdmin.checked });
+      const created = await api.post("users", { name: newName.value, email: newEmail.value, admin: newAdmin.checked });
       userForm.reset();
+      // The new user is listed (and offered for a key) even when the list is searched or paged.
+      userSearch.value = "";
       await load();
+      if (!users.rows.some((u) => u.user_id === created.user_id)) {
+        users.rows.push(created);
+        renderUsers();
+      }
+      userSelect.value = created.user_id;
     }, "User created.");
   });
 
   const userSelect = h("select", { id: "new-key-user", required: true });
   const keyName = input({ required: true, id: "new-key-name" });
   const keyModels = input({ id: "new-key-models" });
+  const keyCidrs = input({ id: "new-key-cidrs" });
+  const keyExpires = h("input", { type: "datetime-local", id: "new-key-expires" });
   const limits = limitsForm();
-  const keyForm = h("form", { class: "inline write", "aria-label": "Create key" }, h("h2", {}, "New key"), field("User", userSelect), field("Name", keyName), field("Allowed models", keyModels, "Comma-separated; empty: every model."), limits.fields[0], limits.fields[3], h("button", { type: "submit", class: "primary" }, "Create key"));
+  const keyForm = h(
+    "form",
+    { class: "inline write", "aria-label": "Create key" },
+    h("h2", {}, "New key"),
+    field("User", userSelect, "The users listed below; search them to find another."),
+    field("Name", keyName),
+    field("Allowed models", keyModels, "The key's scope: comma-separated names or patterns (gpt-4o*); empty: every model."),
+    field("Allowed addresses", keyCidrs, "Comma-separated CIDRs (10.0.0.0/8); empty: any address."),
+    field("Expires", keyExpires, "Empty: never."),
+    h("div", { class: "grid3" }, limits.fields.slice(0, 3)),
+    h("div", { class: "grid3" }, limits.fields.slice(3)),
+    h("button", { type: "submit", class: "primary" }, "Create key"),
+  );
   keyForm.addEventListener("submit", (e) => {
     e.preventDefault();
     act(async () => {
-      const v = limits.read();
-      const body = { user_id: userSelect.value, name: keyName.value, allowed_models: list(keyModels.value), limits: { rpm: v.rpm } };
-      if (v.daily_budget_micros) body.limits.daily_budget_micros = v.daily_budget_micros;
+      const body = {
+        user_id: userSelect.value,
+        name: keyName.value,
+        allowed_models: list(keyModels.value),
+        allowed_cidrs: list(keyCidrs.value),
+        expires_at: localInputToSeconds(keyExpires.value),
+        limits: { ...limits.rates(), ...limits.changedBudgets() },
+      };
       const created = await api.post("keys", body);
       keyForm.reset();
-      await load();
+      await loadKeys();
       showSecret(`Key ${created.key.name} created`, created.api_key);
     });
   });
 
   main.append(
     h("div", { class: "grid2 write" }, userForm, keyForm),
-    h("section", {}, h("h2", {}, "Users"), field("Search users", userSearch), usersBox),
-    detail,
-    h("section", {}, h("h2", {}, "Keys"), field("Search keys", keySearch), keysBox),
+    h("section", {}, h("h2", {}, "Users"), field("Search users", userSearch), usersBox, usersFooter.box),
+    h("section", {}, h("h2", {}, "Keys"), field("Search keys", keySearch), keysBox, keysFooter.box),
   );
   await load();
 }

@@ -32,6 +32,19 @@ export const fmt = {
   date: (seconds) => fmt.time(Number(seconds) * 1000),
 };
 
+// <input type="datetime-local"> values in the viewer's zone <-> unix seconds (0: none).
+export function secondsToLocalInput(seconds) {
+  const n = Number(seconds || 0);
+  if (!n) return "";
+  const d = new Date(n * 1000);
+  const pad = (v) => String(v).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+export function localInputToSeconds(value) {
+  return value ? Math.floor(new Date(value).getTime() / 1000) : 0;
+}
+
 export function unitsToMicros(text) {
   const value = Number(String(text).trim());
   if (!Number.isFinite(value)) throw new Error(`${text} is not a number`);
@@ -89,6 +102,57 @@ export const session = {
   signIn: (key, readOnly) => request("POST", "session", { key, read_only: readOnly }),
   signOut: () => request("DELETE", "session"),
 };
+
+// A list the admin API serves in pages ordered by id (users, keys): each page starts after the last id of
+// the one before. load() starts over (with the current query), more() appends the next page; partial
+// says whether the API may hold more than is loaded.
+export function idPager(route, listName, idName, { pageSize = 200 } = {}) {
+  const state = { rows: [], partial: false, query: {} };
+  async function page(after, query) {
+    const answer = await api.get(route, { ...query, limit: pageSize, after });
+    return answer[listName] || [];
+  }
+  // A page that arrives after a newer search started is dropped (typing fires searches quickly).
+  let generation = 0;
+  state.load = async (query = {}) => {
+    const mine = ++generation;
+    const rows = await page("", query);
+    if (mine === generation) {
+      state.query = query;
+      state.rows = rows;
+      state.partial = rows.length === pageSize;
+    }
+    return state.rows;
+  };
+  state.more = async () => {
+    const mine = generation;
+    const last = state.rows.length ? state.rows[state.rows.length - 1][idName] : "";
+    const rows = await page(last, state.query);
+    if (mine === generation) {
+      state.rows = state.rows.concat(rows);
+      state.partial = rows.length === pageSize;
+    }
+    return state.rows;
+  };
+  return state;
+}
+
+// Names of users and keys for pages that get only ids (usage, logs): read once per page view, in pages,
+// up to `limit` of each; an id not found is shown as itself.
+export async function directory({ limit = 20_000 } = {}) {
+  async function all(route, listName, idName) {
+    const pager = idPager(route, listName, idName, { pageSize: 1000 });
+    await pager.load();
+    while (pager.partial && pager.rows.length < limit) await pager.more();
+    return pager.rows;
+  }
+  const [users, keys] = await Promise.all([all("users", "users", "user_id"), all("keys", "keys", "key_id")]);
+  const userNames = new Map(users.map((u) => [u.user_id, u.name]));
+  const keyNames = new Map(keys.map((k) => [k.key_id, k.name]));
+  return {
+    name: (dimension, id) => (dimension === "key" ? keyNames.get(id) : dimension === "user" ? userNames.get(id) : undefined) ?? id,
+  };
+}
 
 export function toast(message, isError = false) {
   const el = document.getElementById("toast");
