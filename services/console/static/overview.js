@@ -1,60 +1,27 @@
-// Overview: live figures (the relay's performance view; from the recent request logs on a relay that
-// keeps no performance windows), spend today, and traffic per minute. Refreshes every 5 s.
-import { api, field, fmt, h, percentile, table, ApiError } from "./lib.js";
+// Overview: live figures and the last hour per minute from the relay's performance view (server-side,
+// every request of every relay), and spend today from the usage rollups. Refreshes every 5 s.
+import { api, field, fmt, h, table, ApiError } from "./lib.js";
 import { timeChart, update } from "./charts.js";
 
-const WINDOW_MS = 30 * 60 * 1000;
 const REFRESH_MS = 5000;
 const FAULTS = ["caller", "policy", "provider", "gateway"];
+const MEASURES = [
+  ["Latency", "latency_ms"],
+  ["Gateway overhead", "overhead_ms"],
+  ["Time to first byte (streams)", "stream_ttfb_ms"],
+];
 
 function tile(label, id) {
   return h("div", { class: "tile" }, h("span", { class: "label" }, label), h("span", { class: "value", id }, "–"));
 }
 
-function count(log) {
-  return Number(log.aggregated) || 1;
-}
-
-// Figures over the last minute of logs (a fallback: the logger sees requests a moment after they end).
-function figuresFromLogs(logs, now) {
-  const recent = logs.filter((l) => Number(l.occurred_at_ms) >= now - 60_000);
-  const requests = recent.reduce((n, l) => n + count(l), 0);
-  const byFault = Object.fromEntries(FAULTS.map((f) => [f, 0]));
-  for (const l of recent) if (l.error_type) byFault[l.error_type] = (byFault[l.error_type] || 0) + count(l);
-  const served = recent.filter((l) => !l.aggregated);
-  const pick = (fn) => served.map(fn).filter((v) => Number.isFinite(v) && v >= 0);
-  const pcts = (values) => ({ p50: percentile(values, 50), p95: percentile(values, 95), p99: percentile(values, 99) });
-  return {
-    source: "request logs of the last minute",
-    rps: requests / 60,
-    requests,
-    byFault,
-    latency: pcts(pick((l) => Number(l.latency_ms))),
-    overhead: pcts(pick((l) => (Number(l.upstream_ms) ? Number(l.latency_ms) - Number(l.upstream_ms) : NaN))),
-    ttfb: pcts(pick((l) => (l.stream && Number(l.ttfb_ms) ? Number(l.ttfb_ms) : NaN))),
-    activeStreams: null,
-  };
-}
-
-// The relay's performance view (GET /admin/v1/performance; its shape is in the README, "Performance
-// view"): one window of it, merged across every relay.
-function figuresFromPerformance(perf, windowName) {
-  const w = perf.windows[windowName];
-  const group = (g) => (g && g.count ? { p50: g.p50, p95: g.p95, p99: g.p99 } : { p50: NaN, p95: NaN, p99: NaN });
-  return {
-    source: `the performance view (last ${windowName}, ${perf.now.relays} relay${perf.now.relays === 1 ? "" : "s"})`,
-    rps: w.requests_per_s,
-    requests: w.requests,
-    byFault: Object.fromEntries(FAULTS.map((f) => [f, w.errors.by_fault[f]?.count ?? 0])),
-    latency: group(w.latency_ms),
-    overhead: group(w.overhead_ms),
-    ttfb: group(w.stream_ttfb_ms),
-    activeStreams: perf.now.active_streams,
-  };
-}
+// A percentile of the view, "–" when its group saw no sample.
+const pct = (group, key) => (group && group.count ? fmt.ms(group[key]) : "–");
 
 export async function overview({ main }) {
-  const chartBox = h("div", { class: "chart", id: "traffic-chart" });
+  const trafficBox = h("div", { class: "chart", id: "traffic-chart" });
+  const latencyBox = h("div", { class: "chart", id: "latency-chart" });
+  const minutesBox = h("div", { id: "minutes-table" });
   const faults = h("div", { id: "faults" });
   const pcts = h("div", { id: "percentiles" });
   const source = h("p", { class: "hint", id: "overview-source" });
@@ -70,43 +37,47 @@ export async function overview({ main }) {
     ),
     h("div", { class: "filters" }, field("Window", windowSelect), source),
     h("div", { class: "grid2" }, h("section", {}, h("h2", {}, "Errors by fault class"), faults), h("section", {}, h("h2", {}, "Latency percentiles"), pcts)),
-    h("section", {}, h("h2", {}, "Traffic per minute, last 30 minutes"), chartBox),
+    h(
+      "div",
+      { class: "grid2" },
+      h("section", {}, h("h2", {}, "Traffic per minute, last hour"), trafficBox),
+      h("section", {}, h("h2", {}, "Latency per minute, last hour"), latencyBox),
+    ),
+    h("details", {}, h("summary", {}, "Per-minute figures"), minutesBox),
   );
   const opened = Date.now();
-  const chart = timeChart(chartBox, { series: [{ label: "requests" }, { label: "errors" }], yLabel: "per minute", fromMs: opened - WINDOW_MS, toMs: opened, format: fmt.num });
-  let usePerformance = true;
+  const traffic = timeChart(trafficBox, { series: [{ label: "requests" }, { label: "errors" }], yLabel: "per minute", fromMs: opened - 3600_000, toMs: opened, format: fmt.num });
+  const latency = timeChart(latencyBox, { series: [{ label: "p50" }, { label: "p99" }], yLabel: "ms", fromMs: opened - 3600_000, toMs: opened, format: fmt.num });
 
   async function refresh() {
     const now = Date.now();
     const midnight = new Date();
     midnight.setHours(0, 0, 0, 0);
-    const [logsPage, spend, perf] = await Promise.all([
-      api.get("logs", { since_ms: now - WINDOW_MS, limit: 1000 }),
+    const [spend, perf] = await Promise.all([
       api.get("usage", { granularity: "hour", since_ms: midnight.getTime(), until_ms: now + 3600_000 }),
-      usePerformance
-        ? api.get("performance").catch((err) => {
-            // 404: a relay older than the view; 503: one that keeps no performance windows.
-            if (err instanceof ApiError && (err.status === 404 || err.status === 503)) usePerformance = false;
-            return null;
-          })
-        : null,
+      api.get("performance").catch((err) => {
+        // 503: a relay that keeps no performance windows.
+        if (err instanceof ApiError && err.status === 503) return null;
+        throw err;
+      }),
     ]);
-    const logs = logsPage.logs || [];
-    const figures = perf ? figuresFromPerformance(perf, windowSelect.value) : figuresFromLogs(logs, now);
-    const errorsTotal = Object.values(figures.byFault).reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
-    const rate = figures.requests ? errorsTotal / figures.requests : 0;
-    document.getElementById("ov-rps").textContent = fmt.num(figures.rps);
-    document.getElementById("ov-error-rate").textContent = fmt.pct(rate);
-    document.getElementById("ov-streams").textContent = Number.isFinite(figures.activeStreams) ? fmt.int(figures.activeStreams) : "–";
     const spent = (spend.buckets || []).reduce((n, b) => n + Number(b.cost_micros || 0), 0);
     document.getElementById("ov-spend").textContent = fmt.money(spent);
-    source.textContent = `From ${figures.source}; refreshed ${new Date().toLocaleTimeString()}.`;
+    if (!perf) {
+      source.textContent = "This relay keeps no performance windows: no live figures.";
+      return;
+    }
+    const w = perf.windows[windowSelect.value];
+    document.getElementById("ov-rps").textContent = fmt.num(w.requests_per_s);
+    document.getElementById("ov-error-rate").textContent = fmt.pct(w.errors.rate);
+    document.getElementById("ov-streams").textContent = fmt.int(perf.now.active_streams);
+    source.textContent = `From the performance view (last ${windowSelect.value}, ${perf.now.relays} relay${perf.now.relays === 1 ? "" : "s"}); refreshed ${new Date().toLocaleTimeString()}.`;
     faults.replaceChildren(
       table(
         [
-          { label: "Fault class", cell: (r) => r },
-          { label: "Requests", num: true, cell: (r) => fmt.int(figures.byFault[r]) },
-          { label: "Error rate", num: true, cell: (r) => fmt.pct(figures.requests ? figures.byFault[r] / figures.requests : 0) },
+          { label: "Fault class", cell: (f) => f },
+          { label: "Requests", num: true, cell: (f) => fmt.int(w.errors.by_fault[f]?.count) },
+          { label: "Error rate", num: true, cell: (f) => fmt.pct(w.errors.by_fault[f]?.rate) },
         ],
         FAULTS,
       ),
@@ -114,26 +85,37 @@ export async function overview({ main }) {
     pcts.replaceChildren(
       table(
         [
-          { label: "Measure", cell: (r) => r[0] },
-          { label: "p50", num: true, cell: (r) => fmt.ms(r[1].p50) },
-          { label: "p95", num: true, cell: (r) => fmt.ms(r[1].p95) },
-          { label: "p99", num: true, cell: (r) => fmt.ms(r[1].p99) },
+          { label: "Measure", cell: (m) => m[0] },
+          { label: "p50", num: true, cell: (m) => pct(w[m[1]], "p50") },
+          { label: "p95", num: true, cell: (m) => pct(w[m[1]], "p95") },
+          { label: "p99", num: true, cell: (m) => pct(w[m[1]], "p99") },
         ],
-        [["Latency", figures.latency], ["Gateway overhead", figures.overhead], ["Time to first byte (streams)", figures.ttfb]],
+        MEASURES,
       ),
     );
-    const start = Math.floor((now - WINDOW_MS) / 60_000) * 60_000;
-    const x = [];
-    for (let t = start; t <= now; t += 60_000) x.push(t);
-    const req = x.map(() => 0);
-    const err = x.map(() => 0);
-    for (const l of logs) {
-      const i = Math.floor((Number(l.occurred_at_ms) - start) / 60_000);
-      if (i < 0 || i >= x.length) continue;
-      req[i] += count(l);
-      if (l.error_type) err[i] += count(l);
-    }
-    update(chart, x, [req, err], now - WINDOW_MS, now);
+    const minutes = perf.minutes || [];
+    const x = minutes.map((m) => m.at_ms);
+    const from = x.length ? x[0] : now - 3600_000;
+    const to = x.length ? x[x.length - 1] + 60_000 : now;
+    update(traffic, x, [minutes.map((m) => m.requests), minutes.map((m) => m.errors.count)], from, to);
+    update(latency, x, [minutes.map((m) => (m.requests ? m.latency_ms.p50 : null)), minutes.map((m) => (m.requests ? m.latency_ms.p99 : null))], from, to);
+    // What the charts show, for tests and tools: points drawn and the requests they add up to.
+    trafficBox.dataset.points = String(x.length);
+    trafficBox.dataset.requests = String(minutes.reduce((n, m) => n + m.requests, 0));
+    const seen = minutes.filter((m) => m.requests).reverse();
+    minutesBox.replaceChildren(
+      table(
+        [
+          { label: "Minute", cell: (m) => new Date(m.at_ms).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" }) },
+          { label: "Requests", num: true, cell: (m) => fmt.int(m.requests) },
+          { label: "Errors", num: true, cell: (m) => fmt.int(m.errors.count) },
+          { label: "p50", num: true, cell: (m) => fmt.ms(m.latency_ms.p50) },
+          { label: "p99", num: true, cell: (m) => fmt.ms(m.latency_ms.p99) },
+        ],
+        seen,
+        { caption: "Minutes with traffic, newest first", empty: "No requests in the last hour." },
+      ),
+    );
   }
 
   windowSelect.addEventListener("change", () => refresh().catch(() => {}));
