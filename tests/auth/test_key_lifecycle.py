@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TypedDict, Unpack
 
 import jwt
 import pytest
@@ -20,8 +21,21 @@ from services.common.pb.relaygate.common.v1.types_pb2 import Limits
 from tests.auth.harness import TIMEOUT, TOKEN_SECRET, RunningAuth
 
 
-async def update(auth: RunningAuth, key_id: str, paths: list[str], **fields: object) -> pb.ApiKey:
-    request = pb.UpdateKeyRequest(key_id=key_id, key=pb.ApiKey(**fields))  # type: ignore[arg-type]
+class KeyChanges(TypedDict, total=False):
+    """The key fields an UpdateKey can name in its mask."""
+
+    user_id: str
+    name: str
+    allowed_models: list[str]
+    allowed_cidrs: list[str]
+    expires_at: int
+    enabled: bool
+    limits: Limits
+    metadata: dict[str, str]
+
+
+async def update(auth: RunningAuth, key_id: str, paths: list[str], **fields: Unpack[KeyChanges]) -> pb.ApiKey:
+    request = pb.UpdateKeyRequest(key_id=key_id, key=pb.ApiKey(**fields))
     request.update_mask.paths.extend(paths)
     return await call(auth.stub.UpdateKey, request, timeout=TIMEOUT)
 
@@ -84,8 +98,16 @@ async def test_update_refuses_unknown_fields_and_keys(auth: RunningAuth) -> None
         await update(auth, created.key.key_id, ["allowed_cidrs"], allowed_cidrs=["nope"])
 
 
-async def issue(auth: RunningAuth, api_key: str, **fields: object) -> pb.AdminToken:
-    request = pb.IssueAdminTokenRequest(api_key=api_key, **fields)  # type: ignore[arg-type]
+class TokenAsk(TypedDict, total=False):
+    """What an IssueAdminToken asks for besides the key."""
+
+    scopes: list[str]
+    ttl_seconds: int
+    client_ip: str
+
+
+async def issue(auth: RunningAuth, api_key: str, **fields: Unpack[TokenAsk]) -> pb.AdminToken:
+    request = pb.IssueAdminTokenRequest(api_key=api_key, **fields)
     return await call(auth.stub.IssueAdminToken, request, timeout=TIMEOUT)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import TypedDict
 
 import pytest
 
@@ -22,6 +23,21 @@ OPENAI = Channel(
     weight=3,
     headers={"OpenAI-Organization": "org-1"},
 )
+
+
+class ChannelChanges(TypedDict, total=False):
+    """Fields a test sets on :data:`OPENAI` to make it invalid."""
+
+    name: str
+    base_url: str
+    models: tuple[str, ...]
+    weight: int
+    headers: dict[str, str]
+    connect_timeout_ms: int
+    first_byte_timeout_ms: int
+    total_timeout_ms: int
+    type: str
+    api_version: str
 
 
 async def _replica_caught_up(db: Database) -> None:
@@ -115,11 +131,11 @@ async def test_upsert_with_an_explicit_id_creates_then_replaces(catalog: Catalog
         pytest.param({"type": "azure-openai", "api_version": "2024&x=1"}, id="api_version with a query"),
     ],
 )
-async def test_invalid_channels_are_refused(catalog: Catalog, changes: dict[str, object]) -> None:
+async def test_invalid_channels_are_refused(catalog: Catalog, changes: ChannelChanges) -> None:
     before = await catalog.revision(consistent=True)
 
     with pytest.raises(InvalidRequest):
-        await catalog.upsert_channel(dataclasses.replace(OPENAI, **changes))  # type: ignore[arg-type]
+        await catalog.upsert_channel(dataclasses.replace(OPENAI, **changes))
 
     assert await catalog.revision(consistent=True) == before
 

@@ -19,7 +19,9 @@ async def in_recovery(db: Database, *, consistent: bool = False) -> bool:
 
 
 async def test_reader_uses_replica_and_consistent_reader_the_primary(database: Database) -> None:
-    assert database.routing_status()["replicas"][0]["healthy"] is True  # type: ignore[index]
+    replicas = database.routing_status()["replicas"]
+    assert isinstance(replicas, list)
+    assert replicas[0]["healthy"] is True
     assert await in_recovery(database) is True
     assert await in_recovery(database, consistent=True) is False
     async with database.writer() as session:

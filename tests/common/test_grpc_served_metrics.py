@@ -33,6 +33,7 @@ METHOD = "StreamChatCompletion"
 class Streams(inference_pb2_grpc.InferenceServiceServicer):
     """The request's model says what the stream does: ``ok``, ``abort`` or ``crash``."""
 
+    # Written with context.write, as the relay's servicer streams; the stubs type only the iterator form.
     async def StreamChatCompletion(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]
         await context.write(pb.ChatCompletionChunk(id="one"))
         if request.model == "abort":

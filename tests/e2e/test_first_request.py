@@ -4,6 +4,8 @@ service in its own process on real PostgreSQL (primary + replica), Redis and the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -14,6 +16,8 @@ from services.common.config import normalize_database_url
 from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user
 
 pytestmark = pytest.mark.shared_stack
+
+T = TypeVar("T")
 
 
 def chat(url: str, key: str | None, body: object, **headers: str) -> httpx.Response:
@@ -37,10 +41,11 @@ def expected_cost(usage: dict[str, int]) -> int:
     return -(-micro // 1_000_000)
 
 
-def wait_for(predicate: object, timeout: float = 15.0) -> object:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 15.0) -> T:
+    """``predicate``'s first truthy answer, polled for up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()  # type: ignore[operator]
+        value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
@@ -65,7 +70,9 @@ async def test_chat_completion_travels_the_whole_path(deployment: Deployment) ->
     assert answer["model"] == MODEL
     assert answer["choices"][0]["message"]["content"].split() == [f"tok{i}" for i in range(8)]
     # The upstream saw the caller's request as sent, and answered with the usage we bill.
-    assert deployment.upstream.stats()["last_request"]["body"] == body  # type: ignore[index]
+    last_request = deployment.upstream.stats()["last_request"]
+    assert last_request is not None
+    assert last_request["body"] == body
     usage = answer["usage"]
     assert usage["completion_tokens"] == 8
     request_id = response.headers["x-request-id"]
@@ -81,7 +88,7 @@ async def test_chat_completion_travels_the_whole_path(deployment: Deployment) ->
 
     with deployment.admin() as admin:
 
-        def logged() -> list[dict[str, object]]:
+        def logged() -> list[dict[str, Any]]:
             page = admin.get("/admin/v1/logs", params={"user_id": user_id}).json()
             return list(page.get("logs", []))
 

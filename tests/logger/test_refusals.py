@@ -13,20 +13,21 @@ from services.logger.writer import write
 from tests.logger.factories import BASE_MS, unique
 
 
-def refusal(event_id: str, model: str, **fields: object) -> UsageEvent:
-    values: dict[str, object] = {
-        "event_id": event_id,
-        "occurred_at_ms": BASE_MS + 5,
-        "model": model,
-        "endpoint": "chat",
-        "status_code": 401,
-        "end_reason": "refused",
-        "error_type": "caller",
-        "error_code": "invalid_api_key",
-        "client_ip": "203.0.113.9",
-        **fields,
-    }
-    return UsageEvent(**values)  # type: ignore[arg-type]
+def refusal(
+    event_id: str, model: str, *, occurred_at_ms: int = BASE_MS + 5, aggregated: int = 0
+) -> UsageEvent:
+    return UsageEvent(
+        event_id=event_id,
+        occurred_at_ms=occurred_at_ms,
+        model=model,
+        endpoint="chat",
+        status_code=401,
+        end_reason="refused",
+        error_type="caller",
+        error_code="invalid_api_key",
+        client_ip="203.0.113.9",
+        aggregated=aggregated,
+    )
 
 
 async def test_pre_auth_refusals_and_their_flood_summary_are_stored_listed_and_counted(

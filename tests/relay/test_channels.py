@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 import httpx
 import pytest
@@ -16,15 +18,32 @@ from services.relay.upstream.pools import ChannelPools, PoolLimits
 from services.relay.upstream.proxy import Upstreams
 
 
-def channel(channel_id: str, *, priority: int = 0, weight: int = 1, **fields: object) -> Channel:
+class ChannelFields(TypedDict, total=False):
+    """The catalog's channel fields a test may set besides those :func:`channel` names."""
+
+    api_key: str
+    headers: dict[str, str]
+    model_map: dict[str, str]
+    max_connections: int
+
+
+def channel(
+    channel_id: str,
+    *,
+    priority: int = 0,
+    weight: int = 1,
+    base_url: str = "http://127.0.0.1:9/v1",
+    models: Sequence[str] = ("m",),
+    **fields: Unpack[ChannelFields],
+) -> Channel:
     message = ChannelMessage(
         channel_id=channel_id,
         name=channel_id,
-        base_url=str(fields.pop("base_url", "http://127.0.0.1:9/v1")),
-        models=list(fields.pop("models", ["m"])),  # type: ignore[call-overload]
+        base_url=base_url,
+        models=list(models),
         priority=priority,
         weight=weight,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
     return Channel.from_message(message)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -48,9 +48,9 @@ async def publisher(settings: KafkaSettings, tmp_path: Path) -> AsyncIterator[Ev
         await publisher.close()
 
 
-async def wait_until(predicate: object, timeout: float = 20.0) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
 

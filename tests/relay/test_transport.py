@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from services.fake_upstream import FakeUpstream
-from services.relay.upstream.transport import ChannelTransport
+from services.relay.upstream.transport import ChannelTransport, UpstreamBody
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -56,12 +56,12 @@ def raw_request(upstream: FakeUpstream, timeouts: dict[str, float | None] | None
     )
 
 
-async def read(opened: tuple[httpcore.Response, object]) -> tuple[int, bytes]:
+async def read(opened: tuple[httpcore.Response, UpstreamBody]) -> tuple[int, bytes]:
     response, body = opened
     try:
-        content = b"".join([part async for part in body])  # type: ignore[attr-defined]
+        content = b"".join([part async for part in body])
     finally:
-        await body.aclose()  # type: ignore[attr-defined]
+        await body.aclose()
     return response.status, content
 
 
