@@ -14,6 +14,8 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from services import admin_client
 from tests.e2e.stack import Deployment, fund_user, ok, settled_balance
@@ -133,7 +135,7 @@ def expected_charge(kind: Kind, completion: int) -> int:
     return math.ceil(micros / 1_000_000)
 
 
-def messages() -> list[dict[str, Any]]:
+def messages() -> list[ChatCompletionMessageParam]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
 
 
@@ -161,7 +163,7 @@ def test_chat_answer_and_stream(deployment: Deployment, channels: list[Kind], in
     user_id, key = fund_user(deployment, funded)
     client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
 
-    answer = client.chat.completions.create(model=kind.model, messages=messages(), max_tokens=3)  # type: ignore[arg-type]
+    answer = client.chat.completions.create(model=kind.model, messages=messages(), max_tokens=3)
     assert (answer.choices[0].message.content or "").split() == ["tok0", "tok1", "tok2"]
     assert answer.choices[0].finish_reason == "length"
     usage = answer.usage
@@ -178,7 +180,7 @@ def test_chat_answer_and_stream(deployment: Deployment, channels: list[Kind], in
     chunks = list(
         client.chat.completions.create(
             model=kind.model,
-            messages=messages(),  # type: ignore[arg-type]
+            messages=messages(),
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -195,8 +197,8 @@ def test_chat_answer_and_stream(deployment: Deployment, channels: list[Kind], in
     # The request log keeps every token kind the charge was computed from.
     streamed, answered = logged(deployment, user_id, 2)
     for row, completion in ((answered, 3 + REASONING), (streamed, 4 + REASONING)):
-        usage = {name: int(value) for name, value in row["usage"].items() if name != "estimated"}
-        assert usage == {
+        recorded = {name: int(value) for name, value in row["usage"].items() if name != "estimated"}
+        assert recorded == {
             "prompt_tokens": prompt,
             "cached_prompt_tokens": cached,
             "cache_write_tokens": written,
@@ -266,7 +268,7 @@ def test_a_provider_error_reaches_the_caller_in_openai_shape(
     client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
     deployment.upstream.configure(fail_status=400, fail_count=1)
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model=channels[0].model, messages=messages())  # type: ignore[arg-type]
+        client.chat.completions.create(model=channels[0].model, messages=messages())
     body = raised.value.body
     assert isinstance(body, dict) and body["type"] == "invalid_request_error"
 
@@ -318,3 +320,161 @@ def test_the_command_line_sets_channel_types_and_price_kinds(deployment: Deploym
         ),
     )
     assert (price["cache_write_per_mtok"], price["reasoning_per_mtok"]) == ("4", "20")
+
+
+# Thinking within the cap the request is held for: Anthropic wants the budget (1024 for "low") under it.
+THINKING_CAP = 2000
+THOUGHTS = "".join(f"thought{n} " for n in range(REASONING))
+
+
+def charge_of(usage: CompletionUsage) -> int:
+    """The charge for the usage a caller was answered with, at PRICE."""
+    prompt_details, completion_details = usage.prompt_tokens_details, usage.completion_tokens_details
+    assert prompt_details is not None and completion_details is not None
+    cached, written = prompt_details.cached_tokens or 0, prompt_details.cache_write_tokens or 0
+    reasoning = completion_details.reasoning_tokens or 0
+    micros = (
+        (usage.prompt_tokens - written - cached) * PRICE["input_per_mtok"]
+        + cached * PRICE["cached_input_per_mtok"]
+        + written * PRICE["cache_write_per_mtok"]
+        + (usage.completion_tokens - reasoning) * PRICE["output_per_mtok"]
+        + reasoning * PRICE["reasoning_per_mtok"]
+    )
+    return math.ceil(micros / 1_000_000)
+
+
+def extra_of(model: Any) -> dict[str, Any]:
+    """The fields of an SDK object its types do not declare (the chat extensions)."""
+    extra: dict[str, Any] = model.model_extra or {}
+    return extra
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["anthropic", "gemini"])
+def test_reasoning_effort_returns_reasoning_content(
+    deployment: Deployment, channels: list[Kind], index: int
+) -> None:
+    kind = channels[index]
+    funded = 10_000_000
+    user_id, key = fund_user(deployment, funded)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    request: dict[str, Any] = {
+        "model": kind.model,
+        "messages": messages(),
+        "reasoning_effort": "low",
+        "max_tokens": THINKING_CAP,
+    }
+
+    answer = client.chat.completions.create(**request)
+    message = answer.choices[0].message
+    assert (message.content or "").split() == ["tok0", "tok1", "tok2", "tok3"]
+    assert extra_of(message)["reasoning_content"] == THOUGHTS
+    if kind.channel["type"] == "anthropic":
+        [block] = extra_of(message)["thinking_blocks"]
+        assert block["type"] == "thinking" and block["thinking"] == THOUGHTS and block["signature"]
+    assert answer.usage is not None and answer.usage.completion_tokens == 4 + REASONING
+    assert charged(deployment, user_id, funded) == expected_charge(kind, 4 + REASONING)
+
+    funded -= expected_charge(kind, 4 + REASONING)
+    chunks = list(
+        client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )
+    deltas = [
+        extra_of(c.choices[0].delta) | {"content": c.choices[0].delta.content} for c in chunks if c.choices
+    ]
+    reasoning = [d["reasoning_content"] for d in deltas if d.get("reasoning_content")]
+    # One delta per thinking word, as the provider streamed them, all before the answer's text.
+    assert reasoning == [f"thought{n} " for n in range(REASONING)]
+    first_text = next(n for n, d in enumerate(deltas) if d["content"])
+    assert all(not d.get("reasoning_content") for d in deltas[first_text:])
+    assert "".join(d["content"] or "" for d in deltas).split() == ["tok0", "tok1", "tok2", "tok3"]
+    signed = [block for d in deltas for block in d.get("thinking_blocks") or ()]
+    if kind.channel["type"] == "anthropic":
+        assert [block["signature"] for block in signed] == [
+            extra_of(message)["thinking_blocks"][0]["signature"]
+        ]
+    else:
+        assert signed == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4 + REASONING
+    assert charged(deployment, user_id, funded) == expected_charge(kind, 4 + REASONING)
+
+
+def test_anthropic_tool_turn_with_thinking_blocks(deployment: Deployment, channels: list[Kind]) -> None:
+    kind = channels[0]
+    funded = 10_000_000
+    user_id, key = fund_user(deployment, funded)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    deployment.upstream.configure(tool_call=True)
+    request: dict[str, Any] = {
+        "model": kind.model,
+        "tools": [WEATHER],
+        "reasoning_effort": "low",
+        "max_tokens": THINKING_CAP,
+    }
+    # Anthropic refuses thinking with a forced tool call; its 400 reaches the caller and costs nothing.
+    with pytest.raises(openai.BadRequestError, match="forces tool use"):
+        client.chat.completions.create(**request, messages=messages(), tool_choice="required")
+
+    first = client.chat.completions.create(**request, messages=messages())
+    message = first.choices[0].message
+    [call] = message.tool_calls or []
+    blocks = extra_of(message)["thinking_blocks"]
+    assert first.choices[0].finish_reason == "tool_calls" and blocks[0]["signature"]
+    spent = charge_of(first.usage) if first.usage is not None else -1
+    assert spent == expected_charge(kind, 4 + TOOL_TOKENS + REASONING)
+
+    def continued(thinking_blocks: list[dict[str, Any]] | None) -> ChatCompletion:
+        assistant: dict[str, Any] = message.model_dump(
+            exclude_none=True, include={"role", "content", "tool_calls"}
+        )
+        if thinking_blocks is not None:
+            assistant["thinking_blocks"] = thinking_blocks
+        turn: list[Any] = [
+            *messages(),
+            assistant,
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ]
+        answer: ChatCompletion = client.chat.completions.create(**request, messages=turn)
+        return answer
+
+    # Anthropic requires the turn's signed thinking block back; without it, or unsigned, it refuses.
+    with pytest.raises(openai.BadRequestError, match="must start with a thinking block"):
+        continued(None)
+    with pytest.raises(openai.BadRequestError, match="signature"):
+        continued([{key: value for key, value in blocks[0].items() if key != "signature"}])
+    second = continued(blocks)
+    assert (
+        second.choices[0].message.tool_calls
+        and extra_of(second.choices[0].message)["reasoning_content"] == THOUGHTS
+    )
+    assert second.usage is not None
+    spent += charge_of(second.usage)
+    # Two requests billed, at each token kind's price; the three refused ones cost nothing.
+    assert charged(deployment, user_id, funded) == spent
+
+
+def test_gemini_tool_turn_keeps_its_thought_signature(deployment: Deployment, channels: list[Kind]) -> None:
+    kind = channels[1]
+    _, key = fund_user(deployment, 10_000_000)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+    deployment.upstream.configure(tool_call=True)
+    request: dict[str, Any] = {"model": kind.model, "tools": [WEATHER], "reasoning_effort": "low"}
+    first = client.chat.completions.create(**request, messages=messages())
+    [call] = first.choices[0].message.tool_calls or []
+    assert "__thought__" in call.id
+    again = client.chat.completions.create(**request, messages=messages())
+    assert (again.choices[0].message.tool_calls or [])[0].id != call.id
+
+    def continued(call_id: str) -> ChatCompletion:
+        sent = call.model_dump() | {"id": call_id}
+        turn: list[Any] = [
+            *messages(),
+            {"role": "assistant", "content": None, "tool_calls": [sent]},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny"},
+        ]
+        answer: ChatCompletion = client.chat.completions.create(**request, messages=turn)
+        return answer
+
+    assert continued(call.id).choices[0].message.tool_calls
+    # Gemini 3 refuses the current turn's function call without its signature.
+    with pytest.raises(openai.BadRequestError, match="thought_signature"):
+        continued(call.id.partition("__thought__")[0])
