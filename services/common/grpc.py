@@ -16,7 +16,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from services.common.errors import (
 )
 from services.common.interceptors import MethodInterceptor
 from services.common.rpc_auth import RpcAuthInterceptor, ServerSecurity
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
 from services.common.tls import Tls, server_name
 
@@ -139,12 +140,15 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_started: Callable[[int], None] | None = None,
     signals: bool = True,
+    options: Sequence[tuple[str, Any]] = (),
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Run a gRPC server until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
     ``on_started`` receives the bound port (useful with ``:0``). A server whose services have an RPC
     without a permission rule refuses to start. ``signals=False`` leaves SIGTERM/SIGINT to whoever
-    owns them in this process (the relay's uvicorn), which then sets ``stop``.
+    owns them in this process (the relay's uvicorn), which then sets ``stop``. ``options`` replace
+    :data:`SERVER_OPTIONS` of the same name. With ``ready``, health says NOT_SERVING until it is set.
     """
     registrations = list(registrations)
     names = [reg.service_name for reg in registrations]
@@ -156,7 +160,9 @@ async def serve(
         interceptors.insert(0, RpcAuthInterceptor(security.rules, security.admin_tokens))
     # Outermost, so that a refused call is in its trace too.
     interceptors[:0] = tracing.server_interceptors()
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=interceptors, options=list((dict(SERVER_OPTIONS) | dict(options)).items())
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for reg in registrations:
@@ -175,8 +181,7 @@ async def serve(
     await server.start()
     if probes is not None:
         await probes.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving = await _health(health_servicer, ["", *names], ready)
     log.info("grpc listening", extra={"listen": listen, "port": port, "tls": security.tls is not None})
     if on_started is not None:
         on_started(port)
@@ -192,10 +197,33 @@ async def serve(
         for sig in handled:
             loop.remove_signal_handler(sig)
         log.info("draining", extra={"drain_seconds": drain_seconds})
+        if serving is not None:
+            await cancel_and_wait(serving)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(drain_seconds)
         if probes is not None:
             await probes.stop(None)
+
+
+async def _health(
+    health: HealthServicer, names: list[str], ready: asyncio.Event | None
+) -> asyncio.Task[None] | None:
+    """SERVING now, or NOT_SERVING and the task that says SERVING once ``ready`` is set."""
+
+    async def set_all(status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in names:
+            await health.set(name, status)
+
+    if ready is None or ready.is_set():
+        await set_all(health_pb2.HealthCheckResponse.SERVING)
+        return None
+    await set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def serve_when_ready() -> None:
+        await ready.wait()
+        await set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    return asyncio.create_task(serve_when_ready(), name="grpc-health-ready")
 
 
 def _check_rules(service_names: list[str], security: ServerSecurity) -> None:

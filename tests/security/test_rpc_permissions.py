@@ -119,8 +119,10 @@ def test_every_rpc_has_exactly_one_rule() -> None:
 
 
 def test_the_inference_port_has_a_rule_for_every_rpc_and_no_internal_one() -> None:
-    """The relay's inference port answers API-key holders (tests/relay/grpc calls every RPC without a
-    key); none of the internal services' RPCs is reachable through its table."""
+    """The relay's inference port answers any caller at the permission check: its handlers then
+    authenticate each call by its API key (tests/e2e/test_relay_grpc.py's
+    test_every_rpc_refuses_a_missing_or_invalid_key calls every RPC without a key and with a wrong
+    one); none of the internal services' RPCs is reachable through its table."""
     inference = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert inference.full_name == INFERENCE_SERVICE
     described = {method_name(inference.full_name, m.name) for m in inference.methods}
@@ -136,6 +138,10 @@ def test_the_inference_port_has_a_rule_for_every_rpc_and_no_internal_one() -> No
 
 
 async def test_a_call_without_a_client_certificate_is_refused(deployment: Deployment) -> None:
+    """No certificate (plaintext, or TLS presenting none) is refused at the TLS handshake: the client
+    sees UNAVAILABLE and its channel never becomes READY, so no RPC is ever sent and no handler or
+    permission check runs. That is stronger than UNAUTHENTICATED / PERMISSION_DENIED, which a caller
+    gets only once its certificate was accepted (the tests below)."""
     ca = certificates().tls(RELAY).ca
     refused: dict[str, set[Any]] = {}
     for server in set(SERVED_BY.values()):
@@ -149,10 +155,13 @@ async def test_a_call_without_a_client_certificate_is_refused(deployment: Deploy
         try:
             for rpc in (r for r in every_rpc() if r.server == server):
                 refused[rpc.name] = {await code_of(rpc, plaintext), await code_of(rpc, no_certificate)}
+            # Never connected: the calls above ended in the handshake, not at the server.
+            states = {plaintext.get_state(), no_certificate.get_state()}
+            assert grpc.ChannelConnectivity.READY not in states, (server, states)
         finally:
             await plaintext.close(None)
             await no_certificate.close(None)
-    # The TLS handshake fails: nothing reaches a handler.
+    # The TLS handshake fails: UNAVAILABLE for every RPC, never UNAUTHENTICATED from a handler.
     assert {name: codes for name, codes in refused.items() if codes != {grpc.StatusCode.UNAVAILABLE}} == {}
     assert len(refused) == len(list(every_rpc()))
 

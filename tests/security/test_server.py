@@ -1,13 +1,15 @@
 """The gRPC server's security plumbing on its own: the plaintext probe port, the refusal to start with an
-RPC left without a rule, the TLS settings' failures, and how a client reads a refusal of its own
-certificate."""
+RPC left without a rule, the TLS settings' failures, how a client reads a refusal of its own
+certificate, and the server's own bounds: health held at NOT_SERVING until its process is ready, and
+a request size limit of its own."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,23 +34,32 @@ def registration(servicer: quota_pb2_grpc.QuotaServiceServicer) -> Registration:
 
 @asynccontextmanager
 async def running(
-    security: ServerSecurity, *, servicer: quota_pb2_grpc.QuotaServiceServicer | None = None
+    security: ServerSecurity,
+    *,
+    servicer: quota_pb2_grpc.QuotaServiceServicer | None = None,
+    ready: asyncio.Event | None = None,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> AsyncIterator[int]:
     """``serve`` on a free port; the servicer defaults to the generated base one (UNIMPLEMENTED)."""
+    if servicer is None:
+        servicer = quota_pb2_grpc.QuotaServiceServicer()  # type: ignore[abstract]  # every RPC UNIMPLEMENTED
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(
         serve(
-            [registration(servicer or quota_pb2_grpc.QuotaServiceServicer())],
+            [registration(servicer)],
             listen="127.0.0.1:0",
             drain_seconds=0.2,
             security=security,
             stop=stop,
             on_started=port.set_result,
+            ready=ready,
+            options=options,
         )
     )
     try:
-        done, _ = await asyncio.wait({server, port}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        starting: set[asyncio.Future[Any]] = {server, port}
+        done, _ = await asyncio.wait(starting, timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if server in done:
             server.result()
         yield await port
@@ -99,7 +110,9 @@ def test_the_switch_reads_off_from_the_environment(monkeypatch: pytest.MonkeyPat
 
 
 def refusal(code: grpc.StatusCode, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*metadata), details="refused")
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*metadata), details="refused", debug_error_string=""
+    )
 
 
 def test_a_refused_certificate_is_not_the_callers_fault() -> None:
@@ -119,7 +132,7 @@ async def test_a_plaintext_server_is_reached_without_a_certificate() -> None:
     probe = f"127.0.0.1:{free_port()}"
     security = ServerSecurity(None, health_listen=probe)
     request = quota_pb2.TopUpRequest(user_id="usr_local")
-    async with running(security, servicer=Answering()) as port:
+    async with running(security, servicer=answering()) as port:
         chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         try:
             answer = await quota_pb2_grpc.QuotaServiceStub(chan).TopUp(request, timeout=5)
@@ -128,6 +141,62 @@ async def test_a_plaintext_server_is_reached_without_a_certificate() -> None:
     assert answer.user_id == "usr_local"
 
 
+def answering() -> quota_pb2_grpc.QuotaServiceServicer:
+    return Answering()  # type: ignore[abstract]  # the RPCs it leaves out answer UNIMPLEMENTED
+
+
 class Answering(quota_pb2_grpc.QuotaServiceServicer):
     async def TopUp(self, request: quota_pb2.TopUpRequest, context: object) -> quota_pb2.Balance:
         return quota_pb2.Balance(user_id=request.user_id)
+
+
+async def health_of(chan: grpc.aio.Channel, service: str = "") -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    answer = await health_pb2_grpc.HealthStub(chan).Check(request, timeout=5)
+    status: int = answer.status
+    return status
+
+
+async def test_health_is_not_serving_until_the_process_is_ready() -> None:
+    probe = f"127.0.0.1:{free_port()}"
+    ready = asyncio.Event()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    async with (
+        running(ServerSecurity(None, health_listen=probe), ready=ready),
+        grpc.aio.insecure_channel(probe, options=CHANNEL_OPTIONS) as chan,
+    ):
+        for service in ("", QUOTA_SERVICE):
+            assert await health_of(chan, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+        ready.set()
+        deadline = asyncio.get_running_loop().time() + 5
+        while await health_of(chan, QUOTA_SERVICE) != serving:
+            assert asyncio.get_running_loop().time() < deadline, "still NOT_SERVING once ready"
+            await asyncio.sleep(0.02)
+        assert await health_of(chan) == serving
+
+
+async def test_a_server_that_is_never_ready_still_stops() -> None:
+    async with running(ServerSecurity(None), ready=asyncio.Event()) as port:
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        try:
+            assert await health_of(chan) == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            await chan.close(None)
+
+
+async def test_a_request_over_the_servers_own_size_limit_is_refused_before_its_handler() -> None:
+    limit = 4096
+    options = [("grpc.max_receive_message_length", limit)]
+    async with running(ServerSecurity(None), servicer=answering(), options=options) as port:
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        try:
+            stub = quota_pb2_grpc.QuotaServiceStub(chan)
+            small = quota_pb2.TopUpRequest(user_id="usr_small", reason="x" * (limit // 2))
+            assert (await stub.TopUp(small, timeout=5)).user_id == "usr_small"
+            large = quota_pb2.TopUpRequest(user_id="usr_large", reason="x" * limit)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.TopUp(large, timeout=5)
+        finally:
+            await chan.close(None)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"vs. {limit}" in (refused.value.details() or ""), refused.value.details()
