@@ -2,34 +2,52 @@
 grpcio as an internal service would: TLS checking the relay's certificate, no client certificate, the
 API key in the metadata. Each call goes through the pipeline the HTTP front uses: the same chunks as
 an HTTP stream, billed once, logged once with front=grpc, refusals as statuses with google.rpc
-details, and a call cancelled mid-stream settled like an HTTP disconnect."""
+details, a call cancelled mid-stream settled like an HTTP disconnect, failover, the key's rate and
+stream limits, the request size limit and readiness of HTTP, and HTTP's gateway headers as trailing
+metadata. Health and reflection answer on the front's own port."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import httpx
 import orjson
 import pytest
-from google.protobuf import json_format, message_factory
+from google.protobuf import descriptor_pb2, json_format, message_factory
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
+from devinfra.processes import ManagedProcess, free_ports
 from services.common.pb.relaygate.relay.v1 import inference_pb2 as pb
 from services.common.pb.relaygate.relay.v1 import inference_pb2_grpc as pb_grpc
-from services.common.rpc_policy import method_name
+from services.common.rpc_policy import INFERENCE_SERVICE, method_name
 from services.common.tls import RELAY, server_name
-from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, settled
+from tests.e2e.stack import MODEL, PRICE, Deployment, balance, fund_user, ok, settled
 from tests.tls import certificates
 
 TIMEOUT = 10.0
+STREAMS_PER_KEY = 2
+# Small, so that a message over the limit is quick to send; the HTTP front has the same one.
+MAX_BODY_BYTES = 64 * 1024
+
+Metadata = dict[str, str | bytes]
 
 
 @pytest.fixture(scope="module")
 def relay_env() -> dict[str, str]:
-    return {"RELAYGATE_STREAM_DRAIN_S": "10"}
+    return {
+        "RELAYGATE_STREAM_DRAIN_S": "10",
+        "RELAYGATE_MAX_STREAMS_PER_KEY": str(STREAMS_PER_KEY),
+        "RELAYGATE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +55,16 @@ def _fresh_upstream(deployment: Deployment) -> None:
     deployment.upstream.reset()
 
 
-@pytest.fixture
-async def channel(deployment: Deployment) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to the relay's gRPC port that trusts the deployment's CA and presents no certificate."""
+def front_channel(address: str) -> grpc.aio.Channel:
+    """A channel to a relay's gRPC port that trusts the deployment's CA and presents no certificate."""
     credentials = grpc.ssl_channel_credentials(root_certificates=certificates().tls(RELAY).ca)
     options = [("grpc.ssl_target_name_override", server_name(RELAY))]
-    async with grpc.aio.secure_channel(deployment.relay_grpc_address, credentials, options=options) as opened:
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+@pytest.fixture
+async def channel(deployment: Deployment) -> AsyncIterator[grpc.aio.Channel]:
+    async with front_channel(deployment.relay_grpc_address) as opened:
         yield opened
 
 
@@ -61,31 +83,54 @@ def chat(**fields: Any) -> pb.ChatCompletionRequest:
     )
 
 
+def said(content: str, **fields: Any) -> pb.ChatCompletionRequest:
+    return pb.ChatCompletionRequest(
+        model=MODEL, messages=[pb.ChatMessage(role="user", content=content)], **fields
+    )
+
+
 def cost(usage: dict[str, Any]) -> int:
     micro = int(usage["prompt_tokens"]) * PRICE["input_per_mtok"]
     micro += int(usage.get("completion_tokens", 0)) * PRICE["output_per_mtok"]
     return -(-micro // 1_000_000)
 
 
-def log_rows(deployment: Deployment, user_id: str, timeout: float = 15.0) -> list[dict[str, Any]]:
-    """The user's request-log rows, once there is at least one (and a moment for a duplicate)."""
+def log_rows(
+    deployment: Deployment, user_id: str, timeout: float = 15.0, settle: float = 1.0
+) -> list[dict[str, Any]]:
+    """The user's request-log rows, read again ``settle`` seconds after the first one appeared, so that
+    a duplicate written just after it is among them."""
     deadline = time.monotonic() + timeout
     with deployment.admin() as admin:
-        while True:
+
+        def read() -> list[dict[str, Any]]:
             rows: list[dict[str, Any]] = admin.get("/admin/v1/logs", params={"user_id": user_id}).json()[
                 "logs"
             ]
-            if rows:
-                return rows
+            return rows
+
+        while not read():
             assert time.monotonic() < deadline, "no request log row"
             time.sleep(0.1)
+        time.sleep(settle)
+        return read()
+
+
+def as_dict(pairs: Any) -> Metadata:
+    """gRPC metadata by key (the stubs leave its type unresolved in grpc.aio)."""
+    found: Metadata = {}
+    for key, value in pairs or ():
+        assert isinstance(key, str) and isinstance(value, str | bytes), (key, value)
+        found.setdefault(key, value)
+    return found
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     """The google.rpc details of a failed call, by type name."""
     found: dict[str, Any] = {}
-    for key, value in error.trailing_metadata() or ():  # type: ignore[misc,has-type]
+    for key, value in as_dict(error.trailing_metadata()).items():
         if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
             status = status_pb2.Status.FromString(value)
             assert status.code == error.code().value[0]
             assert status.message == error.details()
@@ -182,9 +227,9 @@ async def test_stream_chunks_are_the_http_streams_and_billed_once(
     deployment.upstream.configure(deterministic=True, chunks=6)
     user_id, key = fund_user(deployment, 10_000_000)
     request = chat(stream_options=pb.StreamOptions(include_usage=include_usage))
-    streamed = [
-        chunk async for chunk in stub.StreamChatCompletion(request, metadata=bearer(key), timeout=TIMEOUT)
-    ]
+    call = stub.StreamChatCompletion(request, metadata=bearer(key), timeout=TIMEOUT)
+    streamed = [chunk async for chunk in call]
+    trailing = as_dict(await call.trailing_metadata())
 
     body: dict[str, Any] = {
         "model": MODEL,
@@ -205,6 +250,9 @@ async def test_stream_chunks_are_the_http_streams_and_billed_once(
     assert len(rows) == 1, rows
     assert (rows[0]["front"], rows[0]["stream"], rows[0]["end_reason"]) == ("grpc", True, "done")
     assert 10_000_000 - after["balance_micros"] == cost(rows[0]["usage"]) == int(rows[0]["cost_micros"])
+    # The gateway facts HTTP sends as the stream's headers come as the call's trailing metadata.
+    assert trailing["x-request-id"] == rows[0]["event_id"]
+    assert float(trailing["x-relaygate-overhead-ms"]) >= 0
 
 
 # A well-formed request of each input type: only the key is wrong.
@@ -227,17 +275,19 @@ async def test_every_rpc_refuses_a_missing_or_invalid_key(
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         name = method_name(service.full_name, method.name)
-        kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-        bound = kind(
-            name, request_serializer=request.SerializeToString, response_deserializer=response.FromString
-        )
+        serializers: dict[str, Any] = {
+            "request_serializer": request.SerializeToString,
+            "response_deserializer": response.FromString,
+        }
         for metadata in ((), bearer("rg-" + "0" * 40)):
-            call = bound(message, metadata=metadata, timeout=TIMEOUT)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 if method.server_streaming:
-                    [_ async for _ in call]
+                    streamed = channel.unary_stream(name, **serializers)
+                    [_ async for _ in streamed(message, metadata=metadata, timeout=TIMEOUT)]
                 else:
-                    await call
+                    await channel.unary_unary(name, **serializers)(
+                        message, metadata=metadata, timeout=TIMEOUT
+                    )
             codes.setdefault(method.name, set()).add(refused.value.code())
             info = details(refused.value)["ErrorInfo"]
             assert (info.reason, info.domain) == ("INVALID_API_KEY", "relaygate.io")
@@ -267,15 +317,11 @@ async def test_an_upstream_that_is_down_is_unavailable_with_retry_info(
 ) -> None:
     deployment.upstream.configure(fail_status=503, fail_count=-1)
     user_id, key = fund_user(deployment, 10_000_000)
-    for call in (
-        stub.CreateChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT),
-        stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            if isinstance(call, grpc.aio.UnaryStreamCall):
-                [_ async for _ in call]
-            else:
-                await call
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.CreateChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT)
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        [_ async for _ in stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT)]
+    for refused in (unary, streamed):
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
         found = details(refused.value)
         assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
@@ -366,3 +412,242 @@ async def test_a_stream_the_upstream_breaks_ends_with_a_status_after_its_chunks(
     settled(deployment, user_id)
     rows = log_rows(deployment, user_id)
     assert (rows[0]["end_reason"], rows[0]["error_type"]) == ("upstream_error", "provider")
+
+
+async def test_health_and_reflection_answer_on_the_fronts_own_port(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", INFERENCE_SERVICE):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    questions = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=INFERENCE_SERVICE),
+    ]
+    answers = [answer async for answer in reflect(iter(questions), timeout=TIMEOUT)]
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert {INFERENCE_SERVICE, "grpc.health.v1.Health"} <= listed, listed
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in answers[1].file_descriptor_response.file_descriptor_proto
+    ]
+    described = {service.name for proto in files for service in proto.service}
+    assert "InferenceService" in described, described
+
+
+async def test_a_channel_that_is_down_fails_over_to_the_next_as_over_http(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    model = f"gpt-grpc-failover-{tag}"
+    down = free_ports(1)[0]  # nothing listens there: every connection is refused
+    with deployment.admin() as admin:
+        ok(admin.put(f"/admin/v1/prices/{model}", json=PRICE))
+        first = {"name": f"down-{tag}", "base_url": f"http://127.0.0.1:{down}", "priority": 10}
+        second = {"name": f"up-{tag}", "base_url": deployment.upstream.base_url}
+        ok(admin.post("/admin/v1/channels", json={**first, "models": [model], "enabled": True}))
+        backup = ok(admin.post("/admin/v1/channels", json={**second, "models": [model], "enabled": True}))
+    user_id, key = fund_user(deployment, 10_000_000)
+    request = pb.ChatCompletionRequest(
+        model=model, messages=[pb.ChatMessage(role="user", content="x")], max_tokens=4
+    )
+    reply = await stub.CreateChatCompletion(request, metadata=bearer(key), timeout=TIMEOUT)
+    assert reply.choices[0].message.content.split() == [f"tok{i}" for i in range(4)]
+
+    after = settled(deployment, user_id)
+    rows = log_rows(deployment, user_id)
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["front"], row["attempts"], row["channel_id"]) == ("grpc", 2, str(backup["channel_id"]))
+    assert 10_000_000 - after["balance_micros"] == cost(row["usage"]) == int(row["cost_micros"])
+
+
+async def test_the_keys_stream_cap_applies_over_grpc(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    deployment.upstream.configure(chunks=6, chunk_interval_ms=200)
+    user_id, key = fund_user(deployment, 10_000_000)
+    held = [
+        aiter(stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT))
+        for _ in range(STREAMS_PER_KEY)
+    ]
+    try:
+        for stream in held:
+            # Its first chunk is out: the stream holds one of the key's slots.
+            await anext(stream)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [_ async for _ in stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT)]
+    finally:
+        for stream in held:
+            [_ async for _ in stream]
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    found = details(refused.value)
+    assert found["ErrorInfo"].reason == "CONCURRENCY_LIMIT_EXCEEDED"
+    assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    [subject] = [v.subject for v in found["QuotaFailure"].violations]
+    assert subject.startswith("key:") and subject != "key:"
+    # The slots are given back when the streams end.
+    deployment.upstream.reset()
+    after = [
+        _ async for _ in stub.StreamChatCompletion(chat(max_tokens=2), metadata=bearer(key), timeout=TIMEOUT)
+    ]
+    assert after
+    assert len(log_rows(deployment, user_id, settle=0)) >= STREAMS_PER_KEY
+
+
+async def test_a_keys_rpm_limit_is_in_the_trailing_metadata_and_refuses_with_retry_info(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    _, key = fund_user(deployment, 10_000_000, limits={"rpm": 2})
+    remaining = []
+    for _ in range(2):
+        call = stub.CreateChatCompletion(chat(max_tokens=1), metadata=bearer(key), timeout=TIMEOUT)
+        await call
+        initial = as_dict(await call.initial_metadata())
+        trailing = as_dict(await call.trailing_metadata())
+        # What the HTTP front sends as headers (services/relay/edge/http/headers.py).
+        assert trailing["x-request-id"] == initial["x-request-id"]
+        assert (trailing["x-ratelimit-limit-requests"], trailing["x-ratelimit-reset-requests"] != "") == (
+            "2",
+            True,
+        )
+        assert float(trailing["x-relaygate-overhead-ms"]) >= 0
+        assert int(trailing["x-relaygate-available-micros"]) > 0
+        remaining.append(trailing["x-ratelimit-remaining-requests"])
+    assert remaining == ["1", "0"]
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CreateChatCompletion(chat(max_tokens=1), metadata=bearer(key), timeout=TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    found = details(refused.value)
+    assert (found["ErrorInfo"].reason, found["ErrorInfo"].metadata["http_status"]) == (
+        "RATE_LIMIT_EXCEEDED",
+        "429",
+    )
+    assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    [subject] = [v.subject for v in found["QuotaFailure"].violations]
+    assert subject.startswith("key:") and subject != "key:"
+
+
+async def test_the_request_size_limit_is_the_http_bodys(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    user_id, key = fund_user(deployment, 10_000_000)
+    over = "x" * MAX_BODY_BYTES
+    response = httpx.post(
+        f"{deployment.relay_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": over}]},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 413, response.text
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CreateChatCompletion(said(over), metadata=bearer(key), timeout=TIMEOUT)
+    # Refused by gRPC before any handler reads it, with gRPC's own code for an oversize message.
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = refused.value.details() or ""
+    assert "larger than max" in message and f"vs. {MAX_BODY_BYTES})" in message, message
+    # Under the limit, the same request goes through.
+    under = " ".join(["x"] * (MAX_BODY_BYTES // 4))
+    reply = await stub.CreateChatCompletion(
+        said(under, max_tokens=1),
+        metadata=bearer(key),
+        timeout=TIMEOUT,
+    )
+    assert reply.usage.prompt_tokens > 0
+    settled(deployment, user_id)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def forwarding(port: int, target: int) -> AsyncIterator[None]:
+    """Connections to ``port`` go on to ``target`` while the context is open."""
+    pipes: set[asyncio.Task[None]] = set()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            writer.close()
+            return
+        for pipe in (_pipe(reader, target_writer), _pipe(target_reader, writer)):
+            task = asyncio.create_task(pipe)
+            pipes.add(task)
+            task.add_done_callback(pipes.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+        for task in list(pipes):
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def relay_process(
+    deployment: Deployment, name: str, env: dict[str, str], port: int
+) -> Iterator[ManagedProcess]:
+    stack = deployment.stack
+    env = {"RELAYGATE_RELAY_PORT": str(port), **env}
+    process = ManagedProcess(
+        name,
+        [sys.executable, "-m", "services.relay"],
+        stack.log_dir / f"{name}.log",
+        env=stack.process_env("relay", env),
+        port=port,
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def test_the_fronts_health_is_not_serving_until_the_relay_is_ready(deployment: Deployment) -> None:
+    """As HTTP's /readyz: a relay that has not read the channel catalog yet is not ready. This relay
+    reaches the catalog through a port that only starts forwarding to quota once it was seen not
+    ready."""
+    http_port, grpc_port, catalog_port = free_ports(3)
+    env = {
+        "RELAYGATE_RELAY_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
+        "RELAYGATE_CATALOG_ADDR": f"127.0.0.1:{catalog_port}",
+    }
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    readyz = f"http://127.0.0.1:{http_port}/readyz"
+
+    async def health(chan: grpc.aio.Channel) -> set[int]:
+        stub = health_pb2_grpc.HealthStub(chan)
+        found = set()
+        for service in ("", INFERENCE_SERVICE):
+            request = health_pb2.HealthCheckRequest(service=service)
+            found.add((await stub.Check(request, timeout=TIMEOUT, wait_for_ready=True)).status)
+        return found
+
+    with relay_process(deployment, "relay-unready", env, http_port) as relay:
+        await asyncio.to_thread(relay.wait_listening, timeout=60)
+        async with front_channel(f"127.0.0.1:{grpc_port}") as chan:
+            assert await health(chan) == {not_serving}
+            assert httpx.get(readyz, timeout=TIMEOUT).status_code == 503
+            async with forwarding(catalog_port, deployment.stack.port_of("quota")):
+                deadline = time.monotonic() + 20
+                while (states := await health(chan)) != {serving}:
+                    assert time.monotonic() < deadline, f"health still {states} with the catalog reachable"
+                    await asyncio.sleep(0.1)
+                assert httpx.get(readyz, timeout=TIMEOUT).status_code == 200
+                # Stopped while the catalog is still reachable: the relay's way out reads nothing.
+                await asyncio.to_thread(relay.stop)

@@ -131,6 +131,11 @@ class ChannelTable:
         self._single = {model: found for model, found in self._by_model.items() if len(found) == 1}
 
     @property
+    def loaded(self) -> bool:
+        """The catalog has been read (revision 0 is the empty table before it): the relay is ready."""
+        return self.revision > 0
+
+    @property
     def models(self) -> list[str]:
         return sorted(self._by_model)
 

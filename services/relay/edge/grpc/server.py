@@ -7,6 +7,11 @@ the deployment, since each call is authenticated by its API key; they check the 
 (``relay.relaygate.internal``, under the deployment's CA). With ``RELAYGATE_GRPC_TLS=off`` (local
 development) the port is plaintext.
 
+The front holds its calls to what HTTP holds its requests to: a request message larger than
+``max_body_bytes`` is refused by gRPC itself before any handler reads it (RESOURCE_EXHAUSTED,
+"Received message larger than max"), and its ``grpc.health.v1`` says NOT_SERVING until the relay is
+ready as HTTP's ``/readyz`` means it (the channel table is loaded, :attr:`ChannelTable.loaded`).
+
 uvicorn owns the process's signals: on SIGTERM it stops HTTP, then the lifespan stops this server,
 which drains in-flight calls for ``grpc_drain_seconds`` before the streams' settlements are awaited.
 """
@@ -25,8 +30,22 @@ from services.common.rpc_policy import FRONT_RULES, INFERENCE_SERVICE
 from services.common.tls import load_tls
 from services.relay.edge.grpc.servicer import InferenceServicer
 from services.relay.pipeline.gateway import Gateway
+from services.relay.upstream.channels import ChannelDirectory, ChannelTable
 
 __all__ = ["grpc_front"]
+
+
+def _readiness(channels: ChannelDirectory) -> asyncio.Event:
+    """Set once the channel table is loaded (at once if it is)."""
+    ready = asyncio.Event()
+
+    def follow(table: ChannelTable) -> None:
+        if table.loaded:
+            ready.set()
+
+    follow(channels.table)
+    channels.on_change(follow)
+    return ready
 
 
 @contextlib.asynccontextmanager
@@ -60,6 +79,8 @@ async def grpc_front(gateway: Gateway) -> AsyncIterator[int | None]:
             stop=stop,
             on_started=bound.set_result,
             signals=False,
+            options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
+            ready=_readiness(gateway.channels),
         ),
         name="relay-grpc",
     )

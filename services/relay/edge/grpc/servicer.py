@@ -9,7 +9,11 @@ an HTTP request is. Failures end the call with the status of :mod:`.status`.
 
 Metadata read: ``authorization`` (or ``x-api-key``), ``x-request-id`` (the caller's own, kept for
 correlation), ``x-relaygate-cache`` (the response cache switch, as the HTTP header). Sent back in the
-initial metadata: ``x-request-id`` (the relay's id of the request) and ``x-relaygate-cache``.
+initial metadata: ``x-request-id`` (the relay's id of the request) and ``x-relaygate-cache``. The
+trailing metadata carries the gateway facts the HTTP front sends as response headers
+(:func:`services.relay.edge.http.headers.gateway_headers`: request id, ``x-ratelimit-*``,
+``x-relaygate-overhead-ms``, ``x-relaygate-available-micros``, ``x-relaygate-cache``), taken when
+HTTP takes them: once the answer is in, or when a stream's first chunk goes out.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from services.common.rpc_auth import peer_address
 from services.common.rpc_policy import INFERENCE_SERVICE, method_name
 from services.relay.edge.grpc import convert
 from services.relay.edge.grpc.chunks import GrpcSink
-from services.relay.edge.grpc.status import refusal
+from services.relay.edge.grpc.status import Metadata, refusal
+from services.relay.edge.http.headers import gateway_headers
 from services.relay.meter.record import Exchange
 from services.relay.pipeline import relay as pipeline
 from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential
@@ -75,13 +80,26 @@ class Caller:
         return bounded_credential(extract_api_key(self.authorization, self.x_api_key), MAX_API_KEY_CHARS)
 
 
-async def _abort(context: Context, exc: GatewayError, exchange: Exchange | None = None) -> NoReturn:
+def gateway_metadata(exchange: Exchange, *, cache: bytes | None = None) -> Metadata:
+    """The HTTP front's gateway headers of ``exchange``, as gRPC metadata (the same names)."""
+    return tuple(
+        (name.decode("ascii"), value.decode("ascii"))
+        for name, value in gateway_headers(exchange, cache=cache)
+    )
+
+
+async def _abort(
+    context: Context, exc: GatewayError, exchange: Exchange | None = None, facts: Metadata = ()
+) -> NoReturn:
+    """End the call with ``exc``'s status; ``facts`` are the gateway facts already taken (a stream
+    that fails after its first chunk keeps them next to the error's details)."""
     ended = refusal(
         exc,
         request_id=exchange.request_id if exchange is not None else "",
         principal=exchange.principal if exchange is not None else None,
     )
-    await context.abort(ended.code, ended.message, trailing_metadata=ended.metadata)
+    trailing = (*ended.metadata, *(fact for fact in facts if fact[0] != "x-request-id"))
+    await context.abort(ended.code, ended.message, trailing_metadata=trailing)
 
 
 def _span(context: Context, method: str) -> AbstractContextManager[Any]:
@@ -141,6 +159,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if answer.cache is not None:
             metadata.append(("x-relaygate-cache", answer.cache.decode()))
         await context.send_initial_metadata(tuple(metadata))
+        context.set_trailing_metadata(gateway_metadata(exchange, cache=answer.cache))
         pipeline.keep_answer(gateway, exchange, answer)
         try:
             return convert.read_answer(answer.body, reply)
@@ -190,10 +209,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         exchange = self._begin(context, caller, pipeline.CHAT)
         sink = GrpcSink(context, request_id=exchange.request_id)
         delivered = False
+        facts: Metadata = ()
 
         async def deliver(relay: StreamRelay) -> None:
-            nonlocal delivered
+            nonlocal delivered, facts
             delivered = True
+            # Taken where the HTTP front takes its stream's headers: the upstream has answered.
+            facts = gateway_metadata(exchange)
+            context.set_trailing_metadata(facts)
             await relay.run(sink)
 
         try:
@@ -212,14 +235,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except GatewayError as exc:
             if not delivered:
                 await pipeline.refuse(gateway, exchange, exc)
-            await _abort(context, exc, exchange)
+            await _abort(context, exc, exchange, facts)
         except Exception:
             log.exception("unhandled error in %s", pipeline.CHAT.name)
             if not delivered:
                 await pipeline.refuse(gateway, exchange, GatewayError())
-            await _abort(context, GatewayError(), exchange)
+            await _abort(context, GatewayError(), exchange, facts)
         if sink.failure is not None:
-            await _abort(context, sink.failure, exchange)
+            await _abort(context, sink.failure, exchange, facts)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         """The models the caller's key may use among those the channels serve."""

@@ -39,7 +39,7 @@ from services.common.errors import (
 from services.common.pb.relaygate.auth.v1.auth_pb2 import Principal
 from services.relay.formats.common import passthrough_message
 
-__all__ = ["DOMAIN", "Refusal", "refusal"]
+__all__ = ["DOMAIN", "Metadata", "Refusal", "refusal"]
 
 DOMAIN = "relaygate.io"
 

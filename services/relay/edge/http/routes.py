@@ -203,7 +203,7 @@ async def healthz(call: Call) -> None:
 
 async def readyz(call: Call) -> None:
     table = call.gateway.channels.table
-    ready = table.revision > 0
+    ready = table.loaded
     body = {
         "status": "ready" if ready else "starting",
         "channels": len(table.channels),
