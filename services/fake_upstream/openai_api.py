@@ -2,18 +2,63 @@
 
 Shapes follow the OpenAI API reference (https://platform.openai.com/docs/api-reference): chat
 completions, legacy completions, embeddings, images, models, and the error object
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Chat refuses a short list of other providers'
+fields (``thinking``, ``cache_control``, ``thinking_blocks``, ...) as OpenAI refuses unknown ones.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from . import endpoints, payloads
 from .behaviour import Behaviour
 from .dialect import Call, Dialect, ProviderHandler, Route, Streams, bearer_token
 from .endpoints import JSON_HEADERS, Handler, JsonReply, Reply, RequestError
 
+# Fields other providers take that OpenAI's chat API refuses as it refuses any field it does not
+# know (400 "Unrecognized request argument supplied"), so a test sees the relay send one; a short
+# explicit list, since the fake's other callers send OpenAI's newer fields too.
+_FOREIGN_FIELDS = ("thinking", "top_k", "stop_sequences", "relaygate_extensions")
+# The same inside a message, a content part or a tool (OpenAI: "Additional properties are not allowed").
+_FOREIGN_MEMBERS = ("thinking_blocks", "cache_control")
+
+
+def _foreign(value: Any) -> str | None:
+    """The first foreign member of a message, part or tool, if any."""
+    if not isinstance(value, dict):
+        return None
+    for name in _FOREIGN_MEMBERS:
+        if name in value:
+            return name
+    content = value.get("content")
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict) and "cache_control" in part:
+            return "cache_control"
+    return None
+
+
+def openai_chat(body: Any, behaviour: Behaviour) -> Reply:
+    """Chat completions, refusing the foreign fields as OpenAI does."""
+    if isinstance(body, dict):
+        for name in _FOREIGN_FIELDS:
+            if name in body:
+                raise RequestError(400, f"Unrecognized request argument supplied: {name}")
+        for field in ("messages", "tools"):
+            given = body.get(field)
+            for index, item in enumerate(given if isinstance(given, list) else ()):
+                found = _foreign(item)
+                if found is not None:
+                    raise RequestError(
+                        400,
+                        f"Additional properties are not allowed ('{found}' was unexpected)"
+                        f" - '{field}.{index}'",
+                        param=f"{field}.{index}",
+                    )
+    return endpoints.chat_completions(body, behaviour)
+
+
 _ROUTES: dict[str, tuple[str, Handler, Streams]] = {
-    "/v1/chat/completions": ("POST", endpoints.chat_completions, Streams.ON_REQUEST),
+    "/v1/chat/completions": ("POST", openai_chat, Streams.ON_REQUEST),
     "/v1/completions": ("POST", endpoints.completions, Streams.ON_REQUEST),
     "/v1/embeddings": ("POST", endpoints.embeddings, Streams.NEVER),
     "/v1/images/generations": ("POST", endpoints.image_generations, Streams.NEVER),

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from services.common.pricing import Price, Usage, cost
+from services.fake_upstream.thinking import signature_of
 from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok, only_log_row
 
 pytestmark = pytest.mark.shared_stack
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.shared_stack
 # differ.
 MODEL = "gpt-formats"
 PRICES = {**PRICE, "cached_input_per_mtok": 500_000, "reasoning_per_mtok": 16_000_000}
-WEATHER = {
+# Any: the SDKs type their parameters as TypedDicts, which a plain dict literal does not match.
+WEATHER: Any = {
     "name": "get_weather",
     "description": "The weather in a city.",
     "input_schema": {
@@ -33,7 +35,7 @@ WEATHER = {
         "required": ["city"],
     },
 }
-WEATHER_FUNCTION = {
+WEATHER_FUNCTION: Any = {
     "type": "function",
     "name": WEATHER["name"],
     "description": WEATHER["description"],
@@ -138,6 +140,24 @@ def test_messages_create_text_and_usage(deployment: Deployment) -> None:
     assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(8, 9, cached=2, reasoning=3))
 
 
+def test_messages_with_the_x_api_key_header_only(deployment: Deployment) -> None:
+    # What a client without the SDK sends: the key as x-api-key, no bearer and no anthropic-version.
+    deployment.upstream.configure(chunks=2)
+    user_id, key = fund_user(deployment, FUNDS)
+    response = httpx.post(
+        f"{deployment.relay_url}/v1/messages",
+        headers={"x-api-key": key},
+        json={"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi there"}]},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    message = anthropic.types.Message.model_validate(response.json())
+    assert message.content[0].type == "text" and message.content[0].text.split() == ["tok0", "tok1"]
+    # 1 message + 2 words in, 2 words out.
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 2)
+    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(3, 2))
+
+
 def test_messages_max_tokens_stop_reason(deployment: Deployment) -> None:
     _, key = fund_user(deployment, FUNDS)
     message = claude(deployment, key).messages.create(
@@ -155,7 +175,7 @@ def test_messages_tool_use_round_trip(deployment: Deployment) -> None:
         model=MODEL,
         max_tokens=50,
         messages=[question],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         tool_choice={"type": "tool", "name": "get_weather"},
     )
     assert first.stop_reason == "tool_use"
@@ -171,13 +191,13 @@ def test_messages_tool_use_round_trip(deployment: Deployment) -> None:
         max_tokens=4,
         messages=[
             question,
-            {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+            {"role": "assistant", "content": first.content},
             {
                 "role": "user",
                 "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}],
             },
         ],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
     )
     assert second.stop_reason == "max_tokens"
     assert second.content[0].type == "text" and second.content[0].text.split() == [
@@ -190,25 +210,29 @@ def test_messages_tool_use_round_trip(deployment: Deployment) -> None:
     assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
     assert sent["messages"][1]["tool_calls"][0]["id"] == call.id
     assert sent["messages"][2] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    # By the fake's counts: 1 message + 3 words in, 20 words + the call (1 + 2 arguments) out; then
+    # 3 messages of 3, 20 (the first answer's text) and 1 words in, 4 words out (the cap).
+    assert (first.usage.input_tokens, first.usage.output_tokens) == (4, 23)
+    assert (second.usage.input_tokens, second.usage.output_tokens) == (27, 4)
     with deployment.admin() as admin:
         deadline = time.monotonic() + 15
         while len(rows := admin.get("/admin/v1/logs", params={"user_id": user_id}).json()["logs"]) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-    first_cost = expected_cost(first.usage.input_tokens, first.usage.output_tokens)
-    second_cost = expected_cost(second.usage.input_tokens, second.usage.output_tokens)
+    first_cost = expected_cost(4, 23)
+    second_cost = expected_cost(27, 4)
     assert sorted(int(r["cost_micros"]) for r in rows) == sorted([first_cost, second_cost])
     assert charged(deployment, user_id, FUNDS) == first_cost + second_cost
 
 
 def test_messages_stream_text_and_tool_use(deployment: Deployment) -> None:
-    deployment.upstream.configure(chunks=5, tool_call=True)
+    deployment.upstream.configure(chunks=5, tool_call=True, cached_tokens=1, reasoning_tokens=2)
     user_id, key = fund_user(deployment, FUNDS)
     with claude(deployment, key).messages.stream(
         model=MODEL,
         max_tokens=50,
         messages=[{"role": "user", "content": "think, then call"}],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()
@@ -219,12 +243,13 @@ def test_messages_stream_text_and_tool_use(deployment: Deployment) -> None:
     tool = final.content[1]
     assert tool.type == "tool_use" and tool.name == "get_weather" and isinstance(tool.input["city"], str)
     assert final.stop_reason == "tool_use"
-    # 1 message + 3 words of prompt; the output is the 5 words and the call's tokens.
-    assert final.usage.input_tokens == 4
-    assert final.usage.output_tokens > 5
+    # 1 message + 3 words of prompt, 1 of them cached (Anthropic's input_tokens leaves it out); the
+    # output is the 5 words, the call (1 + 2 arguments) and the 2 reasoning tokens.
+    assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (3, 1)
+    assert final.usage.output_tokens == 10
     sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
-    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(4, final.usage.output_tokens))
+    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(4, 10, cached=1, reasoning=2))
 
 
 def test_messages_stream_events_arrive_as_chunks_do(deployment: Deployment) -> None:
@@ -297,7 +322,7 @@ def test_responses_function_calling_round_trip(deployment: Deployment) -> None:
     first = client.responses.create(
         model=MODEL,
         input=[{"role": "user", "content": [{"type": "input_text", "text": "weather in Oslo"}]}],
-        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        tools=[WEATHER_FUNCTION],
         tool_choice="required",
     )
     calls = [item for item in first.output if item.type == "function_call"]
@@ -314,7 +339,7 @@ def test_responses_function_calling_round_trip(deployment: Deployment) -> None:
             },
             {"type": "function_call_output", "call_id": calls[0].call_id, "output": "rain"},
         ],
-        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        tools=[WEATHER_FUNCTION],
         max_output_tokens=2,
     )
     assert second.status == "incomplete" and second.incomplete_details is not None
@@ -326,12 +351,12 @@ def test_responses_function_calling_round_trip(deployment: Deployment) -> None:
 
 
 def test_responses_stream_with_function_call(deployment: Deployment) -> None:
-    deployment.upstream.configure(chunks=3, tool_call=True)
+    deployment.upstream.configure(chunks=3, tool_call=True, cached_tokens=1, reasoning_tokens=2)
     user_id, key = fund_user(deployment, FUNDS)
     with responses_sdk(deployment, key).responses.stream(
         model=MODEL,
         input="call it",
-        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        tools=[WEATHER_FUNCTION],
     ) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
@@ -341,11 +366,19 @@ def test_responses_stream_with_function_call(deployment: Deployment) -> None:
     assert final.output_text.split() == ["tok0", "tok1", "tok2"]
     call = final.output[-1]
     assert call.type == "function_call" and call.name == "get_weather" and '"city"' in call.arguments
-    assert final.usage is not None and final.usage.input_tokens == 3
-    assert_billed(deployment, user_id, FUNDS, "responses", expected_cost(3, final.usage.output_tokens))
+    # 1 message + 2 words in, 1 cached; 3 words, the call (1 + 2 arguments) and 2 reasoning tokens out.
+    usage = final.usage
+    assert usage is not None
+    assert (usage.input_tokens, usage.input_tokens_details.cached_tokens) == (3, 1)
+    assert (usage.output_tokens, usage.output_tokens_details.reasoning_tokens) == (8, 2)
+    assert_billed(deployment, user_id, FUNDS, "responses", expected_cost(3, 8, cached=1, reasoning=2))
 
 
 # --- errors in each format's shape, nothing charged -----------------------------------------------
+
+
+# A document without its source, which the SDK's types would not let through.
+NO_SOURCE: Any = {}
 
 
 def test_anthropic_error_shapes(deployment: Deployment) -> None:
@@ -362,7 +395,7 @@ def test_anthropic_error_shapes(deployment: Deployment) -> None:
         claude(deployment, key).messages.create(
             model=MODEL,
             max_tokens=5,
-            messages=[{"role": "user", "content": [{"type": "document", "source": {}}]}],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": [{"type": "document", "source": NO_SOURCE}]}],
         )
     assert bad_body.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     response = httpx.post(
@@ -410,7 +443,7 @@ def test_responses_error_shapes(deployment: Deployment) -> None:
         client.responses.create(model=MODEL, input="x", store=True)
     assert stored.value.param == "store"
     with pytest.raises(openai.BadRequestError) as builtin:
-        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
     assert builtin.value.param == "tools"
     poor_id, poor = fund_user(deployment, 1)
     with pytest.raises(openai.RateLimitError) as spent:
@@ -572,3 +605,180 @@ def test_responses_routed_to_an_anthropic_channel(
     assert (usage.output_tokens, usage.output_tokens_details.reasoning_tokens) == (OUTPUT, REASONING)
     assert anthropic_request_seen(deployment)["tools"][0]["name"] == "get_weather"
     assert_billed(deployment, user_id, FUNDS, "responses", claude_charge())
+
+
+# --- thinking, cache marks and documents ----------------------------------------------------------
+
+THINKING: Any = {"type": "enabled", "budget_tokens": 1024}
+# What the fake thinks for REASONING tokens (one word per token), and signs.
+THOUGHT = "".join(f"thought{i} " for i in range(REASONING))
+PDF = "JVBERi0xLjQKJcOkw7zDtsOfCg=="
+
+
+def thinking_request(model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "max_tokens": 2048,
+        "thinking": THINKING,
+        "system": [{"type": "text", "text": "You forecast.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": QUESTION}],
+        "tools": [WEATHER],
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_messages_thinking_through_an_anthropic_channel_and_back(
+    deployment: Deployment, anthropic_channel: str, stream: bool
+) -> None:
+    configure_claude(deployment)
+    user_id, key = fund_user(deployment, FUNDS)
+    client = claude(deployment, key)
+    request = thinking_request(anthropic_channel)
+    if stream:
+        with client.messages.stream(**request) as events:
+            kinds = [(event.type, getattr(event, "delta", None)) for event in events]
+            message = events.get_final_message()
+        deltas = [delta.type for kind, delta in kinds if kind == "content_block_delta" and delta is not None]
+        # Thinking, then its signature, before any text.
+        assert deltas[: REASONING + 2] == [*["thinking_delta"] * REASONING, "signature_delta", "text_delta"]
+    else:
+        message = client.messages.create(**request)
+    assert [block.type for block in message.content] == ["thinking", "text", "tool_use"]
+    thought = message.content[0]
+    assert thought.type == "thinking" and thought.thinking == THOUGHT
+    assert thought.signature == signature_of(THOUGHT)
+    seen = anthropic_request_seen(deployment)
+    assert seen["thinking"] == THINKING
+    assert seen["system"] == [
+        {"type": "text", "text": "You forecast.", "cache_control": {"type": "ephemeral"}}
+    ]
+    # The system prompt's 2 words join the 9 of the question; the charge is the fake's counts.
+    assert message.usage.input_tokens == UNCACHED + 2 and message.usage.output_tokens == OUTPUT
+    call = message.content[2]
+    assert call.type == "tool_use"
+
+    # The tool turn continued: the fake, as Anthropic, refuses it unless the signed block comes back.
+    turns: Any = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": message.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]},
+    ]
+    follow_up = client.messages.create(
+        model=anthropic_channel, max_tokens=2048, thinking=THINKING, messages=turns, tools=[WEATHER]
+    )
+    assert follow_up.content[0].type == "thinking"
+    turn = anthropic_request_seen(deployment)["messages"][1]
+    assert turn["content"][0] == {"type": "thinking", "thinking": THOUGHT, "signature": thought.signature}
+    with deployment.admin() as admin:
+        deadline = time.monotonic() + 15
+        while len(admin.get("/admin/v1/logs", params={"user_id": user_id}).json()["logs"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_messages_thinking_to_an_openai_channel(deployment: Deployment, stream: bool) -> None:
+    # OpenAI refuses thinking, cache_control and thinking_blocks (so does the fake): none is sent.
+    deployment.upstream.configure(chunks=3)
+    user_id, key = fund_user(deployment, FUNDS)
+    client = claude(deployment, key)
+    request = thinking_request(MODEL)
+    request["messages"] = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "t", "signature": "s"},
+                {"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+        {"role": "user", "content": "weather?"},
+    ]
+    if stream:
+        with client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**request)
+    assert [block.type for block in message.content] == ["text"]
+    sent = deployment.upstream.stats()["last_request"]["body"]  # type: ignore[index]
+    assert "thinking" not in sent and b"cache_control" not in orjson.dumps(sent)
+    assert sent["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "You forecast."}]}
+    assert sent["messages"][2] == {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}
+    # 4 messages of 2, 1, 1 and 1 words in, 3 words out.
+    assert_billed(deployment, user_id, FUNDS, "messages", expected_cost(9, 3))
+
+
+def test_a_pdf_document_to_an_anthropic_channel(deployment: Deployment, anthropic_channel: str) -> None:
+    configure_claude(deployment)
+    _, key = fund_user(deployment, FUNDS)
+    message = claude(deployment, key).messages.create(
+        model=anthropic_channel,
+        max_tokens=40,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "document",
+                        "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+                        "cache_control": {"type": "ephemeral"},
+                    },
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    )
+    assert message.content[0].type == "text"
+    block = anthropic_request_seen(deployment)["messages"][0]["content"][0]
+    assert block["type"] == "document" and block["cache_control"] == {"type": "ephemeral"}
+    assert block["source"] == {"type": "base64", "media_type": "application/pdf", "data": PDF}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_responses_reasoning_through_an_anthropic_channel_and_back(
+    deployment: Deployment, anthropic_channel: str, stream: bool
+) -> None:
+    configure_claude(deployment)
+    user_id, key = fund_user(deployment, FUNDS)
+    client = responses_sdk(deployment, key)
+    request: dict[str, Any] = {
+        "model": anthropic_channel,
+        "input": QUESTION,
+        "tools": [WEATHER_FUNCTION],
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 2048,
+    }
+    if stream:
+        with client.responses.stream(**request) as events:
+            kinds = [event.type for event in events]
+            response = events.get_final_response()
+        assert kinds[2:4] == ["response.output_item.added", "response.reasoning_summary_part.added"]
+        assert "response.reasoning_summary_text.done" in kinds
+    else:
+        response = client.responses.create(**request)
+    assert [item.type for item in response.output] == ["reasoning", "message", "function_call"]
+    reasoning = response.output[0]
+    assert reasoning.type == "reasoning" and [part.text for part in reasoning.summary] == [THOUGHT]
+    assert reasoning.encrypted_content == signature_of(THOUGHT)
+    # low effort: Anthropic's smallest budget.
+    assert anthropic_request_seen(deployment)["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert_billed(deployment, user_id, FUNDS, "responses", claude_charge())
+
+    call = response.output[2]
+    assert call.type == "function_call"
+    # The output sent back as input, as a caller without stored responses does.
+    given: Any = [
+        {"role": "user", "content": QUESTION},
+        *[item.model_dump(exclude_none=True) for item in response.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    follow_up = client.responses.create(
+        model=anthropic_channel,
+        input=given,
+        tools=[WEATHER_FUNCTION],
+        reasoning={"effort": "low"},
+        max_output_tokens=2048,
+    )
+    assert follow_up.status == "completed"
+    turn = anthropic_request_seen(deployment)["messages"][1]
+    assert turn["content"][0] == {"type": "thinking", "thinking": THOUGHT, "signature": signature_of(THOUGHT)}

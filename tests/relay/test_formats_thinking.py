@@ -18,6 +18,9 @@ from pydantic import TypeAdapter
 
 from services.common.errors import InvalidRequest
 from services.common.pb.relaygate.catalog.v1.catalog_pb2 import Channel as ChannelMessage
+from services.fake_upstream.behaviour import Behaviour
+from services.fake_upstream.endpoints import RequestError
+from services.fake_upstream.openai_api import openai_chat
 from services.relay.formats import anthropic_messages, responses
 from services.relay.formats.anthropic_stream import MessagesStream
 from services.relay.formats.responses import ResponseShape
@@ -491,3 +494,25 @@ def test_a_chat_callers_body_goes_out_as_its_bytes(stream: bool) -> None:
     build = stream_payload(chat, raw)[0] if stream else payload_for(chat, raw, "m")
     # The caller chose its fields: the very same bytes.
     assert build(channel("")) is raw
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+        {"messages": [{"role": "assistant", "content": "a", "thinking_blocks": THINKING_BLOCKS[:1]}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a", "cache_control": EPHEMERAL}]}
+            ]
+        },
+        {"tools": [{"type": "function", "function": {"name": "t"}, "cache_control": EPHEMERAL}]},
+    ],
+)
+def test_the_fake_openai_upstream_refuses_other_providers_fields(change: dict[str, Any]) -> None:
+    # As OpenAI does: the e2e tests of converted bodies to OpenAI channels rely on it.
+    body = {"model": "m", "messages": [{"role": "user", "content": "a"}], **change}
+    with pytest.raises(RequestError) as refused:
+        openai_chat(body, Behaviour())
+    assert refused.value.status == 400
+    assert openai_chat({"model": "m", "messages": [{"role": "user", "content": "a"}]}, Behaviour())
