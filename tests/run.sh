@@ -41,7 +41,7 @@ step "setup" bash tests/infra/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
 step "ruff check" ruff check .
 step "ruff format --check" ruff format --check .
-step "mypy services devinfra bench" mypy services devinfra bench
+step "mypy services devinfra bench tests" mypy services devinfra bench tests
 step "pytest" pytest "$@"
 
 printf '\n==> all steps passed in %ss\n' "$(seconds $(($(now_ms) - RUN_START)))"
