@@ -4,7 +4,9 @@ No services are started: each stream is a recorded-shape stream of ``CHUNKS`` co
 word each, as providers send them) fed to the relay's decoder one network read per event, the way
 the pump sees them. ``openai`` is the pass-through scanner (:class:`~services.relay.stream.sse.
 StreamScanner`, usage chunk stripped), the others the provider decoders that rewrite every chunk into
-OpenAI's. The figure is process CPU time divided by the content chunks decoded.
+OpenAI's; the thinking streams are ``CHUNKS`` thinking deltas (Anthropic, then the block's signature)
+or thought parts (Gemini) before a one-word answer, each becoming a ``reasoning_content`` delta. The
+figure is process CPU time divided by the ``CHUNKS`` content chunks of a stream.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ def _openai_stream() -> list[bytes]:
     return events
 
 
-def _anthropic_stream() -> list[bytes]:
-    def event(kind: str, payload: dict[str, object]) -> bytes:
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **payload}) + b"\n\n"
+def _anthropic_event(kind: str, payload: dict[str, object]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **payload}) + b"\n\n"
 
+
+def _anthropic_stream() -> list[bytes]:
+    event = _anthropic_event
     message = {
         "id": "msg_1",
         "model": "m",
@@ -70,6 +74,53 @@ def _anthropic_stream() -> list[bytes]:
         event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": CHUNKS}})
     )
     events.append(event("message_stop", {}))
+    return events
+
+
+def _anthropic_thinking_stream() -> list[bytes]:
+    """``CHUNKS`` thinking deltas, the block's signature, then a one-word answer."""
+    events = _anthropic_stream()
+    head, tail = events[:1], events[1:]
+    thinking = [
+        _anthropic_event(
+            "content_block_start",
+            {"index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        )
+    ]
+    thinking += [
+        _anthropic_event(
+            "content_block_delta", {"index": 0, "delta": {"type": "thinking_delta", "thinking": f"step{i} "}}
+        )
+        for i in range(CHUNKS)
+    ]
+    thinking.append(
+        _anthropic_event(
+            "content_block_delta",
+            {"index": 0, "delta": {"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQ" * 8}},
+        )
+    )
+    thinking.append(_anthropic_event("content_block_stop", {"index": 0}))
+    answer = [
+        _anthropic_event("content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}),
+        _anthropic_event(
+            "content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": "done"}}
+        ),
+        _anthropic_event("content_block_stop", {"index": 1}),
+    ]
+    return head + thinking + answer + tail[-2:]
+
+
+def _gemini_thinking_stream() -> list[bytes]:
+    """``CHUNKS`` thought parts, then a one-word answer with the finish reason."""
+    events = []
+    for i in range(CHUNKS + 1):
+        part: dict[str, object] = {"text": f"step{i} ", "thought": True} if i < CHUNKS else {"text": "done"}
+        candidate: dict[str, object] = {"content": {"parts": [part], "role": "model"}, "index": 0}
+        if i == CHUNKS:
+            candidate["finishReason"] = "STOP"
+        usage = {"promptTokenCount": 10, "candidatesTokenCount": 1, "thoughtsTokenCount": i + 1}
+        payload = {"candidates": [candidate], "usageMetadata": usage, "modelVersion": "m", "responseId": "r"}
+        events.append(b"data: " + orjson.dumps(payload) + b"\r\n\r\n")
     return events
 
 
@@ -92,6 +143,11 @@ CONVERSIONS: dict[str, tuple[Callable[[], StreamDecoder], Callable[[], list[byte
     "openai (pass-through)": (lambda: StreamScanner(strip_usage_chunk=True), _openai_stream),
     "anthropic -> openai": (lambda: ANTHROPIC.decoder("m", include_usage=False), _anthropic_stream),
     "gemini -> openai": (lambda: GEMINI.decoder("m", include_usage=False), _gemini_stream),
+    "anthropic thinking -> openai": (
+        lambda: ANTHROPIC.decoder("m", include_usage=False),
+        _anthropic_thinking_stream,
+    ),
+    "gemini thoughts -> openai": (lambda: GEMINI.decoder("m", include_usage=False), _gemini_thinking_stream),
 }
 
 
