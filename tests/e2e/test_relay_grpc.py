@@ -469,7 +469,8 @@ async def test_a_channel_that_is_down_fails_over_to_the_next_as_over_http(
 async def test_the_keys_stream_cap_applies_over_grpc(
     deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
-    deployment.upstream.configure(chunks=6, chunk_interval_ms=200)
+    # Each held stream lasts about 3 s after its first chunk: time enough for the refused call.
+    deployment.upstream.configure(chunks=10, chunk_interval_ms=300)
     user_id, key = fund_user(deployment, 10_000_000)
     held = [
         aiter(stub.StreamChatCompletion(chat(), metadata=bearer(key), timeout=TIMEOUT))
