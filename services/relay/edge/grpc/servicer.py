@@ -13,7 +13,7 @@ initial metadata: ``x-request-id`` (the relay's id of the request) and ``x-relay
 trailing metadata carries the gateway facts the HTTP front sends as response headers
 (:func:`services.relay.edge.http.headers.gateway_headers`: request id, ``x-ratelimit-*``,
 ``x-relaygate-overhead-ms``, ``x-relaygate-available-micros``, ``x-relaygate-cache``), taken when
-HTTP takes them: once the answer is in, or when a stream's first chunk goes out.
+HTTP takes them: once the answer is in, or when a stream starts (the upstream has answered).
 """
 
 from __future__ import annotations
