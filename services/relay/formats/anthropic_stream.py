@@ -125,7 +125,13 @@ class MessagesStream(ChatStreamConversion):
     def _text(self, text: str, out: list[bytes]) -> None:
         if self._kind != "text":
             self._open({"type": "text", "text": ""}, out)
-        self._delta({"type": "text_delta", "text": text}, out)
+        # The most frequent event: built inline.
+        delta = {"type": "text_delta", "text": text}
+        out.append(
+            event(
+                b"content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": delta}
+            )
+        )
 
     def _reasoning(self, text: str, out: list[bytes]) -> None:
         if self._kind != "thinking":
