@@ -1,10 +1,11 @@
 // Channels: health, breakers (every relay's), pool use, TTFB and error rate from the performance view
-// (server-side, all traffic, merged across relays); create, edit, enable/disable, test, reset the
-// breaker (on every relay), delete. Credentials are write-only.
+// (server-side, all traffic, merged across relays), refreshed every 5 s; create, edit, enable/disable,
+// test, reset the breaker (on every relay), delete. Credentials are write-only.
 import { act, api, dialog, field, fmt, h, table, toast, ApiError } from "./lib.js";
 
 const TYPES = ["openai", "azure-openai", "anthropic", "gemini"];
 const WINDOWS = ["5m", "1m", "1h"];
+const REFRESH_MS = 5000;
 
 const commaList = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
 
@@ -206,4 +207,7 @@ export async function channels({ main, canWrite }) {
   }
   windowSelect.addEventListener("change", () => act(load));
   await load();
+  // Live: breakers trip and close by themselves. A failed refresh is left to the next one.
+  const timer = setInterval(() => load().catch(() => {}), REFRESH_MS);
+  return () => clearInterval(timer);
 }
