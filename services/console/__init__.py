@@ -8,10 +8,11 @@ API, so the console can show and do exactly what the API allows, no more, and th
 template engine dependency and no second rendering of the admin data.
 
 **Session.** Signing in posts an admin key to ``POST /console/session``; the console exchanges it at
-``POST /admin/v1/tokens`` (the usual admin token, scopes and lifetime as for any caller) and keeps the
-token in an ``HttpOnly; SameSite=Strict`` cookie (``Secure`` when the request or the page's origin is
-HTTPS), path
-``/console/``. The key itself is never stored. The page calls ``/console/api/<route>``, which becomes
+``POST /admin/v1/tokens`` for the usual admin token, asking for 8 hours (``session.SESSION_TTL_S``; auth
+caps it at its maximum lifetime), and keeps the token in an ``HttpOnly; SameSite=Strict`` cookie
+(``Secure`` when the request or the page's origin is HTTPS), path ``/console/``. The key itself is never
+stored. Signing out (``DELETE /console/session``) ends the token at auth (``DELETE /admin/v1/tokens``),
+not only the cookies. The page calls ``/console/api/<route>``, which becomes
 ``/admin/v1/<route>`` with ``Authorization: Bearer <token>``: the admin API's own scope checks decide
 every action (a read-only token cannot write; the page only hides what it cannot do).
 
