@@ -8,7 +8,9 @@ and Gemini's ``generateContent``, each in its own wire format (see the ``*_api``
 * :class:`Behaviour` - what it does (latency, chunking, usage reporting, injected failures);
 * :class:`FakeUpstreamApp` - the bare ASGI application.
 
-Token counting rules are documented in :mod:`services.fake_upstream.tokens`.
+Token counting rules are documented in :mod:`services.fake_upstream.tokens`; thinking text and the
+signatures Anthropic and Gemini attach to it (and check when it comes back) in
+:mod:`services.fake_upstream.thinking`.
 """
 
 from .app import FakeUpstreamApp
