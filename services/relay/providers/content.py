@@ -64,11 +64,15 @@ def parse_data_url(url: str) -> tuple[str, str] | None:
     header, comma, data = url[5:].partition(",")
     media_type, _, encoding = header.partition(";")
     if not comma or encoding != "base64" or not media_type:
-        raise InvalidRequest("An image data URL must be data:<media type>;base64,<data>.", param="messages")
+        raise InvalidRequest(
+            "A data URL (an image or file part) must be data:<media type>;base64,<data>.", param="messages"
+        )
     try:
         binascii.a2b_base64(data[:64].encode())
     except binascii.Error:
-        raise InvalidRequest("An image data URL carries invalid base64.", param="messages") from None
+        raise InvalidRequest(
+            "A data URL (an image or file part) carries invalid base64.", param="messages"
+        ) from None
     return media_type, data
 
 
