@@ -782,3 +782,45 @@ def test_responses_reasoning_through_an_anthropic_channel_and_back(
     assert follow_up.status == "completed"
     turn = anthropic_request_seen(deployment)["messages"][1]
     assert turn["content"][0] == {"type": "thinking", "thinking": THOUGHT, "signature": signature_of(THOUGHT)}
+
+
+# --- /v1/messages/count_tokens --------------------------------------------------------------------
+
+
+def test_count_tokens_is_the_anthropic_channels_count(deployment: Deployment, anthropic_channel: str) -> None:
+    configure_claude(deployment)
+    user_id, key = fund_user(deployment, FUNDS)
+    system: Any = [{"type": "text", "text": "You forecast.", "cache_control": {"type": "ephemeral"}}]
+    question: Any = [{"role": "user", "content": QUESTION}]
+    counted = claude(deployment, key).messages.count_tokens(
+        model=anthropic_channel, system=system, messages=question, thinking=THINKING, tools=[WEATHER]
+    )
+    # The fake's count: the system prompt's 2 words, the question's 8 and 1 for its message.
+    assert counted.input_tokens == 11
+    last = deployment.upstream.stats()["last_request"]
+    assert last is not None and last["path"].endswith("/messages/count_tokens"), last
+    # What the channel would get for the message, less what counting refuses.
+    assert set(last["body"]) == {"model", "system", "messages", "tools", "thinking"}
+    assert last["body"]["system"] == system
+    # Not held, not charged, not logged.
+    assert charged(deployment, user_id, FUNDS) == 0
+    with deployment.admin() as admin:
+        assert admin.get("/admin/v1/logs", params={"user_id": user_id}).json()["logs"] == []
+
+
+def test_count_tokens_without_an_anthropic_channel_says_why(deployment: Deployment) -> None:
+    _, key = fund_user(deployment, FUNDS)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude(deployment, key).messages.count_tokens(
+            model=MODEL, messages=[{"role": "user", "content": "x"}]
+        )
+    assert refused.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": refused.value.body["error"]["message"]},  # type: ignore[index]
+    }
+    assert "no tokenizer" in refused.value.message
+    with pytest.raises(anthropic.AuthenticationError):
+        claude(deployment, "rg-" + "A" * 40).messages.count_tokens(
+            model=MODEL, messages=[{"role": "user", "content": "x"}]
+        )
+    assert deployment.upstream.stats()["requests_total"] == 0

@@ -58,10 +58,13 @@ from services.relay.pipeline.checks import (
     require_model,
 )
 from services.relay.providers import extensions
+from services.relay.providers.anthropic import COUNT_TOKENS_PATH
 from services.relay.providers.content import OPENAI_TO_ANTHROPIC_STOP
 from services.relay.settings import RelaySettings
 
 __all__ = [
+    "COUNT_FIELDS",
+    "COUNT_TOKENS_PATH",
     "STOP_REASONS",
     "message_id",
     "thinking_block",
@@ -75,6 +78,8 @@ __all__ = [
 STOP_REASONS = OPENAI_TO_ANTHROPIC_STOP
 _REFUSED_FIELDS = ("mcp_servers", "container")
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+# What Anthropic's token counting takes of a Messages request (it refuses max_tokens, stream, ...).
+COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
 _THINKING = frozenset({"enabled", "disabled", "adaptive"})
 # Anthropic's output_config.effort → chat's reasoning_effort.
 _EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}

@@ -64,9 +64,12 @@ from services.relay.providers.reasoning import (
     thinking_blocks_of,
 )
 
-__all__ = ["ANTHROPIC", "AnthropicProvider"]
+__all__ = ["ANTHROPIC", "COUNT_TOKENS_PATH", "AnthropicProvider"]
 
 API_VERSION = "2023-06-01"
+# Anthropic's token counting (https://docs.anthropic.com/en/api/messages-count-tokens), which
+# /v1/messages/count_tokens forwards to: the one path besides chat an Anthropic channel is sent.
+COUNT_TOKENS_PATH = b"/messages/count_tokens"
 # OpenAI accepts temperatures up to 2, Anthropic up to 1.
 _MAX_TEMPERATURE = 1.0
 
@@ -250,7 +253,7 @@ class AnthropicProvider(Provider):
         return headers
 
     def target(self, prefix: bytes, path: bytes, model: str, *, stream: bool, api_version: str) -> bytes:
-        return prefix + b"/messages"
+        return prefix + (COUNT_TOKENS_PATH if path == COUNT_TOKENS_PATH else b"/messages")
 
     def request(self, body: dict[str, Any], model: str, *, stream: bool, max_output_tokens: int) -> bytes:
         if isinstance(body.get("n"), int) and body["n"] > 1:

@@ -36,6 +36,7 @@ _ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/embeddings"): routes.embeddings,
     ("POST", "/v1/images/generations"): routes.image_generations,
     ("POST", "/v1/messages"): messages.messages,
+    ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
     ("POST", "/v1/responses"): responses.responses,
     ("GET", "/v1/models"): routes.models,
     ("GET", "/healthz"): routes.healthz,

@@ -1,23 +1,38 @@
 """``POST /v1/messages``: Anthropic's Messages API on the relay (conversions in
 :mod:`services.relay.formats.anthropic_messages`). The key comes as ``x-api-key`` (the Anthropic
-SDK's header) or as a bearer token; ``anthropic-version`` is accepted and not needed."""
+SDK's header) or as a bearer token; ``anthropic-version`` is accepted and not needed.
+
+``POST /v1/messages/count_tokens`` (which Claude Code and the SDK call) is answered by the provider:
+the body, converted as for ``/v1/messages`` and then as an Anthropic channel of the model would get
+it, goes to that channel's ``/messages/count_tokens`` (failing over among the model's Anthropic
+channels), and its count is the answer. A model with no Anthropic channel is refused (400): the
+gateway has no tokenizer, and its byte-based upper bound is not a count. Authenticated like
+``/v1/messages``; nothing is held, charged or logged as usage."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 
-from services.common.errors import GatewayError
+from services.common.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
 from services.relay.edge.http.converted import InboundFormat, serve
 from services.relay.edge.http.headers import JSON, RawHeaders
-from services.relay.edge.http.routes import Call
+from services.relay.edge.http.requests import ClientGone, read_body
+from services.relay.edge.http.routes import Call, begin, respond
 from services.relay.formats.anthropic_errors import anthropic_error
-from services.relay.formats.anthropic_messages import to_anthropic, to_chat
+from services.relay.formats.anthropic_messages import COUNT_FIELDS, COUNT_TOKENS_PATH, to_anthropic, to_chat
 from services.relay.formats.anthropic_stream import MessagesStream
+from services.relay.formats.common import read_answer
 from services.relay.meter.record import Exchange
+from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential, parse_json
+from services.relay.pipeline.principals import extract_api_key
+from services.relay.upstream.channels import Channel
 
-__all__ = ["messages"]
+__all__ = ["count_tokens", "messages"]
+
+log = logging.getLogger(__name__)
 
 
 class _Conversion:
@@ -49,3 +64,57 @@ MESSAGES = InboundFormat(endpoint="messages", to_chat=to_chat, conversion=_Conve
 
 async def messages(call: Call) -> None:
     await serve(call, MESSAGES)
+
+
+async def count_tokens(call: Call) -> None:
+    """``POST /v1/messages/count_tokens`` (see the module docstring)."""
+    gateway = call.gateway
+    exchange = begin(call, "messages.count_tokens")
+    try:
+        api_key = bounded_credential(
+            extract_api_key(call.incoming.authorization, call.incoming.x_api_key), MAX_API_KEY_CHARS
+        )
+        settings = gateway.settings
+        raw = await read_body(call.receive, call.incoming.content_length, settings.max_body_bytes)
+        body = parse_json(raw, max_depth=settings.max_json_depth)
+        # Counting takes no output cap; the conversion checks everything else as for a message.
+        chat = to_chat({**body, "max_tokens": 1, "stream": False}, settings)
+        model = str(chat["model"])
+        exchange.asked_for(model)
+        await gateway.authenticator.authenticate(api_key, model=model, client_ip=exchange.client_ip)
+        candidates = gateway.channels.table.candidates(model)
+        if not candidates:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.", param="model"
+            )
+        counting = [c for c in candidates if c.provider is not None and c.provider.kind == "anthropic"]
+        if not counting:
+            raise InvalidRequest(
+                f"Token counting needs an Anthropic channel, and no channel of the model '{model}' is one: "
+                "this gateway has no tokenizer of its own.",
+                param="model",
+            )
+
+        def payload_for(channel: Channel) -> bytes:
+            provider = channel.provider
+            assert provider is not None
+            request = orjson.loads(
+                provider.request(chat, channel.upstream_model(model), stream=False, max_output_tokens=1)
+            )
+            return orjson.dumps({key: value for key, value in request.items() if key in COUNT_FIELDS})
+
+        reply = await gateway.upstreams.post_json(exchange, counting, COUNT_TOKENS_PATH, payload_for)
+        counted = read_answer(reply.body).get("input_tokens")
+        if isinstance(counted, bool) or not isinstance(counted, int):
+            raise UpstreamError("The Anthropic channel's token count has no input_tokens.")
+        await respond(call.send, 200, orjson.dumps({"input_tokens": counted}), [JSON])
+    except ClientGone:
+        return
+    except GatewayError as exc:
+        status, error, headers = _error(exc, exchange.request_id)
+        await respond(call.send, status, error, headers)
+    except Exception:
+        log.exception("unhandled error in messages.count_tokens")
+        if not call.started:
+            status, error, headers = _error(GatewayError(), exchange.request_id)
+            await respond(call.send, status, error, headers)
