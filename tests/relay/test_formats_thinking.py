@@ -25,7 +25,7 @@ from services.relay.formats import anthropic_messages, responses
 from services.relay.formats.anthropic_stream import MessagesStream
 from services.relay.formats.responses import ResponseShape
 from services.relay.formats.responses_stream import ResponsesStream
-from services.relay.pipeline.relay import payload_for
+from services.relay.pipeline.relay import payload_for, plan_chat
 from services.relay.providers import extensions
 from services.relay.settings import RelaySettings
 from services.relay.stream.streaming import stream_payload
@@ -516,3 +516,25 @@ def test_the_fake_openai_upstream_refuses_other_providers_fields(change: dict[st
         openai_chat(body, Behaviour())
     assert refused.value.status == 400
     assert openai_chat({"model": "m", "messages": [{"role": "user", "content": "a"}]}, Behaviour())
+
+
+def test_documents_and_thinking_sent_back_are_held_for() -> None:
+    # The hold caps the charge: a prompt estimate that left out a PDF or the thinking blocks sent back
+    # would let the provider's count of them go unpaid.
+    pdf = "JVBERi0" * 2000
+    turns = [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "document",
+                    "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+                }
+            ],
+        },
+        {"role": "assistant", "content": [{**THINKING_BLOCKS[0], "thinking": "step " * 2000}]},
+        {"role": "user", "content": "go on"},
+    ]
+    chat = anthropic_messages.to_chat(messages_body(messages=turns), LIMITS)
+    plan = plan_chat(chat, LIMITS)
+    assert plan.prompt_tokens > len(pdf) + len("step " * 2000)

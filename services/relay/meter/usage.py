@@ -31,6 +31,11 @@ def _text_bytes(value: Any) -> int:
             if isinstance(part, dict):
                 if part.get("type") == "image_url":
                     total += _PER_IMAGE_PART_TOKENS
+                elif part.get("type") == "file":
+                    # A document (a PDF as a base64 data URL): its pages are counted as text and
+                    # images, a few thousand tokens a page, which its base64 text outnumbers in
+                    # practice (an estimate, not a bound: a very sparse PDF can count more).
+                    total += _PER_IMAGE_PART_TOKENS + _json_bytes(part.get("file"))
                 else:
                     total += _text_bytes(part.get("text"))
             else:
@@ -53,6 +58,8 @@ def estimate_chat_prompt(messages: list[Any], body: dict[str, Any] | None = None
                 + _text_bytes(message.get("content"))
                 + _text_bytes(message.get("name"))
                 + _json_bytes(message.get("tool_calls"))
+                # Thinking sent back to continue a turn is prompt too.
+                + _json_bytes(message.get("thinking_blocks"))
             )
     if body is not None:
         total += _json_bytes(body.get("tools")) + _json_bytes(body.get("functions"))
