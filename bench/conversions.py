@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import orjson
 
-from bench.inbound_conversions import INBOUND, measure_inbound
+from bench.inbound_conversions import inbound_rows
 from services.relay.providers.anthropic import ANTHROPIC
 from services.relay.providers.base import StreamDecoder
 from services.relay.providers.gemini import GEMINI
@@ -171,8 +171,5 @@ def run() -> str:
     lines = ["| conversion | CPU µs / chunk |", "|---|---:|"]
     for name, (new_decoder, stream) in CONVERSIONS.items():
         lines.append(f"| {name} | {measure(new_decoder, stream()):.2f} |")
-    for name, new_converter in INBOUND.items():
-        events = _openai_stream()
-        figure = measure_inbound(new_converter, events, chunks=CHUNKS, streams=STREAMS, rounds=ROUNDS)
-        lines.append(f"| {name} | {figure:.2f} |")
+    lines += inbound_rows(_openai_stream(), chunks=CHUNKS, streams=STREAMS, rounds=ROUNDS)
     return "\n".join(lines)
