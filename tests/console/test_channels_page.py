@@ -133,6 +133,7 @@ async def test_channel_create_test_and_delete(
     result = page.locator("#channel-test-result")
     await expect(result).to_contain_text(f"OK: {name}")
     await expect(result).to_contain_text("status 200")
+    await expect(result).not_to_contain_text("null")
     assert deployment.upstream.stats()["requests_total"] == upstream_before + 1
     await screenshot(page, screenshots, "channel-tested")
     # A failing upstream: its status and error body are shown.

@@ -115,11 +115,9 @@ async function current(channel) {
 function showTest(result, channel, out) {
   const verdict = result.ok ? "OK" : "Failed";
   const status = result.status ? `status ${result.status}` : "no answer";
-  out.replaceChildren(
-    h("strong", { class: result.ok ? "" : "error" }, `${verdict}: ${channel.name}`),
-    ` · ${result.model} · ${status} · ${fmt.ms(result.latency_ms)}`,
-    result.error ? h("pre", { class: "error" }, result.error) : null,
-  );
+  const shown = [h("strong", { class: result.ok ? "" : "error" }, `${verdict}: ${channel.name}`), ` · ${result.model} · ${status} · ${fmt.ms(result.latency_ms)}`];
+  if (result.error) shown.push(h("pre", { class: "error" }, result.error));
+  out.replaceChildren(...shown);
 }
 
 export async function channels({ main, canWrite }) {
