@@ -538,3 +538,19 @@ def test_documents_and_thinking_sent_back_are_held_for() -> None:
     chat = anthropic_messages.to_chat(messages_body(messages=turns), LIMITS)
     plan = plan_chat(chat, LIMITS)
     assert plan.prompt_tokens > len(pdf) + len("step " * 2000)
+
+
+def test_reasoning_no_assistant_item_followed_goes_with_no_turn() -> None:
+    signed = {"type": "reasoning", "summary": [], "encrypted_content": "sig-1"}
+    body = {
+        "model": "m",
+        "input": [
+            {"role": "user", "content": "a"},
+            signed,
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ],
+    }
+    chat = responses.to_chat(body, LIMITS)
+    assert chat["messages"][2] == {"role": "assistant", "content": "c"}
+    assert extensions.MARK not in chat

@@ -199,6 +199,9 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]], thinking: list[
         messages.append({"role": role, "content": content if role == "user" else _flat(content)})
         if role == "assistant":
             _take_thinking(messages[-1], thinking)
+        else:
+            # Reasoning that no assistant item followed belongs to no turn.
+            thinking.clear()
     elif kind == "function_call":
         call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
         if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, str):
@@ -218,6 +221,7 @@ def _item(item: Any, index: int, messages: list[dict[str, Any]], thinking: list[
         if not isinstance(output, str):
             output = _flat(_content(output, param))
         messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        thinking.clear()
     elif kind == "reasoning":
         block = _thinking(item, param)
         if block is not None:
