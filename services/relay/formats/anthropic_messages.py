@@ -92,7 +92,8 @@ def _marked(block: dict[str, Any], target: dict[str, Any], param: str) -> dict[s
         if not isinstance(control, dict) or control.get("type") != "ephemeral":
             field = param.split("[", 1)[0].split(".", 1)[0]
             raise refuse(
-                f"'{param}.cache_control' must be {{\"type\": \"ephemeral\"}} (with a 'ttl').", field
+                f"'{param}.cache_control' must be {{\"type\": \"ephemeral\"}} (optionally with a 'ttl').",
+                field,
             )
         target["cache_control"] = control
     return target
