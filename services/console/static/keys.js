@@ -307,6 +307,8 @@ export async function keys(ctx) {
   async function loadUsers() {
     await users.load({ q: userSearch.value.trim() });
     renderUsers();
+    // Owners found by this search get their names in the keys list too.
+    if (allKeys.rows.length) renderKeys();
   }
 
   async function loadKeys() {
@@ -316,6 +318,8 @@ export async function keys(ctx) {
 
   async function load() {
     await Promise.all([loadUsers(), loadKeys()]);
+    // The keys' owners are named from the users loaded, which may have arrived second.
+    renderKeys();
   }
 
   userSearch.addEventListener("input", debounced(() => act(loadUsers)));
