@@ -237,6 +237,18 @@ ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
         st.tuples(st.just("tool_choice"), st.sampled_from([b"5", b'{"type":"sometimes"}', b'{"type":[]}'])),
         st.tuples(st.just("stop_sequences"), st.sampled_from([b'"x"', b"[1]"])),
     ],
+    # Counting takes a message without its cap: the same poisons, less max_tokens.
+    "/v1/messages/count_tokens": [
+        deep_values(arrays_only=True).map(
+            lambda deep: ("messages", array([obj([("role", b'"user"'), ("content", deep)])]))
+        ),
+        st.tuples(st.just("messages"), st.sampled_from([b"null", b"[]", b'"hi"', b'[{"role":"system"}]'])),
+        st.tuples(st.just("system"), st.sampled_from([b"5", b"[1]", b'[{"type":"image"}]'])),
+        st.tuples(st.just("tools"), st.sampled_from([b"5", b"[{}]"])),
+        st.tuples(
+            st.just("thinking"), st.sampled_from([b"5", b'{"type":"sometimes"}', b'{"type":"enabled"}'])
+        ),
+    ],
     "/v1/responses": [
         st.tuples(st.just("input"), deep_values(arrays_only=True)),
         st.tuples(
@@ -256,7 +268,7 @@ ROUTE_POISONS: dict[str, list[st.SearchStrategy[Field]]] = {
 }
 STREAMING = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
 # Served by converting to chat: only the format-neutral common poisons apply.
-INBOUND_FORMATS = frozenset({"/v1/messages", "/v1/responses"})
+INBOUND_FORMATS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/responses"})
 WHOLE_BODY_POISONS = st.one_of(
     st.sampled_from([b"", b"[]", b"null", b"1", b'"text"', b"{", b'{"model":', b"\xff\xfe\xfd", b"{}}"]),
     st.binary(max_size=200).filter(lambda raw: _loads_or_none(raw) == "invalid"),
@@ -291,6 +303,9 @@ VALID_FIELDS: dict[str, st.SearchStrategy[list[Field]]] = {
     "/v1/messages": st.tuples(st.just("messages"), messages.filter(lambda m: b'"system"' not in m)).map(
         lambda f: [f, ("max_tokens", b"16")]
     ),
+    "/v1/messages/count_tokens": st.tuples(
+        st.just("messages"), messages.filter(lambda m: b'"system"' not in m)
+    ).map(lambda f: [f]),
     "/v1/responses": st.tuples(st.just("input"), messages).map(lambda f: [f]),
 }
 optional_fields = st.lists(

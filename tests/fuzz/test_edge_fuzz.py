@@ -67,7 +67,7 @@ def _anthropic_route(request: bytes, method: bytes) -> bool:
         len(parts) == 3
         and parts[0] == b"POST"
         and method in (b"", b"POST")
-        and parts[1].split(b"?", 1)[0] == b"/v1/messages"
+        and parts[1].split(b"?", 1)[0] in (b"/v1/messages", b"/v1/messages/count_tokens")
     )
 
 

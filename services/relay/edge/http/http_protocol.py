@@ -47,8 +47,8 @@ __all__ = ["ARRIVED", "ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_p
 
 # The key, in the scope's state, of the request's arrival (``time.perf_counter()``).
 ARRIVED = "relaygate.arrived"
-# POSTs to this path speak Anthropic's Messages API, refusals included.
-_ANTHROPIC_PATH = b"/v1/messages"
+# POSTs to these paths speak Anthropic's Messages API, refusals included.
+_ANTHROPIC_PATHS = frozenset({b"/v1/messages", b"/v1/messages/count_tokens"})
 
 # After a refusal the connection is half-closed and what the client still sends is read and dropped
 # for this long: closing with unread data would reset the connection, and the client could lose the
@@ -211,7 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         parser: httptools.HttpRequestParser | None = self.parser
         # uvicorn sets ``url`` when a request begins: a connection idle since it opened has none.
         url: bytes = getattr(self, "url", b"")
-        if parser is None or url.split(b"?", 1)[0] != _ANTHROPIC_PATH:
+        if parser is None or url.split(b"?", 1)[0] not in _ANTHROPIC_PATHS:
             return False
         return parser.get_method() == b"POST"
 
