@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import jwt
 import pytest
 import sqlalchemy
 
+from services.auth.keys import KeyScope
 from services.auth.models import AdminTokenRevocation
+from services.auth.store import AuthStore
+from services.common.config import DatabaseSettings
 from services.common.db import Database
 from services.common.errors import AuthenticationError
 from services.common.grpc import call
 from services.common.pb.relaygate.auth.v1 import auth_pb2 as pb
+from services.migrations import upgrade
 from tests.auth.harness import TIMEOUT, TOKEN_SECRET, RunningAuth
 
 
@@ -100,3 +105,36 @@ async def test_users_and_keys_are_searched_on_the_server(auth: RunningAuth) -> N
     assert await keys(laptop.key.display_prefix.rstrip(".…")) == [laptop.key.key_id]
     assert await keys(carol.user_id) == [laptop.key.key_id]
     assert await keys("ci", user_id=carol.user_id) == []
+
+
+async def test_revocations_and_search_on_sqlite(tmp_path: Path) -> None:
+    """The embedded default: the same table and queries on SQLite."""
+    url = f"sqlite:///{tmp_path / 'relaygate.db'}"
+    await upgrade(url)
+    db = Database(DatabaseSettings(database_url=url))
+    await db.start()
+    try:
+        store = AuthStore(db)
+        now = int(time.time())
+        user = await store.create_user(name="Local_Admin", email="", admin=True, limits={}, now=now)
+        key = await store.create_key(
+            user_id=user.id,
+            public_id="AbCdEfGh1234",
+            secret_hash=b"x" * 32,
+            scope=KeyScope(name="laptop"),
+            now=now,
+        )
+        assert [u.id for u in await store.list_users(query="local_")] == [user.id]
+        assert await store.list_users(query="local%") == []
+        assert [k.id for k in await store.list_keys(query="rg-AbCd")] == [key.id]
+        assert await store.admin_token_state(key.id, token_id="tok_a") is not None
+        assert not (await store.admin_token_state(key.id, token_id="tok_a") or (None, True))[1]
+        await store.revoke_admin_token("tok_a", expires_at=now + 60, now=now)
+        await store.revoke_admin_token("tok_a", expires_at=now + 60, now=now)
+        assert (await store.admin_token_state(key.id, token_id="tok_a") or (None, False))[1]
+        assert not (await store.admin_token_state(key.id, token_id="tok_b") or (None, True))[1]
+        # Once it would have expired, the next revocation clears it.
+        await store.revoke_admin_token("tok_b", expires_at=now + 120, now=now + 61)
+        assert not (await store.admin_token_state(key.id, token_id="tok_a") or (None, True))[1]
+    finally:
+        await db.close()
