@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import sqlalchemy
 from playwright.async_api import Page, expect
 
+from services.common.db import Database
+from services.logger.models import UsageHourly
 from tests.console.browser import open_page, sign_in
 from tests.console.conftest import TIMEZONE
 from tests.console.test_console import eventually
@@ -138,3 +143,58 @@ async def test_logs_filter_by_user_model_status_and_time(
     await page.locator("#logs-until").fill(_local(now + timedelta(minutes=2)))
     await filter_button.click()
     await expect(rows).to_have_count(3)
+
+
+HOUR_MS = 3_600_000
+# Spread over days 8 to 29 before now: inside the 30-day range, outside the 24 h and 7 d ones the other
+# tests read. 19 models x 528 hours: more buckets than one page of the usage API (10,000).
+BULK_MODELS = 19
+BULK_HOURS = range(8 * 24, 30 * 24)
+
+
+@pytest.fixture
+async def bulk_usage(deployment: Deployment) -> AsyncIterator[str]:
+    """10,032 hourly rollup rows of made-up models (written to the rollups, as the logger would), removed
+    afterwards; their models' common prefix."""
+    prefix = f"bulk-{uuid.uuid4().hex[:6]}-"
+    now_hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS
+    rows = [
+        {
+            "hour_ms": now_hour - h * HOUR_MS,
+            "key_id": "key_bulk",
+            "user_id": "usr_bulk",
+            "model": f"{prefix}{m:02d}",
+            "requests": 1,
+            "cost_micros": 1,
+        }
+        for m in range(BULK_MODELS)
+        for h in BULK_HOURS
+    ]
+    db = Database(deployment.db.settings())
+    await db.start()
+    try:
+        async with db.transaction() as session:
+            await session.execute(sqlalchemy.insert(UsageHourly), rows)
+        yield prefix
+    finally:
+        async with db.transaction() as session:
+            await session.execute(sqlalchemy.delete(UsageHourly).where(UsageHourly.model.startswith(prefix)))
+        await db.close()
+
+
+async def test_usage_reads_every_page_of_buckets(
+    console_page: Page, deployment: Deployment, bulk_usage: str
+) -> None:
+    page = console_page
+    await _signed_in(page, deployment)
+    await open_page(page, "usage")
+    await page.locator("#usage-range").select_option("30d")
+    await page.get_by_role("button", name="Show").click()
+    expected = BULK_MODELS * len(BULK_HOURS)
+    await expect(page.locator("#usage-count")).to_contain_text("the table shows the first 1,000")
+    async with page.expect_download() as download:
+        await page.get_by_role("button", name="Export CSV").click()
+    exported = Path(await (await download.value).path()).read_text().splitlines()
+    assert sum(1 for line in exported if f",{bulk_usage}" in line) == expected
+    await expect(page.locator("#usage-table tbody tr")).to_have_count(1000)
+    await expect(page.locator("#usage-note")).to_be_empty()

@@ -6,6 +6,8 @@ const RANGES = { "24h": 24 * 3600_000, "7d": 7 * 86400_000, "30d": 30 * 86400_00
 const TOP_SERIES = 6;
 // Buckets read per range at most (pages of 10,000); beyond it the page says the figures are partial.
 const MAX_BUCKETS = 100_000;
+// Rows the table draws; the chart and the CSV export take every bucket read.
+const TABLE_ROWS = 1000;
 
 export async function usage({ main }) {
   const granularity = h("select", { id: "usage-granularity" }, h("option", { value: "hour" }, "hour"), h("option", { value: "day" }, "day"));
@@ -17,7 +19,8 @@ export async function usage({ main }) {
   const chartBox = h("div", { class: "chart", id: "usage-chart" });
   const tableBox = h("div", { id: "usage-table" });
   const note = h("p", { id: "usage-note", class: "hint", role: "status" });
-  main.append(form, note, h("section", {}, h("h2", {}, "Over time"), chartBox), h("section", {}, h("h2", {}, "Buckets"), tableBox));
+  const count = h("p", { id: "usage-count", class: "hint", role: "status" });
+  main.append(form, note, h("section", {}, h("h2", {}, "Over time"), chartBox), h("section", {}, h("h2", {}, "Buckets"), count, tableBox));
 
   let rows = [];
   // Names for the ids the rollups carry, read once for this page.
@@ -67,7 +70,11 @@ export async function usage({ main }) {
     });
     rows.sort((a, b) => Number(a.bucket_start_ms) - Number(b.bucket_start_ms) || a.name.localeCompare(b.name));
     note.textContent = partial ? `Partial: only the first ${fmt.int(found.length)} buckets of this range are shown; choose a shorter range or per day.` : "";
-    tableBox.replaceChildren(table(columns, rows, { caption: `Usage per ${granularity.value} by ${dim}`, empty: "No usage in this range." }));
+    count.textContent =
+      rows.length > TABLE_ROWS
+        ? `${fmt.int(rows.length)} buckets; the table shows the first ${fmt.int(TABLE_ROWS)}, the CSV export has them all.`
+        : `${fmt.int(rows.length)} buckets.`;
+    tableBox.replaceChildren(table(columns, rows.slice(0, TABLE_ROWS), { caption: `Usage per ${granularity.value} by ${dim}`, empty: "No usage in this range." }));
     const value = {
       cost: (b) => Number(b.cost_micros) / 1e6,
       tokens: (b) => Number(b.prompt_tokens) + Number(b.completion_tokens),
