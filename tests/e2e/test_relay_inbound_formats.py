@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from services.common.pricing import Price, Usage, cost
-from services.fake_upstream.thinking import signature_of
+from services.fake_upstream.thinking import redacted_data, signature_of
 from tests.e2e.stack import PRICE, Deployment, balance, fund_user, ok, only_log_row
 
 pytestmark = pytest.mark.shared_stack
@@ -824,3 +824,51 @@ def test_count_tokens_without_an_anthropic_channel_says_why(deployment: Deployme
             model=MODEL, messages=[{"role": "user", "content": "x"}]
         )
     assert deployment.upstream.stats()["requests_total"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+def test_redacted_thinking_through_both_formats_and_back(
+    deployment: Deployment, anthropic_channel: str, stream: bool
+) -> None:
+    deployment.upstream.configure(
+        chunks=2, tool_call=True, reasoning_tokens=REASONING, redacted_thinking=True
+    )
+    _, key = fund_user(deployment, FUNDS)
+    sealed = redacted_data(THOUGHT)
+    request = thinking_request(anthropic_channel)
+    if stream:
+        with claude(deployment, key).messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = claude(deployment, key).messages.create(**request)
+    assert [block.type for block in message.content] == ["redacted_thinking", "text", "tool_use"]
+    assert message.content[0].type == "redacted_thinking" and message.content[0].data == sealed
+
+    client = responses_sdk(deployment, key)
+    asked: dict[str, Any] = {
+        "model": anthropic_channel,
+        "input": QUESTION,
+        "tools": [WEATHER_FUNCTION],
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 2048,
+    }
+    if stream:
+        with client.responses.stream(**asked) as events:
+            response = events.get_final_response()
+    else:
+        response = client.responses.create(**asked)
+    reasoning = response.output[0]
+    assert reasoning.type == "reasoning" and reasoning.summary == []
+    assert reasoning.encrypted_content == "redacted_thinking:" + sealed
+    call = response.output[-1]
+    assert call.type == "function_call"
+    given: Any = [
+        {"role": "user", "content": QUESTION},
+        *[item.model_dump(exclude_none=True) for item in response.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    client.responses.create(
+        model=anthropic_channel, input=given, tools=[WEATHER_FUNCTION], max_output_tokens=2048
+    )
+    turn = anthropic_request_seen(deployment)["messages"][1]
+    assert turn["content"][0] == {"type": "redacted_thinking", "data": sealed}
