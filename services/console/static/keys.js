@@ -65,7 +65,8 @@ function limitsForm(current = {}, budgets = {}) {
 }
 
 async function budgetsOf(scope, id) {
-  const listing = await api.get(`budgets/${scope}/${id}`);
+  // From the primary: the form's starting values must include a change just saved.
+  const listing = await api.get(`budgets/${scope}/${id}`, { consistent: "true" });
   return listing.budgets || [];
 }
 
@@ -86,7 +87,7 @@ function budgetTable(budgets) {
 }
 
 async function userPanel(user, ctx, refresh) {
-  const [balance, budgets] = await Promise.all([api.get(`users/${user.user_id}/balance`), budgetsOf("user", user.user_id)]);
+  const [balance, budgets] = await Promise.all([api.get(`users/${user.user_id}/balance`, { consistent: "true" }), budgetsOf("user", user.user_id)]);
   const panel = h(
     "section",
     { id: "user-panel", "aria-label": `User ${user.name}` },
