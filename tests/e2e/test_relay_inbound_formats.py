@@ -734,6 +734,26 @@ def test_a_pdf_document_to_an_anthropic_channel(deployment: Deployment, anthropi
     assert block["source"] == {"type": "base64", "media_type": "application/pdf", "data": PDF}
 
 
+def reasoning_request(model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "input": QUESTION,
+        "tools": [WEATHER_FUNCTION],
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 2048,
+    }
+
+
+def sent_back(response: openai.types.responses.Response, call_id: str) -> Any:
+    """The next turn's input: the question, the output sent back (as a caller without stored
+    responses does), and the call's result."""
+    return [
+        {"role": "user", "content": QUESTION},
+        *[item.model_dump(exclude_none=True) for item in response.output],
+        {"type": "function_call_output", "call_id": call_id, "output": "sunny"},
+    ]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
 def test_responses_reasoning_through_an_anthropic_channel_and_back(
     deployment: Deployment, anthropic_channel: str, stream: bool
@@ -741,13 +761,7 @@ def test_responses_reasoning_through_an_anthropic_channel_and_back(
     configure_claude(deployment)
     user_id, key = fund_user(deployment, FUNDS)
     client = responses_sdk(deployment, key)
-    request: dict[str, Any] = {
-        "model": anthropic_channel,
-        "input": QUESTION,
-        "tools": [WEATHER_FUNCTION],
-        "reasoning": {"effort": "low"},
-        "max_output_tokens": 2048,
-    }
+    request = reasoning_request(anthropic_channel)
     if stream:
         with client.responses.stream(**request) as events:
             kinds = [event.type for event in events]
@@ -766,15 +780,9 @@ def test_responses_reasoning_through_an_anthropic_channel_and_back(
 
     call = response.output[2]
     assert call.type == "function_call"
-    # The output sent back as input, as a caller without stored responses does.
-    given: Any = [
-        {"role": "user", "content": QUESTION},
-        *[item.model_dump(exclude_none=True) for item in response.output],
-        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
-    ]
     follow_up = client.responses.create(
         model=anthropic_channel,
-        input=given,
+        input=sent_back(response, call.call_id),
         tools=[WEATHER_FUNCTION],
         reasoning={"effort": "low"},
         max_output_tokens=2048,
@@ -845,13 +853,7 @@ def test_redacted_thinking_through_both_formats_and_back(
     assert message.content[0].type == "redacted_thinking" and message.content[0].data == sealed
 
     client = responses_sdk(deployment, key)
-    asked: dict[str, Any] = {
-        "model": anthropic_channel,
-        "input": QUESTION,
-        "tools": [WEATHER_FUNCTION],
-        "reasoning": {"effort": "low"},
-        "max_output_tokens": 2048,
-    }
+    asked = reasoning_request(anthropic_channel)
     if stream:
         with client.responses.stream(**asked) as events:
             response = events.get_final_response()
@@ -862,13 +864,11 @@ def test_redacted_thinking_through_both_formats_and_back(
     assert reasoning.encrypted_content == "redacted_thinking:" + sealed
     call = response.output[-1]
     assert call.type == "function_call"
-    given: Any = [
-        {"role": "user", "content": QUESTION},
-        *[item.model_dump(exclude_none=True) for item in response.output],
-        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
-    ]
     client.responses.create(
-        model=anthropic_channel, input=given, tools=[WEATHER_FUNCTION], max_output_tokens=2048
+        model=anthropic_channel,
+        input=sent_back(response, call.call_id),
+        tools=[WEATHER_FUNCTION],
+        max_output_tokens=2048,
     )
     turn = anthropic_request_seen(deployment)["messages"][1]
     assert turn["content"][0] == {"type": "redacted_thinking", "data": sealed}

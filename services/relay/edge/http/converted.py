@@ -30,7 +30,7 @@ from services.relay.pipeline.principals import extract_api_key
 from services.relay.settings import RelaySettings
 from services.relay.stream.streaming import StreamRelay
 
-__all__ = ["Conversion", "ErrorRenderer", "InboundFormat", "serve"]
+__all__ = ["Conversion", "ErrorRenderer", "InboundFormat", "read_request", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,24 @@ class InboundFormat:
     error: ErrorRenderer
 
 
+async def read_request(call: Call) -> tuple[str, dict[str, Any]]:
+    """The caller's key and JSON body, within the relay's limits. A missing key is refused before
+    the body is even read (either header, as on every route)."""
+    api_key = bounded_credential(
+        extract_api_key(call.incoming.authorization, call.incoming.x_api_key), MAX_API_KEY_CHARS
+    )
+    settings = call.gateway.settings
+    raw = await read_body(call.receive, call.incoming.content_length, settings.max_body_bytes)
+    return api_key, parse_json(raw, max_depth=settings.max_json_depth)
+
+
 async def serve(call: Call, fmt: InboundFormat) -> None:
     """Serve one POST in ``fmt`` (see the module docstring)."""
     gateway = call.gateway
     exchange = begin(call, fmt.endpoint)
     try:
-        # A missing key is refused before the body is even read (either header, as on every route).
-        api_key = bounded_credential(
-            extract_api_key(call.incoming.authorization, call.incoming.x_api_key), MAX_API_KEY_CHARS
-        )
-        settings = gateway.settings
-        raw = await read_body(call.receive, call.incoming.content_length, settings.max_body_bytes)
-        body = parse_json(raw, max_depth=settings.max_json_depth)
-        chat = fmt.to_chat(body, settings)
+        api_key, body = await read_request(call)
+        chat = fmt.to_chat(body, gateway.settings)
         conversion = fmt.conversion(body, exchange)
         request = await pipeline.admit(gateway, exchange, pipeline.CHAT, api_key, orjson.dumps(chat))
         if request.plan.stream:

@@ -17,17 +17,15 @@ from typing import Any
 import orjson
 
 from services.common.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
-from services.relay.edge.http.converted import InboundFormat, serve
+from services.relay.edge.http.converted import InboundFormat, read_request, serve
 from services.relay.edge.http.headers import JSON, RawHeaders
-from services.relay.edge.http.requests import ClientGone, read_body
+from services.relay.edge.http.requests import ClientGone
 from services.relay.edge.http.routes import Call, begin, respond
 from services.relay.formats.anthropic_errors import anthropic_error
 from services.relay.formats.anthropic_messages import COUNT_FIELDS, COUNT_TOKENS_PATH, to_anthropic, to_chat
 from services.relay.formats.anthropic_stream import MessagesStream
 from services.relay.formats.common import read_answer
 from services.relay.meter.record import Exchange
-from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential, parse_json
-from services.relay.pipeline.principals import extract_api_key
 from services.relay.upstream.channels import Channel
 
 __all__ = ["count_tokens", "messages"]
@@ -71,14 +69,9 @@ async def count_tokens(call: Call) -> None:
     gateway = call.gateway
     exchange = begin(call, "messages.count_tokens")
     try:
-        api_key = bounded_credential(
-            extract_api_key(call.incoming.authorization, call.incoming.x_api_key), MAX_API_KEY_CHARS
-        )
-        settings = gateway.settings
-        raw = await read_body(call.receive, call.incoming.content_length, settings.max_body_bytes)
-        body = parse_json(raw, max_depth=settings.max_json_depth)
+        api_key, body = await read_request(call)
         # Counting takes no output cap; the conversion checks everything else as for a message.
-        chat = to_chat({**body, "max_tokens": 1, "stream": False}, settings)
+        chat = to_chat({**body, "max_tokens": 1, "stream": False}, gateway.settings)
         model = str(chat["model"])
         exchange.asked_for(model)
         await gateway.authenticator.authenticate(api_key, model=model, client_ip=exchange.client_ip)
