@@ -35,6 +35,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 SHARED = frozenset({"settings"})
 # The process entry point wires the HTTP edge; nothing imports it.
 ENTRY = "__main__"
+# The two fronts stand side by side on the pipeline; only the composition root that starts them
+# (the HTTP app's lifespan also runs the gRPC server) may name the other.
+FRONTS = frozenset({"edge.http", "edge.grpc"})
+COMPOSITION_ROOT = "edge.http.app"
 # The one module that builds a UsageEvent, and the only one that sets an Exchange's fields.
 RECORD = "meter.record"
 RECORD_CLASS = "Exchange"
@@ -77,6 +81,11 @@ def layer_of(module: str) -> str:
     return module.split(".", 1)[0]
 
 
+def _front(module: str) -> str:
+    """The front (``edge.http`` or ``edge.grpc``) a module belongs to, else ``""``."""
+    return next((front for front in FRONTS if module == front or module.startswith(front + ".")), "")
+
+
 def violations(name: str, source: str, *, is_package: bool = False) -> list[str]:
     """Every import of ``name``'s ``source`` that goes against the layering."""
     layer = layer_of(name)
@@ -84,6 +93,9 @@ def violations(name: str, source: str, *, is_package: bool = False) -> list[str]
     for target in sorted(imported(name, ast.parse(source), is_package=is_package)):
         other = layer_of(target)
         if other == layer:
+            front, target_front = _front(name), _front(target)
+            if front and target_front and front != target_front and name != COMPOSITION_ROOT:
+                wrong.append(f"{name} imports {target}")
             continue
         if name == ENTRY:
             allowed = other == "edge" or other in SHARED
@@ -122,6 +134,8 @@ def test_imports_go_one_way() -> None:
         ("pipeline.relay", "def f() -> None:\n    import services.relay.edge.http.front\n"),
         ("upstream.proxy", "from ..stream.sse import StreamScanner\n"),
         ("settings", "from services.relay.meter.usage import from_body\n"),
+        ("edge.grpc.servicer", "from services.relay.edge.http.headers import JSON\n"),
+        ("edge.http.routes", "from services.relay.edge.grpc import status\n"),
     ],
 )
 def test_an_import_against_the_layers_is_caught(name: str, source: str) -> None:
@@ -135,6 +149,8 @@ def test_an_import_against_the_layers_is_caught(name: str, source: str) -> None:
         ("pipeline.relay", "from services.relay.stream.streaming import StreamRelay\n"),
         ("upstream.proxy", "from services.relay.meter.record import Exchange\n"),
         ("meter.record", "from services.relay.settings import RelaySettings\n"),
+        ("edge.http.app", "from services.relay.edge.grpc.server import grpc_front\n"),
+        ("edge.grpc.servicer", "from services.relay.edge.grpc.status import refusal\n"),
     ],
 )
 def test_an_import_down_the_layers_is_allowed(name: str, source: str) -> None:

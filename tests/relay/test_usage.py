@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from services.common.pb.relaygate.quota.v1.quota_pb2 import RateLimitWindow, ReserveResponse
-from services.relay.edge.http.headers import ratelimit_headers, reset_text
+from services.relay.meter.facts import ratelimit_facts, reset_text
 from services.relay.meter.usage import (
     estimate_answer,
     estimate_chat_prompt,
@@ -51,10 +51,10 @@ def test_reset_durations_look_like_openais(milliseconds: int, text: bytes) -> No
     assert reset_text(milliseconds) == text
 
 
-def test_ratelimit_headers_only_for_the_windows_quota_reported() -> None:
-    assert ratelimit_headers(ReserveResponse()) == []
+def test_ratelimit_facts_only_for_the_windows_quota_reported() -> None:
+    assert ratelimit_facts(ReserveResponse()) == []
     reservation = ReserveResponse(requests=RateLimitWindow(limit=60, remaining=59, reset_ms=1000))
-    assert ratelimit_headers(reservation) == [
+    assert ratelimit_facts(reservation) == [
         (b"x-ratelimit-limit-requests", b"60"),
         (b"x-ratelimit-remaining-requests", b"59"),
         (b"x-ratelimit-reset-requests", b"1s"),

@@ -11,7 +11,7 @@ Metadata read: ``authorization`` (or ``x-api-key``), ``x-request-id`` (the calle
 correlation), ``x-relaygate-cache`` (the response cache switch, as the HTTP header). Sent back in the
 initial metadata: ``x-request-id`` (the relay's id of the request) and ``x-relaygate-cache``. The
 trailing metadata carries the gateway facts the HTTP front sends as response headers
-(:func:`services.relay.edge.http.headers.gateway_headers`: request id, ``x-ratelimit-*``,
+(:func:`services.relay.meter.facts.gateway_facts`: request id, ``x-ratelimit-*``,
 ``x-relaygate-overhead-ms``, ``x-relaygate-available-micros``, ``x-relaygate-cache``), taken when
 HTTP takes them: once the answer is in, or when a stream starts (the upstream has answered).
 """
@@ -38,7 +38,7 @@ from services.common.rpc_policy import INFERENCE_SERVICE, method_name
 from services.relay.edge.grpc import convert
 from services.relay.edge.grpc.chunks import GrpcSink
 from services.relay.edge.grpc.status import Metadata, refusal
-from services.relay.edge.http.headers import gateway_headers
+from services.relay.meter.facts import gateway_facts
 from services.relay.meter.record import Exchange
 from services.relay.pipeline import relay as pipeline
 from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential
@@ -83,8 +83,7 @@ class Caller:
 def gateway_metadata(exchange: Exchange, *, cache: bytes | None = None) -> Metadata:
     """The HTTP front's gateway headers of ``exchange``, as gRPC metadata (the same names)."""
     return tuple(
-        (name.decode("ascii"), value.decode("ascii"))
-        for name, value in gateway_headers(exchange, cache=cache)
+        (name.decode("ascii"), value.decode("ascii")) for name, value in gateway_facts(exchange, cache=cache)
     )
 
 

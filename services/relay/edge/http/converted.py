@@ -18,11 +18,12 @@ from typing import Any, Protocol
 import orjson
 
 from services.common.errors import GatewayError
-from services.relay.edge.http.headers import JSON, STREAM_HEADERS, RawHeaders, gateway_headers
+from services.relay.edge.http.headers import JSON, STREAM_HEADERS, RawHeaders
 from services.relay.edge.http.requests import ClientGone, read_body
 from services.relay.edge.http.routes import Call, begin, respond
 from services.relay.edge.http.sse_sink import HttpSink
 from services.relay.formats.stream_sink import ConvertingSink, StreamConverter
+from services.relay.meter.facts import gateway_facts
 from services.relay.meter.record import Exchange
 from services.relay.pipeline import relay as pipeline
 from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential, parse_json
@@ -99,7 +100,7 @@ async def _refuse(call: Call, exchange: Exchange, exc: GatewayError, render: Err
     await pipeline.refuse(call.gateway, exchange, exc)
     status, body, headers = render(exc, exchange.request_id)
     if exchange.held:
-        headers.extend(gateway_headers(exchange)[1:])
+        headers.extend(gateway_facts(exchange)[1:])
     await respond(call.send, status, body, headers)
 
 
@@ -114,7 +115,7 @@ async def _answer(
         status, error, headers = render(exc, exchange.request_id)
         await respond(call.send, status, error, headers)
         return
-    await respond(call.send, answer.status, body, [JSON, *gateway_headers(exchange, cache=answer.cache)])
+    await respond(call.send, answer.status, body, [JSON, *gateway_facts(exchange, cache=answer.cache)])
     pipeline.keep_answer(call.gateway, exchange, answer)
 
 
@@ -125,7 +126,7 @@ async def _stream(
     converter: StreamConverter,
 ) -> None:
     async def deliver(relay: StreamRelay) -> None:
-        sink = HttpSink(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)])
+        sink = HttpSink(call.receive, call.send, [*STREAM_HEADERS, *gateway_facts(exchange)])
         await relay.run(ConvertingSink(sink, converter))
 
     await pipeline.relay_stream(

@@ -21,11 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.errors import GatewayError, ModelNotFound
 from services.common.telemetry import service_registry
-from services.relay.edge.http.headers import JSON, STREAM_HEADERS, gateway_headers
+from services.relay.edge.http.headers import JSON, STREAM_HEADERS
 from services.relay.edge.http.http_protocol import ARRIVED
 from services.relay.edge.http.openai_errors import error_body, sse_error
 from services.relay.edge.http.requests import ClientGone, Incoming, read_body
 from services.relay.edge.http.sse_sink import HttpSink
+from services.relay.meter.facts import gateway_facts
 from services.relay.meter.record import Exchange
 from services.relay.pipeline import relay as pipeline
 from services.relay.pipeline.checks import MAX_API_KEY_CHARS, bounded_credential
@@ -121,20 +122,20 @@ async def _refuse(call: Call, exchange: Exchange, exc: GatewayError) -> None:
     await pipeline.refuse(call.gateway, exchange, exc)
     status, body, headers = error_body(exc, request_id=exchange.request_id)
     if exchange.held:
-        headers.extend(gateway_headers(exchange)[1:])
+        headers.extend(gateway_facts(exchange)[1:])
     await respond(call.send, status, body, headers)
 
 
 async def _relay_json(call: Call, exchange: Exchange, request: pipeline.Admitted) -> None:
     answer = await pipeline.answer_json(call.gateway, exchange, request, cache_hint=call.incoming.cache)
-    headers = [(b"content-type", answer.content_type), *gateway_headers(exchange, cache=answer.cache)]
+    headers = [(b"content-type", answer.content_type), *gateway_facts(exchange, cache=answer.cache)]
     await respond(call.send, answer.status, answer.body, headers)
     pipeline.keep_answer(call.gateway, exchange, answer)
 
 
 async def _relay_stream(call: Call, exchange: Exchange, request: pipeline.Admitted) -> None:
     async def deliver(relay: StreamRelay) -> None:
-        await relay.run(HttpSink(call.receive, call.send, [*STREAM_HEADERS, *gateway_headers(exchange)]))
+        await relay.run(HttpSink(call.receive, call.send, [*STREAM_HEADERS, *gateway_facts(exchange)]))
 
     await pipeline.relay_stream(call.gateway, exchange, request, error_event=sse_error, deliver=deliver)
 
