@@ -47,15 +47,10 @@ class Minutes:
 
     def observe(self, name: str, seconds: float) -> None:
         """One sample of the distribution ``name`` in the current minute (the hot path: O(1))."""
-        sketches = self._slot().sketches
-        sketch = sketches.get(name)
-        if sketch is None:
-            sketch = sketches[name] = Sketch()
-        sketch.add(seconds)
+        self._slot().observe(name, seconds)
 
     def add(self, name: str, amount: float = 1.0) -> None:
-        counters = self._slot().counters
-        counters[name] = counters.get(name, 0.0) + amount
+        self._slot().add(name, amount)
 
     def _rotate(self, number: int) -> None:
         if self._current.counters or self._current.sketches:

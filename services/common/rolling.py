@@ -28,6 +28,15 @@ class Slot:
     counters: dict[str, float] = field(default_factory=dict)
     sketches: dict[str, Sketch] = field(default_factory=dict)
 
+    def observe(self, name: str, seconds: float) -> None:
+        sketch = self.sketches.get(name)
+        if sketch is None:
+            sketch = self.sketches[name] = Sketch()
+        sketch.add(seconds)
+
+    def add(self, name: str, amount: float) -> None:
+        self.counters[name] = self.counters.get(name, 0.0) + amount
+
     def absorb(self, other: Slot, *, sign: int = 1) -> None:
         for name, value in other.counters.items():
             self.counters[name] = self.counters.get(name, 0.0) + sign * value
@@ -62,15 +71,10 @@ class Rolling:
 
     def observe(self, name: str, seconds: float) -> None:
         """One sample of the distribution ``name`` (the hot path: O(1))."""
-        sketches = self._slot().sketches
-        sketch = sketches.get(name)
-        if sketch is None:
-            sketch = sketches[name] = Sketch()
-        sketch.add(seconds)
+        self._slot().observe(name, seconds)
 
     def add(self, name: str, amount: float = 1.0) -> None:
-        counters = self._slot().counters
-        counters[name] = counters.get(name, 0.0) + amount
+        self._slot().add(name, amount)
 
     def _rotate(self, number: int) -> None:
         finished = self._current
