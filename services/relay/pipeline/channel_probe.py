@@ -21,10 +21,13 @@ import httpx
 import orjson
 
 from services.common.credentials import mask
+from services.relay.providers.base import CHAT_PATH
 from services.relay.upstream.channels import Channel
 from services.relay.upstream.transport import ChannelTransport
 
-CHAT_PATH = b"/chat/completions"
+# The path a probe is sent to (re-exported: the admin route checks the channel serves it).
+__all__ = ["CHAT_PATH", "ProbeResult", "probe"]
+
 # What the probe asks for: one output token of a one-word prompt.
 _PROMPT = "ping"
 _MAX_TOKENS = 1

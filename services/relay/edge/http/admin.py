@@ -414,7 +414,8 @@ async def reset_breaker(channel_id: str, request: Request, gateway: GatewayDep) 
     await require_admin(request, gateway, WRITE)
     if not any(c.id == channel_id for c in gateway.channels.table.channels):
         raise NotFound(f"No enabled channel {channel_id!r}.", param="channel_id")
-    assert gateway.breaker_resets is not None
+    if gateway.breaker_resets is None:
+        raise ServiceUnavailable("This relay was built without its breaker resets.")
     relays = await gateway.breaker_resets.everywhere(channel_id)
     return render_dict({"reset": True, "relays": relays})
 
