@@ -197,6 +197,27 @@ def test_refusals_before_routing_speak_anthropic_on_the_messages_route(deploymen
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
 
 
+@pytest.mark.parametrize("path", [b"/v1/messages", b"/v1/messages/count_tokens"])
+def test_a_target_the_parser_refuses_is_answered_in_anthropics_shape_on_the_messages_route(
+    deployment: Deployment, path: bytes
+) -> None:
+    """A raw non-ASCII byte in the query stops the HTTP parser inside the target, before the server
+    knows the path: the refusal still reads the request line."""
+    port = int(deployment.relay_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST " + path + b"?limit=\xe2\x82\xac HTTP/1.1\r\nhost: relay\r\ncontent-length: 0\r\n\r\n"
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), received
+    answer = orjson.loads(body)
+    assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}, answer
+    assert "not valid HTTP/1.1" in answer["error"]["message"]
+
+
 def test_a_pipelined_request_s_wait_behind_the_one_before_counts(
     deployment: Deployment, account: tuple[str, str]
 ) -> None:

@@ -49,6 +49,8 @@ __all__ = ["ARRIVED", "ConnectionLimits", "GuardedHttpToolsProtocol", "guarded_p
 ARRIVED = "relaygate.arrived"
 # POSTs to these paths speak Anthropic's Messages API, refusals included.
 _ANTHROPIC_PATHS = frozenset({b"/v1/messages", b"/v1/messages/count_tokens"})
+# The start of a request kept while its head is read: enough for the method and those paths.
+_LINE_START_BYTES = 64
 
 # After a refusal the connection is half-closed and what the client still sends is read and dropped
 # for this long: closing with unread data would reset the connection, and the client could lose the
@@ -85,6 +87,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._refusal: GatewayError | None = None
         self._lingering = False
+        # The first bytes of the request whose head is being read (see _speaks_anthropic).
+        self._line_start = b""
+        self._keeping_line = True
 
     # --- connection events ---------------------------------------------------------------------
 
@@ -100,6 +105,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering:
             return
         self._unset_keepalive_if_required()
+        if self._keeping_line and len(self._line_start) < _LINE_START_BYTES:
+            self._line_start += data[: _LINE_START_BYTES - len(self._line_start)]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserInvalidMethodError:
@@ -147,9 +154,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self.scope["state"][ARRIVED] = time.perf_counter()
         self._reading_head = False
+        self._keeping_line = False
         self._arm(self.limits.body_timeout_s, head=False)
 
     def on_message_complete(self) -> None:
+        # The next request starts with the next segment (a pipelined one already inside this segment
+        # is not kept: its refusal, if any, is in OpenAI's shape).
+        self._line_start = b""
+        self._keeping_line = True
         self._disarm()
         super().on_message_complete()
 
@@ -209,11 +221,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Whether the refused request is a POST to the Messages API, whose callers read Anthropic's
         errors (once the target is read, the method before it is known)."""
         parser: httptools.HttpRequestParser | None = self.parser
-        # uvicorn sets ``url`` when a request begins: a connection idle since it opened has none.
+        # uvicorn sets ``url`` as the parser reads the target; a target the parser refused (a raw
+        # non-ASCII byte in the query) never reaches it, so the request line is read from its bytes.
         url: bytes = getattr(self, "url", b"")
-        if parser is None or url.split(b"?", 1)[0] not in _ANTHROPIC_PATHS:
-            return False
-        return parser.get_method() == b"POST"
+        if url and parser is not None:
+            method = parser.get_method()
+        else:
+            method, _, rest = self._line_start.partition(b" ")
+            url = rest.split(b" ", 1)[0]
+        return method == b"POST" and url.split(b"?", 1)[0] in _ANTHROPIC_PATHS
 
 
 def _response(exc: GatewayError, allow: str, *, anthropic: bool) -> bytes:
