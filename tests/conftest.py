@@ -11,13 +11,13 @@ from redis.asyncio import Redis
 from devinfra.backing import SETUP_HINT, BackingServices, missing_binaries
 from services.common.redis import redis_client
 
-pytest_plugins = ["tests.db_fixtures"]
+pytest_plugins = ["tests.db_fixtures", "tests.deployments"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "shared_stack: the module runs on the session's shared e2e deployment (tests/e2e/conftest.py)",
+        "shared_stack: the module runs on the session's shared e2e deployment (tests/deployments.py)",
     )
 
 

@@ -1,5 +1,5 @@
 """Database fixtures: a fresh, migrated PostgreSQL database (primary + replica) per test module, and one
-for the session's shared deployment (tests/e2e/conftest.py)."""
+for the session's shared deployment (tests/deployments.py)."""
 
 from __future__ import annotations
 

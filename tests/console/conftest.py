@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.e2e.conftest import deployment, relay_env, shared_stack
-
-__all__ = ["browser", "console_page", "deployment", "relay_env", "screenshots", "shared_stack"]
+__all__ = ["browser", "console_page", "screenshots"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

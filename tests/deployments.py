@@ -1,4 +1,4 @@
-"""The deployment every e2e module runs against: the four services as separate processes, the
+"""The deployment every e2e (and console) module runs against: the four services as separate processes, the
 session's Redis and Kafka, and a fake upstream channel serving :data:`tests.e2e.stack.MODEL`.
 
 A module marked ``shared_stack`` (``pytestmark = pytest.mark.shared_stack``) runs on the session's
@@ -11,6 +11,10 @@ then gets a relay process with them)::
     @pytest.fixture(scope="module")
     def relay_env() -> dict[str, str]:
         return {"RELAYGATE_MAX_BODY_BYTES": "65536"}
+
+Registered once for the whole suite (``pytest_plugins`` in ``tests/conftest.py``): a conftest that
+imported these fixtures would define a second ``shared_stack``, a second shared deployment on the same
+database, whose channels the first one's relays would then also route to.
 """
 
 from __future__ import annotations
