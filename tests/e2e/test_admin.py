@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devinfra.processes import ManagedProcess
+from devinfra.processes import ManagedProcess, wait_until
 from services.cli import main
 from tests.e2e.stack import MODEL, Deployment
 
@@ -267,5 +267,13 @@ def test_a_key_whose_budget_cannot_be_stored_is_revoked(deployment: Deployment) 
         )
         stack.processes[stack.processes.index(old)] = new
         new.wait_listening(timeout=60)
+        # Listening is not enough for the modules after this one on the shared stack: the relay's
+        # channel to quota may still be backing off from the outage.
+        with deployment.admin() as admin:
+            wait_until(
+                lambda: admin.get(f"/admin/v1/users/{user['user_id']}/balance").status_code == 200,
+                timeout=30,
+                what="the relay reaching quota again",
+            )
     [key] = cli(deployment, "keys", "list", "--user", user["user_id"])["keys"]
     assert key["revoked"] is True
