@@ -1,6 +1,7 @@
 """The inference service's conversions, without a stack: requests become the OpenAI JSON the HTTP
-front would receive, and answers read directly are exactly what protobuf's own JSON reader makes of
-them (the direct path is a speed-up, never a different reading)."""
+front would receive, answers read directly are exactly what protobuf's own JSON reader makes of
+them (the direct path is a speed-up, never a different reading), and nothing an upstream sends is
+lost (keys without a field come back in ``extra_json``)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,31 @@ CHUNKS: list[dict[str, Any]] = [
     {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
     {"id": "c", "choices": [{"index": 1}]},
     {"id": "c", "choices": [], "usage": USAGE},
+    {
+        "id": "c",
+        "obfuscation": "Zx",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"reasoning_content": "hm"},
+                "logprobs": {
+                    "content": [{"token": "hm", "logprob": -0.5, "bytes": [104, 109], "top_logprobs": []}]
+                },
+                "matched_stop": None,
+                "stop_reason": 12,
+            }
+        ],
+    },
     # Shapes the direct reader does not expect: protobuf's reader decides.
     {"id": "c", "created": 7.0, "choices": [{"index": 0, "delta": {"content": "x"}}]},
+    {
+        "id": "c",
+        "created": 7.0,
+        "obfuscation": "Q",
+        "choices": [
+            {"index": 0, "logprobs": {"content": []}, "delta": {"content": "x", "audio": {"id": "a"}}, "x": 1}
+        ],
+    },
 ]
 ANSWERS: list[tuple[dict[str, Any], Any]] = [
     (
@@ -66,11 +90,16 @@ ANSWERS: list[tuple[dict[str, Any], Any]] = [
         pb.EmbeddingResponse,
     ),
     ({"id": "t", "object": "text_completion", "choices": [{"index": 0, "text": "x"}]}, pb.Completion),
+    (
+        {"id": "t", "object": "text_completion", "warning": "deprecated", "choices": [{"index": 0,
+         "text": "x", "logprobs": {"tokens": ["x"], "token_logprobs": [-0.1], "text_offset": [0]}}]},
+        pb.Completion,
+    ),
 ]  # fmt: skip
 
 
 def parsed(data: dict[str, Any], kind: Any) -> Any:
-    return json_format.ParseDict(data, kind(), ignore_unknown_fields=True)
+    return json_format.ParseDict(convert.laid_out(data, kind()), kind(), ignore_unknown_fields=True)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
@@ -87,6 +116,64 @@ def test_an_answer_read_directly_is_protobufs_reading(answer: dict[str, Any], ki
     read = convert.read_answer(orjson.dumps(answer), kind())
     expected = parsed(answer, kind)
     assert read.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+LOGPROBS = {
+    "content": [
+        {"token": "No", "logprob": -0.25, "bytes": [78, 111],
+         "top_logprobs": [{"token": "No", "logprob": -0.25, "bytes": [78, 111]}]}
+    ],
+    "refusal": None,
+}  # fmt: skip
+THINKING = [{"type": "thinking", "thinking": "The user asks...", "signature": "sig=="}]
+
+
+def test_an_answer_keeps_every_key_the_upstream_sent() -> None:
+    answer = {
+        "id": "a", "object": "chat.completion", "created": 7, "model": "m",
+        "system_fingerprint": "fp_1", "service_tier": "scale", "provider_note": {"region": "eu"},
+        "choices": [{
+            "index": 0, "finish_reason": "stop", "logprobs": LOGPROBS, "content_filter_results": {"hate": 0},
+            "message": {
+                "role": "assistant", "content": None, "refusal": "I can't help with that.",
+                "reasoning_content": "The user asks...", "thinking_blocks": THINKING,
+                "annotations": [{"type": "url_citation", "url_citation": {"url": "https://x"}}],
+                "audio": None,
+            },
+        }],
+        "usage": USAGE,
+    }  # fmt: skip
+    read = convert.read_answer(orjson.dumps(answer), pb.ChatCompletion())
+    assert (read.system_fingerprint, read.service_tier) == ("fp_1", "scale")
+    assert orjson.loads(read.extra_json) == {"provider_note": {"region": "eu"}}
+    choice = read.choices[0]
+    assert orjson.loads(choice.logprobs_json) == LOGPROBS
+    assert orjson.loads(choice.extra_json) == {"content_filter_results": {"hate": 0}}
+    message = choice.message
+    assert message.refusal == "I can't help with that." and not message.HasField("content")
+    assert message.reasoning_content == "The user asks..."
+    # A null value leaves its key out, as it leaves a field unset.
+    assert orjson.loads(message.extra_json) == {
+        "thinking_blocks": THINKING,
+        "annotations": answer["choices"][0]["message"]["annotations"],  # type: ignore[index]
+    }
+
+
+def test_a_chunk_keeps_its_logprobs_reasoning_refusal_and_unknown_keys() -> None:
+    chunk = {
+        "id": "c", "object": "chat.completion.chunk", "created": 7, "model": "m", "obfuscation": "a1",
+        "choices": [{"index": 0, "finish_reason": None, "logprobs": LOGPROBS,
+                     "delta": {"refusal": "No", "reasoning_content": "Hm", "thinking_blocks": THINKING}}],
+    }  # fmt: skip
+    read = convert.read_chunk(chunk)
+    assert orjson.loads(read.extra_json) == {"obfuscation": "a1"}
+    choice = read.choices[0]
+    assert orjson.loads(choice.logprobs_json) == LOGPROBS and not choice.extra_json
+    assert (choice.delta.refusal, choice.delta.reasoning_content) == ("No", "Hm")
+    assert orjson.loads(choice.delta.extra_json) == {"thinking_blocks": THINKING}
+    # Nothing to keep: no extra_json, as before.
+    plain = convert.read_chunk(CHUNKS[1])
+    assert not plain.extra_json and not plain.choices[0].extra_json and not plain.choices[0].logprobs_json
 
 
 @pytest.mark.parametrize(
@@ -184,6 +271,28 @@ def test_extra_json_may_not_repeat_a_field_or_decide_streaming(extra: str, named
         convert.chat_body(request, stream=False)
     assert refused.value.param == "extra_json"
     assert named in refused.value.message
+
+
+def test_a_message_sends_back_its_reasoning_and_extra_keys() -> None:
+    turn = pb.ChatMessage(
+        role="assistant",
+        content="4",
+        reasoning_content="2+2",
+        extra_json=orjson.dumps({"thinking_blocks": THINKING}).decode(),
+    )
+    request = pb.ChatCompletionRequest(
+        model="m", messages=[pb.ChatMessage(role="user", content="2+2?"), turn]
+    )
+    assert orjson.loads(convert.chat_body(request, stream=False))["messages"][1] == {
+        "role": "assistant",
+        "content": "4",
+        "reasoning_content": "2+2",
+        "thinking_blocks": THINKING,
+    }
+    request.messages[1].extra_json = '{"content": "5"}'
+    with pytest.raises(InvalidRequest) as refused:
+        convert.chat_body(request, stream=False)
+    assert refused.value.param == "messages[1].extra_json"
 
 
 def test_embeddings_and_completions_take_one_text_or_several() -> None:

@@ -2,13 +2,16 @@
 
 Requests become the JSON body the HTTP front would have received, so the pipeline checks, prices and
 sends them exactly as it does for HTTP (a gRPC request is refused for the same reasons, with the same
-``param``). Answers are the upstream's JSON read into the mirrored messages; keys without a field are
-dropped. ``extra_json`` is merged into the request after its own fields, and may not repeat one.
+``param``). Answers are the upstream's JSON read into the mirrored messages, losslessly: keys without a
+field are kept in the level's ``extra_json``. A request's ``extra_json`` (and a message's) is merged
+into it after its own fields, and may not repeat one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, TypeVar
 
 import orjson
@@ -35,27 +38,31 @@ def _optional(body: dict[str, Any], message: Message, names: Iterable[str]) -> N
             body[name] = getattr(message, name)
 
 
-Request = pb.ChatCompletionRequest | pb.CompletionRequest | pb.EmbeddingRequest
+Request = pb.ChatCompletionRequest | pb.CompletionRequest | pb.EmbeddingRequest | pb.ChatMessage
 
 
-def _extra(body: dict[str, Any], message: Request, reserved: frozenset[str] = frozenset()) -> None:
-    """Merge the request's ``extra_json`` (a JSON object) into ``body``."""
+def _extra(
+    body: dict[str, Any], message: Request, reserved: frozenset[str] = frozenset(), where: str = ""
+) -> None:
+    """Merge the ``extra_json`` (a JSON object) of ``message`` (at ``where``: the request itself, or
+    one of its messages) into ``body``."""
     extra_json = message.extra_json
     if not extra_json:
         return
+    param = f"{where}.extra_json" if where else "extra_json"
     try:
         extra = orjson.loads(extra_json)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"'extra_json' is not valid JSON: {exc}.", param="extra_json") from None
+        raise InvalidRequest(f"'{param}' is not valid JSON: {exc}.", param=param) from None
     if not isinstance(extra, dict):
-        raise InvalidRequest("'extra_json' must be a JSON object.", param="extra_json")
-    covered = {field.name for field in message.DESCRIPTOR.fields} | _RESERVED | reserved
+        raise InvalidRequest(f"'{param}' must be a JSON object.", param=param)
+    covered = {field.name for field in message.DESCRIPTOR.fields} | reserved
     taken = sorted(covered.intersection(extra))
     if taken:
         raise InvalidRequest(
-            f"'extra_json' sets {', '.join(repr(k) for k in taken)}, which the request has a field "
+            f"'{param}' sets {', '.join(repr(k) for k in taken)}, which the message has a field "
             "for (or the RPC decides); set it there.",
-            param="extra_json",
+            param=param,
         )
     body.update(extra)
 
@@ -115,6 +122,10 @@ def _message(message: pb.ChatMessage, index: int) -> dict[str, Any]:
         out["tool_call_id"] = message.tool_call_id
     if message.HasField("refusal"):
         out["refusal"] = message.refusal
+    if message.HasField("reasoning_content"):
+        out["reasoning_content"] = message.reasoning_content
+    # content_parts is the array form of content.
+    _extra(out, message, frozenset({"content"}), where)
     return out
 
 
@@ -175,7 +186,7 @@ def chat_body(request: pb.ChatCompletionRequest, *, stream: bool) -> bytes:
             body["stream_options"] = {"include_usage": True}
     elif request.HasField("stream_options"):
         raise InvalidRequest("stream_options applies to StreamChatCompletion only.", param="stream_options")
-    _extra(body, request)
+    _extra(body, request, _RESERVED)
     return orjson.dumps(body)
 
 
@@ -208,7 +219,7 @@ def completion_body(request: pb.CompletionRequest) -> bytes:
         body["user"] = request.user
     if request.suffix:
         body["suffix"] = request.suffix
-    _extra(body, request)
+    _extra(body, request, _RESERVED)
     return orjson.dumps(body)
 
 
@@ -217,15 +228,18 @@ def embedding_body(request: pb.EmbeddingRequest) -> bytes:
     _optional(body, request, ("dimensions",))
     if request.user:
         body["user"] = request.user
-    _extra(body, request, _EMBEDDING_RESERVED)
+    _extra(body, request, _RESERVED | _EMBEDDING_RESERVED)
     return orjson.dumps(body)
 
 
 # --- answers ----------------------------------------------------------------------------------------
 #
-# json_format reads any message but costs ~100 us per chunk (pure Python). The shapes every chat answer,
-# chunk and embedding has are built directly (~10 us); anything they do not expect (a value of another
-# type, a float where an integer goes) raises, and json_format then reads the same dict, or says why not.
+# Replies are lossless: at each level (reply, choice, message or delta) the keys with a field fill it,
+# ``logprobs`` goes as JSON text in ``logprobs_json``, and the others (null ones aside) go together
+# in ``extra_json``. json_format reads any message but costs ~100 us per chunk (pure Python), so the
+# shapes every chat answer, chunk and embedding has are built directly (~10 us). A shape they do not
+# expect (a value of another type, a float where an integer goes) raises, and json_format then reads
+# the same answer moved into the messages' layout by :func:`_layout`, or says why it does not fit.
 
 _PROMPT_DETAILS = ("cached_tokens", "audio_tokens")
 _COMPLETION_DETAILS = (
@@ -235,7 +249,72 @@ _COMPLETION_DETAILS = (
     "rejected_prediction_tokens",
 )
 _HEAD = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
+_MESSAGE = ("role", "content", "name", "tool_call_id", "refusal", "reasoning_content")
 _SHAPE_ERRORS = (TypeError, ValueError, AttributeError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """One level of a reply: the keys its message has a field for, those holding a nested level (an
+    object, or an array of them), and whether ``logprobs`` is kept as JSON."""
+
+    fields: frozenset[str]
+    nested: dict[str, _Level] = dataclass_field(default_factory=dict)
+    logprobs: bool = False
+    known: frozenset[str] = dataclass_field(init=False)
+
+    def __post_init__(self) -> None:
+        known = self.fields | {"logprobs"} if self.logprobs else self.fields
+        object.__setattr__(self, "known", known)
+
+
+_TOOL_CALL = _Level(frozenset({"index", "id", "type", "function"}))
+_CHAT_MESSAGE = _Level(frozenset({*_MESSAGE, "tool_calls"}), {"tool_calls": _TOOL_CALL})
+_CHAT_CHOICE = _Level(frozenset({"index", "finish_reason", "message"}), {"message": _CHAT_MESSAGE}, True)
+_CHUNK_CHOICE = _Level(frozenset({"index", "finish_reason", "delta"}), {"delta": _CHAT_MESSAGE}, True)
+_CHAT = _Level(frozenset({*_HEAD, "usage", "choices"}), {"choices": _CHAT_CHOICE})
+_CHUNK = _Level(frozenset({*_HEAD, "usage", "choices"}), {"choices": _CHUNK_CHOICE})
+_TEXT_CHOICE = _Level(frozenset({"index", "text", "finish_reason"}), logprobs=True)
+_TEXT = _Level(frozenset({*_HEAD, "usage", "choices"}), {"choices": _TEXT_CHOICE})
+_EMBEDDINGS = _Level(frozenset({"object", "model", "usage", "data"}))
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _extra_of(data: dict[str, Any], level: _Level) -> str | None:
+    """The JSON object of ``data``'s keys without a field at ``level`` (None when there are none)."""
+    known = level.known
+    # Most levels have only known keys: one set comparison (in C) settles it.
+    if data.keys() <= known:
+        return None
+    extra = {key: value for key, value in data.items() if value is not None and key not in known}
+    return _json(extra) if extra else None
+
+
+def _layout(data: Any, level: _Level) -> Any:
+    """``data`` moved into the messages' layout at ``level`` (json_format's input): logprobs and the
+    keys without a field become the ``logprobs_json`` and ``extra_json`` strings."""
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        nested = level.nested.get(key)
+        if nested is not None:
+            out[key] = (
+                [_layout(item, nested) for item in value]
+                if isinstance(value, list)
+                else _layout(value, nested)
+            )
+        elif key in level.fields:
+            out[key] = value
+    if level.logprobs and data.get("logprobs") is not None:
+        out["logprobs_json"] = _json(data["logprobs"])
+    extra = _extra_of(data, level)
+    if extra is not None:
+        out["extra_json"] = extra
+    return out
 
 
 def _pick(data: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -264,38 +343,54 @@ def _tool_call_of(data: dict[str, Any]) -> pb.ToolCall:
 
 
 def _chat_message_of(data: dict[str, Any]) -> pb.ChatMessage:
-    fields = _pick(data, ("role", "content", "name", "tool_call_id", "refusal"))
+    fields = _pick(data, _MESSAGE)
     calls = data.get("tool_calls")
     if calls is not None:
         fields["tool_calls"] = [_tool_call_of(call) for call in calls]
+    extra = _extra_of(data, _CHAT_MESSAGE)
+    if extra is not None:
+        fields["extra_json"] = extra
     return pb.ChatMessage(**fields)
 
 
-def _choices(data: dict[str, Any], kind: type[M], message_key: str) -> list[M]:
+def _choices(data: dict[str, Any], kind: type[M], message_key: str, level: _Level) -> list[M]:
     built = []
     for choice in data.get("choices") or ():
         fields = _pick(choice, ("index", "finish_reason"))
         message = choice.get(message_key)
         if isinstance(message, dict):
             fields[message_key] = _chat_message_of(message)
+        logprobs = choice.get("logprobs")
+        if logprobs is not None:
+            fields["logprobs_json"] = _json(logprobs)
+        extra = _extra_of(choice, level)
+        if extra is not None:
+            fields["extra_json"] = extra
         built.append(kind(**fields))
     return built
 
 
-def _head(data: dict[str, Any]) -> dict[str, Any]:
+def _head(data: dict[str, Any], level: _Level) -> dict[str, Any]:
     fields = _pick(data, _HEAD)
     usage = data.get("usage")
     if isinstance(usage, dict):
         fields["usage"] = _usage(usage)
+    extra = _extra_of(data, level)
+    if extra is not None:
+        fields["extra_json"] = extra
     return fields
 
 
 def _chat_completion(data: dict[str, Any]) -> pb.ChatCompletion:
-    return pb.ChatCompletion(**_head(data), choices=_choices(data, pb.ChatChoice, "message"))
+    return pb.ChatCompletion(
+        **_head(data, _CHAT), choices=_choices(data, pb.ChatChoice, "message", _CHAT_CHOICE)
+    )
 
 
 def _chunk(data: dict[str, Any]) -> pb.ChatCompletionChunk:
-    return pb.ChatCompletionChunk(**_head(data), choices=_choices(data, pb.ChatChunkChoice, "delta"))
+    return pb.ChatCompletionChunk(
+        **_head(data, _CHUNK), choices=_choices(data, pb.ChatChunkChoice, "delta", _CHUNK_CHOICE)
+    )
 
 
 def _embeddings(data: dict[str, Any]) -> pb.EmbeddingResponse:
@@ -303,6 +398,9 @@ def _embeddings(data: dict[str, Any]) -> pb.EmbeddingResponse:
     usage = data.get("usage")
     if isinstance(usage, dict):
         fields["usage"] = _usage(usage)
+    extra = _extra_of(data, _EMBEDDINGS)
+    if extra is not None:
+        fields["extra_json"] = extra
     items = data.get("data") or ()
     vectors = [pb.Embedding(**_pick(item, ("object", "index", "embedding"))) for item in items]
     return pb.EmbeddingResponse(**fields, data=vectors)
@@ -312,6 +410,18 @@ _DIRECT: dict[str, Any] = {
     pb.ChatCompletion.DESCRIPTOR.full_name: _chat_completion,
     pb.EmbeddingResponse.DESCRIPTOR.full_name: _embeddings,
 }
+_LEVELS: dict[str, _Level] = {
+    pb.ChatCompletion.DESCRIPTOR.full_name: _CHAT,
+    pb.ChatCompletionChunk.DESCRIPTOR.full_name: _CHUNK,
+    pb.Completion.DESCRIPTOR.full_name: _TEXT,
+    pb.EmbeddingResponse.DESCRIPTOR.full_name: _EMBEDDINGS,
+}
+
+
+def laid_out(data: Any, message: Message) -> Any:
+    """``data`` in ``message``'s layout, as json_format reads it (what the direct readers match)."""
+    level = _LEVELS.get(message.DESCRIPTOR.full_name)
+    return data if level is None else _layout(data, level)
 
 
 def _read(data: Any, message: M, direct: Any) -> M:
@@ -323,13 +433,13 @@ def _read(data: Any, message: M, direct: Any) -> M:
         else:
             return built
     try:
-        return json_format.ParseDict(data, message, ignore_unknown_fields=True)
+        return json_format.ParseDict(laid_out(data, message), message, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
         raise UpstreamError(f"The upstream's answer does not fit {message.DESCRIPTOR.name}: {exc}") from None
 
 
 def read_answer(body: bytes, message: M) -> M:
-    """``message`` filled from an upstream's JSON answer (keys without a field are dropped)."""
+    """``message`` filled from an upstream's JSON answer (keys without a field in ``extra_json``)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -13,6 +13,11 @@ request sent upstream. It is a JSON string rather than a google.protobuf.Struct 
 holds every number as a double: seeds and other 64-bit integers would reach the provider altered
 (42 as 42.0, large ids rounded). A key of `extra_json` that a field already covers is refused.
 
+Replies are lossless the same way: the common keys have fields, and whatever else the upstream sent
+at a level (the reply, a choice, a message or delta) is that level's `extra_json`, a JSON object of
+the keys with no field (empty when there are none; keys whose value is null are left out, as a null
+leaves a field unset). A key gaining a field later moves out of `extra_json` into it.
+
 Failures end the call with a gRPC status and google.rpc details: ErrorInfo always (reason: the
 OpenAI error code in upper case, domain "relaygate.io", metadata: type, request_id and param),
 RetryInfo when retrying later may succeed (rate limits, unavailability), QuotaFailure when a
@@ -154,6 +159,8 @@ class ChatMessage(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    REASONING_CONTENT_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """system | developer | user | assistant | tool"""
     content: _builtins.str
@@ -163,6 +170,15 @@ class ChatMessage(_message.Message):
     """On a `tool` message: the call it answers."""
     refusal: _builtins.str
     """On an assistant answer: the model's refusal, if it refused."""
+    reasoning_content: _builtins.str
+    """On an assistant answer: the model's reasoning as text (Anthropic's thinking, Gemini's thoughts,
+    other providers' reasoning_content). Sent back upstream as given on a request's message.
+    """
+    extra_json: _builtins.str
+    """Keys of the message with no field here: on an answer or delta, what the upstream sent
+    (annotations, audio, thinking_blocks, ...); on a request, a JSON object merged into the message
+    (a key a field covers is refused).
+    """
     @_builtins.property
     def content_parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
         """Content as parts (OpenAI's array form); sent upstream as `content`."""
@@ -179,17 +195,23 @@ class ChatMessage(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
         refusal: _builtins.str | None = ...,
+        reasoning_content: _builtins.str | None = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_refusal", b"_refusal", "content", b"content", "refusal", b"refusal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning_content", b"_reasoning_content", "_refusal", b"_refusal", "content", b"content", "reasoning_content", b"reasoning_content", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_refusal", b"_refusal", "content", b"content", "content_parts", b"content_parts", "name", b"name", "refusal", b"refusal", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning_content", b"_reasoning_content", "_refusal", b"_refusal", "content", b"content", "content_parts", b"content_parts", "extra_json", b"extra_json", "name", b"name", "reasoning_content", b"reasoning_content", "refusal", b"refusal", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content: _TypeAlias = _typing.Literal["content"]  # noqa: Y015
     _WhichOneofArgType__content: _TypeAlias = _typing.Literal["_content", b"_content"]  # noqa: Y015
+    _WhichOneofReturnType__reasoning_content: _TypeAlias = _typing.Literal["reasoning_content"]  # noqa: Y015
+    _WhichOneofArgType__reasoning_content: _TypeAlias = _typing.Literal["_reasoning_content", b"_reasoning_content"]  # noqa: Y015
     _WhichOneofReturnType__refusal: _TypeAlias = _typing.Literal["refusal"]  # noqa: Y015
     _WhichOneofArgType__refusal: _TypeAlias = _typing.Literal["_refusal", b"_refusal"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__content) -> _WhichOneofReturnType__content | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning_content) -> _WhichOneofReturnType__reasoning_content | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__refusal) -> _WhichOneofReturnType__refusal | None: ...
 
@@ -500,9 +522,17 @@ class ChatChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     finish_reason: _builtins.str
     """stop | length | tool_calls | content_filter"""
+    logprobs_json: _builtins.str
+    """The choice's `logprobs` object as the upstream sent it (JSON; empty when it sent none or null):
+    `{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": ...}`.
+    """
+    extra_json: _builtins.str
+    """The choice's keys with no field (see the file's comment)."""
     @_builtins.property
     def message(self) -> Global___ChatMessage: ...
     def __init__(
@@ -511,10 +541,12 @@ class ChatChoice(_message.Message):
         index: _builtins.int = ...,
         message: Global___ChatMessage | None = ...,
         finish_reason: _builtins.str = ...,
+        logprobs_json: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_json", b"extra_json", "finish_reason", b"finish_reason", "index", b"index", "logprobs_json", b"logprobs_json", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,6 +564,7 @@ class ChatCompletion(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """chat.completion"""
@@ -539,6 +572,8 @@ class ChatCompletion(_message.Message):
     model: _builtins.str
     system_fingerprint: _builtins.str
     service_tier: _builtins.str
+    extra_json: _builtins.str
+    """The answer's keys with no field (see the file's comment)."""
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatChoice]: ...
     @_builtins.property
@@ -554,10 +589,11 @@ class ChatCompletion(_message.Message):
         usage: Global___Usage | None = ...,
         system_fingerprint: _builtins.str = ...,
         service_tier: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "service_tier", b"service_tier", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "extra_json", b"extra_json", "id", b"id", "model", b"model", "object", b"object", "service_tier", b"service_tier", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,9 +606,15 @@ class ChatChunkChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     finish_reason: _builtins.str
     """Empty until the choice's last chunk."""
+    logprobs_json: _builtins.str
+    """The logprobs of this chunk's tokens, as ChatChoice.logprobs_json."""
+    extra_json: _builtins.str
+    """The choice's keys with no field."""
     @_builtins.property
     def delta(self) -> Global___ChatMessage: ...
     def __init__(
@@ -581,10 +623,12 @@ class ChatChunkChoice(_message.Message):
         index: _builtins.int = ...,
         delta: Global___ChatMessage | None = ...,
         finish_reason: _builtins.str = ...,
+        logprobs_json: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "index", b"index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "extra_json", b"extra_json", "finish_reason", b"finish_reason", "index", b"index", "logprobs_json", b"logprobs_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -602,6 +646,7 @@ class ChatCompletionChunk(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """chat.completion.chunk"""
@@ -609,6 +654,8 @@ class ChatCompletionChunk(_message.Message):
     model: _builtins.str
     system_fingerprint: _builtins.str
     service_tier: _builtins.str
+    extra_json: _builtins.str
+    """The chunk's keys with no field (e.g. OpenAI's `obfuscation`)."""
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatChunkChoice]: ...
     @_builtins.property
@@ -626,10 +673,11 @@ class ChatCompletionChunk(_message.Message):
         usage: Global___Usage | None = ...,
         system_fingerprint: _builtins.str = ...,
         service_tier: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "service_tier", b"service_tier", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "extra_json", b"extra_json", "id", b"id", "model", b"model", "object", b"object", "service_tier", b"service_tier", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -744,19 +792,26 @@ class CompletionChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     text: _builtins.str
     finish_reason: _builtins.str
+    logprobs_json: _builtins.str
+    """The legacy `logprobs` object (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) as JSON."""
+    extra_json: _builtins.str
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         text: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
+        logprobs_json: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_json", b"extra_json", "finish_reason", b"finish_reason", "index", b"index", "logprobs_json", b"logprobs_json", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -773,12 +828,14 @@ class Completion(_message.Message):
     CHOICES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """text_completion"""
     created: _builtins.int
     model: _builtins.str
     system_fingerprint: _builtins.str
+    extra_json: _builtins.str
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletionChoice]: ...
     @_builtins.property
@@ -793,10 +850,11 @@ class Completion(_message.Message):
         choices: _abc.Iterable[Global___CompletionChoice] | None = ...,
         usage: Global___Usage | None = ...,
         system_fingerprint: _builtins.str = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "extra_json", b"extra_json", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -875,9 +933,11 @@ class EmbeddingResponse(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    EXTRA_JSON_FIELD_NUMBER: _builtins.int
     object: _builtins.str
     """list"""
     model: _builtins.str
+    extra_json: _builtins.str
     @_builtins.property
     def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]: ...
     @_builtins.property
@@ -889,10 +949,11 @@ class EmbeddingResponse(_message.Message):
         data: _abc.Iterable[Global___Embedding] | None = ...,
         model: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        extra_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "extra_json", b"extra_json", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,6 +13,11 @@ request sent upstream. It is a JSON string rather than a google.protobuf.Struct 
 holds every number as a double: seeds and other 64-bit integers would reach the provider altered
 (42 as 42.0, large ids rounded). A key of `extra_json` that a field already covers is refused.
 
+Replies are lossless the same way: the common keys have fields, and whatever else the upstream sent
+at a level (the reply, a choice, a message or delta) is that level's `extra_json`, a JSON object of
+the keys with no field (empty when there are none; keys whose value is null are left out, as a null
+leaves a field unset). A key gaining a field later moves out of `extra_json` into it.
+
 Failures end the call with a gRPC status and google.rpc details: ErrorInfo always (reason: the
 OpenAI error code in upper case, domain "relaygate.io", metadata: type, request_id and param),
 RetryInfo when retrying later may succeed (rate limits, unavailability), QuotaFailure when a
