@@ -11,6 +11,7 @@ exactly as a mounted Kubernetes Secret would be.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.common.tls import CA_FILE, CERT_FILE, IDENTITIES, KEY_FILE, Tls, server_name
+from services.common.tls import CA_FILE, CERT_FILE, IDENTITIES, KEY_FILE, RELAY, Tls, server_name
 
-__all__ = ["CA_KEY_FILE", "Certificates", "ensure_certificates"]
+__all__ = ["CA_KEY_FILE", "Certificates", "ensure_certificates", "reissue", "subject_names"]
 
 CA_KEY_FILE = "ca.key"
 _CA_DAYS = 3650
@@ -62,32 +63,67 @@ def ensure_certificates(root: Path) -> Certificates:
         directory = root / identity
         directory.mkdir(mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
-        if _current(directory, ca_pem, now):
+        if _current(directory, identity, ca_pem, now):
             continue
-        key = ec.generate_private_key(ec.SECP256R1())
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name(identity))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(directory / KEY_FILE, _key_pem(key))
-        _write(directory / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
-        _write(directory / CA_FILE, ca_pem)
+        _issue(directory, identity, ca_cert, ca_key, now, datetime.timedelta(days=_LEAF_DAYS))
     return Certificates(root)
+
+
+def reissue(certs: Certificates, identity: str, *, lifetime: datetime.timedelta) -> None:
+    """Issue ``identity`` a new key and certificate ending ``lifetime`` from now (negative: already
+    expired), by the CA kept in ``certs``: what a renewal writes into a mounted Secret."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert, ca_key = _ca(certs.root, now)
+    _issue(certs.directory(identity), identity, ca_cert, ca_key, now, lifetime)
+
+
+def subject_names(identity: str) -> list[x509.GeneralName]:
+    """The names a certificate of ``identity`` carries: its identity's name, and for the relay, whose
+    gRPC front clients outside the deployment reach, the addresses ``relaygate up`` serves it on, so a
+    client checks the certificate against the address it dialled (no target-name override)."""
+    names: list[x509.GeneralName] = [x509.DNSName(server_name(identity))]
+    if identity == RELAY:
+        names += [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+            x509.IPAddress(ipaddress.IPv6Address("::1")),
+        ]
+    return names
+
+
+def _issue(
+    directory: Path,
+    identity: str,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+    lifetime: datetime.timedelta,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    # An already-expired one (tests) starts before it ends.
+    start = min(now - _BACKDATE, now + lifetime - datetime.timedelta(days=1))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.SubjectAlternativeName(subject_names(identity)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(directory / KEY_FILE, _key_pem(key))
+    _write(directory / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
+    _write(directory / CA_FILE, ca_cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _ca(root: Path, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -131,8 +167,9 @@ def _ca(root: Path, now: datetime.datetime) -> tuple[x509.Certificate, ec.Ellipt
     return certificate, key
 
 
-def _current(directory: Path, ca_pem: bytes, now: datetime.datetime) -> bool:
-    """Whether ``directory`` holds a certificate of this CA valid past the renewal margin."""
+def _current(directory: Path, identity: str, ca_pem: bytes, now: datetime.datetime) -> bool:
+    """Whether ``directory`` holds a certificate of this CA with the names it should carry, valid past
+    the renewal margin."""
     try:
         if (directory / CA_FILE).read_bytes() != ca_pem or not (directory / KEY_FILE).is_file():
             return False
@@ -141,6 +178,13 @@ def _current(directory: Path, ca_pem: bytes, now: datetime.datetime) -> bool:
         return False
     for name in (CERT_FILE, KEY_FILE, CA_FILE):
         os.chmod(directory / name, 0o600)
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    # A set issued before the relay's certificate named its local addresses is issued again.
+    if set(names) != set(subject_names(identity)):
+        return False
     return certificate.not_valid_after_utc - _RENEW_BEFORE > now
 
 

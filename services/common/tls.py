@@ -7,17 +7,30 @@ Secret). The identity is the certificate's DNS name ``<identity>.relaygate.inter
 from the verified peer certificate, and clients check that the server they reached presents the name of
 the service they meant to call (the target name is overridden, so the names do not depend on DNS).
 
+Servers pick up a renewed certificate without a restart: before each new connection's handshake, grpc
+asks :meth:`Tls.server_credentials`'s fetcher, which re-reads the three files when their stamps
+(inode, size, mtime) changed and the new key matches the new chain (cert-manager rewrites a mounted
+Secret's files one by one; a set caught halfway is not loaded, and the next handshake looks again).
+A client channel presents the certificate it was created with: grpcio's channel credentials are fixed,
+and every reconnect of that channel presents it again, so a renewed client certificate is used by
+channels created after the renewal (restart the process within cert-manager's ``renewBefore``).
+
 Plaintext exists for local development only, when explicitly chosen (``RELAYGATE_GRPC_TLS=off``);
 production refuses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from services.common.config import Environment, GrpcTlsSettings
 
@@ -34,6 +47,7 @@ __all__ = [
     "RELAY",
     "Tls",
     "TlsSetupError",
+    "consistent",
     "load_tls",
     "peer_identity",
     "server_name",
@@ -53,6 +67,12 @@ KEY_FILE: Final = "tls.key"
 CA_FILE: Final = "ca.crt"
 
 
+log = logging.getLogger(__name__)
+
+# What identifies one version of a file without reading it: inode, size, mtime (ns).
+_Stamp = tuple[int, int, int]
+
+
 class TlsSetupError(RuntimeError):
     """The TLS settings cannot be used; the message says what to set."""
 
@@ -69,6 +89,8 @@ class Tls:
     certificate: bytes
     private_key: bytes
     ca: bytes
+    # Where they were read from: a server re-reads them there when they change.
+    directory: Path | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return "Tls(<certificate>)"
@@ -89,6 +111,7 @@ class Tls:
                 certificate=files[CERT_FILE].read_bytes(),
                 private_key=files[KEY_FILE].read_bytes(),
                 ca=files[CA_FILE].read_bytes(),
+                directory=directory,
             )
         except OSError as exc:
             raise TlsSetupError(f"cannot read the certificate files in {directory}: {exc}") from exc
@@ -96,16 +119,97 @@ class Tls:
     def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
         # No handshake completes without a certificate signed by the deployment's CA, except on a port
         # whose callers authenticate otherwise (the relay's inference port: API keys).
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate)],
-            root_certificates=self.ca,
-            require_client_auth=require_client_auth,
+        if self.directory is None:
+            return grpc.ssl_server_credentials(
+                [(self.private_key, self.certificate)],
+                root_certificates=self.ca,
+                require_client_auth=require_client_auth,
+            )
+        reloader = _Reloader(self.directory, self)
+        return grpc.dynamic_ssl_server_credentials(
+            _configuration(self),
+            # The stubs want a configuration every time; grpc documents None as "keep the current one".
+            reloader.fetch,  # type: ignore[arg-type]
+            require_client_authentication=require_client_auth,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.private_key, certificate_chain=self.certificate
         )
+
+
+def _configuration(tls: Tls) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(tls.private_key, tls.certificate)], tls.ca)
+
+
+def _stamps(directory: Path) -> tuple[_Stamp, ...]:
+    found = [os.stat(directory / name) for name in (CERT_FILE, KEY_FILE, CA_FILE)]
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in found)
+
+
+def consistent(tls: Tls) -> str | None:
+    """Why ``tls`` cannot be served (None when it can): each part parses and the key is the one the
+    chain's first certificate was issued for."""
+    try:
+        leaf = x509.load_pem_x509_certificate(tls.certificate)
+        key = serialization.load_pem_private_key(tls.private_key, password=None)
+        x509.load_pem_x509_certificates(tls.ca)
+    except ValueError as exc:
+        return f"unreadable: {exc}"
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(serialization.Encoding.DER, public) != key.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        return "the private key does not match the certificate"
+    return None
+
+
+class _Reloader:
+    """The fetcher of one server's certificate: grpc calls :meth:`fetch` from its own threads before
+    every new connection's handshake, so the common case is three ``stat`` calls."""
+
+    def __init__(self, directory: Path, initial: Tls) -> None:
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._served = initial
+        try:
+            self._seen = _stamps(directory)
+        except OSError:
+            self._seen = ()
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # grpc treats an exception here as a failed handshake: keep serving what we have instead.
+        try:
+            return self._fetch()
+        except Exception:
+            log.exception("checking the certificate files in %s failed", self._directory)
+            return None
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                stamps = _stamps(self._directory)
+            except OSError:
+                return None  # a file replaced right now: look again at the next handshake
+            if stamps == self._seen:
+                return None
+            try:
+                candidate = Tls.from_dir(self._directory)
+            except TlsSetupError:
+                return None
+            problem = consistent(candidate)
+            if problem is not None:
+                # Part of a renewal written so far; its stamps are not kept, so the next handshake
+                # reads the set again.
+                log.warning("not loading the certificate in %s yet: %s", self._directory, problem)
+                return None
+            self._seen = stamps
+            if candidate == self._served:
+                return None
+            self._served = candidate
+            log.info("loaded a renewed certificate from %s", self._directory)
+            return _configuration(candidate)
 
 
 def load_tls(settings: GrpcTlsSettings, *, environment: Environment) -> Tls | None:
