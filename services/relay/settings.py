@@ -3,9 +3,10 @@ auth, quota, the catalog and Kafka are. Built once in ``main()`` from ``RELAYGAT
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from services.common.config import (
     BaseServiceSettings,
@@ -137,6 +138,29 @@ class RelaySettings(
     http_drain_s: float = Field(default=30.0, ge=0, le=600)
     shutdown_timeout_s: float = Field(default=50.0, gt=0, le=3600)
 
+    # Image URLs of chat requests routed to Gemini channels are fetched by the relay and sent inline
+    # (services/relay/upstream/fetch.py): https only unless fetch_allow_http; never from loopback,
+    # private, link-local, multicast, reserved or unspecified addresses, except the hosts named in
+    # fetch_allow_hosts (comma-separated; empty by default: for tests and private deployments whose
+    # images are on an internal host). At most fetch_max_redirects hops, fetch_max_bytes per image,
+    # fetch_timeout_s per image, fetch_max_images per request, and a Content-Type among fetch_image_types.
+    fetch_allow_http: bool = False
+    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    fetch_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1, le=100 * 1024 * 1024)
+    fetch_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    fetch_max_redirects: int = Field(default=3, ge=0, le=10)
+    fetch_max_images: int = Field(default=16, ge=1, le=256)
+    fetch_image_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "image/png",
+            "image/jpeg",
+            "image/webp",
+            "image/heic",
+            "image/heif",
+            "image/gif",
+        ]
+    )
+
     # Prefer X-Forwarded-For's first address as the client IP (only behind a trusted proxy).
     trust_forwarded_for: bool = False
 
@@ -146,6 +170,13 @@ class RelaySettings(
     @property
     def catalog_address(self) -> str:
         return self.catalog_addr or self.quota_addr
+
+    @field_validator("fetch_allow_hosts", "fetch_image_types", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RelaySettings:

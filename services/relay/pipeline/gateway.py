@@ -14,6 +14,7 @@ from services.relay.pipeline.principals import Authenticator
 from services.relay.settings import RelaySettings
 from services.relay.stream.streaming import Streams
 from services.relay.upstream.channels import ChannelDirectory
+from services.relay.upstream.fetch import ImageFetcher
 from services.relay.upstream.proxy import Upstreams
 
 if TYPE_CHECKING:
@@ -46,3 +47,5 @@ class Gateway:
     performance: Board | None = None
     # Closes a channel's breaker on every relay (the admin API's reset).
     breaker_resets: BreakerResets | None = None
+    # Fetches image URLs for channels that take images inline only (pipeline/media.py); None: sent as URLs.
+    images: ImageFetcher | None = None

@@ -45,6 +45,7 @@ from services.relay.pipeline.checks import (
     require_text_or_array,
 )
 from services.relay.pipeline.gateway import Gateway
+from services.relay.pipeline.media import inline_images
 from services.relay.providers import StreamDecoder, extensions
 from services.relay.settings import RelaySettings
 from services.relay.stream.sse import StreamScanner
@@ -254,7 +255,17 @@ async def admit(
         raise ModelNotFound(
             f"The model '{model}' does not exist or you do not have access to it.", param="model"
         )
-    return Admitted(endpoint, body, raw, plan, _servable(candidates, endpoint, model))
+    servable = _servable(candidates, endpoint, model)
+    if endpoint is CHAT and gateway.images is not None and any(_inlines_images(c) for c in servable):
+        inlined = await inline_images(body, gateway.images)
+        if inlined is not None:
+            body, raw = inlined, orjson.dumps(inlined)
+    return Admitted(endpoint, body, raw, plan, servable)
+
+
+def _inlines_images(channel: Channel) -> bool:
+    """Whether ``channel`` takes images inline only (Gemini: its ``fileData`` reads Google's URIs)."""
+    return channel.provider is not None and channel.provider.kind == "gemini"
 
 
 async def allowed_models(gateway: Gateway, api_key: str, *, client_ip: str) -> list[str]:

@@ -15,6 +15,16 @@ https://ai.google.dev/gemini-api/docs/thinking, see :mod:`.reasoning`); a ``file
 requires on the function calls of the current turn
 (https://ai.google.dev/gemini-api/docs/thought-signatures).
 
+Image URLs: ``fileData.fileUri`` is a URI Google itself reads. On the Gemini Developer API that has
+long meant URIs of its Files API (``https://generativelanguage.googleapis.com/v1beta/files/...``, an
+upload made with the same key) and YouTube links; since January 2026 it also takes public or signed
+https URLs and registered Cloud Storage objects, but not for every model (the 2.0 family is an
+exception; https://ai.google.dev/gemini-api/docs/file-input-methods). Vertex AI's ``fileUri`` takes
+``gs://`` objects and https URLs. Inline data works for every model on both, so, like LiteLLM and
+new-api, the relay downloads the image itself (with its SSRF checks,
+:mod:`services.relay.upstream.fetch`) before the request is converted, and the part arrives here as a
+data URL (:mod:`services.relay.pipeline.media`); only Files API URIs still reach ``fileData`` as URLs.
+
 Answer and stream: each candidate is a choice; ``functionCall`` parts become ``tool_calls`` (Gemini
 sends a call whole, so its arguments arrive as one delta; Gemini gives no call ids, so each gets a
 random one, and the part's ``thoughtSignature`` is carried after ``__thought__`` in it, LiteLLM's

@@ -46,6 +46,7 @@ from services.relay.settings import RelaySettings
 from services.relay.stream.streaming import StreamPolicy, Streams
 from services.relay.upstream.breaker import BreakerPolicy, Breakers
 from services.relay.upstream.channels import ChannelDirectory, ChannelTable
+from services.relay.upstream.fetch import FetchPolicy, ImageFetcher
 from services.relay.upstream.pools import ChannelPools, PoolLimits
 from services.relay.upstream.proxy import Upstreams
 
@@ -223,6 +224,18 @@ async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = No
         board = Board(redis, snapshot.instance, snapshot)
         board.start()
         steps.push("performance_board", board.close, deadline_s=_QUICK_S)
+        images = ImageFetcher(
+            FetchPolicy(
+                allow_http=settings.fetch_allow_http,
+                allow_hosts=frozenset(settings.fetch_allow_hosts),
+                max_bytes=settings.fetch_max_bytes,
+                timeout_s=settings.fetch_timeout_s,
+                max_redirects=settings.fetch_max_redirects,
+                max_images=settings.fetch_max_images,
+                image_types=frozenset(settings.fetch_image_types),
+            )
+        )
+        steps.push("image_fetcher", images.aclose, deadline_s=_QUICK_S)
 
         yield Gateway(
             settings=settings,
@@ -239,6 +252,7 @@ async def open_gateway(settings: RelaySettings, clock: ShutdownClock | None = No
             logger=LoggerServiceStub(logger_channel),
             performance=board,
             breaker_resets=breaker_resets,
+            images=images,
         )
 
 
