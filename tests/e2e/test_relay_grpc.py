@@ -182,6 +182,44 @@ async def test_a_chat_completion_is_billed_once_and_logged_with_front_grpc(
     assert settled(deployment, http_user) == after
 
 
+async def test_logprobs_asked_in_extra_json_come_back_as_over_http(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    """The reply keeps what the proto has no field for: a choice's logprobs, unary and streamed, are
+    the upstream's, as the HTTP front returns them."""
+    _, key = fund_user(deployment, 10_000_000)
+    asked = '{"logprobs": true, "top_logprobs": 2}'
+    reply = await stub.CreateChatCompletion(
+        chat(max_tokens=3, extra_json=asked), metadata=bearer(key), timeout=TIMEOUT
+    )
+    response = httpx.post(
+        f"{deployment.relay_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+        | orjson.loads(asked),
+        headers={"authorization": f"Bearer {key}"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    over_http = response.json()["choices"][0]["logprobs"]
+    assert [entry["token"] for entry in over_http["content"]] == ["tok0 ", "tok1 ", "tok2 "]
+    assert orjson.loads(reply.choices[0].logprobs_json) == over_http
+
+    streamed = [
+        chunk
+        async for chunk in stub.StreamChatCompletion(
+            chat(max_tokens=3, extra_json=asked), metadata=bearer(key), timeout=TIMEOUT
+        )
+    ]
+    tokens = [
+        entry
+        for chunk in streamed
+        for choice in chunk.choices
+        if choice.logprobs_json
+        for entry in orjson.loads(choice.logprobs_json)["content"]
+    ]
+    assert tokens == over_http["content"]
+
+
 async def test_completions_embeddings_and_models(
     deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
 ) -> None:
