@@ -32,6 +32,7 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped, unused-ignore]  # no stubs
 import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs are types-PyYAML, not installed
+from cryptography import x509
 from pydantic_settings import BaseSettings
 
 from services.auth.settings import AuthSettings
@@ -660,6 +661,9 @@ def test_every_service_mounts_its_certificate_where_its_settings_read_it(target:
         assert env["RELAYGATE_GRPC_TLS_DIR"] == TLS_MOUNT, pod.name
         [mount] = [m for m in container.get("volumeMounts", []) if m["mountPath"] == TLS_MOUNT]
         assert mount.get("readOnly") is True, pod.name
+        # The kubelet updates a mounted Secret in place when it is renewed (the services reload it),
+        # except under a subPath.
+        assert "subPath" not in mount, pod.name
         [volume] = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
         assert volume["secret"]["secretName"] == f"relaygate-{service}-tls", pod.name
         # Readable by the service's group (fsGroup), never by others.
@@ -669,6 +673,44 @@ def test_every_service_mounts_its_certificate_where_its_settings_read_it(target:
         # Where they ask auth about admin tokens.
         _, container = relaygate_pod(rendered, service)
         assert resolve(rendered, environment(rendered, container).values["RELAYGATE_AUTH_ADDR"]) == auth_grpc
+
+
+def relay_front_names(namespace: str) -> set[str]:
+    """What a client of the relay's gRPC front dials in the cluster: the Service, in every form."""
+    return {
+        "relaygate-relay",
+        f"relaygate-relay.{namespace}.svc",
+        f"relaygate-relay.{namespace}.svc.cluster.local",
+    }
+
+
+def test_the_relay_certificate_names_its_service() -> None:
+    # dev: the certificate create-secrets.sh issues.
+    dev = render("dev")
+    assert dev.named("Service", "relaygate-relay") is not None
+    pem = dev_secrets()["relaygate-relay-tls", "tls.crt"].encode()
+    names = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert set(names.value.get_values_for_type(x509.DNSName)) == {
+        "relay.relaygate.internal"
+    } | relay_front_names(dev.namespace)
+    # prod: the cert-manager Certificate the README gives for the relay.
+    documented = [
+        doc
+        for block in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.DOTALL)
+        for doc in yaml.safe_load_all(block)
+        if isinstance(doc, dict)
+        and doc.get("kind") == "Certificate"
+        and doc["metadata"]["name"] == "relaygate-relay"
+    ]
+    assert len(documented) == 1, "the README's cert-manager Certificate for the relay"
+    [certificate] = documented
+    assert certificate["metadata"]["namespace"] == render("prod").namespace
+    assert certificate["spec"]["secretName"] == "relaygate-relay-tls"
+    assert set(certificate["spec"]["dnsNames"]) == {"relay.relaygate.internal"} | relay_front_names(
+        render("prod").namespace
+    )
 
 
 def services_matching(rendered: Rendered, service: Doc) -> list[Pod]:

@@ -87,8 +87,13 @@ else
   for service in "${TLS_SERVICES[@]}"; do
     "$OPENSSL" req "${ec[@]}" -keyout "$work/$service.key" -out "$work/$service.csr" \
       -subj "/CN=$service" 2>/dev/null
-    printf 'subjectAltName=DNS:%s.relaygate.internal\nextendedKeyUsage=serverAuth,clientAuth\n' "$service" \
-      >"$work/$service.ext"
+    names="DNS:$service.relaygate.internal"
+    if [ "$service" = relay ]; then
+      # The gRPC front's clients check the name they dialled: the Service's, in every form.
+      svc="relaygate-relay"
+      names="$names,DNS:$svc,DNS:$svc.$NS.svc,DNS:$svc.$NS.svc.cluster.local"
+    fi
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$names" >"$work/$service.ext"
     "$OPENSSL" x509 -req -in "$work/$service.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" \
       -CAcreateserial -days 365 -extfile "$work/$service.ext" -out "$work/$service.crt" 2>/dev/null
     args=(--type=kubernetes.io/tls "--from-file=tls.crt=$work/$service.crt"
