@@ -5,8 +5,11 @@ usage (cached input, cache writes and reasoning tokens each at their own price).
 from __future__ import annotations
 
 import argparse
+import base64
+import http.server
 import json
 import math
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +53,10 @@ PRICE = {
 }
 
 
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+IMAGE_CAP = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Kind:
     """A channel type, and the usage the fake reports for the test's prompt."""
@@ -85,8 +92,14 @@ def kinds(upstream_url: str) -> list[Kind]:
 
 @pytest.fixture(scope="module")
 def relay_env() -> dict[str, str]:
-    # Exact reservations: each request's charge is settled alone, so the balance shows it.
-    return {"RELAYGATE_CREDIT_LEASES": "false"}
+    # Exact reservations: each request's charge is settled alone, so the balance shows it. Image URLs
+    # are fetched from the test's own server on 127.0.0.1 (over http: the relay has no test CA).
+    return {
+        "RELAYGATE_CREDIT_LEASES": "false",
+        "RELAYGATE_FETCH_ALLOW_HOSTS": "127.0.0.1",
+        "RELAYGATE_FETCH_ALLOW_HTTP": "true",
+        "RELAYGATE_FETCH_MAX_BYTES": str(IMAGE_CAP),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -478,3 +491,89 @@ def test_gemini_tool_turn_keeps_its_thought_signature(deployment: Deployment, ch
     # Gemini 3 refuses the current turn's function call without its signature.
     with pytest.raises(openai.BadRequestError, match="thought_signature"):
         continued(call.id.partition("__thought__")[0])
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    """The images the e2e requests point at: one PNG, one too large, a page, and a redirect to a
+    private address."""
+
+    ROUTES: dict[str, tuple[int, dict[str, str], bytes]] = {
+        "/cat.png": (200, {"Content-Type": "image/png"}, PNG),
+        "/big.png": (200, {"Content-Type": "image/png"}, bytes(IMAGE_CAP + 1)),
+        "/page": (200, {"Content-Type": "text/html"}, b"<html></html>"),
+        "/metadata": (302, {"Location": "http://10.0.0.1/latest/meta-data/"}, b""),
+    }
+
+    def do_GET(self) -> None:
+        status, headers, body = self.ROUTES.get(self.path, (404, {}, b""))
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def _with_image(url: str) -> list[ChatCompletionMessageParam]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": QUESTION},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
+
+
+def test_gemini_image_urls_are_fetched_and_sent_inline(
+    deployment: Deployment, channels: list[Kind], image_server: str
+) -> None:
+    kind = channels[1]
+    funded = 10_000_000
+    user_id, key = fund_user(deployment, funded)
+    client = openai.OpenAI(base_url=f"{deployment.relay_url}/v1", api_key=key, max_retries=0, timeout=10)
+
+    answer = client.chat.completions.create(
+        model=kind.model, messages=_with_image(f"{image_server}/cat.png"), max_tokens=3
+    )
+    assert answer.choices[0].message.content
+    sent = deployment.upstream.stats()["last_request"]
+    assert sent is not None
+    parts = sent["body"]["contents"][0]["parts"]
+    assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}}
+    spent = charged(deployment, user_id, funded)
+    assert spent > 0
+
+    # Loopback under another name than the allowed one, too large, not an image, a redirect to a
+    # private address: each the caller's 400 naming the part, with nothing sent upstream or charged.
+    port = image_server.rpartition(":")[2]
+    refusals = {
+        f"http://localhost:{port}/cat.png": "loopback address",
+        f"{image_server}/big.png": f"larger than {IMAGE_CAP} bytes",
+        f"{image_server}/page": "'text/html' is not one of",
+        f"{image_server}/metadata": "private address (10.0.0.1)",
+    }
+    deployment.upstream.reset()
+    for url, reason in refusals.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=kind.model, messages=_with_image(url), max_tokens=3)
+        message = str(refused.value)
+        assert "messages[0].content[1]: the image URL cannot be used" in message and reason in message, (
+            message
+        )
+    assert deployment.upstream.stats()["requests_total"] == 0
+    assert charged(deployment, user_id, funded) == spent
