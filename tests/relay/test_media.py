@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from services.common.errors import InvalidRequest
+from services.common.tls import CA_FILE, CERT_FILE, KEY_FILE, RELAY, server_name
 from services.relay.pipeline.media import inline_images, remote_images
 from services.relay.upstream.fetch import FetchPolicy, FetchRefused, ImageFetcher, checked_address, refusal
+from tests.tls import certificates
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
@@ -81,8 +84,8 @@ class ImageServer:
         self.port = 0
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -266,3 +269,27 @@ async def test_a_chat_body_gets_its_images_inline(server: ImageServer) -> None:
             await inline_images(body, images)
     finally:
         await images.aclose()
+
+
+async def test_tls_is_checked_against_the_name_not_the_pinned_address() -> None:
+    identity = certificates().directory(RELAY)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(identity / CERT_FILE, identity / KEY_FILE)
+    server = ImageServer()
+    server.routes["/cat.png"] = (200, {"Content-Type": "image/png"}, PNG)
+    await server.start(served)
+    name = server_name(RELAY)
+    images = ImageFetcher(
+        FetchPolicy(allow_hosts=frozenset({name, "other.test"})),
+        resolver=resolver({name: ["127.0.0.1"], "other.test": ["127.0.0.1"]}),
+        verify=ssl.create_default_context(cafile=str(identity / CA_FILE)),
+    )
+    try:
+        # Connected to 127.0.0.1, the certificate checked against the URL's name (SNI and all).
+        assert (await images.fetch(f"https://{name}:{server.port}/cat.png")).data == PNG
+        # The same address under a name the certificate does not carry is not trusted.
+        with pytest.raises(FetchRefused, match="could not be fetched"):
+            await images.fetch(f"https://other.test:{server.port}/cat.png")
+    finally:
+        await images.aclose()
+        await server.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ class ImageFetcher:
         policy: FetchPolicy,
         *,
         resolver: Resolver = _system_resolver,
-        verify: bool | str = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.policy = policy
         self._resolve = resolver
@@ -152,7 +153,7 @@ class ImageFetcher:
                 return await self._follow(url)
         except TimeoutError:
             raise FetchRefused(f"the image did not arrive within {self.policy.timeout_s:g} s") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise FetchRefused(f"the image could not be fetched ({type(exc).__name__})") from None
 
     async def _follow(self, url: str) -> FetchedImage:
