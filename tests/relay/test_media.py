@@ -15,6 +15,7 @@ import pytest
 from services.common.errors import InvalidRequest
 from services.common.tls import CA_FILE, CERT_FILE, KEY_FILE, RELAY, server_name
 from services.relay.pipeline.media import inline_images, remote_images
+from services.relay.settings import RelaySettings
 from services.relay.upstream.fetch import FetchPolicy, FetchRefused, ImageFetcher, checked_address, refusal
 from tests.tls import certificates
 
@@ -293,3 +294,14 @@ async def test_tls_is_checked_against_the_name_not_the_pinned_address() -> None:
     finally:
         await images.aclose()
         await server.close()
+
+
+def test_settings_read_comma_separated_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYGATE_FETCH_ALLOW_HOSTS", "127.0.0.1, Images.Internal")
+    monkeypatch.setenv("RELAYGATE_FETCH_IMAGE_TYPES", "image/png,image/jpeg")
+    settings = RelaySettings()
+    assert settings.fetch_allow_hosts == ["127.0.0.1", "images.internal"]
+    assert settings.fetch_image_types == ["image/png", "image/jpeg"]
+    assert not settings.fetch_allow_http and settings.fetch_max_redirects == 3
+    monkeypatch.delenv("RELAYGATE_FETCH_ALLOW_HOSTS")
+    assert RelaySettings().fetch_allow_hosts == []
