@@ -37,6 +37,7 @@ from services.common.errors import (
     to_wire,
 )
 from services.common.interceptors import MethodInterceptor
+from services.common.renewing_channel import RenewingChannel
 from services.common.rpc_auth import RpcAuthInterceptor, ServerSecurity
 from services.common.tasks import cancel_and_wait
 from services.common.telemetry import METRICS
@@ -253,18 +254,25 @@ def _probe_server(health: HealthServicer, listen: str) -> grpc.aio.Server | None
 def channel(addr: str, *, tls: Tls | None, peer: str) -> grpc.aio.Channel:
     """A client channel to ``host:port``, re-resolved by DNS so new replicas join the rotation.
 
-    With ``tls`` it presents this process's certificate and accepts only a server whose certificate
-    names ``peer`` (the identity of the service at ``addr``); ``tls=None`` is plaintext (local
-    development only).
+    With ``tls`` it presents this process's certificate, renewed ones included (read from files, it
+    is a :class:`RenewingChannel`), and accepts only a server whose certificate names ``peer`` (the
+    identity of the service at ``addr``); ``tls=None`` is plaintext (local development only).
     """
     target = addr if "://" in addr or addr.startswith("dns:") else f"dns:///{addr}"
     interceptors = tracing.client_interceptors() or None
     if tls is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
     options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name(peer))]
-    return grpc.aio.secure_channel(
-        target, tls.channel_credentials(), options=options, interceptors=interceptors
-    )
+
+    def secure(current: Tls) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            target, current.channel_credentials(), options=options, interceptors=interceptors
+        )
+
+    if tls.directory is None:
+        return secure(tls)
+    # Read from files that a renewal replaces: later calls present the renewed certificate.
+    return RenewingChannel(tls, secure, clock=time.monotonic)
 
 
 async def call(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float) -> Resp:

@@ -11,9 +11,10 @@ Servers pick up a renewed certificate without a restart: before each new connect
 asks :meth:`Tls.server_credentials`'s fetcher, which re-reads the three files when their stamps
 (inode, size, mtime) changed and the new key matches the new chain (cert-manager rewrites a mounted
 Secret's files one by one; a set caught halfway is not loaded, and the next handshake looks again).
-A client channel presents the certificate it was created with: grpcio's channel credentials are fixed,
-and every reconnect of that channel presents it again, so a renewed client certificate is used by
-channels created after the renewal (restart the process within cert-manager's ``renewBefore``).
+A client channel presents the certificate it was created with (grpcio's channel credentials are fixed,
+and every reconnect of that channel presents it again), so the services' client channels are
+:class:`services.common.renewing_channel.RenewingChannel`, which opens a new channel once the same
+files were renewed.
 
 Plaintext exists for local development only, when explicitly chosen (``RELAYGATE_GRPC_TLS=off``);
 production refuses it.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -45,6 +47,7 @@ __all__ = [
     "LOGGER",
     "QUOTA",
     "RELAY",
+    "Renewals",
     "Tls",
     "TlsSetupError",
     "consistent",
@@ -125,11 +128,10 @@ class Tls:
                 root_certificates=self.ca,
                 require_client_auth=require_client_auth,
             )
-        reloader = _Reloader(self.directory, self)
         return grpc.dynamic_ssl_server_credentials(
             _configuration(self),
             # The stubs want a configuration every time; grpc documents None as "keep the current one".
-            reloader.fetch,  # type: ignore[arg-type]
+            _fetcher(Renewals(self)),  # type: ignore[arg-type]
             require_client_authentication=require_client_auth,
         )
 
@@ -165,33 +167,30 @@ def consistent(tls: Tls) -> str | None:
     return None
 
 
-class _Reloader:
-    """The fetcher of one server's certificate: grpc calls :meth:`fetch` from its own threads before
-    every new connection's handshake, so the common case is three ``stat`` calls."""
+class Renewals:
+    """Watches the files ``tls`` was read from for a renewal. :meth:`renewed` is called by grpc's own
+    threads (a server's fetcher) and by the event loop (a client channel), so it locks; the common case
+    is three ``stat`` calls."""
 
-    def __init__(self, directory: Path, initial: Tls) -> None:
-        self._directory = directory
+    def __init__(self, tls: Tls) -> None:
+        if tls.directory is None:
+            raise ValueError("a certificate built in memory has no files to watch")
+        self._directory = tls.directory
         self._lock = threading.Lock()
-        self._served = initial
+        self._current = tls
         try:
-            self._seen = _stamps(directory)
+            self._seen = _stamps(self._directory)
         except OSError:
             self._seen = ()
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # grpc treats an exception here as a failed handshake: keep serving what we have instead.
-        try:
-            return self._fetch()
-        except Exception:
-            log.exception("checking the certificate files in %s failed", self._directory)
-            return None
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+    def renewed(self) -> Tls | None:
+        """The new set when the files changed since the current one and hold a consistent set (which
+        becomes the current one), else None."""
         with self._lock:
             try:
                 stamps = _stamps(self._directory)
             except OSError:
-                return None  # a file replaced right now: look again at the next handshake
+                return None  # a file replaced right now: look again next time
             if stamps == self._seen:
                 return None
             try:
@@ -200,16 +199,29 @@ class _Reloader:
                 return None
             problem = consistent(candidate)
             if problem is not None:
-                # Part of a renewal written so far; its stamps are not kept, so the next handshake
-                # reads the set again.
+                # Part of a renewal written so far; its stamps are not kept, so the next check reads
+                # the set again.
                 log.warning("not loading the certificate in %s yet: %s", self._directory, problem)
                 return None
             self._seen = stamps
-            if candidate == self._served:
+            if candidate == self._current:
                 return None
-            self._served = candidate
+            self._current = candidate
             log.info("loaded a renewed certificate from %s", self._directory)
-            return _configuration(candidate)
+            return candidate
+
+
+def _fetcher(renewals: Renewals) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        # grpc treats an exception here as a failed handshake: keep serving what we have instead.
+        try:
+            renewed = renewals.renewed()
+        except Exception:
+            log.exception("checking the certificate files failed")
+            return None
+        return None if renewed is None else _configuration(renewed)
+
+    return fetch
 
 
 def load_tls(settings: GrpcTlsSettings, *, environment: Environment) -> Tls | None:

@@ -1,4 +1,5 @@
-"""A renewed certificate is served without a restart (services/common/tls.py), and the relay's
+"""A renewed certificate is served and presented without a restart (services/common/tls.py,
+services/common/renewing_channel.py), and the relay's
 certificate names the local addresses a client dials (services/stack_certs.py).
 
 Real ``grpc.aio`` servers in this process, real TLS handshakes from the ``ssl`` module (which shows the
@@ -10,6 +11,7 @@ import asyncio
 import datetime
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from services.common.grpc import channel
-from services.common.tls import AUTH, CA_FILE, CERT_FILE, KEY_FILE, QUOTA, RELAY, server_name
+from services.common.renewing_channel import RenewingChannel
+from services.common.tls import AUTH, CA_FILE, CERT_FILE, KEY_FILE, QUOTA, RELAY, Tls, server_name
 from services.stack_certs import Certificates, ensure_certificates, reissue
 
 YEAR = datetime.timedelta(days=365)
@@ -132,3 +135,51 @@ async def test_the_relay_front_is_verified_by_the_address_dialled(tmp_path: Path
         credentials = grpc.ssl_channel_credentials(root_certificates=(certs.root / CA_FILE).read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as ch:
             await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+async def _caller_serial(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    [pem] = context.auth_context()["x509_pem_cert"]
+    return str(x509.load_pem_x509_certificate(pem).serial_number).encode()
+
+
+async def test_a_client_presents_its_renewed_certificate_without_a_restart(tmp_path: Path) -> None:
+    certs = ensure_certificates(tmp_path / "tls")
+    server = grpc.aio.server()
+    who = grpc.unary_unary_rpc_method_handler(_caller_serial)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Caller", {"Serial": who})])
+    port = server.add_secure_port("127.0.0.1:0", certs.tls(QUOTA).server_credentials())
+    await server.start()
+    options = [("grpc.ssl_target_name_override", server_name(QUOTA))]
+
+    def secure(tls: Tls) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(f"127.0.0.1:{port}", tls.channel_credentials(), options=options)
+
+    # What services.common.grpc.channel returns for a certificate read from files.
+    made = channel(f"127.0.0.1:{port}", tls=certs.tls(AUTH), peer=QUOTA)
+    assert isinstance(made, RenewingChannel)
+    await made.close(None)
+    renewing = RenewingChannel(certs.tls(AUTH), secure, check_every_s=0, clock=time.monotonic)
+    serial = renewing.unary_unary("/test.Caller/Serial")
+    try:
+        assert int(await serial(b"", timeout=5)) == _serial(certs, AUTH)
+        reissue(certs, AUTH, lifetime=YEAR)
+        # The same stub method, on the channel already connected: the next call presents the new one.
+        assert int(await serial(b"", timeout=5)) == _serial(certs, AUTH)
+
+        # Half a renewal (the key alone) is not used: calls go on with the current certificate.
+        presented = _serial(certs, AUTH)
+        stray = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (certs.directory(AUTH) / KEY_FILE).write_bytes(stray)
+        assert int(await serial(b"", timeout=5)) == presented
+
+        # An expired certificate is refused by the server: what a client would meet if it kept presenting
+        # the certificate it started with past its end.
+        reissue(certs, AUTH, lifetime=-datetime.timedelta(days=1))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await serial(b"", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await renewing.close(None)
+        await server.stop(None)
