@@ -8,12 +8,14 @@ gRPC call is authenticated, limited, admitted on credit, failed over, settled an
 an HTTP request is. Failures end the call with the status of :mod:`.status`.
 
 Metadata read: ``authorization`` (or ``x-api-key``), ``x-request-id`` (the caller's own, kept for
-correlation), ``x-relaygate-cache`` (the response cache switch, as the HTTP header). Sent back in the
-initial metadata: ``x-request-id`` (the relay's id of the request) and ``x-relaygate-cache``. The
-trailing metadata carries the gateway facts the HTTP front sends as response headers
+correlation), ``x-relaygate-cache`` (the response cache switch, as the HTTP header). The trailing
+metadata carries the gateway facts the HTTP front sends as response headers
 (:func:`services.relay.meter.facts.gateway_facts`: request id, ``x-ratelimit-*``,
 ``x-relaygate-overhead-ms``, ``x-relaygate-available-micros``, ``x-relaygate-cache``), taken when
-HTTP takes them: once the answer is in, or when a stream starts (the upstream has answered).
+HTTP takes them: once the answer is in, or when a stream starts (the upstream has answered). A stream
+also sends ``x-request-id`` in its initial metadata, before its first chunk; a unary call sends no
+initial metadata of its own, so that gRPC sends its (empty) headers, the answer and the trailers in
+one write (a separate send_initial_metadata cost ~80 us of CPU per call).
 """
 
 from __future__ import annotations
@@ -154,10 +156,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # Released and answered, rather than left to expire (quota bills an expired hold).
             await pipeline.refuse(gateway, exchange, GatewayError())
             await _abort(context, GatewayError(), exchange)
-        metadata = [("x-request-id", exchange.request_id)]
-        if answer.cache is not None:
-            metadata.append(("x-relaygate-cache", answer.cache.decode()))
-        await context.send_initial_metadata(tuple(metadata))
         context.set_trailing_metadata(gateway_metadata(exchange, cache=answer.cache))
         pipeline.keep_answer(gateway, exchange, answer)
         try:
