@@ -692,3 +692,55 @@ async def test_the_fronts_health_is_not_serving_until_the_relay_is_ready(deploym
                 assert httpx.get(readyz, timeout=TIMEOUT).status_code == 200
                 # Stopped while the catalog is still reachable: the relay's way out reads nothing.
                 await asyncio.to_thread(relay.stop)
+
+
+CLAUDE = "claude-grpc-e2e"
+THOUGHTS = 3
+
+
+async def test_an_anthropic_channels_reasoning_and_thinking_blocks_come_back(
+    deployment: Deployment, stub: pb_grpc.InferenceServiceAsyncStub
+) -> None:
+    """What the relay adds to an Anthropic channel's answer (its thinking as reasoning_content, the
+    signed thinking_blocks to send back with the turn) reaches a gRPC caller, unary and streamed."""
+    with deployment.admin() as admin:
+        created = ok(
+            admin.post(
+                "/admin/v1/channels",
+                json={
+                    "name": CLAUDE,
+                    "type": "anthropic",
+                    "base_url": f"{deployment.upstream.url}/v1",
+                    "api_key": "anthropic-key",
+                    "models": [CLAUDE],
+                    "enabled": True,
+                },
+            )
+        )
+        ok(admin.put(f"/admin/v1/prices/{CLAUDE}", json=PRICE))
+    try:
+        deployment.upstream.configure(reasoning_tokens=THOUGHTS)
+        _, key = fund_user(deployment, 10_000_000)
+        request = pb.ChatCompletionRequest(
+            model=CLAUDE,
+            messages=[pb.ChatMessage(role="user", content="x")],
+            max_tokens=2000,
+            extra_json='{"reasoning_effort": "low"}',
+        )
+        thoughts = "".join(f"thought{n} " for n in range(THOUGHTS))
+        reply = await stub.CreateChatCompletion(request, metadata=bearer(key), timeout=TIMEOUT)
+        message = reply.choices[0].message
+        assert message.reasoning_content == thoughts
+        [block] = orjson.loads(message.extra_json)["thinking_blocks"]
+        assert (block["type"], block["thinking"]) == ("thinking", thoughts) and block["signature"]
+
+        streamed = [
+            chunk async for chunk in stub.StreamChatCompletion(request, metadata=bearer(key), timeout=TIMEOUT)
+        ]
+        deltas = [chunk.choices[0].delta for chunk in streamed if chunk.choices]
+        assert "".join(delta.reasoning_content for delta in deltas) == thoughts
+        signed = [b for d in deltas if d.extra_json for b in orjson.loads(d.extra_json)["thinking_blocks"]]
+        assert [b["signature"] for b in signed] == [block["signature"]]
+    finally:
+        with deployment.admin() as admin:
+            ok(admin.delete(f"/admin/v1/channels/{created['channel_id']}"))
