@@ -63,6 +63,9 @@ class Provider(abc.ABC):
     kind: str = ""
     # False: OpenAI's bodies on another path (Azure); the pass-through code reads and writes them.
     converts: bool = True
+    # True: the provider reads image URLs it does not host only when they are sent inline, so the
+    # pipeline fetches them first (:mod:`services.relay.pipeline.media`).
+    inline_images: bool = False
 
     @abc.abstractmethod
     def auth_headers(self, api_key: str) -> dict[str, str]:

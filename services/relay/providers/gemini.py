@@ -243,6 +243,8 @@ def _finish(reason: Any, called: bool) -> str:
 
 class GeminiProvider(Provider):
     kind = "gemini"
+    # fileData.fileUri takes Google's own URIs (the module docstring says which).
+    inline_images = True
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"x-goog-api-key": api_key} if api_key else {}
