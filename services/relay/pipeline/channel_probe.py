@@ -21,6 +21,7 @@ import httpx
 import orjson
 
 from services.common.credentials import mask
+from services.relay.pipeline.relay import payload_for
 from services.relay.providers.base import CHAT_PATH
 from services.relay.upstream.channels import Channel
 from services.relay.upstream.transport import ChannelTransport
@@ -57,16 +58,13 @@ class ProbeResult:
 
 
 def _payload(channel: Channel, model: str) -> bytes:
-    upstream_model = channel.upstream_model(model)
+    """The probe's body as this channel receives a caller's (renamed model, another provider's format)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": _PROMPT}],
         "max_tokens": _MAX_TOKENS,
     }
-    provider = channel.provider
-    if provider is not None and provider.converts:
-        return provider.request(body, upstream_model, stream=False, max_output_tokens=_MAX_TOKENS)
-    return orjson.dumps({**body, "model": upstream_model})
+    return payload_for(body, orjson.dumps(body), model, max_output_tokens=_MAX_TOKENS)(channel)
 
 
 def _shown(channel: Channel, text: str) -> str:

@@ -245,6 +245,19 @@ async def admit(
     exchange.asked_for(model)
     plan = endpoint.plan(body, settings)
     exchange.planned(stream=plan.stream, choices=plan.choices)
+    candidates = await channels_for(gateway, exchange, api_key, model)
+    servable = _servable(candidates, endpoint, model)
+    # A channel that reads only inline images gets URLs fetched here, once, before anything is held.
+    inlines = any(c.provider is not None and c.provider.inline_images for c in servable)
+    if endpoint is CHAT and gateway.images is not None and inlines:
+        inlined = await inline_images(body, gateway.images)
+        if inlined is not None:
+            body, raw = inlined, orjson.dumps(inlined)
+    return Admitted(endpoint, body, raw, plan, servable)
+
+
+async def channels_for(gateway: Gateway, exchange: Exchange, api_key: str, model: str) -> list[Channel]:
+    """The caller authenticated for ``model``, and the channels serving it; refuses when none does."""
     with tracing.span("relay.verify_key"):
         principal = await gateway.authenticator.authenticate(
             api_key, model=model, client_ip=exchange.client_ip
@@ -255,17 +268,7 @@ async def admit(
         raise ModelNotFound(
             f"The model '{model}' does not exist or you do not have access to it.", param="model"
         )
-    servable = _servable(candidates, endpoint, model)
-    if endpoint is CHAT and gateway.images is not None and any(_inlines_images(c) for c in servable):
-        inlined = await inline_images(body, gateway.images)
-        if inlined is not None:
-            body, raw = inlined, orjson.dumps(inlined)
-    return Admitted(endpoint, body, raw, plan, servable)
-
-
-def _inlines_images(channel: Channel) -> bool:
-    """Whether ``channel`` takes images inline only (Gemini: its ``fileData`` reads Google's URIs)."""
-    return channel.provider is not None and channel.provider.kind == "gemini"
+    return candidates
 
 
 async def allowed_models(gateway: Gateway, api_key: str, *, client_ip: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from services.common.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamError
+from services.common.errors import GatewayError, InvalidRequest, UpstreamError
 from services.relay.edge.http.converted import InboundFormat, read_request, serve
 from services.relay.edge.http.headers import JSON, RawHeaders
 from services.relay.edge.http.requests import ClientGone
@@ -26,6 +26,7 @@ from services.relay.formats.anthropic_messages import COUNT_FIELDS, COUNT_TOKENS
 from services.relay.formats.anthropic_stream import MessagesStream
 from services.relay.formats.common import read_answer
 from services.relay.meter.record import Exchange
+from services.relay.pipeline import relay as pipeline
 from services.relay.upstream.channels import Channel
 
 __all__ = ["count_tokens", "messages"]
@@ -74,12 +75,7 @@ async def count_tokens(call: Call) -> None:
         chat = to_chat({**body, "max_tokens": 1, "stream": False}, gateway.settings)
         model = str(chat["model"])
         exchange.asked_for(model)
-        await gateway.authenticator.authenticate(api_key, model=model, client_ip=exchange.client_ip)
-        candidates = gateway.channels.table.candidates(model)
-        if not candidates:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist or you do not have access to it.", param="model"
-            )
+        candidates = await pipeline.channels_for(gateway, exchange, api_key, model)
         counting = [c for c in candidates if c.provider is not None and c.provider.kind == "anthropic"]
         if not counting:
             raise InvalidRequest(
